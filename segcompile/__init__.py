@@ -1,0 +1,17 @@
+"""segcompile: compile full-attention decoders into training-inference consistent segment loops."""
+
+from . import oracle
+from .config import SegmentConfig
+from .errors import CaptureError, ConfigError, PlanError, SegcompileError, UnsupportedAttentionError
+from .plan import HeadPlan
+
+__all__ = [
+    "CaptureError",
+    "ConfigError",
+    "HeadPlan",
+    "PlanError",
+    "SegcompileError",
+    "SegmentConfig",
+    "UnsupportedAttentionError",
+    "oracle",
+]

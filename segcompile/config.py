@@ -1,0 +1,53 @@
+"""``SegmentConfig``: the segment, tail and sink sizes and the head plan (DESIGN.md section 1)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import ConfigError
+from .plan import HeadPlan
+
+
+@dataclass(frozen=True)
+class SegmentConfig:
+    """How a model is cut into segments.
+
+    segment_len: S, tokens per segment (the last segment may be shorter).
+    tail_len: T, keys of the previous segment every head sees (0 <= T <= S); ``None`` means S.
+    sink_tokens: G, first tokens of the sequence every head sees.
+    long_range: which KV heads also see the whole history.
+    tbptt_k: K, segments of recomputed (non-constant) tail a training step unrolls through.
+    """
+
+    segment_len: int
+    tail_len: int | None = None
+    sink_tokens: int = 0
+    long_range: HeadPlan = field(default_factory=lambda: HeadPlan.fraction(0.25))
+    tbptt_k: int = 1
+
+    def __post_init__(self):
+        if not isinstance(self.segment_len, int) or self.segment_len <= 0:
+            raise ConfigError(f"segment_len must be a positive int, got {self.segment_len!r}")
+        if self.tail_len is None:
+            object.__setattr__(self, "tail_len", self.segment_len)
+        if not isinstance(self.tail_len, int) or not 0 <= self.tail_len <= self.segment_len:
+            raise ConfigError(
+                f"tail_len must be an int in [0, segment_len={self.segment_len}], got {self.tail_len!r}: "
+                "the tail is a suffix of the previous segment; use tail_len <= segment_len"
+            )
+        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+            raise ConfigError(f"sink_tokens must be an int >= 0, got {self.sink_tokens!r}")
+        if not isinstance(self.tbptt_k, int) or self.tbptt_k < 0:
+            raise ConfigError(f"tbptt_k must be an int >= 0, got {self.tbptt_k!r}")
+        if not isinstance(self.long_range, HeadPlan):
+            raise ConfigError(
+                f"long_range must be a HeadPlan (e.g. HeadPlan.fraction(0.25)), got {type(self.long_range).__name__}"
+            )
+
+    # Segment geometry, shared by the oracle, the driver and the tests.
+    def segment_start(self, position: int) -> int:
+        """First position of the segment holding ``position``."""
+        return (position // self.segment_len) * self.segment_len
+
+    def num_segments(self, n: int) -> int:
+        return -(-n // self.segment_len)

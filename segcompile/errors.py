@@ -1,0 +1,25 @@
+"""Exceptions segcompile raises on bad input.
+
+Every message names what was wrong (the model, layer, module or op) and what to do about it.
+User input is never checked with ``assert``.
+"""
+
+
+class SegcompileError(Exception):
+    """Base class of every error segcompile raises on purpose."""
+
+
+class ConfigError(SegcompileError, ValueError):
+    """A ``SegmentConfig`` value is out of range."""
+
+
+class PlanError(SegcompileError, ValueError):
+    """A ``HeadPlan`` does not fit the model (unknown layer or KV head, wrong fingerprint)."""
+
+
+class CaptureError(SegcompileError):
+    """The model could not be traced into an FX graph."""
+
+
+class UnsupportedAttentionError(SegcompileError):
+    """An attention site is not causal full attention, or its pattern is not recognised."""

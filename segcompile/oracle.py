@@ -1,0 +1,225 @@
+"""The oracle: a slow, obviously correct implementation of the segmented semantics.
+
+It runs the *original* model over the whole sequence and replaces every attention call by
+dense attention under two per-head boolean masks built straight from DESIGN.md section 1:
+
+* ``visible[h, i, j]``: may the query at position ``i`` of query head ``h`` see key ``j``;
+* ``live[i, j]``: does gradient flow from that score into K/V[j] (else K/V[j] is a constant).
+
+Forward: the segment loop computes every K/V of a layer from that layer's input at the same
+absolute position, and positions mix only through attention, so the segmented forward equals
+the full-sequence forward under ``visible``.
+
+TBPTT gradients: ``l_s`` (the loss on segment ``s``'s tokens) is differentiated through a
+forward over the prefix ``[0, end of s)`` in which a score carries gradient into K/V[j] only if
+``j`` is in the query's current segment, or in its tail and ``j``'s segment is at least
+``s - K``. That is the definition: segments ``s-K .. s`` are recomputed from the constant
+carried state of segment ``s - K`` (its tail is a constant, as are history and sinks
+everywhere), and nothing earlier than ``s - K`` can reach ``l_s`` except through constants.
+The total gradient is the sum over ``s``. Queries always receive gradient.
+
+Attention calls are intercepted with a ``TorchFunctionMode`` on
+``F.scaled_dot_product_attention``; the n-th call of a forward is layer n. HF models loaded with
+the eager implementation are switched to SDPA for the duration (the two are numerically the
+same computation). Run models in eval mode (no dropout).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from collections.abc import Callable
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .config import SegmentConfig
+from .errors import SegcompileError
+
+IGNORE_INDEX = -100
+
+
+# ---- masks ---------------------------------------------------------------------------------
+def visibility(cfg: SegmentConfig, n: int, long_range: bool) -> torch.Tensor:
+    """``[n, n]`` bool: which keys ``j`` the query at position ``i`` sees (DESIGN.md table)."""
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    a = (i // cfg.segment_len) * cfg.segment_len
+    current = (a <= j) & (j <= i)
+    tail = (j >= (a - cfg.tail_len).clamp(min=0)) & (j < a)
+    if long_range:
+        history = j < a - cfg.tail_len
+        return current | tail | history
+    sinks = j < torch.minimum(torch.full_like(a, cfg.sink_tokens), a - cfg.tail_len)
+    return current | tail | sinks
+
+
+def live_keys(cfg: SegmentConfig, n: int, loss_segment: int) -> torch.Tensor:
+    """``[n, n]`` bool: pairs through which ``l_{loss_segment}`` sends gradient into K/V[j]."""
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    S = cfg.segment_len
+    a = (i // S) * S
+    current = (a <= j) & (j <= i)
+    tail = (j >= (a - cfg.tail_len).clamp(min=0)) & (j < a)
+    return current | (tail & (j // S >= loss_segment - cfg.tbptt_k))
+
+
+# ---- the model's shape, read from its config -----------------------------------------------
+def _config_value(model: torch.nn.Module, *names: str) -> int:
+    config = getattr(model, "config", None)
+    for name in names:
+        value = getattr(config, name, None)
+        if value is not None:
+            return int(value)
+    raise SegcompileError(
+        f"oracle: {type(model).__name__}.config has none of {names}; "
+        "the oracle reads the layer and head counts from the model's config"
+    )
+
+
+def kv_heads_per_layer(model: torch.nn.Module) -> list[int]:
+    layers = _config_value(model, "num_hidden_layers", "n_layer", "num_layers")
+    kv = _config_value(model, "num_key_value_heads", "num_attention_heads", "n_head")
+    return [kv] * layers
+
+
+# ---- attention under the masks -------------------------------------------------------------
+def _masked_attention(q, k, v, attn_mask, scale, visible_by_kv_head, live):
+    """Dense attention, ``q [B,H,n,D]``, ``k/v [B,Hk,n,D]`` (Hk == H when repeated upstream)."""
+    H, n = q.shape[1], q.shape[2]
+    group = H // len(visible_by_kv_head)
+    visible = torch.stack([visible_by_kv_head[h // group] for h in range(H)])  # [H, n, n]
+    if k.shape[1] != H:  # un-repeated GQA K/V (enable_gqa=True)
+        k = k.repeat_interleave(H // k.shape[1], dim=1)
+        v = v.repeat_interleave(H // v.shape[1], dim=1)
+    compute = torch.promote_types(q.dtype, torch.float32)
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = torch.where(live, q @ k.transpose(-1, -2), q @ k.detach().transpose(-1, -2)) * scale
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            visible = visible & attn_mask[..., -n:, -n:]
+        else:
+            scores = scores + attn_mask[..., -n:, -n:].to(compute)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    p = torch.softmax(scores, dim=-1)
+    return (p * live) @ v + (p * ~live) @ v.detach()
+
+
+class _SegmentedAttention(TorchFunctionMode):
+    def __init__(self, cfg: SegmentConfig, plan: dict[int, tuple[int, ...]], kv_heads: list[int], live):
+        super().__init__()
+        self.cfg, self.plan, self.kv_heads, self.live = cfg, plan, kv_heads, live
+        self.layer = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        bound = inspect.signature(_sdpa_signature).bind(*args, **kwargs).arguments
+        if bound.get("dropout_p", 0.0):
+            raise SegcompileError("oracle: attention dropout must be 0 (put the model in eval mode)")
+        if self.layer >= len(self.kv_heads):
+            raise SegcompileError(f"oracle: attention call {self.layer} but the config names {len(self.kv_heads)} layers")
+        q = bound["query"]
+        n = q.shape[2]
+        long_heads = self.plan[self.layer]
+        masks = {flag: visibility(self.cfg, n, flag).to(q.device) for flag in (False, True)}
+        by_kv_head = [masks[h in long_heads] for h in range(self.kv_heads[self.layer])]
+        self.layer += 1
+        live = self.live(n).to(q.device)
+        return _masked_attention(
+            q, bound["key"], bound["value"], bound.get("attn_mask"), bound.get("scale"), by_kv_head, live
+        ).to(q.dtype)
+
+
+def _sdpa_signature(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    pass
+
+
+@contextmanager
+def _sdpa_attention(model: torch.nn.Module):
+    """Route an HF model's attention through SDPA while the oracle runs it."""
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl in (None, "sdpa") or not hasattr(model, "set_attn_implementation"):
+        yield
+        return
+    model.set_attn_implementation("sdpa")
+    try:
+        yield
+    finally:
+        model.set_attn_implementation(impl)
+
+
+def _logits(model, input_ids):
+    kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
+    out = model(input_ids, **kwargs)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _run(model, cfg: SegmentConfig, input_ids, live: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    kv = kv_heads_per_layer(model)
+    plan = cfg.long_range.resolve(kv)
+    mode = _SegmentedAttention(cfg, plan, kv, live)
+    with _sdpa_attention(model), mode:
+        logits = _logits(model, input_ids)
+    if mode.layer != len(kv):
+        raise SegcompileError(f"oracle: saw {mode.layer} attention calls, expected {len(kv)} (one per layer)")
+    return logits
+
+
+# ---- public --------------------------------------------------------------------------------
+def forward(model: torch.nn.Module, cfg: SegmentConfig, input_ids: torch.Tensor) -> torch.Tensor:
+    """Logits ``[B, N, V]`` of the segmented model, computed densely."""
+    with torch.no_grad():
+        return _run(model, cfg, input_ids, lambda n: torch.ones(n, n, dtype=torch.bool))
+
+
+def segment_losses(logits: torch.Tensor, labels: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, int]:
+    """Summed causal-LM loss of positions ``[start, end)`` (position i predicts labels[i+1])."""
+    stop = min(end, labels.shape[1] - 1)
+    if stop <= start:
+        return logits.sum() * 0, 0
+    target = labels[:, start + 1 : stop + 1]
+    pred = logits[:, start:stop].float()
+    loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+    return loss, int((target != IGNORE_INDEX).sum())
+
+
+def gradients(
+    model: torch.nn.Module,
+    cfg: SegmentConfig,
+    input_ids: torch.Tensor,
+    labels: torch.Tensor,
+    reduction: str = "mean",
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """TBPTT loss and gradients (DESIGN.md ``tbptt_k``) of every parameter, by name.
+
+    ``reduction="mean"`` divides the summed token loss by the number of label tokens of the
+    whole sequence (HF's causal-LM loss); ``"sum"`` does not.
+    """
+    if reduction not in ("mean", "sum"):
+        raise SegcompileError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    n = input_ids.shape[1]
+    S = cfg.segment_len
+    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
+    denominator = max(count, 1) if reduction == "mean" else 1
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    grads = {name: torch.zeros_like(p) for name, p in params.items()}
+    total = torch.zeros((), dtype=torch.float64)
+    for s in range(cfg.num_segments(n)):
+        start, end = s * S, min((s + 1) * S, n)
+        with torch.enable_grad():
+            logits = _run(model, cfg, input_ids[:, :end], lambda m, s=s: live_keys(cfg, m, s))
+            loss, _ = segment_losses(logits, labels, start, end)
+            loss = loss / denominator
+            got = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for (name, _), g in zip(params.items(), got):
+            if g is not None:
+                grads[name] += g
+        total += loss.detach().double().cpu()
+    return total, grads

@@ -1,0 +1,204 @@
+"""``HeadPlan``: which KV heads of which layers are long-range (DESIGN.md section 1).
+
+A plan is either symbolic (``all``, ``none``, ``fraction``, ``layers``), resolved against a
+model's shape when it is transformed, or explicit (``from_dict``). Resolution validates the plan
+against the model: a layer or KV head that does not exist is a ``PlanError``, never remapped.
+Plans travel as JSON files that carry the fingerprint of the model they were made for.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import PlanError
+from .files import atomic_write_text
+
+PLAN_FORMAT = "segcompile.headplan"
+PLAN_VERSION = 1
+
+Resolved = dict[int, tuple[int, ...]]
+
+
+def model_fingerprint(architecture: str, kv_heads_per_layer: Sequence[int]) -> dict[str, Any]:
+    """What a plan file records about the model it was made for."""
+    return {
+        "architecture": architecture,
+        "num_layers": len(kv_heads_per_layer),
+        "kv_heads": list(kv_heads_per_layer),
+    }
+
+
+@dataclass(frozen=True)
+class HeadPlan:
+    kind: str
+    fraction_value: float | None = None
+    layer_list: tuple[int, ...] = ()
+    heads: Mapping[int, tuple[int, ...]] = field(default_factory=dict)
+    method: str | None = None
+    fingerprint: Mapping[str, Any] | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    # ---- constructors ---------------------------------------------------------------------
+    @classmethod
+    def all(cls) -> HeadPlan:
+        """Every KV head long-range: the segmented model equals full attention in the forward."""
+        return cls("all")
+
+    @classmethod
+    def none(cls) -> HeadPlan:
+        """No KV head long-range: every head sees sinks, tail and current segment only."""
+        return cls("none")
+
+    @classmethod
+    def fraction(cls, f: float) -> HeadPlan:
+        """``round(f * total KV heads)`` long-range heads (at least one when f > 0), dealt
+        round-robin over layers, lowest KV-head index first. Without a profile every head is
+        as good as any other; ``select_heads`` makes an informed choice."""
+        if not isinstance(f, (int, float)) or not 0.0 <= float(f) <= 1.0 or math.isnan(f):
+            raise PlanError(f"HeadPlan.fraction needs 0 <= f <= 1, got {f!r}")
+        return cls("fraction", fraction_value=float(f))
+
+    @classmethod
+    def layers(cls, layers: Iterable[int]) -> HeadPlan:
+        """Every KV head of the listed layers long-range (LongGen-style full layers)."""
+        return cls("layers", layer_list=tuple(sorted({_as_index(l, "layer") for l in layers})))
+
+    @classmethod
+    def from_dict(cls, mapping: Mapping[int | str, Iterable[int]], **meta: Any) -> HeadPlan:
+        """Explicit plan: ``{layer: [kv_head, ...]}``; layers not named have no long-range head."""
+        heads = {
+            _as_index(layer, "layer"): tuple(sorted({_as_index(h, "KV head") for h in hs}))
+            for layer, hs in mapping.items()
+        }
+        return cls("explicit", heads=heads, **meta)
+
+    # ---- resolution -----------------------------------------------------------------------
+    def resolve(self, kv_heads_per_layer: Sequence[int], architecture: str | None = None) -> Resolved:
+        """The long-range KV heads of every layer, checked against the model's shape."""
+        n_layers = len(kv_heads_per_layer)
+        if self.fingerprint is not None and architecture is not None:
+            theirs = dict(self.fingerprint)
+            ours = model_fingerprint(architecture, kv_heads_per_layer)
+            if theirs != ours:
+                raise PlanError(
+                    f"this head plan was made for {theirs}, but the model is {ours}; "
+                    "make a plan for this model (segcompile heads) instead of reusing another model's"
+                )
+        if self.kind == "all":
+            return {l: tuple(range(h)) for l, h in enumerate(kv_heads_per_layer)}
+        if self.kind == "none":
+            return {l: () for l in range(n_layers)}
+        if self.kind == "fraction":
+            return _deal_fraction(self.fraction_value, kv_heads_per_layer)
+        if self.kind == "layers":
+            for l in self.layer_list:
+                _check_layer(l, n_layers)
+            return {l: tuple(range(h)) if l in self.layer_list else () for l, h in enumerate(kv_heads_per_layer)}
+        if self.kind == "explicit":
+            for l, hs in self.heads.items():
+                _check_layer(l, n_layers)
+                for h in hs:
+                    if h >= kv_heads_per_layer[l]:
+                        raise PlanError(
+                            f"head plan names KV head {h} of layer {l}, but that layer has "
+                            f"{kv_heads_per_layer[l]} KV heads (0..{kv_heads_per_layer[l] - 1})"
+                        )
+            return {l: tuple(self.heads.get(l, ())) for l in range(n_layers)}
+        raise PlanError(f"unknown head plan kind {self.kind!r}")
+
+    def describe(self) -> str:
+        if self.kind == "fraction":
+            return f"fraction({self.fraction_value:g})"
+        if self.kind == "layers":
+            return f"layers({list(self.layer_list)})"
+        if self.kind == "explicit":
+            return "from_dict(" + ", ".join(f"{l}: {list(h)}" for l, h in sorted(self.heads.items())) + ")"
+        return f"{self.kind}()"
+
+    # ---- files ----------------------------------------------------------------------------
+    def to_json_dict(self) -> dict[str, Any]:
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "kind": self.kind,
+            "fraction": self.fraction_value,
+            "layers": list(self.layer_list),
+            "long_range": {str(l): list(h) for l, h in sorted(self.heads.items())},
+            "method": self.method,
+            "model": dict(self.fingerprint) if self.fingerprint is not None else None,
+            "extra": dict(self.extra),
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the plan as JSON (atomically)."""
+        atomic_write_text(path, json.dumps(self.to_json_dict(), indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_json_dict(cls, data: Mapping[str, Any], source: str = "plan") -> HeadPlan:
+        if data.get("format") != PLAN_FORMAT:
+            raise PlanError(f"{source} is not a segcompile head plan (format={data.get('format')!r})")
+        if data.get("version") != PLAN_VERSION:
+            raise PlanError(
+                f"{source} has plan version {data.get('version')!r}; this segcompile reads version {PLAN_VERSION}"
+            )
+        kind = data.get("kind")
+        meta = {"method": data.get("method"), "fingerprint": data.get("model"), "extra": data.get("extra") or {}}
+        if kind == "explicit":
+            return cls.from_dict(data.get("long_range") or {}, **meta)
+        if kind == "fraction":
+            plan = cls.fraction(data["fraction"])
+        elif kind == "layers":
+            plan = cls.layers(data["layers"])
+        elif kind in ("all", "none"):
+            plan = cls(kind)
+        else:
+            raise PlanError(f"{source} has unknown plan kind {kind!r}")
+        return cls(plan.kind, plan.fraction_value, plan.layer_list, plan.heads, **meta)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> HeadPlan:
+        """Read a plan written by ``save``. JSON only: nothing in the file is executed."""
+        with open(path, encoding="utf-8") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise PlanError(f"{path} is not valid JSON: {e}") from None
+        return cls.from_json_dict(data, source=str(path))
+
+    from_json = load
+
+
+def _as_index(x: Any, what: str) -> int:
+    try:
+        i = int(x)
+    except (TypeError, ValueError):
+        raise PlanError(f"{what} index must be an int, got {x!r}") from None
+    if i < 0 or str(i) != str(x).strip():
+        raise PlanError(f"{what} index must be a non-negative int, got {x!r}")
+    return i
+
+
+def _check_layer(layer: int, n_layers: int) -> None:
+    if layer >= n_layers:
+        raise PlanError(f"head plan names layer {layer}, but the model has {n_layers} attention layers (0..{n_layers - 1})")
+
+
+def _deal_fraction(f: float, kv_heads_per_layer: Sequence[int]) -> Resolved:
+    total = sum(kv_heads_per_layer)
+    want = round(f * total)
+    if f > 0 and want == 0:
+        want = 1
+    chosen: dict[int, list[int]] = {l: [] for l in range(len(kv_heads_per_layer))}
+    rank = 0
+    while want > 0:
+        for l, h in enumerate(kv_heads_per_layer):
+            if want > 0 and rank < h:
+                chosen[l].append(rank)
+                want -= 1
+        rank += 1
+    return {l: tuple(hs) for l, hs in chosen.items()}
