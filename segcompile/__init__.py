@@ -4,6 +4,8 @@ from . import oracle
 from .config import SegmentConfig
 from .errors import CaptureError, ConfigError, PlanError, SegcompileError, UnsupportedAttentionError
 from .plan import HeadPlan
+from .runtime import SegmentedModel, SegmentState
+from .transform import transform
 
 __all__ = [
     "CaptureError",
@@ -12,6 +14,9 @@ __all__ = [
     "PlanError",
     "SegcompileError",
     "SegmentConfig",
+    "SegmentState",
+    "SegmentedModel",
     "UnsupportedAttentionError",
     "oracle",
+    "transform",
 ]

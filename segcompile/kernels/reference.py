@@ -1,0 +1,55 @@
+"""PyTorch reference implementation of ``segment_attention`` (the CPU lowering).
+
+Shapes: ``q [B, H, Lq, D]``; current-segment ``k, v [B, Hk, Lk, D]`` with ``Lk >= Lq`` (the
+queries are the last ``Lq`` tokens of the current segment, so query ``t`` sees current keys
+``0 .. Lk - Lq + t``); ``tail_k/v [B, Hk, T', D]``; ``sink_k/v [B, Hk, G', D]`` (used by local
+heads); ``hist_k/v [B, len(long_range), P, D]`` (everything before the tail, sinks included, for
+the long-range KV heads in ``long_range`` order). Query head ``h`` belongs to KV head
+``h // (H // Hk)``. Computed in fp32 (or fp64), returned in ``q.dtype``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _causal_current(lq: int, lk: int, device) -> torch.Tensor:
+    t = torch.arange(lq, device=device)[:, None]
+    j = torch.arange(lk, device=device)[None, :]
+    return j <= (lk - lq) + t
+
+
+def segment_attention_reference(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale):
+    B, H, lq, _ = q.shape
+    hk, lk = k.shape[1], k.shape[2]
+    group = H // hk
+    compute = torch.promote_types(q.dtype, torch.float32)
+    out = q.new_empty(B, H, lq, v.shape[-1], dtype=compute)
+    long_set = set(long_range)
+    local = [h for h in range(hk) if h not in long_set]
+    for kv_heads, before_k, before_v in (
+        (local, sink_k, sink_v),
+        (list(long_range), hist_k, hist_v),
+    ):
+        if not kv_heads:
+            continue
+        idx = torch.tensor(kv_heads, device=q.device)
+        if before_k is sink_k:
+            before_k, before_v = sink_k.index_select(1, idx), sink_v.index_select(1, idx)
+        keys = torch.cat([before_k, tail_k.index_select(1, idx), k.index_select(1, idx)], dim=2)
+        values = torch.cat([before_v, tail_v.index_select(1, idx), v.index_select(1, idx)], dim=2)
+        heads = torch.tensor([c * group + g for c in kv_heads for g in range(group)], device=q.device)
+        seen_before = keys.shape[2] - lk
+        mask = torch.cat(
+            [torch.ones(lq, seen_before, dtype=torch.bool, device=q.device), _causal_current(lq, lk, q.device)], dim=1
+        )
+        o = F.scaled_dot_product_attention(
+            q.index_select(1, heads).to(compute),
+            keys.repeat_interleave(group, dim=1).to(compute),
+            values.repeat_interleave(group, dim=1).to(compute),
+            attn_mask=mask,
+            scale=scale,
+        )
+        out = out.index_copy(1, heads, o)
+    return out.to(q.dtype)

@@ -1,0 +1,132 @@
+"""capture: trace an unmodified model into a flat FX ``GraphModule`` (the pipeline's entry).
+
+Tracing is ``torch.export.export(strict=False)`` with a dynamic batch and a dynamic sequence
+length, then unlifted to a ``GraphModule`` whose parameters are the model's own ``Parameter``
+objects. The model is called as ``model(input_ids, position_ids=..., use_cache=False)``:
+positions come in from outside so that a segment can start anywhere (DESIGN.md: positions are
+absolute). The graph is made flat: placeholders ``input_ids [B, L]`` and ``position_ids [1, L]``,
+output a tuple of the leaves of the model's output (its pytree spec is kept in
+``gm.meta["segcompile.capture"]`` to rebuild the output type).
+
+Removed on the way, because they pin the graph to the example: the export guard call, the
+``use_cache`` constant input and ``aten._assert_tensor_metadata`` checks (which name the device).
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.export import Dim
+
+from ..errors import CaptureError
+
+EXAMPLE_BATCH = 2
+EXAMPLE_LEN = 16  # > 1 so that export does not specialise the length to 0/1
+
+
+@dataclass
+class CaptureInfo:
+    method: str
+    model_class: str
+    out_spec: Any
+    example_input_ids: torch.Tensor
+    example_position_ids: torch.Tensor
+    model_config: Any = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    seconds: float = 0.0
+
+    def describe(self) -> str:
+        return f"{self.model_class} traced with {self.method} in {self.seconds:.2f}s"
+
+
+def capture(model: torch.nn.Module) -> fx.GraphModule:
+    """Trace ``model`` (a causal LM taking ``input_ids`` and ``position_ids``) into a flat GraphModule."""
+    name = type(model).__name__
+    params = inspect.signature(model.forward).parameters
+    if "position_ids" not in params:
+        raise CaptureError(
+            f"{name}.forward has no `position_ids` argument: segcompile runs each segment at its "
+            "absolute positions and needs to pass them in; add `position_ids=None` to forward and "
+            "use it for the position embedding"
+        )
+    device = _device_of(model)
+    ids = torch.zeros(EXAMPLE_BATCH, EXAMPLE_LEN, dtype=torch.long, device=device)
+    pos = torch.arange(EXAMPLE_LEN, device=device)[None]
+    kwargs: dict[str, Any] = {"input_ids": ids, "position_ids": pos}
+    batch, length = Dim("batch", min=1, max=1 << 16), Dim("seq_len", min=1, max=1 << 30)
+    dynamic: dict[str, Any] = {"input_ids": {0: batch, 1: length}, "position_ids": {1: length}}
+    if "use_cache" in params:
+        kwargs["use_cache"], dynamic["use_cache"] = False, None
+
+    start = time.perf_counter()
+    try:
+        ep = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)
+    except Exception as e:  # noqa: BLE001 - every tracing failure becomes one clear error
+        raise CaptureError(_explain_trace_failure(model, e)) from e
+    gm = _flatten(ep.module())
+    gm.meta["segcompile.capture"] = CaptureInfo(
+        method="torch.export(strict=False), dynamic batch and length",
+        model_class=name,
+        out_spec=ep.call_spec.out_spec,
+        example_input_ids=ids,
+        example_position_ids=pos,
+        model_config=getattr(model, "config", None),
+        device=device,
+        seconds=time.perf_counter() - start,
+    )
+    return gm
+
+
+def _device_of(model: torch.nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _flatten(exported: fx.GraphModule) -> fx.GraphModule:
+    graph = exported.graph
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            graph.erase_node(node)
+        elif node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default:
+            graph.erase_node(node)
+    for node in list(graph.nodes):
+        if node.op == "placeholder" and node.target == "use_cache":
+            if node.users:
+                raise CaptureError("the traced graph reads `use_cache` as a tensor; segcompile expects a constant flag")
+            graph.erase_node(node)
+    graph._codegen = fx.graph.CodeGen()  # plain positional inputs, tuple output
+    output = graph.output_node()
+    leaves = output.args[0]
+    output.args = (tuple(leaves) if isinstance(leaves, (list, tuple)) else (leaves,),)
+    gm = fx.GraphModule(exported, graph, class_name="CapturedModel")
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def _explain_trace_failure(model: torch.nn.Module, error: Exception) -> str:
+    """Name the innermost submodule (and source line) whose forward was running when tracing failed."""
+    names = {id(m): n or "<root>" for n, m in model.named_modules()}
+    where = None
+    for frame, lineno in traceback.walk_tb(error.__traceback__):
+        module = frame.f_locals.get("self")
+        if isinstance(module, torch.nn.Module) and id(module) in names:
+            where = (names[id(module)], type(module).__name__, frame.f_code.co_filename, lineno)
+    first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
+    if where is None:
+        location = f"{type(model).__name__}"
+    else:
+        path, cls, filename, lineno = where
+        location = f"module `{path}` ({cls}) at {filename}:{lineno}"
+    return (
+        f"could not trace {type(model).__name__} with torch.export(strict=False): failed in {location}: "
+        f"{type(error).__name__}: {first_line}. Data-dependent Python control flow on tensor values "
+        "cannot be traced; rewrite it with torch.where/torch.cond, or report the op"
+    )

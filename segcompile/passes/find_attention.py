@@ -1,0 +1,297 @@
+"""find_attention: match every attention site and record what the rewrite needs.
+
+Matches
+* ``aten.scaled_dot_product_attention`` nodes, and
+* the eager pattern ``matmul(q, k^T) -> [* scale] -> [+ mask] -> softmax(-1) -> [cast] ->
+  [dropout] -> matmul(p, v)``.
+
+For each site it records (``node.meta["segcompile.attention"]`` and, in layer order,
+``gm.meta["segcompile.sites"]``) the layer index (order of appearance), the module path and
+class from ``nn_module_stack``, q and the **un-repeated** k/v (GQA's ``repeat_kv`` -
+``unsqueeze(2) -> expand -> reshape`` - or ``repeat_interleave(dim=1)`` is looked through),
+head counts, head dims, scale and the node whose value is the attention output. RoPE and
+everything else stays where it is. The graph itself is not changed.
+
+It refuses (``UnsupportedAttentionError``), never silently rewrites, when the rewrite would be
+wrong: a mask that is not exactly causal when evaluated on the capture example (non-causal,
+padded, sliding-window, or an additive bias such as ALiBi), a config that declares
+sliding-window layers, attention dropout in training mode, a softmax that is not part of a
+recognised pattern, or a model with no attention at all.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.fx as fx
+from torch.fx.operator_schemas import normalize_function
+
+from ..errors import UnsupportedAttentionError
+
+aten = torch.ops.aten
+
+SDPA = aten.scaled_dot_product_attention.default
+SOFTMAX = (aten.softmax.int, aten._softmax.default)
+MATMUL = (aten.matmul.default, aten.bmm.default)
+PASS_THROUGH = (aten.clone.default, aten.contiguous.default)
+CASTS = (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default)
+RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
+
+
+@dataclass
+class AttentionSite:
+    layer: int
+    module: str
+    module_class: str
+    kind: str  # "sdpa" | "eager"
+    output: fx.Node  # its value is the attention output [B, H, L, Dv]
+    q: fx.Node
+    k: fx.Node  # un-repeated [B, Hk, L, D]
+    v: fx.Node
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    v_head_dim: int
+    scale: float
+    dtype: torch.dtype
+    mask: fx.Node | None = None
+    is_causal: bool = False
+    long_range: tuple[int, ...] = field(default=())  # filled by plan_heads
+
+    def where(self) -> str:
+        return f"layer {self.layer} (`{self.module}`, {self.module_class})"
+
+
+def find_attention(gm: fx.GraphModule) -> fx.GraphModule:
+    """Annotate every attention site; refuse anything that is not causal full attention."""
+    info = gm.meta["segcompile.capture"]
+    _refuse_sliding_window(info.model_config, info.model_class)
+    sites: list[AttentionSite] = []
+    for node in gm.graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is SDPA:
+            sites.append(_sdpa_site(node, len(sites)))
+        elif node.target in SOFTMAX:
+            site = _eager_site(node, len(sites))
+            sites.append(site)
+    if not sites:
+        raise UnsupportedAttentionError(
+            f"no attention found in {info.model_class}: segcompile matches "
+            "F.scaled_dot_product_attention and matmul -> softmax -> matmul attention"
+        )
+    _check_masks_are_causal(gm, sites)
+    for site in sites:
+        site.output.meta["segcompile.attention"] = site
+    gm.meta["segcompile.sites"] = sites
+    return gm
+
+
+# ---- SDPA ----------------------------------------------------------------------------------
+def _sdpa_site(node: fx.Node, layer: int) -> AttentionSite:
+    args = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
+    module, cls = _module_of(node)
+    where = f"layer {layer} (`{module}`, {cls}), node `{node.name}`"
+    if args.get("dropout_p", 0.0):
+        raise UnsupportedAttentionError(
+            f"{where}: attention dropout p={args['dropout_p']} is not supported; put the model in eval mode "
+            "or set its attention dropout to 0"
+        )
+    q, k, v = args["query"], args["key"], args["value"]
+    if not args.get("enable_gqa", False):
+        k, v = _unrepeated(k), _unrepeated(v)
+    return _make_site(
+        layer, module, cls, "sdpa", node, q, k, v, args.get("scale"), args.get("attn_mask"), bool(args.get("is_causal"))
+    )
+
+
+# ---- eager matmul-softmax-matmul -----------------------------------------------------------
+def _eager_site(softmax: fx.Node, layer: int) -> AttentionSite:
+    module, cls = _module_of(softmax)
+    where = f"layer {layer} (`{module}`, {cls})"
+    unmatched = UnsupportedAttentionError(
+        f"{where}: softmax node `{softmax.name}` is not part of an attention pattern segcompile recognises "
+        "(matmul(q, k^T) -> [scale] -> [+ causal mask] -> softmax -> [dropout] -> matmul(p, v)); "
+        "use attn_implementation='sdpa' or F.scaled_dot_product_attention"
+    )
+    dim = softmax.args[1]
+    if dim not in (-1, 3):
+        raise unmatched
+    # upstream: scale and mask, in either order, down to matmul(q, k^T)
+    scores, scale, mask = softmax.args[0], 1.0, None
+    while isinstance(scores, fx.Node) and scores.target in (aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor):
+        a, b = scores.args[:2]
+        if scores.target is aten.add.Tensor and isinstance(b, fx.Node) and mask is None:
+            scores, mask = (a, b) if _reaches_matmul(a) else (b, a)
+        elif scores.target is aten.mul.Tensor and isinstance(b, (int, float)):
+            scores, scale = a, scale * b
+        elif scores.target is aten.div.Tensor and isinstance(b, (int, float)):
+            scores, scale = a, scale / b
+        else:
+            raise unmatched
+    if not (isinstance(scores, fx.Node) and scores.target in MATMUL):
+        raise unmatched
+    q, k_t = scores.args
+    k = _untransposed(k_t)
+    if k is None:
+        raise unmatched
+    # downstream: casts and dropout, up to matmul(p, v)
+    p = softmax
+    while len(p.users) == 1 and next(iter(p.users)).target in (*CASTS, aten.dropout.default):
+        user = next(iter(p.users))
+        if user.target is aten.dropout.default and user.args[1] and user.args[2]:
+            raise UnsupportedAttentionError(
+                f"{where}: attention dropout p={user.args[1]} in training mode is not supported; "
+                "call model.eval() or set the attention dropout to 0"
+            )
+        p = user
+    users = list(p.users)
+    if len(users) != 1 or users[0].target not in MATMUL or users[0].args[0] is not p:
+        raise unmatched
+    out = users[0]
+    v = users[0].args[1]
+    return _make_site(layer, module, cls, "eager", out, q, _unrepeated(k), _unrepeated(v), scale, mask, False)
+
+
+def _reaches_matmul(node: fx.Node) -> bool:
+    while isinstance(node, fx.Node) and node.target in (aten.mul.Tensor, aten.div.Tensor):
+        node = node.args[0]
+    return isinstance(node, fx.Node) and node.target in MATMUL
+
+
+def _untransposed(node: fx.Node) -> fx.Node | None:
+    if node.target is aten.transpose.int and sorted(d % 4 for d in node.args[1:3]) == [2, 3]:
+        return node.args[0]
+    if node.target is aten.permute.default and list(node.args[1]) in ([0, 1, 3, 2], [0, 1, -1, -2]):
+        return node.args[0]
+    return None
+
+
+# ---- shared --------------------------------------------------------------------------------
+def _unrepeated(node: fx.Node) -> fx.Node:
+    """Look through GQA's repeat_kv to the [B, Hk, L, D] tensor it repeats."""
+    n = _skip(node, PASS_THROUGH)
+    if n.target in RESHAPES:
+        expand = _skip(n.args[0], PASS_THROUGH)
+        if expand.target is aten.expand.default:
+            unsqueeze = expand.args[0]
+            if unsqueeze.target is aten.unsqueeze.default and unsqueeze.args[1] == 2:
+                return unsqueeze.args[0]
+    if n.target is aten.repeat_interleave.self_int and n.args[2:3] == (1,):
+        return n.args[0]
+    return node
+
+
+def _skip(node: fx.Node, targets) -> fx.Node:
+    while isinstance(node, fx.Node) and node.target in targets:
+        node = node.args[0]
+    return node
+
+
+def _make_site(layer, module, cls, kind, out, q, k, v, scale, mask, is_causal) -> AttentionSite:
+    qv, kv, vv = (n.meta["val"] for n in (q, k, v))
+    heads, kv_heads = int(qv.shape[1]), int(kv.shape[1])
+    if qv.dim() != 4 or kv.dim() != 4 or heads % kv_heads:
+        raise UnsupportedAttentionError(
+            f"layer {layer} (`{module}`, {cls}): expected q [B, H, L, D] and k/v [B, Hk, L, D] with H a multiple "
+            f"of Hk, got q {tuple(qv.shape)}, k {tuple(kv.shape)}"
+        )
+    head_dim = int(qv.shape[-1])
+    return AttentionSite(
+        layer=layer,
+        module=module,
+        module_class=cls,
+        kind=kind,
+        output=out,
+        q=q,
+        k=k,
+        v=v,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        v_head_dim=int(vv.shape[-1]),
+        scale=float(scale) if scale is not None else 1.0 / math.sqrt(head_dim),
+        dtype=kv.dtype,
+        mask=mask,
+        is_causal=is_causal,
+    )
+
+
+def _module_of(node: fx.Node) -> tuple[str, str]:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "<unknown module>", "<unknown>"
+    path, cls = list(stack.values())[-1]
+    cls = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+    return path or "<root>", cls.rsplit(".", 1)[-1]
+
+
+def _refuse_sliding_window(config, model_class: str) -> None:
+    if config is None:
+        return
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        windowed = [i for i, t in enumerate(layer_types) if t != "full_attention"]
+    elif getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
+        windowed = list(range(getattr(config, "num_hidden_layers", 0) or 1))
+    else:
+        windowed = []
+    if windowed:
+        raise UnsupportedAttentionError(
+            f"{model_class}: layers {windowed} use sliding-window attention "
+            f"(config.sliding_window={getattr(config, 'sliding_window', None)}, layer_types="
+            f"{layer_types}); segcompile rewrites full causal attention only. If the model was trained "
+            "with full attention, set config.sliding_window=None (and layer_types to 'full_attention')"
+        )
+
+
+class _Recorder(fx.Interpreter):
+    def __init__(self, gm, wanted):
+        super().__init__(gm)
+        self.wanted, self.values = wanted, {}
+
+    def run_node(self, n):
+        result = super().run_node(n)
+        if n in self.wanted:
+            self.values[n] = result
+        return result
+
+
+def _check_masks_are_causal(gm: fx.GraphModule, sites: list[AttentionSite]) -> None:
+    """Evaluate every site's mask on the capture example; it must be exactly causal."""
+    info = gm.meta["segcompile.capture"]
+    wanted = {s.mask for s in sites if s.mask is not None} | {s.q for s in sites}
+    recorder = _Recorder(gm, wanted)
+    with torch.no_grad():
+        recorder.run(info.example_input_ids, info.example_position_ids)
+    for site in sites:
+        n = recorder.values[site.q].shape[2]
+        causal = torch.ones(n, n, dtype=torch.bool, device=info.device).tril()
+        if site.mask is None:
+            if not site.is_causal:
+                raise UnsupportedAttentionError(
+                    f"{site.where()}: attention is not causal (no mask and is_causal=False); segcompile only "
+                    "compiles causal decoders, not encoders or bidirectional attention"
+                )
+            continue
+        mask = recorder.values[site.mask]
+        if mask.dtype == torch.bool:
+            allowed = mask
+        else:
+            allowed = mask > torch.finfo(mask.dtype).min / 2
+            if (mask[allowed] != 0).any():
+                raise UnsupportedAttentionError(
+                    f"{site.where()}: the additive attention mask carries a bias (e.g. ALiBi), not just "
+                    "0/-inf; segcompile supports plain causal attention"
+                )
+        if site.is_causal:
+            allowed = allowed & causal
+        if allowed.shape[-2:] != (n, n) or not bool((allowed == causal).all()):
+            raise UnsupportedAttentionError(
+                f"{site.where()}: the attention mask (node `{site.mask.name}`) is not the causal mask "
+                "(non-causal, padded, sliding-window or custom); segcompile only rewrites causal full attention"
+            )
+
+

@@ -1,0 +1,72 @@
+"""A small pass manager: runs named passes in order and can dump the graph after each one."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch.fx as fx
+
+from ..files import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+Pass = Callable[[fx.GraphModule], fx.GraphModule]
+
+
+class PassManager:
+    """Runs ``passes`` (a list of functions ``GraphModule -> GraphModule``) in order.
+
+    With ``dump_dir`` it writes ``NN-<pass>.txt`` after each pass (``00-capture.txt`` for the
+    input graph): the generated code plus one line per node with its shape and module.
+    """
+
+    def __init__(self, passes: Sequence[Pass], dump_dir: str | os.PathLike | None = None):
+        self.passes = list(passes)
+        self.dump_dir = Path(dump_dir) if dump_dir is not None else None
+        self.timings: dict[str, float] = {}
+
+    def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
+        self._dump(gm, 0, "capture")
+        for i, p in enumerate(self.passes, start=1):
+            start = time.perf_counter()
+            gm = p(gm)
+            self.timings[p.__name__] = time.perf_counter() - start
+            log.debug("after %s:\n%s", p.__name__, gm.graph)
+            self._dump(gm, i, p.__name__)
+        return gm
+
+    def _dump(self, gm: fx.GraphModule, index: int, name: str) -> None:
+        if self.dump_dir is None:
+            return
+        atomic_write_text(self.dump_dir / f"{index:02d}-{name}.txt", describe_graph(gm, name))
+
+
+def describe_graph(gm: fx.GraphModule, title: str) -> str:
+    lines = [f"# graph after {title}", f"# {len(gm.graph.nodes)} nodes", ""]
+    lines.append(gm.print_readable(print_output=False, include_stride=False, colored=False))
+    lines += ["", "# nodes: name | op | target | value | module"]
+    for node in gm.graph.nodes:
+        lines.append(" | ".join([node.name, node.op, _target(node), _value(node), _module(node)]))
+    return "\n".join(lines) + "\n"
+
+
+def _target(node: fx.Node) -> str:
+    return re.sub(r"\s+", " ", str(node.target))
+
+
+def _value(node: fx.Node) -> str:
+    val = node.meta.get("val")
+    if hasattr(val, "shape"):
+        return f"{str(val.dtype).removeprefix('torch.')}{list(val.shape)}"
+    state = node.meta.get("segcompile.state")
+    return f"state of layer {state[0]}: {state[1]}" if state else ""
+
+
+def _module(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    return list(stack.values())[-1][0] if stack else ""

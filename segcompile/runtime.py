@@ -1,0 +1,205 @@
+"""``SegmentedModel``: the driver that runs the segment-step graph over a sequence.
+
+The step graph (built by the passes) processes up to one segment's worth of tokens given the
+carried state; the driver cuts the input at segment boundaries, feeds the state in, and at the
+end of every segment moves keys between the state's parts (DESIGN.md section 1):
+
+    current (<= S) --> tail (last T of the segment) --> history (long-range KV heads only)
+                                                    \\-> sinks (first G positions, all KV heads)
+
+A local KV head therefore holds at most G + T + S entries whatever the length; a long-range KV
+head keeps everything. The same loop serves ``forward`` (whole sequence), ``prefill`` and
+``decode`` (any number of tokens, usually one).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from .config import SegmentConfig
+from .errors import SegcompileError
+from .passes.find_attention import AttentionSite
+from .passes.segment_loop import STATE_NAMES
+
+
+@dataclass(frozen=True)
+class LayerState:
+    """Carried K/V of one layer, each ``[B, heads, entries, head_dim]``."""
+
+    sink_k: torch.Tensor
+    sink_v: torch.Tensor
+    hist_k: torch.Tensor  # long-range KV heads only
+    hist_v: torch.Tensor
+    tail_k: torch.Tensor
+    tail_v: torch.Tensor
+    current_k: torch.Tensor
+    current_v: torch.Tensor
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, name) for name in STATE_NAMES)
+
+    def local_entries(self) -> dict[str, int]:
+        return {"sink": self.sink_k.shape[2], "tail": self.tail_k.shape[2], "current": self.current_k.shape[2]}
+
+
+@dataclass(frozen=True)
+class SegmentState:
+    """Everything a segmented model carries between calls: position, per-layer K/V, last logits."""
+
+    position: int
+    layers: tuple[LayerState, ...]
+    logits: torch.Tensor | None = None  # logits of the last token fed, [B, V]
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].tail_k.shape[0]
+
+
+class SegmentedModel(torch.nn.Module):
+    """A model rewritten into a segment loop. Build it with ``segcompile.transform``."""
+
+    def __init__(self, step_graph: fx.GraphModule, cfg: SegmentConfig):
+        super().__init__()
+        self.step_graph = step_graph
+        self.cfg = cfg
+        self.sites: list[AttentionSite] = step_graph.meta["segcompile.sites"]
+        self.capture_info = step_graph.meta["segcompile.capture"]
+        self.implementations: dict[int, str] = step_graph.meta["segcompile.impl"]
+        self._num_outputs = step_graph.meta["segcompile.num_model_outputs"]
+
+    # ---- public API -------------------------------------------------------------------------
+    def forward(self, input_ids: torch.Tensor, **kwargs):
+        """Segmented forward over the whole sequence; returns the model's own output type."""
+        if kwargs:
+            raise SegcompileError(
+                f"SegmentedModel.forward takes only input_ids; got {sorted(kwargs)}. Positions are "
+                "implicit and masks are the segment semantics (padding is not supported)"
+            )
+        outputs, _ = self._feed(self.initial_state(input_ids), input_ids, collect=True)
+        return outputs
+
+    def prefill(self, input_ids: torch.Tensor, state: SegmentState | None = None) -> SegmentState:
+        """Run ``input_ids`` through the loop and return the state (``state.logits`` = last token's)."""
+        _, state = self._feed(state or self.initial_state(input_ids), input_ids, collect=False)
+        return state
+
+    def decode(self, state: SegmentState, next_ids: torch.Tensor) -> tuple[torch.Tensor, SegmentState]:
+        """Feed ``next_ids [B, n]`` after ``state``; returns their logits ``[B, n, V]`` and the new state."""
+        if next_ids.shape[0] != state.batch_size:
+            raise SegcompileError(f"decode: batch size {next_ids.shape[0]} does not match the state's {state.batch_size}")
+        outputs, state = self._feed(state, next_ids, collect=True)
+        return _logits_of(outputs), state
+
+    def initial_state(self, input_ids: torch.Tensor) -> SegmentState:
+        _check_ids(input_ids)
+        batch, device = input_ids.shape[0], input_ids.device
+        layers = []
+        for site in self.sites:
+            def empty(heads, dim, site=site):
+                return torch.empty(batch, heads, 0, dim, dtype=site.dtype, device=device)
+
+            h, lr = site.num_kv_heads, len(site.long_range)
+            layers.append(
+                LayerState(
+                    empty(h, site.head_dim), empty(h, site.v_head_dim),
+                    empty(lr, site.head_dim), empty(lr, site.v_head_dim),
+                    empty(h, site.head_dim), empty(h, site.v_head_dim),
+                    empty(h, site.head_dim), empty(h, site.v_head_dim),
+                )
+            )
+        return SegmentState(0, tuple(layers))
+
+    # ---- the loop ---------------------------------------------------------------------------
+    def _feed(self, state: SegmentState, input_ids: torch.Tensor, collect: bool):
+        _check_ids(input_ids)
+        S = self.cfg.segment_len
+        pieces, done = [], 0
+        while done < input_ids.shape[1]:
+            take = min(S - state.position % S, input_ids.shape[1] - done)
+            chunk = input_ids[:, done : done + take]
+            leaves, state = self.step(state, chunk)
+            if collect:
+                pieces.append(leaves)
+            done += take
+        if not collect:
+            return None, state
+        return _join(pieces, self.capture_info.out_spec), state
+
+    def step(self, state: SegmentState, chunk: torch.Tensor) -> tuple[list, SegmentState]:
+        """Run the step graph once on ``chunk`` (which must not cross a segment boundary)."""
+        offset = torch.tensor(state.position, dtype=torch.long, device=chunk.device)
+        flat = [t for layer in state.layers for t in layer.tensors()]
+        outs = self.step_graph(chunk, offset, *flat)
+        leaves, currents = list(outs[: self._num_outputs]), outs[self._num_outputs :]
+        layers = tuple(
+            replace(layer, current_k=currents[2 * i], current_v=currents[2 * i + 1])
+            for i, layer in enumerate(state.layers)
+        )
+        position = state.position + chunk.shape[1]
+        logits = _logits_of(pytree.tree_unflatten(leaves, self.capture_info.out_spec))
+        state = SegmentState(position, layers, logits[:, -1])
+        if position % self.cfg.segment_len == 0:
+            state = self.end_segment(state)
+        return leaves, state
+
+    def end_segment(self, state: SegmentState) -> SegmentState:
+        """Move a finished segment into tail, history and sinks (all detached)."""
+        S, T, G = self.cfg.segment_len, self.cfg.tail_len, self.cfg.sink_tokens
+        layers = []
+        for site, layer in zip(self.sites, state.layers):
+            moved = {}
+            for kv in ("k", "v"):
+                current = getattr(layer, f"current_{kv}").detach()
+                leaving = torch.cat([getattr(layer, f"tail_{kv}"), current[:, :, : S - T]], dim=2)
+                moved[f"tail_{kv}"] = current[:, :, S - T :]
+                moved[f"current_{kv}"] = current[:, :, :0]
+                sinks = getattr(layer, f"sink_{kv}")
+                if sinks.shape[2] < G:
+                    moved[f"sink_{kv}"] = torch.cat([sinks, leaving], dim=2)[:, :, :G]
+                if site.long_range:
+                    index = torch.tensor(site.long_range, device=leaving.device)
+                    moved[f"hist_{kv}"] = torch.cat([getattr(layer, f"hist_{kv}"), leaving.index_select(1, index)], dim=2)
+            layers.append(replace(layer, **moved))
+        return replace(state, layers=tuple(layers))
+
+    # ---- display ----------------------------------------------------------------------------
+    def __repr__(self) -> str:
+        # The step graph's module tree repeats the original model's; show what was compiled instead.
+        body = self.extra_repr().replace("\n", "\n  ")
+        return f"SegmentedModel(\n  {body}\n)"
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        lines = [
+            f"model={self.capture_info.model_class}, segment_len={c.segment_len}, tail_len={c.tail_len}, "
+            f"sink_tokens={c.sink_tokens}, tbptt_k={c.tbptt_k}, long_range={c.long_range.describe()}",
+        ]
+        for site in self.sites:
+            lines.append(
+                f"layer {site.layer}: {site.module} [{site.kind}] heads={site.num_heads} kv_heads={site.num_kv_heads} "
+                f"long_range_kv_heads={list(site.long_range)} impl={self.implementations[site.layer]}"
+            )
+        return "\n".join(lines)
+
+
+def _check_ids(input_ids: torch.Tensor) -> None:
+    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        raise SegcompileError(f"input_ids must be an integer tensor [batch, tokens], got {getattr(input_ids, 'shape', input_ids)!r}")
+    if input_ids.shape[1] == 0:
+        raise SegcompileError("input_ids has no tokens")
+
+
+def _logits_of(output):
+    return output.logits if hasattr(output, "logits") else output
+
+
+def _join(pieces: list[list], out_spec):
+    """Concatenate each output leaf of the chunks along the token axis and rebuild the output."""
+    if len(pieces) == 1:
+        return pytree.tree_unflatten(pieces[0], out_spec)
+    joined = [torch.cat(parts, dim=1) for parts in zip(*pieces)]
+    return pytree.tree_unflatten(joined, out_spec)

@@ -1,0 +1,29 @@
+"""``segcompile.transform``: capture a model and run the pass pipeline."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from .config import SegmentConfig
+from .passes import PASSES, PassManager, capture
+from .runtime import SegmentedModel
+
+
+def transform(
+    model: torch.nn.Module,
+    cfg: SegmentConfig | None = None,
+    *,
+    dump_dir: str | os.PathLike | None = None,
+) -> SegmentedModel:
+    """Rewrite ``model`` into a segment-loop program (DESIGN.md section 2).
+
+    ``dump_dir``: write the graph after every pass there (``00-capture.txt``, ``01-find_attention.txt``...).
+    The model itself is not modified; the returned module shares its parameters.
+    """
+    cfg = cfg if cfg is not None else SegmentConfig(segment_len=2048)
+    gm = capture(model)
+    gm.meta["segcompile.config"] = cfg
+    gm = PassManager(PASSES, dump_dir=dump_dir)(gm)
+    return SegmentedModel(gm, cfg)
