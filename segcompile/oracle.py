@@ -185,7 +185,7 @@ def segment_losses(logits: torch.Tensor, labels: torch.Tensor, start: int, end: 
     if stop <= start:
         return logits.sum() * 0, 0
     target = labels[:, start + 1 : stop + 1]
-    pred = logits[:, start:stop].float()
+    pred = logits[:, start:stop].to(torch.promote_types(logits.dtype, torch.float32))
     loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
     return loss, int((target != IGNORE_INDEX).sum())
 

@@ -437,9 +437,8 @@ def _check_hand_grads(case: str, atol: float) -> None:
 
 @pytest.mark.parametrize("case", list(GRAD_CASES))
 def test_gradients_hand_worked(case):
-    # fp32-level tolerance: see test_gradients_hand_worked_fp64 for why not 1e-12.
     cfg, keys, live, *scale = GRAD_CASES[case]
-    _check_hand_grads(case, atol=1e-6)
+    _check_hand_grads(case, atol=FP64_ATOL)
     # Exact zeros are exact whatever the precision: detached keys and unseen positions.
     model = ScalarAttention(Q, K, V, scale=scale[0] if scale else None)
     _, grads = oracle.gradients(model, cfg, torch.zeros(1, 4, dtype=torch.long), LABELS)
@@ -452,11 +451,6 @@ def test_gradients_hand_worked(case):
     assert grads["q"][[0, 1, 3]].eq(0).all()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="oracle.segment_losses casts logits to fp32 (`.float()`), so fp64 models get fp32 "
-    "losses and gradients (loss off by ~1e-7); the oracle should compute in promote_types(dtype, fp32)",
-)
 @pytest.mark.parametrize("case", ["local_T0_sink", "long_T1_K1", "local_T1_G1_scale"])
 def test_gradients_hand_worked_fp64(case):
     _check_hand_grads(case, atol=FP64_ATOL)
@@ -476,7 +470,7 @@ def test_query_gradient_from_detached_keys_only():
     o = p0 * V[0] + (1 - p0) * V[2]
     want = -1.0 / (1.0 + math.exp(o)) * p0 * (V[0] - o) * k[0]
     assert abs(want) > 0.05
-    assert abs(float(grads["q"][2]) - want) < 1e-6
+    assert abs(float(grads["q"][2]) - want) < FP64_ATOL
     assert grads["k"][0] == 0 and grads["v"][0] == 0
 
 
@@ -569,13 +563,11 @@ def test_gradients_one_segment_equal_plain_backward(S, plan, reduction):
     want = _plain_loss(model, IDS_8, labels, reduction)
     want.backward()
     want = want.detach()
-    # The oracle computes its loss in fp32 (see the xfail test above): fp32-level tolerance.
-    assert abs(float(loss) - float(want)) < 1e-5 * max(1.0, abs(float(want)))
+    assert abs(float(loss) - float(want)) < FP64_ATOL
     for name, p in model.named_parameters():
-        _assert_close(grads[name], p.grad, atol=1e-5, what=name)
+        _assert_close(grads[name], p.grad, what=name)
 
 
-@pytest.mark.xfail(strict=True, reason="oracle.segment_losses casts fp64 logits to fp32 (see above)")
 def test_gradients_one_segment_equal_plain_backward_fp64():
     labels = torch.tensor([[-100, 4, 2, -100, 3, 1, 2, 0]])
     cfg = SegmentConfig(8, long_range=HeadPlan.none())
@@ -591,15 +583,15 @@ def test_gradients_one_segment_equal_plain_backward_fp64():
 
 def test_gradients_mean_divides_by_label_tokens_of_whole_sequence():
     # Two segments, 4 label tokens in all: mean = sum / 4 (HF's causal-LM loss), for the loss
-    # and every gradient; that holds exactly up to fp32 rounding of the oracle's loss.
+    # and every gradient.
     labels = torch.tensor([[-100, 4, -100, 0, 3, -100, 2, -100]])
     cfg = SegmentConfig(4, tail_len=2, long_range=HeadPlan.none())
     model = PerPositionLayer(8)
     loss_sum, g_sum = oracle.gradients(model, cfg, IDS_8, labels, reduction="sum")
     loss_mean, g_mean = oracle.gradients(model, cfg, IDS_8, labels, reduction="mean")
-    assert abs(float(loss_mean) * 4 - float(loss_sum)) < 1e-5
+    assert abs(float(loss_mean) * 4 - float(loss_sum)) < FP64_ATOL
     for name in g_sum:
-        _assert_close(g_mean[name] * 4, g_sum[name], atol=1e-5, what=name)
+        _assert_close(g_mean[name] * 4, g_sum[name], what=name)
 
 
 # ---- 5. TBPTT depth across layers ---------------------------------------------------------
