@@ -3,6 +3,7 @@
 from . import oracle
 from .config import SegmentConfig
 from .errors import CaptureError, ConfigError, PlanError, SegcompileError, UnsupportedAttentionError
+from .passes import capture
 from .plan import HeadPlan
 from .runtime import SegmentedModel, SegmentState
 from .transform import transform
@@ -17,6 +18,7 @@ __all__ = [
     "SegmentState",
     "SegmentedModel",
     "UnsupportedAttentionError",
+    "capture",
     "oracle",
     "transform",
 ]

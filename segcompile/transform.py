@@ -5,25 +5,27 @@ from __future__ import annotations
 import os
 
 import torch
+import torch.fx as fx
 
 from .config import SegmentConfig
-from .passes import PASSES, PassManager, capture
+from .passes import PASSES, PassManager, capture, copy_captured, is_captured
 from .runtime import SegmentedModel
 
 
 def transform(
-    model: torch.nn.Module,
+    model: torch.nn.Module | fx.GraphModule,
     cfg: SegmentConfig | None = None,
     *,
     dump_dir: str | os.PathLike | None = None,
 ) -> SegmentedModel:
     """Rewrite ``model`` into a segment-loop program (DESIGN.md section 2).
 
-    ``dump_dir``: write the graph after every pass there (``00-capture.txt``, ``01-find_attention.txt``...).
+    ``model`` is the model, or a graph ``segcompile.capture(model)`` returned (to capture once and
+    compile several configs). ``dump_dir``: write the graph after every pass there (``00-capture.txt``, ``01-find_attention.txt``...).
     The model itself is not modified; the returned module shares its parameters.
     """
     cfg = cfg if cfg is not None else SegmentConfig(segment_len=2048)
-    gm = capture(model)
+    gm = copy_captured(model) if is_captured(model) else capture(model)
     gm.meta["segcompile.config"] = cfg
     gm = PassManager(PASSES, dump_dir=dump_dir)(gm)
     return SegmentedModel(gm, cfg)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 
@@ -51,6 +52,16 @@ def make_model(family: str, impl: str = "sdpa", layers: int = 2, dtype=torch.flo
     return model.to(dtype).eval()
 
 
+@functools.cache
+def captured(family: str, impl: str = "sdpa", layers: int = 2, dtype=torch.float32):
+    """``(model, graph)``: a tiny model and its capture, made once per session (export is the slow
+    step, about a second per layer). Pass the graph to ``sc.transform``; do not modify the model."""
+    import segcompile as sc
+
+    model = make_model(family, impl, layers, dtype)
+    return model, sc.capture(model)
+
+
 HF_FAMILIES = ["llama", "qwen2", "qwen3", "mistral", "gpt2"]
 # (family, attn_implementation): every HF family with both implementations, and the plain decoder
 ALL_MODELS = [(f, impl) for f in HF_FAMILIES for impl in ("sdpa", "eager")] + [("plain", "sdpa")]
@@ -67,4 +78,4 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="session")
 def llama():
-    return make_model("llama")
+    return captured("llama")

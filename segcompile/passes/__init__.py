@@ -4,7 +4,7 @@
 ``GraphModule -> GraphModule`` reading what earlier passes left in ``gm.meta``.
 """
 
-from .capture import capture
+from .capture import capture, copy_captured, is_captured
 from .find_attention import find_attention
 from .lower import lower
 from .manager import PassManager
@@ -13,4 +13,4 @@ from .segment_loop import segment_loop
 
 PASSES = [find_attention, plan_heads, segment_loop, lower]
 
-__all__ = ["PASSES", "PassManager", "capture", "find_attention", "lower", "plan_heads", "segment_loop"]
+__all__ = ["PASSES", "PassManager", "capture", "copy_captured", "is_captured", "find_attention", "lower", "plan_heads", "segment_loop"]

@@ -14,6 +14,7 @@ Removed on the way, because they pin the graph to the example: the export guard 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import time
 import traceback
@@ -81,6 +82,21 @@ def capture(model: torch.nn.Module) -> fx.GraphModule:
         seconds=time.perf_counter() - start,
     )
     return gm
+
+
+def is_captured(obj) -> bool:
+    return isinstance(obj, fx.GraphModule) and "segcompile.capture" in obj.meta
+
+
+def copy_captured(gm: fx.GraphModule) -> fx.GraphModule:
+    """A fresh copy of a captured graph for another run of the passes (which rewrite in place).
+
+    Capture is the slow step (torch.export, about a second per layer on a CPU); trying several
+    configs on one model captures once. Parameters stay shared; node metadata is copied shallowly.
+    """
+    new = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name="CapturedModel")
+    new.meta["segcompile.capture"] = gm.meta["segcompile.capture"]
+    return new
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:

@@ -69,11 +69,16 @@ def segment_loop(gm: fx.GraphModule) -> fx.GraphModule:
 
     output = graph.output_node()
     output.args = (tuple(output.args[0]) + tuple(new_current),)
-    graph.eliminate_dead_code()
+    graph.eliminate_dead_code(is_impure_node=_impure_except_dropout)
     graph.lint()
     gm.recompile()
     gm.meta["segcompile.num_model_outputs"] = len(output.args[0]) - len(new_current)
     return gm
+
+
+def _impure_except_dropout(node: fx.Node) -> bool:
+    # FX keeps dropout as impure (it draws random numbers); a dropped attention's dropout is dead.
+    return node.target is not aten.dropout.default and node.is_impure()
 
 
 def _placeholders(graph: fx.Graph) -> tuple[fx.Node, fx.Node]:

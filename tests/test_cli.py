@@ -1,0 +1,175 @@
+"""The `segcompile` command line: the demo end to end, user errors, dispatch and the entry point."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from segcompile.cli import UsageError, demo
+from segcompile.cli.main import COMMANDS, main
+
+# 2 layers x 2 KV heads, fraction 0.25 -> one long-range KV head (layer 0); 200 tokens = 6 full
+# segments of 32 and a short one of 8; then 4 decoded tokens.
+SMALL = ["--layers", "2", "--tokens", "200", "--segment-len", "32", "--decode-tokens", "4", "--no-color"]
+PASS_DUMPS = ["00-capture.txt", "01-find_attention.txt", "02-plan_heads.txt", "03-segment_loop.txt", "04-lower.txt"]
+
+
+@pytest.fixture(autouse=True)
+def wide_console(monkeypatch):
+    # rich wraps table cells at 80 columns when stdout is not a terminal; keep each row on one line
+    monkeypatch.setenv("COLUMNS", "200")
+
+
+def _row(out: str, check: str) -> str:
+    rows = [line for line in out.splitlines() if line.strip().startswith(check)]
+    assert len(rows) == 1, f"no single row for {check!r} in:\n{out}"
+    return " ".join(rows[0].split())
+
+
+def test_demo_writes_dumps_and_passes_every_check(tmp_path, capsys):
+    rc = main(["demo", *SMALL, "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+
+    dumps = tmp_path / "passes"
+    assert sorted(p.name for p in dumps.iterdir()) == PASS_DUMPS
+    assert "segcompile.segment_attention" in (dumps / "04-lower.txt").read_text()
+
+    assert _row(out, "forward vs oracle").endswith("< 1e-04 PASS")
+    assert _row(out, "decode vs oracle").startswith("decode vs oracle (5 positions)")  # position N-1 and 4 decoded
+    assert _row(out, "decode vs oracle").endswith("< 1e-04 PASS")
+    # G + T + S = 4 + 32 + 32, reached at the last token of every full segment and never exceeded
+    assert _row(out, "peak local-head cache") == "peak local-head cache 68 <= G+T+S = 68 PASS"
+    # after 204 tokens: segment start 192, tail 32 -> history 160
+    assert _row(out, "long-range history") == "long-range history 160 N-T-current = 160 PASS"
+    assert "2 segment_attention nodes (2 layers)" in out
+    assert _row(out, "layer 0") == "layer 0 long-range KV heads [0], local [1]; sdpa -> reference"
+    assert f"pass dumps: {dumps}" in out
+    assert "all 4 checks passed" in out
+    assert "\x1b[" not in out  # --no-color and not a terminal: plain text
+
+
+def test_demo_exits_1_when_a_check_fails(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(demo, "TOLERANCE", -1.0)  # no difference is below it
+    rc = main(["demo", "--layers", "1", "--tokens", "40", "--segment-len", "16", "--decode-tokens", "0",
+               "--long-range", "0", "--no-color", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert rc == 1, out
+    assert _row(out, "forward vs oracle").endswith("FAIL")
+    assert _row(out, "prefill vs oracle (1 position)").endswith("FAIL")
+    assert _row(out, "peak local-head cache").endswith("PASS")
+    assert _row(out, "long-range history") == "long-range history - no long-range heads n/a"
+    assert "FAIL: forward vs oracle" in out
+
+
+def _error_lines(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def test_config_error_is_one_line_without_traceback(tmp_path, capsys):
+    rc = main(["demo", "--tail-len", "100", "--segment-len", "32", "--out", str(tmp_path)])
+    captured = capsys.readouterr()
+    assert rc == 2
+    errors = _error_lines(captured.err)
+    assert len(errors) == 1 and "tail_len must be an int in [0, segment_len=32], got 100" in errors[0]
+    assert "hint:" in captured.err and "--debug" in captured.err
+    assert "Traceback" not in captured.err
+    assert not (tmp_path / "passes").exists()  # refused before any work
+
+
+def test_config_error_with_debug_shows_traceback(tmp_path, capsys):
+    rc = main(["demo", "--tail-len", "100", "--segment-len", "32", "--out", str(tmp_path), "--debug"])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "Traceback (most recent call last)" in err
+    assert "segcompile.errors.ConfigError" in err
+    assert len(_error_lines(err)) == 1
+
+
+def test_debug_before_the_subcommand_counts_too(tmp_path, capsys):
+    assert main(["--debug", "demo", "--tail-len", "100", "--segment-len", "32", "--out", str(tmp_path)]) == 2
+    assert "Traceback" in capsys.readouterr().err
+
+
+def test_validate_rejects_too_many_positions(capsys):
+    assert main(["demo", "--tokens", "9000"]) == 2
+    err = capsys.readouterr().err
+    assert _error_lines(err) == [
+        "error: --tokens 9000 + --decode-tokens 16 = 9016 positions, but the built-in tiny model has "
+        "max_position_embeddings=8192"
+    ]
+    assert "hint: use --tokens 8176 or fewer" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--tokens", "0"], "argument --tokens: must be an integer >= 1, got '0'"),
+    (["--long-range", "1.5"], "argument --long-range: must be a number in [0, 1], got '1.5'"),
+    (["--sinks", "x"], "argument --sinks: must be an integer, got 'x'"),
+])
+def test_bad_flag_values_are_argparse_errors(flags, message, capsys):
+    assert main(["demo", *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_help_lists_commands(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^\s+demo\s+compile the built-in tiny Llama", out, re.M)
+
+
+def test_registry_imports_only_the_chosen_command(monkeypatch, capsys):
+    """A command is one registry line; the others are not imported (here one cannot be)."""
+    seen = {}
+    fake = types.ModuleType("fake_command")
+    fake.name, fake.help = "fake", "a test command"
+
+    def subparser_init(subparsers):
+        parser = subparsers.add_parser("fake", help=fake.help)
+        parser.add_argument("--n", type=int, default=1)
+        return parser
+
+    def validate(args):
+        if args.n > 3:
+            raise UsageError(f"--n {args.n} is more than 3", hint="use --n 3 or less")
+
+    def cmd(args):
+        seen["n"] = args.n
+        return 0
+
+    fake.subparser_init, fake.validate, fake.cmd = subparser_init, validate, cmd
+    monkeypatch.setitem(sys.modules, "fake_command", fake)
+    monkeypatch.setitem(COMMANDS, "fake", "fake_command")
+    monkeypatch.setitem(COMMANDS, "broken", "no_such_module_for_segcompile_tests")
+
+    assert main(["fake", "--n", "2"]) == 0 and seen == {"n": 2}
+    assert main(["fake", "--n", "5"]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["error: --n 5 is more than 3", "hint: use --n 3 or less"]
+
+
+def _segcompile_command() -> list[str]:
+    """The installed console script beside this Python, else the module."""
+    script = Path(sys.executable).parent / "segcompile"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "segcompile.cli.main"]
+
+
+@pytest.mark.parametrize("command", [_segcompile_command(), [sys.executable, "-m", "segcompile.cli.main"]],
+                         ids=["entry-point", "module"])
+def test_entry_point_help(command):
+    done = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: segcompile")
+    assert "demo" in done.stdout
+
+
+def test_entry_point_user_error_exit_status():
+    done = subprocess.run([*_segcompile_command(), "demo", "--tail-len", "100", "--segment-len", "32"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: tail_len must be an int")
+    assert "Traceback" not in done.stderr

@@ -1,0 +1,191 @@
+"""DESIGN.md's invariants 1-4 for the forward, prefill and decode, on every supported family.
+
+Tolerances: fp32 max abs logit error <= 1e-4 (logits are O(1) for these models); bf16/fp16
+against the original model in the same dtype: <= BF16_ATOL / FP16_ATOL (a few units in the
+last place of bf16 logits of magnitude ~1, measured ~1e-2 at worst on these models).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ALL_MODELS, VOCAB, captured, make_model, max_abs, random_ids
+
+import segcompile as sc
+
+FP32_ATOL = 1e-4
+BF16_ATOL = 3e-2
+FP16_ATOL = 5e-3
+
+PLANS = {
+    "none": sc.HeadPlan.none(),
+    "all": sc.HeadPlan.all(),
+    "fraction": sc.HeadPlan.fraction(0.25),
+    "layer0": sc.HeadPlan.layers([0]),
+    "dict": sc.HeadPlan.from_dict({0: [1], 1: [0]}),
+}
+
+
+def original_logits(model, ids):
+    with torch.no_grad():
+        out = model(ids, use_cache=False) if hasattr(model, "generation_config") else model(ids)
+    return out.logits
+
+
+# ---- invariant 1: S >= N equals the original model ---------------------------------------
+@pytest.mark.parametrize("family,impl", ALL_MODELS)
+def test_one_segment_equals_original(family, impl):
+    model, graph = captured(family, impl)
+    ids = random_ids(2, 19)
+    for S in (19, 32):
+        seg = sc.transform(graph, sc.SegmentConfig(S, sink_tokens=2, long_range=sc.HeadPlan.fraction(0.25)))
+        with torch.no_grad():
+            got = seg(ids).logits
+        assert got.shape == (2, 19, VOCAB)
+        assert max_abs(got, original_logits(model, ids)) <= FP32_ATOL
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "plain"])
+def test_one_segment_gradients_equal_original(family):
+    model = make_model(family).double()
+    ids = random_ids(2, 12)
+    seg = sc.transform(model, sc.SegmentConfig(16, long_range=sc.HeadPlan.none()))
+    seg(ids).logits.square().mean().backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad()
+    original_logits_with_grad = model(ids).logits
+    original_logits_with_grad.square().mean().backward()
+    for name, p in model.named_parameters():
+        assert torch.allclose(got[name], p.grad, rtol=1e-9, atol=1e-12), name
+
+
+# ---- invariant 2: every head long-range equals the original model ------------------------
+@pytest.mark.parametrize("family,impl", ALL_MODELS)
+def test_all_heads_long_range_equals_original(family, impl):
+    model, graph = captured(family, impl)
+    ids = random_ids(2, 37)
+    for T, G in ((None, 0), (0, 3), (3, 0)):
+        seg = sc.transform(graph, sc.SegmentConfig(8, tail_len=T, sink_tokens=G, long_range=sc.HeadPlan.all()))
+        with torch.no_grad():
+            got = seg(ids).logits
+        assert max_abs(got, original_logits(model, ids)) <= FP32_ATOL, (T, G)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gpt2", "plain"])
+@pytest.mark.parametrize("dtype,atol", [(torch.bfloat16, BF16_ATOL), (torch.float16, FP16_ATOL)])
+def test_low_precision_equals_original(family, dtype, atol):
+    model, graph = captured(family, dtype=dtype)
+    ids = random_ids(2, 29)
+    for S in (8, 32):  # several segments, and one
+        seg = sc.transform(graph, sc.SegmentConfig(S, long_range=sc.HeadPlan.all()))
+        with torch.no_grad():
+            got = seg(ids).logits
+        assert got.dtype == dtype
+        assert max_abs(got, original_logits(model, ids)) <= atol
+
+
+# ---- invariant 3 (forward): any plan equals the oracle ---------------------------------------
+S = 8
+
+
+@pytest.mark.parametrize("plan", PLANS)
+@pytest.mark.parametrize("T", [0, S // 2, S])
+@pytest.mark.parametrize("G", [0, 4])
+@pytest.mark.parametrize("N", [29, 5], ids=["N_not_multiple", "N_lt_S"])
+def test_forward_equals_oracle_llama(llama, plan, T, G, N):
+    model, graph = llama
+    cfg = sc.SegmentConfig(S, tail_len=T, sink_tokens=G, long_range=PLANS[plan])
+    ids = random_ids(2, N, seed=N + T + G)
+    seg = sc.transform(graph, cfg)
+    with torch.no_grad():
+        got = seg(ids).logits
+    assert max_abs(got, sc.oracle.forward(model, cfg, ids)) <= FP32_ATOL
+
+
+@pytest.mark.parametrize("family,impl", ALL_MODELS)
+def test_forward_equals_oracle_every_family(family, impl):
+    model, graph = captured(family, impl, layers=3)
+    for cfg in (
+        sc.SegmentConfig(S, tail_len=S // 2, sink_tokens=4, long_range=sc.HeadPlan.fraction(0.5)),
+        sc.SegmentConfig(S, tail_len=0, sink_tokens=0, long_range=sc.HeadPlan.none()),
+    ):
+        ids = random_ids(2, 3 * S + 3)
+        seg = sc.transform(graph, cfg)
+        with torch.no_grad():
+            got = seg(ids).logits
+        assert max_abs(got, sc.oracle.forward(model, cfg, ids)) <= FP32_ATOL
+
+
+def test_segmented_output_differs_from_full_attention_when_heads_are_local(llama):
+    model, graph = llama
+    # Guards against a rewrite that silently kept full attention: local heads must change the answer.
+    cfg = sc.SegmentConfig(S, tail_len=2, long_range=sc.HeadPlan.none())
+    ids = random_ids(2, 4 * S)
+    with torch.no_grad():
+        got = sc.transform(graph, cfg)(ids).logits
+    assert max_abs(got[:, S + 2 :], original_logits(model, ids)[:, S + 2 :]) > 1e-3
+    assert max_abs(got[:, :S], original_logits(model, ids)[:, :S]) <= FP32_ATOL  # first segment sees everything
+
+
+# ---- invariant 4: prefill + decode equals one segmented forward ------------------------------
+def assert_local_caches_bounded(seg, state):
+    cfg = seg.cfg
+    bound = cfg.sink_tokens + cfg.tail_len + cfg.segment_len
+    for site, layer in zip(seg.sites, state.layers):
+        entries = layer.local_entries()
+        assert entries["sink"] <= cfg.sink_tokens
+        assert entries["tail"] <= cfg.tail_len
+        assert entries["current"] <= cfg.segment_len
+        assert sum(entries.values()) <= bound
+        assert layer.hist_k.shape[1] == len(site.long_range)  # history kept for long-range heads only
+
+
+@pytest.mark.parametrize(
+    "family,plan,T,G",
+    [
+        ("llama", "fraction", S, 0),
+        ("llama", "none", S // 2, 4),
+        ("llama", "dict", 0, 4),
+        ("qwen3", "fraction", S // 2, 2),
+        ("gpt2", "none", S, 4),
+        ("plain", "fraction", S // 2, 4),
+    ],
+)
+def test_decode_equals_oracle(family, plan, T, G):
+    model, graph = captured(family)
+    cfg = sc.SegmentConfig(S, tail_len=T, sink_tokens=G, long_range=PLANS[plan])
+    prompt = 2 * S + 3
+    ids = random_ids(2, prompt + 3 * S)
+    seg = sc.transform(graph, cfg)
+    want = sc.oracle.forward(model, cfg, ids)
+    with torch.no_grad():
+        state = seg.prefill(ids[:, :prompt])
+        assert max_abs(state.logits, want[:, prompt - 1]) <= FP32_ATOL
+        assert_local_caches_bounded(seg, state)
+        for t in range(prompt, ids.shape[1]):
+            logits, state = seg.decode(state, ids[:, t : t + 1])
+            assert logits.shape == (2, 1, VOCAB)
+            assert max_abs(logits[:, 0], want[:, t]) <= FP32_ATOL, t
+            assert_local_caches_bounded(seg, state)
+    assert state.position == ids.shape[1]
+
+
+def test_decode_several_tokens_across_a_boundary(llama):
+    model, graph = llama
+    cfg = sc.SegmentConfig(S, tail_len=3, sink_tokens=2, long_range=sc.HeadPlan.fraction(0.25))
+    ids = random_ids(1, 3 * S)
+    seg = sc.transform(graph, cfg)
+    want = sc.oracle.forward(model, cfg, ids)
+    with torch.no_grad():
+        state = seg.prefill(ids[:, : S - 2])
+        logits, state = seg.decode(state, ids[:, S - 2 : S + 5])  # crosses the end of segment 0
+    assert max_abs(logits, want[:, S - 2 : S + 5]) <= FP32_ATOL
+
+
+def test_local_cache_constant_in_sequence_length(llama):
+    cfg = sc.SegmentConfig(S, tail_len=S // 2, sink_tokens=4, long_range=sc.HeadPlan.none())
+    seg = sc.transform(llama[1], cfg)
+    with torch.no_grad():
+        short = seg.prefill(random_ids(1, 3 * S + 1))
+        long = seg.prefill(random_ids(1, 40 * S + 1))
+    assert [l.local_entries() for l in short.layers] == [l.local_entries() for l in long.layers]

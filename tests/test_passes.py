@@ -1,0 +1,141 @@
+"""The pass pipeline: what each pass produces, the dumps, and that the rewrite really fired."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import HF_FAMILIES, captured, make_model, max_abs, random_ids
+
+import segcompile as sc
+from segcompile.passes import copy_captured, find_attention
+
+aten = torch.ops.aten
+SEGMENT_ATTENTION = torch.ops.segcompile.segment_attention.default
+FULL_ATTENTION_OPS = {aten.scaled_dot_product_attention.default, aten.softmax.int, aten._softmax.default,
+                      aten.matmul.default, aten.bmm.default}
+
+
+def call_targets(gm):
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+@pytest.mark.parametrize("family", [*HF_FAMILIES, "plain"])
+@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+def test_step_graph_has_one_segment_attention_per_layer(family, impl):
+    if family == "plain" and impl == "eager":
+        pytest.skip("the plain decoder only has an SDPA form")
+    seg = sc.transform(captured(family, impl, layers=4)[1], sc.SegmentConfig(16))
+    targets = call_targets(seg.step_graph)
+    assert targets.count(SEGMENT_ATTENTION) == 4
+    assert not FULL_ATTENTION_OPS & set(targets), "a full-sequence attention op survived the rewrite"
+
+
+def test_find_attention_records_gqa_heads_scale_and_layers():
+    gm = find_attention(copy_captured(captured("llama", "sdpa", layers=3)[1]))
+    sites = gm.meta["segcompile.sites"]
+    assert [s.layer for s in sites] == [0, 1, 2]
+    assert [s.module for s in sites] == [f"model.layers.{i}.self_attn" for i in range(3)]
+    for s in sites:
+        assert (s.num_heads, s.num_kv_heads, s.head_dim) == (4, 2, 8)
+        assert s.k.meta["val"].shape[1] == 2  # looked through repeat_kv
+        assert s.scale == pytest.approx(8**-0.5)
+
+
+def test_find_attention_eager_scale_and_kind():
+    gm = find_attention(copy_captured(captured("gpt2", "eager")[1]))
+    assert {s.kind for s in gm.meta["segcompile.sites"]} == {"eager"}
+    assert all(s.scale == pytest.approx(8**-0.5) for s in gm.meta["segcompile.sites"])
+
+
+def test_dump_dir_has_one_readable_file_per_pass(tmp_path, llama):
+    sc.transform(llama[1], sc.SegmentConfig(8), dump_dir=tmp_path)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["00-capture.txt", "01-find_attention.txt", "02-plan_heads.txt", "03-segment_loop.txt", "04-lower.txt"]
+    assert "scaled_dot_product_attention" in (tmp_path / "00-capture.txt").read_text()
+    lowered = (tmp_path / "04-lower.txt").read_text()
+    assert lowered.count("segcompile.segment_attention") >= 2
+    assert "impl = 'reference'" in lowered
+    assert "state of layer 1: tail_k" in lowered
+
+
+def test_parameters_are_shared_and_model_untouched():
+    model = make_model("llama")
+    before = {n: (p, p.detach().clone()) for n, p in model.named_parameters()}
+    modules = {n: type(m) for n, m in model.named_modules()}
+    seg = sc.transform(model, sc.SegmentConfig(8))
+    assert {id(p) for p in seg.parameters()} == {id(p) for p, _ in before.values()}
+    assert {n: type(m) for n, m in model.named_modules()} == modules
+    assert not any("forward" in vars(m) for m in model.modules())  # nothing patched onto the model
+    assert all(torch.equal(p, saved) for p, saved in before.values())
+
+
+def test_original_forward_is_never_called(monkeypatch):
+    model = make_model("llama")
+    ids = random_ids(1, 20)
+    cfg = sc.SegmentConfig(8, long_range=sc.HeadPlan.fraction(0.5))
+    want = sc.oracle.forward(model, cfg, ids)
+    seg = sc.transform(model, cfg)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("the original module's forward ran after capture")
+
+    for module in model.modules():
+        monkeypatch.setattr(module, "forward", forbidden)
+    with torch.no_grad():
+        got = seg(ids).logits
+        state = seg.prefill(ids[:, :10])
+        seg.decode(state, ids[:, 10:11])
+    assert max_abs(got, want) <= 1e-4
+
+
+def test_chosen_implementation_is_visible(llama):
+    seg = sc.transform(llama[1], sc.SegmentConfig(8, long_range=sc.HeadPlan.layers([1])))
+    assert seg.implementations == {0: "reference", 1: "reference"}
+    text = repr(seg)
+    assert "layer 1: model.layers.1.self_attn" in text and "impl=reference" in text
+    assert "long_range_kv_heads=[0, 1]" in text
+    impls = [n.kwargs["impl"] for n in seg.step_graph.graph.nodes if n.target is SEGMENT_ATTENTION]
+    assert impls == ["reference", "reference"]
+
+
+def test_step_graph_inputs_and_outputs_are_the_carried_state(llama):
+    seg = sc.transform(llama[1], sc.SegmentConfig(8))
+    placeholders = [n.name for n in seg.step_graph.graph.nodes if n.op == "placeholder"]
+    assert placeholders[:2] == ["input_ids", "position_offset"]
+    per_layer = ["sink_k", "sink_v", "hist_k", "hist_v", "tail_k", "tail_v", "current_k", "current_v"]
+    assert placeholders[2:] == [f"layer{l}_{s}" for l in range(2) for s in per_layer]
+    outputs = seg.step_graph.graph.output_node().args[0]
+    assert len(outputs) == 1 + 2 * 2  # logits, then current K/V of each layer
+
+
+def test_segment_attention_op_passes_opcheck():
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    args = (r(2, 4, 3, 8), r(2, 2, 5, 8), r(2, 2, 5, 8), r(2, 2, 2, 8), r(2, 2, 2, 8),
+            r(2, 2, 1, 8), r(2, 2, 1, 8), r(2, 1, 4, 8), r(2, 1, 4, 8))
+    for t in args[:5]:
+        t.requires_grad_()
+    # aot_dispatch_dynamic is left out: it compiles (about 50 s on 2 cores); the rest checks the
+    # schema, the fake implementation and the autograd registration against the real kernel.
+    torch.library.opcheck(
+        SEGMENT_ATTENTION, args, {"long_range": [1], "scale": 0.3, "impl": "reference"},
+        test_utils=("test_schema", "test_autograd_registration", "test_faketensor"),
+    )
+    assert torch.autograd.gradcheck(
+        lambda *a: SEGMENT_ATTENTION(*a, *args[5:], long_range=[1], scale=0.3, impl="reference"), args[:5]
+    )
+
+
+def test_transform_from_one_capture_twice_gives_independent_programs(llama):
+    model, graph = llama
+    ids = random_ids(1, 20)
+    first = sc.transform(graph, sc.SegmentConfig(8, long_range=sc.HeadPlan.none()))
+    second = sc.transform(graph, sc.SegmentConfig(8, long_range=sc.HeadPlan.all()))
+    assert [s.long_range for s in first.sites] == [(), ()]
+    with torch.no_grad():
+        assert max_abs(first(ids).logits, sc.oracle.forward(model, first.cfg, ids)) <= 1e-4
+        assert max_abs(second(ids).logits, model(ids).logits) <= 1e-4
+    assert sum(n.op == "placeholder" for n in graph.graph.nodes) == 2  # the capture itself is untouched
