@@ -95,7 +95,7 @@ class SegmentedModel(torch.nn.Module):
         return _logits_of(outputs), state
 
     def initial_state(self, input_ids: torch.Tensor) -> SegmentState:
-        _check_ids(input_ids)
+        self._check_ids(input_ids)
         batch, device = input_ids.shape[0], input_ids.device
         layers = []
         for site in self.sites:
@@ -115,7 +115,7 @@ class SegmentedModel(torch.nn.Module):
 
     # ---- the loop ---------------------------------------------------------------------------
     def _feed(self, state: SegmentState, input_ids: torch.Tensor, collect: bool):
-        _check_ids(input_ids)
+        self._check_ids(input_ids)
         S = self.cfg.segment_len
         pieces, done = [], 0
         while done < input_ids.shape[1]:
@@ -166,6 +166,19 @@ class SegmentedModel(torch.nn.Module):
             layers.append(replace(layer, **moved))
         return replace(state, layers=tuple(layers))
 
+    def _check_ids(self, input_ids: torch.Tensor) -> None:
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            shape = getattr(input_ids, "shape", input_ids)
+            raise SegcompileError(f"input_ids must be an integer tensor [batch, tokens], got {shape!r}")
+        if input_ids.shape[1] == 0:
+            raise SegcompileError("input_ids has no tokens")
+        captured_on = self.capture_info.device
+        if input_ids.device.type != captured_on.type:
+            raise SegcompileError(
+                f"input_ids are on {input_ids.device} but {self.capture_info.model_class} was captured on "
+                f"{captured_on}; the traced graph is device-specific: move the model first, then call transform"
+            )
+
     # ---- display ----------------------------------------------------------------------------
     def __repr__(self) -> str:
         # The step graph's module tree repeats the original model's; show what was compiled instead.
@@ -186,11 +199,6 @@ class SegmentedModel(torch.nn.Module):
         return "\n".join(lines)
 
 
-def _check_ids(input_ids: torch.Tensor) -> None:
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-        raise SegcompileError(f"input_ids must be an integer tensor [batch, tokens], got {getattr(input_ids, 'shape', input_ids)!r}")
-    if input_ids.shape[1] == 0:
-        raise SegcompileError("input_ids has no tokens")
 
 
 def _logits_of(output):

@@ -22,7 +22,8 @@ def transform(
 
     ``model`` is the model, or a graph ``segcompile.capture(model)`` returned (to capture once and
     compile several configs). ``dump_dir``: write the graph after every pass there (``00-capture.txt``, ``01-find_attention.txt``...).
-    The model itself is not modified; the returned module shares its parameters.
+    The model itself is not modified; the returned module shares its parameters. The program
+    runs on the device the model was on when it was captured: move the model first.
     """
     cfg = cfg if cfg is not None else SegmentConfig(segment_len=2048)
     gm = copy_captured(model) if is_captured(model) else capture(model)
