@@ -37,8 +37,7 @@ from torch.overrides import TorchFunctionMode
 
 from .config import SegmentConfig
 from .errors import SegcompileError
-
-IGNORE_INDEX = -100
+from .loss import label_count, span_loss
 
 
 # ---- masks ---------------------------------------------------------------------------------
@@ -179,17 +178,6 @@ def forward(model: torch.nn.Module, cfg: SegmentConfig, input_ids: torch.Tensor)
         return _run(model, cfg, input_ids, lambda n: torch.ones(n, n, dtype=torch.bool))
 
 
-def segment_losses(logits: torch.Tensor, labels: torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, int]:
-    """Summed causal-LM loss of positions ``[start, end)`` (position i predicts labels[i+1])."""
-    stop = min(end, labels.shape[1] - 1)
-    if stop <= start:
-        return logits.sum() * 0, 0
-    target = labels[:, start + 1 : stop + 1]
-    pred = logits[:, start:stop].to(torch.promote_types(logits.dtype, torch.float32))
-    loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss, int((target != IGNORE_INDEX).sum())
-
-
 def gradients(
     model: torch.nn.Module,
     cfg: SegmentConfig,
@@ -206,8 +194,7 @@ def gradients(
         raise SegcompileError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     n = input_ids.shape[1]
     S = cfg.segment_len
-    count = int((labels[:, 1:] != IGNORE_INDEX).sum())
-    denominator = max(count, 1) if reduction == "mean" else 1
+    denominator = max(label_count(labels), 1) if reduction == "mean" else 1
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     grads = {name: torch.zeros_like(p) for name, p in params.items()}
     total = torch.zeros((), dtype=torch.float64)
@@ -215,8 +202,7 @@ def gradients(
         start, end = s * S, min((s + 1) * S, n)
         with torch.enable_grad():
             logits = _run(model, cfg, input_ids[:, :end], lambda m, s=s: live_keys(cfg, m, s))
-            loss, _ = segment_losses(logits, labels, start, end)
-            loss = loss / denominator
+            loss = span_loss(logits[:, start:end], labels, start) / denominator
             got = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         for (name, _), g in zip(params.items(), got):
             if g is not None:

@@ -14,6 +14,7 @@ head keeps everything. The same loop serves ``forward`` (whole sequence), ``pref
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -70,6 +71,7 @@ class SegmentedModel(torch.nn.Module):
         self.capture_info = step_graph.meta["segcompile.capture"]
         self.implementations: dict[int, str] = step_graph.meta["segcompile.impl"]
         self._num_outputs = step_graph.meta["segcompile.num_model_outputs"]
+        self.pass_timings: dict[str, float] = dict(step_graph.meta.get("segcompile.pass_timings", {}))
 
     # ---- public API -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, **kwargs):
@@ -78,6 +80,13 @@ class SegmentedModel(torch.nn.Module):
             raise SegcompileError(
                 f"SegmentedModel.forward takes only input_ids; got {sorted(kwargs)}. Positions are "
                 "implicit and masks are the segment semantics (padding is not supported)"
+            )
+        if self.cfg.tbptt_k and input_ids.shape[1] > self.cfg.segment_len and _builds_graph(self):
+            warnings.warn(
+                "gradients through SegmentedModel.forward carry no state across segments (tbptt_k=0 "
+                f"semantics), but this config has tbptt_k={self.cfg.tbptt_k}: train with "
+                "seg.tbptt_backward(input_ids, labels), or run the forward under torch.no_grad()",
+                stacklevel=2,
             )
         outputs, _ = self._feed(self.initial_state(input_ids), input_ids, collect=True)
         return outputs
@@ -130,7 +139,15 @@ class SegmentedModel(torch.nn.Module):
         return _join(pieces, self.capture_info.out_spec), state
 
     def step(self, state: SegmentState, chunk: torch.Tensor) -> tuple[list, SegmentState]:
-        """Run the step graph once on ``chunk`` (which must not cross a segment boundary)."""
+        """Run the step graph once on ``chunk`` (which must not cross a segment boundary), and
+        move the segment into the carried state if ``chunk`` finished it."""
+        leaves, state = self.run_step(state, chunk)
+        if state.position % self.cfg.segment_len == 0:
+            state = self.end_segment(state)
+        return leaves, state
+
+    def run_step(self, state: SegmentState, chunk: torch.Tensor) -> tuple[list, SegmentState]:
+        """Run the step graph once; the new tokens' K/V are appended to ``current``."""
         offset = torch.tensor(state.position, dtype=torch.long, device=chunk.device)
         flat = [t for layer in state.layers for t in layer.tensors()]
         outs = self.step_graph(chunk, offset, *flat)
@@ -140,11 +157,21 @@ class SegmentedModel(torch.nn.Module):
             for i, layer in enumerate(state.layers)
         )
         position = state.position + chunk.shape[1]
-        logits = _logits_of(pytree.tree_unflatten(leaves, self.capture_info.out_spec))
-        state = SegmentState(position, layers, logits[:, -1])
-        if position % self.cfg.segment_len == 0:
-            state = self.end_segment(state)
-        return leaves, state
+        return leaves, SegmentState(position, layers, self.logits_of(leaves)[:, -1])
+
+    def logits_of(self, leaves: list) -> torch.Tensor:
+        return _logits_of(pytree.tree_unflatten(leaves, self.capture_info.out_spec))
+
+    def tbptt_backward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean"):
+        """Exact truncated-BPTT gradients (``cfg.tbptt_k``) into the model's parameters' ``.grad``.
+
+        ``labels`` default to ``input_ids`` (position i predicts labels[i+1]; -100 is ignored);
+        ``reduction="mean"`` divides by the label tokens of the whole sequence (HF's causal-LM
+        loss), ``"sum"`` does not. Returns the loss. Keeps at most ``tbptt_k + 1`` segment graphs.
+        """
+        from .training import tbptt_backward
+
+        return tbptt_backward(self, input_ids, labels, reduction)
 
     def end_segment(self, state: SegmentState) -> SegmentState:
         """Move a finished segment into tail, history and sinks (all detached)."""
@@ -199,6 +226,10 @@ class SegmentedModel(torch.nn.Module):
         return "\n".join(lines)
 
 
+
+
+def _builds_graph(module: torch.nn.Module) -> bool:
+    return torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters())
 
 
 def _logits_of(output):

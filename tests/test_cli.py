@@ -45,8 +45,8 @@ def test_demo_writes_dumps_and_passes_every_check(tmp_path, capsys):
     assert _row(out, "decode vs oracle").endswith("< 1e-04 PASS")
     # G + T + S = 4 + 32 + 32, reached at the last token of every full segment and never exceeded
     assert _row(out, "peak local-head cache") == "peak local-head cache 68 <= G+T+S = 68 PASS"
-    # after 204 tokens: segment start 192, tail 32 -> history 160
-    assert _row(out, "long-range history") == "long-range history 160 N-T-current = 160 PASS"
+    # after 204 tokens: segment start 192, so tail 32 and current 12 -> history 160
+    assert _row(out, "long-range history") == "long-range history 160 204 - 32 - 12 = 160 PASS"
     assert "2 segment_attention nodes (2 layers)" in out
     assert _row(out, "layer 0") == "layer 0 long-range KV heads [0], local [1]; sdpa -> reference"
     assert f"pass dumps: {dumps}" in out

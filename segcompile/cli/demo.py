@@ -45,12 +45,20 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     model.add_argument("--seed", type=int, default=0, help="seed of the weights and of the input tokens")
     seg = parser.add_argument_group("segments")
     seg.add_argument("--segment-len", type=positive_int, default=64, help="S, tokens per segment")
-    seg.add_argument("--tail-len", type=non_negative_int, default=None, help="T, keys of the previous segment every head sees (default: S, the whole previous segment)")
+    seg.add_argument(
+        "--tail-len", type=non_negative_int, default=None,
+        help="T, keys of the previous segment every head sees (default: S, the whole previous segment)",
+    )
     seg.add_argument("--sinks", type=non_negative_int, default=4, help="G, first tokens every head sees")
-    seg.add_argument("--long-range", type=fraction, default=0.25, metavar="FRACTION", help="fraction of KV heads that see the whole history")
+    seg.add_argument(
+        "--long-range", type=fraction, default=0.25, metavar="FRACTION",
+        help="fraction of KV heads that see the whole history",
+    )
     run = parser.add_argument_group("run")
     run.add_argument("--tokens", type=positive_int, default=1024, help="sequence length (random tokens)")
-    run.add_argument("--decode-tokens", type=non_negative_int, default=16, help="tokens decoded greedily after the prefill")
+    run.add_argument(
+        "--decode-tokens", type=non_negative_int, default=16, help="tokens decoded greedily after the prefill"
+    )
     run.add_argument("--batch", type=positive_int, default=1, help="sequences in the batch")
     run.add_argument("--out", default="segcompile-out", help="output folder; the pass dumps go to OUT/passes")
     return parser
@@ -64,11 +72,14 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--tokens {args.tokens} + --decode-tokens {args.decode_tokens} = {total} positions, but the "
             f"built-in tiny model has max_position_embeddings={MAX_POSITIONS}",
-            hint=f"use --tokens {MAX_POSITIONS - args.decode_tokens} or fewer (the oracle is dense: memory grows as tokens^2)",
+            hint=f"use --tokens {MAX_POSITIONS - args.decode_tokens} or fewer "
+            "(the oracle is dense: its memory grows as tokens^2)",
         )
     out = Path(args.out)
     if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {args.out} exists and is not a folder", hint="name a folder (it is created if missing)")
+        raise UsageError(
+            f"--out {args.out} exists and is not a folder", hint="name a folder (it is created if missing)"
+        )
 
 
 # ---- what the demo measured ------------------------------------------------------------------
@@ -76,7 +87,7 @@ def validate(args: argparse.Namespace) -> None:
 class Check:
     name: str
     measured: str
-    bound: str
+    expected: str
     passed: bool | None  # None: not applicable
 
 
@@ -173,10 +184,10 @@ def _run(args: argparse.Namespace, cfg, stages: _Stages) -> DemoReport:
     # One check per output: a single difference over everything would hide which one is off.
     fwd = _max_diff(forward_logits, oracle_logits[:, :N])
     served_diff = _max_diff(torch.stack(served, dim=1), oracle_logits[:, N - 1 :])
-    what = "decode" if D else "prefill"
+    served_name = f"{'decode' if D else 'prefill'} vs oracle ({len(served)} position{'s' * (len(served) > 1)})"
     report.checks += [
         Check("forward vs oracle (max |diff|)", f"{fwd:.1e}", f"< {TOLERANCE:.0e}", fwd < TOLERANCE),
-        Check(f"{what} vs oracle ({len(served)} position{'s' * (len(served) > 1)})", f"{served_diff:.1e}", f"< {TOLERANCE:.0e}", served_diff < TOLERANCE),
+        Check(served_name, f"{served_diff:.1e}", f"< {TOLERANCE:.0e}", served_diff < TOLERANCE),
         cache.local_check(),
         cache.history_check(state),
     ]
@@ -217,7 +228,8 @@ class _CacheWatch:
         ok = lengths == [a - tail] and all(
             (layer.tail_k.shape[2], layer.current_k.shape[2]) == (tail, current) for layer in layers
         )
-        return Check("long-range history", ", ".join(map(str, lengths)), f"N-T-current = {a - tail}", ok)
+        expected = f"{state.position} - {tail} - {current} = {a - tail}"  # all tokens - tail - current segment
+        return Check("long-range history", ", ".join(map(str, lengths)), expected, ok)
 
 
 def _max_diff(a, b) -> float:
@@ -259,7 +271,7 @@ class _Stages:
             yield stage
         self.seconds[key] = time.perf_counter() - start
         note = f"  {stage.note}" if stage.note else ""
-        self.console.print(f"{prefix} {label:<44} {self.seconds[key]:6.2f} s{note}", markup=False)
+        self.console.print(f"{prefix} {label:<40} {self.seconds[key]:6.2f} s{note}", markup=False, soft_wrap=True)
 
 
 def _describe(report: DemoReport, args, model, seg, cfg) -> None:
@@ -271,13 +283,16 @@ def _describe(report: DemoReport, args, model, seg, cfg) -> None:
     total_kv = sum(s.num_kv_heads for s in sites)
     long_kv = sum(len(s.long_range) for s in sites)
     nodes = list(seg.step_graph.graph.nodes)
-    attention_nodes = [n for n in nodes if n.op == "call_function" and n.target is torch.ops.segcompile.segment_attention.default]
+    attention_nodes = seg.step_graph.graph.find_nodes(
+        op="call_function", target=torch.ops.segcompile.segment_attention.default
+    )
     t = report.stage_seconds
     add = report.rows.append
 
     dtype = str(sites[0].dtype).removeprefix("torch.")
     add(("model", "model", f"{seg.capture_info.model_class}, tiny, random init (seed {args.seed})"))
-    add(("model", "shape", f"{len(sites)} layers, {c.num_attention_heads} heads / {c.num_key_value_heads} KV heads, head_dim {sites[0].head_dim}, {dtype}"))
+    heads = f"{c.num_attention_heads} heads / {c.num_key_value_heads} KV heads"
+    add(("model", "shape", f"{len(sites)} layers, {heads}, head_dim {sites[0].head_dim}, {dtype}"))
     add(("model", "input", f"batch {B} x {N} tokens = {cfg.num_segments(N)} segments, then {D} decoded"))
     add(("model", "segments", f"S={cfg.segment_len}  T={cfg.tail_len}  G={cfg.sink_tokens}  tbptt_k={cfg.tbptt_k}"))
     add(("compiled", "head plan", f"{cfg.long_range.describe()}: {long_kv} of {total_kv} KV heads long-range"))
@@ -288,7 +303,11 @@ def _describe(report: DemoReport, args, model, seg, cfg) -> None:
             f"layer {s.layer}",
             f"long-range KV heads {list(s.long_range)}, local {local}; {s.kind} -> {seg.implementations[s.layer]}",
         ))
-    add(("compiled", "step graph", f"{len(attention_nodes)} segment_attention nodes ({len(sites)} layers), {len(nodes)} nodes"))
+    add((
+        "compiled",
+        "step graph",
+        f"{len(attention_nodes)} segment_attention nodes ({len(sites)} layers), {len(nodes)} nodes",
+    ))
     add(("time", "build model", f"{t['build model']:.2f} s"))
     add(("time", "transform", f"{t['transform']:.2f} s (capture {seg.capture_info.seconds:.2f} s)"))
     for key in ("segmented forward", "prefill", "decode", "oracle"):
@@ -320,11 +339,11 @@ def _print(console, report: DemoReport) -> None:
     checks.add_column("result")
     for c in report.checks:
         result = {True: "[green]PASS[/]", False: "[bold red]FAIL[/]", None: "n/a"}[c.passed]
-        checks.add_row(c.name, c.measured, c.bound, result)
+        checks.add_row(c.name, c.measured, c.expected, result)
     console.print(checks)
 
     files = f" ({report.dump_files[0]} .. {report.dump_files[-1]})" if report.dump_files else ""
-    console.print(f"pass dumps: {report.dump_dir}{files}", markup=False)
+    console.print(f"pass dumps: {report.dump_dir}{files}", markup=False, soft_wrap=True)
     failed = [c.name for c in report.checks if c.passed is False]
     if failed:
         console.print(f"[bold red]FAIL[/]: {', '.join(failed)}")

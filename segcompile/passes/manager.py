@@ -23,6 +23,7 @@ class PassManager:
 
     With ``dump_dir`` it writes ``NN-<pass>.txt`` after each pass (``00-capture.txt`` for the
     input graph): the generated code plus one line per node with its shape and module.
+    Seconds per pass end up in ``timings`` and ``gm.meta["segcompile.pass_timings"]``.
     """
 
     def __init__(self, passes: Sequence[Pass], dump_dir: str | os.PathLike | None = None):
@@ -38,6 +39,7 @@ class PassManager:
             self.timings[p.__name__] = time.perf_counter() - start
             log.debug("after %s:\n%s", p.__name__, gm.graph)
             self._dump(gm, i, p.__name__)
+        gm.meta["segcompile.pass_timings"] = dict(self.timings)
         return gm
 
     def _dump(self, gm: fx.GraphModule, index: int, name: str) -> None:

@@ -1,0 +1,99 @@
+"""Exact truncated BPTT through the segment loop (DESIGN.md section 1, ``tbptt_k``).
+
+The objective is ``sum_s l_s`` where the K/V that segment ``s`` sees from segments
+``s-1 .. s-K`` are functions of the parameters unrolled from the constant state carried into
+segment ``s-K``. Each segment's graph is built once by the forward and kept while a later loss
+can still reach it:
+
+* after segment ``r``'s forward, ``l_r`` is backpropagated through graph ``r`` (depth 0); the
+  gradient that reaches ``r``'s tail inputs is a gradient on the tail outputs of graph ``r-1``;
+* that gradient is backpropagated through graph ``r-1`` (depth 1), whose tail-input gradient
+  goes to graph ``r-2`` (depth 2), and so on; at depth K it stops: graph ``r-K``'s tail
+  input is the constant carried state of ``l_r``'s unroll.
+
+The depths are kept apart because the same graph passes a depth-``d < K`` gradient on and
+stops a depth-``K`` one. At most K+1 segment graphs are alive; nothing is recomputed; history
+and sinks are constants. Parameter gradients accumulate into ``.grad`` through ordinary
+``torch.autograd.backward`` calls, exactly as ``loss.backward()`` would for this objective.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, replace
+
+import torch
+
+from .errors import SegcompileError
+from .loss import label_count, span_loss
+
+
+@dataclass
+class _LiveSegment:
+    tail_inputs: list[torch.Tensor]  # leaves this segment's graph read the tail from
+    tail_outputs: list[torch.Tensor]  # the slices of its K/V the next segment reads as tail
+
+
+def tbptt_backward(seg, input_ids: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean"):
+    """Accumulate the TBPTT gradient into the parameters' ``.grad``; return the (detached) loss."""
+    if reduction not in ("mean", "sum"):
+        raise SegcompileError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    labels = input_ids if labels is None else labels
+    if labels.shape != input_ids.shape:
+        raise SegcompileError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
+    cfg = seg.cfg
+    S, T, K = cfg.segment_len, cfg.tail_len, cfg.tbptt_k
+    carries_gradient = K >= 1 and T > 0
+    denominator = max(label_count(labels), 1) if reduction == "mean" else 1
+    params = [p for p in seg.parameters() if p.requires_grad]
+
+    state = seg.initial_state(input_ids)
+    live: deque[_LiveSegment] = deque(maxlen=K + 1)
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, input_ids.shape[1], S):
+        chunk = input_ids[:, start : start + S]
+        tail_inputs: list[torch.Tensor] = []
+        if carries_gradient:
+            state, tail_inputs = _tails_as_leaves(state)
+        leaves, state = seg.run_step(state, chunk)
+        loss = span_loss(seg.logits_of(leaves), labels, start) / denominator
+        total += loss.detach().double().cpu()
+        segment = _LiveSegment(tail_inputs, _tail_outputs(state, S, T) if carries_gradient else [])
+        if state.position % S == 0:
+            state = seg.end_segment(state)
+
+        grads = _backward([loss], [None], params, tail_inputs, retain=carries_gradient)
+        for depth, older in enumerate(reversed(live), start=1):
+            if depth > K or grads is None:
+                break
+            grads = _backward(older.tail_outputs, grads, params, older.tail_inputs if depth < K else [], retain=depth < K)
+        live.append(segment)
+    return total
+
+
+def _tails_as_leaves(state):
+    leaves, layers = [], []
+    for layer in state.layers:
+        tail_k = layer.tail_k.detach().requires_grad_()
+        tail_v = layer.tail_v.detach().requires_grad_()
+        leaves += [tail_k, tail_v]
+        layers.append(replace(layer, tail_k=tail_k, tail_v=tail_v))
+    return replace(state, layers=tuple(layers)), leaves
+
+
+def _tail_outputs(state, S: int, T: int) -> list[torch.Tensor]:
+    outputs = []
+    for layer in state.layers:
+        outputs += [layer.current_k[:, :, S - T :], layer.current_v[:, :, S - T :]]
+    return outputs
+
+
+def _backward(tensors, grads, params, tail_inputs, retain: bool):
+    """Backpropagate ``grads`` on ``tensors`` into the parameters (accumulating ``.grad``) and
+    return the gradient on ``tail_inputs`` (``None`` when not asked for)."""
+    for t in tail_inputs:
+        t.grad = None
+    torch.autograd.backward(tensors, grads, retain_graph=retain, inputs=params + tail_inputs)
+    if not tail_inputs:
+        return None
+    return [t.grad if t.grad is not None else torch.zeros_like(t) for t in tail_inputs]
