@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 
 import torch
 import torch.fx as fx
+import torch.utils.checkpoint
 import torch.utils._pytree as pytree
 
 from .config import SegmentConfig
@@ -146,11 +147,17 @@ class SegmentedModel(torch.nn.Module):
             state = self.end_segment(state)
         return leaves, state
 
-    def run_step(self, state: SegmentState, chunk: torch.Tensor) -> tuple[list, SegmentState]:
-        """Run the step graph once; the new tokens' K/V are appended to ``current``."""
+    def run_step(self, state: SegmentState, chunk: torch.Tensor, checkpoint: bool = False) -> tuple[list, SegmentState]:
+        """Run the step graph once; the new tokens' K/V are appended to ``current``.
+
+        ``checkpoint``: keep no activations inside the segment; recompute them in backward.
+        """
         offset = torch.tensor(state.position, dtype=torch.long, device=chunk.device)
         flat = [t for layer in state.layers for t in layer.tensors()]
-        outs = self.step_graph(chunk, offset, *flat)
+        if checkpoint:
+            outs = torch.utils.checkpoint.checkpoint(self.step_graph, chunk, offset, *flat, use_reentrant=False)
+        else:
+            outs = self.step_graph(chunk, offset, *flat)
         leaves, currents = list(outs[: self._num_outputs]), outs[self._num_outputs :]
         layers = tuple(
             replace(layer, current_k=currents[2 * i], current_v=currents[2 * i + 1])
@@ -162,7 +169,13 @@ class SegmentedModel(torch.nn.Module):
     def logits_of(self, leaves: list) -> torch.Tensor:
         return _logits_of(pytree.tree_unflatten(leaves, self.capture_info.out_spec))
 
-    def tbptt_backward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean"):
+    def tbptt_backward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        reduction: str = "mean",
+        checkpoint: bool = False,
+    ):
         """Exact truncated-BPTT gradients (``cfg.tbptt_k``) into the model's parameters' ``.grad``.
 
         ``labels`` default to ``input_ids`` (position i predicts labels[i+1]; -100 is ignored);

@@ -34,7 +34,9 @@ class _LiveSegment:
     tail_outputs: list[torch.Tensor]  # the slices of its K/V the next segment reads as tail
 
 
-def tbptt_backward(seg, input_ids: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean"):
+def tbptt_backward(
+    seg, input_ids: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean", checkpoint: bool = False
+):
     """Accumulate the TBPTT gradient into the parameters' ``.grad``; return the (detached) loss."""
     if reduction not in ("mean", "sum"):
         raise SegcompileError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
@@ -55,7 +57,7 @@ def tbptt_backward(seg, input_ids: torch.Tensor, labels: torch.Tensor | None = N
         tail_inputs: list[torch.Tensor] = []
         if carries_gradient:
             state, tail_inputs = _tails_as_leaves(state)
-        leaves, state = seg.run_step(state, chunk)
+        leaves, state = seg.run_step(state, chunk, checkpoint=checkpoint)
         loss = span_loss(seg.logits_of(leaves), labels, start) / denominator
         total += loss.detach().double().cpu()
         segment = _LiveSegment(tail_inputs, _tail_outputs(state, S, T) if carries_gradient else [])
