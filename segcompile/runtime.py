@@ -194,15 +194,17 @@ class SegmentedModel(torch.nn.Module):
             moved = {}
             for kv in ("k", "v"):
                 current = getattr(layer, f"current_{kv}").detach()
-                leaving = torch.cat([getattr(layer, f"tail_{kv}"), current[:, :, : S - T]], dim=2)
+                dtype = current.dtype  # the state follows the K/V dtype of the run (autocast)
+                leaving = torch.cat([getattr(layer, f"tail_{kv}").to(dtype), current[:, :, : S - T]], dim=2)
                 moved[f"tail_{kv}"] = current[:, :, S - T :]
                 moved[f"current_{kv}"] = current[:, :, :0]
-                sinks = getattr(layer, f"sink_{kv}")
-                if sinks.shape[2] < G:
-                    moved[f"sink_{kv}"] = torch.cat([sinks, leaving], dim=2)[:, :, :G]
+                sinks = getattr(layer, f"sink_{kv}").to(dtype)
+                moved[f"sink_{kv}"] = torch.cat([sinks, leaving], dim=2)[:, :, :G] if sinks.shape[2] < G else sinks
+                history = getattr(layer, f"hist_{kv}").to(dtype)
                 if site.long_range:
                     index = torch.tensor(site.long_range, device=leaving.device)
-                    moved[f"hist_{kv}"] = torch.cat([getattr(layer, f"hist_{kv}"), leaving.index_select(1, index)], dim=2)
+                    history = torch.cat([history, leaving.index_select(1, index)], dim=2)
+                moved[f"hist_{kv}"] = history
             layers.append(replace(layer, **moved))
         return replace(state, layers=tuple(layers))
 

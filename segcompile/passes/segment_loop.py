@@ -53,8 +53,11 @@ def segment_loop(gm: fx.GraphModule) -> fx.GraphModule:
     new_current = []
     for site, st in zip(sites, state):
         with graph.inserting_before(site.output):
-            cur_k = graph.call_function(aten.cat.default, ([st["current_k"], site.k], 2))
-            cur_v = graph.call_function(aten.cat.default, ([st["current_v"], site.v], 2))
+            # type_as: the carried K/V follow the dtype K/V have at run time (autocast may change it)
+            past_k = graph.call_function(aten.type_as.default, (st["current_k"], site.k))
+            past_v = graph.call_function(aten.type_as.default, (st["current_v"], site.v))
+            cur_k = graph.call_function(aten.cat.default, ([past_k, site.k], 2))
+            cur_v = graph.call_function(aten.cat.default, ([past_v, site.v], 2))
             attn = graph.call_function(
                 segment_attention._opoverload,
                 (site.q, cur_k, cur_v, st["tail_k"], st["tail_v"], st["sink_k"], st["sink_v"], st["hist_k"], st["hist_v"]),
