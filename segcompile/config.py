@@ -26,18 +26,18 @@ class SegmentConfig:
     tbptt_k: int = 1
 
     def __post_init__(self):
-        if not isinstance(self.segment_len, int) or self.segment_len <= 0:
+        if not _is_int(self.segment_len) or self.segment_len <= 0:
             raise ConfigError(f"segment_len must be a positive int, got {self.segment_len!r}")
         if self.tail_len is None:
             object.__setattr__(self, "tail_len", self.segment_len)
-        if not isinstance(self.tail_len, int) or not 0 <= self.tail_len <= self.segment_len:
+        if not _is_int(self.tail_len) or not 0 <= self.tail_len <= self.segment_len:
             raise ConfigError(
                 f"tail_len must be an int in [0, segment_len={self.segment_len}], got {self.tail_len!r}: "
                 "the tail is a suffix of the previous segment; use tail_len <= segment_len"
             )
-        if not isinstance(self.sink_tokens, int) or self.sink_tokens < 0:
+        if not _is_int(self.sink_tokens) or self.sink_tokens < 0:
             raise ConfigError(f"sink_tokens must be an int >= 0, got {self.sink_tokens!r}")
-        if not isinstance(self.tbptt_k, int) or self.tbptt_k < 0:
+        if not _is_int(self.tbptt_k) or self.tbptt_k < 0:
             raise ConfigError(f"tbptt_k must be an int >= 0, got {self.tbptt_k!r}")
         if not isinstance(self.long_range, HeadPlan):
             raise ConfigError(
@@ -51,3 +51,8 @@ class SegmentConfig:
 
     def num_segments(self, n: int) -> int:
         return -(-n // self.segment_len)
+
+
+def _is_int(x) -> bool:
+    """An int that is not a bool (``True`` would otherwise pass as 1)."""
+    return isinstance(x, int) and not isinstance(x, bool)

@@ -66,11 +66,22 @@ class HeadPlan:
     @classmethod
     def layers(cls, layers: Iterable[int]) -> HeadPlan:
         """Every KV head of the listed layers long-range (LongGen-style full layers)."""
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+            raise PlanError(f"HeadPlan.layers needs a list of layer indices, e.g. layers([0, 3]), got {layers!r}")
         return cls("layers", layer_list=tuple(sorted({_as_index(l, "layer") for l in layers})))
 
     @classmethod
     def from_dict(cls, mapping: Mapping[int | str, Iterable[int]], **meta: Any) -> HeadPlan:
         """Explicit plan: ``{layer: [kv_head, ...]}``; layers not named have no long-range head."""
+        if not isinstance(mapping, Mapping):
+            raise PlanError(
+                f"HeadPlan.from_dict needs a mapping {{layer: [kv_head, ...]}}, got {type(mapping).__name__}"
+            )
+        for layer, hs in mapping.items():
+            if isinstance(hs, (str, bytes)) or not isinstance(hs, Iterable):
+                raise PlanError(
+                    f"HeadPlan.from_dict needs a list of KV heads for layer {layer!r}, got {hs!r} (write [{hs!r}])"
+                )
         heads = {
             _as_index(layer, "layer"): tuple(sorted({_as_index(h, "KV head") for h in hs}))
             for layer, hs in mapping.items()
@@ -140,6 +151,8 @@ class HeadPlan:
 
     @classmethod
     def from_json_dict(cls, data: Mapping[str, Any], source: str = "plan") -> HeadPlan:
+        if not isinstance(data, Mapping):
+            raise PlanError(f"{source} is not a segcompile head plan (a JSON {type(data).__name__}, not an object)")
         if data.get("format") != PLAN_FORMAT:
             raise PlanError(f"{source} is not a segcompile head plan (format={data.get('format')!r})")
         if data.get("version") != PLAN_VERSION:
@@ -147,17 +160,24 @@ class HeadPlan:
                 f"{source} has plan version {data.get('version')!r}; this segcompile reads version {PLAN_VERSION}"
             )
         kind = data.get("kind")
+        if data.get("model") is not None and not isinstance(data.get("model"), Mapping):
+            raise PlanError(f"{source}: `model` must be the model fingerprint (an object) or null, got {data['model']!r}")
         meta = {"method": data.get("method"), "fingerprint": data.get("model"), "extra": data.get("extra") or {}}
-        if kind == "explicit":
-            return cls.from_dict(data.get("long_range") or {}, **meta)
-        if kind == "fraction":
-            plan = cls.fraction(data["fraction"])
-        elif kind == "layers":
-            plan = cls.layers(data["layers"])
-        elif kind in ("all", "none"):
-            plan = cls(kind)
-        else:
-            raise PlanError(f"{source} has unknown plan kind {kind!r}")
+        try:
+            if kind == "explicit":
+                return cls.from_dict(data.get("long_range") or {}, **meta)
+            if kind == "fraction":
+                plan = cls.fraction(data.get("fraction"))
+            elif kind == "layers":
+                if "layers" not in data:
+                    raise PlanError("a `layers` plan has no `layers` list")
+                plan = cls.layers(data["layers"])
+            elif kind in ("all", "none"):
+                plan = cls(kind)
+            else:
+                raise PlanError(f"unknown plan kind {kind!r}")
+        except PlanError as e:
+            raise PlanError(f"{source}: {e}") from None
         return cls(plan.kind, plan.fraction_value, plan.layer_list, plan.heads, **meta)
 
     @classmethod

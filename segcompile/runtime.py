@@ -82,6 +82,7 @@ class SegmentedModel(torch.nn.Module):
                 f"SegmentedModel.forward takes only input_ids; got {sorted(kwargs)}. Positions are "
                 "implicit and masks are the segment semantics (padding is not supported)"
             )
+        self._check_ids(input_ids)  # before anything reads input_ids.shape
         if self.cfg.tbptt_k and input_ids.shape[1] > self.cfg.segment_len and _builds_graph(self):
             warnings.warn(
                 "gradients through SegmentedModel.forward carry no state across segments (tbptt_k=0 "
@@ -99,8 +100,12 @@ class SegmentedModel(torch.nn.Module):
 
     def decode(self, state: SegmentState, next_ids: torch.Tensor) -> tuple[torch.Tensor, SegmentState]:
         """Feed ``next_ids [B, n]`` after ``state``; returns their logits ``[B, n, V]`` and the new state."""
+        self._check_ids(next_ids)
         if next_ids.shape[0] != state.batch_size:
-            raise SegcompileError(f"decode: batch size {next_ids.shape[0]} does not match the state's {state.batch_size}")
+            raise SegcompileError(
+                f"decode: batch size {next_ids.shape[0]} does not match the state's {state.batch_size}; "
+                "decode with the batch the state was prefilled with"
+            )
         outputs, state = self._feed(state, next_ids, collect=True)
         return _logits_of(outputs), state
 
@@ -209,9 +214,12 @@ class SegmentedModel(torch.nn.Module):
         return replace(state, layers=tuple(layers))
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
-            shape = getattr(input_ids, "shape", input_ids)
-            raise SegcompileError(f"input_ids must be an integer tensor [batch, tokens], got {shape!r}")
+        if not isinstance(input_ids, torch.Tensor):
+            raise SegcompileError(f"input_ids must be an integer tensor [batch, tokens], got a {type(input_ids).__name__}")
+        if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise SegcompileError(
+                f"input_ids must be an integer tensor [batch, tokens], got {input_ids.dtype} of shape {tuple(input_ids.shape)}"
+            )
         if input_ids.shape[1] == 0:
             raise SegcompileError("input_ids has no tokens")
         captured_on = self.capture_info.device

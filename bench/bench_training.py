@@ -1,0 +1,181 @@
+"""Peak memory and throughput of one training step: segcompile TBPTT vs full attention.
+
+One Llama-shaped model (random init from a config), bf16 autocast, AdamW, batch 1. For every N:
+
+* ``segcompile``: ``seg.tbptt_backward(ids)`` with S = --segment-len, T = S, K = 1 and
+  fraction(--long-range) long-range KV heads;
+* ``full``: ``model(ids, labels=ids).loss.backward()`` with the model's own SDPA attention;
+* ``full+ckpt``: the same with HF gradient checkpointing.
+
+Memory is ``torch.cuda.max_memory_allocated`` over the timed steps; ``static`` is what is
+allocated between steps (weights, gradients, optimizer state). The state segcompile carries
+grows by ``layers * long_range_kv_heads * (d_k + d_v) * bytes`` per token: the script fits
+segcompile's peak against N and prints both slopes.
+
+    python bench/bench_training.py --seq-lens 8192 16384 32768 65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+import segcompile as sc
+
+GiB = 1 << 30
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
+    p.add_argument("--segment-len", type=int, default=2048)
+    p.add_argument("--long-range", type=float, default=0.25)
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--intermediate", type=int, default=4096)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--iters", type=int, default=2)
+    p.add_argument("--regimes", nargs="+", default=["segcompile", "full", "full+ckpt"])
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    return p.parse_args(argv)
+
+
+def build_model(args) -> transformers.LlamaForCausalLM:
+    config = transformers.LlamaConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=max(args.seq_lens) * 2, attn_implementation="sdpa",
+    )
+    with torch.device("cuda"):
+        torch.manual_seed(0)
+        model = transformers.LlamaForCausalLM(config)
+    return model
+
+
+def measure(step, n_tokens: int, iters: int) -> dict:
+    step()  # warm-up: allocates gradients and optimizer state, autotunes
+    torch.cuda.synchronize()
+    static = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(iters):
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    peak = torch.cuda.max_memory_allocated()
+    seconds = statistics.median(times)
+    return {
+        "peak_gib": peak / GiB,
+        "static_gib": static / GiB,
+        "peak_above_static_gib": (peak - static) / GiB,
+        "step_s": seconds,
+        "tokens_per_s": n_tokens / seconds,
+    }
+
+
+def run_regime(regime, model, seg, n, args) -> dict:
+    ids = torch.randint(0, args.vocab, (1, n), device="cuda", generator=torch.Generator("cuda").manual_seed(n))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if regime == "segcompile":
+                seg.tbptt_backward(ids)
+            else:
+                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    if regime == "full+ckpt":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    try:
+        return measure(step, n, args.iters)
+    except torch.OutOfMemoryError:
+        return {"oom": True}
+    finally:
+        model.gradient_checkpointing_disable()
+        optimizer.zero_grad(set_to_none=True)
+        del optimizer
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def fit_slope(points: list[tuple[int, float]]) -> float:
+    """Least-squares bytes per token of peak memory against N."""
+    xs, ys = [p[0] for p in points], [p[1] * GiB for p in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    return sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    model = build_model(args)
+    params = sum(p.numel() for p in model.parameters())
+    model.eval()
+    cfg = sc.SegmentConfig(args.segment_len, long_range=sc.HeadPlan.fraction(args.long_range), tbptt_k=1)
+    start = time.perf_counter()
+    seg = sc.transform(model, cfg)
+    transform_s = time.perf_counter() - start
+    n_lr = sum(len(s.long_range) for s in seg.sites)
+    head_dim = args.hidden // args.heads
+    # Llama's K/V leave RoPE in fp32 under autocast (cos/sin are fp32), so the state is fp32.
+    state_bytes_per_token = n_lr * 2 * head_dim * 4
+
+    rows = []
+    for n in args.seq_lens:
+        for regime in args.regimes:
+            result = run_regime(regime, model, seg, n, args)
+            rows.append({"regime": regime, "seq_len": n, **result})
+            print(json.dumps(rows[-1]), flush=True)
+
+    seg_points = [(r["seq_len"], r["peak_gib"]) for r in rows if r["regime"] == "segcompile" and "oom" not in r]
+    slope = fit_slope(seg_points) if len(seg_points) >= 2 else None
+    device = torch.cuda.get_device_name()
+    result = {
+        "device": device,
+        "torch": torch.__version__,
+        "command": "python " + " ".join(sys.argv),
+        "model": {"params": params, "layers": args.layers, "hidden": args.hidden, "heads": args.heads,
+                  "kv_heads": args.kv_heads, "intermediate": args.intermediate, "vocab": args.vocab},
+        "segment_len": args.segment_len, "long_range_fraction": args.long_range,
+        "long_range_kv_heads_total": n_lr, "transform_s": transform_s,
+        "carried_state_bytes_per_token": state_bytes_per_token,
+        "segcompile_peak_slope_bytes_per_token": slope,
+        "rows": rows,
+    }
+    print_table(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "bench_training-" + device.replace(" ", "_") + ".json"
+    (args.out / name).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out / name}")
+
+
+def print_table(result):
+    print(f"\n{result['device']}, {result['model']['params'] / 1e6:.0f}M params, S={result['segment_len']}, "
+          f"long-range fraction {result['long_range_fraction']}")
+    print(f"{'N':>7} | {'regime':<11} | {'peak GiB':>8} | {'above static':>12} | {'tokens/s':>9}")
+    for r in result["rows"]:
+        if r.get("oom"):
+            print(f"{r['seq_len']:>7} | {r['regime']:<11} | {'OOM':>8} |")
+            continue
+        print(f"{r['seq_len']:>7} | {r['regime']:<11} | {r['peak_gib']:8.2f} | {r['peak_above_static_gib']:12.2f} | "
+              f"{r['tokens_per_s']:9.0f}")
+    if result["segcompile_peak_slope_bytes_per_token"] is not None:
+        print(f"segcompile peak grows {result['segcompile_peak_slope_bytes_per_token']:.0f} B/token; carried "
+              f"long-range KV is {result['carried_state_bytes_per_token']} B/token")
+
+
+if __name__ == "__main__":
+    main()
