@@ -1,0 +1,268 @@
+"""Train (or fine-tune) a causal LM with segcompile's exact truncated BPTT on the recall task.
+
+    python examples/train.py --model tiny-llama --steps 50 --out runs/tiny
+    python examples/train.py --model tiny-llama --steps 100 --out runs/tiny --resume   # continue to step 100
+    python examples/train.py --model path/to/hf-model --seq-len 4096 --segment-len 512 --dtype bf16 --out runs/ft
+
+Each step draws a batch from ``recall_task`` with a seeded generator, runs
+``seg.tbptt_backward(ids, labels)`` (gradients through ``--tbptt-k`` previous segments) and an
+AdamW step. ``--out`` receives ``losses.jsonl`` (one ``{"step", "loss"}`` line per step),
+``checkpoint/`` (model, optimizer, data generator and RNG states; no pickle) every
+``--checkpoint-every`` steps and at the end, and ``eval.json`` (answer accuracy on held-out
+batches, by how many segments back the answer was). ``--resume`` continues from
+``--out/checkpoint`` with the same data order, RNG and optimizer state, so the losses are the
+ones an uninterrupted run would have logged.
+
+Models are captured in eval mode (segcompile refuses attention dropout), so dropout is off.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import recall_task  # noqa: E402
+
+import segcompile as sc  # noqa: E402
+from segcompile.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from segcompile.files import atomic_write_text  # noqa: E402
+
+# Flags that define the run: a resumed run must use the same ones.
+RUN_FLAGS = (
+    "model", "layers", "seq_len", "segment_len", "tail_len", "sinks", "long_range", "tbptt_k",
+    "batch_size", "lr", "warmup", "clip", "seed", "dtype", "pairs", "queries",
+)
+EVAL_SEED_OFFSET = 1_000_003  # held-out batches come from seed + this, never from the training stream
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default="tiny-llama", help="'tiny-llama', 'plain' (examples/plain_decoder.py) or a local HF model directory")
+    p.add_argument("--layers", type=int, default=2, help="layers of the built-in models (tiny-llama, plain)")
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--segment-len", type=int, default=64)
+    p.add_argument("--tail-len", type=int, default=None, help="default: the segment length")
+    p.add_argument("--sinks", type=int, default=4)
+    p.add_argument("--long-range", type=float, default=0.25, help="fraction of KV heads that see the whole history")
+    p.add_argument("--tbptt-k", type=int, default=1)
+    p.add_argument("--steps", type=int, default=100, help="total steps (a resumed run continues up to this step)")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=0, help="linear learning-rate warmup steps")
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (0: none)")
+    p.add_argument("--pairs", type=int, default=16, help="key-value pairs per sequence")
+    p.add_argument("--queries", type=int, default=8, help="questions per sequence")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, parameters stay fp32")
+    p.add_argument("--grad-checkpointing", action="store_true", help="recompute each segment's activations in backward")
+    p.add_argument("--checkpoint-every", type=int, default=0, help="save every N steps (0: only at the end)")
+    p.add_argument("--eval-batches", type=int, default=1, help="held-out batches evaluated at the end")
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    return p
+
+
+def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    vocab = recall_task.RecallVocab()
+    try:
+        recall_task.check_sizes(args.seq_len, args.pairs, args.queries, vocab)
+        sc.SegmentConfig(args.segment_len, args.tail_len, args.sinks, sc.HeadPlan.fraction(args.long_range), args.tbptt_k)
+    except (ValueError, sc.SegcompileError) as e:
+        p.error(str(e))
+    if args.steps < 0 or args.batch_size < 1:
+        p.error("--steps must be >= 0 and --batch-size >= 1")
+    checkpoint = args.out / "checkpoint"
+    if args.resume and not checkpoint.exists():
+        p.error(f"--resume: no checkpoint at {checkpoint}")
+    if not args.resume and checkpoint.exists():
+        p.error(f"{checkpoint} exists: pass --resume to continue that run, or choose another --out")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available")
+
+
+def build_model(args, vocab_size: int) -> torch.nn.Module:
+    if args.model == "tiny-llama":
+        from segcompile.tiny import VOCAB_SIZE, tiny_llama
+
+        model = tiny_llama(num_layers=args.layers, seed=args.seed)
+        assert VOCAB_SIZE >= vocab_size
+    elif args.model == "plain":
+        from plain_decoder import tiny_plain_decoder
+
+        model = tiny_plain_decoder(
+            seed=args.seed, vocab_size=vocab_size, num_hidden_layers=args.layers,
+            max_position_embeddings=max(4096, args.seq_len),
+        )
+    else:
+        import transformers
+
+        path = Path(args.model)
+        if not path.is_dir():
+            raise SystemExit(f"--model {args.model}: not 'tiny-llama', 'plain' or a local model directory")
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, dtype=torch.float32)
+        if model.config.vocab_size < vocab_size:
+            raise SystemExit(f"{path}: vocabulary of {model.config.vocab_size} tokens; the recall task needs {vocab_size}")
+    return model.float().eval()  # eval: segcompile captures without dropout
+
+
+def lr_at(step: int, args) -> float:
+    """Learning rate of step ``step`` (0-based): a pure function of the step, so resuming needs no scheduler state."""
+    if args.warmup and step < args.warmup:
+        return args.lr * (step + 1) / args.warmup
+    return args.lr
+
+
+def run_config(args) -> dict:
+    return {name: (str(v) if isinstance(v, Path) else v) for name in RUN_FLAGS for v in [getattr(args, name)]}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    validate(parser, args)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
+    vocab = recall_task.RecallVocab()
+
+    torch.manual_seed(args.seed)
+    model = build_model(args, vocab.size).to(device)
+    cfg = sc.SegmentConfig(
+        segment_len=args.segment_len, tail_len=args.tail_len, sink_tokens=args.sinks,
+        long_range=sc.HeadPlan.fraction(args.long_range), tbptt_k=args.tbptt_k,
+    )
+    seg = sc.transform(model, cfg)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
+    data = torch.Generator().manual_seed(args.seed)  # the training stream; saved in checkpoints
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    losses_path, checkpoint_dir = args.out / "losses.jsonl", args.out / "checkpoint"
+    start = 0
+    if args.resume:
+        start, extra = load_checkpoint(checkpoint_dir, model, optimizer, {"data": data})
+        saved = extra.get("config", {})
+        changed = {k: (saved.get(k), v) for k, v in run_config(args).items() if saved.get(k) != v}
+        if changed:
+            parser.error(
+                "--resume with other settings than the checkpoint's: "
+                + ", ".join(f"{k}={new!r} (checkpoint: {old!r})" for k, (old, new) in changed.items())
+            )
+        # Drop lines logged after the checkpoint (an interrupted run may have gone further).
+        kept = [line for line in _read_lines(losses_path) if json.loads(line)["step"] <= start]
+        atomic_write_text(losses_path, "".join(line + "\n" for line in kept))
+    else:
+        atomic_write_text(losses_path, "")
+
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+
+    def save(step: int) -> None:
+        save_checkpoint(checkpoint_dir, model, optimizer, step=step, extra={"config": run_config(args)}, generators={"data": data})
+
+    losses = []
+    started = time.perf_counter()
+    with _progress(args.quiet, args.steps, start) as advance, open(losses_path, "a", encoding="utf-8") as log:
+        for step in range(start, args.steps):
+            ids, labels, _ = recall_task.batch(data, args.batch_size, args.seq_len, pairs=args.pairs, queries=args.queries, vocab=vocab)
+            ids, labels = ids.to(device), labels.to(device)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, args)
+            optimizer.zero_grad(set_to_none=True)
+            with autocast:
+                loss = float(seg.tbptt_backward(ids, labels, checkpoint=args.grad_checkpointing))
+            if args.clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+            optimizer.step()
+            if not math.isfinite(loss):
+                raise SystemExit(f"step {step + 1}: loss is {loss}; lower --lr")
+            losses.append(loss)
+            log.write(json.dumps({"step": step + 1, "loss": loss}) + "\n")
+            log.flush()
+            advance(loss)
+            if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
+                save(step + 1)
+    seconds = time.perf_counter() - started
+    save(args.steps)
+
+    evaluation = evaluate(seg, args, vocab, device, autocast)
+    atomic_write_text(args.out / "eval.json", json.dumps(evaluation, indent=1) + "\n")
+    if not args.quiet:
+        _summary(args, losses, evaluation, seconds, start)
+    return {"losses": losses, "eval": evaluation, "start": start, "seconds": seconds}
+
+
+@torch.no_grad()
+def evaluate(seg, args, vocab, device, autocast) -> dict:
+    """Answer accuracy on held-out batches, overall and by ``distance // segment_len``."""
+    if args.eval_batches <= 0:
+        return {}
+    held_out = torch.Generator().manual_seed(args.seed + EVAL_SEED_OFFSET)
+    hits, buckets = [], []
+    for _ in range(args.eval_batches):
+        ids, labels, distances = recall_task.batch(held_out, args.batch_size, args.seq_len, pairs=args.pairs, queries=args.queries, vocab=vocab)
+        with autocast:
+            logits = seg(ids.to(device)).logits
+        hits.append(recall_task.correct(logits, labels.to(device), args.queries).cpu().flatten())
+        buckets.append((distances // args.segment_len).flatten())
+    hits, buckets = torch.cat(hits), torch.cat(buckets)
+    by_bucket = {str(int(b)): hits[buckets == b].float().mean().item() for b in buckets.unique()}
+    return {"accuracy": hits.float().mean().item(), "accuracy_by_segments_back": by_bucket, "answers": hits.numel()}
+
+
+def _read_lines(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+class _progress:
+    """A rich progress bar showing the loss; ``advance(loss)`` per step. Silent when ``quiet``."""
+
+    def __init__(self, quiet: bool, total: int, done: int):
+        self.quiet, self.total, self.done = quiet, total, done
+
+    def __enter__(self):
+        if self.quiet:
+            return lambda loss: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(),
+        )
+        self.bar.start()
+        task = self.bar.add_task("train", total=self.total, completed=self.done, loss="-")
+        return lambda loss: self.bar.update(task, advance=1, loss=f"{loss:.4f}")
+
+    def __exit__(self, *exc):
+        if not self.quiet:
+            self.bar.stop()
+        return False
+
+
+def _summary(args, losses, evaluation, seconds, start) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    if losses:
+        console.print(f"steps {start + 1}..{args.steps} in {seconds:.1f}s; loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+    if evaluation:
+        table = Table(title=f"held-out accuracy, {evaluation['answers']} answers")
+        table.add_column("segments back")
+        table.add_column("accuracy", justify="right")
+        for bucket, acc in sorted(evaluation["accuracy_by_segments_back"].items(), key=lambda kv: int(kv[0])):
+            table.add_row(bucket, f"{acc:.3f}")
+        table.add_row("all", f"{evaluation['accuracy']:.3f}")
+        console.print(table)
+    console.print(f"wrote {args.out / 'losses.jsonl'}, {args.out / 'eval.json'}, {args.out / 'checkpoint'}")
+
+
+if __name__ == "__main__":
+    main()
