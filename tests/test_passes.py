@@ -11,8 +11,8 @@ from segcompile.passes import copy_captured, find_attention
 
 aten = torch.ops.aten
 SEGMENT_ATTENTION = torch.ops.segcompile.segment_attention.default
-FULL_ATTENTION_OPS = {aten.scaled_dot_product_attention.default, aten.softmax.int, aten._softmax.default,
-                      aten.matmul.default, aten.bmm.default}
+FULL_ATTENTION_OPS = {aten.scaled_dot_product_attention.default, torch.ops.segcompile.scaled_dot_product_attention.default,
+                      aten.softmax.int, aten._softmax.default, aten.matmul.default, aten.bmm.default}
 
 
 def call_targets(gm):

@@ -1,7 +1,7 @@
 """capture: trace an unmodified model into a flat FX ``GraphModule`` (the pipeline's entry).
 
 Tracing is ``torch.export.export(strict=False)`` with a dynamic batch and a dynamic sequence
-length, then unlifted to a ``GraphModule`` whose parameters are the model's own ``Parameter``
+length (SDPA calls kept opaque, see ``opaque_sdpa.py``), then unlifted to a ``GraphModule`` whose parameters are the model's own ``Parameter``
 objects. The model is called as ``model(input_ids, position_ids=..., use_cache=False)``:
 positions come in from outside so that a segment can start anywhere (DESIGN.md: positions are
 absolute). The graph is made flat: placeholders ``input_ids [B, L]`` and ``position_ids [1, L]``,
@@ -26,6 +26,7 @@ import torch.fx as fx
 from torch.export import Dim
 
 from ..errors import CaptureError
+from .opaque_sdpa import OpaqueSDPA
 
 EXAMPLE_BATCH = 2
 EXAMPLE_LEN = 16  # > 1 so that export does not specialise the length to 0/1
@@ -67,12 +68,13 @@ def capture(model: torch.nn.Module) -> fx.GraphModule:
 
     start = time.perf_counter()
     try:
-        ep = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)
+        with OpaqueSDPA():
+            ep = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)
     except Exception as e:  # noqa: BLE001 - every tracing failure becomes one clear error
         raise CaptureError(_explain_trace_failure(model, e)) from e
     gm = _flatten(ep.module())
     gm.meta["segcompile.capture"] = CaptureInfo(
-        method="torch.export(strict=False), dynamic batch and length",
+        method="torch.export(strict=False), dynamic batch and length, SDPA opaque",
         model_class=name,
         out_spec=ep.call_spec.out_spec,
         example_input_ids=ids,

@@ -1,7 +1,7 @@
 """find_attention: match every attention site and record what the rewrite needs.
 
 Matches
-* ``aten.scaled_dot_product_attention`` nodes, and
+* SDPA nodes (``aten.scaled_dot_product_attention``, or the opaque form capture records), and
 * the eager pattern ``matmul(q, k^T) -> [* scale] -> [+ mask] -> softmax(-1) -> [cast] ->
   [dropout] -> matmul(p, v)``.
 
@@ -29,10 +29,11 @@ import torch.fx as fx
 from torch.fx.operator_schemas import normalize_function
 
 from ..errors import UnsupportedAttentionError
+from .opaque_sdpa import OPAQUE_SDPA
 
 aten = torch.ops.aten
 
-SDPA = aten.scaled_dot_product_attention.default
+SDPA = (aten.scaled_dot_product_attention.default, OPAQUE_SDPA)
 SOFTMAX = (aten.softmax.int, aten._softmax.default)
 MATMUL = (aten.matmul.default, aten.bmm.default)
 PASS_THROUGH = (aten.clone.default, aten.contiguous.default)
@@ -72,7 +73,7 @@ def find_attention(gm: fx.GraphModule) -> fx.GraphModule:
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
-        if node.target is SDPA:
+        if node.target in SDPA:
             sites.append(_sdpa_site(node, len(sites)))
         elif node.target in SOFTMAX:
             site = _eager_site(node, len(sites))
