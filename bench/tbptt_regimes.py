@@ -1,0 +1,314 @@
+"""Train-inference consistency at small scale: one tiny decoder, four regimes, the recall task.
+
+The same Llama-style decoder (same initial weights, same training batches, same step budget) is
+trained from scratch on ``examples/recall_task.py`` and evaluated on one fixed held-out set:
+
+    full            full attention (the model's own SDPA), evaluated with full attention
+    full->seg       the same trained model, evaluated segmented (train/inference mismatch)
+    seg k=1         segcompile training, exact TBPTT through 1 previous segment, evaluated segmented
+    seg k=0         segcompile training with a detached tail (Transformer-XL), evaluated segmented
+
+Segmented evaluation is ``sc.transform(model, cfg)`` then ``seg(ids).logits`` under no_grad, with
+S = --segment-len, T = --tail-len (default S), G = --sinks and fraction(--long-range) long-range
+KV heads. Accuracy is the argmax over the whole vocabulary at each question's key, reported by
+how far back the answer is, in segments (``distance // S``), and overall. Training cost is
+wall time and ``torch.cuda.max_memory_allocated`` (reset before each regime's training).
+
+    python bench/tbptt_regimes.py              # GPU defaults: 4 layers, hidden 256, N=2048, S=256
+    python bench/tbptt_regimes.py --quick      # CPU smoke test, well under a minute
+
+Writes ``results/tbptt_regimes-<device>.json`` (config, per-regime accuracy by distance, memory,
+time, the command line) and a plot beside it when matplotlib is installed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "examples"))
+import recall_task  # noqa: E402
+
+import segcompile as sc  # noqa: E402
+from segcompile.files import atomic_write_text  # noqa: E402
+from segcompile.loss import label_count, span_loss  # noqa: E402
+
+REGIMES = ("full", "full->seg", "seg k=1", "seg k=0")
+EVAL_SEED_OFFSET = 1_000_003  # the held-out set never overlaps the training stream's seed
+MiB = 1 << 20
+
+# --quick: a CPU smoke test of every code path (the model learns little in 40 steps).
+QUICK = dict(
+    layers=2, hidden=64, heads=4, kv_heads=2, seq_len=128, segment_len=32, sinks=2, steps=30,
+    batch_size=4, pairs=8, queries=6, eval_batches=2, device="cpu", dtype="fp32", log_every=10,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--intermediate", type=int, default=None, help="MLP width (default 4 * hidden)")
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--segment-len", type=int, default=256)
+    p.add_argument("--tail-len", type=int, default=None, help="default: the segment length")
+    p.add_argument("--sinks", type=int, default=4)
+    p.add_argument("--long-range", type=float, default=0.25, help="fraction of KV heads that see the whole history")
+    p.add_argument("--pairs", type=int, default=64, help="key-value pairs per sequence")
+    p.add_argument("--queries", type=int, default=32, help="questions per sequence")
+    p.add_argument("--steps", type=int, default=2000, help="training steps per regime")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (linear warmup, cosine to 10%%)")
+    p.add_argument("--warmup", type=int, default=None, help="warmup steps (default 5%% of --steps)")
+    p.add_argument("--eval-batches", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default="auto", help="auto: bf16 autocast on CUDA, fp32 on CPU")
+    p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(REGIMES))
+    p.add_argument("--log-every", type=int, default=None, help="print the loss every N steps (default steps / 10)")
+    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
+    p.add_argument("--quick", action="store_true", help="tiny CPU settings for a smoke test (overrides the size flags)")
+    args = p.parse_args(argv)
+    if args.quick:
+        for name, value in QUICK.items():
+            setattr(args, name, value)
+    args.intermediate = args.intermediate or 4 * args.hidden
+    args.warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
+    args.log_every = args.log_every or max(1, args.steps // 10)
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.dtype == "auto":
+        args.dtype = "bf16" if args.device == "cuda" else "fp32"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available")
+    if "full->seg" in args.regimes and "full" not in args.regimes:
+        p.error("full->seg evaluates the model the full regime trains: keep 'full' in --regimes")
+    try:
+        recall_task.check_sizes(args.seq_len, args.pairs, args.queries, recall_task.RecallVocab())
+        segment_config(args, 1)
+    except (ValueError, sc.SegcompileError) as e:
+        p.error(str(e))
+    return args
+
+
+def segment_config(args, tbptt_k: int) -> sc.SegmentConfig:
+    return sc.SegmentConfig(
+        args.segment_len, tail_len=args.tail_len, sink_tokens=args.sinks,
+        long_range=sc.HeadPlan.fraction(args.long_range), tbptt_k=tbptt_k,
+    )
+
+
+def build_model(args, vocab_size: int, device: torch.device):
+    """The same random-init Llama-style decoder for every regime (seeded)."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        max_position_embeddings=args.seq_len, attn_implementation="sdpa", tie_word_embeddings=False,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(args.seed)
+        model = transformers.LlamaForCausalLM(config)
+    return model.to(device).eval()  # no dropout in this config; eval mode is what segcompile captures
+
+
+def lr_lambda(args):
+    def at(step: int) -> float:
+        if step < args.warmup:
+            return (step + 1) / args.warmup
+        progress = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return at
+
+
+def train(name: str, model, backward, args, device) -> dict:
+    """Train ``model`` for ``args.steps`` steps; ``backward(ids, labels)`` accumulates gradients and returns the loss."""
+    data = torch.Generator().manual_seed(args.seed)  # the same batches for every regime
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    curve, window = [], []
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    for step in range(args.steps):
+        ids, labels, _ = recall_task.batch(data, args.batch_size, args.seq_len, pairs=args.pairs, queries=args.queries)
+        ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            loss = backward(ids, labels)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        window.append(float(loss))
+        if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
+            curve.append([step + 1, sum(window) / len(window)])
+            window = []
+            print(f"  {name:<9} step {step + 1:>5}/{args.steps}  loss {curve[-1][1]:.4f}  {time.perf_counter() - start:6.1f}s", flush=True)
+    _sync(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(device) / MiB if device.type == "cuda" else None
+    return {"train_seconds": seconds, "train_step_ms": 1000 * seconds / max(1, args.steps), "train_peak_mib": peak, "loss_curve": curve}
+
+
+def full_backward(model):
+    def backward(ids, labels):
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss = span_loss(logits, labels, 0) / max(label_count(labels), 1)  # the loss tbptt_backward uses
+        loss.backward()
+        return loss.detach()
+
+    return backward
+
+
+@torch.no_grad()
+def evaluate(logits_of, eval_set, args, device) -> dict:
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    hits, buckets = [], []
+    _sync(device)
+    start = time.perf_counter()
+    for ids, labels, distances in eval_set:
+        with autocast:
+            logits = logits_of(ids.to(device))
+        hits.append(recall_task.correct(logits, labels.to(device), args.queries).cpu().flatten())
+        buckets.append((distances // args.segment_len).flatten())
+    _sync(device)
+    seconds = time.perf_counter() - start
+    hits, buckets = torch.cat(hits).float(), torch.cat(buckets)
+    by_bucket = {str(int(b)): hits[buckets == b].mean().item() for b in buckets.unique()}
+    counts = {str(int(b)): int((buckets == b).sum()) for b in buckets.unique()}
+    return {"accuracy": hits.mean().item(), "accuracy_by_segments_back": by_bucket, "answers_by_segments_back": counts,
+            "eval_seconds": seconds}
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.quick:
+        # These tensors are too small to split: one thread is as fast, and it does not collapse
+        # (measured 12 ms vs 400-600 ms a step) when another process holds one of two cores.
+        torch.set_num_threads(1)
+    try:
+        return run(args, argv)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args, argv) -> dict:
+    device = torch.device(args.device)
+    vocab = recall_task.RecallVocab()
+    held_out = torch.Generator().manual_seed(args.seed + EVAL_SEED_OFFSET)
+    eval_set = [
+        recall_task.batch(held_out, args.batch_size, args.seq_len, pairs=args.pairs, queries=args.queries)
+        for _ in range(args.eval_batches)
+    ]
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    print(f"{device_name}: {args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.kv_heads} KV heads; "
+          f"N={args.seq_len}, S={args.segment_len}, {args.steps} steps x batch {args.batch_size}, {args.dtype}", flush=True)
+
+    results: dict[str, dict] = {}
+    if "full" in args.regimes:
+        model = build_model(args, vocab.size, device)
+        trained = train("full", model, full_backward(model), args, device)
+        results["full"] = {**trained, **evaluate(lambda ids: model(input_ids=ids, use_cache=False).logits, eval_set, args, device)}
+        if "full->seg" in args.regimes:
+            seg = sc.transform(model, segment_config(args, 1))
+            results["full->seg"] = {**trained, "shares_training_with": "full", **evaluate(lambda ids: seg(ids).logits, eval_set, args, device)}
+        del model
+    for k in (1, 0):
+        name = f"seg k={k}"
+        if name not in args.regimes:
+            continue
+        model = build_model(args, vocab.size, device)
+        seg = sc.transform(model, segment_config(args, k))
+        trained = train(name, model, seg.tbptt_backward, args, device)
+        results[name] = {**trained, **evaluate(lambda ids: seg(ids).logits, eval_set, args, device)}
+        del model, seg
+
+    report = {
+        "benchmark": "tbptt_regimes",
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "device": device_name,
+        "torch": torch.__version__,
+        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "regimes")},
+        "chance_accuracy": 1 / vocab.num_values,
+        "regimes": results,
+    }
+    print_table(report, args)
+    stem = "tbptt_regimes-" + ("quick-" if args.quick else "") + device_name.replace(" ", "_")
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / f"{stem}.json", json.dumps(report, indent=1) + "\n")
+    print(f"wrote {args.out / f'{stem}.json'}")
+    plot(report, args.out / f"{stem}.png")
+    return report
+
+
+def print_table(report, args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    buckets = sorted({int(b) for r in report["regimes"].values() for b in r["accuracy_by_segments_back"]})
+    table = Table(title=f"answer accuracy by segments back (S={args.segment_len}); chance {report['chance_accuracy']:.3f}")
+    table.add_column("regime")
+    for b in buckets:
+        table.add_column(str(b), justify="right")
+    for column in ("all", "train s", "ms/step", "peak MiB"):
+        table.add_column(column, justify="right")
+    for name, r in report["regimes"].items():
+        acc = r["accuracy_by_segments_back"]
+        peak = "-" if r["train_peak_mib"] is None else f"{r['train_peak_mib']:.0f}"
+        shared = name == "full->seg"  # trained once with "full"
+        table.add_row(
+            name, *[f"{acc[str(b)]:.3f}" if str(b) in acc else "-" for b in buckets], f"{r['accuracy']:.3f}",
+            "(full)" if shared else f"{r['train_seconds']:.1f}", "(full)" if shared else f"{r['train_step_ms']:.0f}",
+            "(full)" if shared else peak,
+        )
+    Console(width=max(100, 12 * (len(buckets) + 6))).print(table)
+
+
+def plot(report, path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, r in report["regimes"].items():
+        points = sorted((int(b), a) for b, a in r["accuracy_by_segments_back"].items())
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{name} (all {r['accuracy']:.2f})")
+    ax.axhline(report["chance_accuracy"], color="grey", linestyle="--", linewidth=1, label="chance")
+    c = report["config"]
+    ax.set_xlabel(f"answer distance in segments (S={c['segment_len']})")
+    ax.set_ylabel("answer accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title(f"recall, N={c['seq_len']}, {c['layers']} layers x {c['hidden']}, {c['steps']} steps ({report['device']})", fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+if __name__ == "__main__":
+    main()
