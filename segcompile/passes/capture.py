@@ -61,20 +61,28 @@ def capture(model: torch.nn.Module) -> fx.GraphModule:
     ids = torch.zeros(EXAMPLE_BATCH, EXAMPLE_LEN, dtype=torch.long, device=device)
     pos = torch.arange(EXAMPLE_LEN, device=device)[None]
     kwargs: dict[str, Any] = {"input_ids": ids, "position_ids": pos}
-    batch, length = Dim("batch", min=1, max=1 << 16), Dim("seq_len", min=1, max=1 << 30)
-    dynamic: dict[str, Any] = {"input_ids": {0: batch, 1: length}, "position_ids": {1: length}}
     if "use_cache" in params:
-        kwargs["use_cache"], dynamic["use_cache"] = False, None
+        kwargs["use_cache"] = False
 
     start = time.perf_counter()
+    method = "torch.export(strict=False), dynamic batch and length, SDPA opaque"
     try:
-        with OpaqueSDPA():
-            ep = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)
+        try:
+            ep = _export(model, kwargs, strict_dims=True)
+        except torch._dynamo.exc.UserError as e:
+            if e.error_type is not torch._dynamo.exc.UserErrorType.CONSTRAINT_VIOLATION:
+                raise
+            # Older torch (2.11) cannot prove some always-true guards (GQA's reshape of a
+            # transposed K adds min(8L, 16L) == 8L); Dim.DYNAMIC lets export keep them as
+            # assumptions. _check_against_model below verifies the graph at other lengths.
+            ep = _export(model, kwargs, strict_dims=False)
+            method = "torch.export(strict=False), Dim.DYNAMIC batch and length, SDPA opaque"
     except Exception as e:  # noqa: BLE001 - every tracing failure becomes one clear error
         raise CaptureError(_explain_trace_failure(model, e)) from e
     gm = _flatten(ep.module())
+    _check_against_model(gm, model, kwargs)
     gm.meta["segcompile.capture"] = CaptureInfo(
-        method="torch.export(strict=False), dynamic batch and length, SDPA opaque",
+        method=method,
         model_class=name,
         out_spec=ep.call_spec.out_spec,
         example_input_ids=ids,
@@ -84,6 +92,49 @@ def capture(model: torch.nn.Module) -> fx.GraphModule:
         seconds=time.perf_counter() - start,
     )
     return gm
+
+
+def _export(model, kwargs, strict_dims: bool):
+    if strict_dims:
+        batch, length = Dim("batch", min=1, max=1 << 16), Dim("seq_len", min=1, max=1 << 30)
+    else:
+        batch, length = Dim.DYNAMIC, Dim.DYNAMIC
+    dynamic: dict[str, Any] = {"input_ids": {0: batch, 1: length}, "position_ids": {1: length}}
+    if "use_cache" in kwargs:
+        dynamic["use_cache"] = None
+    with OpaqueSDPA():
+        ep = torch.export.export(model, (), kwargs, dynamic_shapes=dynamic, strict=False)
+    val = next(n for n in ep.graph.nodes if n.op == "placeholder" and n.name.endswith("input_ids")).meta["val"]
+    if not all(isinstance(d, torch.SymInt) for d in val.shape):
+        raise CaptureError(
+            f"torch.export specialised the input shape of {type(model).__name__} to {tuple(val.shape)}: "
+            "some code in the model fixes the batch or sequence length; segcompile needs both dynamic"
+        )
+    return ep
+
+
+# (batch, length) pairs the captured graph is checked at: a one-token decode step and a short
+# prefill, neither of them the example it was traced with.
+CHECK_SHAPES = ((1, 1), (2, 3))
+
+
+def _check_against_model(gm: fx.GraphModule, model: torch.nn.Module, kwargs: dict[str, Any]) -> None:
+    """The captured graph must compute what the model computes, at lengths other than the example's."""
+    device = kwargs["input_ids"].device
+    with torch.no_grad():
+        for batch, length in CHECK_SHAPES:
+            ids = torch.randint(0, 2, (batch, length), device=device)
+            pos = torch.arange(7, 7 + length, device=device)[None]
+            extra = {k: v for k, v in kwargs.items() if k not in ("input_ids", "position_ids")}
+            want = torch.utils._pytree.tree_leaves(model(input_ids=ids, position_ids=pos, **extra))
+            got = gm(ids, pos)
+            for w, g in zip(want, got):
+                if w.shape != g.shape or not torch.allclose(g.float(), w.float(), rtol=1e-2, atol=1e-3):
+                    raise CaptureError(
+                        f"the graph traced from {type(model).__name__} disagrees with the model at batch {batch}, "
+                        f"length {length} (shapes {tuple(g.shape)} vs {tuple(w.shape)}): tracing specialised "
+                        "something to the example input; report the model"
+                    )
 
 
 def is_captured(obj) -> bool:
