@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 from conftest import HF_FAMILIES, captured, make_model, max_abs, random_ids
@@ -50,7 +52,10 @@ def test_find_attention_eager_scale_and_kind():
 def test_dump_dir_has_one_readable_file_per_pass(tmp_path, llama):
     sc.transform(llama[1], sc.SegmentConfig(8), dump_dir=tmp_path)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == ["00-capture.txt", "01-find_attention.txt", "02-plan_heads.txt", "03-segment_loop.txt", "04-lower.txt"]
+    # per pass: the text dump, the visualiser's page and DOT graph (SVG too where Graphviz is installed)
+    kinds = ["dot", "html", *(["svg"] if shutil.which("dot") else []), "txt"]
+    stems = ["00-capture", "01-find_attention", "02-plan_heads", "03-segment_loop", "04-lower"]
+    assert names == [f"{stem}.{kind}" for stem in stems for kind in kinds] + ["index.html"]
     assert "scaled_dot_product_attention" in (tmp_path / "00-capture.txt").read_text()
     lowered = (tmp_path / "04-lower.txt").read_text()
     assert lowered.count("segcompile.segment_attention") >= 2
@@ -139,3 +144,35 @@ def test_transform_from_one_capture_twice_gives_independent_programs(llama):
         assert max_abs(first(ids).logits, sc.oracle.forward(model, first.cfg, ids)) <= 1e-4
         assert max_abs(second(ids).logits, model(ids).logits) <= 1e-4
     assert sum(n.op == "placeholder" for n in graph.graph.nodes) == 2  # the capture itself is untouched
+
+
+def _rope_in_fp32_region(self, x, position_ids):
+    # transformers 5.17's Llama RoPE: angles from a matmul in an autocast-disabled region.
+    inv_freq = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1).to(x.device)
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        freqs = (inv_freq.float() @ position_ids[:, None, :].float()).transpose(1, 2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+    return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def test_autocast_disabled_regions_survive_capture():
+    # Traced without autocast, the model's autocast-disabled region vanishes from the graph, and a
+    # user's bf16 autocast then runs RoPE's matmul in bf16 (seen on CUDA with transformers 5.17).
+    model = make_model("llama")
+    rotary = model.model.rotary_emb
+    rotary.forward = _rope_in_fp32_region.__get__(rotary)
+    seg = sc.transform(model, sc.SegmentConfig(64, long_range=sc.HeadPlan.all()))
+    regions = [
+        n.args[:3]
+        for m in seg.step_graph.modules() if isinstance(m, torch.fx.GraphModule)
+        for n in m.graph.nodes if n.target is torch.ops.higher_order.wrap_with_autocast
+    ]
+    assert regions == [("cpu", torch.bfloat16, False)]  # (device, dtype, enabled=False) kept
+    ids = random_ids(1, 40)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(ids, use_cache=False).logits
+        got = seg(ids).logits
+    assert max_abs(got, want) <= 3e-2
+    with torch.no_grad():
+        assert max_abs(seg(ids).logits, model(ids, use_cache=False).logits) <= 1e-4  # and a no-op without autocast
