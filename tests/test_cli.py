@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -16,7 +17,10 @@ from segcompile.cli.main import COMMANDS, main
 # 2 layers x 2 KV heads, fraction 0.25 -> one long-range KV head (layer 0); 200 tokens = 6 full
 # segments of 32 and a short one of 8; then 4 decoded tokens.
 SMALL = ["--layers", "2", "--tokens", "200", "--segment-len", "32", "--decode-tokens", "4", "--no-color"]
-PASS_DUMPS = ["00-capture.txt", "01-find_attention.txt", "02-plan_heads.txt", "03-segment_loop.txt", "04-lower.txt"]
+PASS_STEMS = ["00-capture", "01-find_attention", "02-plan_heads", "03-segment_loop", "04-lower"]
+# per pass: text dump, the visualiser's page and DOT graph (and SVG where Graphviz is installed); index.html
+PASS_DUMPS = [f"{stem}.{kind}" for stem in PASS_STEMS
+              for kind in ["dot", "html", *(["svg"] if shutil.which("dot") else []), "txt"]] + ["index.html"]
 
 
 @pytest.fixture(autouse=True)

@@ -22,30 +22,58 @@ class PassManager:
     """Runs ``passes`` (a list of functions ``GraphModule -> GraphModule``) in order.
 
     With ``dump_dir`` it writes ``NN-<pass>.txt`` after each pass (``00-capture.txt`` for the
-    input graph): the generated code plus one line per node with its shape and module.
-    Seconds per pass end up in ``timings`` and ``gm.meta["segcompile.pass_timings"]``.
+    input graph): the generated code plus one line per node with its shape and module. It also
+    keeps a ``networkx`` snapshot of the graph after each pass (``graphs``) and at the end writes
+    the visualiser's pages there (``segcompile.viz``): ``index.html``, ``NN-<pass>.html``,
+    ``NN-<pass>.dot``, and ``NN-<pass>.svg`` where Graphviz's ``dot`` is installed.
+    Seconds per pass end up in ``timings`` and ``gm.meta["segcompile.pass_timings"]``; seconds
+    spent on dumps, snapshots and pages in ``dump_seconds`` and ``gm.meta["segcompile.dump_seconds"]``.
     """
 
     def __init__(self, passes: Sequence[Pass], dump_dir: str | os.PathLike | None = None):
         self.passes = list(passes)
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
         self.timings: dict[str, float] = {}
+        self.graphs: list = []  # networkx.DiGraph snapshots, one per dump
+        self.dump_seconds = 0.0
+        self.index_html: Path | None = None
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
-        self._dump(gm, 0, "capture")
+        self._dump(gm, 0, "capture", INPUT_GRAPH_DOC)
         for i, p in enumerate(self.passes, start=1):
             start = time.perf_counter()
             gm = p(gm)
             self.timings[p.__name__] = time.perf_counter() - start
             log.debug("after %s:\n%s", p.__name__, gm.graph)
-            self._dump(gm, i, p.__name__)
+            self._dump(gm, i, p.__name__, _first_line(p.__doc__))
         gm.meta["segcompile.pass_timings"] = dict(self.timings)
+        if self.dump_dir is not None:
+            from ..viz import write_pages
+
+            start = time.perf_counter()
+            self.index_html = write_pages(self.graphs, self.dump_dir, self.timings)
+            self.dump_seconds += time.perf_counter() - start
+            gm.meta["segcompile.dump_seconds"] = self.dump_seconds
         return gm
 
-    def _dump(self, gm: fx.GraphModule, index: int, name: str) -> None:
+    def _dump(self, gm: fx.GraphModule, index: int, name: str, doc: str) -> None:
         if self.dump_dir is None:
             return
+        from ..viz import graph_of
+
+        start = time.perf_counter()
         atomic_write_text(self.dump_dir / f"{index:02d}-{name}.txt", describe_graph(gm, name))
+        snapshot = graph_of(gm, name)
+        snapshot.graph["doc"] = doc
+        self.graphs.append(snapshot)
+        self.dump_seconds += time.perf_counter() - start
+
+
+INPUT_GRAPH_DOC = "The captured graph the passes start from."
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().split("\n", 1)[0]
 
 
 def describe_graph(gm: fx.GraphModule, title: str) -> str:
