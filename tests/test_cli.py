@@ -54,6 +54,7 @@ def test_demo_writes_dumps_and_passes_every_check(tmp_path, capsys):
     assert "2 segment_attention nodes (2 layers)" in out
     assert _row(out, "layer 0") == "layer 0 long-range KV heads [0], local [1]; sdpa -> reference"
     assert f"pass dumps: {dumps}" in out
+    assert f"pages: {dumps / 'index.html'}" in out
     assert "all 4 checks passed" in out
     assert "\x1b[" not in out  # --no-color and not a terminal: plain text
 

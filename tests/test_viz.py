@@ -1,4 +1,4 @@
-"""The pass visualiser: the diff logic, the pages of a 4-layer Llama, the page in a real browser."""
+"""The pass visualiser: the diff logic, the pages of a 4-layer Llama, the page in a real browser, the CLI."""
 
 from __future__ import annotations
 
@@ -15,9 +15,10 @@ import networkx as nx
 import pytest
 import torch
 import torch.fx as fx
-from conftest import captured
+from conftest import captured, make_model
 
 import segcompile as sc
+from segcompile.cli.main import main
 from segcompile.viz import diff_graphs, graph_of, to_dot
 from segcompile.viz.pages import page_data
 
@@ -282,3 +283,37 @@ def test_browser_check_catches_a_script_error(pages, tmp_path):
     dom = render(broken, tmp_path)
     assert not dom.count("body", data_rendered="1")
     assert "render failed" in dom.errors
+
+
+# ---- the command ---------------------------------------------------------------------------------
+def test_viz_command_on_a_model_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    model_dir = tmp_path / "model"
+    make_model("llama", layers=2).save_pretrained(model_dir)
+    assert list(model_dir.glob("*.safetensors"))
+    out = tmp_path / "pages"
+    rc = main(["viz", str(model_dir), "--segment-len", "32", "--sinks", "2", "--long-range", "0.5",
+               "--out", str(out), "--no-color"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert f"open {out / 'index.html'}" in text
+    assert "2 segment_attention, carried state 16 in / 4 out" in text
+    assert sorted(p.name for p in out.glob("*.html")) == [*(f"{i:02d}-{p}.html" for i, p in enumerate(PASSES)), "index.html"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["viz", "no/such/model"], "MODEL_DIR no/such/model does not exist"),
+    (["viz", "--long-range", "missing-plan.json"], "--long-range missing-plan.json: no such plan file"),
+    (["viz", "--long-range", "1.5"], "must be a fraction in [0, 1] or a plan JSON file"),
+])
+def test_viz_command_user_errors(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_viz_command_refuses_a_folder_that_is_not_a_model(tmp_path, capsys):
+    assert main(["viz", str(tmp_path)]) == 2
+    assert "has no config.json" in capsys.readouterr().err
+    (tmp_path / "config.json").write_text("{}")
+    assert main(["viz", str(tmp_path), "--layers", "2"]) == 2
+    assert "--layers applies to the built-in tiny Llama only" in capsys.readouterr().err

@@ -123,10 +123,9 @@ def cmd(args: argparse.Namespace) -> int:
     console = make_console(args)
     report = _run(args, cfg, _Stages(console, count=6 if args.decode_tokens else 5))
 
-    # Visualiser hook: a later change writes `<out>/viz/index.html` here, from `report` and the
-    # pass dumps in `report.dump_dir`, and prints its path with the summary.
-
     _print(console, report)
+    # The visualiser's pages: `transform(dump_dir=...)` wrote them beside the text dumps.
+    console.print(f"pages: {report.dump_dir / 'index.html'}", markup=False, soft_wrap=True)
     return 0 if report.passed else 1
 
 

@@ -27,6 +27,7 @@ PROG = "segcompile"
 # name -> module. Adding a subcommand is one line here (export, viz, heads, bench, run come later).
 COMMANDS: dict[str, str] = {
     "demo": "segcompile.cli.demo",
+    "viz": "segcompile.cli.viz",
 }
 
 

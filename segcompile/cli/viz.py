@@ -1,0 +1,196 @@
+"""``segcompile viz``: compile a model with the pass dumps on and write the visualiser's pages.
+
+Stages: load the model (a local Hugging Face folder, or the built-in tiny Llama) -> capture
+(torch.export; the slow step, about 0.3-0.8 s per layer on a CPU) -> ``transform`` with
+``dump_dir=OUT``, which runs the passes and writes, per pass, the text dump, the HTML page and
+the DOT graph, then ``OUT/index.html``. Prints a summary and the path of ``index.html``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+from . import HelpFormatter, UsageError, make_console, non_negative_int, positive_int
+
+name = "viz"
+help = "write pages that show what every compiler pass did to the model's graph"
+
+DEFAULT_TINY_LAYERS = 4
+
+
+def fraction_or_plan(text: str) -> float | str:
+    """A fraction of KV heads in [0, 1], or the path of a head-plan JSON file."""
+    try:
+        value = float(text)
+    except ValueError:
+        return text  # a plan file; validate() checks that it exists
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1] or a plan JSON file, got {text!r}")
+    return value
+
+
+def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        name,
+        help=help,
+        description=(
+            "Compile a causal LM (a local Hugging Face model folder, or the built-in tiny Llama) and write "
+            "pages that show its graph after every pass: what each pass added, removed or rewired, the "
+            "attention sites with their head plan, and the carried state of the segment-step graph. "
+            "Open OUT/index.html in any browser; the pages need no network."
+        ),
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "model_dir", nargs="?", metavar="MODEL_DIR",
+        help="a local Hugging Face model folder (config.json and safetensors weights; its code is never run). "
+        "Default: the built-in tiny Llama",
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--layers", type=positive_int, default=None,
+        help=f"decoder layers of the built-in tiny Llama (default: {DEFAULT_TINY_LAYERS}; not with MODEL_DIR)",
+    )
+    seg = parser.add_argument_group("segments")
+    seg.add_argument("--segment-len", type=positive_int, default=2048, help="S, tokens per segment")
+    seg.add_argument(
+        "--tail-len", type=non_negative_int, default=None,
+        help="T, keys of the previous segment every head sees (default: S, the whole previous segment)",
+    )
+    seg.add_argument("--sinks", type=non_negative_int, default=0, help="G, first tokens every head sees")
+    seg.add_argument(
+        "--long-range", type=fraction_or_plan, default=0.25, metavar="FRACTION|PLAN.json",
+        help="fraction of KV heads that see the whole history, or a head-plan JSON file",
+    )
+    parser.add_argument("--out", default="viz", help="output folder (created if missing)")
+    return parser
+
+
+def validate(args: argparse.Namespace) -> None:
+    if args.model_dir is not None:
+        folder = Path(args.model_dir)
+        if not folder.is_dir():
+            raise UsageError(
+                f"MODEL_DIR {args.model_dir} does not exist or is not a folder",
+                hint="name a local Hugging Face model folder (with config.json), or leave it out for the built-in tiny Llama",
+            )
+        if not (folder / "config.json").is_file():
+            raise UsageError(
+                f"MODEL_DIR {args.model_dir} has no config.json", hint="name the folder save_pretrained() wrote"
+            )
+        if args.layers is not None:
+            raise UsageError("--layers applies to the built-in tiny Llama only", hint="leave out MODEL_DIR or --layers")
+    if isinstance(args.long_range, str) and not Path(args.long_range).is_file():
+        raise UsageError(
+            f"--long-range {args.long_range}: no such plan file",
+            hint="give a fraction in [0, 1] (e.g. 0.25) or a head-plan JSON file",
+        )
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {args.out} exists and is not a folder", hint="name a folder (it is created if missing)")
+
+
+def cmd(args: argparse.Namespace) -> int:
+    import segcompile as sc
+
+    plan = sc.HeadPlan.fraction(args.long_range) if isinstance(args.long_range, float) else sc.HeadPlan.load(args.long_range)
+    # Bad S/T/G values fail here (ConfigError, exit 2) before any work is done.
+    cfg = sc.SegmentConfig(segment_len=args.segment_len, tail_len=args.tail_len, sink_tokens=args.sinks, long_range=plan)
+    console = make_console(args)
+    out = Path(args.out)
+    seconds: dict[str, float] = {}
+    stages = ["load model", "capture", "passes + pages"]
+
+    with _stage(console, stages, 0, seconds, _model_label(args)):
+        model = _load(args)
+    with _stage(console, stages, 1, seconds, f"capture {type(model).__name__} (torch.export)"):
+        graph = sc.capture(model)
+    with _stage(console, stages, 2, seconds, f"passes, pages -> {out}"):
+        seg = sc.transform(graph, cfg, dump_dir=out)
+
+    _summary(console, seg, cfg, seconds, out)
+    return 0
+
+
+def _model_label(args) -> str:
+    if args.model_dir is not None:
+        return f"load {args.model_dir}"
+    return f"build the tiny Llama ({args.layers or DEFAULT_TINY_LAYERS} layers, random init)"
+
+
+def _load(args):
+    if args.model_dir is None:
+        from ..tiny import tiny_llama
+
+        return tiny_llama(num_layers=args.layers or DEFAULT_TINY_LAYERS)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            args.model_dir, trust_remote_code=False, use_safetensors=True
+        )
+    except (OSError, ValueError) as e:
+        raise UsageError(
+            f"could not load {args.model_dir}: {' '.join(str(e).split())[:300]}",
+            hint="the folder needs config.json and *.safetensors weights of a transformers causal LM "
+            "(models that need their own code are not loaded)",
+        ) from e
+    return model.eval()
+
+
+@contextmanager
+def _stage(console, stages: list[str], index: int, seconds: dict[str, float], label: str):
+    """One stage under a spinner (only on a terminal), then one line with its time."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    prefix = f"[{index + 1}/{len(stages)}]"
+    progress = Progress(
+        SpinnerColumn(), TextColumn(f"{prefix} {label}"), TimeElapsedColumn(),
+        console=console, transient=True, disable=not console.is_terminal,
+    )
+    start = time.perf_counter()
+    with progress:
+        progress.add_task(label, total=None)
+        yield
+    seconds[stages[index]] = time.perf_counter() - start
+    console.print(f"{prefix} {label:<56} {seconds[stages[index]]:6.2f} s", markup=False, soft_wrap=True)
+
+
+def _summary(console, seg, cfg, seconds: dict[str, float], out: Path) -> None:
+    from rich import box
+    from rich.table import Table
+
+    step = seg.step_graph
+    kinds = {"segment_attention": 0, "state_in": 0, "state_out": 0}
+    state_outputs = len(step.graph.output_node().args[0]) - step.meta["segcompile.num_model_outputs"]
+    for node in step.graph.nodes:
+        if node.meta.get("segcompile.state"):
+            kinds["state_in"] += 1
+        if "segcompile.attention" in node.meta and "segment_attention" in str(node.target):
+            kinds["segment_attention"] += 1
+    passes = sum(seg.pass_timings.values())
+    dumps = step.meta.get("segcompile.dump_seconds", 0.0)
+    pages = sorted(out.glob("*.html"))
+    largest = max(pages, key=lambda p: p.stat().st_size)
+
+    table = Table(title="segcompile viz", show_header=False, box=box.SIMPLE_HEAD, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("model", f"{seg.capture_info.model_class}, {len(seg.sites)} attention layers")
+    table.add_row("segments", f"S={cfg.segment_len}  T={cfg.tail_len}  G={cfg.sink_tokens}; head plan {cfg.long_range.describe()}")
+    table.add_row("passes", " -> ".join(["capture", *seg.pass_timings]))
+    table.add_row(
+        "step graph",
+        f"{len(step.graph.nodes)} nodes, {kinds['segment_attention']} segment_attention, "
+        f"carried state {kinds['state_in']} in / {state_outputs} out",
+    )
+    table.add_row("pages", f"{len(pages)} pages, largest {largest.name} {largest.stat().st_size / 1e6:.2f} MB")
+    table.add_row("time", f"load {seconds['load model']:.2f} s, capture {seconds['capture']:.2f} s, "
+                  f"passes {passes:.2f} s, dumps and pages {dumps:.2f} s")
+    console.print()
+    console.print(table)
+    console.print(f"open {out / 'index.html'}", markup=False, soft_wrap=True)
