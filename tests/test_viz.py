@@ -291,12 +291,15 @@ def test_viz_command_on_a_model_folder(tmp_path, capsys, monkeypatch):
     model_dir = tmp_path / "model"
     make_model("llama", layers=2).save_pretrained(model_dir)
     assert list(model_dir.glob("*.safetensors"))
+    plan = tmp_path / "heads.json"
+    sc.HeadPlan.from_dict({1: [0]}).save(plan)
     out = tmp_path / "pages"
-    rc = main(["viz", str(model_dir), "--segment-len", "32", "--sinks", "2", "--long-range", "0.5",
+    rc = main(["viz", str(model_dir), "--segment-len", "32", "--sinks", "2", "--long-range", str(plan),
                "--out", str(out), "--no-color"])
     text = capsys.readouterr().out
     assert rc == 0, text
     assert f"open {out / 'index.html'}" in text
+    assert "S=32  T=32  G=2; head plan from_dict(1: [0])" in text
     assert "2 segment_attention, carried state 16 in / 4 out" in text
     assert sorted(p.name for p in out.glob("*.html")) == [*(f"{i:02d}-{p}.html" for i, p in enumerate(PASSES)), "index.html"]
 

@@ -75,7 +75,8 @@ def validate(args: argparse.Namespace) -> None:
         if not folder.is_dir():
             raise UsageError(
                 f"MODEL_DIR {args.model_dir} does not exist or is not a folder",
-                hint="name a local Hugging Face model folder (with config.json), or leave it out for the built-in tiny Llama",
+                hint="name a local Hugging Face model folder (with config.json), "
+                "or leave it out for the built-in tiny Llama",
             )
         if not (folder / "config.json").is_file():
             raise UsageError(
@@ -96,7 +97,10 @@ def validate(args: argparse.Namespace) -> None:
 def cmd(args: argparse.Namespace) -> int:
     import segcompile as sc
 
-    plan = sc.HeadPlan.fraction(args.long_range) if isinstance(args.long_range, float) else sc.HeadPlan.load(args.long_range)
+    if isinstance(args.long_range, float):
+        plan = sc.HeadPlan.fraction(args.long_range)
+    else:
+        plan = sc.HeadPlan.load(args.long_range)  # PlanError (exit 2) if it is not a plan
     # Bad S/T/G values fail here (ConfigError, exit 2) before any work is done.
     cfg = sc.SegmentConfig(segment_len=args.segment_len, tail_len=args.tail_len, sink_tokens=args.sinks, long_range=plan)
     console = make_console(args)
@@ -181,7 +185,8 @@ def _summary(console, seg, cfg, seconds: dict[str, float], out: Path) -> None:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("model", f"{seg.capture_info.model_class}, {len(seg.sites)} attention layers")
-    table.add_row("segments", f"S={cfg.segment_len}  T={cfg.tail_len}  G={cfg.sink_tokens}; head plan {cfg.long_range.describe()}")
+    sizes = f"S={cfg.segment_len}  T={cfg.tail_len}  G={cfg.sink_tokens}"
+    table.add_row("segments", f"{sizes}; head plan {cfg.long_range.describe()}")
     table.add_row("passes", " -> ".join(["capture", *seg.pass_timings]))
     table.add_row(
         "step graph",

@@ -2,11 +2,11 @@
 SVG where the ``dot`` program is installed.
 
 Layout cost, measured with Graphviz 2.43 on 2 CPU cores: 0.15 s per graph of the 4-layer tiny
-Llama (330 nodes); for the 32-layer one (2,700 nodes) 2.4 to 6.7 s, and the segment_loop graph
-(its removed nodes drawn too) failed with "trouble in init_rank" after more than 100 s.
-``newrank=true`` made even the 4-layer graphs take 6-9 s, so it is not used. SVG is therefore
-drawn for graphs up to ``SVG_MAX_NODES`` and within ``SVG_TIMEOUT_S``; the DOT file is always
-written, and the HTML page is the view that stays readable at any size.
+Llama (330 nodes); 2.4 to 6.7 s per graph of the 32-layer one (2,400 to 2,700 nodes), whose
+segment_loop graph (removed nodes drawn too) failed with "trouble in init_rank" after more than
+100 s. ``newrank=true`` made even the 4-layer graphs take 6-9 s, so it is not used. SVG is
+therefore drawn for graphs up to ``SVG_MAX_NODES`` and within ``SVG_TIMEOUT_S``; the DOT file is
+always written, and the HTML page is the view that stays readable at any size.
 """
 
 from __future__ import annotations
@@ -43,10 +43,11 @@ def to_dot(after: nx.DiGraph, diff: GraphDiff | None = None, before: nx.DiGraph 
         '  node [shape=box, style="filled,rounded", fillcolor="#ffffff", color="#8c959f", fontname="Helvetica", fontsize=9];',
         '  edge [color="#8c959f", arrowsize=0.5];',
     ]
-    for name in after.nodes:
-        clusters.setdefault(after.nodes[name].get("cluster", ""), []).append(_node(name, after.nodes[name], diff.status(name)))
+    for name, attrs in after.nodes(data=True):
+        clusters.setdefault(attrs.get("cluster", ""), []).append(_node(name, attrs, diff.status(name)))
     for name in removed:
-        clusters.setdefault(before.nodes[name].get("cluster", ""), []).append(_node(name, before.nodes[name], "removed"))
+        attrs = before.nodes[name]
+        clusters.setdefault(attrs.get("cluster", ""), []).append(_node(name, attrs, "removed"))
     labels = {**(before.graph.get("clusters", {}) if before is not None else {}), **after.graph.get("clusters", {})}
     for i, (cluster, node_lines) in enumerate(clusters.items()):
         lines.append(f"  subgraph cluster_{i} {{")
