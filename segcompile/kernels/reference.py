@@ -21,6 +21,13 @@ def _causal_current(lq: int, lk: int, device) -> torch.Tensor:
 
 
 def segment_attention_reference(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale):
+    # The reference computes in fp32 whatever the caller's autocast says (SDPA is on CUDA
+    # autocast's bf16 list); the result is returned in q's dtype.
+    with torch.autocast(q.device.type, enabled=False):
+        return _reference(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale)
+
+
+def _reference(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale):
     B, H, lq, _ = q.shape
     hk, lk = k.shape[1], k.shape[2]
     group = H // hk
