@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--queries", type=int, default=8, help="questions per sequence")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, parameters stay fp32 (on CUDA the reference segment attention fails under autocast today)")
+    p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, parameters stay fp32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute each segment's activations in backward")
     p.add_argument("--checkpoint-every", type=int, default=0, help="save every N steps (0: only at the end)")
     p.add_argument("--eval-batches", type=int, default=1, help="held-out batches evaluated at the end")
