@@ -189,7 +189,7 @@ class SegmentedModel(torch.nn.Module):
         """
         from .training import tbptt_backward
 
-        return tbptt_backward(self, input_ids, labels, reduction)
+        return tbptt_backward(self, input_ids, labels, reduction, checkpoint)
 
     def end_segment(self, state: SegmentState) -> SegmentState:
         """Move a finished segment into tail, history and sinks (all detached)."""

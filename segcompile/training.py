@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 import torch
 
 from .errors import SegcompileError
-from .loss import label_count, span_loss
+from .loss import IGNORE_INDEX, label_count, span_loss
 
 
 @dataclass
@@ -51,7 +51,7 @@ def tbptt_backward(
 
     state = seg.initial_state(input_ids)
     live: deque[_LiveSegment] = deque(maxlen=K + 1)
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device=input_ids.device)
     for start in range(0, input_ids.shape[1], S):
         chunk = input_ids[:, start : start + S]
         tail_inputs: list[torch.Tensor] = []
@@ -59,18 +59,21 @@ def tbptt_backward(
             state, tail_inputs = _tails_as_leaves(state)
         leaves, state = seg.run_step(state, chunk, checkpoint=checkpoint)
         loss = span_loss(seg.logits_of(leaves), labels, start) / denominator
-        total += loss.detach().double().cpu()
+        total += loss.detach().double()
         segment = _LiveSegment(tail_inputs, _tail_outputs(state, S, T) if carries_gradient else [])
         if state.position % S == 0:
             state = seg.end_segment(state)
 
-        grads = _backward([loss], [None], params, tail_inputs, retain=carries_gradient)
+        # A segment without label tokens has l_s = 0: no gradient starts from it (its graph is
+        # still kept, as later segments' losses reach it through their tails).
+        has_labels = bool((labels[:, start + 1 : start + S + 1] != IGNORE_INDEX).any())
+        grads = _backward([loss], [None], params, tail_inputs, retain=carries_gradient) if has_labels else None
         for depth, older in enumerate(reversed(live), start=1):
             if depth > K or grads is None:
                 break
             grads = _backward(older.tail_outputs, grads, params, older.tail_inputs if depth < K else [], retain=depth < K)
         live.append(segment)
-    return total
+    return total.cpu()
 
 
 def _tails_as_leaves(state):

@@ -10,6 +10,7 @@ import torch
 from conftest import captured, max_abs, random_ids
 
 import segcompile as sc
+import segcompile.ops
 from segcompile.loss import IGNORE_INDEX
 
 REL_TOL = 1e-6
@@ -86,7 +87,7 @@ def _plain_loss(model, ids, labels):
 def test_ignored_labels_and_sum_reduction():
     ids = random_ids(2, N, seed=3)
     labels = ids.clone()
-    labels[:, :6] = IGNORE_INDEX
+    labels[:, :10] = IGNORE_INDEX  # the first two segments carry no label at all
     labels[1, 11] = IGNORE_INDEX
     cfg = sc.SegmentConfig(S, tail_len=S, sink_tokens=1, long_range=sc.HeadPlan.fraction(0.5), tbptt_k=2)
     check_against_oracle("llama", cfg, ids, labels, reduction="sum")
@@ -130,13 +131,27 @@ def test_forward_with_gradients_warns_when_tbptt_k_is_set():
         seg(random_ids(1, 3 * S))
 
 
-def test_gradient_checkpointing_gives_the_same_gradients():
+def test_gradient_checkpointing_gives_the_same_gradients(monkeypatch):
     cfg = sc.SegmentConfig(S, tail_len=2, sink_tokens=1, long_range=sc.HeadPlan.fraction(0.5), tbptt_k=2)
     model, graph = captured("llama", dtype=torch.float64)
     ids = random_ids(2, N, seed=9)
     seg = sc.transform(graph, cfg)
+    calls = []
+    reference = segcompile.ops.IMPLEMENTATIONS["reference"]
+
+    def counted(*args):
+        calls.append(1)
+        return reference(*args)
+
+    # Checkpoint's recomputation bypasses module hooks; the attention kernel itself runs again.
+    monkeypatch.setitem(segcompile.ops.IMPLEMENTATIONS, "reference", counted)
+    model.zero_grad(set_to_none=True)
+    seg.tbptt_backward(ids)
+    without = len(calls)
+    calls.clear()
     model.zero_grad(set_to_none=True)
     seg.tbptt_backward(ids, checkpoint=True)
+    assert len(calls) > without  # the segments' forwards ran again in backward
     _, want = sc.oracle.gradients(model, cfg, ids, ids)
     assert relative_error(model, want) <= REL_TOL
     model.zero_grad(set_to_none=True)
