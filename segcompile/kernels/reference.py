@@ -12,12 +12,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-
-
-def _causal_current(lq: int, lk: int, device) -> torch.Tensor:
-    t = torch.arange(lq, device=device)[:, None]
-    j = torch.arange(lk, device=device)[None, :]
-    return j <= (lk - lq) + t
+from torch.nn.attention.bias import causal_lower_right
 
 
 def segment_attention_reference(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale):
@@ -47,16 +42,16 @@ def _reference(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_ran
         keys = torch.cat([before_k, tail_k.index_select(1, idx), k.index_select(1, idx)], dim=2)
         values = torch.cat([before_v, tail_v.index_select(1, idx), v.index_select(1, idx)], dim=2)
         heads = torch.tensor([c * group + g for c in kv_heads for g in range(group)], device=q.device)
-        seen_before = keys.shape[2] - lk
-        mask = torch.cat(
-            [torch.ones(lq, seen_before, dtype=torch.bool, device=q.device), _causal_current(lq, lk, q.device)], dim=1
-        )
+        # Everything before the current segment is visible and the current segment is causal with
+        # the queries as its last lq tokens: exactly the lower-right-aligned causal mask over
+        # [before | tail | current], which SDPA applies without materialising it.
         o = F.scaled_dot_product_attention(
             q.index_select(1, heads).to(compute),
-            keys.repeat_interleave(group, dim=1).to(compute),
-            values.repeat_interleave(group, dim=1).to(compute),
-            attn_mask=mask,
+            keys.to(compute),
+            values.to(compute),
+            attn_mask=causal_lower_right(lq, keys.shape[2]),
             scale=scale,
+            enable_gqa=group > 1,
         )
         out = out.index_copy(1, heads, o)
     return out.to(q.dtype)
