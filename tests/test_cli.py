@@ -113,7 +113,7 @@ def test_validate_rejects_too_many_positions(capsys):
 
 @pytest.mark.parametrize("flags, message", [
     (["--tokens", "0"], "argument --tokens: must be an integer >= 1, got '0'"),
-    (["--long-range", "1.5"], "argument --long-range: must be a number in [0, 1], got '1.5'"),
+    (["--long-range", "1.5"], "argument --long-range: must be a fraction in [0, 1] or a plan JSON file, got '1.5'"),
     (["--sinks", "x"], "argument --sinks: must be an integer, got 'x'"),
 ])
 def test_bad_flag_values_are_argparse_errors(flags, message, capsys):

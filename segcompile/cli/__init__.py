@@ -52,6 +52,17 @@ def fraction(text: str) -> float:
     return value
 
 
+def fraction_or_plan(text: str) -> float | str:
+    """A fraction of KV heads in [0, 1], or the path of a head-plan JSON file."""
+    try:
+        value = float(text)
+    except ValueError:
+        return text  # a plan file; check_plan_file() checks that it exists
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1] or a plan JSON file, got {text!r}")
+    return value
+
+
 def _int(text: str) -> int:
     try:
         return int(text)
@@ -74,3 +85,39 @@ def make_console(args: argparse.Namespace):
 
     no_color = getattr(args, "no_color", False)
     return Console(no_color=no_color, color_system=None if no_color else "auto", highlight=False)
+
+
+# ---- the segment flags every compiling command takes ---------------------------------------
+def add_segment_flags(parser: argparse.ArgumentParser, *, segment_len: int, sinks: int) -> None:
+    group = parser.add_argument_group("segments")
+    group.add_argument("--segment-len", type=positive_int, default=segment_len, help="S, tokens per segment")
+    group.add_argument(
+        "--tail-len", type=non_negative_int, default=None,
+        help="T, keys of the previous segment every head sees (default: S, the whole previous segment)",
+    )
+    group.add_argument("--sinks", type=non_negative_int, default=sinks, help="G, first tokens every head sees")
+    group.add_argument(
+        "--long-range", type=fraction_or_plan, default=0.25, metavar="FRACTION|PLAN.json",
+        help="fraction of KV heads that see the whole history, or a head-plan JSON file",
+    )
+
+
+def check_plan_file(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    if isinstance(args.long_range, str) and not Path(args.long_range).is_file():
+        raise UsageError(
+            f"--long-range {args.long_range}: no such plan file",
+            "give a fraction such as 0.25, or a plan written by HeadPlan.save",
+        )
+
+
+def segment_config(args: argparse.Namespace):
+    """The SegmentConfig the segment flags describe (ConfigError/PlanError, exit 2, on bad values)."""
+    import segcompile as sc
+
+    if isinstance(args.long_range, float):
+        plan = sc.HeadPlan.fraction(args.long_range)
+    else:
+        plan = sc.HeadPlan.load(args.long_range)
+    return sc.SegmentConfig(segment_len=args.segment_len, tail_len=args.tail_len, sink_tokens=args.sinks, long_range=plan)

@@ -19,7 +19,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import HelpFormatter, UsageError, fraction, make_console, non_negative_int, positive_int
+from . import (
+    HelpFormatter,
+    UsageError,
+    add_segment_flags,
+    check_plan_file,
+    make_console,
+    non_negative_int,
+    positive_int,
+    segment_config,
+)
 
 name = "demo"
 help = "compile the built-in tiny Llama, check it against the oracle, prefill and decode"
@@ -43,17 +52,7 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     model = parser.add_argument_group("model")
     model.add_argument("--layers", type=positive_int, default=4, help="decoder layers of the tiny model")
     model.add_argument("--seed", type=int, default=0, help="seed of the weights and of the input tokens")
-    seg = parser.add_argument_group("segments")
-    seg.add_argument("--segment-len", type=positive_int, default=64, help="S, tokens per segment")
-    seg.add_argument(
-        "--tail-len", type=non_negative_int, default=None,
-        help="T, keys of the previous segment every head sees (default: S, the whole previous segment)",
-    )
-    seg.add_argument("--sinks", type=non_negative_int, default=4, help="G, first tokens every head sees")
-    seg.add_argument(
-        "--long-range", type=fraction, default=0.25, metavar="FRACTION",
-        help="fraction of KV heads that see the whole history",
-    )
+    add_segment_flags(parser, segment_len=64, sinks=4)
     run = parser.add_argument_group("run")
     run.add_argument("--tokens", type=positive_int, default=1024, help="sequence length (random tokens)")
     run.add_argument(
@@ -67,6 +66,7 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 def validate(args: argparse.Namespace) -> None:
     from ..tiny import MAX_POSITIONS
 
+    check_plan_file(args)
     total = args.tokens + args.decode_tokens
     if total > MAX_POSITIONS:
         raise UsageError(
@@ -110,15 +110,7 @@ class DemoReport:
 def cmd(args: argparse.Namespace) -> int:
     import transformers
 
-    import segcompile as sc
-
-    # Bad S/T/G values fail here (ConfigError, exit 2) before any work is done.
-    cfg = sc.SegmentConfig(
-        segment_len=args.segment_len,
-        tail_len=args.tail_len,
-        sink_tokens=args.sinks,
-        long_range=sc.HeadPlan.fraction(args.long_range),
-    )
+    cfg = segment_config(args)  # bad S/T/G or plan: ConfigError/PlanError (exit 2) before any work
     transformers.logging.set_verbosity_error()
     console = make_console(args)
     report = _run(args, cfg, _Stages(console, count=6 if args.decode_tokens else 5))

@@ -13,23 +13,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import HelpFormatter, UsageError, make_console, non_negative_int, positive_int
+from . import HelpFormatter, UsageError, add_segment_flags, check_plan_file, make_console, positive_int, segment_config
 
 name = "viz"
 help = "write pages that show what every compiler pass did to the model's graph"
 
 DEFAULT_TINY_LAYERS = 4
-
-
-def fraction_or_plan(text: str) -> float | str:
-    """A fraction of KV heads in [0, 1], or the path of a head-plan JSON file."""
-    try:
-        value = float(text)
-    except ValueError:
-        return text  # a plan file; validate() checks that it exists
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be a fraction in [0, 1] or a plan JSON file, got {text!r}")
-    return value
 
 
 def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -54,17 +43,7 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
         "--layers", type=positive_int, default=None,
         help=f"decoder layers of the built-in tiny Llama (default: {DEFAULT_TINY_LAYERS}; not with MODEL_DIR)",
     )
-    seg = parser.add_argument_group("segments")
-    seg.add_argument("--segment-len", type=positive_int, default=2048, help="S, tokens per segment")
-    seg.add_argument(
-        "--tail-len", type=non_negative_int, default=None,
-        help="T, keys of the previous segment every head sees (default: S, the whole previous segment)",
-    )
-    seg.add_argument("--sinks", type=non_negative_int, default=0, help="G, first tokens every head sees")
-    seg.add_argument(
-        "--long-range", type=fraction_or_plan, default=0.25, metavar="FRACTION|PLAN.json",
-        help="fraction of KV heads that see the whole history, or a head-plan JSON file",
-    )
+    add_segment_flags(parser, segment_len=2048, sinks=0)
     parser.add_argument("--out", default="viz", help="output folder (created if missing)")
     return parser
 
@@ -84,11 +63,7 @@ def validate(args: argparse.Namespace) -> None:
             )
         if args.layers is not None:
             raise UsageError("--layers applies to the built-in tiny Llama only", hint="leave out MODEL_DIR or --layers")
-    if isinstance(args.long_range, str) and not Path(args.long_range).is_file():
-        raise UsageError(
-            f"--long-range {args.long_range}: no such plan file",
-            hint="give a fraction in [0, 1] (e.g. 0.25) or a head-plan JSON file",
-        )
+    check_plan_file(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a folder", hint="name a folder (it is created if missing)")
@@ -97,12 +72,7 @@ def validate(args: argparse.Namespace) -> None:
 def cmd(args: argparse.Namespace) -> int:
     import segcompile as sc
 
-    if isinstance(args.long_range, float):
-        plan = sc.HeadPlan.fraction(args.long_range)
-    else:
-        plan = sc.HeadPlan.load(args.long_range)  # PlanError (exit 2) if it is not a plan
-    # Bad S/T/G values fail here (ConfigError, exit 2) before any work is done.
-    cfg = sc.SegmentConfig(segment_len=args.segment_len, tail_len=args.tail_len, sink_tokens=args.sinks, long_range=plan)
+    cfg = segment_config(args)  # bad S/T/G or plan: ConfigError/PlanError (exit 2) before any work
     console = make_console(args)
     out = Path(args.out)
     seconds: dict[str, float] = {}

@@ -24,7 +24,7 @@ def segment_attention_reference(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k,
 
 def _reference(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale):
     B, H, lq, _ = q.shape
-    hk, lk = k.shape[1], k.shape[2]
+    hk = k.shape[1]
     group = H // hk
     compute = torch.promote_types(q.dtype, torch.float32)
     out = q.new_empty(B, H, lq, v.shape[-1], dtype=compute)
