@@ -20,6 +20,10 @@ for family, impl in ALL_MODELS:
     ids = random_ids(2, 29).cuda()
     try:
         seg = sc.transform(model, cfg)
+        kv_heads = getattr(model.config, "num_key_value_heads", None) or getattr(model.config, "n_head", None)
+        found = {s.num_kv_heads for s in seg.sites}
+        if found != {kv_heads}:
+            raise RuntimeError(f"find_attention found {found} KV heads per layer, the config says {kv_heads}")
         with torch.no_grad():
             err = (seg(ids).logits - sc.oracle.forward(model, cfg, ids)).abs().max().item()
         status = "ok" if err <= 1e-4 else "MISMATCH"

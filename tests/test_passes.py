@@ -176,3 +176,22 @@ def test_autocast_disabled_regions_survive_capture():
     assert max_abs(got, want) <= 3e-2
     with torch.no_grad():
         assert max_abs(seg(ids).logits, model(ids, use_cache=False).logits) <= 1e-4  # and a no-op without autocast
+
+
+def test_repeat_kv_is_looked_through_with_no_op_slices():
+    # torch 2.11 records k[:, :, None, :, :] with no-op slices around the unsqueeze; 2.13 does not.
+    from segcompile.passes.find_attention import _unrepeated
+
+    graph = torch.fx.Graph()
+    k = graph.placeholder("k")
+    x = graph.call_function(aten.slice.Tensor, (k, 0, 0, 9223372036854775807))
+    x = graph.call_function(aten.slice.Tensor, (x, 1, 0, 9223372036854775807))
+    x = graph.call_function(aten.unsqueeze.default, (x, 2))
+    x = graph.call_function(aten.slice.Tensor, (x, 3, 0, 9223372036854775807))
+    x = graph.call_function(aten.expand.default, (x, [2, 2, 2, 5, 8]))
+    repeated = graph.call_function(aten.reshape.default, (x, [2, 4, 5, 8]))
+    assert _unrepeated(repeated) is k
+    partial = graph.call_function(aten.slice.Tensor, (k, 2, 1, 9223372036854775807))  # drops a key: not a no-op
+    y = graph.call_function(aten.unsqueeze.default, (partial, 2))
+    y = graph.call_function(aten.expand.default, (y, [2, 2, 2, 4, 8]))
+    assert _unrepeated(graph.call_function(aten.reshape.default, (y, [2, 4, 4, 8]))) is partial

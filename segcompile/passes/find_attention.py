@@ -177,18 +177,27 @@ def _unrepeated(node: fx.Node) -> fx.Node:
     if n.target in RESHAPES:
         expand = _skip(n.args[0], PASS_THROUGH)
         if expand.target is aten.expand.default:
-            unsqueeze = expand.args[0]
+            unsqueeze = _skip(expand.args[0], PASS_THROUGH)
             if unsqueeze.target is aten.unsqueeze.default and unsqueeze.args[1] == 2:
-                return unsqueeze.args[0]
+                return _skip(unsqueeze.args[0], PASS_THROUGH)
     if n.target is aten.repeat_interleave.self_int and n.args[2:3] == (1,):
         return n.args[0]
     return node
 
 
 def _skip(node: fx.Node, targets) -> fx.Node:
-    while isinstance(node, fx.Node) and node.target in targets:
+    while isinstance(node, fx.Node) and (node.target in targets or _is_full_slice(node)):
         node = node.args[0]
     return node
+
+
+def _is_full_slice(node: fx.Node) -> bool:
+    """``x[:, :, None]`` leaves no-op ``slice(x, dim, 0, INT_MAX)`` nodes in some torch versions (2.11)."""
+    if node.target is not aten.slice.Tensor:
+        return False
+    given = list(node.args[1:])
+    _dim, start, end, step = given + [0, None, None, 1][len(given) :]  # schema defaults
+    return start in (None, 0) and (end is None or end >= 2**62) and step == 1
 
 
 def _make_site(layer, module, cls, kind, out, q, k, v, scale, mask, is_causal) -> AttentionSite:
