@@ -5,7 +5,9 @@ One Llama-shaped model (random init from a config), bf16 autocast, AdamW, batch 
 * ``segcompile``: ``seg.tbptt_backward(ids)`` with S = --segment-len, T = S, K = 1 and
   fraction(--long-range) long-range KV heads;
 * ``full``: ``model(ids, labels=ids).loss.backward()`` with the model's own SDPA attention;
-* ``full+ckpt``: the same with HF gradient checkpointing.
+* ``full+ckpt``: the same with HF gradient checkpointing;
+* ``segcompile+ckpt``: segcompile with ``tbptt_backward(..., checkpoint=True)`` (each live segment
+  graph keeps only its inputs).
 
 Memory is ``torch.cuda.max_memory_allocated`` over the timed steps; ``static`` is what is
 allocated between steps (weights, gradients, optimizer state). The state segcompile carries
@@ -45,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--intermediate", type=int, default=4096)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--iters", type=int, default=2)
-    p.add_argument("--regimes", nargs="+", default=["segcompile", "full", "full+ckpt"])
+    p.add_argument("--regimes", nargs="+", default=["segcompile", "segcompile+ckpt", "full", "full+ckpt"])
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     return p.parse_args(argv)
 
@@ -90,8 +92,8 @@ def run_regime(regime, model, seg, n, args) -> dict:
 
     def step():
         with torch.autocast("cuda", dtype=torch.bfloat16):
-            if regime == "segcompile":
-                seg.tbptt_backward(ids)
+            if regime.startswith("segcompile"):
+                seg.tbptt_backward(ids, checkpoint=regime == "segcompile+ckpt")
             else:
                 model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
         optimizer.step()
