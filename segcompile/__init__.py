@@ -3,6 +3,7 @@
 from . import oracle
 from .config import SegmentConfig
 from .errors import CaptureError, ConfigError, PlanError, SegcompileError, UnsupportedAttentionError
+from .heads import select_heads
 from .passes import capture
 from .plan import HeadPlan
 from .runtime import SegmentedModel, SegmentState
@@ -20,5 +21,6 @@ __all__ = [
     "UnsupportedAttentionError",
     "capture",
     "oracle",
+    "select_heads",
     "transform",
 ]

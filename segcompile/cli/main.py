@@ -28,6 +28,7 @@ PROG = "segcompile"
 COMMANDS: dict[str, str] = {
     "demo": "segcompile.cli.demo",
     "viz": "segcompile.cli.viz",
+    "heads": "segcompile.cli.heads",
 }
 
 

@@ -1,0 +1,222 @@
+"""``segcompile heads``: choose the long-range KV heads of a model and write the plan file.
+
+Stages: load the model (a local Hugging Face folder, or the built-in tiny Llama) -> score every
+KV head with ``select_heads`` (attention mass on calibration data, or trained gates), under a
+progress bar -> write the plan JSON (atomically). Prints the selected heads per layer with their
+scores. ``segcompile viz/demo --long-range heads.json`` and
+``SegmentConfig(long_range=HeadPlan.load(...))`` read the file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from . import HelpFormatter, UsageError, add_segment_flags, fraction, make_console, positive_int
+
+name = "heads"
+help = "choose the long-range KV heads of a model from data and write a head-plan JSON file"
+
+DEFAULT_TINY_LAYERS = 4
+
+
+def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        name,
+        help=help,
+        description=(
+            "Score every KV head of a causal LM (a local Hugging Face model folder, or the built-in tiny "
+            "Llama) by how much it needs keys beyond a local window (sinks + tail + current segment), keep "
+            "the best --budget fraction as long-range heads, and write the plan as JSON with the scores, "
+            "the settings and a hash of the data, for `--long-range PLAN.json` and HeadPlan.load."
+        ),
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "model_dir", nargs="?", metavar="MODEL_DIR",
+        help="a local Hugging Face model folder (config.json and safetensors weights; its code is never run). "
+        "Default: the built-in tiny Llama",
+    )
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--layers", type=positive_int, default=None,
+        help=f"decoder layers of the built-in tiny Llama (default: {DEFAULT_TINY_LAYERS}; not with MODEL_DIR)",
+    )
+    model.add_argument("--device", default=None, help="torch device to run on (default: cuda if available, else cpu)")
+    add_segment_flags(parser, segment_len=512, sinks=0)
+    # The plan is what this command makes: --long-range (added by add_segment_flags) does not apply.
+    parser.set_defaults(long_range=None)
+    for action in parser._actions:
+        if action.dest == "long_range":
+            action.help = argparse.SUPPRESS
+    select = parser.add_argument_group("selection")
+    select.add_argument("--budget", type=fraction, default=0.25, help="fraction of KV heads (or layers) kept long-range")
+    select.add_argument("--method", choices=["attention_mass", "gate"], default="attention_mass",
+                        help="attention mass beyond the local window, or DuoAttention-style trained gates")
+    select.add_argument("--granularity", choices=["head", "layer"], default="head",
+                        help="select KV heads, or whole layers by their summed scores")
+    select.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
+    data = parser.add_argument_group("data")
+    data.add_argument(
+        "--calibration-ids", metavar="IDS.npy", default=None,
+        help="token ids [B, n] or [n] as a .npy integer array (default: synthetic retrieval sequences)",
+    )
+    data.add_argument("--seq-len", type=positive_int, default=None,
+                      help="tokens per synthetic sequence (default: 4 x --segment-len)")
+    data.add_argument("--samples", type=positive_int, default=8, help="synthetic sequences scored by attention_mass")
+    data.add_argument("--batch-size", type=positive_int, default=1, help="sequences per forward or gate step")
+    gate = parser.add_argument_group("gate")
+    gate.add_argument("--steps", type=positive_int, default=None, help="Adam steps of the gates (default: 100)")
+    gate.add_argument("--lr", type=float, default=None, help="learning rate of the gates (default: 0.1)")
+    gate.add_argument("--sparsity", type=float, default=None, help="weight of mean(gate) in the loss (default: 0.05)")
+    parser.add_argument("--out", default="heads.json", help="the plan file to write")
+    return parser
+
+
+def validate(args: argparse.Namespace) -> None:
+    if args.long_range is not None:
+        raise UsageError(
+            "--long-range does not apply to `segcompile heads`: it chooses the long-range heads",
+            hint="use --budget for the fraction of KV heads to keep",
+        )
+    if args.model_dir is not None:
+        folder = Path(args.model_dir)
+        if not (folder / "config.json").is_file():
+            raise UsageError(
+                f"MODEL_DIR {args.model_dir} is not a folder with config.json",
+                hint="name a local Hugging Face model folder (what save_pretrained() wrote), "
+                "or leave it out for the built-in tiny Llama",
+            )
+        if args.layers is not None:
+            raise UsageError("--layers applies to the built-in tiny Llama only", hint="leave out MODEL_DIR or --layers")
+    if args.calibration_ids is not None:
+        if not Path(args.calibration_ids).is_file():
+            raise UsageError(f"--calibration-ids {args.calibration_ids}: no such file",
+                             hint="give a .npy file of integer token ids, or leave it out for synthetic data")
+        if args.seq_len is not None:
+            raise UsageError("--seq-len sets synthetic sequences; calibration ids have their own length",
+                             hint="leave out --seq-len or --calibration-ids")
+    if args.method != "gate" and any(v is not None for v in (args.steps, args.lr, args.sparsity)):
+        raise UsageError("--steps, --lr and --sparsity apply to --method gate only", hint="add --method gate")
+    if Path(args.out).is_dir():
+        raise UsageError(f"--out {args.out} is a folder", hint="name the JSON file to write")
+
+
+def cmd(args: argparse.Namespace) -> int:
+    import torch
+
+    import segcompile as sc
+
+    cfg = sc.SegmentConfig(segment_len=args.segment_len, tail_len=args.tail_len, sink_tokens=args.sinks)
+    console = make_console(args)
+    ids = _calibration(args.calibration_ids)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+    start = time.perf_counter()
+    model = _load(args).to(device)
+    console.print(f"[1/3] {_model_label(args):<56} {time.perf_counter() - start:6.2f} s", markup=False, soft_wrap=True)
+
+    options = {k: getattr(args, k) for k in ("steps", "lr", "sparsity") if getattr(args, k) is not None}
+    label = f"{args.method}, S={cfg.segment_len} T={cfg.tail_len} G={cfg.sink_tokens}"
+    start = time.perf_counter()
+    with _progress(console, f"[2/3] score KV heads ({label})") as update:
+        plan = sc.select_heads(
+            model, ids, args.budget, args.method, cfg, granularity=args.granularity, seed=args.seed,
+            seq_len=args.seq_len, samples=args.samples, batch_size=args.batch_size, progress=update, **options,
+        )
+    console.print(f"[2/3] score KV heads ({label})".ljust(62) + f" {time.perf_counter() - start:6.2f} s",
+                  markup=False, soft_wrap=True)
+    plan.save(args.out)
+    console.print(f"[3/3] wrote {args.out}", markup=False, soft_wrap=True)
+    _summary(console, plan)
+    return 0
+
+
+def _calibration(path: str | None):
+    if path is None:
+        return None
+    import numpy as np
+
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UsageError(f"--calibration-ids {path}: not a .npy array ({' '.join(str(e).split())[:200]})",
+                         hint="save the ids with numpy.save(path, ids), an integer array [B, n] or [n]") from e
+
+
+def _model_label(args) -> str:
+    if args.model_dir is not None:
+        return f"load {args.model_dir}"
+    return f"build the tiny Llama ({args.layers or DEFAULT_TINY_LAYERS} layers, random init)"
+
+
+def _load(args):
+    if args.model_dir is None:
+        from ..tiny import tiny_llama
+
+        return tiny_llama(num_layers=args.layers or DEFAULT_TINY_LAYERS)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            args.model_dir, trust_remote_code=False, use_safetensors=True
+        )
+    except (OSError, ValueError) as e:
+        raise UsageError(
+            f"could not load {args.model_dir}: {' '.join(str(e).split())[:300]}",
+            hint="the folder needs config.json and *.safetensors weights of a transformers causal LM "
+            "(models that need their own code are not loaded)",
+        ) from e
+    return model.eval()
+
+
+class _progress:
+    """A progress bar (only on a terminal) that ``select_heads`` advances as ``update(done, total)``."""
+
+    def __init__(self, console, label: str):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=console, transient=True, disable=not console.is_terminal)
+        self.task = None
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self.update
+
+    def update(self, done: int, total: int) -> None:
+        if self.task is None:
+            self.task = self.bar.add_task("", total=total)
+        self.bar.update(self.task, completed=done, total=total)
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+
+def _summary(console, plan) -> None:
+    from rich import box
+    from rich.table import Table
+
+    extra = plan.extra
+    kind = "gate value" if plan.method == "gate" else "attention mass beyond the local window"
+    table = Table(title=f"long-range KV heads ({plan.method}, {extra['granularity']})", box=box.SIMPLE_HEAD,
+                  title_justify="left")
+    table.add_column("layer", justify="right")
+    table.add_column("long-range")
+    table.add_column(f"score per KV head ({kind})")
+    for layer, row in sorted(extra["scores"].items(), key=lambda kv: int(kv[0])):
+        chosen = plan.heads.get(int(layer), ())
+        cells = "  ".join(f"{'*' if h in chosen else ' '}{h}:{s:.4f}" for h, s in enumerate(row))
+        table.add_row(layer, str(list(chosen)), cells)
+    console.print()
+    console.print(table)
+    data = extra["data"]
+    source = (f"calibration ids {data['shape']}" if data["source"] == "calibration"
+              else f"{data['sequences_seen']} synthetic retrieval sequences of {data['seq_len']} tokens")
+    console.print(
+        f"{extra['selected']} of {extra['total_kv_heads']} KV heads long-range (budget {extra['budget']:g}); "
+        f"data: {source}, sha256 {data['sha256'][:12]}",
+        markup=False, soft_wrap=True,
+    )

@@ -1,0 +1,447 @@
+"""``select_heads``: choose the long-range KV heads of a model from data.
+
+Two methods score every KV head of every layer; the plan keeps the best ``budget`` fraction.
+
+* ``attention_mass``: run the original model on calibration sequences and score a KV head by the
+  attention mass its queries (the whole GQA group, averaged) put on keys a local head could not
+  see under the config (outside sinks + tail + current segment), averaged over the queries that
+  have such keys. A head that never looks past its local window scores 0.
+* ``gate`` (DuoAttention-style): one trainable gate per KV head mixes the head's full-attention
+  output with its local (sinks + tail + segment) output, ``g * full + (1 - g) * local`` with
+  ``g = sigmoid(logit)``. The model is frozen; only the gates are trained (Adam) to make the gated
+  model's logits match the full model's, plus ``sparsity * mean(g)``. A head whose local output is
+  as good as its full one loses its gate. Heads are ranked by gate logit (the same order as the
+  gate value, without sigmoid's saturation ties).
+
+Both methods see attention the way the oracle does: a ``TorchFunctionMode`` intercepts
+``F.scaled_dot_product_attention`` (the n-th call of a forward is layer n; HF models loaded with
+eager attention run with SDPA meanwhile), the local/long-range masks are ``oracle.visibility`` and
+the layer and KV-head counts are ``oracle.kv_heads_per_layer``.
+
+Selection is deterministic: ``round(budget * total KV heads)`` heads (at least one when
+budget > 0), highest score first, ties broken by (layer, KV head); with ``granularity="layer"``
+layers are scored by the sum of their heads' scores and ``round(budget * layers)`` whole layers
+are kept. Data comes from ``calibration_ids`` or, without them, from a seeded generator of
+synthetic retrieval sequences (key-value pairs among filler, questions at the end). The returned
+plan records the scores, budget, granularity, S/T/G, seed, method parameters and a sha256 of
+every token the method saw, so the selection can be reproduced and checked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from .config import SegmentConfig
+from .errors import ConfigError, PlanError, SegcompileError, UnsupportedAttentionError
+from .oracle import _logits, _sdpa_attention, _sdpa_signature, kv_heads_per_layer, visibility
+from .plan import HeadPlan, model_fingerprint
+
+METHODS = ("attention_mass", "gate")
+GRANULARITIES = ("head", "layer")
+
+# Gate defaults: on the hand-built test decoder and the 4-layer tiny Llama the gate logits have
+# separated (and their order stopped changing) well before 100 steps at lr 0.1; a gate starts at
+# sigmoid(4) = 0.98, i.e. almost full attention, as in DuoAttention.
+GATE_STEPS = 100
+GATE_LR = 0.1
+GATE_SPARSITY = 0.05
+GATE_INIT_LOGIT = 4.0
+
+# attention_mass computes dense probabilities in blocks of query rows: at most this many scores
+# (fp32) at a time, i.e. 256 MiB.
+MASS_BLOCK_ELEMENTS = 1 << 26
+
+
+class CalibrationError(SegcompileError, ValueError):
+    """Calibration data that cannot score heads (wrong shape or type, too short, ids out of vocab)."""
+
+
+# ---- synthetic retrieval data --------------------------------------------------------------
+def retrieval_ids(
+    generator: torch.Generator, batch_size: int, n: int, vocab_size: int, *, pairs: int = 8, queries: int = 4
+) -> torch.Tensor:
+    """``[batch_size, n]`` token ids: key-value pairs at random places among filler, then questions.
+
+    The vocabulary is split into a question marker (id 0), filler, keys and values, in that order;
+    a sequence is filler with ``pairs`` (key, value) pairs at uniformly random non-overlapping
+    places, ending with ``queries`` questions ``marker key value`` about pairs chosen at random, so
+    the answers lie anywhere in the context, many segments back as often as one. Everything comes
+    from ``generator``: the same state gives the same batch.
+    """
+    if vocab_size < 8:
+        raise CalibrationError(f"synthetic retrieval data needs a vocabulary of at least 8 tokens, got {vocab_size}")
+    third = (vocab_size - 1) // 3
+    filler, key_start, value_start = (1, 1 + third), 1 + third, 1 + 2 * third
+    pairs = min(pairs, third)
+    queries = min(queries, pairs)
+    context = n - 3 * queries
+    if context < 2 * pairs:
+        raise CalibrationError(f"synthetic retrieval sequences of {n} tokens are too short for {pairs} pairs")
+    g = dict(generator=generator)
+    ids = torch.randint(*filler, (batch_size, n), **g)
+    starts = torch.rand(batch_size, context - pairs, **g).argsort(dim=1)[:, :pairs].sort(dim=1).values
+    key_pos = starts + torch.arange(pairs)
+    keys = torch.rand(batch_size, third, **g).argsort(dim=1)[:, :pairs] + key_start
+    values = torch.randint(value_start, value_start + third, (batch_size, pairs), **g)
+    ids.scatter_(1, key_pos, keys)
+    ids.scatter_(1, key_pos + 1, values)
+    asked = torch.rand(batch_size, pairs, **g).argsort(dim=1)[:, :queries]
+    q_pos = context + 3 * torch.arange(queries).expand(batch_size, queries)
+    ids.scatter_(1, q_pos, 0)
+    ids.scatter_(1, q_pos + 1, keys.gather(1, asked))
+    ids.scatter_(1, q_pos + 2, values.gather(1, asked))
+    return ids
+
+
+# ---- public --------------------------------------------------------------------------------
+def select_heads(
+    model: torch.nn.Module,
+    calibration_ids: torch.Tensor | Any | None,
+    budget: float,
+    method: str = "attention_mass",
+    cfg: SegmentConfig | None = None,
+    *,
+    granularity: str = "head",
+    seed: int = 0,
+    seq_len: int | None = None,
+    samples: int = 8,
+    batch_size: int = 1,
+    steps: int = GATE_STEPS,
+    lr: float = GATE_LR,
+    sparsity: float = GATE_SPARSITY,
+    progress: Callable[[int, int], None] | None = None,
+) -> HeadPlan:
+    """Score every KV head of ``model`` and return the plan keeping the best ``budget`` fraction.
+
+    calibration_ids: ``[B, n]`` (or ``[n]``) token ids, a tensor or an integer array; ``None``
+        for ``samples`` synthetic retrieval sequences of ``seq_len`` tokens (generated from
+        ``seed``; the gate method draws a fresh batch every step).
+    budget: fraction of KV heads (or of layers) that become long-range, in [0, 1].
+    cfg: S, T and G to score against (its ``long_range`` is ignored). Default: S = n // 4 with
+        the whole previous segment as tail and no sinks.
+    granularity: ``"head"``, or ``"layer"`` to keep whole layers (LongGen-style).
+    batch_size: sequences per forward (attention_mass) or per training step (gate).
+    steps, lr, sparsity: the gate's Adam steps, learning rate and weight of ``mean(gate)``.
+    progress: called as ``progress(done, total)`` after every batch or step.
+    """
+    _check_choice(method, METHODS, "method")
+    _check_choice(granularity, GRANULARITIES, "granularity")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 <= float(budget) <= 1.0:
+        raise PlanError(f"budget must be a fraction of KV heads in [0, 1] (e.g. 0.25), got {budget!r}")
+    for what, value in (("samples", samples), ("batch_size", batch_size), ("steps", steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PlanError(f"{what} must be an int >= 1, got {value!r}")
+    if method == "gate" and not (lr > 0 and sparsity >= 0):
+        raise PlanError(f"the gate method needs lr > 0 and sparsity >= 0, got lr={lr!r}, sparsity={sparsity!r}")
+    if cfg is not None and not isinstance(cfg, SegmentConfig):
+        raise ConfigError(f"cfg must be a SegmentConfig, got {type(cfg).__name__}")
+
+    kv = kv_heads_per_layer(model)
+    vocab = _vocab_size(model)
+    device = _device_of(model)
+    ids = _calibration(calibration_ids, vocab)
+    n = ids.shape[1] if ids is not None else (seq_len or (4 * cfg.segment_len if cfg is not None else 256))
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise CalibrationError(f"seq_len must be an int >= 1, got {seq_len!r}")
+    if cfg is None:
+        cfg = SegmentConfig(segment_len=max(1, n // 4))
+    _check_length(cfg, n)
+
+    data = _Data(ids, vocab, n, samples, batch_size, seed)
+    was_training = model.training
+    model.eval()
+    try:
+        if method == "attention_mass":
+            scores, params = _attention_mass(model, cfg, kv, data, device, progress), {}
+            ranking = scores
+        else:
+            scores, ranking, params = _gate(model, cfg, kv, data, device, steps, lr, sparsity, progress)
+    finally:
+        model.train(was_training)
+
+    chosen, layer_scores = _choose(scores, ranking, kv, budget, granularity)
+    extra = {
+        "budget": float(budget),
+        "granularity": granularity,
+        "seed": seed,
+        "config": {"segment_len": cfg.segment_len, "tail_len": cfg.tail_len, "sink_tokens": cfg.sink_tokens},
+        "scores": {str(l): [float(s) for s in row] for l, row in enumerate(scores)},
+        "selected": sum(len(h) for h in chosen.values()),
+        "total_kv_heads": sum(kv),
+        "data": data.describe(),
+        "params": params,
+        "torch": torch.__version__.split("+")[0],
+    }
+    if granularity == "layer":
+        extra["layer_scores"] = [float(s) for s in layer_scores]
+    fingerprint = model_fingerprint(type(model).__name__, kv)
+    return HeadPlan.from_dict(chosen, method=method, fingerprint=fingerprint, extra=extra)
+
+
+# ---- selection -----------------------------------------------------------------------------
+def _count(budget: float, total: int) -> int:
+    want = round(budget * total)
+    return max(want, 1) if budget > 0 else 0
+
+
+def _choose(scores, ranking, kv: list[int], budget: float, granularity: str):
+    """``({layer: [kv_heads]}, layer_scores)``: the best heads by ``ranking`` (or layers by summed
+    ``scores``), ties broken by (layer, head)."""
+    layer_scores = [math.fsum(row) for row in scores]
+    if granularity == "layer":
+        order = sorted(range(len(kv)), key=lambda l: (-layer_scores[l], l))
+        keep = set(order[: _count(budget, len(kv))])
+        return {l: list(range(kv[l])) if l in keep else [] for l in range(len(kv))}, layer_scores
+    order = sorted(((l, h) for l in range(len(kv)) for h in range(kv[l])), key=lambda lh: (-ranking[lh[0]][lh[1]], lh))
+    keep = order[: _count(budget, sum(kv))]
+    return {l: sorted(h for ll, h in keep if ll == l) for l in range(len(kv))}, layer_scores
+
+
+# ---- data ----------------------------------------------------------------------------------
+class _Data:
+    """Batches of calibration ids, or seeded synthetic retrieval batches; hashes what it hands out."""
+
+    def __init__(self, ids, vocab: int, n: int, samples: int, batch_size: int, seed: int):
+        self.ids, self.vocab, self.n, self.samples, self.batch_size, self.seed = ids, vocab, n, samples, batch_size, seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.hash = hashlib.sha256()
+        self.sequences = 0
+
+    def fixed(self):
+        """The whole calibration set (or ``samples`` synthetic sequences), in batches."""
+        ids = self.ids if self.ids is not None else retrieval_ids(self.generator, self.samples, self.n, self.vocab)
+        return [self._seen(ids[i : i + self.batch_size]) for i in range(0, ids.shape[0], self.batch_size)]
+
+    def step(self, t: int) -> torch.Tensor:
+        """The batch of training step ``t``: calibration rows in turn, or a fresh synthetic batch."""
+        if self.ids is None:
+            return self._seen(retrieval_ids(self.generator, self.batch_size, self.n, self.vocab))
+        rows = torch.arange(t * self.batch_size, (t + 1) * self.batch_size) % self.ids.shape[0]
+        return self._seen(self.ids[rows])
+
+    def _seen(self, ids: torch.Tensor) -> torch.Tensor:
+        self.hash.update(ids.to(torch.int64).contiguous().numpy().astype("<i8").tobytes())
+        self.sequences += ids.shape[0]
+        return ids
+
+    def describe(self) -> dict[str, Any]:
+        base = {"sequences_seen": self.sequences, "seq_len": self.n, "sha256": self.hash.hexdigest()}
+        if self.ids is not None:
+            whole = hashlib.sha256(self.ids.numpy().astype("<i8").tobytes()).hexdigest()
+            return {"source": "calibration", "shape": list(self.ids.shape), "calibration_sha256": whole, **base}
+        return {"source": "synthetic_retrieval", "vocab_size": self.vocab, "samples": self.samples,
+                "batch_size": self.batch_size, **base}
+
+
+def _calibration(ids, vocab: int) -> torch.Tensor | None:
+    if ids is None:
+        return None
+    if not isinstance(ids, torch.Tensor):
+        try:
+            ids = torch.as_tensor(ids)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise CalibrationError(f"calibration ids must be an integer tensor or array [B, n], got {type(ids).__name__}: {e}") from None
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise CalibrationError(f"calibration ids must be integer token ids, got dtype {ids.dtype}")
+    if ids.dim() == 1:
+        ids = ids[None]
+    if ids.dim() != 2 or ids.numel() == 0:
+        raise CalibrationError(f"calibration ids must have shape [B, n] or [n] with B, n >= 1, got {list(ids.shape)}")
+    ids = ids.detach().to("cpu", torch.int64)
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab:
+        raise CalibrationError(f"calibration ids must lie in [0, {vocab}) (the model's vocabulary), got ids in [{low}, {high}]")
+    return ids
+
+
+def _check_length(cfg: SegmentConfig, n: int) -> None:
+    """Refuse sequences in which no query has a key outside its local window."""
+    S, T, G = cfg.segment_len, cfg.tail_len, cfg.sink_tokens
+    first = S * ((T + G) // S + 1)  # first query whose segment start a has a - T > G
+    if n <= first:
+        raise CalibrationError(
+            f"calibration sequences of {n} tokens are too short for segment_len={S}, tail_len={T}, "
+            f"sink_tokens={G}: before position {first} every key is in a local head's window, so no head can "
+            f"be told from another; use sequences of at least {first + 1} tokens (several segments) or a smaller segment_len"
+        )
+
+
+def _vocab_size(model) -> int:
+    config = getattr(model, "config", None)
+    for name in ("vocab_size", "n_vocab"):
+        if getattr(config, name, None) is not None:
+            return int(getattr(config, name))
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embeddings is not None:
+        return int(embeddings.num_embeddings)
+    raise SegcompileError(f"{type(model).__name__}.config has no vocab_size; select_heads needs the vocabulary size")
+
+
+def _device_of(model) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+# ---- interception --------------------------------------------------------------------------
+class _Attention(TorchFunctionMode):
+    """Calls ``on_call(layer, bound SDPA args, sdpa)`` for every SDPA call and returns its result."""
+
+    def __init__(self, on_call):
+        super().__init__()
+        self.on_call, self.layer = on_call, 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        bound = inspect.signature(_sdpa_signature).bind(*args, **kwargs)
+        bound.apply_defaults()
+        if bound.arguments["dropout_p"]:
+            raise SegcompileError("select_heads: attention dropout must be 0 (put the model in eval mode)")
+        out = self.on_call(self.layer, bound.arguments, lambda **over: func(**{**bound.arguments, **over}))
+        self.layer += 1
+        return out
+
+
+def _run(model, ids: torch.Tensor, kv: list[int], on_call) -> torch.Tensor:
+    mode = _Attention(on_call)
+    with _sdpa_attention(model), mode:
+        logits = _logits(model, ids)
+    if mode.layer == 0:
+        raise UnsupportedAttentionError(
+            f"select_heads: {type(model).__name__} made no call to F.scaled_dot_product_attention, so no attention "
+            "was matched; heads can be scored in models whose attention is SDPA (transformers models with "
+            "attn_implementation 'sdpa' or 'eager', or a decoder that calls F.scaled_dot_product_attention)"
+        )
+    if mode.layer != len(kv):
+        raise UnsupportedAttentionError(
+            f"select_heads: {type(model).__name__} made {mode.layer} attention calls in one forward, but its config "
+            f"names {len(kv)} layers; every layer must call F.scaled_dot_product_attention exactly once"
+        )
+    return logits
+
+
+def _masks(cfg: SegmentConfig, n: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(local, beyond)`` ``[n, n]`` bool: a local head's keys, and the keys only a long-range head sees."""
+    local = visibility(cfg, n, False).to(device)
+    return local, visibility(cfg, n, True).to(device) & ~local
+
+
+def _group_mean(per_query_head: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """``[H] -> [Hk]``: mean over each KV head's query group."""
+    return per_query_head.view(kv_heads, -1).mean(dim=1)
+
+
+# ---- attention_mass ------------------------------------------------------------------------
+def _attention_mass(model, cfg, kv, data: _Data, device, progress) -> list[list[float]]:
+    totals = [torch.zeros(h, dtype=torch.float64) for h in kv]
+    count = 0
+    batches = data.fixed()
+
+    def on_call(layer, a, sdpa):
+        q, k = a["query"], a["key"]
+        B, H, n = q.shape[0], q.shape[1], q.shape[2]
+        if k.shape[1] != H:  # un-repeated GQA K/V (enable_gqa=True)
+            k = k.repeat_interleave(H // k.shape[1], dim=1)
+        local, beyond = _masks(cfg, n, q.device)
+        causal = visibility(cfg, n, True).to(q.device)
+        scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
+        rows = max(1, MASS_BLOCK_ELEMENTS // max(1, B * H * n))
+        mass = torch.zeros(H, dtype=torch.float64, device=q.device)
+        for r in range(0, n, rows):
+            qs = q[:, :, r : r + rows].float()
+            scores = qs @ k.float().transpose(-1, -2) * scale
+            visible = causal[r : r + rows]
+            mask = a["attn_mask"]
+            if mask is not None:
+                mask = mask[..., -n:, -n:][..., r : r + rows, :]
+                if mask.dtype == torch.bool:
+                    visible = visible & mask
+                else:
+                    scores = scores + mask.float()
+            p = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+            mass += (p * beyond[r : r + rows]).sum(dim=(-1, -2)).sum(dim=0).double()
+        queries = int(beyond.any(dim=-1).sum()) * B  # queries that have keys beyond their window
+        totals[layer] += _group_mean(mass.cpu() / queries, kv[layer]) * B
+        return sdpa()
+
+    with torch.no_grad():
+        for i, ids in enumerate(batches):
+            _run(model, ids.to(device), kv, on_call)
+            count += ids.shape[0]
+            if progress is not None:
+                progress(i + 1, len(batches))
+    return [(t / count).tolist() for t in totals]
+
+
+# ---- gate ----------------------------------------------------------------------------------
+def _gate(model, cfg, kv, data: _Data, device, steps, lr, sparsity, progress):
+    gates = [torch.full((h,), GATE_INIT_LOGIT, device=device, requires_grad=True) for h in kv]
+    optimizer = torch.optim.Adam(gates, lr=lr)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    first_loss = last_loss = None
+
+    def on_call(layer, a, sdpa):
+        q = a["query"]
+        n, H = q.shape[2], q.shape[1]
+        local, _ = _masks(cfg, n, q.device)
+        mask = a["attn_mask"]
+        if mask is None:
+            local_mask = local
+        elif mask.dtype == torch.bool:
+            local_mask = mask[..., -n:, -n:] & local
+        else:
+            local_mask = mask[..., -n:, -n:] + torch.zeros((), dtype=mask.dtype, device=q.device).masked_fill(
+                ~local, float("-inf")
+            )
+        full = sdpa()
+        short = sdpa(attn_mask=local_mask, is_causal=False)
+        g = torch.sigmoid(gates[layer]).repeat_interleave(H // kv[layer]).to(full.dtype)[None, :, None, None]
+        return g * full + (1 - g) * short
+
+    _, beyond = _masks(cfg, data.n, "cpu")
+    rows = beyond.any(dim=-1).nonzero().flatten().to(device)  # positions where local and full can differ
+    for p in frozen:
+        p.requires_grad_(False)
+    try:
+        for t in range(steps):
+            ids = data.step(t).to(device)
+            with torch.no_grad():
+                with _sdpa_attention(model):
+                    target = _logits(model, ids).index_select(1, rows).float()
+            gated = _run(model, ids, kv, on_call).index_select(1, rows).float()
+            distill = (gated - target).pow(2).mean() / target.var().clamp(min=1e-12)
+            penalty = torch.sigmoid(torch.cat(gates)).mean()
+            loss = distill + sparsity * penalty
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            last_loss = {"total": float(loss.detach()), "distill": float(distill.detach())}
+            first_loss = last_loss if first_loss is None else first_loss
+            if progress is not None:
+                progress(t + 1, steps)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+
+    logits = [g.detach().cpu().double() for g in gates]
+    scores = [torch.sigmoid(g).tolist() for g in logits]
+    params = {
+        "steps": steps, "lr": lr, "sparsity": sparsity, "init_logit": GATE_INIT_LOGIT, "optimizer": "adam",
+        "batch_size": data.batch_size, "gate_logits": {str(l): g.tolist() for l, g in enumerate(logits)},
+        "loss": {"first": first_loss, "last": last_loss},
+    }
+    return scores, [g.tolist() for g in logits], params
+
+
+def _check_choice(value, choices, what: str) -> None:
+    if value not in choices:
+        raise PlanError(f"unknown {what} {value!r}; choose one of {', '.join(map(repr, choices))}")
