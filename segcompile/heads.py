@@ -210,7 +210,8 @@ class _Data:
     """Batches of calibration ids, or seeded synthetic retrieval batches; hashes what it hands out."""
 
     def __init__(self, ids, vocab: int, n: int, samples: int, batch_size: int, seed: int):
-        self.ids, self.vocab, self.n, self.samples, self.batch_size, self.seed = ids, vocab, n, samples, batch_size, seed
+        self.ids, self.vocab, self.n = ids, vocab, n
+        self.samples, self.batch_size, self.seed = samples, batch_size, seed
         self.generator = torch.Generator().manual_seed(seed)
         self.hash = hashlib.sha256()
         self.sequences = 0
@@ -248,7 +249,9 @@ def _calibration(ids, vocab: int) -> torch.Tensor | None:
         try:
             ids = torch.as_tensor(ids)
         except (TypeError, ValueError, RuntimeError) as e:
-            raise CalibrationError(f"calibration ids must be an integer tensor or array [B, n], got {type(ids).__name__}: {e}") from None
+            raise CalibrationError(
+                f"calibration ids must be an integer tensor or array [B, n], got {type(ids).__name__}: {e}"
+            ) from None
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise CalibrationError(f"calibration ids must be integer token ids, got dtype {ids.dtype}")
     if ids.dim() == 1:
@@ -258,7 +261,9 @@ def _calibration(ids, vocab: int) -> torch.Tensor | None:
     ids = ids.detach().to("cpu", torch.int64)
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= vocab:
-        raise CalibrationError(f"calibration ids must lie in [0, {vocab}) (the model's vocabulary), got ids in [{low}, {high}]")
+        raise CalibrationError(
+            f"calibration ids must lie in [0, {vocab}) (the model's vocabulary), got ids in [{low}, {high}]"
+        )
     return ids
 
 
@@ -270,7 +275,8 @@ def _check_length(cfg: SegmentConfig, n: int) -> None:
         raise CalibrationError(
             f"calibration sequences of {n} tokens are too short for segment_len={S}, tail_len={T}, "
             f"sink_tokens={G}: before position {first} every key is in a local head's window, so no head can "
-            f"be told from another; use sequences of at least {first + 1} tokens (several segments) or a smaller segment_len"
+            f"be told from another; use sequences of at least {first + 1} tokens (several segments) "
+            "or a smaller segment_len"
         )
 
 

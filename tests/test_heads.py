@@ -17,7 +17,7 @@ from segcompile.cli.main import main
 from segcompile.heads import CalibrationError, retrieval_ids
 from segcompile.plan import model_fingerprint
 
-from conftest import VOCAB, captured, random_ids
+from conftest import captured, random_ids
 
 V, HEADS, KV_HEADS, HEAD_DIM = 32, 4, 2, 4
 CFG = sc.SegmentConfig(segment_len=8)  # T = S = 8, no sinks: keys 2+ segments back are beyond a local window
@@ -140,7 +140,10 @@ def test_ties_go_to_the_lowest_layer_and_head():
 
 def test_same_seed_same_plan_and_the_file_records_the_data():
     model = HandSetDecoder(FAR)
-    run = lambda seed: sc.select_heads(model, None, 0.5, "gate", CFG, seq_len=N, steps=5, seed=seed).to_json_dict()
+
+    def run(seed):
+        return sc.select_heads(model, None, 0.5, "gate", CFG, seq_len=N, steps=5, seed=seed).to_json_dict()
+
     first, again, other = run(0), run(0), run(1)
     assert first == again
     data = first["extra"]["data"]
@@ -240,7 +243,8 @@ def test_model_without_matched_attention_is_a_clear_error():
 def test_model_with_more_layers_in_its_config_than_attention_calls():
     model = HandSetDecoder(FAR)
     model.config.num_hidden_layers = 4
-    with pytest.raises(sc.UnsupportedAttentionError, match="made 3 attention calls in one forward, but its config names 4"):
+    message = "made 3 attention calls in one forward, but its config names 4"
+    with pytest.raises(sc.UnsupportedAttentionError, match=message):
         sc.select_heads(model, calibration(batch=1), budget=0.5, cfg=CFG)
 
 

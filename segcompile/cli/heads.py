@@ -51,7 +51,8 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
         if action.dest == "long_range":
             action.help = argparse.SUPPRESS
     select = parser.add_argument_group("selection")
-    select.add_argument("--budget", type=fraction, default=0.25, help="fraction of KV heads (or layers) kept long-range")
+    select.add_argument("--budget", type=fraction, default=0.25,
+                        help="fraction of KV heads (or layers) kept long-range")
     select.add_argument("--method", choices=["attention_mass", "gate"], default="attention_mass",
                         help="attention mass beyond the local window, or DuoAttention-style trained gates")
     select.add_argument("--granularity", choices=["head", "layer"], default="head",
