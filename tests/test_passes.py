@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import HF_FAMILIES, captured, make_model, max_abs, random_ids
+from conftest import ALL_MODELS, captured, make_model, max_abs, random_ids
 
 import segcompile as sc
 from segcompile.passes import copy_captured, find_attention
@@ -21,11 +21,8 @@ def call_targets(gm):
     return [n.target for n in gm.graph.nodes if n.op == "call_function"]
 
 
-@pytest.mark.parametrize("family", [*HF_FAMILIES, "plain"])
-@pytest.mark.parametrize("impl", ["sdpa", "eager"])
+@pytest.mark.parametrize("family,impl", ALL_MODELS)
 def test_step_graph_has_one_segment_attention_per_layer(family, impl):
-    if family == "plain" and impl == "eager":
-        pytest.skip("the plain decoder only has an SDPA form")
     seg = sc.transform(captured(family, impl, layers=4)[1], sc.SegmentConfig(16))
     targets = call_targets(seg.step_graph)
     assert targets.count(SEGMENT_ATTENTION) == 4
