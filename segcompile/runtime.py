@@ -40,6 +40,9 @@ class LayerState:
     tail_v: torch.Tensor
     current_k: torch.Tensor
     current_v: torch.Tensor
+    # The buffers hist_k/v are views of (append-only, shared by every live segment graph)
+    hist_store_k: torch.Tensor | None = None
+    hist_store_v: torch.Tensor | None = None
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return tuple(getattr(self, name) for name in STATE_NAMES)
@@ -205,11 +208,12 @@ class SegmentedModel(torch.nn.Module):
                 moved[f"current_{kv}"] = current[:, :, :0]
                 sinks = getattr(layer, f"sink_{kv}").to(dtype)
                 moved[f"sink_{kv}"] = torch.cat([sinks, leaving], dim=2)[:, :, :G] if sinks.shape[2] < G else sinks
-                history = getattr(layer, f"hist_{kv}").to(dtype)
                 if site.long_range:
                     index = torch.tensor(site.long_range, device=leaving.device)
-                    history = torch.cat([history, leaving.index_select(1, index)], dim=2)
-                moved[f"hist_{kv}"] = history
+                    store, history = _append_history(
+                        getattr(layer, f"hist_store_{kv}"), getattr(layer, f"hist_{kv}"), leaving.index_select(1, index)
+                    )
+                    moved[f"hist_store_{kv}"], moved[f"hist_{kv}"] = store, history
             layers.append(replace(layer, **moved))
         return replace(state, layers=tuple(layers))
 
@@ -249,6 +253,28 @@ class SegmentedModel(torch.nn.Module):
         return "\n".join(lines)
 
 
+
+
+HISTORY_GROWTH = 1.5  # capacity factor when the history buffer is full: amortised O(1) per token
+
+
+def _append_history(store: torch.Tensor | None, history: torch.Tensor, new: torch.Tensor):
+    """Append ``new`` after ``history`` in an append-only buffer; return (buffer, view of the history).
+
+    Segment graphs kept for TBPTT save the history view they read; a fresh concatenation per
+    segment would give each its own copy. Appends land past the end of every view already
+    handed out, so they are written through ``.data`` (no autograd version bump: no saved
+    region changes). A full buffer is replaced by a larger one; old views keep the old one alive
+    only while a graph still holds them.
+    """
+    length, need = history.shape[2], history.shape[2] + new.shape[2]
+    if store is None or store.shape[2] < need or store.dtype != new.dtype or store.shape[:2] != new.shape[:2]:
+        capacity = max(need, int(length * HISTORY_GROWTH))
+        fresh = new.new_empty(new.shape[0], new.shape[1], capacity, new.shape[3])
+        fresh[:, :, :length] = history
+        store = fresh
+    store.data[:, :, length:need] = new
+    return store, store[:, :, :need]
 
 
 def _builds_graph(module: torch.nn.Module) -> bool:

@@ -189,3 +189,18 @@ def test_local_cache_constant_in_sequence_length(llama):
         short = seg.prefill(random_ids(1, 3 * S + 1))
         long = seg.prefill(random_ids(1, 40 * S + 1))
     assert [l.local_entries() for l in short.layers] == [l.local_entries() for l in long.layers]
+
+
+def test_history_is_one_growing_buffer(llama):
+    # Live segment graphs share the history: consecutive states view one buffer, which is
+    # reallocated only geometrically (not once per segment).
+    _, graph = llama
+    seg = sc.transform(graph, sc.SegmentConfig(4, long_range=sc.HeadPlan.all()))
+    state = seg.initial_state(random_ids(1, 4))
+    buffers = set()
+    with torch.no_grad():
+        for _ in range(40):
+            _, state = seg.step(state, random_ids(1, 4))
+            buffers.add(state.layers[0].hist_k.untyped_storage().data_ptr())
+    assert state.layers[0].hist_k.shape[2] == 39 * 4  # everything before the tail
+    assert len(buffers) <= 12
