@@ -88,7 +88,8 @@ def make_console(args: argparse.Namespace):
 
 
 # ---- the segment flags every compiling command takes ---------------------------------------
-def add_segment_flags(parser: argparse.ArgumentParser, *, segment_len: int, sinks: int) -> None:
+def add_segment_flags(parser: argparse.ArgumentParser, *, segment_len: int, sinks: int, long_range: bool = True) -> None:
+    """--segment-len, --tail-len, --sinks and (unless the command chooses the plan) --long-range."""
     group = parser.add_argument_group("segments")
     group.add_argument("--segment-len", type=positive_int, default=segment_len, help="S, tokens per segment")
     group.add_argument(
@@ -96,10 +97,11 @@ def add_segment_flags(parser: argparse.ArgumentParser, *, segment_len: int, sink
         help="T, keys of the previous segment every head sees (default: S, the whole previous segment)",
     )
     group.add_argument("--sinks", type=non_negative_int, default=sinks, help="G, first tokens every head sees")
-    group.add_argument(
-        "--long-range", type=fraction_or_plan, default=0.25, metavar="FRACTION|PLAN.json",
-        help="fraction of KV heads that see the whole history, or a head-plan JSON file",
-    )
+    if long_range:
+        group.add_argument(
+            "--long-range", type=fraction_or_plan, default=0.25, metavar="FRACTION|PLAN.json",
+            help="fraction of KV heads that see the whole history, or a head-plan JSON file",
+        )
 
 
 def check_plan_file(args: argparse.Namespace) -> None:

@@ -44,12 +44,8 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
         help=f"decoder layers of the built-in tiny Llama (default: {DEFAULT_TINY_LAYERS}; not with MODEL_DIR)",
     )
     model.add_argument("--device", default=None, help="torch device to run on (default: cuda if available, else cpu)")
-    add_segment_flags(parser, segment_len=512, sinks=0)
-    # The plan is what this command makes: --long-range (added by add_segment_flags) does not apply.
-    parser.set_defaults(long_range=None)
-    for action in parser._actions:
-        if action.dest == "long_range":
-            action.help = argparse.SUPPRESS
+    add_segment_flags(parser, segment_len=512, sinks=0, long_range=False)  # the plan is what this command makes
+    parser.add_argument("--long-range", default=None, help=argparse.SUPPRESS)  # only to say why it does not apply
     select = parser.add_argument_group("selection")
     select.add_argument("--budget", type=fraction, default=0.25,
                         help="fraction of KV heads (or layers) kept long-range")
