@@ -1,0 +1,201 @@
+"""ONNX export of the segment-step program and its onnxruntime runner.
+
+Against ``SegmentedModel`` (itself tested against the oracle): prefill 5 segments and 3 tokens,
+then decode 2*S tokens, logits within 1e-4. The state rewrite (fixed-size local buffers, history
+capacity, the in-graph segment-end move) is checked over the whole grid (3 families x 3 plans x
+G in {0, 4}) in PyTorch, where it is cheap; the exported files over a subset that covers every
+family, plan and G (an export takes 5-20 s on 2 cores), the rest of the grid with
+SEGCOMPILE_SLOW_TESTS=1.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import VOCAB, captured, max_abs, random_ids
+
+import segcompile as sc
+from segcompile.errors import SegcompileError
+from segcompile.exporters.onnx import example_inputs, export_onnx, state_specs, step_module
+from segcompile.onnx_runtime import OnnxSegmentedModel
+
+S = 8
+TOL = 1e-4
+PLANS = {"none": sc.HeadPlan.none(), "fraction(0.5)": sc.HeadPlan.fraction(0.5), "all": sc.HeadPlan.all()}
+GRID = [(f, p, g) for f in ("llama", "qwen2", "gpt2") for p in PLANS for g in (0, 4)]
+# every family, every plan and both G; gpt2 also exports the logits of every position
+ONNX_CASES = [("llama", "fraction(0.5)", 4), ("qwen2", "none", 0), ("gpt2", "all", 4)]
+SLOW = os.environ.get("SEGCOMPILE_SLOW_TESTS") == "1"
+
+
+def _seg(family, plan, sinks):
+    _, graph = captured(family)
+    return sc.transform(graph, sc.SegmentConfig(segment_len=S, sink_tokens=sinks, long_range=PLANS[plan]))
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """(family, plan, G) -> (seg, path): each file exported once per module."""
+    cache = {}
+
+    def get(family, plan, sinks):
+        key = (family, plan, sinks)
+        if key not in cache:
+            seg = _seg(family, plan, sinks)
+            path = tmp_path_factory.mktemp("onnx") / f"{family}-{sinks}.onnx"
+            export_onnx(seg, path, logits="all" if family == "gpt2" else "last")
+            cache[key] = seg, path
+        return cache[key]
+
+    return get
+
+
+def _compare(seg, prefill, decode, prompt_len=5 * S + 3, batch=2):
+    """Max abs logit difference, (prefill's last token, the 2*S decoded tokens), PyTorch vs ``prefill/decode``."""
+    ids = random_ids(batch, prompt_len)
+    with torch.no_grad():
+        ref = seg.prefill(ids)
+        got = prefill(ids)
+        diffs = [max_abs(torch.as_tensor(got[1]), ref.logits)]
+        state = got[0]
+        for _ in range(2 * S):
+            token = ref.logits.argmax(-1, keepdim=True)
+            want, ref = seg.decode(ref, token)
+            logits, state = decode(state, token)
+            diffs.append(max_abs(torch.as_tensor(logits), want))
+    return diffs[0], max(diffs[1:])
+
+
+# ---- the state rewrite, in PyTorch, over the whole grid ------------------------------------------
+class _TorchSteps:
+    """The runner's loop in PyTorch over ``step_module`` (fixed local buffers, history capacity)."""
+
+    def __init__(self, seg, history):
+        self.module = step_module(seg, logits="all")
+        self.seg = seg
+        self.history = history
+
+    def prefill(self, ids):
+        args = example_inputs(self.seg, batch=ids.shape[0], history=self.history)
+        state = [0, list(args[2:])]
+        logits = self._feed(state, ids)
+        return state, logits[:, -1]
+
+    def decode(self, state, ids):
+        return self._feed(state, ids), state
+
+    def _feed(self, state, ids):
+        pieces, done = [], 0
+        while done < ids.shape[1]:
+            take = min(S - state[0] % S, ids.shape[1] - done)
+            out = self.module(ids[:, done : done + take], torch.tensor(state[0]), *state[1])
+            pieces.append(out[0])
+            state[0] += take
+            state[1] = list(out[1:])
+            done += take
+        return torch.cat(pieces, dim=1)
+
+
+@pytest.mark.parametrize("family,plan,sinks", GRID)
+def test_step_module_matches_segmented_model(family, plan, sinks):
+    seg = _seg(family, plan, sinks)
+    steps = _TorchSteps(seg, history=8 * S)
+    prefill, decode = _compare(seg, steps.prefill, steps.decode)
+    assert prefill < TOL and decode < TOL, (prefill, decode)
+
+
+# ---- the exported files ----------------------------------------------------------------------------
+def _check_file(seg, path):
+    model = onnx.load(str(path))
+    onnx.checker.check_model(model, full_check=True)
+    assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}
+    shapes = {v.name: [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim] for v in model.graph.input}
+    assert shapes["input_ids"] == ["batch", "step"] and shapes["position_offset"] == []
+    G, T = seg.cfg.sink_tokens, seg.cfg.tail_len
+    for site in seg.sites:
+        for kv, dim in (("k", site.head_dim), ("v", site.v_head_dim)):
+            # local heads: a fixed G + T + S whatever the context length
+            assert shapes[f"layer{site.layer}_local_{kv}"] == ["batch", site.num_kv_heads, G + T + S, dim]
+            hist = shapes.get(f"layer{site.layer}_hist_{kv}")
+            assert hist == (["batch", len(site.long_range), "history", dim] if site.long_range else None)
+    assert len(shapes) == 2 + len(state_specs(seg))
+
+
+def _run_onnx(family, plan, sinks, exported):
+    seg, path = exported(family, plan, sinks)
+    _check_file(seg, path)
+    runner = OnnxSegmentedModel(path)
+
+    def prefill(ids):
+        state = runner.prefill(ids.numpy())
+        return state, state.logits
+
+    prefill_diff, decode_diff = _compare(seg, prefill, lambda st, ids: runner.decode(st, ids.numpy()))
+    print(f"{family} {plan} G={sinks}: prefill {prefill_diff:.1e}, decode {decode_diff:.1e}")
+    assert prefill_diff < TOL and decode_diff < TOL, (prefill_diff, decode_diff)
+    return seg, runner
+
+
+@pytest.mark.parametrize("family,plan,sinks", ONNX_CASES)
+def test_onnx_matches_segmented_model(family, plan, sinks, exported):
+    seg, runner = _run_onnx(family, plan, sinks, exported)
+    if runner.logits_mode == "all":  # every position of a prefill, too
+        ids = random_ids(1, 3 * S + 2, seed=3)
+        got = runner.decode(runner.initial_state(1), ids.numpy())[0]
+        with torch.no_grad():
+            assert max_abs(torch.from_numpy(got), seg(ids).logits) < TOL
+
+
+@pytest.mark.skipif(not SLOW, reason="the rest of the ONNX grid: set SEGCOMPILE_SLOW_TESTS=1 (about 15 exports)")
+@pytest.mark.slow
+@pytest.mark.parametrize("family,plan,sinks", [c for c in GRID if c not in ONNX_CASES])
+def test_onnx_grid(family, plan, sinks, exported):
+    _run_onnx(family, plan, sinks, exported)
+
+
+def test_one_file_serves_any_length(exported):
+    seg, path = exported(*ONNX_CASES[0])
+    before = path.stat().st_mtime_ns
+    runner = OnnxSegmentedModel(path)
+    for n in (2 * S + 1, 11 * S + 5):  # history 9 and 77 positions: the capacity grows in between
+        ids = random_ids(1, n, seed=n)
+        state = runner.prefill(ids.numpy())
+        with torch.no_grad():
+            ref = seg.prefill(ids)
+        assert max_abs(torch.from_numpy(state.logits), ref.logits) < TOL
+        assert state.history >= n - n % S - S
+    assert path.stat().st_mtime_ns == before
+
+
+def test_bad_inputs_are_clear_errors(exported):
+    _, path = exported(*ONNX_CASES[0])
+    _, other_path = exported(*ONNX_CASES[1])
+    runner, other = OnnxSegmentedModel(path), OnnxSegmentedModel(other_path)
+    ids = random_ids(2, S).numpy()
+    with pytest.raises(SegcompileError, match="integer array"):
+        runner.prefill(ids.astype(np.float32))
+    with pytest.raises(SegcompileError, match="integer array"):
+        runner.prefill(ids[0])
+    with pytest.raises(SegcompileError, match="outside the vocabulary"):
+        runner.prefill(ids + VOCAB)
+    state = runner.initial_state(2)
+    with pytest.raises(SegcompileError, match="crosses a segment boundary"):
+        runner.step(state, random_ids(2, S + 1).numpy())
+    runner.step(state, ids[:, :3])
+    with pytest.raises(SegcompileError, match="crosses a segment boundary"):
+        runner.step(state, ids)  # 3 + 8 > S
+    with pytest.raises(SegcompileError, match="batch size 1"):
+        runner.decode(state, ids[:1, :1])
+    with pytest.raises(SegcompileError, match="another exported model"):
+        other.decode(state, ids[:, :1])
+    with pytest.raises(SegcompileError, match="not a segcompile"):
+        bare = path.parent / "bare.onnx"
+        model = onnx.load(str(path))
+        del model.metadata_props[:]
+        onnx.save(model, str(bare))
+        OnnxSegmentedModel(bare)
+
