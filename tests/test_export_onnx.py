@@ -199,3 +199,32 @@ def test_bad_inputs_are_clear_errors(exported):
         onnx.save(model, str(bare))
         OnnxSegmentedModel(bare)
 
+
+def test_cli_export_and_run(tmp_path, capsys, monkeypatch):
+    from segcompile.cli.main import main
+
+    monkeypatch.setenv("COLUMNS", "200")
+    out = tmp_path / "tiny.onnx"
+    rc = main(["export", "--layers", "1", "--segment-len", "16", "--sinks", "2", "--long-range", "0.5",
+               "--out", str(out), "--no-color"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    assert out.is_file() and not list(tmp_path.glob(".*.tmp"))
+    assert "opset      20" in text and f"file       {out}" in text
+    assert "layer0_local_k float[batch, 2, 34, 16]" in text  # G + T + S = 2 + 16 + 16
+    assert "layer0_hist_k float[batch, 1, history, 16]" in text
+    assert OnnxSegmentedModel(out).metadata["segcompile.segment_len"] == "16"
+
+    np.save(tmp_path / "ids.npy", np.arange(40) % 200)
+    rc = main(["run", str(out), "--prompt-ids", str(tmp_path / "ids.npy"), "--max-new-tokens", "5",
+               "--out", str(tmp_path / "new.npy"), "--no-color"])
+    text = capsys.readouterr().out
+    assert rc == 0, text
+    new = np.load(tmp_path / "new.npy")
+    assert new.shape == (1, 5)
+    assert "new ids [0]: " + " ".join(map(str, new[0])) in text
+
+    assert main(["export", "--format", "tensorrt", "--out", str(tmp_path / "x.plan")]) == 2
+    err = capsys.readouterr().err
+    assert 'pip install "segcompile[tensorrt]"' in err and "NVIDIA GPU" in err
+    assert main(["run", str(tmp_path / "missing.onnx"), "--prompt-ids", str(tmp_path / "ids.npy")]) == 2

@@ -28,6 +28,8 @@ PROG = "segcompile"
 COMMANDS: dict[str, str] = {
     "demo": "segcompile.cli.demo",
     "viz": "segcompile.cli.viz",
+    "export": "segcompile.cli.export",
+    "run": "segcompile.cli.run",
     "heads": "segcompile.cli.heads",
 }
 

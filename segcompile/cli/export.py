@@ -1,0 +1,138 @@
+"""``segcompile export``: compile a model and write its segment-step program as an ONNX file.
+
+Stages: load the model (a local Hugging Face folder, or the built-in tiny Llama) -> capture ->
+passes -> ONNX export (``segcompile.exporters.onnx``: fixed-size local state, dynamic history,
+checked with onnx.checker and shape inference, written atomically). Prints a summary: file,
+size, opset, inputs and outputs. ``--format tensorrt`` is not built yet and says how to get it.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import HelpFormatter, UsageError, add_segment_flags, check_plan_file, make_console, positive_int, segment_config
+
+name = "export"
+help = "write the compiled segment-step program as an ONNX file"
+
+TENSORRT_HINT = (
+    'TensorRT engines need `pip install "segcompile[tensorrt]"` and an NVIDIA GPU; until then export '
+    "--format onnx, which TensorRT's ONNX parser reads"
+)
+
+
+def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        name,
+        help=help,
+        description=(
+            "Compile a causal LM (a local Hugging Face model folder, or the built-in tiny Llama) into the "
+            "segment loop and write the program that runs once per segment or decode step as one ONNX file: "
+            "segment token ids, position offset and the carried state in; logits and the new state out. "
+            "The state of local heads has a fixed size, so one file serves any context length. "
+            "Run it with `segcompile run`."
+        ),
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument(
+        "model_dir", nargs="?", metavar="MODEL_DIR",
+        help="a local Hugging Face model folder (config.json and safetensors weights; its code is never run). "
+        "Default: the built-in tiny Llama",
+    )
+    parser.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx", help="what to write")
+    parser.add_argument("--layers", type=positive_int, default=None,
+                        help="decoder layers of the built-in tiny Llama (default: 4; not with MODEL_DIR)")
+    add_segment_flags(parser, segment_len=2048, sinks=0)
+    parser.add_argument("--logits", choices=["last", "all"], default="last",
+                        help="logits of the step's last position only, or of every position")
+    parser.add_argument("--out", default="model.onnx", help="the file to write (replaced atomically)")
+    return parser
+
+
+def validate(args: argparse.Namespace) -> None:
+    from .viz import validate as validate_model_and_plan
+
+    if args.format == "tensorrt":
+        raise UsageError("--format tensorrt is not available in this installation", hint=TENSORRT_HINT)
+    out = Path(args.out)
+    if out.is_dir():
+        raise UsageError(f"--out {args.out} is a folder", hint="name the .onnx file to write")
+    viz_like = argparse.Namespace(model_dir=args.model_dir, layers=args.layers, long_range=args.long_range, out=".")
+    validate_model_and_plan(viz_like)
+    check_plan_file(args)
+
+
+def cmd(args: argparse.Namespace) -> int:
+    import warnings
+
+    import segcompile as sc
+
+    from ..exporters.onnx import export_onnx
+    from .viz import _load, _model_label, _stage
+
+    cfg = segment_config(args)
+    console = make_console(args)
+    stages = ["load model", "capture", "passes", "export"]
+    seconds: dict[str, float] = {}
+    with _stage(console, stages, 0, seconds, _model_label(args)):
+        model = _load(args)
+    with _stage(console, stages, 1, seconds, f"capture {type(model).__name__} (torch.export)"):
+        graph = sc.capture(model)
+    with _stage(console, stages, 2, seconds, "passes"):
+        seg = sc.transform(graph, cfg)
+    with _stage(console, stages, 3, seconds, f"ONNX export, check -> {args.out}"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        summary = _quiet(export_onnx, seg, args.out, logits=args.logits)
+    _summary(console, summary, seg, cfg, seconds)
+    return 0
+
+
+def _quiet(fn, *args, **kwargs):
+    """Run ``fn`` with torch.onnx's progress lines (printed to stdout) and its logging silenced."""
+    import contextlib
+    import io
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            return fn(*args, **kwargs)
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _summary(console, summary, seg, cfg, seconds) -> None:
+    from rich import box
+    from rich.markup import escape
+    from rich.table import Table
+
+    def shape(dims):
+        return escape("[" + ", ".join(str(d) for d in dims) + "]")
+
+    table = Table(title="segcompile export", show_header=False, box=box.SIMPLE_HEAD, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("file", str(summary.path))
+    table.add_row("size", f"{summary.bytes / 1e6:.2f} MB")
+    table.add_row("opset", str(summary.opset))
+    table.add_row("model", f"{seg.capture_info.model_class}, {len(seg.sites)} attention layers")
+    table.add_row("segments", f"S={cfg.segment_len}  T={cfg.tail_len}  G={cfg.sink_tokens}; "
+                  f"head plan {cfg.long_range.describe()}")
+    state_in = [v for v in summary.inputs if v[0] not in ("input_ids", "position_offset")]
+    table.add_row("inputs", ", ".join(f"{n} {t}{shape(s)}" for n, t, s in summary.inputs[:2])
+                  + f", {len(state_in)} state buffers")
+    for n, t, s in state_in[:4]:
+        table.add_row("", f"{n} {t}{shape(s)}")
+    if len(state_in) > 4:
+        table.add_row("", f"... {len(state_in) - 4} more (local: fixed size; hist: dynamic history)")
+    table.add_row("outputs", f"{summary.outputs[0][0]} {summary.outputs[0][1]}{shape(summary.outputs[0][2])}, "
+                  f"{len(summary.outputs) - 1} updated state buffers (*_out)")
+    table.add_row("time", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
+    console.print()
+    console.print(table)
+    console.print(f"run it: segcompile run {summary.path} --prompt-ids IDS.npy", markup=False, soft_wrap=True)

@@ -1,0 +1,122 @@
+"""``segcompile run``: prefill a prompt and decode greedily with an exported ONNX step program.
+
+Reads the prompt ids from a ``.npy`` file (integers, ``[tokens]`` or ``[batch, tokens]``; numpy
+reads it with ``allow_pickle=False``), runs ``segcompile.onnx_runtime.OnnxSegmentedModel`` (CUDA
+provider when onnxruntime has it, CPU otherwise), prints the new ids and the speed, and writes
+them with ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import HelpFormatter, UsageError, make_console, non_negative_int
+
+name = "run"
+help = "prefill a prompt and decode greedily with an exported ONNX file"
+
+
+def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        name,
+        help=help,
+        description="Run a file written by `segcompile export` with onnxruntime: prefill the prompt a segment "
+        "at a time, then decode greedily.",
+        formatter_class=HelpFormatter,
+    )
+    parser.add_argument("model", metavar="MODEL.onnx", help="a file written by `segcompile export`")
+    parser.add_argument("--prompt-ids", required=True, metavar="IDS.npy",
+                        help="prompt token ids: an integer .npy array [tokens] or [batch, tokens]")
+    parser.add_argument("--max-new-tokens", type=non_negative_int, default=64, help="tokens to decode")
+    parser.add_argument("--provider", choices=["auto", "cpu", "cuda"], default="auto",
+                        help="onnxruntime execution provider (auto: CUDA when available)")
+    parser.add_argument("--out", default=None, metavar="NEW.npy", help="write the new ids [batch, tokens] here")
+    return parser
+
+
+def validate(args: argparse.Namespace) -> None:
+    if not Path(args.model).is_file():
+        raise UsageError(f"{args.model}: no such file", hint="write one with `segcompile export --out MODEL.onnx`")
+    if not Path(args.prompt_ids).is_file():
+        raise UsageError(f"--prompt-ids {args.prompt_ids}: no such file",
+                         hint="save the ids with numpy.save('ids.npy', ids)")
+
+
+def cmd(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from ..onnx_runtime import OnnxSegmentedModel
+
+    console = make_console(args)
+    try:
+        ids = np.load(args.prompt_ids, allow_pickle=False)
+    except (ValueError, OSError) as e:
+        raise UsageError(f"--prompt-ids {args.prompt_ids}: not a numpy array file ({e})",
+                         hint="save the ids with numpy.save('ids.npy', ids)") from None
+    if ids.ndim == 1:
+        ids = ids[None]
+    providers = {"auto": None, "cpu": ["CPUExecutionProvider"], "cuda": ["CUDAExecutionProvider"]}[args.provider]
+    if args.provider == "cuda":
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise UsageError("--provider cuda: this onnxruntime has no CUDA provider",
+                             hint="install onnxruntime-gpu on a machine with an NVIDIA GPU, or use --provider cpu")
+    model = OnnxSegmentedModel(args.model, providers=providers)
+    console.print(
+        f"{model.path.name}: {model.model['architecture']}, {model.model['num_layers']} layers, "
+        f"S={model.segment_len} T={model.tail_len} G={model.sink_tokens}, provider {model.providers[0]}",
+        markup=False, soft_wrap=True,
+    )
+    new = _generate(console, model, ids, args.max_new_tokens)
+    t = model.timings
+    console.print(f"prompt {ids.shape[0]} x {ids.shape[1]} tokens, prefill {t['prefill_s']:.2f} s "
+                  f"({t['prefill_tokens'] / max(t['prefill_s'], 1e-9):.0f} tok/s)", markup=False)
+    console.print(f"decoded {new.shape[1]} tokens, {t['decode_s']:.2f} s "
+                  f"({t['decode_tokens'] / max(t['decode_s'], 1e-9):.0f} tok/s)", markup=False)
+    for row, seq in enumerate(new):
+        console.print(f"new ids [{row}]: {' '.join(map(str, seq.tolist()))}", markup=False, soft_wrap=True)
+    if args.out:
+        _save(args.out, new)
+        console.print(f"wrote {args.out}", markup=False)
+    return 0
+
+
+def _generate(console, model, ids, max_new_tokens: int):
+    import numpy as np
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                        console=console, transient=True, disable=not console.is_terminal)
+    with progress:
+        task = progress.add_task("prefill", total=None)
+        state = model.prefill(ids)
+        progress.update(task, description="decode", total=max_new_tokens, completed=0)
+        out = []
+        for i in range(max_new_tokens):
+            token = state.logits.argmax(-1).astype(np.int64)[:, None]
+            out.append(token)
+            if i + 1 < max_new_tokens:
+                model.decode(state, token)
+            progress.advance(task)
+    return np.concatenate(out, axis=1) if out else np.zeros((ids.shape[0], 0), np.int64)
+
+
+def _save(path: str, array) -> None:
+    """``numpy.save`` to a temporary file beside ``path``, then rename it over ``path``."""
+    import os
+    import tempfile
+
+    import numpy as np
+
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, array, allow_pickle=False)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
