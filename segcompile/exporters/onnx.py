@@ -262,6 +262,7 @@ def export_onnx(seg: SegmentedModel, path: str | os.PathLike, *, logits: str = "
         onnx.checker.check_model(tmp, full_check=True)  # full_check runs strict shape inference too
         onnx.shape_inference.infer_shapes_path(tmp, tmp + ".inferred", strict_mode=True)
         Path(tmp + ".inferred").unlink()
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -269,6 +270,12 @@ def export_onnx(seg: SegmentedModel, path: str | os.PathLike, *, logits: str = "
         raise
     return ExportSummary(path, path.stat().st_size, OPSET, _values(proto.graph.input), _values(proto.graph.output),
                          {p.key: p.value for p in proto.metadata_props})
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _values(values) -> list[tuple[str, str, list]]:
