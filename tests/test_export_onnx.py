@@ -118,6 +118,17 @@ def test_step_module_short_tails(family, tail, sinks):
     assert prefill < TOL and decode < TOL, (prefill, decode)
 
 
+def test_last_logits_slice_before_the_lm_head():
+    # a prefill step computes one row of logits, not S: the slice is the LM head's input
+    seg = _seg("llama", "none", 0)
+    module = step_module(seg, logits="last")
+    head = module.graph.output_node().args[0][0]
+    assert head.target is torch.ops.aten.linear.default
+    assert head.args[0].target is torch.ops.aten.slice.Tensor and head.args[0].args[1:] == (1, -1, None)
+    args = example_inputs(seg, batch=1, step=5)
+    assert module(*args)[0].shape == (1, 1, VOCAB)
+
+
 # ---- the exported files ----------------------------------------------------------------------------
 def _check_file(seg, path):
     model = onnx.load(str(path))
