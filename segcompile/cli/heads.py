@@ -13,12 +13,19 @@ import argparse
 import time
 from pathlib import Path
 
-from . import HelpFormatter, UsageError, add_segment_flags, fraction, make_console, positive_int
+from . import (
+    HelpFormatter,
+    UsageError,
+    add_segment_flags,
+    fraction,
+    make_console,
+    positive_int,
+)
+from .models import add_model_args, check_model_args, load_model, model_label
 
 name = "heads"
 help = "choose the long-range KV heads of a model from data and write a head-plan JSON file"
 
-DEFAULT_TINY_LAYERS = 4
 
 
 def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -33,16 +40,7 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
         ),
         formatter_class=HelpFormatter,
     )
-    parser.add_argument(
-        "model_dir", nargs="?", metavar="MODEL_DIR",
-        help="a local Hugging Face model folder (config.json and safetensors weights; its code is never run). "
-        "Default: the built-in tiny Llama",
-    )
-    model = parser.add_argument_group("model")
-    model.add_argument(
-        "--layers", type=positive_int, default=None,
-        help=f"decoder layers of the built-in tiny Llama (default: {DEFAULT_TINY_LAYERS}; not with MODEL_DIR)",
-    )
+    model = add_model_args(parser)
     model.add_argument("--device", default=None, help="torch device to run on (default: cuda if available, else cpu)")
     add_segment_flags(parser, segment_len=512, sinks=0, long_range=False)  # the plan is what this command makes
     parser.add_argument("--long-range", default=None, help=argparse.SUPPRESS)  # only to say why it does not apply
@@ -77,16 +75,7 @@ def validate(args: argparse.Namespace) -> None:
             "--long-range does not apply to `segcompile heads`: it chooses the long-range heads",
             hint="use --budget for the fraction of KV heads to keep",
         )
-    if args.model_dir is not None:
-        folder = Path(args.model_dir)
-        if not (folder / "config.json").is_file():
-            raise UsageError(
-                f"MODEL_DIR {args.model_dir} is not a folder with config.json",
-                hint="name a local Hugging Face model folder (what save_pretrained() wrote), "
-                "or leave it out for the built-in tiny Llama",
-            )
-        if args.layers is not None:
-            raise UsageError("--layers applies to the built-in tiny Llama only", hint="leave out MODEL_DIR or --layers")
+    check_model_args(args)
     if args.calibration_ids is not None:
         if not Path(args.calibration_ids).is_file():
             raise UsageError(f"--calibration-ids {args.calibration_ids}: no such file",
@@ -111,8 +100,8 @@ def cmd(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     start = time.perf_counter()
-    model = _load(args).to(device)
-    console.print(f"[1/3] {_model_label(args):<56} {time.perf_counter() - start:6.2f} s", markup=False, soft_wrap=True)
+    model = load_model(args).to(device)
+    console.print(f"[1/3] {model_label(args):<56} {time.perf_counter() - start:6.2f} s", markup=False, soft_wrap=True)
 
     options = {k: getattr(args, k) for k in ("steps", "lr", "sparsity") if getattr(args, k) is not None}
     label = f"{args.method}, S={cfg.segment_len} T={cfg.tail_len} G={cfg.sink_tokens}"
@@ -142,38 +131,17 @@ def _calibration(path: str | None):
                          hint="save the ids with numpy.save(path, ids), an integer array [B, n] or [n]") from e
 
 
-def _model_label(args) -> str:
-    if args.model_dir is not None:
-        return f"load {args.model_dir}"
-    return f"build the tiny Llama ({args.layers or DEFAULT_TINY_LAYERS} layers, random init)"
-
-
-def _load(args):
-    if args.model_dir is None:
-        from ..tiny import tiny_llama
-
-        return tiny_llama(num_layers=args.layers or DEFAULT_TINY_LAYERS)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            args.model_dir, trust_remote_code=False, use_safetensors=True
-        )
-    except (OSError, ValueError) as e:
-        raise UsageError(
-            f"could not load {args.model_dir}: {' '.join(str(e).split())[:300]}",
-            hint="the folder needs config.json and *.safetensors weights of a transformers causal LM "
-            "(models that need their own code are not loaded)",
-        ) from e
-    return model.eval()
-
-
 class _progress:
     """A progress bar (only on a terminal) that ``select_heads`` advances as ``update(done, total)``."""
 
     def __init__(self, console, label: str):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                             console=console, transient=True, disable=not console.is_terminal)

@@ -13,12 +13,19 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
-from . import HelpFormatter, UsageError, add_segment_flags, check_plan_file, make_console, positive_int, segment_config
+from . import (
+    HelpFormatter,
+    UsageError,
+    add_segment_flags,
+    check_plan_file,
+    make_console,
+    segment_config,
+)
+from .models import add_model_args, check_model_args, load_model, model_label
 
 name = "viz"
 help = "write pages that show what every compiler pass did to the model's graph"
 
-DEFAULT_TINY_LAYERS = 4
 
 
 def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -33,36 +40,14 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
         ),
         formatter_class=HelpFormatter,
     )
-    parser.add_argument(
-        "model_dir", nargs="?", metavar="MODEL_DIR",
-        help="a local Hugging Face model folder (config.json and safetensors weights; its code is never run). "
-        "Default: the built-in tiny Llama",
-    )
-    model = parser.add_argument_group("model")
-    model.add_argument(
-        "--layers", type=positive_int, default=None,
-        help=f"decoder layers of the built-in tiny Llama (default: {DEFAULT_TINY_LAYERS}; not with MODEL_DIR)",
-    )
+    add_model_args(parser)
     add_segment_flags(parser, segment_len=2048, sinks=0)
     parser.add_argument("--out", default="viz", help="output folder (created if missing)")
     return parser
 
 
 def validate(args: argparse.Namespace) -> None:
-    if args.model_dir is not None:
-        folder = Path(args.model_dir)
-        if not folder.is_dir():
-            raise UsageError(
-                f"MODEL_DIR {args.model_dir} does not exist or is not a folder",
-                hint="name a local Hugging Face model folder (with config.json), "
-                "or leave it out for the built-in tiny Llama",
-            )
-        if not (folder / "config.json").is_file():
-            raise UsageError(
-                f"MODEL_DIR {args.model_dir} has no config.json", hint="name the folder save_pretrained() wrote"
-            )
-        if args.layers is not None:
-            raise UsageError("--layers applies to the built-in tiny Llama only", hint="leave out MODEL_DIR or --layers")
+    check_model_args(args)
     check_plan_file(args)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -78,8 +63,8 @@ def cmd(args: argparse.Namespace) -> int:
     seconds: dict[str, float] = {}
     stages = ["load model", "capture", "passes + pages"]
 
-    with _stage(console, stages, 0, seconds, _model_label(args)):
-        model = _load(args)
+    with _stage(console, stages, 0, seconds, model_label(args)):
+        model = load_model(args)
     with _stage(console, stages, 1, seconds, f"capture {type(model).__name__} (torch.export)"):
         graph = sc.capture(model)
     with _stage(console, stages, 2, seconds, f"passes, pages -> {out}"):
@@ -87,33 +72,6 @@ def cmd(args: argparse.Namespace) -> int:
 
     _summary(console, seg, cfg, seconds, out)
     return 0
-
-
-def _model_label(args) -> str:
-    if args.model_dir is not None:
-        return f"load {args.model_dir}"
-    return f"build the tiny Llama ({args.layers or DEFAULT_TINY_LAYERS} layers, random init)"
-
-
-def _load(args):
-    if args.model_dir is None:
-        from ..tiny import tiny_llama
-
-        return tiny_llama(num_layers=args.layers or DEFAULT_TINY_LAYERS)
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    try:
-        model = transformers.AutoModelForCausalLM.from_pretrained(
-            args.model_dir, trust_remote_code=False, use_safetensors=True
-        )
-    except (OSError, ValueError) as e:
-        raise UsageError(
-            f"could not load {args.model_dir}: {' '.join(str(e).split())[:300]}",
-            hint="the folder needs config.json and *.safetensors weights of a transformers causal LM "
-            "(models that need their own code are not loaded)",
-        ) from e
-    return model.eval()
 
 
 @contextmanager
