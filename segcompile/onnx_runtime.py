@@ -82,7 +82,13 @@ class OnnxSegmentedModel:
         self.logits_mode = meta["segcompile.logits"]
         self.state_specs = [tuple(s) for s in json.loads(meta["segcompile.state"])]
         self.vocab_size = self.model.get("vocab_size")
-        self.dtype = np.dtype(self.model["dtype"])
+        try:
+            self.dtype = np.dtype(self.model["dtype"])
+        except TypeError:
+            raise SegcompileError(
+                f"{path} keeps its state in {self.model['dtype']}, which numpy (and so this runner) has no type "
+                "for; export the model in float32 or float16"
+            ) from None
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
         self.timings = {"prefill_s": 0.0, "prefill_tokens": 0, "decode_s": 0.0, "decode_tokens": 0}

@@ -185,6 +185,21 @@ def test_onnx_short_tails(tail, exported):
     _run_onnx("qwen2", "fraction(0.5)", 4, exported, tail)
 
 
+@pytest.mark.skipif(not SLOW, reason="fp16 in ONNX: set SEGCOMPILE_SLOW_TESTS=1")
+@pytest.mark.slow
+def test_onnx_fp16(tmp_path):
+    _, graph = captured("llama", dtype=torch.float16)
+    seg = sc.transform(graph, sc.SegmentConfig(segment_len=S, sink_tokens=4, long_range=PLANS["fraction(0.5)"]))
+    export_onnx(seg, tmp_path / "fp16.onnx")
+    runner = OnnxSegmentedModel(tmp_path / "fp16.onnx")
+    ids = random_ids(2, 5 * S + 3)
+    state = runner.prefill(ids.numpy())
+    with torch.no_grad():
+        ref = seg.prefill(ids)
+    assert state.logits.dtype == np.float16
+    assert max_abs(torch.from_numpy(state.logits), ref.logits) < 1e-3  # logits ~0.3: a few fp16 ulps
+
+
 def test_one_file_serves_any_length(exported):
     seg, path = exported(*ONNX_CASES[0])
     before = path.stat().st_mtime_ns
