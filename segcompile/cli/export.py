@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import HelpFormatter, UsageError, add_segment_flags, check_plan_file, make_console, positive_int, segment_config
+from . import HelpFormatter, UsageError, add_segment_flags, check_plan_file, make_console, segment_config
+from .models import add_model_args, check_model_args, load_model, model_label
 
 name = "export"
 help = "write the compiled segment-step program as an ONNX file"
@@ -35,14 +36,8 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
         ),
         formatter_class=HelpFormatter,
     )
-    parser.add_argument(
-        "model_dir", nargs="?", metavar="MODEL_DIR",
-        help="a local Hugging Face model folder (config.json and safetensors weights; its code is never run). "
-        "Default: the built-in tiny Llama",
-    )
+    add_model_args(parser)
     parser.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx", help="what to write")
-    parser.add_argument("--layers", type=positive_int, default=None,
-                        help="decoder layers of the built-in tiny Llama (default: 4; not with MODEL_DIR)")
     add_segment_flags(parser, segment_len=2048, sinks=0)
     parser.add_argument("--logits", choices=["last", "all"], default="last",
                         help="logits of the step's last position only, or of every position")
@@ -51,15 +46,12 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 
 
 def validate(args: argparse.Namespace) -> None:
-    from .viz import validate as validate_model_and_plan
-
     if args.format == "tensorrt":
         raise UsageError("--format tensorrt is not available in this installation", hint=TENSORRT_HINT)
     out = Path(args.out)
     if out.is_dir():
         raise UsageError(f"--out {args.out} is a folder", hint="name the .onnx file to write")
-    viz_like = argparse.Namespace(model_dir=args.model_dir, layers=args.layers, long_range=args.long_range, out=".")
-    validate_model_and_plan(viz_like)
+    check_model_args(args)
     check_plan_file(args)
 
 
@@ -69,14 +61,14 @@ def cmd(args: argparse.Namespace) -> int:
     import segcompile as sc
 
     from ..exporters.onnx import export_onnx
-    from .viz import _load, _model_label, _stage
+    from .viz import _stage
 
     cfg = segment_config(args)
     console = make_console(args)
     stages = ["load model", "capture", "passes", "export"]
     seconds: dict[str, float] = {}
-    with _stage(console, stages, 0, seconds, _model_label(args)):
-        model = _load(args)
+    with _stage(console, stages, 0, seconds, model_label(args)):
+        model = load_model(args)
     with _stage(console, stages, 1, seconds, f"capture {type(model).__name__} (torch.export)"):
         graph = sc.capture(model)
     with _stage(console, stages, 2, seconds, "passes"):
