@@ -15,6 +15,8 @@ and is listed in ``main.COMMANDS``. This module holds what the commands share an
 from __future__ import annotations
 
 import argparse
+import contextlib
+import time
 
 from ..errors import SegcompileError
 
@@ -77,6 +79,24 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if action.default is None:
             return action.help
         return super()._get_help_string(action)
+
+
+@contextlib.contextmanager
+def stage(console, stages: list[str], index: int, seconds: dict[str, float], label: str):
+    """One stage under a spinner (only on a terminal), then one line with its time."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    prefix = f"[{index + 1}/{len(stages)}]"
+    progress = Progress(
+        SpinnerColumn(), TextColumn(f"{prefix} {label}"), TimeElapsedColumn(),
+        console=console, transient=True, disable=not console.is_terminal,
+    )
+    start = time.perf_counter()
+    with progress:
+        progress.add_task(label, total=None)
+        yield
+    seconds[stages[index]] = time.perf_counter() - start
+    console.print(f"{prefix} {label:<56} {seconds[stages[index]]:6.2f} s", markup=False, soft_wrap=True)
 
 
 def make_console(args: argparse.Namespace):

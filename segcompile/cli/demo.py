@@ -245,7 +245,14 @@ class _Stages:
 
     @contextmanager
     def run(self, key: str, label: str, steps: int | None = None):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         self.index += 1
         prefix = f"[{self.index}/{self.count}]"

@@ -11,7 +11,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import HelpFormatter, UsageError, add_segment_flags, check_plan_file, make_console, segment_config
+from . import (
+    HelpFormatter,
+    UsageError,
+    add_segment_flags,
+    check_plan_file,
+    make_console,
+    segment_config,
+    stage,
+)
 from .models import add_model_args, check_model_args, load_model, model_label
 
 name = "export"
@@ -61,19 +69,18 @@ def cmd(args: argparse.Namespace) -> int:
     import segcompile as sc
 
     from ..exporters.onnx import export_onnx
-    from .viz import _stage
 
     cfg = segment_config(args)
     console = make_console(args)
     stages = ["load model", "capture", "passes", "export"]
     seconds: dict[str, float] = {}
-    with _stage(console, stages, 0, seconds, model_label(args)):
+    with stage(console, stages, 0, seconds, model_label(args)):
         model = load_model(args)
-    with _stage(console, stages, 1, seconds, f"capture {type(model).__name__} (torch.export)"):
+    with stage(console, stages, 1, seconds, f"capture {type(model).__name__} (torch.export)"):
         graph = sc.capture(model)
-    with _stage(console, stages, 2, seconds, "passes"):
+    with stage(console, stages, 2, seconds, "passes"):
         seg = sc.transform(graph, cfg)
-    with _stage(console, stages, 3, seconds, f"ONNX export, check -> {args.out}"), warnings.catch_warnings():
+    with stage(console, stages, 3, seconds, f"ONNX export, check -> {args.out}"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         summary = _quiet(export_onnx, seg, args.out, logits=args.logits)
     _summary(console, summary, seg, cfg, seconds)

@@ -9,8 +9,6 @@ the DOT graph, then ``OUT/index.html``. Prints a summary and the path of ``index
 from __future__ import annotations
 
 import argparse
-import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from . import (
@@ -20,6 +18,7 @@ from . import (
     check_plan_file,
     make_console,
     segment_config,
+    stage,
 )
 from .models import add_model_args, check_model_args, load_model, model_label
 
@@ -63,33 +62,15 @@ def cmd(args: argparse.Namespace) -> int:
     seconds: dict[str, float] = {}
     stages = ["load model", "capture", "passes + pages"]
 
-    with _stage(console, stages, 0, seconds, model_label(args)):
+    with stage(console, stages, 0, seconds, model_label(args)):
         model = load_model(args)
-    with _stage(console, stages, 1, seconds, f"capture {type(model).__name__} (torch.export)"):
+    with stage(console, stages, 1, seconds, f"capture {type(model).__name__} (torch.export)"):
         graph = sc.capture(model)
-    with _stage(console, stages, 2, seconds, f"passes, pages -> {out}"):
+    with stage(console, stages, 2, seconds, f"passes, pages -> {out}"):
         seg = sc.transform(graph, cfg, dump_dir=out)
 
     _summary(console, seg, cfg, seconds, out)
     return 0
-
-
-@contextmanager
-def _stage(console, stages: list[str], index: int, seconds: dict[str, float], label: str):
-    """One stage under a spinner (only on a terminal), then one line with its time."""
-    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-
-    prefix = f"[{index + 1}/{len(stages)}]"
-    progress = Progress(
-        SpinnerColumn(), TextColumn(f"{prefix} {label}"), TimeElapsedColumn(),
-        console=console, transient=True, disable=not console.is_terminal,
-    )
-    start = time.perf_counter()
-    with progress:
-        progress.add_task(label, total=None)
-        yield
-    seconds[stages[index]] = time.perf_counter() - start
-    console.print(f"{prefix} {label:<56} {seconds[stages[index]]:6.2f} s", markup=False, soft_wrap=True)
 
 
 def _summary(console, seg, cfg, seconds: dict[str, float], out: Path) -> None:
