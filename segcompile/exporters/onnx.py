@@ -253,6 +253,7 @@ def export_onnx(seg: SegmentedModel, path: str | os.PathLike, *, logits: str = "
     if module.meta["segcompile.export"]["num_model_outputs"] != 1:
         raise ExportError("only models whose output is one logits tensor are exported today")
 
+    module.eval()  # a fresh GraphModule is in training mode; the graph's own dropout flags are already fixed
     with torch.no_grad():
         try:
             program = torch.onnx.export(
