@@ -30,18 +30,16 @@ every token the method saw, so the selection can be reproduced and checked.
 from __future__ import annotations
 
 import hashlib
-import inspect
 import math
 from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from .config import SegmentConfig
 from .errors import ConfigError, PlanError, SegcompileError, UnsupportedAttentionError
-from .oracle import _logits, _sdpa_attention, _sdpa_signature, kv_heads_per_layer, visibility
+from .oracle import _logits, _sdpa_attention, kv_heads_per_layer, run_per_layer_attention, visibility
+from .passes.capture import device_of
 from .plan import HeadPlan, model_fingerprint
 
 METHODS = ("attention_mass", "gate")
@@ -149,7 +147,7 @@ def select_heads(
 
     kv = kv_heads_per_layer(model)
     vocab = _vocab_size(model)
-    device = _device_of(model)
+    device = device_of(model)
     ids = _calibration(calibration_ids, vocab)
     n = ids.shape[1] if ids is not None else (seq_len or (4 * cfg.segment_len if cfg is not None else 256))
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
@@ -294,45 +292,19 @@ def _vocab_size(model) -> int:
     raise SegcompileError(f"{type(model).__name__}.config has no vocab_size; select_heads needs the vocabulary size")
 
 
-def _device_of(model) -> torch.device:
-    p = next(model.parameters(), None)
-    return p.device if p is not None else torch.device("cpu")
-
-
 # ---- interception --------------------------------------------------------------------------
-class _Attention(TorchFunctionMode):
-    """Calls ``on_call(layer, bound SDPA args, sdpa)`` for every SDPA call and returns its result."""
-
-    def __init__(self, on_call):
-        super().__init__()
-        self.on_call, self.layer = on_call, 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        bound = inspect.signature(_sdpa_signature).bind(*args, **kwargs)
-        bound.apply_defaults()
-        if bound.arguments["dropout_p"]:
-            raise SegcompileError("select_heads: attention dropout must be 0 (put the model in eval mode)")
-        out = self.on_call(self.layer, bound.arguments, lambda **over: func(**{**bound.arguments, **over}))
-        self.layer += 1
-        return out
-
-
 def _run(model, ids: torch.Tensor, kv: list[int], on_call) -> torch.Tensor:
-    mode = _Attention(on_call)
-    with _sdpa_attention(model), mode:
-        logits = _logits(model, ids)
-    if mode.layer == 0:
+    """The model's logits with every attention call handed to ``on_call(layer, args, sdpa)``."""
+    logits, calls = run_per_layer_attention(model, ids, on_call, who="select_heads")
+    if calls == 0:
         raise UnsupportedAttentionError(
             f"select_heads: {type(model).__name__} made no call to F.scaled_dot_product_attention, so no attention "
             "was matched; heads can be scored in models whose attention is SDPA (transformers models with "
             "attn_implementation 'sdpa' or 'eager', or a decoder that calls F.scaled_dot_product_attention)"
         )
-    if mode.layer != len(kv):
+    if calls != len(kv):
         raise UnsupportedAttentionError(
-            f"select_heads: {type(model).__name__} made {mode.layer} attention calls in one forward, but its config "
+            f"select_heads: {type(model).__name__} made {calls} attention calls in one forward, but its config "
             f"names {len(kv)} layers; every layer must call F.scaled_dot_product_attention exactly once"
         )
     return logits

@@ -19,7 +19,8 @@ everywhere), and nothing earlier than ``s - K`` can reach ``l_s`` except through
 The total gradient is the sum over ``s``. Queries always receive gradient.
 
 Attention calls are intercepted with a ``TorchFunctionMode`` on
-``F.scaled_dot_product_attention``; the n-th call of a forward is layer n. HF models loaded with
+``F.scaled_dot_product_attention`` (``run_per_layer_attention``, which head selection uses too);
+the n-th call of a forward is layer n. HF models loaded with
 the eager implementation are switched to SDPA for the duration (the two are numerically the
 same computation). Run models in eval mode (no dropout).
 """
@@ -108,31 +109,35 @@ def _masked_attention(q, k, v, attn_mask, scale, visible_by_kv_head, live):
     return (p * live) @ v + (p * ~live) @ v.detach()
 
 
-class _SegmentedAttention(TorchFunctionMode):
-    def __init__(self, cfg: SegmentConfig, plan: dict[int, tuple[int, ...]], kv_heads: list[int], live):
+class _PerLayerSDPA(TorchFunctionMode):
+    """Hands the n-th ``F.scaled_dot_product_attention`` call of a forward to
+    ``on_call(n, args, sdpa)`` (``args``: the call's arguments by name, defaults filled in;
+    ``sdpa(**overrides)``: the original call) and returns what it returns."""
+
+    def __init__(self, on_call, who: str):
         super().__init__()
-        self.cfg, self.plan, self.kv_heads, self.live = cfg, plan, kv_heads, live
-        self.layer = 0
+        self.on_call, self.who, self.layer = on_call, who, 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
-        bound = inspect.signature(_sdpa_signature).bind(*args, **kwargs).arguments
-        if bound.get("dropout_p", 0.0):
-            raise SegcompileError("oracle: attention dropout must be 0 (put the model in eval mode)")
-        if self.layer >= len(self.kv_heads):
-            raise SegcompileError(f"oracle: attention call {self.layer} but the config names {len(self.kv_heads)} layers")
-        q = bound["query"]
-        n = q.shape[2]
-        long_heads = self.plan[self.layer]
-        masks = {flag: visibility(self.cfg, n, flag).to(q.device) for flag in (False, True)}
-        by_kv_head = [masks[h in long_heads] for h in range(self.kv_heads[self.layer])]
+        bound = inspect.signature(_sdpa_signature).bind(*args, **kwargs)
+        bound.apply_defaults()
+        if bound.arguments["dropout_p"]:
+            raise SegcompileError(f"{self.who}: attention dropout must be 0 (put the model in eval mode)")
+        out = self.on_call(self.layer, bound.arguments, lambda **over: func(**{**bound.arguments, **over}))
         self.layer += 1
-        live = self.live(n).to(q.device)
-        return _masked_attention(
-            q, bound["key"], bound["value"], bound.get("attn_mask"), bound.get("scale"), by_kv_head, live
-        ).to(q.dtype)
+        return out
+
+
+def run_per_layer_attention(model: torch.nn.Module, input_ids: torch.Tensor, on_call, who: str = "oracle"):
+    """Run ``model`` with every attention call replaced by ``on_call`` (see ``_PerLayerSDPA``);
+    returns the logits and the number of attention calls made."""
+    mode = _PerLayerSDPA(on_call, who)
+    with _sdpa_attention(model), mode:
+        logits = _logits(model, input_ids)
+    return logits, mode.layer
 
 
 def _sdpa_signature(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
@@ -163,11 +168,20 @@ def _logits(model, input_ids):
 def _run(model, cfg: SegmentConfig, input_ids, live: Callable[[int], torch.Tensor]) -> torch.Tensor:
     kv = kv_heads_per_layer(model)
     plan = cfg.long_range.resolve(kv)
-    mode = _SegmentedAttention(cfg, plan, kv, live)
-    with _sdpa_attention(model), mode:
-        logits = _logits(model, input_ids)
-    if mode.layer != len(kv):
-        raise SegcompileError(f"oracle: saw {mode.layer} attention calls, expected {len(kv)} (one per layer)")
+
+    def attend(layer, args, _sdpa):
+        if layer >= len(kv):
+            raise SegcompileError(f"oracle: attention call {layer} but the config names {len(kv)} layers")
+        q = args["query"]
+        n = q.shape[2]
+        masks = {flag: visibility(cfg, n, flag).to(q.device) for flag in (False, True)}
+        by_kv_head = [masks[h in plan[layer]] for h in range(kv[layer])]
+        out = _masked_attention(q, args["key"], args["value"], args["attn_mask"], args["scale"], by_kv_head, live(n).to(q.device))
+        return out.to(q.dtype)
+
+    logits, calls = run_per_layer_attention(model, input_ids, attend)
+    if calls != len(kv):
+        raise SegcompileError(f"oracle: saw {calls} attention calls, expected {len(kv)} (one per layer)")
     return logits
 
 

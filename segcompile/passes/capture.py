@@ -60,7 +60,7 @@ def capture(model: torch.nn.Module) -> fx.GraphModule:
             "absolute positions and needs to pass them in; add `position_ids=None` to forward and "
             "use it for the position embedding"
         )
-    device = _device_of(model)
+    device = device_of(model)
     ids = torch.zeros(EXAMPLE_BATCH, EXAMPLE_LEN, dtype=torch.long, device=device)
     pos = torch.arange(EXAMPLE_LEN, device=device)[None]
     kwargs: dict[str, Any] = {"input_ids": ids, "position_ids": pos}
@@ -175,7 +175,7 @@ def copy_captured(gm: fx.GraphModule) -> fx.GraphModule:
     return new
 
 
-def _device_of(model: torch.nn.Module) -> torch.device:
+def device_of(model: torch.nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
