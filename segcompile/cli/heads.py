@@ -27,7 +27,6 @@ name = "heads"
 help = "choose the long-range KV heads of a model from data and write a head-plan JSON file"
 
 
-
 def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         name,

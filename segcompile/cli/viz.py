@@ -26,7 +26,6 @@ name = "viz"
 help = "write pages that show what every compiler pass did to the model's graph"
 
 
-
 def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         name,
