@@ -48,6 +48,8 @@ def tbptt_backward(
     carries_gradient = K >= 1 and T > 0
     denominator = max(label_count(labels), 1) if reduction == "mean" else 1
     params = [p for p in seg.parameters() if p.requires_grad]
+    # labelled[i]: position i has a label to predict (labels[i+1]); read once, not once per segment
+    labelled = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).cpu()
 
     state = seg.initial_state(input_ids)
     live: deque[_LiveSegment] = deque(maxlen=K + 1)
@@ -66,7 +68,7 @@ def tbptt_backward(
 
         # A segment without label tokens has l_s = 0: no gradient starts from it (its graph is
         # still kept, as later segments' losses reach it through their tails).
-        has_labels = bool((labels[:, start + 1 : start + S + 1] != IGNORE_INDEX).any())
+        has_labels = bool(labelled[start : start + S].any())
         grads = _backward([loss], [None], params, tail_inputs, retain=carries_gradient) if has_labels else None
         for depth, older in enumerate(reversed(live), start=1):
             if depth > K or grads is None:
