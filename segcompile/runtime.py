@@ -188,7 +188,9 @@ class SegmentedModel(torch.nn.Module):
 
         ``labels`` default to ``input_ids`` (position i predicts labels[i+1]; -100 is ignored);
         ``reduction="mean"`` divides by the label tokens of the whole sequence (HF's causal-LM
-        loss), ``"sum"`` does not. Returns the loss. Keeps at most ``tbptt_k + 1`` segment graphs.
+        loss), ``"sum"`` does not. Returns the loss. Keeps at most ``tbptt_k + 1`` segment graphs;
+        with ``checkpoint=True`` they hold only their inputs and recompute activations in backward.
+        Under ``torch.autocast`` the segment steps run in the autocast dtype.
         """
         from .training import tbptt_backward
 
