@@ -80,6 +80,8 @@ def capture(model: torch.nn.Module) -> fx.GraphModule:
             # assumptions. _check_against_model below verifies the graph at other lengths.
             ep = _export(model, kwargs, strict_dims=False)
             method = "torch.export(strict=False), Dim.DYNAMIC batch and length, SDPA opaque"
+    except CaptureError:
+        raise  # already says what went wrong
     except Exception as e:  # noqa: BLE001 - every tracing failure becomes one clear error
         raise CaptureError(_explain_trace_failure(model, e)) from e
     gm = _flatten(ep.module())
