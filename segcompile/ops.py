@@ -7,11 +7,16 @@ node, so the graph itself says which kernel runs.
 
 Gradient contract (DESIGN.md section 1): q, the current segment's k/v and the tail k/v receive
 gradient; sinks and history never do (no gradient work is spent on them).
+
+Implementations: ``reference`` (PyTorch, any device; its backward differentiates a recomputed
+forward) and ``triton`` (``kernels/triton_attention.py``: CUDA, or the CPU under
+``TRITON_INTERPRET=1``; a dedicated backward kernel that needs the forward's output).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import nullcontext
 
 import torch
 
@@ -19,7 +24,26 @@ from .kernels.reference import segment_attention_reference
 
 Implementation = Callable[..., torch.Tensor]
 
-IMPLEMENTATIONS: dict[str, Implementation] = {"reference": segment_attention_reference}
+
+
+def _triton_forward(*args):
+    # imported on first use: importing the kernels compiles nothing, but it needs triton, and a
+    # CPU run under TRITON_INTERPRET=1 must set that variable before the kernels are defined
+    from .kernels.triton_attention import segment_attention_forward
+
+    return segment_attention_forward(*args)
+
+
+def _triton_backward(grad_out, out, saved, needs_input_grad, long_range, scale):
+    from .kernels.triton_attention import segment_attention_backward
+
+    tail_needs_grad = needs_input_grad[3] or needs_input_grad[4]
+    return segment_attention_backward(grad_out, out, *saved, long_range, scale, tail_needs_grad=tail_needs_grad)
+
+
+IMPLEMENTATIONS: dict[str, Implementation] = {"reference": segment_attention_reference, "triton": _triton_forward}
+# Implementations with a backward of their own; the others differentiate a recomputed forward.
+BACKWARDS: dict[str, Callable] = {"triton": _triton_backward}
 
 _GRAD_INPUTS = 5  # q, k, v, tail_k, tail_v
 
@@ -56,22 +80,32 @@ def _(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[:9])
     ctx.long_range, ctx.scale, ctx.impl = inputs[9], inputs[10], inputs[11]
+    ctx.save_for_backward(*inputs[:9], *((output,) if ctx.impl in BACKWARDS else ()))
+    # the backward runs in the forward's autocast state (the engine calls it outside the region)
+    ctx.autocast_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
 
 
 def _backward(ctx, grad_out):
-    # Recompute the forward of the chosen implementation and differentiate it; kernels with a
-    # dedicated backward replace this per implementation.
+    region = torch.autocast("cuda", dtype=ctx.autocast_dtype) if ctx.autocast_dtype is not None else nullcontext()
+    with region:
+        grads = _input_grads(ctx, grad_out)
+    return (*grads, None, None, None, None, None, None, None)
+
+
+def _input_grads(ctx, grad_out):
     saved = ctx.saved_tensors
+    if ctx.impl in BACKWARDS:
+        grads = BACKWARDS[ctx.impl](grad_out, saved[9], saved[:9], ctx.needs_input_grad, ctx.long_range, ctx.scale)
+        return [g if needs else None for g, needs in zip(grads, ctx.needs_input_grad)]
+    # Recompute the forward of the chosen implementation and differentiate it.
     with torch.enable_grad():
         live = [t.detach().requires_grad_(needs) for t, needs in zip(saved[:_GRAD_INPUTS], ctx.needs_input_grad)]
         constants = [t.detach() for t in saved[_GRAD_INPUTS:]]
         out = implementation(ctx.impl)(*live, *constants, ctx.long_range, ctx.scale)
         wanted = [t for t in live if t.requires_grad]
         got = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True)) if wanted else iter(())
-    grads = [next(got) if t.requires_grad else None for t in live]
-    return (*grads, None, None, None, None, None, None, None)
+    return [next(got) if t.requires_grad else None for t in live]
 
 
 segment_attention.register_autograd(_backward, setup_context=_setup_context)

@@ -17,16 +17,20 @@ def transform(
     cfg: SegmentConfig | None = None,
     *,
     dump_dir: str | os.PathLike | None = None,
+    implementation: str = "auto",
 ) -> SegmentedModel:
     """Rewrite ``model`` into a segment-loop program (DESIGN.md section 2).
 
     ``model`` is the model, or a graph ``segcompile.capture(model)`` returned (to capture once and
     compile several configs). ``dump_dir``: write the graph after every pass there (``00-capture.txt``, ``01-find_attention.txt``...).
+    ``implementation``: the kernel every attention site runs: ``"auto"`` (segcompile's Triton
+    kernels on CUDA, the PyTorch reference elsewhere), ``"triton"`` or ``"reference"``.
     The model itself is not modified; the returned module shares its parameters. The program
     runs on the device the model was on when it was captured: move the model first.
     """
     cfg = cfg if cfg is not None else SegmentConfig(segment_len=2048)
     gm = copy_captured(model) if is_captured(model) else capture(model)
     gm.meta["segcompile.config"] = cfg
+    gm.meta["segcompile.implementation"] = implementation
     gm = PassManager(PASSES, dump_dir=dump_dir)(gm)
     return SegmentedModel(gm, cfg)

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from pathlib import Path
 
 import pytest
 import torch
-import transformers
+
+# Without CUDA, the Triton kernels run in Triton's interpreter; the variable must be set before
+# the kernels are defined (tests/test_triton_kernels.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import transformers  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from plain_decoder import tiny_plain_decoder  # noqa: E402

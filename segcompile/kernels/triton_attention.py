@@ -1,0 +1,528 @@
+"""Triton kernels for ``segment_attention``: forward, backward and decode (the CUDA lowering).
+
+Shapes and semantics are the reference's (``kernels/reference.py``): queries ``q [B, H, Lq, Dk]``
+are the last ``Lq`` tokens of the current segment; every query head sees
+
+    [prefix | tail | current, causal]      prefix = sinks (local KV head) or history (long-range)
+
+with query head ``h`` on KV head ``h // (H // Hk)``. The kernels never materialise repeated
+K/V for GQA nor any mask: key ranges and the causal offset ``Lk - Lq`` come in as lengths.
+
+Forward (``segment_attention_forward``): one program per (block of queries, query head) runs an
+online softmax over the three key ranges with one inner loop, ``_attend``, called per range.
+Decode is the same kernel with a small query block (``Lq`` of 1 or a few tokens).
+
+Backward (``segment_attention_backward``): gradient flows into q, the current k/v and the tail
+k/v only; no gradient work is spent on the prefix (sinks and history are constants):
+
+* ``_dq_kernel`` (per block of queries): the softmax statistics (log-sum-exp) are recomputed in
+  one pass of ``q k^T`` over the visible keys, then ``dq`` in a second pass. The op has a
+  single output, so the forward's log-sum-exp is not kept (the graph, the exporters and the
+  visualiser see one tensor per attention site); the extra pass costs one of the backward's
+  eight matrix products.
+* ``_dkdv_kernel`` (per block of tail or current keys and KV head): loops over the query heads
+  of its GQA group and the query blocks that see it, so no atomics are needed.
+
+Matrix products run in the inputs' dtype when it is fp16/bf16, in the autocast dtype when a
+CUDA autocast region asked for one (fp32 K/V are cast in registers, never copied), and in full
+fp32 (``ieee``) otherwise; accumulation is always fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LOG2E = 1.4426950408889634
+
+# Block shapes. On an H100/H200, D=128, bf16: 128x64 query x key tiles with 8 warps and 3
+# pipeline stages is the fused-attention tutorial's forward choice; the backward uses 64x64
+# tiles (it holds five tiles at once). The interpreter runs any shape; small tiles keep the CPU
+# tests fast and still exercise multi-block loops and partial blocks.
+_FWD_BLOCKS = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
+_FWD_BLOCKS_SMALL_D = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
+_DECODE_BLOCKS = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3)
+_BWD_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+_INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+
+
+# ---- kernels ----------------------------------------------------------------------------------
+@triton.jit
+def _attend(
+    acc, m_i, l_i, q, K, V, stride_kn, stride_vn, lo, hi, n_keys, q_pos, qk_scale,
+    MASK_N: tl.constexpr, CAUSAL: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Online softmax of ``q`` over keys ``[lo, hi)`` of one range (keys ``K``, values ``V``)."""
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < n_keys
+        if MASK_N:
+            kt = tl.load(K + offs_n[None, :] * stride_kn + offs_dk[:, None],
+                         mask=key_ok[None, :] & (offs_dk[:, None] < D_K), other=0.0)
+            v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :],
+                        mask=key_ok[:, None] & (offs_dv[None, :] < D_V), other=0.0)
+        else:
+            kt = tl.load(K + offs_n[None, :] * stride_kn + offs_dk[:, None], mask=offs_dk[:, None] < D_K, other=0.0)
+            v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=offs_dv[None, :] < D_V, other=0.0)
+        s = tl.dot(q, kt.to(DOT), input_precision=PRECISION) * qk_scale
+        if MASK_N:
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+        if CAUSAL:
+            s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.math.exp2(m_i - m_new)
+        p = tl.math.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _prefix(SK, SV, HK, HV, Slot, b, kvh,
+            s_skb, s_skh, s_svb, s_svh, s_hkb, s_hkh, s_hvb, s_hvh, s_skn, s_svn, s_hkn, s_hvn, G, P):
+    """Base pointers, strides and length of the prefix range: history or sinks of KV head ``kvh``."""
+    slot = tl.load(Slot + kvh)
+    if slot >= 0:
+        pk = HK + b * s_hkb + slot.to(tl.int64) * s_hkh
+        pv = HV + b * s_hvb + slot.to(tl.int64) * s_hvh
+        n, skn, svn = P, s_hkn, s_hvn
+    else:
+        pk = SK + b * s_skb + kvh * s_skh
+        pv = SV + b * s_svb + kvh * s_svh
+        n, skn, svn = G, s_skn, s_svn
+    return pk, pv, n, skn, svn
+
+
+@triton.jit
+def _fwd_kernel(
+    Q, K, V, TK, TV, SK, SV, HK, HV, Slot, Out, qk_scale,
+    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+    s_tkb, s_tkh, s_tkn, s_tvb, s_tvh, s_tvn,
+    s_skb, s_skh, s_skn, s_svb, s_svh, s_svn,
+    s_hkb, s_hkh, s_hkn, s_hvb, s_hvh, s_hvn,
+    s_ob, s_oh, s_om,
+    H, GROUP, Lq, Lk, T, G, P,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    D_K: tl.constexpr, D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    kvh = (h // GROUP).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_dk[None, :],
+                mask=(offs_m[:, None] < Lq) & (offs_dk[None, :] < D_K), other=0.0).to(DOT)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    q_pos = offs_m + (Lk - Lq)  # each query's index among the current keys
+
+    pk, pv, n_pre, skn, svn = _prefix(SK, SV, HK, HV, Slot, b, kvh, s_skb, s_skh, s_svb, s_svh,
+                                      s_hkb, s_hkh, s_hvb, s_hvh, s_skn, s_svn, s_hkn, s_hvn, G, P)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, pk, pv, skn, svn, n_pre, q_pos, qk_scale,
+                                  BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, TK + b * s_tkb + kvh * s_tkh, TV + b * s_tvb + kvh * s_tvh,
+                                  s_tkn, s_tvn, T, q_pos, qk_scale, BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+    # current segment: blocks every query of this block sees whole, then the diagonal blocks
+    ck = K + b * s_kb + kvh * s_kh
+    cv = V + b * s_vb + kvh * s_vh
+    first_pos = m0 + (Lk - Lq)
+    full_hi = ((first_pos + 1) // BLOCK_N) * BLOCK_N
+    diag_hi = tl.minimum(Lk, first_pos + BLOCK_M)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, ck, cv, s_kn, s_vn, 0, full_hi, Lk, q_pos, qk_scale,
+                            False, False, BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, ck, cv, s_kn, s_vn, full_hi, diag_hi, Lk, q_pos, qk_scale,
+                            True, True, BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+
+    out = acc / l_i[:, None]
+    tl.store(Out + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_dv[None, :], out.to(Out.dtype.element_ty),
+             mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < D_V))
+
+
+@triton.jit
+def _attend_range(acc, m_i, l_i, q, K, V, skn, svn, n, q_pos, qk_scale,
+                  BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                  D_K: tl.constexpr, D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """A range every query sees whole: full blocks unmasked, then the last partial block."""
+    n_full = (n // BLOCK_N) * BLOCK_N
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, K, V, skn, svn, 0, n_full, n, q_pos, qk_scale,
+                            False, False, BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+    acc, m_i, l_i = _attend(acc, m_i, l_i, q, K, V, skn, svn, n_full, n, n, q_pos, qk_scale,
+                            True, False, BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _softmax_stats(m_i, l_i, q, K, stride_kn, lo, hi, n_keys, q_pos, qk_scale,
+                   MASK_N: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+                   D_K: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """Running max and sum of ``exp2(q k^T)`` over keys ``[lo, hi)`` (the log-sum-exp pass)."""
+    offs_dk = tl.arange(0, BLOCK_DK)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < n_keys
+        kt = tl.load(K + offs_n[None, :] * stride_kn + offs_dk[:, None],
+                     mask=key_ok[None, :] & (offs_dk[:, None] < D_K), other=0.0)
+        s = tl.dot(q, kt.to(DOT), input_precision=PRECISION) * qk_scale
+        if MASK_N:
+            s = tl.where(key_ok[None, :], s, float("-inf"))
+        if CAUSAL:
+            s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        l_i = l_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(s - m_new[:, None]), 1)
+        m_i = m_new
+    return m_i, l_i
+
+
+@triton.jit
+def _dq_keys(dq, q, do, lse, delta, K, V, stride_kn, stride_vn, lo, hi, n_keys, q_pos, qk_scale,
+             MASK_N: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr,
+             BLOCK_DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate ``dS K`` over keys ``[lo, hi)`` (scaled by the caller)."""
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start in range(lo, hi, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        key_ok = offs_n < n_keys
+        kt = tl.load(K + offs_n[None, :] * stride_kn + offs_dk[:, None],
+                     mask=key_ok[None, :] & (offs_dk[:, None] < D_K), other=0.0).to(DOT)
+        vt = tl.load(V + offs_n[None, :] * stride_vn + offs_dv[:, None],
+                     mask=key_ok[None, :] & (offs_dv[:, None] < D_V), other=0.0).to(DOT)
+        s = tl.dot(q, kt, input_precision=PRECISION) * qk_scale
+        p = tl.math.exp2(s - lse[:, None])
+        if MASK_N:
+            p = tl.where(key_ok[None, :], p, 0.0)
+        if CAUSAL:
+            p = tl.where(offs_n[None, :] <= q_pos[:, None], p, 0.0)
+        dp = tl.dot(do, vt, input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += tl.dot(ds.to(DOT), tl.trans(kt), input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _dq_kernel(
+    Q, K, V, TK, TV, SK, SV, HK, HV, Slot, Out, dOut, dQ, Lse, Delta, qk_scale, sm_scale,
+    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+    s_tkb, s_tkh, s_tkn, s_tvb, s_tvh, s_tvn,
+    s_skb, s_skh, s_skn, s_svb, s_svh, s_svn,
+    s_hkb, s_hkh, s_hkn, s_hvb, s_hvh, s_hvn,
+    s_ob, s_oh, s_om, s_dob, s_doh, s_dom, s_dqb, s_dqh, s_dqm,
+    H, GROUP, Lq, Lk, T, G, P,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    D_K: tl.constexpr, D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    kvh = (h // GROUP).to(tl.int64)
+    m0 = pid_m * BLOCK_M
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    row_ok = offs_m < Lq
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_dk[None, :],
+                mask=row_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0).to(DOT)
+    dv_mask = row_ok[:, None] & (offs_dv[None, :] < D_V)
+    o = tl.load(Out + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_dv[None, :], mask=dv_mask, other=0.0)
+    do = tl.load(dOut + b * s_dob + h * s_doh + offs_m[:, None] * s_dom + offs_dv[None, :], mask=dv_mask, other=0.0)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    do = do.to(DOT)
+    q_pos = offs_m + (Lk - Lq)
+
+    pk, pv, n_pre, skn, svn = _prefix(SK, SV, HK, HV, Slot, b, kvh, s_skb, s_skh, s_svb, s_svh,
+                                      s_hkb, s_hkh, s_hvb, s_hvh, s_skn, s_svn, s_hkn, s_hvn, G, P)
+    tk = TK + b * s_tkb + kvh * s_tkh
+    tv = TV + b * s_tvb + kvh * s_tvh
+    ck = K + b * s_kb + kvh * s_kh
+    cv = V + b * s_vb + kvh * s_vh
+    first_pos = m0 + (Lk - Lq)
+    full_hi = ((first_pos + 1) // BLOCK_N) * BLOCK_N
+    diag_hi = tl.minimum(Lk, first_pos + BLOCK_M)
+
+    # pass 1: log-sum-exp (base 2) of every query row
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i, l_i = _softmax_stats(m_i, l_i, q, pk, skn, 0, n_pre, n_pre, q_pos, qk_scale,
+                              True, False, BLOCK_N, BLOCK_DK, D_K, DOT, PRECISION)
+    m_i, l_i = _softmax_stats(m_i, l_i, q, tk, s_tkn, 0, T, T, q_pos, qk_scale,
+                              True, False, BLOCK_N, BLOCK_DK, D_K, DOT, PRECISION)
+    m_i, l_i = _softmax_stats(m_i, l_i, q, ck, s_kn, 0, full_hi, Lk, q_pos, qk_scale,
+                              False, False, BLOCK_N, BLOCK_DK, D_K, DOT, PRECISION)
+    m_i, l_i = _softmax_stats(m_i, l_i, q, ck, s_kn, full_hi, diag_hi, Lk, q_pos, qk_scale,
+                              True, True, BLOCK_N, BLOCK_DK, D_K, DOT, PRECISION)
+    lse = m_i + tl.math.log2(l_i)
+    lse = tl.where(row_ok, lse, float("inf"))  # rows past Lq: p = 0 in every later product
+
+    # pass 2: dq
+    dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float32)
+    dq = _dq_keys(dq, q, do, lse, delta, pk, pv, skn, svn, 0, n_pre, n_pre, q_pos, qk_scale,
+                  True, False, BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+    dq = _dq_keys(dq, q, do, lse, delta, tk, tv, s_tkn, s_tvn, 0, T, T, q_pos, qk_scale,
+                  True, False, BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+    dq = _dq_keys(dq, q, do, lse, delta, ck, cv, s_kn, s_vn, 0, full_hi, Lk, q_pos, qk_scale,
+                  False, False, BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+    dq = _dq_keys(dq, q, do, lse, delta, ck, cv, s_kn, s_vn, full_hi, diag_hi, Lk, q_pos, qk_scale,
+                  True, True, BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+
+    tl.store(dQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_dk[None, :],
+             (dq * sm_scale).to(dQ.dtype.element_ty), mask=row_ok[:, None] & (offs_dk[None, :] < D_K))
+    row = bh.to(tl.int64) * Lq + offs_m
+    tl.store(Lse + row, lse, mask=row_ok)
+    tl.store(Delta + row, delta, mask=row_ok)
+
+
+@triton.jit
+def _dkdv_queries(dk, dv, k, v, Q, dOut, Lse, Delta, s_qm, s_dom, lo, hi, Lq, key_idx, q_off, qk_scale,
+                  MASK_M: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr,
+                  BLOCK_DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr, DOT: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """Accumulate dK (unscaled) and dV of one key block over the query rows ``[lo, hi)`` of one head."""
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    for start in range(lo, hi, BLOCK_M):
+        offs_m = start + tl.arange(0, BLOCK_M)
+        row_ok = offs_m < Lq
+        if MASK_M:
+            qt = tl.load(Q + offs_m[None, :] * s_qm + offs_dk[:, None],
+                         mask=row_ok[None, :] & (offs_dk[:, None] < D_K), other=0.0).to(DOT)
+            do = tl.load(dOut + offs_m[:, None] * s_dom + offs_dv[None, :],
+                         mask=row_ok[:, None] & (offs_dv[None, :] < D_V), other=0.0).to(DOT)
+            lse = tl.load(Lse + offs_m, mask=row_ok, other=float("inf"))
+            delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
+        else:
+            qt = tl.load(Q + offs_m[None, :] * s_qm + offs_dk[:, None], mask=offs_dk[:, None] < D_K, other=0.0).to(DOT)
+            do = tl.load(dOut + offs_m[:, None] * s_dom + offs_dv[None, :], mask=offs_dv[None, :] < D_V,
+                         other=0.0).to(DOT)
+            lse = tl.load(Lse + offs_m)
+            delta = tl.load(Delta + offs_m)
+        st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
+        pt = tl.math.exp2(st - lse[None, :])
+        if CAUSAL:
+            pt = tl.where(key_idx[:, None] <= (offs_m + q_off)[None, :], pt, 0.0)
+        dv += tl.dot(pt.to(DOT), do, input_precision=PRECISION)
+        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
+        dst = pt * (dpt - delta[None, :])
+        dk += tl.dot(dst.to(DOT), tl.trans(qt), input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_kernel(
+    Q, K, V, TK, TV, dOut, Lse, Delta, dK, dV, dTK, dTV, qk_scale, sm_scale,
+    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+    s_tkb, s_tkh, s_tkn, s_tvb, s_tvh, s_tvn,
+    s_dob, s_doh, s_dom,
+    s_dkb, s_dkh, s_dkn, s_dvb, s_dvh, s_dvn, s_dtkb, s_dtkh, s_dtkn, s_dtvb, s_dtvh, s_dtvn,
+    H, Hk, GROUP, Lq, Lk, T, tail_blocks,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    D_K: tl.constexpr, D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    bk = tl.program_id(1)
+    b = (bk // Hk).to(tl.int64)
+    kvh = (bk % Hk).to(tl.int64)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    in_tail = pid_n < tail_blocks
+    if in_tail:
+        n0 = pid_n * BLOCK_N
+        n_keys = T
+        pk = TK + b * s_tkb + kvh * s_tkh
+        pv = TV + b * s_tvb + kvh * s_tvh
+        skn = s_tkn
+        svn = s_tvn
+    else:
+        n0 = (pid_n - tail_blocks) * BLOCK_N
+        n_keys = Lk
+        pk = K + b * s_kb + kvh * s_kh
+        pv = V + b * s_vb + kvh * s_vh
+        skn = s_kn
+        svn = s_vn
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    key_ok = offs_n < n_keys
+    k = tl.load(pk + offs_n[:, None] * skn + offs_dk[None, :],
+                mask=key_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0).to(DOT)
+    v = tl.load(pv + offs_n[:, None] * svn + offs_dv[None, :],
+                mask=key_ok[:, None] & (offs_dv[None, :] < D_V), other=0.0).to(DOT)
+
+    dk = tl.zeros([BLOCK_N, BLOCK_DK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    # query row m sees key n when n <= m + q_off: the causal offset for current keys, and for
+    # tail keys one large enough that every query sees every key
+    q_off = tl.where(in_tail, T + BLOCK_N, Lk - Lq)
+    lq_full = (Lq // BLOCK_M) * BLOCK_M
+    if in_tail:
+        causal_lo = 0
+        full_lo = 0
+    else:
+        causal_lo = (tl.maximum(n0 - q_off, 0) // BLOCK_M) * BLOCK_M
+        full_lo = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - q_off, 0), BLOCK_M) * BLOCK_M, lq_full)
+        full_lo = tl.maximum(full_lo, causal_lo)
+    for g in range(0, GROUP):
+        h = kvh * GROUP + g
+        q_base = Q + b * s_qb + h * s_qh
+        do_base = dOut + b * s_dob + h * s_doh
+        row_base = (b * H + h) * Lq
+        dk, dv = _dkdv_queries(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base, s_qm, s_dom,
+                               causal_lo, full_lo, Lq, offs_n, q_off, qk_scale,
+                               True, True, BLOCK_M, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+        dk, dv = _dkdv_queries(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base, s_qm, s_dom,
+                               full_lo, lq_full, Lq, offs_n, q_off, qk_scale,
+                               False, False, BLOCK_M, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+        dk, dv = _dkdv_queries(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base, s_qm, s_dom,
+                               tl.maximum(lq_full, causal_lo), Lq, Lq, offs_n, q_off, qk_scale,
+                               True, True, BLOCK_M, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+    dk = dk * sm_scale
+    mask_k = key_ok[:, None] & (offs_dk[None, :] < D_K)
+    mask_v = key_ok[:, None] & (offs_dv[None, :] < D_V)
+    if in_tail:
+        tl.store(dTK + b * s_dtkb + kvh * s_dtkh + offs_n[:, None] * s_dtkn + offs_dk[None, :],
+                 dk.to(dTK.dtype.element_ty), mask=mask_k)
+        tl.store(dTV + b * s_dtvb + kvh * s_dtvh + offs_n[:, None] * s_dtvn + offs_dv[None, :],
+                 dv.to(dTV.dtype.element_ty), mask=mask_v)
+    else:
+        tl.store(dK + b * s_dkb + kvh * s_dkh + offs_n[:, None] * s_dkn + offs_dk[None, :],
+                 dk.to(dK.dtype.element_ty), mask=mask_k)
+        tl.store(dV + b * s_dvb + kvh * s_dvh + offs_n[:, None] * s_dvn + offs_dv[None, :],
+                 dv.to(dV.dtype.element_ty), mask=mask_v)
+
+
+# ---- host side --------------------------------------------------------------------------------
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def compute_dtype(q: torch.Tensor) -> torch.dtype:
+    """The dtype of the matrix products: q's if half precision, else the CUDA autocast dtype if
+    autocast is on, else fp32."""
+    if q.dtype in (torch.float16, torch.bfloat16):
+        return q.dtype
+    if q.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+        return torch.get_autocast_dtype("cuda")
+    return torch.float32
+
+
+@functools.cache
+def _slots(long_range: tuple[int, ...], num_kv_heads: int, device: torch.device) -> torch.Tensor:
+    """``slot[c]``: the row of KV head ``c`` in the history tensors, -1 for a local head."""
+    slot = torch.full((num_kv_heads,), -1, dtype=torch.int32)
+    for i, c in enumerate(long_range):
+        slot[c] = i
+    return slot.to(device)
+
+
+def _usable(t: torch.Tensor) -> torch.Tensor:
+    """Unit stride on the last axis; an empty range gets a one-element stand-in so that no null
+    pointer reaches the launcher (the kernels never read it)."""
+    if t.numel() == 0:
+        return t.new_zeros(1, 1, 1, max(t.shape[-1], 1))
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _strides(t: torch.Tensor) -> tuple[int, int, int]:
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _blocks(kind: str, head_dim: int, lq: int) -> dict:
+    if _INTERPRET:
+        return dict(_INTERPRETER_BLOCKS)
+    if kind == "bwd":
+        return dict(_BWD_BLOCKS)
+    if lq <= 16:
+        return dict(_DECODE_BLOCKS)
+    return dict(_FWD_BLOCKS if head_dim > 64 else _FWD_BLOCKS_SMALL_D)
+
+
+def _block_d(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))
+
+
+def _common(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range):
+    B, H, lq, dk = q.shape
+    hk, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
+    if H % hk:
+        raise ValueError(f"segment_attention: {H} query heads are not a multiple of {hk} KV heads")
+    if lk < lq:
+        raise ValueError(f"segment_attention: {lk} current keys for {lq} queries; the queries are the last of the keys")
+    dot = compute_dtype(q)
+    tensors = [_usable(t) for t in (q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v)]
+    shape = dict(
+        B=B, H=H, Hk=hk, GROUP=H // hk, Lq=lq, Lk=lk, T=tail_k.shape[2], G=sink_k.shape[2], P=hist_k.shape[2],
+        D_K=dk, D_V=dv, BLOCK_DK=_block_d(dk), BLOCK_DV=_block_d(dv),
+    )
+    meta = dict(DOT=_TL_DTYPES[dot], PRECISION="ieee" if dot == torch.float32 else "tf32")
+    return tensors, shape, meta, _slots(tuple(long_range), hk, q.device)
+
+
+def segment_attention_forward(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale):
+    """Triton forward; same arguments and result as ``segment_attention_reference``."""
+    (q_, k_, v_, tk, tv, sk, sv, hk_, hv), s, meta, slots = _common(
+        q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range
+    )
+    out = torch.empty(s["B"], s["H"], s["Lq"], s["D_V"], dtype=q.dtype, device=q.device)
+    blocks = _blocks("fwd", s["D_K"], s["Lq"])
+    grid = (triton.cdiv(s["Lq"], blocks["BLOCK_M"]), s["B"] * s["H"])
+    _fwd_kernel[grid](
+        q_, k_, v_, tk, tv, sk, sv, hk_, hv, slots, out, scale * _LOG2E,
+        *_strides(q_), *_strides(k_), *_strides(v_), *_strides(tk), *_strides(tv),
+        *_strides(sk), *_strides(sv), *_strides(hk_), *_strides(hv), *_strides(out),
+        s["H"], s["GROUP"], s["Lq"], s["Lk"], s["T"], s["G"], s["P"],
+        BLOCK_DK=s["BLOCK_DK"], BLOCK_DV=s["BLOCK_DV"], D_K=s["D_K"], D_V=s["D_V"], **meta, **blocks,
+    )
+    return out
+
+
+def segment_attention_backward(grad_out, out, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v,
+                               long_range, scale, tail_needs_grad: bool = True):
+    """Gradients ``(dq, dk, dv, dtail_k, dtail_v)`` of ``segment_attention``; the tail's are
+    ``None`` when ``tail_needs_grad`` is false (no work is done for them)."""
+    (q_, k_, v_, tk, tv, sk, sv, hk_, hv), s, meta, slots = _common(
+        q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range
+    )
+    do = _usable(grad_out)
+    o = _usable(out)
+    blocks = _blocks("bwd", s["D_K"], s["Lq"])
+    B, H, Hk, lq = s["B"], s["H"], s["Hk"], s["Lq"]
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty(B * H * lq, dtype=torch.float32, device=q.device)
+    delta = torch.empty_like(lse)
+    _dq_kernel[(triton.cdiv(lq, blocks["BLOCK_M"]), B * H)](
+        q_, k_, v_, tk, tv, sk, sv, hk_, hv, slots, o, do, dq, lse, delta, scale * _LOG2E, scale,
+        *_strides(q_), *_strides(k_), *_strides(v_), *_strides(tk), *_strides(tv),
+        *_strides(sk), *_strides(sv), *_strides(hk_), *_strides(hv),
+        *_strides(o), *_strides(do), *_strides(dq),
+        H, s["GROUP"], lq, s["Lk"], s["T"], s["G"], s["P"],
+        BLOCK_DK=s["BLOCK_DK"], BLOCK_DV=s["BLOCK_DV"], D_K=s["D_K"], D_V=s["D_V"], **meta, **blocks,
+    )
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    tail_needs_grad = tail_needs_grad and s["T"] > 0
+    dtk = torch.empty_like(tail_k, memory_format=torch.contiguous_format) if tail_needs_grad else None
+    dtv = torch.empty_like(tail_v, memory_format=torch.contiguous_format) if tail_needs_grad else None
+    tail_blocks = triton.cdiv(s["T"], blocks["BLOCK_N"]) if tail_needs_grad else 0
+    grid = (tail_blocks + triton.cdiv(s["Lk"], blocks["BLOCK_N"]), B * Hk)
+    dtk_, dtv_ = (dtk, dtv) if tail_needs_grad else (dk, dv)  # never written when there are no tail blocks
+    _dkdv_kernel[grid](
+        q_, k_, v_, tk, tv, do, lse, delta, dk, dv, dtk_, dtv_, scale * _LOG2E, scale,
+        *_strides(q_), *_strides(k_), *_strides(v_), *_strides(tk), *_strides(tv), *_strides(do),
+        *_strides(dk), *_strides(dv), *_strides(dtk_), *_strides(dtv_),
+        H, Hk, s["GROUP"], lq, s["Lk"], s["T"], tail_blocks,
+        BLOCK_DK=s["BLOCK_DK"], BLOCK_DV=s["BLOCK_DV"], D_K=s["D_K"], D_V=s["D_V"], **meta, **blocks,
+    )
+    return dq, dk, dv, dtk, dtv

@@ -1,0 +1,174 @@
+"""The Triton kernels of ``segment_attention`` against the PyTorch reference, output and every gradient.
+
+On a machine without CUDA they run in Triton's interpreter (``TRITON_INTERPRET=1``, set by
+conftest before the kernels are defined), on tiny shapes. Tolerance: relative error
+``max|triton - reference| / max|reference| <= 1e-4`` in fp32, for the output and for each of
+the five gradients (q, current k/v, tail k/v) on fresh random inputs.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import segcompile as sc
+from segcompile.errors import ConfigError
+from segcompile.kernels.reference import segment_attention_reference
+from segcompile.passes.lower import triton_unavailable
+from conftest import captured, random_ids
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
+
+from segcompile.kernels.triton_attention import segment_attention_backward, segment_attention_forward  # noqa: E402
+
+FP32_RTOL = 1e-4
+GRAD_NAMES = ("q", "k", "v", "tail_k", "tail_v")
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    if want.numel() == 0:
+        return 0.0
+    return ((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-30)).item()
+
+
+def random_inputs(B, H, Hk, lq, lk, T, G, P, D, long_range, seed, dtype=torch.float32):
+    """The nine tensor arguments of segment_attention, random normal, on DEVICE."""
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float32).to(DEVICE, dtype)
+
+    lr = len(long_range)
+    return [
+        r(B, H, lq, D), r(B, Hk, lk, D), r(B, Hk, lk, D), r(B, Hk, T, D), r(B, Hk, T, D),
+        r(B, Hk, G, D), r(B, Hk, G, D), r(B, lr, P, D), r(B, lr, P, D),
+    ]
+
+
+def reference_and_grads(args, long_range, scale, grad_out_seed):
+    live = [a.detach().clone().requires_grad_(i < 5) for i, a in enumerate(args)]
+    out = segment_attention_reference(*live, list(long_range), scale)
+    grad_out = torch.randn(out.shape, generator=torch.Generator().manual_seed(grad_out_seed)).to(out)
+    out.backward(grad_out)
+    return out.detach(), grad_out, [t.grad for t in live[:5]]
+
+
+# (B, H, Hk, Lq, Lk, T, G, P, D, long_range): each row is an edge case DESIGN.md lists
+CASES = {
+    "first segment, N < S (no tail, sinks or history)": (1, 4, 2, 13, 13, 0, 0, 0, 16, ()),
+    "full segment, tail, sinks, GQA 2, one long-range head": (2, 4, 2, 32, 32, 32, 3, 70, 16, (1,)),
+    "last short segment": (1, 4, 2, 11, 11, 32, 2, 45, 16, (0,)),
+    "T = 0 with history": (1, 2, 2, 20, 20, 0, 0, 37, 16, (0, 1)),
+    "G > 0, no head long-range": (1, 4, 4, 24, 24, 24, 4, 0, 16, ()),
+    "every head long-range, GQA 4": (1, 8, 2, 19, 19, 16, 0, 50, 16, (1, 0)),
+    "decode: one query after a partial segment": (2, 4, 2, 1, 9, 16, 2, 33, 16, (1,)),
+    "a few queries after a partial segment": (1, 4, 2, 3, 27, 8, 0, 20, 16, (0,)),
+    "head dim 64": (1, 2, 1, 40, 40, 17, 1, 19, 64, (0,)),
+    "head dim 8 (padded to the 16-wide dot)": (1, 4, 2, 18, 18, 7, 2, 5, 8, (0,)),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_forward_and_gradients_match_the_reference(case):
+    B, H, Hk, lq, lk, T, G, P, D, long_range = case
+    args = random_inputs(B, H, Hk, lq, lk, T, G, P, D, long_range, seed=sum(case[:9]))
+    scale = D ** -0.5
+    want, grad_out, want_grads = reference_and_grads(args, long_range, scale, grad_out_seed=lq)
+
+    torch.manual_seed(0)
+    got = segment_attention_forward(*args, list(long_range), scale)
+    assert got.shape == want.shape and got.dtype == want.dtype
+    assert relative_error(got, want) <= FP32_RTOL
+    grads = segment_attention_backward(grad_out, got, *args, list(long_range), scale)
+    for name, g, w in zip(GRAD_NAMES, grads, want_grads):
+        if T == 0 and name.startswith("tail"):
+            assert g is None
+            continue
+        assert g.shape == w.shape, name
+        assert torch.isfinite(g).all(), name
+        assert relative_error(g, w) <= FP32_RTOL, f"d{name}: {relative_error(g, w):.2e}"
+
+
+def test_no_tail_gradient_work_when_the_tail_is_detached():
+    args = random_inputs(1, 4, 2, 16, 16, 16, 2, 10, 16, (0,), seed=3)
+    want, grad_out, want_grads = reference_and_grads(args, (0,), 0.25, grad_out_seed=4)
+    out = segment_attention_forward(*args, [0], 0.25)
+    dq, dk, dv, dtk, dtv = segment_attention_backward(grad_out, out, *args, [0], 0.25, tail_needs_grad=False)
+    assert dtk is None and dtv is None
+    for g, w in zip((dq, dk, dv), want_grads):
+        assert relative_error(g, w) <= FP32_RTOL
+
+
+def test_strided_inputs_as_the_driver_passes_them():
+    # the driver hands over views: the tail is the end of the previous current, history a
+    # prefix of a larger buffer, q a transpose of the projection's output
+    B, H, Hk, S, D = 1, 4, 2, 16, 16
+    g = torch.Generator().manual_seed(5)
+    r = lambda *s: torch.randn(*s, generator=g).to(DEVICE)  # noqa: E731
+    q = r(B, S, H, D).transpose(1, 2)
+    prev = r(B, Hk, S, D)
+    store = r(B, 1, 40, D)
+    args = [q, r(B, Hk, S, D), r(B, Hk, S, D), prev[:, :, 6:], prev[:, :, 6:].flip(2), r(B, Hk, 2, D)[:, :, :1],
+            r(B, Hk, 1, D), store[:, :, :25], store[:, :, 5:30]]
+    want, grad_out, want_grads = reference_and_grads(args, (1,), 0.3, grad_out_seed=6)
+    got = segment_attention_forward(*args, [1], 0.3)
+    assert relative_error(got, want) <= FP32_RTOL
+    for name, gr, w in zip(GRAD_NAMES, segment_attention_backward(grad_out, got, *args, [1], 0.3), want_grads):
+        assert relative_error(gr, w) <= FP32_RTOL, name
+
+
+# ---- lowered into the step graph --------------------------------------------------------------
+CFG = sc.SegmentConfig(8, tail_len=4, sink_tokens=2, long_range=sc.HeadPlan.fraction(0.5), tbptt_k=1)
+
+
+def test_lowered_model_matches_the_oracle_forward_decode_and_tbptt_gradients():
+    model, graph = captured("llama")
+    if DEVICE == "cuda":
+        pytest.skip("the captured tiny model lives on the CPU; bench/cuda_smoke.py covers CUDA")
+    seg = sc.transform(graph, CFG, implementation="triton")
+    assert set(seg.implementations.values()) == {"triton"}
+    assert "impl=triton" in repr(seg)
+    ids = random_ids(2, 21, seed=7)
+    with torch.no_grad():
+        want = sc.oracle.forward(model, CFG, ids)
+        assert (seg(ids).logits - want).abs().max() <= 1e-4
+        state = seg.prefill(ids[:, :13])
+        logits, state = seg.decode(state, ids[:, 13:14])
+        assert (logits[:, 0] - want[:, 13]).abs().max() <= 1e-4
+
+    labels = random_ids(2, 21, seed=8)
+    want_loss, want_grads = sc.oracle.gradients(model, CFG, ids, labels)
+    model.zero_grad(set_to_none=True)
+    loss = seg.tbptt_backward(ids, labels)
+    assert abs(loss.item() - want_loss.item()) <= 1e-5 * abs(want_loss.item())
+    for name, p in model.named_parameters():
+        w = want_grads[name]
+        assert relative_error(p.grad, w) <= 1e-4, name
+    model.zero_grad(set_to_none=True)
+
+
+def test_auto_lowering_picks_the_reference_off_cuda_and_triton_on_request():
+    _, graph = captured("llama")
+    assert set(sc.transform(graph, CFG).implementations.values()) == {"reference"}
+    with pytest.raises(ConfigError, match="implementation must be 'auto' or one of"):
+        sc.transform(graph, CFG, implementation="cudnn")
+
+
+def test_triton_is_refused_with_the_reason():
+    assert "fp16, bf16 or fp32" in triton_unavailable(torch.device("cuda"), 64, torch.float64)
+    assert "above the kernels' 256" in triton_unavailable(torch.device("cuda"), 512, torch.float32)
+    assert triton_unavailable(torch.device("cuda"), 128, torch.bfloat16) is None
+    _, graph64 = captured("llama", dtype=torch.float64)
+    with pytest.raises(ConfigError, match=r"implementation='triton' for layer 0 .*torch.float64"):
+        sc.transform(graph64, CFG, implementation="triton")
+
+
+def test_cpu_without_the_interpreter_is_refused(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    reason = triton_unavailable(torch.device("cpu"), 64, torch.float32)
+    assert "run on CUDA (or on the CPU under TRITON_INTERPRET=1)" in reason
