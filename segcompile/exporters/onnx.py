@@ -112,6 +112,7 @@ def step_module(seg: SegmentedModel, logits: str = "last") -> fx.GraphModule:
         node.replace_all_uses_with(items[0])
         state_out += items[1:3] + (items[3:5] if site.long_range else [])
 
+    _count_with_range(graph)
     output = graph.output_node()
     leaves = list(output.args[0][: seg._num_outputs])
     index = _logits_leaf(seg)
@@ -150,6 +151,29 @@ def _keep_last_position(graph: fx.Graph, output: fx.Node, leaves: list, index: i
 
 def _getitem(t, i):
     return t[i]
+
+
+def _count_with_range(graph: fx.Graph) -> None:
+    """Replace the step graph's ``cumsum(ones_like(row, dtype=long), 0)`` (the positions ``1..L``) with
+    ``arange(1, L + 1)``: ONNX Range instead of an int64 CumSum, which TensorRT's ONNX parser lists for
+    float types only. A cumsum of anything else is left alone (the operator test names it)."""
+    for node in list(graph.find_nodes(op="call_function", target=torch.ops.aten.cumsum.default)):
+        ones = node.args[0]
+        if not (isinstance(ones, fx.Node) and ones.target is torch.ops.aten.ones_like.default
+                and ones.kwargs.get("dtype") == torch.long and node.args[1:] == (0,)):
+            continue
+        with graph.inserting_before(node):
+            counted = graph.call_function(_count, (ones,))
+        node.replace_all_uses_with(counted)
+        graph.erase_node(node)
+
+
+def _count(ones: torch.Tensor) -> torch.Tensor:
+    """``ones.cumsum(0)``: ``1, 2, .., len(ones)`` as int64 when ``ones`` is 1-D (the inserted nodes
+    carry no shape metadata, so the rank is checked here, when the graph is traced)."""
+    if ones.dim() != 1:
+        return ones.cumsum(0)
+    return torch.arange(1, ones.shape[0] + 1, dtype=torch.long, device=ones.device)
 
 
 def _step_kv(cur: fx.Node) -> fx.Node:

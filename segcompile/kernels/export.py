@@ -26,6 +26,13 @@ has carried since long before 10.0 (the file has not been through TensorRT's par
 TensorRT here; T = 0 gives zero-size slices, a case to check there). The opset-23 ``Attention`` operator would be one node per head group, but TensorRT's
 parser supports it only from 10.14 (its release notes) and it adds nothing we need (GQA is a
 broadcast here, the mask a [L, K] bool); the decomposition runs everywhere at opset 20.
+
+The integer index math avoids three lowerings that the onnx-tensorrt operator table
+(``tests/data/onnx_tensorrt_operators.tsv``, checked by ``tests/test_export_tensorrt.py``) lists for
+float types only: ``arange`` is ``torch.arange`` (ONNX Range) rather than a cumsum of ones (CumSum:
+FP32/FP16/BF16), clamping is ``where`` (Clip: FP32/FP16/BF16), and the segment start is
+``pos - pos % S`` (Mod, int64) rather than a floor division, which ONNX lowers through float32
+(exact only below 2**24 positions).
 """
 
 from __future__ import annotations
@@ -36,12 +43,18 @@ _NEG = float("-inf")
 
 
 def _positions(like: torch.Tensor, n) -> torch.Tensor:
-    """``arange(n)`` as int64 on ``like``'s device, for a symbolic ``n`` (cumsum of ones, as the step graph does)."""
-    return torch.ones_like(like[0, 0, :n, 0], dtype=torch.long).cumsum(0) - 1
+    """``arange(n)`` as int64 on ``like``'s device; ``n`` may be symbolic (a dynamic axis: ONNX Range)."""
+    return torch.arange(n, dtype=torch.long, device=like.device)
 
 
 def _arange(n: int, device) -> torch.Tensor:
     return torch.arange(n, dtype=torch.long, device=device)
+
+
+def _clamp(x: torch.Tensor, low: int, high: int | None = None) -> torch.Tensor:
+    """``x.clamp(low, high)`` for int64 index math, as ``where`` (ONNX Clip is float-only in TensorRT's parser)."""
+    x = torch.where(x < low, low, x)
+    return x if high is None else torch.where(x > high, high, x)
 
 
 def _attend(q, keys, values, key_pos, q_pos, scale):
@@ -67,15 +80,15 @@ def step_attention(q, k, v, local_k, local_v, hist_k, hist_v, position_offset, *
     group = H // hkv
     dev = q.device
     pos = position_offset
-    a = torch.div(pos, S, rounding_mode="floor") * S
-    c = pos - a  # tokens of this segment already in the current slots
+    c = torch.remainder(pos, S)  # tokens of this segment already in the current slots (pos >= 0)
+    a = pos - c
     start = a - T  # first position of the tail; positions < start are history (and sinks)
 
     # 1. write this step's K/V into current slots [c, c + L)
     m = _arange(S, dev)
     step_pos = _positions(k, L)
     take = (m >= c) & (m < c + L)
-    src = torch.clamp(m - c, min=0)
+    src = _clamp(m - c, 0)
     src = torch.minimum(src, step_pos[-1])  # L - 1
     cur = slice(G + T, G + T + S)
     written_k = torch.where(take[:, None], k.index_select(2, src), local_k[:, :, cur])
@@ -118,7 +131,7 @@ def step_attention(q, k, v, local_k, local_v, hist_k, hist_v, position_offset, *
         parts = []
         if G:
             into = (g_idx >= start) & (g_idx < start + S)
-            gathered = leaving.index_select(2, torch.clamp(g_idx - start, 0, S - 1))
+            gathered = leaving.index_select(2, _clamp(g_idx - start, 0, S - 1))
             parts.append(torch.where(into[:, None], gathered, buf[:, :, :G]))
         parts += [buf[:, :, G + S :], buf[:, :, G + T :]]  # new tail = last T; current slots are stale
         ended_buf = torch.cat(parts, dim=2)
@@ -127,7 +140,7 @@ def step_attention(q, k, v, local_k, local_v, hist_k, hist_v, position_offset, *
             j = _positions(hist, hist.shape[2])
             into = (j >= start) & (j < start + S)
             moved = leaving.index_select(1, torch.tensor(lr, device=dev))
-            moved = moved.index_select(2, torch.clamp(j - start, 0, S - 1))
+            moved = moved.index_select(2, _clamp(j - start, 0, S - 1))
             new_state.append(torch.where(ended & into[:, None], moved, hist))
         else:
             new_state.append(None)
