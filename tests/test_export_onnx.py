@@ -11,6 +11,7 @@ family, plan and G (an export takes 5-20 s on 2 cores), the rest of the grid and
 from __future__ import annotations
 
 import os
+import sys
 
 import numpy as np
 import onnx
@@ -270,6 +271,7 @@ def test_cli_export_and_run(tmp_path, capsys, monkeypatch):
     assert new.shape == (1, 5)
     assert "new ids [0]: " + " ".join(map(str, new[0])) in text
 
+    monkeypatch.setitem(sys.modules, "tensorrt", None)  # as where TensorRT is not installed
     assert main(["export", "--format", "tensorrt", "--out", str(tmp_path / "x.plan")]) == 2
     err = capsys.readouterr().err
     assert 'pip install "segcompile[tensorrt]"' in err and "NVIDIA GPU" in err

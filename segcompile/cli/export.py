@@ -1,9 +1,12 @@
-"""``segcompile export``: compile a model and write its segment-step program as an ONNX file.
+"""``segcompile export``: compile a model and write its segment-step program as an ONNX file or a TensorRT engine.
 
 Stages: load the model (a local Hugging Face folder, or the built-in tiny Llama) -> capture ->
 passes -> ONNX export (``segcompile.exporters.onnx``: fixed-size local state, dynamic history,
-checked with onnx.checker and shape inference, written atomically). Prints a summary: file,
-size, opset, inputs and outputs. ``--format tensorrt`` is not built yet and says how to get it.
+checked with onnx.checker and shape inference, written atomically) -> with ``--format tensorrt``,
+an engine built from that file (``segcompile.exporters.tensorrt``; the ONNX file is a temporary
+one), written with its metadata file beside it. Prints a summary: file, size, opset, inputs and
+outputs (and the engine's precision and profile). Without TensorRT, ``--format tensorrt`` exits 2
+with the install hint.
 """
 
 from __future__ import annotations
@@ -17,18 +20,20 @@ from . import (
     add_segment_flags,
     check_plan_file,
     make_console,
+    positive_int,
     segment_config,
     stage,
 )
 from .models import add_model_args, check_model_args, load_model, model_label
 
 name = "export"
-help = "write the compiled segment-step program as an ONNX file"
+help = "write the compiled segment-step program as an ONNX file or a TensorRT engine"
 
 TENSORRT_HINT = (
     'TensorRT engines need `pip install "segcompile[tensorrt]"` and an NVIDIA GPU; until then export '
     "--format onnx, which TensorRT's ONNX parser reads"
 )
+TENSORRT_FLAGS = ("precision", "max_batch", "max_context")
 
 
 def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -40,7 +45,8 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
             "segment loop and write the program that runs once per segment or decode step as one ONNX file: "
             "segment token ids, position offset and the carried state in; logits and the new state out. "
             "The state of local heads has a fixed size, so one file serves any context length. "
-            "Run it with `segcompile run`."
+            "Run it with `segcompile run`. With --format tensorrt, build a TensorRT engine from that file "
+            "(needs TensorRT and an NVIDIA GPU)."
         ),
         formatter_class=HelpFormatter,
     )
@@ -49,21 +55,42 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     add_segment_flags(parser, segment_len=2048, sinks=0)
     parser.add_argument("--logits", choices=["last", "all"], default="last",
                         help="logits of the step's last position only, or of every position")
-    parser.add_argument("--out", default="model.onnx", help="the file to write (replaced atomically)")
+    parser.add_argument("--out", default=None,
+                        help="the file to write, replaced atomically (default: model.onnx, or model.engine)")
+    group = parser.add_argument_group("TensorRT (--format tensorrt)")
+    group.add_argument("--precision", choices=["fp32", "fp16", "bf16", "typed"], default=None,
+                       help="fp32 (TF32 off; the default), fp16/bf16 (TensorRT may run layers in that type), "
+                       "typed (every tensor keeps the exported model's dtype)")
+    group.add_argument("--max-batch", type=positive_int, default=None,
+                       help="largest batch the engine runs (default: 1)")
+    group.add_argument("--max-context", type=positive_int, default=None,
+                       help="longest context in tokens the engine runs; TensorRT sizes its memory for it "
+                       "(default: 8 segments)")
     return parser
 
 
 def validate(args: argparse.Namespace) -> None:
+    given = [f"--{flag.replace('_', '-')}" for flag in TENSORRT_FLAGS if getattr(args, flag) is not None]
+    if args.format == "onnx" and given:
+        raise UsageError(f"{', '.join(given)}: for --format tensorrt only",
+                         hint="add --format tensorrt, or leave them out")
     if args.format == "tensorrt":
-        raise UsageError("--format tensorrt is not available in this installation", hint=TENSORRT_HINT)
-    out = Path(args.out)
-    if out.is_dir():
-        raise UsageError(f"--out {args.out} is a folder", hint="name the .onnx file to write")
+        from ..exporters.tensorrt import missing_tensorrt
+
+        problem = missing_tensorrt()
+        if problem:
+            raise UsageError(f"--format tensorrt: TensorRT does not import here ({problem})", hint=TENSORRT_HINT)
+    if args.out is None:
+        args.out = "model.onnx" if args.format == "onnx" else "model.engine"
+    if Path(args.out).is_dir():
+        suffix = ".onnx" if args.format == "onnx" else ".engine"
+        raise UsageError(f"--out {args.out} is a folder", hint=f"name the {suffix} file to write")
     check_model_args(args)
     check_plan_file(args)
 
 
 def cmd(args: argparse.Namespace) -> int:
+    import tempfile
     import warnings
 
     import segcompile as sc
@@ -72,7 +99,8 @@ def cmd(args: argparse.Namespace) -> int:
 
     cfg = segment_config(args)
     console = make_console(args)
-    stages = ["load model", "capture", "passes", "export"]
+    engine = args.format == "tensorrt"
+    stages = ["load model", "capture", "passes", "export"] + (["engine"] if engine else [])
     seconds: dict[str, float] = {}
     with stage(console, stages, 0, seconds, model_label(args)):
         model = load_model(args)
@@ -80,11 +108,24 @@ def cmd(args: argparse.Namespace) -> int:
         graph = sc.capture(model)
     with stage(console, stages, 2, seconds, "passes"):
         seg = sc.transform(graph, cfg)
-    with stage(console, stages, 3, seconds, f"ONNX export, check -> {args.out}"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        summary = _quiet(export_onnx, seg, args.out, logits=args.logits)
-    _summary(console, summary, seg, cfg, seconds)
+    with tempfile.TemporaryDirectory(prefix="segcompile-export-") as tmp:
+        onnx_path = Path(tmp) / "step.onnx" if engine else Path(args.out)
+        with stage(console, stages, 3, seconds, f"ONNX export, check -> {onnx_path.name if engine else args.out}"), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            summary = _quiet(export_onnx, seg, onnx_path, logits=args.logits)
+        built = _build_engine(console, stages, seconds, args, onnx_path) if engine else None
+    _summary(console, summary, seg, cfg, seconds, built)
     return 0
+
+
+def _build_engine(console, stages, seconds, args, onnx_path: Path):
+    from ..exporters.tensorrt import build_engine
+
+    precision = args.precision or "fp32"
+    with stage(console, stages, 4, seconds, f"TensorRT engine ({precision}) -> {args.out}"):
+        return build_engine(onnx_path, args.out, precision=precision, max_batch=args.max_batch or 1,
+                            max_context=args.max_context, verbose=getattr(args, "debug", False))
 
 
 def _quiet(fn, *args, **kwargs):
@@ -105,7 +146,7 @@ def _quiet(fn, *args, **kwargs):
             lg.setLevel(level)
 
 
-def _summary(console, summary, seg, cfg, seconds) -> None:
+def _summary(console, summary, seg, cfg, seconds, engine=None) -> None:
     from rich import box
     from rich.markup import escape
     from rich.table import Table
@@ -116,8 +157,16 @@ def _summary(console, summary, seg, cfg, seconds) -> None:
     table = Table(title="segcompile export", show_header=False, box=box.SIMPLE_HEAD, title_justify="left")
     table.add_column(style="bold")
     table.add_column()
-    table.add_row("file", str(summary.path))
-    table.add_row("size", f"{summary.bytes / 1e6:.2f} MB")
+    if engine is None:
+        table.add_row("file", str(summary.path))
+        table.add_row("size", f"{summary.bytes / 1e6:.2f} MB")
+    else:
+        table.add_row("file", f"{engine.path} (TensorRT {engine.tensorrt_version}, {engine.precision})")
+        table.add_row("size", f"{engine.bytes / 1e6:.2f} MB; metadata {engine.metadata_path.name}")
+        for i, (name, (low, _, high)) in enumerate(list(engine.profile.items())[:3]):
+            table.add_row("profile" if i == 0 else "", f"{name} {shape(low)} .. {shape(high)}")
+        if len(engine.profile) > 3:
+            table.add_row("", f"... {len(engine.profile) - 3} more; max context {engine.max_context} tokens")
     table.add_row("opset", str(summary.opset))
     table.add_row("model", f"{seg.capture_info.model_class}, {len(seg.sites)} attention layers")
     table.add_row("segments", f"S={cfg.segment_len}  T={cfg.tail_len}  G={cfg.sink_tokens}; "
@@ -134,4 +183,8 @@ def _summary(console, summary, seg, cfg, seconds) -> None:
     table.add_row("time", ", ".join(f"{k} {v:.1f} s" for k, v in seconds.items()))
     console.print()
     console.print(table)
-    console.print(f"run it: segcompile run {summary.path} --prompt-ids IDS.npy", markup=False, soft_wrap=True)
+    if engine is None:
+        console.print(f"run it: segcompile run {summary.path} --prompt-ids IDS.npy", markup=False, soft_wrap=True)
+    else:
+        console.print(f"run it: segcompile.exporters.tensorrt.TensorRTSegmentedModel({str(engine.path)!r})",
+                      markup=False, soft_wrap=True)
