@@ -76,6 +76,7 @@ class SegmentedModel(torch.nn.Module):
         self.implementations: dict[int, str] = step_graph.meta["segcompile.impl"]
         self._num_outputs = step_graph.meta["segcompile.num_model_outputs"]
         self.pass_timings: dict[str, float] = dict(step_graph.meta.get("segcompile.pass_timings", {}))
+        self._last_logits_graph: fx.GraphModule | None = None  # built on the first prefill
 
     # ---- public API -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, **kwargs):
@@ -97,8 +98,13 @@ class SegmentedModel(torch.nn.Module):
         return outputs
 
     def prefill(self, input_ids: torch.Tensor, state: SegmentState | None = None) -> SegmentState:
-        """Run ``input_ids`` through the loop and return the state (``state.logits`` = last token's)."""
-        _, state = self._feed(state or self.initial_state(input_ids), input_ids, collect=False)
+        """Run ``input_ids`` through the loop and return the state (``state.logits`` = last token's).
+
+        Each step computes the logits of its last position only, and the long-range history is
+        allocated once for the whole prompt."""
+        state = state or self.initial_state(input_ids)
+        state = reserve_history(state, state.position + input_ids.shape[1])
+        _, state = self._feed(state, input_ids, collect=False)
         return state
 
     def decode(self, state: SegmentState, next_ids: torch.Tensor) -> tuple[torch.Tensor, SegmentState]:
@@ -139,7 +145,7 @@ class SegmentedModel(torch.nn.Module):
         while done < input_ids.shape[1]:
             take = min(S - state.position % S, input_ids.shape[1] - done)
             chunk = input_ids[:, done : done + take]
-            leaves, state = self.step(state, chunk)
+            leaves, state = self.step(state, chunk, last_logits_only=not collect)
             if collect:
                 pieces.append(leaves)
             done += take
@@ -147,25 +153,30 @@ class SegmentedModel(torch.nn.Module):
             return None, state
         return _join(pieces, self.capture_info.out_spec), state
 
-    def step(self, state: SegmentState, chunk: torch.Tensor) -> tuple[list, SegmentState]:
+    def step(self, state: SegmentState, chunk: torch.Tensor, last_logits_only: bool = False) -> tuple[list, SegmentState]:
         """Run the step graph once on ``chunk`` (which must not cross a segment boundary), and
-        move the segment into the carried state if ``chunk`` finished it."""
-        leaves, state = self.run_step(state, chunk)
+        move the segment into the carried state if ``chunk`` finished it. ``last_logits_only``:
+        the logits leaf holds the last position's only."""
+        leaves, state = self.run_step(state, chunk, graph=self._prefill_graph() if last_logits_only else None)
         if state.position % self.cfg.segment_len == 0:
             state = self.end_segment(state)
         return leaves, state
 
-    def run_step(self, state: SegmentState, chunk: torch.Tensor, checkpoint: bool = False) -> tuple[list, SegmentState]:
-        """Run the step graph once; the new tokens' K/V are appended to ``current``.
+    def run_step(
+        self, state: SegmentState, chunk: torch.Tensor, checkpoint: bool = False, graph: fx.GraphModule | None = None
+    ) -> tuple[list, SegmentState]:
+        """Run the step graph (or ``graph``, a variant of it) once; the new tokens' K/V are
+        appended to ``current``.
 
         ``checkpoint``: keep no activations inside the segment; recompute them in backward.
         """
+        graph = graph if graph is not None else self.step_graph
         offset = torch.tensor(state.position, dtype=torch.long, device=chunk.device)
         flat = [t for layer in state.layers for t in layer.tensors()]
         if checkpoint:
-            outs = torch.utils.checkpoint.checkpoint(self.step_graph, chunk, offset, *flat, use_reentrant=False)
+            outs = torch.utils.checkpoint.checkpoint(graph, chunk, offset, *flat, use_reentrant=False)
         else:
-            outs = self.step_graph(chunk, offset, *flat)
+            outs = graph(chunk, offset, *flat)
         leaves, currents = list(outs[: self._num_outputs]), outs[self._num_outputs :]
         layers = tuple(
             replace(layer, current_k=currents[2 * i], current_v=currents[2 * i + 1])
@@ -173,6 +184,13 @@ class SegmentedModel(torch.nn.Module):
         )
         position = state.position + chunk.shape[1]
         return leaves, SegmentState(position, layers, self.logits_of(leaves)[:, -1])
+
+    def _prefill_graph(self) -> fx.GraphModule:
+        if self._last_logits_graph is None:
+            from .passes.keep_last_logits import keep_last_logits
+
+            self._last_logits_graph = keep_last_logits(self.step_graph) or self.step_graph
+        return self._last_logits_graph
 
     def logits_of(self, leaves: list) -> torch.Tensor:
         return _logits_of(pytree.tree_unflatten(leaves, self.capture_info.out_spec))
@@ -258,6 +276,24 @@ class SegmentedModel(torch.nn.Module):
 
 
 HISTORY_GROWTH = 1.5  # capacity factor when the history buffer is full: amortised O(1) per token
+
+
+def reserve_history(state: SegmentState, total_tokens: int) -> SegmentState:
+    """Give every long-range history a buffer for ``total_tokens`` positions up front (prefill of
+    a known prompt), instead of growing it by ``HISTORY_GROWTH`` (which can leave half again the
+    needed memory allocated, and copies at every growth)."""
+    layers = []
+    for layer in state.layers:
+        moved = {}
+        for kv in ("k", "v"):
+            store, history = getattr(layer, f"hist_store_{kv}"), getattr(layer, f"hist_{kv}")
+            if history.shape[1] == 0 or (store is not None and store.shape[2] >= total_tokens):
+                continue
+            fresh = history.new_empty(history.shape[0], history.shape[1], total_tokens, history.shape[3])
+            fresh[:, :, : history.shape[2]] = history
+            moved[f"hist_store_{kv}"], moved[f"hist_{kv}"] = fresh, fresh[:, :, : history.shape[2]]
+        layers.append(replace(layer, **moved))
+    return replace(state, layers=tuple(layers))
 
 
 def _append_history(store: torch.Tensor | None, history: torch.Tensor, new: torch.Tensor):

@@ -204,3 +204,19 @@ def test_history_is_one_growing_buffer(llama):
             buffers.add(state.layers[0].hist_k.untyped_storage().data_ptr())
     assert state.layers[0].hist_k.shape[2] == 39 * 4  # everything before the tail
     assert len(buffers) <= 12
+
+
+def test_prefill_allocates_the_history_once_and_computes_the_last_logits_only(llama):
+    model, graph = llama
+    cfg = sc.SegmentConfig(4, long_range=sc.HeadPlan.all())
+    seg = sc.transform(graph, cfg)
+    ids = random_ids(2, 27)
+    with torch.no_grad():
+        state = seg.prefill(ids)
+        want = sc.oracle.forward(model, cfg, ids)[:, -1]
+    assert (state.logits - want).abs().max() <= 1e-4
+    layer = state.layers[0]
+    assert layer.hist_store_k.shape[2] == 27 and layer.hist_k.shape[2] == 27 - 3 - 4  # current 3, tail 4
+    assert layer.hist_k.untyped_storage().data_ptr() == layer.hist_store_k.untyped_storage().data_ptr()
+    logits_node = [n for n in seg._last_logits_graph.graph.nodes if n.target is torch.ops.aten.linear.default][-1]
+    assert logits_node.args[0].target is torch.ops.aten.slice.Tensor  # the LM head sees the last position only

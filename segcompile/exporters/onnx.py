@@ -45,12 +45,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.utils._pytree as pytree
 from torch import fx
 
 from ..errors import SegcompileError
 from ..kernels.export import step_attention
 from ..ops import segment_attention
+from ..passes.keep_last_logits import keep_last_position, logits_leaf
 from ..runtime import SegmentedModel
 
 OPSET = 20  # plain MatMul/Softmax attention; see kernels/export.py for why not opset 23's Attention
@@ -117,7 +117,7 @@ def step_module(seg: SegmentedModel, logits: str = "last") -> fx.GraphModule:
     leaves = list(output.args[0][: seg._num_outputs])
     index = _logits_leaf(seg)
     if logits == "last":
-        _keep_last_position(graph, output, leaves, index)
+        keep_last_position(graph, output, leaves, index)
     output.args = (tuple(leaves) + tuple(state_out),)
     for node in attention:
         graph.erase_node(node)
@@ -131,22 +131,6 @@ def step_module(seg: SegmentedModel, logits: str = "last") -> fx.GraphModule:
     gm.recompile()
     gm.meta["segcompile.export"] = {"logits_leaf": index, "num_model_outputs": seg._num_outputs}
     return gm
-
-
-def _keep_last_position(graph: fx.Graph, output: fx.Node, leaves: list, index: int) -> None:
-    """Make the logits leaf the last position's only. When it is the LM head's ``linear`` over
-    ``[B, L, hidden]`` (every HF causal LM), slice the hidden states before it, so that a prefill
-    step computes one row of logits instead of S; otherwise slice the logits."""
-    head = leaves[index]
-    hidden = head.args[0] if head.op == "call_function" and head.target is torch.ops.aten.linear.default else None
-    value = hidden.meta.get("val") if isinstance(hidden, fx.Node) else None
-    if hidden is not None and len(head.users) == 1 and isinstance(value, torch.Tensor) and value.dim() == 3:
-        with graph.inserting_before(head):
-            last = graph.call_function(torch.ops.aten.slice.Tensor, (hidden, 1, -1, None))
-        head.replace_input_with(hidden, last)
-        return
-    with graph.inserting_before(output):
-        leaves[index] = graph.call_function(torch.ops.aten.slice.Tensor, (head, 1, -1, None))
 
 
 def _getitem(t, i):
@@ -184,10 +168,8 @@ def _step_kv(cur: fx.Node) -> fx.Node:
 
 
 def _logits_leaf(seg: SegmentedModel) -> int:
-    spec = seg.capture_info.out_spec
-    tree = pytree.tree_unflatten(list(range(spec.num_leaves)), spec)
-    found = tree.logits if hasattr(tree, "logits") else tree
-    if not isinstance(found, int):
+    found = logits_leaf(seg.capture_info.out_spec)
+    if found is None:
         raise ExportError("the model's output has no single logits tensor to export")
     return found
 
