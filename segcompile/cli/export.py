@@ -163,10 +163,7 @@ def _summary(console, summary, seg, cfg, seconds, engine=None) -> None:
     else:
         table.add_row("file", f"{engine.path} (TensorRT {engine.tensorrt_version}, {engine.precision})")
         table.add_row("size", f"{engine.bytes / 1e6:.2f} MB; metadata {engine.metadata_path.name}")
-        for i, (name, (low, _, high)) in enumerate(list(engine.profile.items())[:3]):
-            table.add_row("profile" if i == 0 else "", f"{name} {shape(low)} .. {shape(high)}")
-        if len(engine.profile) > 3:
-            table.add_row("", f"... {len(engine.profile) - 3} more; max context {engine.max_context} tokens")
+        table.add_row("profile", _profile_text(engine))
     table.add_row("opset", str(summary.opset))
     table.add_row("model", f"{seg.capture_info.model_class}, {len(seg.sites)} attention layers")
     table.add_row("segments", f"S={cfg.segment_len}  T={cfg.tail_len}  G={cfg.sink_tokens}; "
@@ -188,3 +185,13 @@ def _summary(console, summary, seg, cfg, seconds, engine=None) -> None:
     else:
         console.print(f"run it: segcompile.exporters.tensorrt.TensorRTSegmentedModel({str(engine.path)!r})",
                       markup=False, soft_wrap=True)
+
+
+def _profile_text(engine) -> str:
+    """The engine's dynamic axes as ranges: batch, step and (with long-range heads) history."""
+    low, _, high = engine.profile["input_ids"]
+    text = f"batch {low[0]}..{high[0]}, step {low[1]}..{high[1]}"
+    hist = next((shapes for name, shapes in engine.profile.items() if name.endswith("_hist_k")), None)
+    if hist is not None:
+        text += f", history {hist[0][2]}..{hist[2][2]}"
+    return text + f"; context up to {engine.max_context} tokens"
