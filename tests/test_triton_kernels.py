@@ -19,7 +19,6 @@ from segcompile.kernels.reference import segment_attention_reference
 from segcompile.passes.lower import triton_unavailable
 from conftest import captured, random_ids
 
-pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
