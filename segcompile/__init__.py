@@ -1,8 +1,8 @@
 """segcompile: compile full-attention decoders into training-inference consistent segment loops."""
 
-from . import oracle
+from . import distributed, oracle
 from .config import SegmentConfig
-from .errors import CaptureError, ConfigError, PlanError, SegcompileError, UnsupportedAttentionError
+from .errors import CaptureError, ConfigError, PlanError, SegcompileError, UnsupportedAttentionError, WrappingError
 from .heads import select_heads
 from .passes import capture
 from .plan import HeadPlan
@@ -19,7 +19,9 @@ __all__ = [
     "SegmentState",
     "SegmentedModel",
     "UnsupportedAttentionError",
+    "WrappingError",
     "capture",
+    "distributed",
     "oracle",
     "select_heads",
     "transform",

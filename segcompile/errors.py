@@ -23,3 +23,8 @@ class CaptureError(SegcompileError):
 
 class UnsupportedAttentionError(SegcompileError):
     """An attention site is not causal full attention, or its pattern is not recognised."""
+
+
+class WrappingError(SegcompileError, TypeError):
+    """A model wrapped by FSDP or DDP was given to ``transform``, or a SegmentedModel was wrapped
+    other than by ``segcompile.distributed`` (DESIGN: the step graph runs, not the modules)."""

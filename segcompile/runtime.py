@@ -77,6 +77,7 @@ class SegmentedModel(torch.nn.Module):
         self._num_outputs = step_graph.meta["segcompile.num_model_outputs"]
         self.pass_timings: dict[str, float] = dict(step_graph.meta.get("segcompile.pass_timings", {}))
         self._last_logits_graph: fx.GraphModule | None = None  # built on the first prefill
+        self._gradient_sync = None  # set by segcompile.distributed.fsdp / ddp
 
     # ---- public API -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, **kwargs):
@@ -208,11 +209,18 @@ class SegmentedModel(torch.nn.Module):
         ``reduction="mean"`` divides by the label tokens of the whole sequence (HF's causal-LM
         loss), ``"sum"`` does not. Returns the loss. Keeps at most ``tbptt_k + 1`` segment graphs;
         with ``checkpoint=True`` they hold only their inputs and recompute activations in backward.
-        Under ``torch.autocast`` the segment steps run in the autocast dtype.
+        Under ``torch.autocast`` the segment steps run in the autocast dtype. Wrapped by
+        ``segcompile.distributed``, the gradients are synchronised over the ranks once, after the
+        sequence's last backward.
         """
+        from .distributed import check_sync_owner
         from .training import tbptt_backward
 
-        return tbptt_backward(self, input_ids, labels, reduction, checkpoint)
+        check_sync_owner(self)
+        if self._gradient_sync is None:
+            return tbptt_backward(self, input_ids, labels, reduction, checkpoint)
+        with self._gradient_sync.sequence(self):
+            return tbptt_backward(self, input_ids, labels, reduction, checkpoint)
 
     def end_segment(self, state: SegmentState) -> SegmentState:
         """Move a finished segment into tail, history and sinks (all detached)."""

@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 
 from .config import SegmentConfig
+from .distributed import check_not_wrapped
 from .passes import PASSES, PassManager, capture, copy_captured, is_captured
 from .runtime import SegmentedModel
 
@@ -26,8 +27,10 @@ def transform(
     ``implementation``: the kernel every attention site runs: ``"auto"`` (segcompile's Triton
     kernels on CUDA, the PyTorch reference elsewhere), ``"triton"`` or ``"reference"``.
     The model itself is not modified; the returned module shares its parameters. The program
-    runs on the device the model was on when it was captured: move the model first.
+    runs on the device the model was on when it was captured: move the model first. A model
+    wrapped by FSDP or DDP is refused: wrap the result instead (``segcompile.distributed``).
     """
+    check_not_wrapped(model)
     cfg = cfg if cfg is not None else SegmentConfig(segment_len=2048)
     gm = copy_captured(model) if is_captured(model) else capture(model)
     gm.meta["segcompile.config"] = cfg
