@@ -3,6 +3,7 @@
     python examples/train.py --model tiny-llama --steps 50 --out runs/tiny
     python examples/train.py --model tiny-llama --steps 100 --out runs/tiny --resume   # continue to step 100
     python examples/train.py --model path/to/hf-model --seq-len 4096 --segment-len 512 --dtype bf16 --out runs/ft
+    torchrun --nproc-per-node 2 examples/train.py --model tiny-llama --steps 50 --out runs/fsdp --fsdp
 
 Each step draws a batch from ``recall_task`` with a seeded generator, runs
 ``seg.tbptt_backward(ids, labels)`` (gradients through ``--tbptt-k`` previous segments) and an
@@ -14,6 +15,14 @@ batches, by how many segments back the answer was). ``--resume`` continues from
 ones an uninterrupted run would have logged.
 
 Models are captured in eval mode (segcompile refuses attention dropout), so dropout is off.
+
+Under torchrun, ``--fsdp`` (FSDP2) or ``--ddp`` trains data parallel over sequences: every rank
+builds the same model (``--seed``), transforms it, wraps the SegmentedModel
+(``segcompile.distributed``) and draws its own ``--batch-size`` sequences from its own data stream
+(a seed per rank), so a step sees ``batch-size x ranks`` sequences. Gradients are synchronised once
+per sequence; the logged loss is the mean over ranks. Rank 0 alone shows the progress bar and
+writes ``losses.jsonl`` and ``eval.json``; the checkpoint is sharded (``segcompile.checkpoint``:
+DCP, safetensors, one RNG file per rank) and a run resumes with as many ranks as it was saved by.
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -40,6 +50,7 @@ RUN_FLAGS = (
     "batch_size", "lr", "warmup", "clip", "seed", "dtype", "pairs", "queries",
 )
 EVAL_SEED_OFFSET = 1_000_003  # held-out batches come from seed + this, never from the training stream
+RANK_SEED_STRIDE = 10_007  # rank r draws its training data from seed + r * this (rank 0: the single-process stream)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -68,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint")
     p.add_argument("--quiet", action="store_true", help="no progress bar or summary")
+    parallel = p.add_mutually_exclusive_group()
+    parallel.add_argument("--fsdp", action="store_true", help="under torchrun: FSDP2, parameters, gradients and optimizer state sharded")
+    parallel.add_argument("--ddp", action="store_true", help="under torchrun: DDP, everything replicated")
     return p
 
 
@@ -87,6 +101,9 @@ def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error(f"{checkpoint} exists: pass --resume to continue that run, or choose another --out")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: CUDA is not available")
+    if (args.fsdp or args.ddp) and "RANK" not in os.environ:
+        flag = "--fsdp" if args.fsdp else "--ddp"
+        p.error(f"{flag} runs under torchrun: torchrun --nproc-per-node N examples/train.py ... {flag}")
 
 
 def build_model(args, vocab_size: int) -> torch.nn.Module:
@@ -129,24 +146,51 @@ def main(argv: list[str] | None = None) -> dict:
     parser = build_parser()
     args = parser.parse_args(argv)
     validate(parser, args)
-    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
-    vocab = recall_task.RecallVocab()
+    parallel = args.fsdp or args.ddp
+    if parallel:
+        import torch.distributed as dist
 
-    torch.manual_seed(args.seed)
+        dist.init_process_group("nccl" if args.device != "cpu" and torch.cuda.is_available() else "gloo")
+    try:
+        return train(parser, args)
+    finally:
+        if parallel:
+            dist.destroy_process_group()
+
+
+def train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    rank, ranks = _rank()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else "cpu" if args.device == "auto" else args.device)
+    if device.type == "cuda" and ranks > 1:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    vocab = recall_task.RecallVocab()
+    lead = rank == 0  # logs, writes the run's files and shows the progress bar
+    args.quiet = args.quiet or not lead
+
+    torch.manual_seed(args.seed)  # the same model on every rank
     model = build_model(args, vocab.size).to(device)
     cfg = sc.SegmentConfig(
         segment_len=args.segment_len, tail_len=args.tail_len, sink_tokens=args.sinks,
         long_range=sc.HeadPlan.fraction(args.long_range), tbptt_k=args.tbptt_k,
     )
     seg = sc.transform(model, cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
-    data = torch.Generator().manual_seed(args.seed)  # the training stream; saved in checkpoints
+    if args.fsdp:
+        seg = sc.distributed.fsdp(seg)
+    elif args.ddp:
+        seg = sc.distributed.ddp(seg, device_ids=[device.index] if device.type == "cuda" else None)
+    # Under FSDP the model keeps its own (now stale) full tensors: train and save seg instead.
+    trained = seg if args.fsdp or args.ddp else model
+    optimizer = torch.optim.AdamW(trained.parameters(), lr=args.lr)
+    if ranks > 1:
+        torch.manual_seed(args.seed + RANK_SEED_STRIDE * rank)
+    data = torch.Generator().manual_seed(args.seed + RANK_SEED_STRIDE * rank)  # this rank's stream; saved in checkpoints
 
     args.out.mkdir(parents=True, exist_ok=True)
     losses_path, checkpoint_dir = args.out / "losses.jsonl", args.out / "checkpoint"
     start = 0
     if args.resume:
-        start, extra = load_checkpoint(checkpoint_dir, model, optimizer, {"data": data})
+        start, extra = load_checkpoint(checkpoint_dir, trained, optimizer, {"data": data})
         saved = extra.get("config", {})
         changed = {k: (saved.get(k), v) for k, v in run_config(args).items() if saved.get(k) != v}
         if changed:
@@ -156,18 +200,20 @@ def main(argv: list[str] | None = None) -> dict:
             )
         # Drop lines logged after the checkpoint (an interrupted run may have gone further).
         kept = [line for line in _read_lines(losses_path) if json.loads(line)["step"] <= start]
-        atomic_write_text(losses_path, "".join(line + "\n" for line in kept))
-    else:
+        if lead:
+            atomic_write_text(losses_path, "".join(line + "\n" for line in kept))
+    elif lead:
         atomic_write_text(losses_path, "")
 
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 
     def save(step: int) -> None:
-        save_checkpoint(checkpoint_dir, model, optimizer, step=step, extra={"config": run_config(args)}, generators={"data": data})
+        save_checkpoint(checkpoint_dir, trained, optimizer, step=step, extra={"config": run_config(args)}, generators={"data": data})
 
     losses = []
     started = time.perf_counter()
-    with _progress(args.quiet, args.steps, start) as advance, open(losses_path, "a", encoding="utf-8") as log:
+    log_file = open(losses_path, "a", encoding="utf-8") if lead else open(os.devnull, "w")  # noqa: SIM115
+    with _progress(args.quiet, args.steps, start) as advance, log_file as log:
         for step in range(start, args.steps):
             ids, labels, _ = recall_task.batch(data, args.batch_size, args.seq_len, pairs=args.pairs, queries=args.queries, vocab=vocab)
             ids, labels = ids.to(device), labels.to(device)
@@ -175,9 +221,9 @@ def main(argv: list[str] | None = None) -> dict:
                 group["lr"] = lr_at(step, args)
             optimizer.zero_grad(set_to_none=True)
             with autocast:
-                loss = float(seg.tbptt_backward(ids, labels, checkpoint=args.grad_checkpointing))
+                loss = _mean_over_ranks(seg.tbptt_backward(ids, labels, checkpoint=args.grad_checkpointing), ranks)
             if args.clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+                torch.nn.utils.clip_grad_norm_(trained.parameters(), args.clip)
             optimizer.step()
             if not math.isfinite(loss):
                 raise SystemExit(f"step {step + 1}: loss is {loss}; lower --lr")
@@ -190,8 +236,9 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = time.perf_counter() - started
     save(args.steps)
 
-    evaluation = evaluate(seg, args, vocab, device, autocast)
-    atomic_write_text(args.out / "eval.json", json.dumps(evaluation, indent=1) + "\n")
+    evaluation = evaluate(seg, args, vocab, device, autocast)  # every rank: under FSDP a forward is collective
+    if lead:
+        atomic_write_text(args.out / "eval.json", json.dumps(evaluation, indent=1) + "\n")
     if not args.quiet:
         _summary(args, losses, evaluation, seconds, start)
     return {"losses": losses, "eval": evaluation, "start": start, "seconds": seconds}
@@ -213,6 +260,24 @@ def evaluate(seg, args, vocab, device, autocast) -> dict:
     hits, buckets = torch.cat(hits), torch.cat(buckets)
     by_bucket = {str(int(b)): hits[buckets == b].float().mean().item() for b in buckets.unique()}
     return {"accuracy": hits.float().mean().item(), "accuracy_by_segments_back": by_bucket, "answers": hits.numel()}
+
+
+def _rank() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _mean_over_ranks(loss: torch.Tensor, ranks: int) -> float:
+    if ranks == 1:
+        return float(loss)
+    import torch.distributed as dist
+
+    total = loss.double().to("cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(total)
+    return float(total) / ranks
 
 
 def _read_lines(path: Path) -> list[str]:

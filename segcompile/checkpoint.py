@@ -20,6 +20,25 @@ groups) before it changes anything, and raises ``SegcompileError`` when it does 
 Resuming with the same data order, RNG and optimizer state gives the same losses as a run that
 was never interrupted, provided every random stream the loop draws from is either the global
 torch RNG or one of the named ``generators`` (the CUDA RNG is restored on machines with CUDA).
+
+**Sharded layout.** While a ``torch.distributed`` process group is initialized (a run under
+torchrun, with ``segcompile.distributed``), every rank calls ``save_checkpoint`` and
+``load_checkpoint`` with its own (sharded or replicated) model and optimizer, and the directory is
+
+    model/                 torch.distributed.checkpoint (DCP) of ``get_model_state_dict(model)``:
+                           one safetensors file per rank holding its shards, their offsets in the
+                           file's metadata (DCP's HuggingFaceStorageWriter); a replicated tensor is
+                           written by one rank
+    optimizer/             the same for every tensor of ``get_optimizer_state_dict``, named
+                           ``state.<parameter name>.<name>``
+    rng.<rank>.safetensors each rank's RNG streams (each rank draws its own data)
+    trainer.json           as above, with ``"layout": "sharded"`` and the world size
+
+No file holds pickle (DCP's default writer pickles its metadata; this one does not). Rank 0 makes
+the temporary directory, every rank writes its part into it, and rank 0 renames it after all
+have succeeded, so the atomicity above holds; the ranks must share the filesystem. Loading needs
+the same number of ranks (the RNG streams are per rank); DCP reads the shards into whatever
+sharding the model has now.
 """
 
 from __future__ import annotations
@@ -46,6 +65,8 @@ RNG_FILE = "rng.safetensors"
 TRAINER_FILE = "trainer.json"
 FILES = (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, TRAINER_FILE)
 _ALIASES_KEY = "segcompile.aliases"  # safetensors metadata: {alias name: stored name}
+SHARDED = "sharded"  # trainer.json "layout" of a checkpoint written by several ranks
+MODEL_DIR, OPTIMIZER_DIR = "model", "optimizer"
 
 
 def save_checkpoint(
@@ -68,6 +89,8 @@ def save_checkpoint(
     extra = dict(extra or {})
     trainer: dict[str, Any] = {"format": FORMAT, "version": VERSION, "step": int(step)}
     _check_json(extra, "extra")
+    if _distributed():
+        return _save_sharded(directory, model, optimizer, trainer, extra, generators)
 
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-"))
@@ -98,6 +121,14 @@ def load_checkpoint(
     """
     directory = Path(directory)
     trainer = _read_trainer(directory)
+    sharded = trainer.get("layout") == SHARDED
+    if sharded != _distributed():
+        raise SegcompileError(
+            f"checkpoint {directory} was written by "
+            + (f"{trainer.get('world_size')} ranks: load it under torchrun with as many" if sharded else "one process: load it without a process group")
+        )
+    if sharded:
+        return _load_sharded(directory, trainer, model, optimizer, generators or {})
     state_dict = _read_model(directory / MODEL_FILE, model)
     optimizer_state = _read_optimizer(directory / OPTIMIZER_FILE, trainer["optimizer"], optimizer) if optimizer else None
     rng = _read_rng(directory / RNG_FILE, trainer["rng"], generators or {})
@@ -106,12 +137,7 @@ def load_checkpoint(
     model.load_state_dict(state_dict, strict=True)
     if optimizer is not None:
         optimizer.load_state_dict(optimizer_state)
-    torch.set_rng_state(rng["torch.cpu"])
-    if torch.cuda.is_available():
-        for i in range(min(trainer["rng"]["cuda_devices"], torch.cuda.device_count())):
-            torch.cuda.set_rng_state(rng[f"torch.cuda.{i}"], i)
-    for name, generator in (generators or {}).items():
-        generator.set_state(rng[f"generator.{name}"])
+    _set_rng(rng, trainer["rng"], generators or {})
     return trainer["step"], trainer["extra"]
 
 
@@ -142,13 +168,17 @@ def _read_model(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     stored = load_file(str(path))
     state_dict = {**stored, **{alias: stored[kept] for alias, kept in aliases.items() if kept in stored}}
 
-    want = model.state_dict()
-    missing = sorted(set(want) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(want))
+    _check_shapes(path.parent, model, {n: t.shape for n, t in model.state_dict().items()}, {n: t.shape for n, t in state_dict.items()})
+    return state_dict
+
+
+def _check_shapes(directory: Path, model: torch.nn.Module, want: dict[str, torch.Size], stored: dict[str, torch.Size]) -> None:
+    missing = sorted(set(want) - set(stored))
+    unexpected = sorted(set(stored) - set(want))
     mismatched = [
-        f"{name}: checkpoint {tuple(state_dict[name].shape)}, model {tuple(want[name].shape)}"
+        f"{name}: checkpoint {tuple(stored[name])}, model {tuple(want[name])}"
         for name in want
-        if name in state_dict and state_dict[name].shape != want[name].shape
+        if name in stored and tuple(stored[name]) != tuple(want[name])
     ]
     if missing or unexpected or mismatched:
         problems = []
@@ -159,22 +189,28 @@ def _read_model(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         if mismatched:
             problems.append(f"shapes differ: {_few(mismatched)}")
         raise SegcompileError(
-            f"checkpoint {path.parent} was made for another model ({type(model).__name__} does not match): "
+            f"checkpoint {directory} was made for another model ({type(model).__name__} does not match): "
             + "; ".join(problems)
             + ". Load it into the model it was saved from, or start a new run in another directory"
         )
-    return state_dict
 
 
 # ---- optimizer --------------------------------------------------------------------------------
 def _save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> dict[str, Any]:
-    sd = optimizer.state_dict()
+    tensors, saved = _split_optimizer_state(optimizer.state_dict(), optimizer)
+    _write_safetensors(path, {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, {})
+    return saved
+
+
+def _split_optimizer_state(sd: dict[str, Any], optimizer: torch.optim.Optimizer):
+    """The tensors of an optimizer state dict (``state.<key>.<name>``, ``param_groups.<i>.<name>``)
+    and the JSON rest; ``<key>`` is the parameter's index, or its name in a sharded checkpoint."""
     tensors: dict[str, torch.Tensor] = {}
     values: dict[str, dict[str, Any]] = {}
     for index, entries in sd["state"].items():
         for name, value in entries.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{index}.{name}"] = value.detach().to("cpu", copy=True).contiguous()
+                tensors[f"state.{index}.{name}"] = value
             else:
                 _check_json(value, f"optimizer state {index}.{name}")
                 values.setdefault(str(index), {})[name] = value
@@ -183,42 +219,49 @@ def _save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> dict[str, A
         plain = {}
         for key, value in group.items():
             if isinstance(value, torch.Tensor):  # e.g. a tensor learning rate
-                tensors[f"param_groups.{i}.{key}"] = value.detach().to("cpu", copy=True).contiguous()
+                tensors[f"param_groups.{i}.{key}"] = value
             else:
                 _check_json(value, f"optimizer param_groups[{i}][{key!r}]")
                 plain[key] = value
         groups.append(plain)
-    _write_safetensors(path, tensors, {})
-    return {"class": type(optimizer).__name__, "param_groups": groups, "state_values": values}
+    return tensors, {"class": type(optimizer).__name__, "param_groups": groups, "state_values": values}
 
 
 def _read_optimizer(path: Path, saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     _require(path)
     tensors = load_file(str(path))
+    current = optimizer.state_dict()["param_groups"]
+    _check_optimizer(path.parent, saved, current, optimizer)
+    return _join_optimizer_state(tensors, saved, current, int)
+
+
+def _check_optimizer(directory: Path, saved: dict[str, Any], current: list[dict], optimizer) -> None:
     if saved["class"] != type(optimizer).__name__:
         raise SegcompileError(
-            f"checkpoint {path.parent} holds the state of a {saved['class']} optimizer, not {type(optimizer).__name__}: "
+            f"checkpoint {directory} holds the state of a {saved['class']} optimizer, not {type(optimizer).__name__}: "
             "resume with the optimizer it was saved with"
         )
-    current = optimizer.state_dict()["param_groups"]
     shape = [len(g["params"]) for g in saved["param_groups"]]
     want = [len(g["params"]) for g in current]
     if shape != want:
         raise SegcompileError(
-            f"checkpoint {path.parent} was made for an optimizer over other parameters: parameters per group "
+            f"checkpoint {directory} was made for an optimizer over other parameters: parameters per group "
             f"{shape} in the checkpoint, {want} in this optimizer; was it saved from another model?"
         )
 
-    state: dict[int, dict[str, Any]] = {}
+
+def _join_optimizer_state(tensors: dict[str, torch.Tensor], saved: dict[str, Any], current: list[dict], key_type) -> dict[str, Any]:
+    state: dict[Any, dict[str, Any]] = {}
     groups = [dict(g) for g in saved["param_groups"]]
     for key, value in tensors.items():
-        kind, index, name = key.split(".", 2)
+        kind, rest = key.split(".", 1)
+        index, name = rest.rsplit(".", 1)  # a parameter name has dots; a state entry's name has none
         if kind == "state":
-            state.setdefault(int(index), {})[name] = value
+            state.setdefault(key_type(index), {})[name] = value
         else:
             groups[int(index)][name] = value
     for index, entries in saved["state_values"].items():
-        state.setdefault(int(index), {}).update(entries)
+        state.setdefault(key_type(index), {}).update(entries)
     for group, template in zip(groups, current):  # JSON has no tuples: give back e.g. betas=(0.9, 0.999)
         for key, value in group.items():
             if isinstance(template.get(key), tuple) and isinstance(value, list):
@@ -242,6 +285,15 @@ def _save_rng(generators: Mapping[str, torch.Generator], path: Path) -> dict[str
     return {"cuda_devices": cuda_devices, "generators": sorted(generators)}
 
 
+def _set_rng(rng: dict[str, torch.Tensor], saved: dict[str, Any], generators: Mapping[str, torch.Generator]) -> None:
+    torch.set_rng_state(rng["torch.cpu"])
+    if torch.cuda.is_available():
+        for i in range(min(saved["cuda_devices"], torch.cuda.device_count())):
+            torch.cuda.set_rng_state(rng[f"torch.cuda.{i}"], i)
+    for name, generator in generators.items():
+        generator.set_state(rng[f"generator.{name}"])
+
+
 def _read_rng(path: Path, saved: dict[str, Any], generators: Mapping[str, torch.Generator]) -> dict[str, torch.Tensor]:
     _require(path)
     states = load_file(str(path))
@@ -251,6 +303,129 @@ def _read_rng(path: Path, saved: dict[str, Any], generators: Mapping[str, torch.
             f"checkpoint {path.parent} has no state for generator(s) {missing}; it saved {saved['generators']}"
         )
     return states
+
+
+# ---- sharded layout ---------------------------------------------------------------------------
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _save_sharded(directory: Path, model, optimizer, trainer: dict[str, Any], extra, generators) -> Path:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    rank = dist.get_rank()
+    tmp = _shared_temporary_dir(directory, rank)
+    try:
+        tensors, trainer["optimizer"] = _split_optimizer_state(get_optimizer_state_dict(model, optimizer), optimizer)
+        # Collective: a failure on any rank raises on every rank.
+        dcp.save(get_model_state_dict(model), storage_writer=_writer(tmp / MODEL_DIR))
+        dcp.save(tensors, storage_writer=_writer(tmp / OPTIMIZER_DIR))
+        failure = None
+        try:
+            trainer["rng"] = _save_rng(generators, tmp / _rng_file(rank))
+        except Exception as e:  # noqa: BLE001 - re-raised below, after the other ranks know
+            failure = e
+        if not _all_ranks(failure is None):
+            raise failure or SegcompileError(f"checkpoint {directory}: another rank failed to write its part")
+        if rank == 0:
+            trainer.update(layout=SHARDED, world_size=dist.get_world_size(), extra=extra)
+            _write_json(tmp / TRAINER_FILE, trainer)
+            for d in (tmp / MODEL_DIR, tmp / OPTIMIZER_DIR, tmp):
+                _fsync_dir(d)
+            _replace_dir(tmp, directory)
+        dist.barrier()  # no rank returns before the checkpoint is in place
+    except BaseException:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def _load_sharded(directory: Path, trainer: dict[str, Any], model, optimizer, generators) -> tuple[int, dict[str, Any]]:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import HuggingFaceStorageReader
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+    )
+
+    if trainer["world_size"] != dist.get_world_size():
+        raise SegcompileError(
+            f"checkpoint {directory} was written by {trainer['world_size']} ranks, this run has "
+            f"{dist.get_world_size()}: resume with as many (each rank's data stream and RNG are in it)"
+        )
+    model_state = get_model_state_dict(model)
+    model_reader = HuggingFaceStorageReader(str(_require_dir(directory / MODEL_DIR)))
+    _check_shapes(directory, model, {n: t.shape for n, t in model_state.items()}, _stored_shapes(model_reader))
+    if optimizer is not None:
+        _check_optimizer(directory, trainer["optimizer"], optimizer.state_dict()["param_groups"], optimizer)
+        current = get_optimizer_state_dict(model, optimizer)  # makes the state entries a fresh optimizer lacks
+        tensors, _ = _split_optimizer_state(current, optimizer)
+        optimizer_reader = HuggingFaceStorageReader(str(_require_dir(directory / OPTIMIZER_DIR)))
+        _check_shapes(directory / OPTIMIZER_DIR, model, {n: t.shape for n, t in tensors.items()}, _stored_shapes(optimizer_reader))
+    rng_path = directory / _rng_file(dist.get_rank())
+    rng = _read_rng(rng_path, trainer["rng"], generators)
+
+    # Everything was checked: apply (DCP reads into the tensors of the state dicts, in place).
+    dcp.load(model_state, storage_reader=model_reader)
+    set_model_state_dict(model, model_state)
+    if optimizer is not None:
+        dcp.load(tensors, storage_reader=optimizer_reader)
+        state = _join_optimizer_state(tensors, trainer["optimizer"], current["param_groups"], str)
+        set_optimizer_state_dict(model, optimizer, state)
+    _set_rng(rng, trainer["rng"], generators)
+    return trainer["step"], trainer["extra"]
+
+
+def _writer(path: Path):
+    from torch.distributed.checkpoint import HuggingFaceStorageWriter
+
+    # safetensors files, one per rank, with the shards' offsets in their metadata; no pickle
+    return HuggingFaceStorageWriter(str(path), save_distributed=True)
+
+
+def _stored_shapes(reader) -> dict[str, torch.Size]:
+    return {name: meta.size for name, meta in reader.read_metadata().state_dict_metadata.items()}
+
+
+def _shared_temporary_dir(directory: Path, rank: int) -> Path:
+    """A temporary sibling of ``directory`` made by rank 0; every rank gets its name."""
+    import torch.distributed as dist
+
+    name = [None]
+    if rank == 0:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        name[0] = tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}.tmp-")
+    dist.broadcast_object_list(name, src=0)
+    return Path(name[0])
+
+
+def _all_ranks(ok: bool) -> bool:
+    import torch.distributed as dist
+
+    flag = torch.tensor([int(ok)], device=_collective_device())
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
+
+
+def _collective_device() -> torch.device:
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _rng_file(rank: int) -> str:
+    return f"rng.{rank}.safetensors"
+
+
+def _require_dir(path: Path) -> Path:
+    if not path.is_dir():
+        raise SegcompileError(f"checkpoint {path.parent} is incomplete: {path.name}/ is missing")
+    return path
 
 
 # ---- files ------------------------------------------------------------------------------------
