@@ -14,6 +14,7 @@ head keeps everything. The same loop serves ``forward`` (whole sequence), ``pref
 
 from __future__ import annotations
 
+import functools
 import warnings
 from dataclasses import dataclass, replace
 
@@ -237,7 +238,7 @@ class SegmentedModel(torch.nn.Module):
                 sinks = getattr(layer, f"sink_{kv}").to(dtype)
                 moved[f"sink_{kv}"] = torch.cat([sinks, leaving], dim=2)[:, :, :G] if sinks.shape[2] < G else sinks
                 if site.long_range:
-                    index = torch.tensor(site.long_range, device=leaving.device)
+                    index = _head_index(tuple(site.long_range), leaving.device)
                     store, history = _append_history(
                         getattr(layer, f"hist_store_{kv}"), getattr(layer, f"hist_{kv}"), leaving.index_select(1, index)
                     )
@@ -321,6 +322,12 @@ def _append_history(store: torch.Tensor | None, history: torch.Tensor, new: torc
         store = fresh
     store.data[:, :, length:need] = new
     return store, store[:, :, :need]
+
+
+@functools.cache
+def _head_index(heads: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    # made once per device: a fresh host-to-device copy per layer and segment stalls the stream
+    return torch.tensor(heads, device=device)
 
 
 def _builds_graph(module: torch.nn.Module) -> bool:
