@@ -41,13 +41,16 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 
 # Block shapes. On an H100/H200, D=128, bf16: 128x64 query x key tiles with 8 warps and 3
-# pipeline stages is the fused-attention tutorial's forward choice; the backward uses 64x64
-# tiles (it holds five tiles at once). The interpreter runs any shape; small tiles keep the CPU
-# tests fast and still exercise multi-block loops and partial blocks.
+# pipeline stages is the fused-attention tutorial's forward choice (no spills, by ptxas's report).
+# The interpreter runs any shape; small tiles keep the CPU tests fast and still exercise
+# multi-block loops and partial blocks.
 _FWD_BLOCKS = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
 _FWD_BLOCKS_SMALL_D = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
 _DECODE_BLOCKS = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3)
-_BWD_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+_DQ_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
+# dK/dV: 32 queries x 128 keys, 8 warps, the tile with the fewest spills (4 bytes) of those that
+# keep Hopper's wgmma, by ptxas's report for sm_90a; not yet timed on a GPU.
+_DKDV_BLOCKS = dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3)
 _INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
 
 
@@ -289,33 +292,29 @@ def _dq_kernel(
 
 
 @triton.jit
-def _dkdv_queries(dk, dv, k, v, Q, dOut, Lse, Delta, s_qm, s_dom, lo, hi, Lq, key_idx, q_off, qk_scale,
-                  MASK_M: tl.constexpr, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr,
-                  BLOCK_DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr, DOT: tl.constexpr,
-                  PRECISION: tl.constexpr):
-    """Accumulate dK (unscaled) and dV of one key block over the query rows ``[lo, hi)`` of one head."""
+def _dkdv_queries(dk, dv, k, v, Q, dOut, Lse, Delta, s_qm, s_dom, lo, Lq, key_idx, q_off, qk_scale,
+                  BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, D_K: tl.constexpr,
+                  D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """Accumulate dK (unscaled) and dV of one key block over the query rows ``[lo, Lq)`` of one head.
+
+    One loop, masked everywhere (rows past ``Lq``, keys after a query): splitting it into masked
+    and unmasked loops, as the forward does, made ptxas spill 388 bytes a thread at 64x64 tiles
+    (sm_90a, Triton 3.9) against 4 for this form at 32x128; the masks are elementwise work
+    beside four matrix products a tile."""
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
-    for start in range(lo, hi, BLOCK_M):
+    for start in range(lo, Lq, BLOCK_M):
         offs_m = start + tl.arange(0, BLOCK_M)
         row_ok = offs_m < Lq
-        if MASK_M:
-            qt = tl.load(Q + offs_m[None, :] * s_qm + offs_dk[:, None],
-                         mask=row_ok[None, :] & (offs_dk[:, None] < D_K), other=0.0).to(DOT)
-            do = tl.load(dOut + offs_m[:, None] * s_dom + offs_dv[None, :],
-                         mask=row_ok[:, None] & (offs_dv[None, :] < D_V), other=0.0).to(DOT)
-            lse = tl.load(Lse + offs_m, mask=row_ok, other=float("inf"))
-            delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
-        else:
-            qt = tl.load(Q + offs_m[None, :] * s_qm + offs_dk[:, None], mask=offs_dk[:, None] < D_K, other=0.0).to(DOT)
-            do = tl.load(dOut + offs_m[:, None] * s_dom + offs_dv[None, :], mask=offs_dv[None, :] < D_V,
-                         other=0.0).to(DOT)
-            lse = tl.load(Lse + offs_m)
-            delta = tl.load(Delta + offs_m)
+        qt = tl.load(Q + offs_m[None, :] * s_qm + offs_dk[:, None],
+                     mask=row_ok[None, :] & (offs_dk[:, None] < D_K), other=0.0).to(DOT)
+        do = tl.load(dOut + offs_m[:, None] * s_dom + offs_dv[None, :],
+                     mask=row_ok[:, None] & (offs_dv[None, :] < D_V), other=0.0).to(DOT)
+        lse = tl.load(Lse + offs_m, mask=row_ok, other=float("inf"))  # p = 0 on rows past Lq
+        delta = tl.load(Delta + offs_m, mask=row_ok, other=0.0)
         st = tl.dot(k, qt, input_precision=PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M]
         pt = tl.math.exp2(st - lse[None, :])
-        if CAUSAL:
-            pt = tl.where(key_idx[:, None] <= (offs_m + q_off)[None, :], pt, 0.0)
+        pt = tl.where(key_idx[:, None] <= (offs_m + q_off)[None, :], pt, 0.0)
         dv += tl.dot(pt.to(DOT), do, input_precision=PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)
         dst = pt * (dpt - delta[None, :])
@@ -367,28 +366,14 @@ def _dkdv_kernel(
     # query row m sees key n when n <= m + q_off: the causal offset for current keys, and for
     # tail keys one large enough that every query sees every key
     q_off = tl.where(in_tail, T + BLOCK_N, Lk - Lq)
-    lq_full = (Lq // BLOCK_M) * BLOCK_M
-    if in_tail:
-        causal_lo = 0
-        full_lo = 0
-    else:
-        causal_lo = (tl.maximum(n0 - q_off, 0) // BLOCK_M) * BLOCK_M
-        full_lo = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - q_off, 0), BLOCK_M) * BLOCK_M, lq_full)
-        full_lo = tl.maximum(full_lo, causal_lo)
+    # the first query block that sees any key of this block
+    causal_lo = 0 if in_tail else (tl.maximum(n0 - q_off, 0) // BLOCK_M) * BLOCK_M
     for g in range(0, GROUP):
         h = kvh * GROUP + g
-        q_base = Q + b * s_qb + h * s_qh
-        do_base = dOut + b * s_dob + h * s_doh
         row_base = (b * H + h) * Lq
-        dk, dv = _dkdv_queries(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base, s_qm, s_dom,
-                               causal_lo, full_lo, Lq, offs_n, q_off, qk_scale,
-                               True, True, BLOCK_M, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
-        dk, dv = _dkdv_queries(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base, s_qm, s_dom,
-                               full_lo, lq_full, Lq, offs_n, q_off, qk_scale,
-                               False, False, BLOCK_M, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
-        dk, dv = _dkdv_queries(dk, dv, k, v, q_base, do_base, Lse + row_base, Delta + row_base, s_qm, s_dom,
-                               tl.maximum(lq_full, causal_lo), Lq, Lq, offs_n, q_off, qk_scale,
-                               True, True, BLOCK_M, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+        dk, dv = _dkdv_queries(dk, dv, k, v, Q + b * s_qb + h * s_qh, dOut + b * s_dob + h * s_doh,
+                               Lse + row_base, Delta + row_base, s_qm, s_dom, causal_lo, Lq, offs_n, q_off, qk_scale,
+                               BLOCK_M, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
     dk = dk * sm_scale
     mask_k = key_ok[:, None] & (offs_dk[None, :] < D_K)
     mask_v = key_ok[:, None] & (offs_dv[None, :] < D_V)
@@ -442,8 +427,10 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 def _blocks(kind: str, head_dim: int, lq: int) -> dict:
     if _INTERPRET:
         return dict(_INTERPRETER_BLOCKS)
-    if kind == "bwd":
-        return dict(_BWD_BLOCKS)
+    if kind == "dq":
+        return dict(_DQ_BLOCKS)
+    if kind == "dkdv":
+        return dict(_DKDV_BLOCKS)
     if lq <= 16:
         return dict(_DECODE_BLOCKS)
     return dict(_FWD_BLOCKS if head_dim > 64 else _FWD_BLOCKS_SMALL_D)
@@ -497,7 +484,7 @@ def segment_attention_backward(grad_out, out, q, k, v, tail_k, tail_v, sink_k, s
     )
     do = _usable(grad_out)
     o = _usable(out)
-    blocks = _blocks("bwd", s["D_K"], s["Lq"])
+    blocks = _blocks("dq", s["D_K"], s["Lq"])
     B, H, Hk, lq = s["B"], s["H"], s["Hk"], s["Lq"]
     dq = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B * H * lq, dtype=torch.float32, device=q.device)
@@ -515,6 +502,7 @@ def segment_attention_backward(grad_out, out, q, k, v, tail_k, tail_v, sink_k, s
     tail_needs_grad = tail_needs_grad and s["T"] > 0
     dtk = torch.empty_like(tail_k, memory_format=torch.contiguous_format) if tail_needs_grad else None
     dtv = torch.empty_like(tail_v, memory_format=torch.contiguous_format) if tail_needs_grad else None
+    blocks = _blocks("dkdv", s["D_K"], s["Lq"])
     tail_blocks = triton.cdiv(s["T"], blocks["BLOCK_N"]) if tail_needs_grad else 0
     grid = (tail_blocks + triton.cdiv(s["Lk"], blocks["BLOCK_N"]), B * Hk)
     dtk_, dtv_ = (dtk, dtv) if tail_needs_grad else (dk, dv)  # never written when there are no tail blocks

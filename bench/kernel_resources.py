@@ -1,0 +1,108 @@
+"""Compile the Triton segment_attention kernels for a GPU without one, and print their resources.
+
+For each kernel and tile (the module's own tiles first, then any given with --tile), Triton
+compiles for the target (default sm_90a, Hopper) and ptxas reports registers, spill stores and
+stack frame; the Triton GPU IR says whether the products are Hopper ``wgmma`` (warp_group_dot)
+or the older ``mma.sync``. No GPU is needed: a spill or a missing wgmma shows here before any
+device time is spent. Needs Triton's bundled ``ptxas-blackwell`` (or a ``ptxas`` new enough for
+the PTX Triton writes).
+
+    python bench/kernel_resources.py                       # bf16, head dim 128
+    python bench/kernel_resources.py --tile dkdv 64 64 8 2 --tile dq 128 32 8 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import triton
+import triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from segcompile.kernels import triton_attention as ta
+
+KERNELS = {"fwd": ta._fwd_kernel, "dq": ta._dq_kernel, "dkdv": ta._dkdv_kernel}
+DEFAULT_TILES = {"fwd": ta._FWD_BLOCKS, "dq": ta._DQ_BLOCKS, "dkdv": ta._DKDV_BLOCKS}
+POINTERS = {"Q", "K", "V", "TK", "TV", "SK", "SV", "HK", "HV", "Out", "dOut", "dQ", "dK", "dV", "dTK", "dTV"}
+
+
+def signature(fn, constants: dict, dtype: str):
+    """Argument types as a launch with contiguous tensors would specialise them (16-divisible
+    pointers and strides)."""
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constants:
+            sig[name] = "constexpr"
+            continue
+        if name in POINTERS:
+            sig[name] = "*" + dtype
+        elif name in ("Lse", "Delta"):
+            sig[name] = "*fp32"
+        elif name == "Slot":
+            sig[name] = "*i32"
+        elif name in ("qk_scale", "sm_scale"):
+            sig[name] = "fp32"
+        else:
+            sig[name] = "i32"
+        if sig[name].startswith("*") or name.startswith("s_"):
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return sig, attrs
+
+
+def ptxas_report(ptx: str, arch: str) -> dict:
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    ptxas = next((p for p in (bin_dir / "ptxas-blackwell", bin_dir / "ptxas") if p.exists()), "ptxas")
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    try:
+        out = subprocess.run([str(ptxas), "--gpu-name", arch, "-v", f.name, "-o", os.devnull],
+                             capture_output=True, text=True).stderr
+    finally:
+        os.unlink(f.name)
+    found = {key: re.search(pattern, out) for key, pattern in
+             (("registers", r"Used (\d+) registers"), ("spill_bytes", r"(\d+) bytes spill stores"),
+              ("stack_bytes", r"(\d+) bytes stack frame"))}
+    if found["registers"] is None:
+        return {"ptxas": " ".join(out.split())[:200]}
+    return {key: int(m.group(1)) if m else 0 for key, m in found.items()}
+
+
+def resources(kernel: str, tile: dict, head_dim: int, dtype: str, capability: int) -> dict:
+    fn = KERNELS[kernel]
+    constants = dict(BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], BLOCK_DK=head_dim, BLOCK_DV=head_dim,
+                     D_K=head_dim, D_V=head_dim, DOT=getattr(tl, {"bf16": "bfloat16", "fp16": "float16"}[dtype]),
+                     PRECISION="tf32")
+    sig, attrs = signature(fn, constants, dtype)
+    compiled = triton.compile(ASTSource(fn, sig, constants, attrs), target=GPUTarget("cuda", capability, 32),
+                              options=dict(num_warps=tile["num_warps"], num_stages=tile["num_stages"]))
+    ttgir = compiled.asm["ttgir"]
+    return dict(shared_bytes=compiled.metadata.shared, wgmma=ttgir.count("warp_group_dot"),
+                **ptxas_report(compiled.asm["ptx"], f"sm_{capability}a" if capability == 90 else f"sm_{capability}"))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    p.add_argument("--capability", type=int, default=90)
+    p.add_argument("--tile", nargs=5, action="append", default=[], metavar=("KERNEL", "M", "N", "WARPS", "STAGES"))
+    args = p.parse_args(argv)
+    tiles = [(name, dict(tile)) for name, tile in DEFAULT_TILES.items()]
+    tiles += [(k, dict(BLOCK_M=int(m), BLOCK_N=int(n), num_warps=int(w), num_stages=int(s))) for k, m, n, w, s in args.tile]
+    print(f"{'kernel':6} {'M x N':>9} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>8} {'stack B':>8} "
+          f"{'smem KB':>8} {'wgmma':>6}")
+    for kernel, tile in tiles:
+        r = resources(kernel, tile, args.head_dim, args.dtype, args.capability)
+        print(f"{kernel:6} {tile['BLOCK_M']:>4} x {tile['BLOCK_N']:<4} {tile['num_warps']:5} {tile['num_stages']:6} "
+              f"{r.get('registers', '?'):>5} {r.get('spill_bytes', '?'):>8} {r.get('stack_bytes', '?'):>8} "
+              f"{r['shared_bytes'] / 1024:8.0f} {r['wgmma']:6}" + (f"  {r['ptxas']}" if "ptxas" in r else ""))
+
+
+if __name__ == "__main__":
+    main()
