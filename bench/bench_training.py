@@ -153,6 +153,7 @@ def main(argv=None):
                   "kv_heads": args.kv_heads, "intermediate": args.intermediate, "vocab": args.vocab},
         "segment_len": args.segment_len, "long_range_fraction": args.long_range,
         "long_range_kv_heads_total": n_lr, "transform_s": transform_s,
+        "implementations": sorted(set(seg.implementations.values())),
         "carried_state_bytes_per_token": state_bytes_per_token,
         "segcompile_peak_slope_bytes_per_token": slope,
         "rows": rows,

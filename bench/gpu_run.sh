@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Every GPU benchmark and check, one after the other, each under its own time limit, on one GPU.
+#   bash bench/gpu_run.sh OUT_DIR [STEP ...]     steps: check smoke kernel prefill training regimes
+# Logs and result files land in OUT_DIR (results also in bench/results/). A step that fails or runs
+# out of time is reported and the next one runs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: bash bench/gpu_run.sh OUT_DIR [STEP ...]}
+shift
+mkdir -p "$out"
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+steps=("$@")
+[ ${#steps[@]} -eq 0 ] && steps=(check smoke kernel prefill training regimes)
+
+run() {  # name, seconds, command...
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit}s): $*"
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$out/$name.log"
+    echo "== $name: exit $rc"
+}
+
+for step in "${steps[@]}"; do
+    case $step in
+        check) run check 240 python bench/check_kernels_cuda.py ;;
+        smoke) run smoke 120 python bench/cuda_smoke.py ;;
+        kernel) run kernel 300 python bench/bench_kernel.py ;;
+        prefill) run prefill 420 python bench/bench_prefill.py ;;
+        training) run training 540 python bench/bench_training.py --seq-lens 8192 16384 32768 65536 ;;
+        regimes) run regimes 540 python bench/tbptt_regimes.py ;;
+        *) echo "unknown step $step" ;;
+    esac
+    cp bench/results/*"$(python -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "_"))')"* "$out/" 2>/dev/null
+done
