@@ -231,16 +231,20 @@ class SegmentedModel(torch.nn.Module):
             moved = {}
             for kv in ("k", "v"):
                 current = getattr(layer, f"current_{kv}").detach()
-                dtype = current.dtype  # the state follows the K/V dtype of the run (autocast)
+                dtype = current.dtype  # the tail follows the K/V dtype of the run
+                constant = carried_dtype(dtype, current.device.type)
                 leaving = torch.cat([getattr(layer, f"tail_{kv}").to(dtype), current[:, :, : S - T]], dim=2)
                 moved[f"tail_{kv}"] = current[:, :, S - T :]
                 moved[f"current_{kv}"] = current[:, :, :0]
-                sinks = getattr(layer, f"sink_{kv}").to(dtype)
-                moved[f"sink_{kv}"] = torch.cat([sinks, leaving], dim=2)[:, :, :G] if sinks.shape[2] < G else sinks
+                sinks = getattr(layer, f"sink_{kv}").to(constant)
+                if sinks.shape[2] < G:
+                    sinks = torch.cat([sinks, leaving.to(constant)], dim=2)[:, :, :G]
+                moved[f"sink_{kv}"] = sinks
                 if site.long_range:
                     index = _head_index(tuple(site.long_range), leaving.device)
                     store, history = _append_history(
-                        getattr(layer, f"hist_store_{kv}"), getattr(layer, f"hist_{kv}"), leaving.index_select(1, index)
+                        getattr(layer, f"hist_store_{kv}"), getattr(layer, f"hist_{kv}"),
+                        leaving.index_select(1, index).to(constant),
                     )
                     moved[f"hist_store_{kv}"], moved[f"hist_{kv}"] = store, history
             layers.append(replace(layer, **moved))
@@ -287,6 +291,16 @@ class SegmentedModel(torch.nn.Module):
 HISTORY_GROWTH = 1.5  # capacity factor when the history buffer is full: amortised O(1) per token
 
 
+def carried_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype sinks and history are kept in: under autocast, fp32 K/V (Llama's leave RoPE in
+    fp32) are stored in the autocast dtype, as the model's own SDPA would cast them, which halves
+    the memory that grows with the context. They are constants (no gradient), so nothing else
+    changes; the tail, which TBPTT differentiates through, keeps the run's dtype."""
+    if dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
 def reserve_history(state: SegmentState, total_tokens: int) -> SegmentState:
     """Give every long-range history a buffer for ``total_tokens`` positions up front (prefill of
     a known prompt), instead of growing it by ``HISTORY_GROWTH`` (which can leave half again the
@@ -298,7 +312,8 @@ def reserve_history(state: SegmentState, total_tokens: int) -> SegmentState:
             store, history = getattr(layer, f"hist_store_{kv}"), getattr(layer, f"hist_{kv}")
             if history.shape[1] == 0 or (store is not None and store.shape[2] >= total_tokens):
                 continue
-            fresh = history.new_empty(history.shape[0], history.shape[1], total_tokens, history.shape[3])
+            dtype = carried_dtype(history.dtype, history.device.type)
+            fresh = history.new_empty(history.shape[0], history.shape[1], total_tokens, history.shape[3], dtype=dtype)
             fresh[:, :, : history.shape[2]] = history
             moved[f"hist_store_{kv}"], moved[f"hist_{kv}"] = fresh, fresh[:, :, : history.shape[2]]
         layers.append(replace(layer, **moved))

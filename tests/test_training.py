@@ -171,3 +171,21 @@ def test_bf16_autocast_close_to_fp32_oracle():
     for name, p in model.named_parameters():
         assert torch.nn.functional.cosine_similarity(p.grad.flatten(), want[name].flatten(), dim=0) > 0.999, name
     model.zero_grad(set_to_none=True)
+
+
+def test_under_autocast_history_and_sinks_are_kept_in_the_autocast_dtype():
+    # Llama's K/V leave RoPE in fp32 under autocast; the constants that grow with the context are
+    # stored in bf16 (as SDPA would cast them), the differentiated tail keeps fp32.
+    cfg = sc.SegmentConfig(S, tail_len=2, sink_tokens=1, long_range=sc.HeadPlan.fraction(0.5), tbptt_k=1)
+    model, graph = captured("llama")
+    seg = sc.transform(graph, cfg)
+    ids = random_ids(2, N, seed=11)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        state = seg.prefill(ids)
+        logits, _ = seg.decode(state, ids[:, :1])
+    layer = state.layers[0]
+    assert layer.hist_k.dtype == layer.sink_k.dtype == layer.hist_store_k.dtype == torch.bfloat16
+    assert layer.tail_k.dtype == torch.float32
+    with torch.no_grad():
+        want = sc.oracle.forward(model, cfg, torch.cat([ids, ids[:, :1]], dim=1))[:, -1]
+    assert torch.nn.functional.cosine_similarity(logits[:, -1].float(), want, dim=-1).min() > 0.999

@@ -171,3 +171,15 @@ def test_cpu_without_the_interpreter_is_refused(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     reason = triton_unavailable(torch.device("cpu"), 64, torch.float32)
     assert "run on CUDA (or on the CPU under TRITON_INTERPRET=1)" in reason
+
+
+def test_constants_in_a_narrower_dtype_than_the_current_keys():
+    # under autocast the driver keeps sinks and history in bf16 while current and tail K/V are fp32
+    args = random_inputs(1, 4, 2, 16, 16, 8, 2, 30, 16, (1,), seed=9)
+    for i in (5, 6, 7, 8):
+        args[i] = args[i].bfloat16()
+    want, grad_out, want_grads = reference_and_grads(args, (1,), 0.25, grad_out_seed=10)
+    got = segment_attention_forward(*args, [1], 0.25)
+    assert got.dtype == torch.float32 and relative_error(got, want) <= FP32_RTOL
+    for name, g, w in zip(GRAD_NAMES, segment_attention_backward(grad_out, got, *args, [1], 0.25), want_grads):
+        assert relative_error(g, w) <= FP32_RTOL, name

@@ -448,6 +448,8 @@ def _common(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
     if lk < lq:
         raise ValueError(f"segment_attention: {lk} current keys for {lq} queries; the queries are the last of the keys")
     dot = compute_dtype(q)
+    if sink_k.dtype != hist_k.dtype:  # one kernel branch reads either: one pointer type (sinks are few)
+        sink_k, sink_v = sink_k.to(hist_k.dtype), sink_v.to(hist_v.dtype)
     tensors = [_usable(t) for t in (q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v)]
     shape = dict(
         B=B, H=H, Hk=hk, GROUP=H // hk, Lq=lq, Lk=lk, T=tail_k.shape[2], G=sink_k.shape[2], P=hist_k.shape[2],
