@@ -132,8 +132,8 @@ def main(argv=None):
     transform_s = time.perf_counter() - start
     n_lr = sum(len(s.long_range) for s in seg.sites)
     head_dim = args.hidden // args.heads
-    # Llama's K/V leave RoPE in fp32 under autocast (cos/sin are fp32), so the state is fp32.
-    state_bytes_per_token = n_lr * 2 * head_dim * 4
+    # The history is kept in the autocast dtype (bf16), though Llama's K/V leave RoPE in fp32.
+    state_bytes_per_token = n_lr * 2 * head_dim * 2
 
     rows = []
     for n in args.seq_lens:
