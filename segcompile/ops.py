@@ -25,7 +25,6 @@ from .kernels.reference import segment_attention_reference
 Implementation = Callable[..., torch.Tensor]
 
 
-
 def _triton_forward(*args):
     # imported on first use: importing the kernels compiles nothing, but it needs triton, and a
     # CPU run under TRITON_INTERPRET=1 must set that variable before the kernels are defined
@@ -34,15 +33,15 @@ def _triton_forward(*args):
     return segment_attention_forward(*args)
 
 
-def _triton_backward(grad_out, out, saved, needs_input_grad, long_range, scale):
+def _triton_backward(grad_out, out, *args, tail_needs_grad):
     from .kernels.triton_attention import segment_attention_backward
 
-    tail_needs_grad = needs_input_grad[3] or needs_input_grad[4]
-    return segment_attention_backward(grad_out, out, *saved, long_range, scale, tail_needs_grad=tail_needs_grad)
+    return segment_attention_backward(grad_out, out, *args, tail_needs_grad=tail_needs_grad)
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {"reference": segment_attention_reference, "triton": _triton_forward}
-# Implementations with a backward of their own; the others differentiate a recomputed forward.
+# Implementations with a backward of their own, run as the op below; the others differentiate a
+# recomputed forward.
 BACKWARDS: dict[str, Callable] = {"triton": _triton_backward}
 
 _GRAD_INPUTS = 5  # q, k, v, tail_k, tail_v
@@ -79,6 +78,44 @@ def _(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
 
 
+@torch.library.custom_op("segcompile::segment_attention_backward", mutates_args=())
+def segment_attention_backward(
+    grad_out: torch.Tensor,
+    out: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    tail_k: torch.Tensor,
+    tail_v: torch.Tensor,
+    sink_k: torch.Tensor,
+    sink_v: torch.Tensor,
+    hist_k: torch.Tensor,
+    hist_v: torch.Tensor,
+    long_range: list[int],
+    scale: float,
+    impl: str,
+    tail_needs_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients into q, k, v, tail_k, tail_v of an implementation with its own backward (the tail's
+    are empty when ``tail_needs_grad`` is false). An op of its own so that AOTAutograd traces it as
+    one opaque node (a kernel launch cannot run on the fake tensors of a trace)."""
+    grads = BACKWARDS[impl](grad_out, out, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v,
+                            long_range, scale, tail_needs_grad=tail_needs_grad)
+    inputs = (q, k, v, tail_k, tail_v)
+    wanted = (True, True, True, tail_needs_grad, tail_needs_grad)
+    return tuple(g if g is not None else _empty_grad(t, w) for g, t, w in zip(grads, inputs, wanted))
+
+
+def _empty_grad(t: torch.Tensor, wanted: bool) -> torch.Tensor:
+    # a wanted gradient of an empty tail (first segment, or T = 0) has the tail's (empty) shape
+    return torch.empty_like(t, memory_format=torch.contiguous_format) if wanted else t.new_empty(0)
+
+
+@segment_attention_backward.register_fake
+def _(grad_out, out, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale, impl, tail_needs_grad):
+    return tuple(_empty_grad(t, w) for t, w in zip((q, k, v, tail_k, tail_v), (True, True, True, tail_needs_grad, tail_needs_grad)))
+
+
 def _setup_context(ctx, inputs, output):
     ctx.long_range, ctx.scale, ctx.impl = inputs[9], inputs[10], inputs[11]
     ctx.save_for_backward(*inputs[:9], *((output,) if ctx.impl in BACKWARDS else ()))
@@ -96,8 +133,12 @@ def _backward(ctx, grad_out):
 def _input_grads(ctx, grad_out):
     saved = ctx.saved_tensors
     if ctx.impl in BACKWARDS:
-        grads = BACKWARDS[ctx.impl](grad_out, saved[9], saved[:9], ctx.needs_input_grad, ctx.long_range, ctx.scale)
-        return [g if needs else None for g, needs in zip(grads, ctx.needs_input_grad)]
+        tail_needs_grad = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        grads = segment_attention_backward(
+            grad_out, saved[9], *saved[:9], ctx.long_range, ctx.scale, ctx.impl, tail_needs_grad
+        )
+        computed = (True, True, True, tail_needs_grad, tail_needs_grad)
+        return [g if needs and done else None for g, done, needs in zip(grads, computed, ctx.needs_input_grad)]
     # Recompute the forward of the chosen implementation and differentiate it.
     with torch.enable_grad():
         live = [t.detach().requires_grad_(needs) for t, needs in zip(saved[:_GRAD_INPUTS], ctx.needs_input_grad)]

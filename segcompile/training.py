@@ -43,14 +43,21 @@ def tbptt_backward(
     labels = input_ids if labels is None else labels
     if labels.shape != input_ids.shape:
         raise SegcompileError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
-    cfg = seg.cfg
-    S, T, K = cfg.segment_len, cfg.tail_len, cfg.tbptt_k
-    carries_gradient = K >= 1 and T > 0
     denominator = max(label_count(labels), 1) if reduction == "mean" else 1
     params = [p for p in seg.parameters() if p.requires_grad]
     # labelled[i]: position i has a label to predict (labels[i+1]); read once, not once per segment
     labelled = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).cpu()
 
+    # A compiled step graph (torch.compile) must not donate its saved buffers to the first backward:
+    # every graph here is backpropagated again, by the deeper TBPTT passes (retain_graph=True).
+    with torch._functorch.config.patch(donated_buffer=False):
+        total = _run_segments(seg, input_ids, labels, params, labelled, denominator, checkpoint)
+    return total.cpu()
+
+
+def _run_segments(seg, input_ids, labels, params, labelled, denominator, checkpoint: bool) -> torch.Tensor:
+    S, T, K = seg.cfg.segment_len, seg.cfg.tail_len, seg.cfg.tbptt_k
+    carries_gradient = K >= 1 and T > 0
     state = seg.initial_state(input_ids)
     live: deque[_LiveSegment] = deque(maxlen=K + 1)
     total = torch.zeros((), dtype=torch.float64, device=input_ids.device)
@@ -75,7 +82,7 @@ def tbptt_backward(
                 break
             grads = _backward(older.tail_outputs, grads, params, older.tail_inputs if depth < K else [], retain=depth < K)
         live.append(segment)
-    return total.cpu()
+    return total
 
 
 def _tails_as_leaves(state):
