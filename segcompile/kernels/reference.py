@@ -49,9 +49,19 @@ def _reference(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_ran
             q.index_select(1, heads).to(compute),
             keys.to(compute),
             values.to(compute),
-            attn_mask=causal_lower_right(lq, keys.shape[2]),
+            attn_mask=_lower_right_causal(lq, keys.shape[2], q.device),
             scale=scale,
             enable_gqa=group > 1,
         )
         out = out.index_copy(1, heads, o)
     return out.to(q.dtype)
+
+
+def _lower_right_causal(lq: int, n: int, device: torch.device):
+    """``causal_lower_right`` (no mask tensor) in eager mode; an explicit ``[lq, n]`` bool mask while
+    torch.compile traces (the recomputing backward of a compiled step graph), where the bias
+    subclass cannot be created under functionalization."""
+    if not torch.compiler.is_compiling():
+        return causal_lower_right(lq, n)
+    rows = torch.arange(lq, device=device).unsqueeze(1)
+    return torch.arange(n, device=device).unsqueeze(0) <= rows + (n - lq)
