@@ -53,16 +53,19 @@ def test_demo_writes_dumps_and_passes_every_check(tmp_path, capsys):
     assert _row(out, "long-range history") == "long-range history 160 204 - 32 - 12 = 160 PASS"
     assert "2 segment_attention nodes (2 layers)" in out
     assert _row(out, "layer 0") == "layer 0 long-range KV heads [0], local [1]; sdpa -> reference"
+    # the exported step program, run by onnxruntime, serves the same logits
+    assert _row(out, "ONNX vs PyTorch (5 pos.)").endswith("< 1e-04 PASS")
+    assert (tmp_path / "model.onnx").is_file()
     assert f"pass dumps: {dumps}" in out
     assert f"pages: {dumps / 'index.html'}" in out
-    assert "all 4 checks passed" in out
+    assert "all 5 checks passed" in out
     assert "\x1b[" not in out  # --no-color and not a terminal: plain text
 
 
 def test_demo_exits_1_when_a_check_fails(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(demo, "TOLERANCE", -1.0)  # no difference is below it
     rc = main(["demo", "--layers", "1", "--tokens", "40", "--segment-len", "16", "--decode-tokens", "0",
-               "--long-range", "0", "--no-color", "--out", str(tmp_path)])
+               "--long-range", "0", "--no-color", "--no-export", "--out", str(tmp_path)])
     out = capsys.readouterr().out
     assert rc == 1, out
     assert _row(out, "forward vs oracle").endswith("FAIL")

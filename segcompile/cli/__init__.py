@@ -99,6 +99,26 @@ def stage(console, stages: list[str], index: int, seconds: dict[str, float], lab
     console.print(f"{prefix} {label:<56} {seconds[stages[index]]:6.2f} s", markup=False, soft_wrap=True)
 
 
+def quiet(fn, *args, **kwargs):
+    """Run ``fn`` with torch.onnx's progress lines (printed to stdout), its logging and Python
+    warnings silenced: the exporter's chatter would break the command's own display."""
+    import io
+    import logging
+    import warnings
+
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return fn(*args, **kwargs)
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def make_console(args: argparse.Namespace):
     """A rich console on stdout. Plain text when stdout is not a terminal or with ``--no-color``."""
     from rich.console import Console

@@ -2,13 +2,15 @@
 
 Stages: build the tiny Llama (``segcompile.tiny``) -> ``transform`` (capture and the passes, the
 graph after each pass written to ``<out>/passes``) -> segmented forward over the sequence ->
-prefill, one segment per call -> greedy decoding -> the oracle over the final sequence.
+prefill, one segment per call -> greedy decoding -> the oracle over the final sequence -> ONNX
+export of the segment-step program (``<out>/model.onnx``), prefilled and decoded with onnxruntime.
 
 Checks (exit status 1 if one fails):
 * the segmented forward equals the oracle (DESIGN.md invariant 3);
 * prefill + decode give the oracle's logits at the positions they produce (invariant 4);
 * a local KV head never holds more than G + T + S entries;
-* a long-range KV head's history is every token before the tail.
+* a long-range KV head's history is every token before the tail;
+* the exported program, run by onnxruntime, serves the same logits as the PyTorch program.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from . import (
     make_console,
     non_negative_int,
     positive_int,
+    quiet,
     segment_config,
 )
 
@@ -59,6 +62,7 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
         "--decode-tokens", type=non_negative_int, default=16, help="tokens decoded greedily after the prefill"
     )
     run.add_argument("--batch", type=positive_int, default=1, help="sequences in the batch")
+    run.add_argument("--no-export", action="store_true", help="skip the ONNX export and its onnxruntime run")
     run.add_argument("--out", default="segcompile-out", help="output folder; the pass dumps go to OUT/passes")
     return parser
 
@@ -113,7 +117,7 @@ def cmd(args: argparse.Namespace) -> int:
     cfg = segment_config(args)  # bad S/T/G or plan: ConfigError/PlanError (exit 2) before any work
     transformers.logging.set_verbosity_error()
     console = make_console(args)
-    report = _run(args, cfg, _Stages(console, count=6 if args.decode_tokens else 5))
+    report = _run(args, cfg, _Stages(console, count=5 + bool(args.decode_tokens) + (not args.no_export)))
 
     _print(console, report)
     # The visualiser's pages: `transform(dump_dir=...)` wrote them beside the text dumps.
@@ -182,10 +186,35 @@ def _run(args: argparse.Namespace, cfg, stages: _Stages) -> DemoReport:
         cache.local_check(),
         cache.history_check(state),
     ]
+    if not args.no_export:
+        report.checks.append(_export_check(seg, ids, generated, served, Path(args.out), stages))
     report.dump_files = sorted(p.name for p in report.dump_dir.glob("*.txt"))
     _describe(report, args, model, seg, cfg)
     report.stage_seconds["total"] = time.perf_counter() - started
     return report
+
+
+def _export_check(seg, ids, generated, served, out: Path, stages: _Stages) -> Check:
+    """Export the step program, prefill and decode the same tokens with onnxruntime, and compare
+    the logits it serves with the PyTorch program's."""
+    import numpy as np
+    import torch
+
+    from ..exporters.onnx import export_onnx
+    from ..onnx_runtime import OnnxSegmentedModel
+
+    path = out / "model.onnx"
+    with stages.run("export", "export to ONNX, run with onnxruntime") as st:
+        summary = quiet(export_onnx, seg, path)
+        runner = OnnxSegmentedModel(path)
+        state = runner.prefill(ids.numpy())
+        got = [state.logits]
+        for token in generated:
+            logits, state = runner.decode(state, token.numpy())
+            got.append(logits[:, -1])
+        st.note = f"-> {path} ({summary.bytes / 1e6:.1f} MB)"
+    diff = np.abs(np.stack(got, axis=1) - torch.stack(served, dim=1).double().numpy()).max()
+    return Check(f"ONNX vs PyTorch ({len(got)} pos.)", f"{diff:.1e}", f"< {TOLERANCE:.0e}", bool(diff < TOLERANCE))
 
 
 # ---- measurements ----------------------------------------------------------------------------
@@ -308,7 +337,7 @@ def _describe(report: DemoReport, args, model, seg, cfg) -> None:
     ))
     add(("time", "build model", f"{t['build model']:.2f} s"))
     add(("time", "transform", f"{t['transform']:.2f} s (capture {seg.capture_info.seconds:.2f} s)"))
-    for key in ("segmented forward", "prefill", "decode", "oracle"):
+    for key in ("segmented forward", "prefill", "decode", "oracle", "export"):
         if key in t:
             add(("time", key, f"{t[key]:.2f} s"))
 

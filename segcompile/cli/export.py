@@ -21,6 +21,7 @@ from . import (
     check_plan_file,
     make_console,
     positive_int,
+    quiet,
     segment_config,
     stage,
 )
@@ -91,7 +92,6 @@ def validate(args: argparse.Namespace) -> None:
 
 def cmd(args: argparse.Namespace) -> int:
     import tempfile
-    import warnings
 
     import segcompile as sc
 
@@ -110,10 +110,8 @@ def cmd(args: argparse.Namespace) -> int:
         seg = sc.transform(graph, cfg)
     with tempfile.TemporaryDirectory(prefix="segcompile-export-") as tmp:
         onnx_path = Path(tmp) / "step.onnx" if engine else Path(args.out)
-        with stage(console, stages, 3, seconds, f"ONNX export, check -> {onnx_path.name if engine else args.out}"), \
-                warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            summary = _quiet(export_onnx, seg, onnx_path, logits=args.logits)
+        with stage(console, stages, 3, seconds, f"ONNX export, check -> {onnx_path.name if engine else args.out}"):
+            summary = quiet(export_onnx, seg, onnx_path, logits=args.logits)
         built = _build_engine(console, stages, seconds, args, onnx_path) if engine else None
     _summary(console, summary, seg, cfg, seconds, built)
     return 0
@@ -126,24 +124,6 @@ def _build_engine(console, stages, seconds, args, onnx_path: Path):
     with stage(console, stages, 4, seconds, f"TensorRT engine ({precision}) -> {args.out}"):
         return build_engine(onnx_path, args.out, precision=precision, max_batch=args.max_batch or 1,
                             max_context=args.max_context, verbose=getattr(args, "debug", False))
-
-
-def _quiet(fn, *args, **kwargs):
-    """Run ``fn`` with torch.onnx's progress lines (printed to stdout) and its logging silenced."""
-    import contextlib
-    import io
-    import logging
-
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "torch._export", "onnxscript")]
-    levels = [lg.level for lg in loggers]
-    for lg in loggers:
-        lg.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            return fn(*args, **kwargs)
-    finally:
-        for lg, level in zip(loggers, levels):
-            lg.setLevel(level)
 
 
 def _summary(console, summary, seg, cfg, seconds, engine=None) -> None:
