@@ -53,6 +53,17 @@ class SegmentConfig:
         return -(-n // self.segment_len)
 
 
+def segment_pieces(position: int, total: int, segment_len: int) -> list[slice]:
+    """Slices of ``total`` new tokens, the first at absolute ``position``, cut at segment
+    boundaries: each runs as one step (the PyTorch driver and the ONNX and TensorRT runners)."""
+    pieces, done = [], 0
+    while done < total:
+        take = min(segment_len - (position + done) % segment_len, total - done)
+        pieces.append(slice(done, done + take))
+        done += take
+    return pieces
+
+
 def _is_int(x) -> bool:
     """An int that is not a bool (``True`` would otherwise pass as 1)."""
     return isinstance(x, int) and not isinstance(x, bool)

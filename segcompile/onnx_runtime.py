@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import segment_pieces
 from .errors import SegcompileError
 
 FORMAT = "segcompile.onnx-step"
@@ -199,14 +200,7 @@ class OnnxSegmentedModel:
         return np.concatenate(out, axis=1) if out else np.zeros((state.batch_size, 0), np.int64)
 
     def _feed(self, state: OnnxState, ids: np.ndarray, collect: bool):
-        S = self.segment_len
-        pieces, done = [], 0
-        while done < ids.shape[1]:
-            take = min(S - state.position % S, ids.shape[1] - done)
-            logits = self.step(state, ids[:, done : done + take])
-            if collect:
-                pieces.append(logits)
-            done += take
+        pieces = [self.step(state, ids[:, piece]) for piece in segment_pieces(state.position, ids.shape[1], self.segment_len)]
         return np.concatenate(pieces, axis=1) if collect else None
 
     # ---- checks -------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import torch.fx as fx
 import torch.utils.checkpoint
 import torch.utils._pytree as pytree
 
-from .config import SegmentConfig
+from .config import SegmentConfig, segment_pieces
 from .errors import SegcompileError
 from .passes.find_attention import AttentionSite
 from .passes.segment_loop import STATE_NAMES
@@ -142,15 +142,11 @@ class SegmentedModel(torch.nn.Module):
     # ---- the loop ---------------------------------------------------------------------------
     def _feed(self, state: SegmentState, input_ids: torch.Tensor, collect: bool):
         self._check_ids(input_ids)
-        S = self.cfg.segment_len
-        pieces, done = [], 0
-        while done < input_ids.shape[1]:
-            take = min(S - state.position % S, input_ids.shape[1] - done)
-            chunk = input_ids[:, done : done + take]
-            leaves, state = self.step(state, chunk, last_logits_only=not collect)
+        pieces = []
+        for piece in segment_pieces(state.position, input_ids.shape[1], self.cfg.segment_len):
+            leaves, state = self.step(state, input_ids[:, piece], last_logits_only=not collect)
             if collect:
                 pieces.append(leaves)
-            done += take
         if not collect:
             return None, state
         return _join(pieces, self.capture_info.out_spec), state

@@ -43,6 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..config import segment_pieces
 from ..errors import SegcompileError
 from ..files import atomic_write_bytes, atomic_write_text
 from ..onnx_runtime import FORMAT as ONNX_FORMAT
@@ -436,14 +437,7 @@ class TensorRTSegmentedModel:
     def _feed(self, state: TensorRTState, ids, total: int, collect: bool):
         import torch
 
-        S = self.segment_len
-        pieces, done = [], 0
-        while done < total:
-            take = min(S - state.position % S, total - done)
-            logits = self.step(state, ids[:, done : done + take])
-            if collect:
-                pieces.append(logits)
-            done += take
+        pieces = [self.step(state, ids[:, piece]) for piece in segment_pieces(state.position, total, self.segment_len)]
         return torch.cat(pieces, dim=1) if collect else None
 
     # ---- checks -------------------------------------------------------------------------------
