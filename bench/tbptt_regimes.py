@@ -65,7 +65,16 @@ MiB = 1 << 20
 # --quick: a CPU smoke test of every code path (the model learns little in 40 steps).
 QUICK = dict(
     layers=2, hidden=64, heads=4, kv_heads=2, seq_len=128, segment_len=32, sinks=2, steps=30,
-    batch_size=4, pairs=8, queries=6, eval_batches=2, log_every=10,
+    batch_size=4, pairs=8, queries=6, eval_batches=2, log_every=10, threads=1,
+)
+
+# --cpu-defaults: a run on a CPU in which the model learns (see the docstring): keyed values (16
+# values per key, chance 1/16), 2 layers x 64 (4 heads, 4 KV heads: fraction(0.25) is KV head 0 of
+# each layer), N=256 in 8 segments of 32, 1200 steps of batch 16, one thread.
+CPU_DEFAULTS = dict(
+    layers=2, hidden=64, heads=4, kv_heads=4, intermediate=128, seq_len=256, segment_len=32, sinks=2,
+    long_range=0.25, pairs=12, queries=8, num_filler=16, num_keys=16, num_values=256, values_per_key=16,
+    steps=1200, batch_size=16, lr=1e-3, eval_batches=16, log_every=100, threads=1,
 )
 
 
@@ -83,6 +92,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--long-range", type=float, default=0.25, help="fraction of KV heads that see the whole history")
     p.add_argument("--pairs", type=int, default=64, help="key-value pairs per sequence")
     p.add_argument("--queries", type=int, default=32, help="questions per sequence")
+    p.add_argument("--num-filler", type=int, default=64, help="filler tokens in the vocabulary")
+    p.add_argument("--num-keys", type=int, default=64, help="key tokens in the vocabulary")
+    p.add_argument("--num-values", type=int, default=64, help="value tokens in the vocabulary")
+    p.add_argument("--values-per-key", type=int, default=None,
+                   help="keyed values: key k takes its value from its own block of this many (--num-values must be "
+                        "--num-keys times this); default: every key draws from all values (see examples/recall_task.py)")
     p.add_argument("--steps", type=int, default=550, help="training steps per regime (550: all regimes in < 10 min on an H100)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (linear warmup, cosine to 10%%)")
@@ -93,12 +108,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="fp32 (TF32 matmuls on CUDA) or bf16 autocast; why fp32 is the default: see the note above MiB")
     p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(REGIMES))
     p.add_argument("--log-every", type=int, default=None, help="print the loss every N steps (default steps / 10)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; --quick and --cpu-defaults: 1)")
+    p.add_argument("--save-models", type=Path, default=None,
+                   help="write each trained model's weights (<regime>.safetensors) and the run's settings (run.json) to this folder")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test, on CPU unless --device says otherwise (overrides the size and step flags)")
+    p.add_argument("--cpu-defaults", action="store_true",
+                   help="defaults for a run that learns on a CPU (see CPU_DEFAULTS), on CPU unless --device says otherwise; "
+                        "flags given with it override its values")
     args = p.parse_args(argv)
+    if args.quick and args.cpu_defaults:
+        p.error("--quick and --cpu-defaults are two presets: give one")
+    if args.cpu_defaults:
+        p.set_defaults(**CPU_DEFAULTS)
+        args = p.parse_args(argv)
     if args.quick:
         for name, value in QUICK.items():
             setattr(args, name, value)
+    if args.quick or args.cpu_defaults:
         args.device = "cpu" if args.device == "auto" else args.device
     args.intermediate = args.intermediate or 4 * args.hidden
     args.warmup = args.warmup if args.warmup is not None else max(1, args.steps // 20)
@@ -110,11 +137,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     if "full->seg" in args.regimes and "full" not in args.regimes:
         p.error("full->seg evaluates the model the full regime trains: keep 'full' in --regimes")
     try:
-        recall_task.check_sizes(args.seq_len, args.pairs, args.queries, recall_task.RecallVocab())
+        recall_task.check_sizes(args.seq_len, args.pairs, args.queries, vocab_of(args))
         segment_config(args, 1)
     except (ValueError, sc.SegcompileError) as e:
         p.error(str(e))
     return args
+
+
+def vocab_of(args) -> recall_task.RecallVocab:
+    return recall_task.RecallVocab(
+        num_filler=args.num_filler, num_keys=args.num_keys, num_values=args.num_values, values_per_key=args.values_per_key,
+    )
 
 
 def segment_config(args, tbptt_k: int) -> sc.SegmentConfig:
@@ -124,16 +157,22 @@ def segment_config(args, tbptt_k: int) -> sc.SegmentConfig:
     )
 
 
-def build_model(args, vocab_size: int, device: torch.device):
-    """The same random-init Llama-style decoder for every regime (seeded)."""
+def model_config(args, vocab_size: int):
     import transformers
 
     transformers.logging.set_verbosity_error()
-    config = transformers.LlamaConfig(
+    return transformers.LlamaConfig(
         vocab_size=vocab_size, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
         max_position_embeddings=args.seq_len, attn_implementation="sdpa", tie_word_embeddings=False,
     )
+
+
+def build_model(args, vocab_size: int, device: torch.device):
+    """The same random-init Llama-style decoder for every regime (seeded)."""
+    import transformers
+
+    config = model_config(args, vocab_size)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(args.seed)
         model = transformers.LlamaForCausalLM(config)
@@ -156,17 +195,20 @@ def train(name: str, model, backward, args, device) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
-    curve, window = [], []
+    curve, window, cpu_peak = [], [], None
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     start = time.perf_counter()
     for step in range(args.steps):
-        ids, labels, _ = recall_task.batch(data, args.batch_size, args.seq_len, pairs=args.pairs, queries=args.queries)
+        ids, labels, _ = recall_task.batch(data, args.batch_size, args.seq_len, pairs=args.pairs, queries=args.queries, vocab=vocab_of(args))
         ids, labels = ids.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with autocast:
-            loss = backward(ids, labels)
+            if device.type == "cpu" and step == min(1, args.steps - 1):
+                loss, cpu_peak = _cpu_step_peak(lambda: backward(ids, labels))
+            else:
+                loss = backward(ids, labels)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         schedule.step()
@@ -177,8 +219,23 @@ def train(name: str, model, backward, args, device) -> dict:
             print(f"  {name:<9} step {step + 1:>5}/{args.steps}  loss {curve[-1][1]:.4f}  {time.perf_counter() - start:6.1f}s", flush=True)
     _sync(device)
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated(device) / MiB if device.type == "cuda" else None
+    peak = torch.cuda.max_memory_allocated(device) / MiB if device.type == "cuda" else cpu_peak
     return {"train_seconds": seconds, "train_step_ms": 1000 * seconds / max(1, args.steps), "train_peak_mib": peak, "loss_curve": curve}
+
+
+def _cpu_step_peak(step):
+    """``(step(), peak MiB)``: the most tensor memory held at once during ``step`` beyond what was held
+    before it, from the profiler's CPU memory events (each op's allocations net of its own frees, in
+    start order; so a transient inside one op is not seen). CPU has no allocator statistics."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = step()
+    held = top = 0
+    for e in sorted((e for e in prof.events() if e.self_cpu_memory_usage), key=lambda e: e.time_range.start):
+        held += e.self_cpu_memory_usage
+        top = max(top, held)
+    return out, top / MiB
 
 
 def full_backward(model):
@@ -214,10 +271,10 @@ def evaluate(logits_of, eval_set, args, device) -> dict:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     threads = torch.get_num_threads()
-    if args.quick:
-        # These tensors are too small to split: one thread is as fast, and it does not collapse
-        # (measured 12 ms vs 400-600 ms a step) when another process holds one of two cores.
-        torch.set_num_threads(1)
+    # --quick, --cpu-defaults: these tensors are too small to split: one thread is as fast, and it
+    # does not collapse (measured 12 ms vs 400-600 ms a step) when another process holds one of two cores.
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     try:
         return run(args, argv)
     finally:
@@ -229,10 +286,10 @@ def run(args, argv) -> dict:
     if device.type == "cuda" and args.dtype == "fp32":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: fp32 accuracy is not what this measures
         torch.backends.cudnn.allow_tf32 = True
-    vocab = recall_task.RecallVocab()
+    vocab = vocab_of(args)
     held_out = torch.Generator().manual_seed(args.seed + EVAL_SEED_OFFSET)
     eval_set = [
-        recall_task.batch(held_out, args.batch_size, args.seq_len, pairs=args.pairs, queries=args.queries)
+        recall_task.batch(held_out, args.batch_size, args.seq_len, pairs=args.pairs, queries=args.queries, vocab=vocab)
         for _ in range(args.eval_batches)
     ]
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -244,6 +301,7 @@ def run(args, argv) -> dict:
         model = build_model(args, vocab.size, device)
         trained = train("full", model, full_backward(model), args, device)
         results["full"] = {**trained, **evaluate(lambda ids: model(input_ids=ids, use_cache=False).logits, eval_set, args, device)}
+        save_model(model, "full", args, vocab)
         if "full->seg" in args.regimes:
             seg = sc.transform(model, segment_config(args, 1))
             results["full->seg"] = {**trained, "shares_training_with": "full", **evaluate(lambda ids: seg(ids).logits, eval_set, args, device)}
@@ -256,6 +314,7 @@ def run(args, argv) -> dict:
         seg = sc.transform(model, segment_config(args, k))
         trained = train(name, model, seg.tbptt_backward, args, device)
         results[name] = {**trained, **evaluate(lambda ids: seg(ids).logits, eval_set, args, device)}
+        save_model(model, name, args, vocab)
         del model, seg
 
     report = {
@@ -264,17 +323,55 @@ def run(args, argv) -> dict:
         "device": device_name,
         "torch": torch.__version__,
         "tf32_matmuls": bool(device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32),
-        "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "regimes")},
-        "chance_accuracy": 1 / vocab.num_values,
+        "config": config_of(args),
+        "chance_accuracy": vocab.chance,
+        "peak_memory": ("torch.cuda.max_memory_allocated over the regime's training" if device.type == "cuda" else
+                        "tensor memory held at once in training step 2's forward+backward beyond what was held before it "
+                        "(profiler CPU memory events)"),
         "regimes": results,
     }
     print_table(report, args)
     stem = "tbptt_regimes-" + ("quick-" if args.quick else "") + device_name.replace(" ", "_")
+    if args.save_models is not None:
+        args.save_models.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(args.save_models / "run.json", json.dumps({k: report[k] for k in ("command", "device", "torch", "config")}, indent=1) + "\n")
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out / f"{stem}.json", json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.out / f'{stem}.json'}")
     plot(report, args.out / f"{stem}.png")
     return report
+
+
+def config_of(args) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("out", "regimes", "save_models")}
+
+
+def model_file(name: str) -> str:
+    """``seg k=1`` -> ``seg_k1.safetensors``."""
+    return name.replace(" ", "_").replace("=", "") + ".safetensors"
+
+
+def save_model(model, name: str, args, vocab) -> None:
+    if args.save_models is None:
+        return
+    from safetensors.torch import save
+
+    from segcompile.files import atomic_write_bytes
+
+    args.save_models.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(args.save_models / model_file(name), save(tensors, metadata={"regime": name, "vocab_size": str(vocab.size)}))
+
+
+def load_model(folder: Path, name: str, device: torch.device | str = "cpu"):
+    """The model ``--save-models`` wrote for regime ``name``, with the run's settings: ``(model, args)``."""
+    from safetensors.torch import load_file
+
+    run = json.loads((Path(folder) / "run.json").read_text())
+    args = argparse.Namespace(**run["config"])
+    model = build_model(args, vocab_of(args).size, torch.device("cpu"))
+    model.load_state_dict(load_file(str(Path(folder) / model_file(name))))
+    return model.to(device).eval(), args
 
 
 def print_table(report, args) -> None:
