@@ -70,11 +70,11 @@ QUICK = dict(
 
 # --cpu-defaults: a run on a CPU in which the model learns (see the docstring): keyed values (16
 # values per key, chance 1/16), 2 layers x 64 (4 heads, 4 KV heads: fraction(0.25) is KV head 0 of
-# each layer), N=256 in 8 segments of 32, 1200 steps of batch 16, one thread.
+# each layer), N=256 in 4 segments of 64, 1200 steps of batch 32, one thread.
 CPU_DEFAULTS = dict(
-    layers=2, hidden=64, heads=4, kv_heads=4, intermediate=128, seq_len=256, segment_len=32, sinks=2,
+    layers=2, hidden=64, heads=4, kv_heads=4, intermediate=128, seq_len=256, segment_len=64, sinks=2,
     long_range=0.25, pairs=12, queries=8, num_filler=16, num_keys=16, num_values=256, values_per_key=16,
-    steps=1200, batch_size=16, lr=1e-3, eval_batches=16, log_every=100, threads=1,
+    steps=1200, batch_size=32, lr=1e-3, eval_batches=8, log_every=100, threads=1,
 )
 
 
