@@ -12,13 +12,18 @@ Segmented evaluation is ``sc.transform(model, cfg)`` then ``seg(ids).logits`` un
 S = --segment-len, T = --tail-len (default S), G = --sinks and fraction(--long-range) long-range
 KV heads. Accuracy is the argmax over the whole vocabulary at each question's key, reported by
 how far back the answer is, in segments (``distance // S``), and overall. Training cost is
-wall time and ``torch.cuda.max_memory_allocated`` (reset before each regime's training).
+wall time and peak memory: ``torch.cuda.max_memory_allocated`` over the regime's training on CUDA;
+on CPU (no allocator statistics) the most tensor memory held at once during training step 2's
+forward+backward beyond what was held before it, from the profiler's memory events.
 
-    python bench/tbptt_regimes.py              # GPU defaults: 4 layers, hidden 256, N=2048, S=256
-    python bench/tbptt_regimes.py --quick      # CPU smoke test, well under a minute
+    python bench/tbptt_regimes.py                  # GPU defaults: 4 layers, hidden 256, N=2048, S=256
+    python bench/tbptt_regimes.py --cpu-defaults   # a run that learns on a CPU, ~11 min (CPU_DEFAULTS)
+    python bench/tbptt_regimes.py --quick          # CPU smoke test, well under a minute
 
 Writes ``results/tbptt_regimes-<device>.json`` (config, per-regime accuracy by distance, memory,
-time, the command line) and a plot beside it when matplotlib is installed.
+time, the command line) and a plot beside it when matplotlib is installed. ``--save-models DIR``
+also writes every trained model (``full.safetensors``, ``seg_k1.safetensors``, ...) and the run's
+settings, which ``bench/head_plans.py`` evaluates under other head plans.
 
 Cost, measured on one H100 (torch 2.11, fp32 with TF32, batch 16, N=2048, 2026-11-23): full
 attention 90 ms/step (peak 17.2 GB); segcompile with S=256 (8 segments) 477 ms/step at k=1 (peak
@@ -29,10 +34,42 @@ segmented step costs about 45-60 ms per segment whatever S, so it is bound by pe
 evaluation: under 10 minutes for all four regimes.
 
 That budget is too small for the model to learn recall: with full attention the answer loss stays
-at ln(64) (chance over the 64 values) for the first 1500 steps at N=2048 (accuracy 2.4%, H100), and
-at N=256 on CPU it only starts to fall after ~400 steps (7% after 800). Expect near-chance accuracy
-in every regime at the defaults; raise --steps (each 100 steps costs ~95 s on an H100) or use a
-shorter --seq-len for a run that learns.
+at ln(64) (chance over the 64 values) for the first 1500 steps at N=2048 (accuracy 2.4%, H100).
+The GPU defaults keep the task with shared values (every key draws from all values), which needs a
+two-layer induction circuit; expect near-chance accuracy in every regime there.
+
+Cost and learnability on a CPU (2 cores shared with another process, load ~3; one torch thread;
+torch 2.13; 2026-12-01), ``--cpu-defaults``: 2 layers x 64, N=256, S=T=64 (4 segments), G=2,
+fraction(0.25) = KV head 0 of each layer, 12 pairs, 8 questions, keyed values (16 per key: chance
+1/16), batch 32, 1200 steps. Full attention 270 ms/step (peak 106 MiB a step), seg k=1 130 ms/step
+(65 MiB), seg k=0 126 ms/step (54 MiB): 323 + 156 + 151 s of training, ~11 min in all. (With this
+little work per segment the segmented step is cheaper than full attention on a CPU; the timings
+move by up to 2x with the other process's load.) Full attention leaves the loss plateau at
+ln(16) at ~500 steps and is at loss 0.04 by step 800. Result (``results/tbptt_regimes-cpu.json``),
+accuracy at 0 / 1 / 2 / 3 segments back: full 1.00 / 1.00 / 1.00 / 1.00; full->seg 1.00 / 0.87 /
+0.34 / 0.35; seg k=1 0.93 / 0.93 / 0.76 / 0.24; seg k=0 0.24 / 0.30 / 0.14 / 0.14. Answers 2-3
+segments back are beyond every local head's window (S + T = 128 tokens).
+
+How the CPU settings were found (full attention first, then the segmented regimes):
+
+* Shared values (the GPU defaults' task) did not learn on the CPU at any setting tried: 2 layers x
+  64 (and x 128), N = 48-256, 4-16 pairs, 16-64 values, batch 16-128, lr 5e-4 to 1e-2, attention
+  biases, rope_theta 1e6, head_dim 32, initializer_range 0.08 / 0.2, up to 1000 steps. The model
+  learns to copy some value of the context (loss ln(pairs)) but not which one: at most 38% with 4
+  pairs and 3 questions (25% by copying). In one such model (N=128, 800 steps) the layer-0 heads put
+  99% of the question's attention on the context's values and no head attends to the previous token. Questions = pairs is a trap: the last
+  question is answered by elimination (97% against 37% for the first, 4 pairs).
+* Keyed values (``RecallVocab(values_per_key=16)``) is answered in one attention hop and learns:
+  100% after ~900 steps at N=256, batch 16.
+* With S=32 (8 segments) the segmented regimes barely learn from scratch in this budget: at batch
+  16 and 1200 steps full 0.93, full->seg 0.37, seg k=1 0.086, seg k=0 0.056 (chance 0.0625); seg k=1
+  reaches 0.22 after 3000 steps and 0.28 after 1500 steps of batch 32. It is the truncated gradient,
+  not the local heads: every head long-range (forward equal to full attention) with S=32 and k=1 is
+  at 0.088 after 1200 steps, while S=128 (S + T >= N) logs the same losses as full attention at
+  every step. With K/V more than one segment back constant, only the answers within S + T of their
+  question train the keys and values a retrieval head reads; at S=32 that is 17% of them, at S=64
+  45%.
+"""
 """
 
 from __future__ import annotations
