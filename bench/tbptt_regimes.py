@@ -70,7 +70,6 @@ How the CPU settings were found (full attention first, then the segmented regime
   question train the keys and values a retrieval head reads; at S=32 that is 17% of them, at S=64
   45%.
 """
-"""
 
 from __future__ import annotations
 
