@@ -14,6 +14,11 @@ A sequence of ``n`` tokens is a context of ``n - 3Q`` tokens followed by Q quest
 
 The P (key, value) pairs sit at uniformly random, non-overlapping positions of the context; keys
 are distinct within a sequence and never occur as filler, values are drawn with replacement.
+Each question asks a pair chosen uniformly among the P (without repeats), so answers lie
+anywhere in the context, many segments back as often as one. The value in a question is the
+answer: its label is the value, every other label is -100, and since position i predicts
+``labels[i+1]`` the model predicts the answer from the question's key token. The answer token
+stays in the input (teacher forcing) so later questions see a regular layout.
 
 Keyed values (``RecallVocab(values_per_key=m)``, ``num_values = num_keys * m``): key ``k`` (the
 k-th key) takes its value from its own block ``[value_start + k*m, value_start + (k+1)*m)``. The
@@ -23,13 +28,9 @@ the value must be found through the key before it, a two-layer induction circuit
 question is ``1 / m`` (the block is known from the key, the member only from the context). Why
 this exists: a 2-layer, 64-wide decoder trained from scratch on the shared-value task stayed at the
 "copy any value of the context" plateau for 800-1000 steps at every setting tried on a CPU
-(N = 48-256, 4-16 pairs, batch 16-128, lr 5e-4 to 1e-2), while the keyed task at N = 256 reaches
-100% in ~900 steps of batch 16 (bench/tbptt_regimes.py --cpu-defaults).
-Each question asks a pair chosen uniformly among the P (without repeats), so answers lie
-anywhere in the context, many segments back as often as one. The value in a question is the
-answer: its label is the value, every other label is -100, and since position i predicts
-``labels[i+1]`` the model predicts the answer from the question's key token. The answer token
-stays in the input (teacher forcing) so later questions see a regular layout.
+(N = 48-256, 4-16 pairs, batch 16-128, lr 5e-4 to 1e-2), while the keyed task at N = 256 (12 pairs,
+16 values per key) reaches a loss of 0.04 by step 800 of batch 32 (bench/tbptt_regimes.py
+--cpu-defaults).
 
 ``distances[b, q]`` is how far back the answer is: the position of question q's key (where the
 prediction is made) minus the position of the value it must recall; ``distances // S`` buckets
