@@ -118,11 +118,7 @@ def run(args, argv) -> dict:
         kv = [cfg_args.kv_heads] * cfg_args.layers
         total = sum(kv)
         base = regimes.segment_config(cfg_args, 1)
-        held_out = torch.Generator().manual_seed(cfg_args.seed + regimes.EVAL_SEED_OFFSET)
-        eval_set = [
-            recall_task.batch(held_out, cfg_args.batch_size, cfg_args.seq_len, pairs=cfg_args.pairs, queries=cfg_args.queries, vocab=vocab)
-            for _ in range(cfg_args.eval_batches)
-        ]
+        eval_set = regimes.held_out_set(cfg_args, vocab)
         calibration = recall_task.batch(
             torch.Generator().manual_seed(cfg_args.seed + CALIBRATION_SEED_OFFSET), args.calibration, cfg_args.seq_len,
             pairs=cfg_args.pairs, queries=cfg_args.queries, vocab=vocab,

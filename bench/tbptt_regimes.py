@@ -317,17 +317,22 @@ def main(argv=None) -> dict:
         torch.set_num_threads(threads)
 
 
+def held_out_set(args, vocab) -> list:
+    """The fixed evaluation batches of a run's config (also what bench/head_plans.py scores on)."""
+    held_out = torch.Generator().manual_seed(args.seed + EVAL_SEED_OFFSET)
+    return [
+        recall_task.batch(held_out, args.batch_size, args.seq_len, pairs=args.pairs, queries=args.queries, vocab=vocab)
+        for _ in range(args.eval_batches)
+    ]
+
+
 def run(args, argv) -> dict:
     device = torch.device(args.device)
     if device.type == "cuda" and args.dtype == "fp32":
         torch.backends.cuda.matmul.allow_tf32 = True  # TF32 matmuls: fp32 accuracy is not what this measures
         torch.backends.cudnn.allow_tf32 = True
     vocab = vocab_of(args)
-    held_out = torch.Generator().manual_seed(args.seed + EVAL_SEED_OFFSET)
-    eval_set = [
-        recall_task.batch(held_out, args.batch_size, args.seq_len, pairs=args.pairs, queries=args.queries, vocab=vocab)
-        for _ in range(args.eval_batches)
-    ]
+    eval_set = held_out_set(args, vocab)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"{device_name}: {args.layers} layers, hidden {args.hidden}, {args.heads} heads / {args.kv_heads} KV heads; "
           f"N={args.seq_len}, S={args.segment_len}, {args.steps} steps x batch {args.batch_size}, {args.dtype}", flush=True)
