@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU benchmark and check, one after the other, each under its own time limit, on one GPU.
-#   bash bench/gpu_run.sh OUT_DIR [STEP ...]     steps: check smoke kernel prefill training regimes
+#   bash bench/gpu_run.sh OUT_DIR [STEP ...]     steps: check smoke tune kernel prefill training regimes
 # Logs and result files land in OUT_DIR (results also in bench/results/). A step that fails or runs
 # out of time is reported and the next one runs.
 set -uo pipefail
@@ -26,8 +26,9 @@ for step in "${steps[@]}"; do
     case $step in
         check) run check 240 python bench/check_kernels_cuda.py ;;
         smoke) run smoke 120 python bench/cuda_smoke.py ;;
+        tune) run tune 280 python bench/tune_kernels.py ;;
         kernel) run kernel 300 python bench/bench_kernel.py ;;
-        prefill) run prefill 420 python bench/bench_prefill.py ;;
+        prefill) run prefill 280 python bench/bench_prefill.py ;;
         training) run training 540 python bench/bench_training.py --seq-lens 8192 16384 32768 65536 ;;
         regimes) run regimes 540 python bench/tbptt_regimes.py ;;
         *) echo "unknown step $step" ;;

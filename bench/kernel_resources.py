@@ -28,7 +28,7 @@ from triton.compiler import ASTSource
 from segcompile.kernels import triton_attention as ta
 
 KERNELS = {"fwd": ta._fwd_kernel, "dq": ta._dq_kernel, "dkdv": ta._dkdv_kernel}
-DEFAULT_TILES = {"fwd": ta._FWD_BLOCKS, "dq": ta._DQ_BLOCKS, "dkdv": ta._DKDV_BLOCKS}
+DEFAULT_TILES = {kind: ta.TILES[kind] for kind in KERNELS}
 POINTERS = {"Q", "K", "V", "TK", "TV", "SK", "SV", "HK", "HV", "Out", "dOut", "dQ", "dK", "dV", "dTK", "dTV"}
 
 

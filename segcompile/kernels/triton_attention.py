@@ -40,17 +40,19 @@ import triton.language as tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 
-# Block shapes. On an H100/H200, D=128, bf16: 128x64 query x key tiles with 8 warps and 3
-# pipeline stages is the fused-attention tutorial's forward choice (no spills, by ptxas's report).
-# The interpreter runs any shape; small tiles keep the CPU tests fast and still exercise
+# Block shapes per kernel ("fwd", "fwd_small_d" for head dims <= 64, "decode" for <= 16 queries,
+# "dq", "dkdv") on an H100/H200 at D=128, bf16; ``bench/tune_kernels.py`` times the candidates on
+# a GPU and says which to write here. The forward's is the fused-attention tutorial's choice; the
+# dK/dV tile has the fewest spills (4 bytes) of those that keep Hopper's wgmma, by ptxas's report.
+# The interpreter runs any shape: small tiles keep the CPU tests fast and still exercise
 # multi-block loops and partial blocks.
-_FWD_BLOCKS = dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
-_FWD_BLOCKS_SMALL_D = dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3)
-_DECODE_BLOCKS = dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3)
-_DQ_BLOCKS = dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2)
-# dK/dV: 32 queries x 128 keys, 8 warps, the tile with the fewest spills (4 bytes) of those that
-# keep Hopper's wgmma, by ptxas's report for sm_90a; not yet timed on a GPU.
-_DKDV_BLOCKS = dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3)
+TILES = {
+    "fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    "fwd_small_d": dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+    "decode": dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3),
+    "dq": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
+    "dkdv": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+}
 _INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
 
 
@@ -427,13 +429,11 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 def _blocks(kind: str, head_dim: int, lq: int) -> dict:
     if _INTERPRET:
         return dict(_INTERPRETER_BLOCKS)
-    if kind == "dq":
-        return dict(_DQ_BLOCKS)
-    if kind == "dkdv":
-        return dict(_DKDV_BLOCKS)
-    if lq <= 16:
-        return dict(_DECODE_BLOCKS)
-    return dict(_FWD_BLOCKS if head_dim > 64 else _FWD_BLOCKS_SMALL_D)
+    if kind == "fwd" and lq <= 16:
+        kind = "decode"
+    elif kind == "fwd" and head_dim <= 64:
+        kind = "fwd_small_d"
+    return dict(TILES[kind])
 
 
 def _block_d(d: int) -> int:
@@ -481,15 +481,20 @@ def segment_attention_backward(grad_out, out, q, k, v, tail_k, tail_v, sink_k, s
                                long_range, scale, tail_needs_grad: bool = True):
     """Gradients ``(dq, dk, dv, dtail_k, dtail_v)`` of ``segment_attention``; the tail's are
     ``None`` when ``tail_needs_grad`` is false (no work is done for them)."""
-    (q_, k_, v_, tk, tv, sk, sv, hk_, hv), s, meta, slots = _common(
-        q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range
-    )
+    tensors, s, meta, slots = _common(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
     do = _usable(grad_out)
-    o = _usable(out)
+    dq, lse, delta = _launch_dq(tensors, s, meta, slots, _usable(out), do, scale)
+    dk, dv, dtk, dtv = _launch_dkdv(tensors, s, meta, do, lse, delta, scale, tail_needs_grad and s["T"] > 0)
+    return dq, dk, dv, dtk, dtv
+
+
+def _launch_dq(tensors, s, meta, slots, o, do, scale):
+    """dq, with the log-sum-exp and ``delta = rowsum(o * do)`` of every query row for dK/dV."""
+    q_, k_, v_, tk, tv, sk, sv, hk_, hv = tensors
     blocks = _blocks("dq", s["D_K"], s["Lq"])
-    B, H, Hk, lq = s["B"], s["H"], s["Hk"], s["Lq"]
-    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty(B * H * lq, dtype=torch.float32, device=q.device)
+    B, H, lq = s["B"], s["H"], s["Lq"]
+    dq = q_.new_empty(B, H, lq, s["D_K"])
+    lse = torch.empty(B * H * lq, dtype=torch.float32, device=q_.device)
     delta = torch.empty_like(lse)
     _dq_kernel[(triton.cdiv(lq, blocks["BLOCK_M"]), B * H)](
         q_, k_, v_, tk, tv, sk, sv, hk_, hv, slots, o, do, dq, lse, delta, scale * _LOG2E, scale,
@@ -499,11 +504,17 @@ def segment_attention_backward(grad_out, out, q, k, v, tail_k, tail_v, sink_k, s
         H, s["GROUP"], lq, s["Lk"], s["T"], s["G"], s["P"],
         BLOCK_DK=s["BLOCK_DK"], BLOCK_DV=s["BLOCK_DV"], D_K=s["D_K"], D_V=s["D_V"], **meta, **blocks,
     )
-    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
-    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
-    tail_needs_grad = tail_needs_grad and s["T"] > 0
-    dtk = torch.empty_like(tail_k, memory_format=torch.contiguous_format) if tail_needs_grad else None
-    dtv = torch.empty_like(tail_v, memory_format=torch.contiguous_format) if tail_needs_grad else None
+    return dq, lse, delta
+
+
+def _launch_dkdv(tensors, s, meta, do, lse, delta, scale, tail_needs_grad: bool):
+    """dK/dV of the current keys and, when ``tail_needs_grad``, of the tail keys (else ``None``)."""
+    q_, k_, v_, tk, tv = tensors[:5]
+    B, Hk = s["B"], s["Hk"]
+    dk = k_.new_empty(B, Hk, s["Lk"], s["D_K"])
+    dv = v_.new_empty(B, Hk, s["Lk"], s["D_V"])
+    dtk = tk.new_empty(B, Hk, s["T"], s["D_K"]) if tail_needs_grad else None
+    dtv = tv.new_empty(B, Hk, s["T"], s["D_V"]) if tail_needs_grad else None
     blocks = _blocks("dkdv", s["D_K"], s["Lq"])
     tail_blocks = triton.cdiv(s["T"], blocks["BLOCK_N"]) if tail_needs_grad else 0
     grid = (tail_blocks + triton.cdiv(s["Lk"], blocks["BLOCK_N"]), B * Hk)
@@ -512,7 +523,7 @@ def segment_attention_backward(grad_out, out, q, k, v, tail_k, tail_v, sink_k, s
         q_, k_, v_, tk, tv, do, lse, delta, dk, dv, dtk_, dtv_, scale * _LOG2E, scale,
         *_strides(q_), *_strides(k_), *_strides(v_), *_strides(tk), *_strides(tv), *_strides(do),
         *_strides(dk), *_strides(dv), *_strides(dtk_), *_strides(dtv_),
-        H, Hk, s["GROUP"], lq, s["Lk"], s["T"], tail_blocks,
+        s["H"], Hk, s["GROUP"], s["Lq"], s["Lk"], s["T"], tail_blocks,
         BLOCK_DK=s["BLOCK_DK"], BLOCK_DV=s["BLOCK_DV"], D_K=s["D_K"], D_V=s["D_V"], **meta, **blocks,
     )
-    return dq, dk, dv, dtk, dtv
+    return dk, dv, dtk, dtv

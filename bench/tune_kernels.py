@@ -1,0 +1,132 @@
+"""Time each Triton segment_attention kernel over candidate tiles, one kernel at a time.
+
+At the shape of ``bench_kernel.py`` (B=1, H=32, Hk=8, D=128, N=32K, S=T=4096, bf16), for every
+candidate (BLOCK_M, BLOCK_N, warps, stages) of one kernel, the other kernels keeping the tiles in
+``segcompile.kernels.triton_attention.TILES``:
+
+* ``fwd``: the forward over all N / S segments;
+* ``dq``: the dQ kernel alone (its log-sum-exp pass included), the forward's outputs given;
+* ``dkdv``: the dK/dV kernel alone (tail and current keys), log-sum-exp and delta given.
+
+Plans none and all for ``fwd`` and ``dq`` (their work grows with history), none for ``dkdv``
+(which does no work for history). A tile that does not compile (shared memory, registers) is
+reported and skipped. Prints a table per kernel, the best tile, and writes
+``results/tune_kernels-<device>.json``. The tiles to commit into ``TILES`` are read from it.
+
+    python bench/tune_kernels.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+from segcompile.kernels import triton_attention as ta
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_kernel import long_range_heads, segments  # noqa: E402
+
+CANDIDATES = {
+    "fwd": [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4),
+            (64, 64, 4, 4), (64, 128, 4, 3), (128, 32, 4, 4)],
+    "dq": [(64, 64, 8, 2), (128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 4, 3), (128, 32, 8, 3), (64, 64, 4, 3),
+           (64, 32, 4, 4), (128, 128, 8, 2)],
+    "dkdv": [(32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 4, 3), (32, 128, 4, 5), (64, 64, 4, 3),
+             (16, 128, 4, 4), (32, 64, 4, 3), (128, 128, 8, 2)],
+}
+PLANS = {"fwd": ["none", "all"], "dq": ["none", "all"], "dkdv": ["none"]}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seq-len", type=int, default=32768)
+    p.add_argument("--segment-len", type=int, default=4096)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--kernels", nargs="+", default=list(CANDIDATES))
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    return p.parse_args(argv)
+
+
+def runners(kernel: str, parts, grads, long_range, scale):
+    """A function running ``kernel`` once over every segment, with its inputs computed beforehand."""
+    if kernel == "fwd":
+        return lambda: [ta.segment_attention_forward(*a, long_range, scale) for a in parts]
+    prepared = []
+    for a, g in zip(parts, grads):
+        out = ta.segment_attention_forward(*a, long_range, scale)
+        tensors, s, meta, slots = ta._common(*a, long_range)
+        dq, lse, delta = ta._launch_dq(tensors, s, meta, slots, out, g, scale)
+        prepared.append((tensors, s, meta, slots, out, g, lse, delta))
+    if kernel == "dq":
+        return lambda: [ta._launch_dq(t, s, m, sl, o, g, scale) for t, s, m, sl, o, g, _, _ in prepared]
+    return lambda: [ta._launch_dkdv(t, s, m, g, lse, delta, scale, True) for t, s, m, _, _, g, lse, delta in prepared]
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    N, S, H, hk, D = args.seq_len, args.segment_len, args.heads, args.kv_heads, args.head_dim
+    torch.manual_seed(0)
+    q, do = (torch.randn(1, H, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    k, v = (torch.randn(1, hk, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    scale = D ** -0.5
+    grads = [do[:, :, a : a + S] for a in range(0, N, S)]
+    defaults = {kind: dict(tile) for kind, tile in ta.TILES.items()}
+    rows, best = [], {}
+    for kernel in args.kernels:
+        for plan in PLANS[kernel]:
+            long_range = long_range_heads(plan, hk)
+            parts = list(segments(q, k, v, S, long_range))
+            for m, n, w, st in CANDIDATES[kernel]:
+                ta.TILES.update(defaults)
+                ta.TILES[kernel] = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
+                row = dict(kernel=kernel, plan=plan, block_m=m, block_n=n, warps=w, stages=st)
+                try:
+                    fn = runners(kernel, parts, grads, long_range, scale)
+                    fn()
+                    torch.cuda.synchronize()
+                    row["ms"] = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
+                except Exception as e:  # a tile that does not fit: reported, skipped
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
+                rows.append(row)
+                print(row, flush=True)
+    ta.TILES.update(defaults)
+    report(args, rows)
+
+
+def report(args, rows):
+    device = torch.cuda.get_device_name()
+    best = {}
+    for kernel in args.kernels:
+        timed = [r for r in rows if r["kernel"] == kernel and "ms" in r]
+        totals: dict[tuple, float] = {}
+        for r in timed:
+            key = (r["block_m"], r["block_n"], r["warps"], r["stages"])
+            totals[key] = totals.get(key, 0.0) + r["ms"]
+        counts = {key: sum(1 for r in timed if (r["block_m"], r["block_n"], r["warps"], r["stages"]) == key)
+                  for key in totals}
+        complete = {key: t for key, t in totals.items() if counts[key] == len(PLANS[kernel])}
+        print(f"\n{kernel}: ms summed over plans {PLANS[kernel]} (M, N, warps, stages)")
+        for key, t in sorted(complete.items(), key=lambda kv: kv[1]):
+            print(f"  {key!s:20} {t:8.2f}")
+        if complete:
+            key = min(complete, key=complete.get)
+            best[kernel] = dict(BLOCK_M=key[0], BLOCK_N=key[1], num_warps=key[2], num_stages=key[3], ms=complete[key])
+    print("\nbest:", json.dumps(best))
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"tune_kernels-{device.replace(' ', '_')}.json"
+    meta = dict(device=device, torch=torch.__version__, triton=triton.__version__, command=" ".join(sys.argv),
+                seq_len=args.seq_len, segment_len=args.segment_len, heads=args.heads, kv_heads=args.kv_heads,
+                head_dim=args.head_dim, dtype="bfloat16", tiles_before=ta.TILES)
+    path.write_text(json.dumps(dict(meta=meta, best=best, rows=rows), indent=1))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
