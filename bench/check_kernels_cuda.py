@@ -1,6 +1,7 @@
 """GPU accuracy check of the Triton segment_attention kernels at the benchmark shape.
 
-For every plan and a few segments of an N-token sequence (the first, the second and the last),
+For every plan and a few segments of an N-token sequence (N=32K, D=128; then D=64, 96 and 256
+on smaller shapes, so that every head-dim bucket of the tile table runs) (the first, the second and the last),
 the Triton forward and all five gradients (q, current k/v, tail k/v) are compared with the
 PyTorch reference computed in fp32 from the same inputs: bf16 inputs must stay within 1e-2 and
 fp32 inputs within 1e-3 (relative error ``max|got - want| / max|want|``, and the norm ratio
@@ -81,23 +82,30 @@ def check_compiled_step_graph() -> dict:
     )
 
 
+# (N, S, H, Hk, D, plans): the benchmark shape, then the other head-dim buckets' tiles (D=64
+# and D=256 on small shapes; D=96 pads to 128 with masked columns)
+SHAPES = [(32768, 4096, 32, 8, 128, list(PLANS)), (4096, 1024, 8, 2, 64, ["fraction(0.25)"]),
+          (3000, 1024, 8, 2, 96, ["all"]), (4096, 1024, 8, 2, 256, ["none", "all"])]
+
+
 def main():
-    N, S, H, hk, D = 32768, 4096, 32, 8, 128
-    q = torch.empty(1, H, N, D, device="cuda")
-    k = torch.empty(1, hk, N, D, device="cuda")
     rows, failed = [], 0
-    for dtype in (torch.bfloat16, torch.float32):
-        for plan in PLANS:
-            lr = long_range_heads(plan, hk)
-            parts = list(segments(q, k, k, S, lr))
-            for s in (0, 1, len(parts) - 1):
-                res = check_segment(parts[s], lr, D ** -0.5, dtype, seed=s)
-                worst = max(v[0] for v in res.values())
-                ok = worst <= TOLERANCE[dtype]
-                failed += not ok
-                rows.append(dict(dtype=str(dtype), plan=plan, segment=s, ok=ok, **{k_: v for k_, v in res.items()}))
-                print(f"{str(dtype):15} {plan:15} segment {s}: " + " ".join(f"{n}={v[0]:.1e}" for n, v in res.items())
-                      + ("" if ok else "  FAILED"), flush=True)
+    for N, S, H, hk, D, plans in SHAPES:
+        q = torch.empty(1, H, N, D, device="cuda")
+        k = torch.empty(1, hk, N, D, device="cuda")
+        for dtype in (torch.bfloat16, torch.float32):
+            for plan in plans:
+                lr = long_range_heads(plan, hk)
+                parts = list(segments(q, k, k, S, lr))
+                for s in (0, 1, len(parts) - 1):
+                    res = check_segment(parts[s], lr, D ** -0.5, dtype, seed=s)
+                    worst = max(v[0] for v in res.values())
+                    ok = worst <= TOLERANCE[dtype]
+                    failed += not ok
+                    rows.append(dict(head_dim=D, seq_len=N, dtype=str(dtype), plan=plan, segment=s, ok=ok, **res))
+                    print(f"D={D:<4} {str(dtype):15} {plan:15} segment {s}: "
+                          + " ".join(f"{n}={v[0]:.1e}" for n, v in res.items()) + ("" if ok else "  FAILED"), flush=True)
+    N, S, H, hk, D = SHAPES[0][:5]
     # decode: one query token after a partial segment, against the whole cache
     lr = long_range_heads("fraction(0.25)", hk)
     decode = [torch.randn(1, H, 1, D), torch.randn(1, hk, 777, D), torch.randn(1, hk, 777, D),

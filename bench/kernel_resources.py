@@ -28,7 +28,6 @@ from triton.compiler import ASTSource
 from segcompile.kernels import triton_attention as ta
 
 KERNELS = {"fwd": ta._fwd_kernel, "dq": ta._dq_kernel, "dkdv": ta._dkdv_kernel}
-DEFAULT_TILES = {kind: ta.TILES[kind] for kind in KERNELS}
 POINTERS = {"Q", "K", "V", "TK", "TV", "SK", "SV", "HK", "HV", "Out", "dOut", "dQ", "dK", "dV", "dTK", "dTV"}
 
 
@@ -93,7 +92,7 @@ def main(argv=None):
     p.add_argument("--capability", type=int, default=90)
     p.add_argument("--tile", nargs=5, action="append", default=[], metavar=("KERNEL", "M", "N", "WARPS", "STAGES"))
     args = p.parse_args(argv)
-    tiles = [(name, dict(tile)) for name, tile in DEFAULT_TILES.items()]
+    tiles = [(name, ta._blocks(name, args.head_dim, 4096)) for name in KERNELS]
     tiles += [(k, dict(BLOCK_M=int(m), BLOCK_N=int(n), num_warps=int(w), num_stages=int(s))) for k, m, n, w, s in args.tile]
     print(f"{'kernel':6} {'M x N':>9} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>8} {'stack B':>8} "
           f"{'smem KB':>8} {'wgmma':>6}")

@@ -2,7 +2,7 @@
 
 At the shape of ``bench_kernel.py`` (B=1, H=32, Hk=8, D=128, N=32K, S=T=4096, bf16), for every
 candidate (BLOCK_M, BLOCK_N, warps, stages) of one kernel, the other kernels keeping the tiles in
-``segcompile.kernels.triton_attention.TILES``:
+``segcompile.kernels.triton_attention.TILES`` for that head dim:
 
 * ``fwd``: the forward over all N / S segments;
 * ``dq``: the dQ kernel alone (its log-sum-exp pass included), the forward's outputs given;
@@ -19,6 +19,7 @@ reported and skipped. Prints a table per kernel, the best tile, and writes
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -77,15 +78,16 @@ def main(argv=None):
     k, v = (torch.randn(1, hk, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     scale = D ** -0.5
     grads = [do[:, :, a : a + S] for a in range(0, N, S)]
-    defaults = {kind: dict(tile) for kind, tile in ta.TILES.items()}
+    defaults = copy.deepcopy(ta.TILES)
+    bucket = min(b for b in ta.TILES["fwd"] if b >= ta._block_d(D))
     rows, best = [], {}
     for kernel in args.kernels:
         for plan in PLANS[kernel]:
             long_range = long_range_heads(plan, hk)
             parts = list(segments(q, k, v, S, long_range))
             for m, n, w, st in CANDIDATES[kernel]:
-                ta.TILES.update(defaults)
-                ta.TILES[kernel] = dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=st)
+                ta.TILES.update(copy.deepcopy(defaults))
+                ta.TILES[kernel][bucket] = (m, n, w, st)
                 row = dict(kernel=kernel, plan=plan, block_m=m, block_n=n, warps=w, stages=st)
                 try:
                     fn = runners(kernel, parts, grads, long_range, scale)
@@ -123,7 +125,7 @@ def report(args, rows):
     path = args.out / f"tune_kernels-{device.replace(' ', '_')}.json"
     meta = dict(device=device, torch=torch.__version__, triton=triton.__version__, command=" ".join(sys.argv),
                 seq_len=args.seq_len, segment_len=args.segment_len, heads=args.heads, kv_heads=args.kv_heads,
-                head_dim=args.head_dim, dtype="bfloat16", tiles_before=ta.TILES)
+                head_dim=args.head_dim, dtype="bfloat16", tiles=ta.TILES)
     path.write_text(json.dumps(dict(meta=meta, best=best, rows=rows), indent=1))
     print(f"wrote {path}")
 

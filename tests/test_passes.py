@@ -192,3 +192,18 @@ def test_repeat_kv_is_looked_through_with_no_op_slices():
     y = graph.call_function(aten.unsqueeze.default, (partial, 2))
     y = graph.call_function(aten.expand.default, (y, [2, 2, 2, 4, 8]))
     assert _unrepeated(graph.call_function(aten.reshape.default, (y, [2, 4, 4, 8]))) is partial
+
+
+def test_capture_check_tolerates_half_precision_rounding_but_not_a_wrong_graph():
+    from segcompile.passes.capture import _agrees
+
+    want = torch.randn(2, 3, 50, dtype=torch.float64)
+    rounded = want.to(torch.bfloat16)
+    deep_rounding = (want + 0.02 * torch.randn_like(want)).to(torch.bfloat16)  # elementwise past 2e-2 somewhere
+    assert (deep_rounding.double() - want).abs().max() > 2e-2
+    assert _agrees(rounded, want, precise=False)[0]
+    assert _agrees(deep_rounding, want, precise=False)[0]
+    assert not _agrees(want.flip(1).to(torch.bfloat16), want, precise=False)[0]  # specialised to the example
+    assert not _agrees(rounded, want, precise=True)[0]
+    assert _agrees(want + 1e-7, want, precise=True)[0]
+    assert not _agrees(want[:, :2], want, precise=False)[0]

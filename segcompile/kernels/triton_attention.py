@@ -40,20 +40,20 @@ import triton.language as tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 
-# Block shapes per kernel ("fwd", "fwd_small_d" for head dims <= 64, "decode" for <= 16 queries,
-# "dq", "dkdv") on an H100/H200 at D=128, bf16; ``bench/tune_kernels.py`` times the candidates on
-# a GPU and says which to write here. The forward's is the fused-attention tutorial's choice; the
-# dK/dV tile has the fewest spills (4 bytes) of those that keep Hopper's wgmma, by ptxas's report.
-# The interpreter runs any shape: small tiles keep the CPU tests fast and still exercise
-# multi-block loops and partial blocks.
+# Block shapes per kernel and head-dim bucket (64, 128, 256: the padded head dim, rounded up):
+# (BLOCK_M, BLOCK_N, warps, pipeline stages). The 128 column is what ``bench/tune_kernels.py``
+# measured fastest on an H200 at D=128, bf16 (``bench/results/tune_kernels-NVIDIA_H200.json``).
+# The 256 column keeps each kernel's shared memory under Hopper's 227 KB (the 128 column's tiles
+# would need up to 384 KB there), by ``bench/kernel_resources.py``'s report; untimed. "decode" is
+# the forward for at most 16 queries. The interpreter runs any shape: small tiles keep the CPU
+# tests fast and still exercise multi-block loops and partial blocks.
 TILES = {
-    "fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-    "fwd_small_d": dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-    "decode": dict(BLOCK_M=16, BLOCK_N=64, num_warps=4, num_stages=3),
-    "dq": dict(BLOCK_M=64, BLOCK_N=64, num_warps=8, num_stages=2),
-    "dkdv": dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=3),
+    "fwd": {64: (128, 64, 4, 3), 128: (128, 128, 8, 3), 256: (64, 64, 8, 2)},
+    "decode": {64: (16, 64, 4, 3), 128: (16, 64, 4, 3), 256: (16, 64, 4, 2)},
+    "dq": {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)},
+    "dkdv": {64: (32, 64, 4, 3), 128: (32, 64, 4, 3), 256: (32, 32, 4, 2)},
 }
-_INTERPRETER_BLOCKS = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
+_INTERPRETER_TILE = (16, 16, 1, 1)
 
 
 # ---- kernels ----------------------------------------------------------------------------------
@@ -427,13 +427,10 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
 
 
 def _blocks(kind: str, head_dim: int, lq: int) -> dict:
-    if _INTERPRET:
-        return dict(_INTERPRETER_BLOCKS)
     if kind == "fwd" and lq <= 16:
         kind = "decode"
-    elif kind == "fwd" and head_dim <= 64:
-        kind = "fwd_small_d"
-    return dict(TILES[kind])
+    tile = _INTERPRETER_TILE if _INTERPRET else TILES[kind][min(b for b in (64, 128, 256) if b >= _block_d(head_dim))]
+    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tile))
 
 
 def _block_d(d: int) -> int:

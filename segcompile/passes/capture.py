@@ -127,10 +127,14 @@ CHECK_SHAPES = ((1, 1), (2, 3))
 
 
 def _check_against_model(gm: fx.GraphModule, model: torch.nn.Module, kwargs: dict[str, Any]) -> None:
-    """The captured graph must compute what the model computes, at lengths other than the example's."""
+    """The captured graph must compute what the model computes, at lengths other than the example's.
+
+    fp32/fp64 models are compared elementwise. Half-precision ones by the relative error of the
+    whole output: rounding differences (another attention kernel for another mask form, say) grow
+    with depth, elementwise past any fixed tolerance in a 32-layer bf16 model, while a graph that
+    specialised something to the example is wrong by the output's own size."""
     device = kwargs["input_ids"].device
     precise = _parameter_dtype(model) in (torch.float32, torch.float64)
-    rtol, atol = (1e-4, 1e-5) if precise else (2e-2, 2e-2)
     extra = {k: v for k, v in kwargs.items() if k not in ("input_ids", "position_ids")}
     with torch.no_grad():
         for batch, length in CHECK_SHAPES:
@@ -141,12 +145,24 @@ def _check_against_model(gm: fx.GraphModule, model: torch.nn.Module, kwargs: dic
             with _same_random_numbers(device):
                 got = gm(ids, pos)
             for w, g in zip(want, got):
-                if w.shape != g.shape or not torch.allclose(g.float(), w.float(), rtol=rtol, atol=atol):
+                agrees, error = _agrees(g, w, precise)
+                if not agrees:
                     raise CaptureError(
                         f"the graph traced from {type(model).__name__} disagrees with the model at batch {batch}, "
-                        f"length {length} (shapes {tuple(g.shape)} vs {tuple(w.shape)}): tracing specialised "
-                        "something to the example input; report the model"
+                        f"length {length} (shapes {tuple(g.shape)} vs {tuple(w.shape)}, {error}): tracing "
+                        "specialised something to the example input; report the model"
                     )
+
+
+def _agrees(got: torch.Tensor, want: torch.Tensor, precise: bool) -> tuple[bool, str]:
+    if got.shape != want.shape:
+        return False, "shapes differ"
+    got, want = got.double(), want.double()
+    if precise:
+        error = (got - want).abs().max().item()
+        return torch.allclose(got, want, rtol=1e-4, atol=1e-5), f"max abs error {error:.3g}"
+    error = ((got - want).norm() / want.norm().clamp_min(1e-12)).item()
+    return error <= 5e-2, f"relative error {error:.3g}"
 
 
 @contextlib.contextmanager
