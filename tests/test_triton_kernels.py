@@ -183,3 +183,17 @@ def test_constants_in_a_narrower_dtype_than_the_current_keys():
     assert got.dtype == torch.float32 and relative_error(got, want) <= FP32_RTOL
     for name, g, w in zip(GRAD_NAMES, segment_attention_backward(grad_out, got, *args, [1], 0.25), want_grads):
         assert relative_error(g, w) <= FP32_RTOL, name
+
+
+def test_tail_and_current_values_in_different_dtypes():
+    # under bf16 autocast Llama's V leaves its projection in bf16 (K leaves RoPE in fp32) while
+    # the carried tail keeps the run's fp32: each gradient comes back in its input's dtype
+    args = random_inputs(1, 4, 2, 16, 16, 8, 0, 12, 16, (0,), seed=11)
+    args[2] = args[2].bfloat16()
+    want, grad_out, want_grads = reference_and_grads(args, (0,), 0.25, grad_out_seed=12)
+    got = segment_attention_forward(*args, [0], 0.25)
+    assert relative_error(got, want) <= FP32_RTOL
+    grads = segment_attention_backward(grad_out, got, *args, [0], 0.25)
+    for name, g, w, a in zip(GRAD_NAMES, grads, want_grads, args):
+        assert g.dtype == a.dtype, name
+        assert relative_error(g, w) <= (1e-2 if a.dtype == torch.bfloat16 else FP32_RTOL), name

@@ -437,6 +437,11 @@ def _block_d(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
+def _same_dtype(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    wide = torch.promote_types(a.dtype, b.dtype)
+    return a.to(wide), b.to(wide)
+
+
 def _common(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range):
     B, H, lq, dk = q.shape
     hk, lk, dv = k.shape[1], k.shape[2], v.shape[-1]
@@ -447,6 +452,10 @@ def _common(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
     dot = compute_dtype(q)
     if sink_k.dtype != hist_k.dtype:  # one kernel branch reads either: one pointer type (sinks are few)
         sink_k, sink_v = sink_k.to(hist_k.dtype), sink_v.to(hist_v.dtype)
+    # likewise tail and current keys in dK/dV (under autocast Llama's V leaves its projection in
+    # bf16 while the carried tail keeps the run's dtype): both in the wider dtype
+    k, tail_k = _same_dtype(k, tail_k)
+    v, tail_v = _same_dtype(v, tail_v)
     tensors = [_usable(t) for t in (q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v)]
     shape = dict(
         B=B, H=H, Hk=hk, GROUP=H // hk, Lq=lq, Lk=lk, T=tail_k.shape[2], G=sink_k.shape[2], P=hist_k.shape[2],
@@ -482,7 +491,9 @@ def segment_attention_backward(grad_out, out, q, k, v, tail_k, tail_v, sink_k, s
     do = _usable(grad_out)
     dq, lse, delta = _launch_dq(tensors, s, meta, slots, _usable(out), do, scale)
     dk, dv, dtk, dtv = _launch_dkdv(tensors, s, meta, do, lse, delta, scale, tail_needs_grad and s["T"] > 0)
-    return dq, dk, dv, dtk, dtv
+    # each gradient in its input's dtype (they differ from the kernels' when _common widened one)
+    dtk, dtv = (None, None) if dtk is None else (dtk.to(tail_k.dtype), dtv.to(tail_v.dtype))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dtk, dtv
 
 
 def _launch_dq(tensors, s, meta, slots, o, do, scale):
