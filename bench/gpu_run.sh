@@ -24,12 +24,12 @@ run() {  # name, seconds, command...
 
 for step in "${steps[@]}"; do
     case $step in
-        check) run check 240 python bench/check_kernels_cuda.py ;;
+        check) run check 120 python bench/check_kernels_cuda.py ;;
         smoke) run smoke 120 python bench/cuda_smoke.py ;;
         tune) run tune 280 python bench/tune_kernels.py ;;
-        kernel) run kernel 300 python bench/bench_kernel.py ;;
+        kernel) run kernel 200 python bench/bench_kernel.py ;;
         prefill) run prefill 280 python bench/bench_prefill.py ;;
-        training) run training 540 python bench/bench_training.py --seq-lens 8192 16384 32768 65536 ;;
+        training) run training 270 python bench/bench_training.py --seq-lens 8192 16384 32768 65536 ;;
         regimes) run regimes 540 python bench/tbptt_regimes.py ;;
         *) echo "unknown step $step" ;;
     esac
