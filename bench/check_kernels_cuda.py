@@ -95,6 +95,8 @@ def main():
         k = torch.empty(1, hk, N, D, device="cuda")
         for dtype in (torch.bfloat16, torch.float32):
             for plan in plans:
+                if dtype == torch.float32 and N > 4096 and plan != "fraction(0.25)":
+                    continue  # fp32 at N=32K: one plan (the reference's fp32 products are slow)
                 lr = long_range_heads(plan, hk)
                 parts = list(segments(q, k, k, S, lr))
                 for s in (0, 1, len(parts) - 1):

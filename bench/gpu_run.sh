@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU benchmark and check, one after the other, each under its own time limit, on one GPU.
-#   bash bench/gpu_run.sh OUT_DIR [STEP ...]     steps: check smoke tune kernel prefill training regimes
+#   bash bench/gpu_run.sh OUT_DIR [STEP ...]     steps: check smoke tune kernel prefill training regimes regimes8
 # Logs and result files land in OUT_DIR (results also in bench/results/). A step that fails or runs
 # out of time is reported and the next one runs.
 set -uo pipefail
@@ -10,7 +10,7 @@ shift
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(check smoke kernel prefill training regimes)
+[ ${#steps[@]} -eq 0 ] && steps=(check smoke kernel prefill training regimes regimes8)
 
 run() {  # name, seconds, command...
     local name=$1 limit=$2
@@ -24,13 +24,15 @@ run() {  # name, seconds, command...
 
 for step in "${steps[@]}"; do
     case $step in
-        check) run check 120 python bench/check_kernels_cuda.py ;;
+        check) run check 130 python bench/check_kernels_cuda.py ;;
         smoke) run smoke 120 python bench/cuda_smoke.py ;;
         tune) run tune 280 python bench/tune_kernels.py ;;
         kernel) run kernel 200 python bench/bench_kernel.py ;;
-        prefill) run prefill 280 python bench/bench_prefill.py ;;
+        prefill) run prefill 170 python bench/bench_prefill.py ;;
         training) run training 270 python bench/bench_training.py --seq-lens 8192 16384 32768 65536 ;;
-        regimes) run regimes 540 python bench/tbptt_regimes.py ;;
+        regimes) run regimes 130 python bench/tbptt_regimes.py --cpu-defaults --device cuda ;;
+        regimes8) run regimes8 170 python bench/tbptt_regimes.py --cpu-defaults --device cuda --seq-len 512 \
+            --pairs 24 --queries 16 --out "$out/regimes8" ;;
         *) echo "unknown step $step" ;;
     esac
     cp bench/results/*"$(python -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "_"))')"* "$out/" 2>/dev/null
