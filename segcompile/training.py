@@ -26,6 +26,7 @@ import torch
 
 from .errors import SegcompileError
 from .loss import IGNORE_INDEX, label_count, span_loss
+from .runtime import reserve_history
 
 
 @dataclass
@@ -58,7 +59,9 @@ def tbptt_backward(
 def _run_segments(seg, input_ids, labels, params, labelled, denominator, checkpoint: bool) -> torch.Tensor:
     S, T, K = seg.cfg.segment_len, seg.cfg.tail_len, seg.cfg.tbptt_k
     carries_gradient = K >= 1 and T > 0
-    state = seg.initial_state(input_ids)
+    # one history buffer for the whole sequence: growing it by copies would, at each growth, hold
+    # the old and the new buffer at once (2.5x the history) while live graphs keep views of the old
+    state = reserve_history(seg.initial_state(input_ids), input_ids.shape[1])
     live: deque[_LiveSegment] = deque(maxlen=K + 1)
     total = torch.zeros((), dtype=torch.float64, device=input_ids.device)
     for start in range(0, input_ids.shape[1], S):
