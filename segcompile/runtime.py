@@ -229,7 +229,8 @@ class SegmentedModel(torch.nn.Module):
                 current = getattr(layer, f"current_{kv}").detach()
                 dtype = current.dtype  # the tail follows the K/V dtype of the run
                 constant = carried_dtype(dtype, current.device.type)
-                leaving = torch.cat([getattr(layer, f"tail_{kv}").to(dtype), current[:, :, : S - T]], dim=2)
+                tail = getattr(layer, f"tail_{kv}").detach()  # a TBPTT leaf: sinks and history are constants
+                leaving = torch.cat([tail.to(dtype), current[:, :, : S - T]], dim=2)
                 moved[f"tail_{kv}"] = current[:, :, S - T :]
                 moved[f"current_{kv}"] = current[:, :, :0]
                 sinks = getattr(layer, f"sink_{kv}").to(constant)
