@@ -15,7 +15,9 @@ head keeps everything. The same loop serves ``forward`` (whole sequence), ``pref
 from __future__ import annotations
 
 import functools
+import inspect
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import torch
@@ -78,6 +80,9 @@ class SegmentedModel(torch.nn.Module):
         self._num_outputs = step_graph.meta["segcompile.num_model_outputs"]
         self.pass_timings: dict[str, float] = dict(step_graph.meta.get("segcompile.pass_timings", {}))
         self._last_logits_graph: fx.GraphModule | None = None  # built on the first prefill
+        # set by compile(): graph -> (its torch.compile'd callable, the unbacked sources for its calls)
+        self._compiled: dict[fx.GraphModule, tuple[Callable, str]] = {}
+        self._compile_options: dict = {}
         self._gradient_sync = None  # set by segcompile.distributed.fsdp / ddp
 
     # ---- public API -------------------------------------------------------------------------
@@ -105,7 +110,7 @@ class SegmentedModel(torch.nn.Module):
         Each step computes the logits of its last position only, and the long-range history is
         allocated once for the whole prompt."""
         state = state or self.initial_state(input_ids)
-        state = reserve_history(state, state.position + input_ids.shape[1])
+        state = reserve_history(state, state.position + input_ids.shape[1], token_major=bool(self._compiled))
         _, state = self._feed(state, input_ids, collect=False)
         return state
 
@@ -139,6 +144,38 @@ class SegmentedModel(torch.nn.Module):
             )
         return SegmentState(0, tuple(layers))
 
+    def compile(self, **kwargs) -> SegmentedModel:
+        """Run the segment step under ``torch.compile(**kwargs)`` (``backend``, ``mode``, ``options``...)
+        in ``forward``, ``prefill``, ``decode`` and ``tbptt_backward``, without a recompile per step.
+
+        A plainly compiled ``step_graph`` recompiles as the carried state grows: Dynamo
+        specialises lengths 0 and 1 (the tail, sinks and history are empty in the first segment,
+        the current segment passes 0 and 1 in every one), guards the strides of views of longer
+        buffers (the history, the tail, the sinks), and so falls back to eager at its recompile
+        limit. Here the carried tensors' lengths, and the token count of a prefill step, are
+        unbacked (Dynamo neither specialises nor guards them), and every step gets the state in
+        one layout whatever its lengths, none of it a view: sinks, tail and history token-major
+        (``[entries, batch, kv_heads, head_dim]`` in memory, strides that do not depend on the
+        entries; the history buffer is token-major), the current segment contiguous. Decoding
+        then compiles one graph for prefill steps and one for one-token decode steps (two if the
+        first decode step starts a segment), however many tokens follow; another batch size,
+        dtype or grad mode compiles again. Every attention site keeps its ``impl``.
+
+        Compiles in place and returns ``self``; ``step_graph`` stays the uncompiled ``GraphModule``
+        (what export, ``print(seg)`` and the pass pages show).
+        """
+        graphs = [self.step_graph, self._prefill_graph()]
+        self._compiled = {}
+        for graph in graphs:
+            # Dynamo names the step's arguments L['<name>'] (torch.compiler.config.unbacked_sources)
+            names = list(inspect.signature(graph.forward).parameters)  # input_ids, position_offset, state...
+            sources = [f"L['{name}']:2" for name in names[2:]]
+            if graph is not self.step_graph:  # prefill: any prompt length, 1 included, in one graph
+                sources.append(f"L['{names[0]}']:1")
+            self._compiled[graph] = (torch.compile(graph, **kwargs), ",".join(sources))
+        self._compile_options = dict(kwargs)
+        return self
+
     # ---- the loop ---------------------------------------------------------------------------
     def _feed(self, state: SegmentState, input_ids: torch.Tensor, collect: bool):
         self._check_ids(input_ids)
@@ -169,8 +206,15 @@ class SegmentedModel(torch.nn.Module):
         ``checkpoint``: keep no activations inside the segment; recompute them in backward.
         """
         graph = graph if graph is not None else self.step_graph
+        compiled = self._compiled.get(graph)
+        if compiled is not None:
+            state = compiled_layout(state)
+            chunk = chunk.clone()  # not a view of the caller's ids (their offset and base would be guarded)
         offset = torch.tensor(state.position, dtype=torch.long, device=chunk.device)
         flat = [t for layer in state.layers for t in layer.tensors()]
+        if compiled is not None:
+            flat = [t.detach() if t._base is not None and not t.requires_grad else t for t in flat]
+            graph = functools.partial(_call_compiled, *compiled)
         if checkpoint:
             outs = torch.utils.checkpoint.checkpoint(graph, chunk, offset, *flat, use_reentrant=False)
         else:
@@ -241,7 +285,7 @@ class SegmentedModel(torch.nn.Module):
                     index = _head_index(tuple(site.long_range), leaving.device)
                     store, history = _append_history(
                         getattr(layer, f"hist_store_{kv}"), getattr(layer, f"hist_{kv}"),
-                        leaving.index_select(1, index).to(constant),
+                        leaving.index_select(1, index).to(constant), token_major=bool(self._compiled),
                     )
                     moved[f"hist_store_{kv}"], moved[f"hist_{kv}"] = store, history
             layers.append(replace(layer, **moved))
@@ -280,6 +324,9 @@ class SegmentedModel(torch.nn.Module):
                 f"layer {site.layer}: {site.module} [{site.kind}] heads={site.num_heads} kv_heads={site.num_kv_heads} "
                 f"long_range_kv_heads={list(site.long_range)} impl={self.implementations[site.layer]}"
             )
+        if self._compiled:
+            options = ", ".join(f"{k}={v!r}" for k, v in self._compile_options.items())
+            lines.append(f"step: torch.compile({options}), unbacked state lengths (SegmentedModel.compile)")
         return "\n".join(lines)
 
 
@@ -298,10 +345,11 @@ def carried_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
     return dtype
 
 
-def reserve_history(state: SegmentState, total_tokens: int) -> SegmentState:
+def reserve_history(state: SegmentState, total_tokens: int, token_major: bool = False) -> SegmentState:
     """Give every long-range history a buffer for ``total_tokens`` positions up front (prefill of
     a known prompt), instead of growing it by ``HISTORY_GROWTH`` (which can leave half again the
-    needed memory allocated, and copies at every growth)."""
+    needed memory allocated, and copies at every growth). ``token_major``: lay the buffer out
+    token-major (compiled steps, ``SegmentedModel.compile``)."""
     layers = []
     for layer in state.layers:
         moved = {}
@@ -310,30 +358,91 @@ def reserve_history(state: SegmentState, total_tokens: int) -> SegmentState:
             if history.shape[1] == 0 or (store is not None and store.shape[2] >= total_tokens):
                 continue
             dtype = carried_dtype(history.dtype, history.device.type)
-            fresh = history.new_empty(history.shape[0], history.shape[1], total_tokens, history.shape[3], dtype=dtype)
+            fresh = _empty_entries(history, total_tokens, token_major, dtype)
             fresh[:, :, : history.shape[2]] = history
             moved[f"hist_store_{kv}"], moved[f"hist_{kv}"] = fresh, fresh[:, :, : history.shape[2]]
         layers.append(replace(layer, **moved))
     return replace(state, layers=tuple(layers))
 
 
-def _append_history(store: torch.Tensor | None, history: torch.Tensor, new: torch.Tensor):
+def _append_history(store: torch.Tensor | None, history: torch.Tensor, new: torch.Tensor, token_major: bool = False):
     """Append ``new`` after ``history`` in an append-only buffer; return (buffer, view of the history).
 
     Segment graphs kept for TBPTT save the history view they read; a fresh concatenation per
     segment would give each its own copy. Appends land past the end of every view already
     handed out, so they are written through ``.data`` (no autograd version bump: no saved
     region changes). A full buffer is replaced by a larger one; old views keep the old one alive
-    only while a graph still holds them.
+    only while a graph still holds them. ``token_major``: a new buffer is laid out token-major.
     """
     length, need = history.shape[2], history.shape[2] + new.shape[2]
     if store is None or store.shape[2] < need or store.dtype != new.dtype or store.shape[:2] != new.shape[:2]:
         capacity = max(need, int(length * HISTORY_GROWTH))
-        fresh = new.new_empty(new.shape[0], new.shape[1], capacity, new.shape[3])
+        fresh = _empty_entries(new, capacity, token_major)
         fresh[:, :, :length] = history
         store = fresh
     store.data[:, :, length:need] = new
     return store, store[:, :, :need]
+
+
+def _empty_entries(like: torch.Tensor, entries: int, token_major: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An empty ``[B, heads, entries, head_dim]`` buffer like ``like``, token-major or contiguous."""
+    B, H, _, D = like.shape
+    if not token_major:
+        return like.new_empty(B, H, entries, D, dtype=dtype)
+    return torch.empty_strided((B, H, entries, D), _token_major_strides(like.shape), dtype=dtype or like.dtype, device=like.device)
+
+
+# ---- the layout compiled steps take (SegmentedModel.compile) --------------------------------------
+# Dynamo guards the sizes, strides and storage offset of every input. The lengths are unbacked (not
+# guarded); what is left must not change with them. Sinks, tail and history are token-major, whose
+# strides are products of batch, heads and head_dim only; the current segment is the step's own
+# output, contiguous, and an empty one has the strides a contiguous one of length 0 would have
+# (H*0*D, 0*D, D, 1), which satisfy the guards of a graph compiled on a longer one.
+
+
+def _token_major_strides(shape) -> tuple[int, int, int, int]:
+    B, H, _, D = shape
+    return (H * D, D, B * H * D, 1)
+
+
+def _contiguous_strides(shape) -> tuple[int, int, int, int]:
+    _, H, n, D = shape
+    return (H * n * D, n * D, D, 1)
+
+
+def _has_layout(t: torch.Tensor, strides) -> bool:
+    return t.stride() == strides and t.storage_offset() == 0
+
+
+def compiled_layout(state: SegmentState) -> SegmentState:
+    """``state`` with every carried tensor in the layout compiled steps take (``SegmentedModel.compile``).
+
+    Nothing is copied for a state a compiled step returned, except after a segment end: the new
+    tail and the sinks while they fill, T + G entries a layer, once. A history not yet token-major
+    (a state from before ``compile``) moves to a token-major buffer of the same capacity. Copies
+    are differentiable (a TBPTT tail leaf keeps its gradient)."""
+    layers = []
+    for layer in state.layers:
+        moved = {}
+        for kv in ("k", "v"):
+            for name, strides in ((f"sink_{kv}", _token_major_strides), (f"tail_{kv}", _token_major_strides),
+                                  (f"current_{kv}", _contiguous_strides)):
+                t = getattr(layer, name)
+                if not _has_layout(t, strides(t.shape)):
+                    moved[name] = torch.empty_strided(t.shape, strides(t.shape), dtype=t.dtype, device=t.device).copy_(t)
+            history, store = getattr(layer, f"hist_{kv}"), getattr(layer, f"hist_store_{kv}")
+            if not _has_layout(history, _token_major_strides(history.shape)):
+                fresh = _empty_entries(history, max(store.shape[2] if store is not None else 0, history.shape[2]), True)
+                fresh[:, :, : history.shape[2]] = history
+                moved[f"hist_store_{kv}"], moved[f"hist_{kv}"] = fresh, fresh[:, :, : history.shape[2]]
+        layers.append(replace(layer, **moved) if moved else layer)
+    return replace(state, layers=tuple(layers))
+
+
+def _call_compiled(step: Callable, unbacked_sources: str, *args):
+    # the unbacked lengths, named by the step's arguments; in effect only while the step traces
+    with torch.compiler.config.patch(unbacked_sources=unbacked_sources):
+        return step(*args)
 
 
 @functools.cache

@@ -1,0 +1,111 @@
+"""Decode under torch.compile (``SegmentedModel.compile``) without a recompile per step.
+
+Compiled, a prefill and 2.5 then 5 segments of one-token decode steps give the eager logits (fp32,
+max abs error <= 1e-5), and the number of graphs Dynamo compiles does not grow with the steps:
+one for the prefill step, one for the decode step. Carried lengths pass 0 and 1 and the history
+grows its buffer on the way, which is where a plainly compiled step graph recompiles. Then, with
+the eager backend (fast): batch 1 with a one-token prompt, and a prompt that ends on a segment
+boundary (one graph more, still not growing); forward and multi-token decode; and TBPTT gradients
+through the compiled step (AOTAutograd).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import captured, max_abs, random_ids
+
+import segcompile as sc
+from segcompile.runtime import compiled_layout
+
+CFG = sc.SegmentConfig(8, tail_len=4, sink_tokens=2, long_range=sc.HeadPlan.fraction(0.5))
+STEPS = 20  # 2.5 segments of decode steps, then as many again
+
+
+def graphs() -> int:
+    return torch._dynamo.utils.counters["stats"]["unique_graphs"]
+
+
+def decode(seg, ids, prompt: int, steps: int, compiled_graphs: list | None = None):
+    """Prefill ``ids[:, :prompt]``, then decode one token a step; the logits of every step (and
+    ``compiled_graphs``: the graph count after the prefill and after each half of the steps)."""
+    state = seg.prefill(ids[:, :prompt])
+    logits = [state.logits]
+    counts = [graphs()]
+    for i, t in enumerate(range(prompt, prompt + steps)):
+        step_logits, state = seg.decode(state, ids[:, t : t + 1])
+        logits.append(step_logits[:, -1])
+        if i + 1 in (steps // 2, steps):
+            counts.append(graphs())
+    if compiled_graphs is not None:
+        compiled_graphs.extend(counts)
+    return logits, state
+
+
+def compiled_decode(backend: str | None, batch: int, prompt: int, steps: int = 2 * STEPS, layers: int = 2):
+    _, graph = captured("llama", layers=layers)
+    seg = sc.transform(graph, CFG)
+    ids = random_ids(batch, prompt + steps, seed=prompt)
+    with torch.no_grad():
+        want, _ = decode(seg, ids, prompt, steps)
+        seg.compile(**({"backend": backend} if backend else {}))
+        torch._dynamo.utils.counters.clear()
+        counts = []
+        got, state = decode(seg, ids, prompt, steps, counts)
+    assert max(max_abs(g, w) for g, w in zip(got, want)) <= 1e-5
+    return seg, state, counts
+
+
+def test_compiled_decode_compiles_once_for_prefill_and_once_for_decode():
+    # the default backend (Inductor), as a user would compile; one layer keeps its compiles short
+    seg, _, counts = compiled_decode(None, batch=2, prompt=5, layers=1)
+    assert counts == [1, 2, 2], counts  # prefill; decode after 2.5 segments; after 5 segments
+    text = repr(seg)
+    assert "step: torch.compile(" in text and "impl=reference" in text
+
+
+@pytest.mark.parametrize(
+    "batch, prompt, bound",
+    [
+        (1, 1, 2),  # batch 1, a one-token prompt: the current segment's length is 1 at the first compile
+        (1, 16, 3),  # the prompt ends on a segment boundary: the first decode step sees an empty segment
+    ],
+)
+def test_compiled_decode_graphs_do_not_grow_with_the_steps(batch, prompt, bound):
+    seg, state, counts = compiled_decode("eager", batch=batch, prompt=prompt)
+    assert counts[1] == counts[2] <= bound, counts
+    # the state a compiled step returns is already in the compiled layout: nothing is copied per
+    # step (only the new tail and sinks, once a segment)
+    if state.position % CFG.segment_len == 0:
+        with torch.no_grad():
+            _, state = seg.decode(state, random_ids(batch, 1))
+    assert all(a is b for a, b in zip(compiled_layout(state).layers, state.layers))
+
+
+TRAIN_CFG = sc.SegmentConfig(4, tail_len=2, sink_tokens=1, long_range=sc.HeadPlan.fraction(0.5), tbptt_k=2)
+
+
+def test_compiled_forward_and_multi_token_decode():
+    _, graph = captured("llama")
+    seg = sc.transform(graph, TRAIN_CFG)
+    ids = random_ids(2, 12, seed=12)
+    with torch.no_grad():
+        want_forward = seg(ids).logits
+        want_decode = seg.decode(seg.prefill(ids[:, :5]), ids[:, 5:8])[0]
+        seg.compile(backend="eager")
+        assert max_abs(seg(ids).logits, want_forward) <= 1e-5
+        assert max_abs(seg.decode(seg.prefill(ids[:, :5]), ids[:, 5:8])[0], want_decode) <= 1e-5
+
+
+def test_compiled_step_trains():
+    # tbptt_backward through the compiled step (AOTAutograd): the tail leaves keep their gradient
+    _, graph = captured("llama")
+    seg = sc.transform(graph, TRAIN_CFG)
+    ids = random_ids(2, 12, seed=12)
+    seg.tbptt_backward(ids)
+    want = {name: p.grad.clone() for name, p in seg.named_parameters()}
+    seg.zero_grad(set_to_none=True)
+    seg.compile(backend="aot_eager")
+    seg.tbptt_backward(ids)
+    for name, p in seg.named_parameters():
+        assert (p.grad - want[name]).abs().max() <= 1e-5 * want[name].abs().max(), name
