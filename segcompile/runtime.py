@@ -372,15 +372,21 @@ def _append_history(store: torch.Tensor | None, history: torch.Tensor, new: torc
     segment would give each its own copy. Appends land past the end of every view already
     handed out, so they are written through ``.data`` (no autograd version bump: no saved
     region changes). A full buffer is replaced by a larger one; old views keep the old one alive
-    only while a graph still holds them. ``token_major``: a new buffer is laid out token-major.
+    only while a graph still holds them. A state whose view ends before what was already
+    appended (a branch) gets a copy. ``token_major``: a new buffer is laid out token-major.
     """
     length, need = history.shape[2], history.shape[2] + new.shape[2]
-    if store is None or store.shape[2] < need or store.dtype != new.dtype or store.shape[:2] != new.shape[:2]:
+    # Another state that shares this buffer (two decodes continued from one state) may already have
+    # appended past this view: writing here would change that state's history, so copy instead.
+    taken = getattr(store, "_segcompile_filled", length) > length if store is not None else False
+    if (store is None or taken or store.shape[2] < need or store.dtype != new.dtype
+            or store.shape[:2] != new.shape[:2]):
         capacity = max(need, int(length * HISTORY_GROWTH))
         fresh = _empty_entries(new, capacity, token_major)
         fresh[:, :, :length] = history
         store = fresh
     store.data[:, :, length:need] = new
+    store._segcompile_filled = need
     return store, store[:, :, :need]
 
 

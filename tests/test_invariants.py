@@ -220,3 +220,24 @@ def test_prefill_allocates_the_history_once_and_computes_the_last_logits_only(ll
     assert layer.hist_k.untyped_storage().data_ptr() == layer.hist_store_k.untyped_storage().data_ptr()
     logits_node = [n for n in seg._last_logits_graph.graph.nodes if n.target is torch.ops.aten.linear.default][-1]
     assert logits_node.args[0].target is torch.ops.aten.slice.Tensor  # the LM head sees the last position only
+
+
+def test_two_decodes_from_one_state_do_not_share_their_history(llama):
+    # Both branches append to the history buffer the state views; the second must not overwrite
+    # what the first appended (a silent wrong answer in the first branch's later steps).
+    _, graph = llama
+    seg = sc.transform(graph, sc.SegmentConfig(4, long_range=sc.HeadPlan.all()))
+    a, b, after = random_ids(1, 9, seed=3), random_ids(1, 9, seed=4), random_ids(1, 5, seed=5)
+    with torch.no_grad():
+        state = seg.prefill(random_ids(1, 13))
+        for seed in range(6, 30):  # decode until the buffer has grown: spare room past the view
+            _, state = seg.decode(state, random_ids(1, 1, seed=seed))
+            if state.position % 4 == 0 and state.layers[0].hist_store_k.shape[2] >= state.layers[0].hist_k.shape[2] + 8:
+                break
+        assert state.layers[0].hist_store_k.shape[2] >= state.layers[0].hist_k.shape[2] + 8
+        alone = seg.decode(seg.decode(state, a)[1], after)[0]
+        _, branch_a = seg.decode(state, a)
+        _, branch_b = seg.decode(state, b)
+        assert (branch_b.layers[0].hist_k - branch_a.layers[0].hist_k).abs().max() > 0  # they differ
+        got = seg.decode(branch_a, after)[0]
+    assert (got - alone).abs().max() <= 1e-6
