@@ -15,6 +15,7 @@ before it (the weights), with the returned state or cache still alive; time is w
 around the call after a warm-up prefill (kernel autotuning, first-call allocations).
 
     python bench/bench_prefill.py --seq-lens 32768 65536 131072
+    python bench/bench_prefill.py --regimes segcompile --seq-lens 131072 --memory-snapshot OUT/prefill.pickle
 """
 
 from __future__ import annotations
@@ -43,6 +44,9 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--regimes", nargs="+", default=["segcompile", "sdpa", "chunked"])
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--memory-snapshot", type=Path, default=None, metavar="FILE",
+                   help="also record the allocator's history of segcompile's prefill at the largest N and write it "
+                        "to FILE (a pickle that https://pytorch.org/memory_viz shows: what is alive at the peak)")
     return p.parse_args(argv)
 
 
@@ -115,7 +119,24 @@ def main(argv=None):
                     row = dict(n=n, regime=name, seconds=None, peak_gib=None, kept_gib=None, oom=True)
                 rows.append(row)
                 print(row, flush=True)
+        if args.memory_snapshot is not None:
+            snapshot(lambda: seg.prefill(ids), args.memory_snapshot)
     report(args, rows, weights, transform_s, seg)
+
+
+def snapshot(fn, path: Path) -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch.cuda.memory._record_memory_history(max_entries=200_000)
+    try:
+        kept = fn()
+        torch.cuda.synchronize()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.cuda.memory._dump_snapshot(str(path))
+        del kept
+    finally:
+        torch.cuda.memory._record_memory_history(enabled=None)
+    print(f"wrote {path}")
 
 
 def report(args, rows, weights, transform_s, seg):

@@ -6,7 +6,7 @@ the Triton forward and all five gradients (q, current k/v, tail k/v) are compare
 PyTorch reference computed in fp32 from the same inputs: bf16 inputs must stay within 1e-2 and
 fp32 inputs within 1e-3 (relative error ``max|got - want| / max|want|``, and the norm ratio
 ``|got - want| / |want|`` reported beside it). Fresh random inputs per case. Then decode
-(one query) against the reference, and the tiny Llama's step graph under ``torch.compile``.
+(one query) against the reference, and the tiny Llama's prefill and decode under ``seg.compile()``.
 
     python bench/check_kernels_cuda.py          # writes results/check_kernels_cuda-<device>.json
 """
@@ -65,7 +65,7 @@ def check_compiled_step_graph() -> dict:
         eager = [seg.prefill(ids[:, :20]).logits]
         state = seg.prefill(ids[:, :20])
         eager_decode = [seg.decode(state, ids[:, 20:21])[0]]
-        seg.step_graph = torch.compile(seg.step_graph, dynamic=True)
+        seg.compile()
         torch._dynamo.utils.counters.clear()
         state = seg.prefill(ids[:, :20])
         compiled = state.logits
