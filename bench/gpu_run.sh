@@ -32,7 +32,7 @@ for step in "${steps[@]}"; do
         training) run training 270 python bench/bench_training.py --seq-lens 8192 16384 32768 65536 ;;
         regimes) run regimes 200 python bench/tbptt_regimes.py --cpu-defaults --device cuda ;;
         regimes8) run regimes8 170 python bench/tbptt_regimes.py --cpu-defaults --device cuda --seq-len 512 \
-            --pairs 24 --queries 16 --num-keys 32 --out "$out/regimes8" ;;
+            --pairs 24 --queries 16 --num-keys 32 --num-values 512 --out "$out/regimes8" ;;
         *) echo "unknown step $step" ;;
     esac
     cp bench/results/*"$(python -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "_"))')"* "$out/" 2>/dev/null
