@@ -84,10 +84,10 @@ def segcompile_runs(q, k, v, do, S, long_range, scale):
         for args in parts:
             segment_attention_forward(*args, long_range, scale)
 
-    def fwd_bwd():
+    def fwd_bwd():  # as autograd runs them: the backward takes the forward's log-sum-exp
         for args, g in zip(parts, grads):
-            out = segment_attention_forward(*args, long_range, scale)
-            segment_attention_backward(g, out, *args, long_range, scale)
+            out, lse = segment_attention_forward(*args, long_range, scale, return_lse=True)
+            segment_attention_backward(g, out, *args, long_range, scale, lse=lse)
 
     return fwd, fwd_bwd
 

@@ -41,8 +41,8 @@ def check_segment(args, long_range, scale, dtype, seed) -> dict:
     want = segment_attention_reference(*live, long_range, scale)
     grad_out = torch.randn_like(want)
     want.backward(grad_out)
-    got = segment_attention_forward(*args, long_range, scale)
-    grads = segment_attention_backward(grad_out.to(dtype), got, *args, long_range, scale)
+    got, lse = segment_attention_forward(*args, long_range, scale, return_lse=True)
+    grads = segment_attention_backward(grad_out.to(dtype), got, *args, long_range, scale, lse=lse)
     result = {}
     for name, g, w in zip(NAMES, (got, *grads), (want, *[t.grad for t in live[:5]])):
         if w.numel() == 0:

@@ -77,6 +77,8 @@ def resources(kernel: str, tile: dict, head_dim: int, dtype: str, capability: in
     constants = dict(BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], BLOCK_DK=head_dim, BLOCK_DV=head_dim,
                      D_K=head_dim, D_V=head_dim, DOT=getattr(tl, {"bf16": "bfloat16", "fp16": "float16"}[dtype]),
                      PRECISION="tf32")
+    # the autograd path: the forward keeps the log-sum-exp, the dQ kernel takes it
+    constants.update({flag: True for flag in ("STORE_LSE", "LSE_GIVEN") if flag in fn.arg_names})
     sig, attrs = signature(fn, constants, dtype)
     compiled = triton.compile(ASTSource(fn, sig, constants, attrs), target=GPUTarget("cuda", capability, 32),
                               options=dict(num_warps=tile["num_warps"], num_stages=tile["num_stages"]))

@@ -5,7 +5,7 @@ candidate (BLOCK_M, BLOCK_N, warps, stages) of one kernel, the other kernels kee
 ``segcompile.kernels.triton_attention.TILES`` for that head dim:
 
 * ``fwd``: the forward over all N / S segments;
-* ``dq``: the dQ kernel alone (its log-sum-exp pass included), the forward's outputs given;
+* ``dq``: the dQ kernel alone, the forward's output and log-sum-exp given;
 * ``dkdv``: the dK/dV kernel alone (tail and current keys), log-sum-exp and delta given.
 
 Plans none and all for ``fwd`` and ``dq`` (their work grows with history), none for ``dkdv``
@@ -61,12 +61,12 @@ def runners(kernel: str, parts, grads, long_range, scale):
         return lambda: [ta.segment_attention_forward(*a, long_range, scale) for a in parts]
     prepared = []
     for a, g in zip(parts, grads):
-        out = ta.segment_attention_forward(*a, long_range, scale)
+        out, lse = ta.segment_attention_forward(*a, long_range, scale, return_lse=True)
         tensors, s, meta, slots = ta._common(*a, long_range)
-        dq, lse, delta = ta._launch_dq(tensors, s, meta, slots, out, g, scale)
+        _, _, delta = ta._launch_dq(tensors, s, meta, slots, out, g, scale, lse)
         prepared.append((tensors, s, meta, slots, out, g, lse, delta))
-    if kernel == "dq":
-        return lambda: [ta._launch_dq(t, s, m, sl, o, g, scale) for t, s, m, sl, o, g, _, _ in prepared]
+    if kernel == "dq":  # with the forward's log-sum-exp, as autograd runs it
+        return lambda: [ta._launch_dq(t, s, m, sl, o, g, scale, lse) for t, s, m, sl, o, g, lse, _ in prepared]
     return lambda: [ta._launch_dkdv(t, s, m, g, lse, delta, scale, True) for t, s, m, _, _, g, lse, delta in prepared]
 
 

@@ -1,16 +1,18 @@
-"""The ``segcompile::segment_attention`` custom op: the node every attention site becomes.
+"""The ``segcompile::segment_attention`` op: the node every attention site becomes.
 
-It is a ``torch.library`` custom op, so it stays one node under ``torch.export`` and
-``torch.compile``, with a fake (meta) implementation for shape propagation and an autograd
-formula. Its ``impl`` argument names the implementation the ``lower`` pass chose for this
-node, so the graph itself says which kernel runs.
+It stays one node in segcompile's graphs (the passes, the exporters and the visualiser see one
+tensor per attention site), and ``torch.compile`` traces it into ``segment_attention_lse``, a
+``torch.library`` custom op with a fake (meta) implementation for shape propagation and the
+autograd formula. Its ``impl`` argument names the implementation the ``lower`` pass chose for
+this node, so the graph itself says which kernel runs.
 
 Gradient contract (DESIGN.md section 1): q, the current segment's k/v and the tail k/v receive
 gradient; sinks and history never do (no gradient work is spent on them).
 
 Implementations: ``reference`` (PyTorch, any device; its backward differentiates a recomputed
 forward) and ``triton`` (``kernels/triton_attention.py``: CUDA, or the CPU under
-``TRITON_INTERPRET=1``; a dedicated backward kernel that needs the forward's output).
+``TRITON_INTERPRET=1``; a dedicated backward kernel that takes the forward's output and
+log-sum-exp).
 """
 
 from __future__ import annotations
@@ -33,16 +35,24 @@ def _triton_forward(*args):
     return segment_attention_forward(*args)
 
 
-def _triton_backward(grad_out, out, *args, tail_needs_grad):
+def _triton_forward_with_lse(*args):
+    from .kernels.triton_attention import segment_attention_forward
+
+    return segment_attention_forward(*args, return_lse=True)
+
+
+def _triton_backward(grad_out, out, lse, *args, tail_needs_grad):
     from .kernels.triton_attention import segment_attention_backward
 
-    return segment_attention_backward(grad_out, out, *args, tail_needs_grad=tail_needs_grad)
+    return segment_attention_backward(grad_out, out, *args, tail_needs_grad=tail_needs_grad, lse=lse)
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {"reference": segment_attention_reference, "triton": _triton_forward}
 # Implementations with a backward of their own, run as the op below; the others differentiate a
 # recomputed forward.
 BACKWARDS: dict[str, Callable] = {"triton": _triton_backward}
+# Their forwards, returning (output, log-sum-exp) for that backward.
+FORWARDS_WITH_LSE: dict[str, Callable] = {"triton": _triton_forward_with_lse}
 
 _GRAD_INPUTS = 5  # q, k, v, tail_k, tail_v
 
@@ -54,8 +64,28 @@ def implementation(name: str) -> Implementation:
         raise ValueError(f"segment_attention has no implementation {name!r}; known: {sorted(IMPLEMENTATIONS)}") from None
 
 
-@torch.library.custom_op("segcompile::segment_attention", mutates_args=())
-def segment_attention(
+# The node every attention site becomes, with one output. Its kernel is the output of
+# ``segment_attention_lse`` below, the op that carries the autograd formula: implementations with
+# a backward of their own keep the forward's log-sum-exp for it (as aten's
+# ``scaled_dot_product_attention`` is the one-output face of ``_scaled_dot_product_flash_attention``).
+_lib = torch.library.Library("segcompile", "FRAGMENT")
+_lib.define(
+    "segment_attention(Tensor q, Tensor k, Tensor v, Tensor tail_k, Tensor tail_v, Tensor sink_k, Tensor sink_v, "
+    "Tensor hist_k, Tensor hist_v, int[] long_range, float scale, str impl) -> Tensor"
+)
+
+
+@torch.library.impl(_lib, "segment_attention", "CompositeImplicitAutograd")
+def _segment_attention(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale, impl):
+    """Attention of the current segment's queries over [sinks or history | tail | current]."""
+    return segment_attention_lse(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale, impl)[0]
+
+
+segment_attention = torch.ops.segcompile.segment_attention.default
+
+
+@torch.library.custom_op("segcompile::segment_attention_lse", mutates_args=())
+def segment_attention_lse(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -68,20 +98,26 @@ def segment_attention(
     long_range: list[int],
     scale: float,
     impl: str,
-) -> torch.Tensor:
-    """Attention of the current segment's queries over [sinks or history | tail | current]."""
-    return implementation(impl)(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``segment_attention`` and, for an implementation with its own backward, the log-sum-exp of
+    every query row that backward takes (empty for the others)."""
+    if impl in BACKWARDS:
+        return FORWARDS_WITH_LSE[impl](q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale)
+    out = implementation(impl)(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale)
+    return out, q.new_empty(0, dtype=torch.float32)
 
 
-@segment_attention.register_fake
+@segment_attention_lse.register_fake
 def _(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale, impl):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+    rows = q.shape[0] * q.shape[1] * q.shape[2] if impl in BACKWARDS else 0
+    return q.new_empty((*q.shape[:-1], v.shape[-1])), q.new_empty(rows, dtype=torch.float32)
 
 
 @torch.library.custom_op("segcompile::segment_attention_backward", mutates_args=())
 def segment_attention_backward(
     grad_out: torch.Tensor,
     out: torch.Tensor,
+    lse: torch.Tensor,
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -99,7 +135,7 @@ def segment_attention_backward(
     """Gradients into q, k, v, tail_k, tail_v of an implementation with its own backward (the tail's
     are empty when ``tail_needs_grad`` is false). An op of its own so that AOTAutograd traces it as
     one opaque node (a kernel launch cannot run on the fake tensors of a trace)."""
-    grads = BACKWARDS[impl](grad_out, out, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v,
+    grads = BACKWARDS[impl](grad_out, out, lse, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v,
                             long_range, scale, tail_needs_grad=tail_needs_grad)
     inputs = (q, k, v, tail_k, tail_v)
     wanted = (True, True, True, tail_needs_grad, tail_needs_grad)
@@ -112,18 +148,20 @@ def _empty_grad(t: torch.Tensor, wanted: bool) -> torch.Tensor:
 
 
 @segment_attention_backward.register_fake
-def _(grad_out, out, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale, impl, tail_needs_grad):
+def _(grad_out, out, lse, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale, impl, tail_needs_grad):
     return tuple(_empty_grad(t, w) for t, w in zip((q, k, v, tail_k, tail_v), (True, True, True, tail_needs_grad, tail_needs_grad)))
 
 
 def _setup_context(ctx, inputs, output):
     ctx.long_range, ctx.scale, ctx.impl = inputs[9], inputs[10], inputs[11]
-    ctx.save_for_backward(*inputs[:9], *((output,) if ctx.impl in BACKWARDS else ()))
+    out, lse = output
+    ctx.mark_non_differentiable(lse)
+    ctx.save_for_backward(*inputs[:9], *((out, lse) if ctx.impl in BACKWARDS else ()))
     # the backward runs in the forward's autocast state (the engine calls it outside the region)
     ctx.autocast_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else None
 
 
-def _backward(ctx, grad_out):
+def _backward(ctx, grad_out, _grad_lse):
     region = torch.autocast("cuda", dtype=ctx.autocast_dtype) if ctx.autocast_dtype is not None else nullcontext()
     with region:
         grads = _input_grads(ctx, grad_out)
@@ -135,7 +173,7 @@ def _input_grads(ctx, grad_out):
     if ctx.impl in BACKWARDS:
         tail_needs_grad = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         grads = segment_attention_backward(
-            grad_out, saved[9], *saved[:9], ctx.long_range, ctx.scale, ctx.impl, tail_needs_grad
+            grad_out, saved[9], saved[10], *saved[:9], ctx.long_range, ctx.scale, ctx.impl, tail_needs_grad
         )
         computed = (True, True, True, tail_needs_grad, tail_needs_grad)
         return [g if needs and done else None for g, done, needs in zip(grads, computed, ctx.needs_input_grad)]
@@ -149,4 +187,4 @@ def _input_grads(ctx, grad_out):
     return [next(got) if t.requires_grad else None for t in live]
 
 
-segment_attention.register_autograd(_backward, setup_context=_setup_context)
+segment_attention_lse.register_autograd(_backward, setup_context=_setup_context)

@@ -80,17 +80,42 @@ def test_forward_and_gradients_match_the_reference(case):
     want, grad_out, want_grads = reference_and_grads(args, long_range, scale, grad_out_seed=lq)
 
     torch.manual_seed(0)
-    got = segment_attention_forward(*args, list(long_range), scale)
+    got, lse = segment_attention_forward(*args, list(long_range), scale, return_lse=True)
     assert got.shape == want.shape and got.dtype == want.dtype
     assert relative_error(got, want) <= FP32_RTOL
-    grads = segment_attention_backward(grad_out, got, *args, list(long_range), scale)
-    for name, g, w in zip(GRAD_NAMES, grads, want_grads):
-        if T == 0 and name.startswith("tail"):
-            assert g is None
-            continue
-        assert g.shape == w.shape, name
-        assert torch.isfinite(g).all(), name
-        assert relative_error(g, w) <= FP32_RTOL, f"d{name}: {relative_error(g, w):.2e}"
+    assert torch.equal(segment_attention_forward(*args, list(long_range), scale), got)
+    # the backward with the forward's log-sum-exp (the autograd path) and with its own pass
+    for kept in (lse, None):
+        grads = segment_attention_backward(grad_out, got, *args, list(long_range), scale, lse=kept)
+        for name, g, w in zip(GRAD_NAMES, grads, want_grads):
+            if T == 0 and name.startswith("tail"):
+                assert g is None
+                continue
+            assert g.shape == w.shape, name
+            assert torch.isfinite(g).all(), name
+            assert relative_error(g, w) <= FP32_RTOL, f"d{name} (lse {'kept' if kept is not None else 'recomputed'}): {relative_error(g, w):.2e}"
+
+
+def test_kept_log_sum_exp_is_the_reference_softmax_normaliser():
+    # base 2, of the scaled scores: lse * ln 2 is the natural log-sum-exp of scale * q k^T over
+    # each query's visible keys, which the reference's own output pins down
+    B, H, Hk, lq, lk, T, G, P, D, long_range = CASES["full segment, tail, sinks, GQA 2, one long-range head"]
+    args = random_inputs(B, H, Hk, lq, lk, T, G, P, D, long_range, seed=3)
+    q, k, v, tk, tv, sk, sv, hk, hv = args
+    _, lse = segment_attention_forward(*args, list(long_range), D ** -0.5, return_lse=True)
+    group = H // Hk
+    natural = []
+    for b in range(B):
+        for h in range(H):
+            c = h // group
+            prefix = hk[b, list(long_range).index(c)] if c in long_range else sk[b, c]
+            keys = torch.cat([prefix, tk[b, c], k[b, c]])
+            scores = (q[b, h] @ keys.T) * D ** -0.5
+            n_before = prefix.shape[0] + T
+            visible = torch.arange(keys.shape[0])[None, :] < (n_before + torch.arange(lk - lq, lk) + 1)[:, None]
+            natural.append(torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=1))
+    want = torch.cat(natural)
+    assert (lse * torch.log(torch.tensor(2.0)) - want).abs().max() <= 1e-4
 
 
 def test_no_tail_gradient_work_when_the_tail_is_detached():

@@ -93,7 +93,7 @@ def step_module(seg: SegmentedModel, logits: str = "last") -> fx.GraphModule:
                 last = nodes[name] = graph.placeholder(f"layer{site.layer}_{name}")
         new_inputs.append(nodes)
 
-    attention = list(graph.find_nodes(op="call_function", target=segment_attention._opoverload))
+    attention = list(graph.find_nodes(op="call_function", target=segment_attention))
     if len(attention) != len(seg.sites):
         raise ExportError(f"the step graph has {len(attention)} segment_attention nodes for {len(seg.sites)} layers")
     state_out = []

@@ -15,11 +15,10 @@ Decode is the same kernel with a small query block (``Lq`` of 1 or a few tokens)
 Backward (``segment_attention_backward``): gradient flows into q, the current k/v and the tail
 k/v only; no gradient work is spent on the prefix (sinks and history are constants):
 
-* ``_dq_kernel`` (per block of queries): the softmax statistics (log-sum-exp) are recomputed in
-  one pass of ``q k^T`` over the visible keys, then ``dq`` in a second pass. The op has a
-  single output, so the forward's log-sum-exp is not kept (the graph, the exporters and the
-  visualiser see one tensor per attention site); the extra pass costs one of the backward's
-  eight matrix products.
+* ``_dq_kernel`` (per block of queries): ``dq`` in one pass over the visible keys, with the
+  softmax statistics (log-sum-exp) the forward kept (``return_lse``; the autograd path of
+  ``ops.py`` keeps them); without them it first recomputes them in a pass of ``q k^T`` of its
+  own, one matrix product more.
 * ``_dkdv_kernel`` (per block of tail or current keys and KV head): loops over the query heads
   of its GQA group and the query blocks that see it, so no atomics are needed.
 
@@ -110,7 +109,7 @@ def _prefix(SK, SV, HK, HV, Slot, b, kvh,
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, TK, TV, SK, SV, HK, HV, Slot, Out, qk_scale,
+    Q, K, V, TK, TV, SK, SV, HK, HV, Slot, Out, Lse, qk_scale,
     s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
     s_tkb, s_tkh, s_tkn, s_tvb, s_tvh, s_tvn,
     s_skb, s_skh, s_skn, s_svb, s_svh, s_svn,
@@ -118,7 +117,7 @@ def _fwd_kernel(
     s_ob, s_oh, s_om,
     H, GROUP, Lq, Lk, T, G, P,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    D_K: tl.constexpr, D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    D_K: tl.constexpr, D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -157,6 +156,8 @@ def _fwd_kernel(
     out = acc / l_i[:, None]
     tl.store(Out + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_dv[None, :], out.to(Out.dtype.element_ty),
              mask=(offs_m[:, None] < Lq) & (offs_dv[None, :] < D_V))
+    if STORE_LSE:  # base 2, in units of the scaled scores: what the backward's exp2(s - lse) needs
+        tl.store(Lse + bh.to(tl.int64) * Lq + offs_m, m_i + tl.math.log2(l_i), mask=offs_m < Lq)
 
 
 @triton.jit
@@ -230,7 +231,7 @@ def _dq_kernel(
     s_ob, s_oh, s_om, s_dob, s_doh, s_dom, s_dqb, s_dqh, s_dqm,
     H, GROUP, Lq, Lk, T, G, P,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    D_K: tl.constexpr, D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    D_K: tl.constexpr, D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, LSE_GIVEN: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -242,6 +243,7 @@ def _dq_kernel(
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     row_ok = offs_m < Lq
+    row = bh.to(tl.int64) * Lq + offs_m
     q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_dk[None, :],
                 mask=row_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0).to(DOT)
     dv_mask = row_ok[:, None] & (offs_dv[None, :] < D_V)
@@ -261,18 +263,20 @@ def _dq_kernel(
     full_hi = ((first_pos + 1) // BLOCK_N) * BLOCK_N
     diag_hi = tl.minimum(Lk, first_pos + BLOCK_M)
 
-    # pass 1: log-sum-exp (base 2) of every query row
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    m_i, l_i = _softmax_stats(m_i, l_i, q, pk, skn, 0, n_pre, n_pre, q_pos, qk_scale,
-                              True, False, BLOCK_N, BLOCK_DK, D_K, DOT, PRECISION)
-    m_i, l_i = _softmax_stats(m_i, l_i, q, tk, s_tkn, 0, T, T, q_pos, qk_scale,
-                              True, False, BLOCK_N, BLOCK_DK, D_K, DOT, PRECISION)
-    m_i, l_i = _softmax_stats(m_i, l_i, q, ck, s_kn, 0, full_hi, Lk, q_pos, qk_scale,
-                              False, False, BLOCK_N, BLOCK_DK, D_K, DOT, PRECISION)
-    m_i, l_i = _softmax_stats(m_i, l_i, q, ck, s_kn, full_hi, diag_hi, Lk, q_pos, qk_scale,
-                              True, True, BLOCK_N, BLOCK_DK, D_K, DOT, PRECISION)
-    lse = m_i + tl.math.log2(l_i)
+    if LSE_GIVEN:  # kept by the forward
+        lse = tl.load(Lse + row, mask=row_ok, other=float("inf"))
+    else:  # pass 1: log-sum-exp (base 2) of every query row
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        m_i, l_i = _softmax_stats(m_i, l_i, q, pk, skn, 0, n_pre, n_pre, q_pos, qk_scale,
+                                  True, False, BLOCK_N, BLOCK_DK, D_K, DOT, PRECISION)
+        m_i, l_i = _softmax_stats(m_i, l_i, q, tk, s_tkn, 0, T, T, q_pos, qk_scale,
+                                  True, False, BLOCK_N, BLOCK_DK, D_K, DOT, PRECISION)
+        m_i, l_i = _softmax_stats(m_i, l_i, q, ck, s_kn, 0, full_hi, Lk, q_pos, qk_scale,
+                                  False, False, BLOCK_N, BLOCK_DK, D_K, DOT, PRECISION)
+        m_i, l_i = _softmax_stats(m_i, l_i, q, ck, s_kn, full_hi, diag_hi, Lk, q_pos, qk_scale,
+                                  True, True, BLOCK_N, BLOCK_DK, D_K, DOT, PRECISION)
+        lse = m_i + tl.math.log2(l_i)
     lse = tl.where(row_ok, lse, float("inf"))  # rows past Lq: p = 0 in every later product
 
     # pass 2: dq
@@ -288,8 +292,8 @@ def _dq_kernel(
 
     tl.store(dQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_dk[None, :],
              (dq * sm_scale).to(dQ.dtype.element_ty), mask=row_ok[:, None] & (offs_dk[None, :] < D_K))
-    row = bh.to(tl.int64) * Lq + offs_m
-    tl.store(Lse + row, lse, mask=row_ok)
+    if not LSE_GIVEN:
+        tl.store(Lse + row, lse, mask=row_ok)
     tl.store(Delta + row, delta, mask=row_ok)
 
 
@@ -465,52 +469,61 @@ def _common(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
     return tensors, shape, meta, _slots(tuple(long_range), hk, q.device)
 
 
-def segment_attention_forward(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale):
-    """Triton forward; same arguments and result as ``segment_attention_reference``."""
+def segment_attention_forward(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale,
+                              return_lse: bool = False):
+    """Triton forward; same arguments and result as ``segment_attention_reference``. With
+    ``return_lse``: ``(out, lse)``, the log-sum-exp of every query row (base 2, of the scaled
+    scores; ``[B * H * Lq]`` fp32), which the backward then need not recompute."""
     (q_, k_, v_, tk, tv, sk, sv, hk_, hv), s, meta, slots = _common(
         q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range
     )
     out = torch.empty(s["B"], s["H"], s["Lq"], s["D_V"], dtype=q.dtype, device=q.device)
+    lse = torch.empty(s["B"] * s["H"] * s["Lq"] if return_lse else 1, dtype=torch.float32, device=q.device)
     blocks = _blocks("fwd", s["D_K"], s["Lq"])
     grid = (triton.cdiv(s["Lq"], blocks["BLOCK_M"]), s["B"] * s["H"])
     _fwd_kernel[grid](
-        q_, k_, v_, tk, tv, sk, sv, hk_, hv, slots, out, scale * _LOG2E,
+        q_, k_, v_, tk, tv, sk, sv, hk_, hv, slots, out, lse, scale * _LOG2E,
         *_strides(q_), *_strides(k_), *_strides(v_), *_strides(tk), *_strides(tv),
         *_strides(sk), *_strides(sv), *_strides(hk_), *_strides(hv), *_strides(out),
         s["H"], s["GROUP"], s["Lq"], s["Lk"], s["T"], s["G"], s["P"],
-        BLOCK_DK=s["BLOCK_DK"], BLOCK_DV=s["BLOCK_DV"], D_K=s["D_K"], D_V=s["D_V"], **meta, **blocks,
+        BLOCK_DK=s["BLOCK_DK"], BLOCK_DV=s["BLOCK_DV"], D_K=s["D_K"], D_V=s["D_V"], STORE_LSE=return_lse,
+        **meta, **blocks,
     )
-    return out
+    return (out, lse) if return_lse else out
 
 
 def segment_attention_backward(grad_out, out, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v,
-                               long_range, scale, tail_needs_grad: bool = True):
+                               long_range, scale, tail_needs_grad: bool = True, lse: torch.Tensor | None = None):
     """Gradients ``(dq, dk, dv, dtail_k, dtail_v)`` of ``segment_attention``; the tail's are
-    ``None`` when ``tail_needs_grad`` is false (no work is done for them)."""
+    ``None`` when ``tail_needs_grad`` is false (no work is done for them). ``lse``: the forward's
+    (``return_lse``); without it the dQ kernel recomputes it in a pass of its own."""
     tensors, s, meta, slots = _common(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
     do = _usable(grad_out)
-    dq, lse, delta = _launch_dq(tensors, s, meta, slots, _usable(out), do, scale)
+    dq, lse, delta = _launch_dq(tensors, s, meta, slots, _usable(out), do, scale, lse)
     dk, dv, dtk, dtv = _launch_dkdv(tensors, s, meta, do, lse, delta, scale, tail_needs_grad and s["T"] > 0)
     # each gradient in its input's dtype (they differ from the kernels' when _common widened one)
     dtk, dtv = (None, None) if dtk is None else (dtk.to(tail_k.dtype), dtv.to(tail_v.dtype))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dtk, dtv
 
 
-def _launch_dq(tensors, s, meta, slots, o, do, scale):
-    """dq, with the log-sum-exp and ``delta = rowsum(o * do)`` of every query row for dK/dV."""
+def _launch_dq(tensors, s, meta, slots, o, do, scale, lse=None):
+    """dq, with the log-sum-exp (computed unless given) and ``delta = rowsum(o * do)`` of every
+    query row, for dK/dV."""
     q_, k_, v_, tk, tv, sk, sv, hk_, hv = tensors
     blocks = _blocks("dq", s["D_K"], s["Lq"])
     B, H, lq = s["B"], s["H"], s["Lq"]
     dq = q_.new_empty(B, H, lq, s["D_K"])
-    lse = torch.empty(B * H * lq, dtype=torch.float32, device=q_.device)
-    delta = torch.empty_like(lse)
+    given = lse is not None
+    lse = lse if given else torch.empty(B * H * lq, dtype=torch.float32, device=q_.device)
+    delta = torch.empty(B * H * lq, dtype=torch.float32, device=q_.device)
     _dq_kernel[(triton.cdiv(lq, blocks["BLOCK_M"]), B * H)](
         q_, k_, v_, tk, tv, sk, sv, hk_, hv, slots, o, do, dq, lse, delta, scale * _LOG2E, scale,
         *_strides(q_), *_strides(k_), *_strides(v_), *_strides(tk), *_strides(tv),
         *_strides(sk), *_strides(sv), *_strides(hk_), *_strides(hv),
         *_strides(o), *_strides(do), *_strides(dq),
         H, s["GROUP"], lq, s["Lk"], s["T"], s["G"], s["P"],
-        BLOCK_DK=s["BLOCK_DK"], BLOCK_DV=s["BLOCK_DV"], D_K=s["D_K"], D_V=s["D_V"], **meta, **blocks,
+        BLOCK_DK=s["BLOCK_DK"], BLOCK_DV=s["BLOCK_DV"], D_K=s["D_K"], D_V=s["D_V"], LSE_GIVEN=given,
+        **meta, **blocks,
     )
     return dq, lse, delta
 

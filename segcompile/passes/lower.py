@@ -63,7 +63,7 @@ def lower(gm: fx.GraphModule) -> fx.GraphModule:
     device = gm.meta["segcompile.capture"].device
     requested = gm.meta.get("segcompile.implementation", "auto")
     chosen = {}
-    for node in gm.graph.find_nodes(op="call_function", target=segment_attention._opoverload):
+    for node in gm.graph.find_nodes(op="call_function", target=segment_attention):
         site = node.meta["segcompile.attention"]
         impl = choose_implementation(requested, device, site)
         node.update_kwarg("impl", impl)

@@ -59,7 +59,7 @@ def segment_loop(gm: fx.GraphModule) -> fx.GraphModule:
             cur_k = graph.call_function(aten.cat.default, ([past_k, site.k], 2))
             cur_v = graph.call_function(aten.cat.default, ([past_v, site.v], 2))
             attn = graph.call_function(
-                segment_attention._opoverload,
+                segment_attention,
                 (site.q, cur_k, cur_v, st["tail_k"], st["tail_v"], st["sink_k"], st["sink_v"], st["hist_k"], st["hist_v"]),
                 {"long_range": list(site.long_range), "scale": site.scale, "impl": "reference"},
             )
