@@ -35,13 +35,18 @@ from segcompile.kernels.triton_attention import segment_attention_backward, segm
 PLANS = {"none": 0.0, "fraction(0.25)": 0.25, "all": 1.0}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_shape_arguments(p: argparse.ArgumentParser) -> None:
+    """The benchmark shape (also ``tune_kernels.py``'s): B=1, N, S = T, H query heads, Hk KV heads, D."""
     p.add_argument("--seq-len", type=int, default=32768)
     p.add_argument("--segment-len", type=int, default=4096)
     p.add_argument("--heads", type=int, default=32)
     p.add_argument("--kv-heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=128)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_shape_arguments(p)
     p.add_argument("--plans", nargs="+", default=list(PLANS))
     p.add_argument("--peers", nargs="+", default=["segcompile", "flex", "sdpa"])
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")

@@ -30,7 +30,7 @@ import triton
 from segcompile.kernels import triton_attention as ta
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_kernel import long_range_heads, segments  # noqa: E402
+from bench_kernel import add_shape_arguments, long_range_heads, segments  # noqa: E402
 
 CANDIDATES = {
     "fwd": [(128, 64, 8, 3), (128, 64, 4, 3), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 8, 4),
@@ -45,11 +45,7 @@ PLANS = {"fwd": ["none", "all"], "dq": ["none", "all"], "dkdv": ["none"]}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--seq-len", type=int, default=32768)
-    p.add_argument("--segment-len", type=int, default=4096)
-    p.add_argument("--heads", type=int, default=32)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--head-dim", type=int, default=128)
+    add_shape_arguments(p)
     p.add_argument("--kernels", nargs="+", default=list(CANDIDATES))
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     return p.parse_args(argv)
