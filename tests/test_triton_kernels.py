@@ -222,3 +222,23 @@ def test_tail_and_current_values_in_different_dtypes():
     for name, g, w, a in zip(GRAD_NAMES, grads, want_grads, args):
         assert g.dtype == a.dtype, name
         assert relative_error(g, w) <= (1e-2 if a.dtype == torch.bfloat16 else FP32_RTOL), name
+
+
+def test_token_major_constants_and_tail_as_compiled_steps_pass_them():
+    # SegmentedModel.compile keeps sinks, tail and history token-major ([entries, B, heads, D] in
+    # memory, strides (H*D, D, B*H*D, 1)); the kernels read them through their strides
+    B, H, Hk, lq, T, G, P, D, long_range = 2, 4, 2, 12, 9, 3, 21, 16, (1,)
+    args = random_inputs(B, H, Hk, lq, lq, T, G, P, D, long_range, seed=13)
+
+    def token_major(t):
+        return t.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
+
+    for i in (3, 4, 5, 6, 7, 8):
+        args[i] = token_major(args[i])
+        assert args[i].stride() == (args[i].shape[1] * D, D, args[i].shape[0] * args[i].shape[1] * D, 1)
+    want, grad_out, want_grads = reference_and_grads(args, long_range, D ** -0.5, grad_out_seed=14)
+    got, lse = segment_attention_forward(*args, list(long_range), D ** -0.5, return_lse=True)
+    assert relative_error(got, want) <= FP32_RTOL
+    grads = segment_attention_backward(grad_out, got, *args, list(long_range), D ** -0.5, lse=lse)
+    for name, g, w in zip(GRAD_NAMES, grads, want_grads):
+        assert relative_error(g, w) <= FP32_RTOL, name
