@@ -18,6 +18,7 @@ forward+backward beyond what was held before it, from the profiler's memory even
 
     python bench/tbptt_regimes.py                  # GPU defaults: 4 layers, hidden 256, N=2048, S=256
     python bench/tbptt_regimes.py --cpu-defaults   # a run that learns on a CPU, ~11 min (CPU_DEFAULTS)
+    python bench/tbptt_regimes.py --cpu-defaults --device cuda   # the same on a GPU: ~2.5 min on an H200
     python bench/tbptt_regimes.py --quick          # CPU smoke test, well under a minute
 
 Writes ``results/tbptt_regimes-<device>.json`` (config, per-regime accuracy by distance, memory,
