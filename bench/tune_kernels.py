@@ -51,16 +51,22 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def runners(kernel: str, parts, grads, long_range, scale):
-    """A function running ``kernel`` once over every segment, with its inputs computed beforehand."""
-    if kernel == "fwd":
-        return lambda: [ta.segment_attention_forward(*a, long_range, scale) for a in parts]
+def prepare(parts, grads, long_range, scale) -> list:
+    """Per segment, what the backward kernels take: the forward's output and log-sum-exp, and
+    delta (computed once per plan, with the table's tiles)."""
     prepared = []
     for a, g in zip(parts, grads):
         out, lse = ta.segment_attention_forward(*a, long_range, scale, return_lse=True)
         tensors, s, meta, slots = ta._common(*a, long_range)
         _, _, delta = ta._launch_dq(tensors, s, meta, slots, out, g, scale, lse)
         prepared.append((tensors, s, meta, slots, out, g, lse, delta))
+    return prepared
+
+
+def runner(kernel: str, parts, prepared, long_range, scale):
+    """A function running ``kernel`` once over every segment, on inputs computed beforehand."""
+    if kernel == "fwd":
+        return lambda: [ta.segment_attention_forward(*a, long_range, scale) for a in parts]
     if kernel == "dq":  # with the forward's log-sum-exp, as autograd runs it
         return lambda: [ta._launch_dq(t, s, m, sl, o, g, scale, lse) for t, s, m, sl, o, g, lse, _ in prepared]
     return lambda: [ta._launch_dkdv(t, s, m, g, lse, delta, scale, True) for t, s, m, _, _, g, lse, delta in prepared]
@@ -76,17 +82,19 @@ def main(argv=None):
     grads = [do[:, :, a : a + S] for a in range(0, N, S)]
     defaults = copy.deepcopy(ta.TILES)
     bucket = min(b for b in ta.TILES["fwd"] if b >= ta._block_d(D))
-    rows, best = [], {}
+    rows = []
     for kernel in args.kernels:
         for plan in PLANS[kernel]:
             long_range = long_range_heads(plan, hk)
             parts = list(segments(q, k, v, S, long_range))
+            ta.TILES.update(copy.deepcopy(defaults))
+            prepared = prepare(parts, grads, long_range, scale) if kernel != "fwd" else None
             for m, n, w, st in CANDIDATES[kernel]:
                 ta.TILES.update(copy.deepcopy(defaults))
                 ta.TILES[kernel][bucket] = (m, n, w, st)
                 row = dict(kernel=kernel, plan=plan, block_m=m, block_n=n, warps=w, stages=st)
                 try:
-                    fn = runners(kernel, parts, grads, long_range, scale)
+                    fn = runner(kernel, parts, prepared, long_range, scale)
                     fn()
                     torch.cuda.synchronize()
                     row["ms"] = triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median")
@@ -104,11 +112,11 @@ def report(args, rows):
     for kernel in args.kernels:
         timed = [r for r in rows if r["kernel"] == kernel and "ms" in r]
         totals: dict[tuple, float] = {}
+        counts: dict[tuple, int] = {}
         for r in timed:
             key = (r["block_m"], r["block_n"], r["warps"], r["stages"])
             totals[key] = totals.get(key, 0.0) + r["ms"]
-        counts = {key: sum(1 for r in timed if (r["block_m"], r["block_n"], r["warps"], r["stages"]) == key)
-                  for key in totals}
+            counts[key] = counts.get(key, 0) + 1
         complete = {key: t for key, t in totals.items() if counts[key] == len(PLANS[kernel])}
         print(f"\n{kernel}: ms summed over plans {PLANS[kernel]} (M, N, warps, stages)")
         for key, t in sorted(complete.items(), key=lambda kv: kv[1]):
