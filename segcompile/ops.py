@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import nullcontext
+from typing import NamedTuple
 
 import torch
 
@@ -48,11 +49,16 @@ def _triton_backward(grad_out, out, lse, *args, tail_needs_grad):
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {"reference": segment_attention_reference, "triton": _triton_forward}
-# Implementations with a backward of their own, run as the op below; the others differentiate a
-# recomputed forward.
-BACKWARDS: dict[str, Callable] = {"triton": _triton_backward}
-# Their forwards, returning (output, log-sum-exp) for that backward.
-FORWARDS_WITH_LSE: dict[str, Callable] = {"triton": _triton_forward_with_lse}
+class OwnBackward(NamedTuple):
+    """An implementation's backward (run as the op below) and the forward that keeps what it
+    takes: ``(output, log-sum-exp)``."""
+
+    forward_with_lse: Callable
+    backward: Callable
+
+
+# Implementations with a backward of their own; the others differentiate a recomputed forward.
+BACKWARDS: dict[str, OwnBackward] = {"triton": OwnBackward(_triton_forward_with_lse, _triton_backward)}
 
 _GRAD_INPUTS = 5  # q, k, v, tail_k, tail_v
 
@@ -102,7 +108,7 @@ def segment_attention_lse(
     """``segment_attention`` and, for an implementation with its own backward, the log-sum-exp of
     every query row that backward takes (empty for the others)."""
     if impl in BACKWARDS:
-        return FORWARDS_WITH_LSE[impl](q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale)
+        return BACKWARDS[impl].forward_with_lse(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale)
     out = implementation(impl)(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale)
     return out, q.new_empty(0, dtype=torch.float32)
 
@@ -135,8 +141,8 @@ def segment_attention_backward(
     """Gradients into q, k, v, tail_k, tail_v of an implementation with its own backward (the tail's
     are empty when ``tail_needs_grad`` is false). An op of its own so that AOTAutograd traces it as
     one opaque node (a kernel launch cannot run on the fake tensors of a trace)."""
-    grads = BACKWARDS[impl](grad_out, out, lse, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v,
-                            long_range, scale, tail_needs_grad=tail_needs_grad)
+    grads = BACKWARDS[impl].backward(grad_out, out, lse, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v,
+                                     long_range, scale, tail_needs_grad=tail_needs_grad)
     inputs = (q, k, v, tail_k, tail_v)
     wanted = (True, True, True, tail_needs_grad, tail_needs_grad)
     return tuple(g if g is not None else _empty_grad(t, w) for g, t, w in zip(grads, inputs, wanted))
