@@ -101,12 +101,8 @@ def resolved(plan: sc.HeadPlan, kv: list[int]) -> dict[str, list[int]]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
-    try:
+    with regimes.torch_threads(args.threads):
         return run(args, argv)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run(args, argv) -> dict:

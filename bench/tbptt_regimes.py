@@ -75,6 +75,7 @@ How the CPU settings were found (full attention first, then the segmented regime
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
@@ -307,15 +308,22 @@ def evaluate(logits_of, eval_set, args, device) -> dict:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
     # --quick, --cpu-defaults: these tensors are too small to split: one thread is as fast, and it
     # does not collapse (measured 12 ms vs 400-600 ms a step) when another process holds one of two cores.
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return run(args, argv)
-    finally:
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """torch's CPU threads set to ``threads`` (None: left as they are) inside, restored after."""
+    before = torch.get_num_threads()
+    if threads is not None:
         torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def held_out_set(args, vocab) -> list:
