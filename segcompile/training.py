@@ -70,8 +70,10 @@ def _run_segments(seg, input_ids, labels, params, labelled, denominator, checkpo
         if carries_gradient:
             state, tail_inputs = _tails_as_leaves(state)
         leaves, state = seg.run_step(state, chunk, checkpoint=checkpoint)
-        loss = span_loss(seg.logits_of(leaves), labels, start) / denominator
-        total += loss.detach().double()
+        logits = seg.logits_of(leaves)
+        del leaves
+        loss, logits_grad = _loss_and_its_gradient(logits, labels, start, denominator)
+        total += loss
         segment = _LiveSegment(tail_inputs, _tail_outputs(state, S, T) if carries_gradient else [])
         if state.position % S == 0:
             state = seg.end_segment(state)
@@ -79,13 +81,26 @@ def _run_segments(seg, input_ids, labels, params, labelled, denominator, checkpo
         # A segment without label tokens has l_s = 0: no gradient starts from it (its graph is
         # still kept, as later segments' losses reach it through their tails).
         has_labels = bool(labelled[start : start + S].any())
-        grads = _backward([loss], [None], params, tail_inputs, retain=carries_gradient) if has_labels else None
+        grads = _backward([logits], [logits_grad], params, tail_inputs, retain=carries_gradient) if has_labels else None
+        del logits, logits_grad
         for depth, older in enumerate(reversed(live), start=1):
             if depth > K or grads is None:
                 break
             grads = _backward(older.tail_outputs, grads, params, older.tail_inputs if depth < K else [], retain=depth < K)
         live.append(segment)
     return total
+
+
+def _loss_and_its_gradient(logits, labels, start: int, denominator):
+    """The segment's loss (fp64, detached) and its gradient on ``logits``.
+
+    The loss is differentiated on its own graph, which is freed at once: the segment's graph is
+    retained for the deeper TBPTT passes, and would otherwise keep the loss's fp32 log-softmax
+    (positions x vocabulary) alive with it, though no later pass reads it."""
+    detached = logits.detach().requires_grad_()
+    loss = span_loss(detached, labels, start) / denominator
+    (grad,) = torch.autograd.grad(loss, detached)
+    return loss.detach().double(), grad
 
 
 def _tails_as_leaves(state):
