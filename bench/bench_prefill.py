@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import linecache
 import sys
 import time
 from pathlib import Path
@@ -32,6 +31,9 @@ import torch
 import transformers
 
 import segcompile as sc
+
+sys.path.insert(0, str(Path(__file__).parent))
+import memory_trace  # noqa: E402
 
 GiB = 1 << 30
 
@@ -121,55 +123,8 @@ def main(argv=None):
                 rows.append(row)
                 print(row, flush=True)
         if args.memory_snapshot is not None:
-            snapshot(lambda: seg.prefill(ids), args.memory_snapshot)
+            memory_trace.record(lambda: seg.prefill(ids), args.memory_snapshot)
     report(args, rows, weights, transform_s, seg)
-
-
-def snapshot(fn, path: Path) -> None:
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.memory._record_memory_history(max_entries=200_000, stacks="python")
-    try:
-        kept = fn()
-        torch.cuda.synchronize()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.cuda.memory._dump_snapshot(str(path))
-        trace = torch.cuda.memory._snapshot()["device_traces"][torch.cuda.current_device()]
-        del kept
-    finally:
-        torch.cuda.memory._record_memory_history(enabled=None)
-    print(f"wrote {path}")
-    print_peak(trace)
-
-
-def print_peak(trace, top: int = 15) -> None:
-    """Replay the allocator's trace; print what was alive at its peak, by the line that allocated it."""
-    live, peak, at_peak, now = {}, 0, {}, 0
-    for event in trace:
-        if event["action"] == "alloc":
-            live[event["addr"]] = event
-            now += event["size"]
-            if now > peak:
-                peak, at_peak = now, dict(live)
-        elif event["action"] == "free_requested" and event["addr"] in live:
-            now -= live.pop(event["addr"])["size"]
-    by_site: dict[str, list[int]] = {}
-    for event in at_peak.values():
-        site = _allocating_line(event.get("frames", []))
-        by_site.setdefault(site, []).append(event["size"])
-    print(f"alive at the peak of the recorded prefill: {peak / GiB:.3f} GiB in {len(at_peak)} blocks")
-    for site, sizes in sorted(by_site.items(), key=lambda kv: -sum(kv[1]))[:top]:
-        print(f"  {sum(sizes) / GiB:8.3f} GiB  {len(sizes):5d} blocks  {site}")
-
-
-def _allocating_line(frames) -> str:
-    for frame in frames:  # innermost first: the first frame of the step graph's, this project's or the model's code
-        name, line = frame.get("filename", ""), frame.get("line")
-        if name.startswith("<eval_with_key"):  # FX's generated code; its source is in linecache
-            return f"step graph: {linecache.getline(name, line).strip()[:100]}"
-        if any(part in name for part in ("segcompile", "transformers", "bench_")):
-            return f"{name.split('site-packages/')[-1]}:{line} {frame.get('name')}"
-    return "(no Python frame)"
 
 
 def report(args, rows, weights, transform_s, seg):

@@ -32,6 +32,9 @@ import transformers
 
 import segcompile as sc
 
+sys.path.insert(0, str(Path(__file__).parent))
+import memory_trace  # noqa: E402
+
 GiB = 1 << 30
 
 
@@ -49,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--regimes", nargs="+", default=["segcompile", "segcompile+ckpt", "full", "full+ckpt"])
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--memory-snapshot", type=Path, default=None, metavar="FILE",
+                   help="also record the allocator's history of one segcompile step at the largest N, write it to "
+                        "FILE and print what is alive at its peak")
     return p.parse_args(argv)
 
 
@@ -114,6 +120,21 @@ def run_regime(regime, model, seg, n, args) -> dict:
         torch.cuda.empty_cache()
 
 
+def snapshot_step(model, seg, n, args) -> None:
+    """One segcompile step at ``n`` tokens (after a warm-up step) under the allocation recorder."""
+    ids = torch.randint(0, args.vocab, (1, n), device="cuda", generator=torch.Generator("cuda").manual_seed(n))
+    model.train()
+
+    def step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            seg.tbptt_backward(ids)
+
+    step()
+    model.zero_grad(set_to_none=True)
+    memory_trace.record(step, args.memory_snapshot)
+    model.zero_grad(set_to_none=True)
+
+
 def fit_slope(points: list[tuple[int, float]]) -> float:
     """Least-squares bytes per token of peak memory against N."""
     xs, ys = [p[0] for p in points], [p[1] * GiB for p in points]
@@ -141,6 +162,9 @@ def main(argv=None):
             result = run_regime(regime, model, seg, n, args)
             rows.append({"regime": regime, "seq_len": n, **result})
             print(json.dumps(rows[-1]), flush=True)
+
+    if args.memory_snapshot is not None:
+        snapshot_step(model, seg, max(args.seq_lens), args)
 
     seg_points = [(r["seq_len"], r["peak_gib"]) for r in rows if r["regime"] == "segcompile" and "oom" not in r]
     slope = fit_slope(seg_points) if len(seg_points) >= 2 else None
