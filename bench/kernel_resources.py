@@ -75,8 +75,8 @@ def ptxas_report(ptx: str, arch: str) -> dict:
 def resources(kernel: str, tile: dict, head_dim: int, dtype: str, capability: int) -> dict:
     fn = KERNELS[kernel]
     constants = dict(BLOCK_M=tile["BLOCK_M"], BLOCK_N=tile["BLOCK_N"], BLOCK_DK=head_dim, BLOCK_DV=head_dim,
-                     D_K=head_dim, D_V=head_dim, DOT=getattr(tl, {"bf16": "bfloat16", "fp16": "float16"}[dtype]),
-                     PRECISION="tf32")
+                     D_K=head_dim, D_V=head_dim, DOT=getattr(tl, {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[dtype]),
+                     PRECISION="ieee" if dtype == "fp32" else "tf32")
     # the autograd path: the forward keeps the log-sum-exp, the dQ kernel takes it
     constants.update({flag: True for flag in ("STORE_LSE", "LSE_GIVEN") if flag in fn.arg_names})
     sig, attrs = signature(fn, constants, dtype)
@@ -90,11 +90,11 @@ def resources(kernel: str, tile: dict, head_dim: int, dtype: str, capability: in
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--head-dim", type=int, default=128)
-    p.add_argument("--dtype", choices=["bf16", "fp16"], default="bf16")
+    p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--capability", type=int, default=90)
     p.add_argument("--tile", nargs=5, action="append", default=[], metavar=("KERNEL", "M", "N", "WARPS", "STAGES"))
     args = p.parse_args(argv)
-    tiles = [(name, ta._blocks(name, args.head_dim, 4096)) for name in KERNELS]
+    tiles = [(name, ta._blocks(name, args.head_dim, 4096, wide=args.dtype == "fp32")) for name in KERNELS]
     tiles += [(k, dict(BLOCK_M=int(m), BLOCK_N=int(n), num_warps=int(w), num_stages=int(s))) for k, m, n, w, s in args.tile]
     print(f"{'kernel':6} {'M x N':>9} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>8} {'stack B':>8} "
           f"{'smem KB':>8} {'wgmma':>6}")

@@ -91,16 +91,24 @@ def _run_segments(seg, input_ids, labels, params, labelled, denominator, checkpo
     return total
 
 
-def _loss_and_its_gradient(logits, labels, start: int, denominator):
+def _loss_and_its_gradient(logits, labels, start: int, denominator, elements_per_piece: int = 1 << 24):
     """The segment's loss (fp64, detached) and its gradient on ``logits``.
 
-    The loss is differentiated on its own graph, which is freed at once: the segment's graph is
-    retained for the deeper TBPTT passes, and would otherwise keep the loss's fp32 log-softmax
-    (positions x vocabulary) alive with it, though no later pass reads it."""
-    detached = logits.detach().requires_grad_()
-    loss = span_loss(detached, labels, start) / denominator
-    (grad,) = torch.autograd.grad(loss, detached)
-    return loss.detach().double(), grad
+    The loss is differentiated on graphs of its own, freed at once: the segment's graph is kept
+    for the deeper TBPTT passes and would otherwise keep the loss's fp32 log-softmax (positions x
+    vocabulary) alive with it. It is taken over pieces of positions, so that the fp32 copies of
+    the logits exist for one piece at a time (at a 128K vocabulary, ~128 positions; rows of a
+    causal-LM loss are independent, so the gradient is unchanged)."""
+    detached = logits.detach()
+    grad = torch.empty_like(detached)
+    loss = torch.zeros((), dtype=torch.float64, device=logits.device)
+    rows = max(1, elements_per_piece // max(1, detached.shape[0] * detached.shape[-1]))
+    for lo in range(0, detached.shape[1], rows):
+        piece = detached[:, lo : lo + rows].detach().requires_grad_()
+        piece_loss = span_loss(piece, labels, start + lo) / denominator
+        (grad[:, lo : lo + rows],) = torch.autograd.grad(piece_loss, piece)
+        loss += piece_loss.detach().double()
+    return loss, grad
 
 
 def _tails_as_leaves(state):

@@ -94,6 +94,24 @@ def test_ignored_labels_and_sum_reduction():
     check_against_oracle("llama", cfg, ids, labels, reduction="mean")
 
 
+def test_loss_taken_in_pieces_of_positions_gives_the_oracle_gradients(monkeypatch):
+    """Segments' losses over pieces of 3 positions (not dividing S), some labels ignored: what a
+    large vocabulary gives (a piece holds 2**24 logits); pieces of the tiny models would be whole."""
+    import segcompile.training as training
+
+    whole = training._loss_and_its_gradient
+
+    def in_pieces(logits, *args):
+        return whole(*(logits, *args), elements_per_piece=3 * logits.shape[0] * logits.shape[-1])
+
+    monkeypatch.setattr(training, "_loss_and_its_gradient", in_pieces)
+    ids = random_ids(2, N, seed=4)
+    labels = ids.clone()
+    labels[0, 3:9] = IGNORE_INDEX
+    cfg = sc.SegmentConfig(S, tail_len=S // 2, long_range=sc.HeadPlan.fraction(0.5), tbptt_k=1)
+    check_against_oracle("llama", cfg, ids, labels, reduction="mean")
+
+
 def test_gradients_accumulate_like_backward():
     model, graph = captured("llama", dtype=torch.float64)
     cfg = sc.SegmentConfig(S, long_range=sc.HeadPlan.fraction(0.5), tbptt_k=1)
