@@ -279,7 +279,9 @@ class SegmentedModel(torch.nn.Module):
                 moved[f"current_{kv}"] = current[:, :, :0]
                 sinks = getattr(layer, f"sink_{kv}").to(constant)
                 if sinks.shape[2] < G:
-                    sinks = torch.cat([sinks, leaving.to(constant)], dim=2)[:, :, :G]
+                    # only the entries the sinks take: a slice of the whole concatenation would keep
+                    # every leaving entry alive with them (a segment's K/V a layer, for good)
+                    sinks = torch.cat([sinks, leaving[:, :, : G - sinks.shape[2]].to(constant)], dim=2)
                 moved[f"sink_{kv}"] = sinks
                 if site.long_range:
                     index = _head_index(tuple(site.long_range), leaving.device)
