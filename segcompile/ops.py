@@ -13,6 +13,8 @@ Implementations: ``reference`` (PyTorch, any device; its backward differentiates
 forward) and ``triton`` (``kernels/triton_attention.py``: CUDA, or the CPU under
 ``TRITON_INTERPRET=1``; a dedicated backward kernel that takes the forward's output and
 log-sum-exp).
+
+``segcompile::release_storage`` (at the end) frees the old tails of a prefill step once they are read.
 """
 
 from __future__ import annotations
@@ -194,3 +196,18 @@ def _input_grads(ctx, grad_out):
 
 
 segment_attention_lse.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ``segcompile::release_storage``: frees a tensor's memory whatever still refers to it, as FSDP frees
+# unsharded parameters (``passes/release_tails.py`` puts it after the last reader of a prefill step's
+# old tails). A custom op with a mutable schema rather than a plain function: FX's dead-code
+# elimination, and any pass after it, see from the schema alone that the node, which has no users,
+# does something; and the graph names it as it names segment_attention. No fake implementation: the
+# graphs that hold it run eagerly only (compiled steps never free anything).
+@torch.library.custom_op("segcompile::release_storage", mutates_args=("t",))
+def _release_storage(t: torch.Tensor) -> None:
+    """Free ``t``'s storage; ``t`` (and every view of its storage) must never be read again."""
+    t.untyped_storage().resize_(0)
+
+
+release_storage = torch.ops.segcompile.release_storage.default

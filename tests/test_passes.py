@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 
 import pytest
 import torch
+import torch.fx as fx
 from conftest import ALL_MODELS, captured, make_model, max_abs, random_ids
 
 import segcompile as sc
 from segcompile.passes import copy_captured, find_attention
+from segcompile.passes.release_tails import release_tails
 
 aten = torch.ops.aten
 SEGMENT_ATTENTION = torch.ops.segcompile.segment_attention.default
+RELEASE_STORAGE = torch.ops.segcompile.release_storage.default
 FULL_ATTENTION_OPS = {aten.scaled_dot_product_attention.default, torch.ops.segcompile.scaled_dot_product_attention.default,
                       aten.softmax.int, aten._softmax.default, aten.matmul.default, aten.bmm.default}
 
@@ -109,6 +113,37 @@ def test_step_graph_inputs_and_outputs_are_the_carried_state(llama):
     outputs = seg.step_graph.graph.output_node().args[0]
     assert len(outputs) == 1 + 2 * 2  # logits, then current K/V of each layer
 
+
+
+def test_release_tails_frees_each_tail_right_after_its_layers_attention(llama):
+    seg = sc.transform(llama[1], sc.SegmentConfig(8, tail_len=3))
+    gm = seg._prefill_graph()
+    out = release_tails(gm)
+    assert RELEASE_STORAGE not in call_targets(gm)  # the graph it was given is left as it was
+    assert out.meta["segcompile.released"] == [(l, name) for l in range(2) for name in ("tail_k", "tail_v")]
+    nodes = list(out.graph.nodes)
+    releases = out.graph.find_nodes(op="call_function", target=RELEASE_STORAGE)
+    assert [n.args[0].name for n in releases] == [f"layer{l}_{name}" for l in range(2) for name in ("tail_k", "tail_v")]
+    for node in releases:
+        (tail,) = node.args
+        reader = next(n for n in reversed(nodes[: nodes.index(node)]) if n.target is not RELEASE_STORAGE)
+        assert reader.target is SEGMENT_ATTENTION and tail in reader.args, node  # right after its reader
+        assert set(tail.users) == {reader, node}
+    assert [n.target for n in nodes if n.target is not RELEASE_STORAGE] == [n.target for n in gm.graph.nodes]
+
+
+def test_release_tails_leaves_a_tail_that_another_node_reads(llama):
+    # A view of the tail could reach an output: only segment_attention's readers are known not to.
+    seg = sc.transform(llama[1], sc.SegmentConfig(8, tail_len=3))
+    gm = fx.GraphModule(seg.step_graph, copy.deepcopy(seg.step_graph.graph))
+    gm.meta.update(seg.step_graph.meta)
+    tail = next(n for n in gm.graph.nodes if n.name == "layer1_tail_k")
+    output = gm.graph.output_node()
+    with gm.graph.inserting_before(output):
+        view = gm.graph.call_function(aten.slice.Tensor, (tail, 2, 0, 1))
+    output.args = ((*output.args[0], view),)
+    gm.recompile()
+    assert release_tails(gm).meta["segcompile.released"] == [(0, "tail_k"), (0, "tail_v"), (1, "tail_v")]
 
 def test_segment_attention_op_passes_opcheck():
     g = torch.Generator().manual_seed(0)
