@@ -80,6 +80,7 @@ class SegmentedModel(torch.nn.Module):
         self._num_outputs = step_graph.meta["segcompile.num_model_outputs"]
         self.pass_timings: dict[str, float] = dict(step_graph.meta.get("segcompile.pass_timings", {}))
         self._last_logits_graph: fx.GraphModule | None = None  # built on the first prefill
+        self._releasing_tails_graph: fx.GraphModule | None = None  # the same, freeing the old tails
         # set by compile(): graph -> (its torch.compile'd callable, the unbacked sources for its calls)
         self._compiled: dict[fx.GraphModule, tuple[Callable, str]] = {}
         self._compile_options: dict = {}
@@ -107,11 +108,14 @@ class SegmentedModel(torch.nn.Module):
     def prefill(self, input_ids: torch.Tensor, state: SegmentState | None = None) -> SegmentState:
         """Run ``input_ids`` through the loop and return the state (``state.logits`` = last token's).
 
-        Each step computes the logits of its last position only, and the long-range history is
-        allocated once for the whole prompt."""
+        Each step computes the logits of its last position only, the long-range history is
+        allocated once for the whole prompt, and a step over a whole segment frees each layer's
+        old tail once its layer has read it (``_step_releasing_tails``), except the tails of the
+        ``state`` passed in, which the caller may continue from again."""
         state = state or self.initial_state(input_ids)
+        foreign = _storages([*_layer_tensors(state, _CARRIED), state.logits])
         state = reserve_history(state, state.position + input_ids.shape[1], token_major=bool(self._compiled))
-        _, state = self._feed(state, input_ids, collect=False)
+        _, state = self._feed(state, input_ids, collect=False, foreign=foreign)
         return state
 
     def decode(self, state: SegmentState, next_ids: torch.Tensor) -> tuple[torch.Tensor, SegmentState]:
@@ -177,11 +181,17 @@ class SegmentedModel(torch.nn.Module):
         return self
 
     # ---- the loop ---------------------------------------------------------------------------
-    def _feed(self, state: SegmentState, input_ids: torch.Tensor, collect: bool):
+    def _feed(self, state: SegmentState, input_ids: torch.Tensor, collect: bool, foreign: set[int] | None = None):
+        """Run ``input_ids`` after ``state``, one step per piece of a segment. ``foreign`` (prefill):
+        the storages the caller holds; steps that may free the old tails then do."""
         self._check_ids(input_ids)
         pieces = []
         for piece in segment_pieces(state.position, input_ids.shape[1], self.cfg.segment_len):
-            leaves, state = self.step(state, input_ids[:, piece], last_logits_only=not collect)
+            chunk = input_ids[:, piece]
+            if foreign is not None and self._can_release_tails(state, chunk, foreign):
+                leaves, state = self._step_releasing_tails(state, chunk)
+            else:
+                leaves, state = self.step(state, chunk, last_logits_only=not collect)
             if collect:
                 pieces.append(leaves)
         if not collect:
@@ -196,6 +206,31 @@ class SegmentedModel(torch.nn.Module):
         if state.position % self.cfg.segment_len == 0:
             state = self.end_segment(state)
         return leaves, state
+
+    def _can_release_tails(self, state: SegmentState, chunk: torch.Tensor, foreign: set[int]) -> bool:
+        """Whether a prefill step over ``chunk`` may free ``state``'s tails once they are read.
+
+        Only a step over a whole segment (it ends the segment: nothing reads the old tails after
+        it), with no autograd graph (one would save the tails for backward) and not compiled, and
+        only tails that are not empty and whose storage is the prefill's own: neither the
+        caller's (``foreign``: a user may continue two branches from one state) nor shared with
+        sinks or history, which the next state may keep. The storage of an old tail is then the
+        previous step's ``current`` buffer (a fresh concatenation), which only the old tail and
+        the emptied ``current`` view of it refer to."""
+        S = self.cfg.segment_len
+        if state.position % S or chunk.shape[1] != S or self._compiled or _builds_graph(self):
+            return False
+        kept = foreign | _storages(_layer_tensors(state, _CONSTANTS))
+        return all(t.numel() > 0 and _storage_id(t) not in kept for t in _layer_tensors(state, ("tail_k", "tail_v")))
+
+    def _step_releasing_tails(self, state: SegmentState, chunk: torch.Tensor) -> tuple[list, SegmentState]:
+        """``step`` over a whole segment in a graph that frees every layer's old tail after its
+        layer's attention has read it (``passes/release_tails.py``). What ``end_segment`` does
+        with the old tails is done before the step (``_retire_tails``), the rest after it: a
+        freed tail is never read again."""
+        retired = self._retire_tails(state)
+        leaves, state = self.run_step(state, chunk, graph=self._releasing_graph())
+        return leaves, self.end_segment(state, retired=retired)
 
     def run_step(
         self, state: SegmentState, chunk: torch.Tensor, checkpoint: bool = False, graph: fx.GraphModule | None = None
@@ -234,6 +269,13 @@ class SegmentedModel(torch.nn.Module):
             self._last_logits_graph = keep_last_logits(self.step_graph) or self.step_graph
         return self._last_logits_graph
 
+    def _releasing_graph(self) -> fx.GraphModule:
+        if self._releasing_tails_graph is None:
+            from .passes.release_tails import release_tails
+
+            self._releasing_tails_graph = release_tails(self._prefill_graph())
+        return self._releasing_tails_graph
+
     def logits_of(self, leaves: list) -> torch.Tensor:
         return _logits_of(pytree.tree_unflatten(leaves, self.capture_info.out_spec))
 
@@ -263,35 +305,67 @@ class SegmentedModel(torch.nn.Module):
         with self._gradient_sync.sequence(self):
             return tbptt_backward(self, input_ids, labels, reduction, checkpoint)
 
-    def end_segment(self, state: SegmentState) -> SegmentState:
-        """Move a finished segment into tail, history and sinks (all detached)."""
-        S, T, G = self.cfg.segment_len, self.cfg.tail_len, self.cfg.sink_tokens
+    def end_segment(self, state: SegmentState, retired: tuple[dict, ...] | None = None) -> SegmentState:
+        """Move a finished segment into tail, history and sinks (all detached).
+
+        ``retired``: per layer, the sinks and history the old tail has already moved into
+        (``_retire_tails``, before a step that frees the old tails); only the segment's first
+        S - T entries are left to move, and the old tail is not read."""
+        S, T = self.cfg.segment_len, self.cfg.tail_len
         layers = []
-        for site, layer in zip(self.sites, state.layers):
+        for i, (site, layer) in enumerate(zip(self.sites, state.layers)):
+            if retired is not None:
+                layer = replace(layer, **retired[i])
             moved = {}
             for kv in ("k", "v"):
                 current = getattr(layer, f"current_{kv}").detach()
-                dtype = current.dtype  # the tail follows the K/V dtype of the run
-                constant = carried_dtype(dtype, current.device.type)
-                tail = getattr(layer, f"tail_{kv}").detach()  # a TBPTT leaf: sinks and history are constants
-                leaving = torch.cat([tail.to(dtype), current[:, :, : S - T]], dim=2)
+                leaving = current[:, :, : S - T]
+                if retired is None:
+                    tail = getattr(layer, f"tail_{kv}").detach()  # a TBPTT leaf: sinks and history are constants
+                    # the tail follows the K/V dtype of the run
+                    leaving = torch.cat([tail.to(current.dtype), leaving], dim=2)
+                moved.update(self._leave(site, layer, kv, leaving))
                 moved[f"tail_{kv}"] = current[:, :, S - T :]
                 moved[f"current_{kv}"] = current[:, :, :0]
-                sinks = getattr(layer, f"sink_{kv}").to(constant)
-                if sinks.shape[2] < G:
-                    # only the entries the sinks take: a slice of the whole concatenation would keep
-                    # every leaving entry alive with them (a segment's K/V a layer, for good)
-                    sinks = torch.cat([sinks, leaving[:, :, : G - sinks.shape[2]].to(constant)], dim=2)
-                moved[f"sink_{kv}"] = sinks
-                if site.long_range:
-                    index = _head_index(tuple(site.long_range), leaving.device)
-                    store, history = _append_history(
-                        getattr(layer, f"hist_store_{kv}"), getattr(layer, f"hist_{kv}"),
-                        leaving.index_select(1, index).to(constant), token_major=bool(self._compiled),
-                    )
-                    moved[f"hist_store_{kv}"], moved[f"hist_{kv}"] = store, history
             layers.append(replace(layer, **moved))
         return replace(state, layers=tuple(layers))
+
+    def _retire_tails(self, state: SegmentState) -> tuple[dict, ...]:
+        """Per layer, the sinks and history with the old tail moved in, as ``end_segment`` would
+        move it at the end of the coming step, for ``end_segment(..., retired=)``. The step
+        itself still sees the old sinks and history: the tail's long-range heads are written
+        past the end of the history view it reads (in place, in a buffer ``reserve_history``
+        sized), and new sinks are new tensors. A tail made by this prefill has the K/V dtype of
+        its steps, so it leaves in the dtype ``end_segment`` would convert it to."""
+        retired = []
+        for site, layer in zip(self.sites, state.layers):
+            moved = {}
+            for kv in ("k", "v"):
+                moved.update(self._leave(site, layer, kv, getattr(layer, f"tail_{kv}").detach()))
+            retired.append(moved)
+        return tuple(retired)
+
+    def _leave(self, site: AttentionSite, layer: LayerState, kv: str, leaving: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``layer``'s sinks and history (``kv``: "k" or "v") with ``leaving``, entries that leave
+        the tail in position order, appended: the sinks while they have fewer than G entries,
+        the history for the long-range KV heads. Both are constants, in ``carried_dtype``."""
+        G = self.cfg.sink_tokens
+        constant = carried_dtype(leaving.dtype, leaving.device.type)
+        moved = {}
+        sinks = getattr(layer, f"sink_{kv}").to(constant)
+        if sinks.shape[2] < G:
+            # only the entries the sinks take: a slice of the whole concatenation would keep every
+            # leaving entry alive with them (a segment's K/V a layer, for good)
+            sinks = torch.cat([sinks, leaving[:, :, : G - sinks.shape[2]].to(constant)], dim=2)
+        moved[f"sink_{kv}"] = sinks
+        if site.long_range:
+            index = _head_index(tuple(site.long_range), leaving.device)
+            store, history = _append_history(
+                getattr(layer, f"hist_store_{kv}"), getattr(layer, f"hist_{kv}"),
+                leaving.index_select(1, index).to(constant), token_major=bool(self._compiled),
+            )
+            moved[f"hist_store_{kv}"], moved[f"hist_{kv}"] = store, history
+        return moved
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
         if not isinstance(input_ids, torch.Tensor):
@@ -451,6 +525,24 @@ def _call_compiled(step: Callable, unbacked_sources: str, *args):
     # the unbacked lengths, named by the step's arguments; in effect only while the step traces
     with torch.compiler.config.patch(unbacked_sources=unbacked_sources):
         return step(*args)
+
+
+# What a LayerState holds: all of it, and the constants (what the next state may keep as it is).
+_CONSTANTS = ("sink_k", "sink_v", "hist_k", "hist_v", "hist_store_k", "hist_store_v")
+_CARRIED = (*STATE_NAMES, "hist_store_k", "hist_store_v")
+
+
+def _layer_tensors(state: SegmentState, names: tuple[str, ...]) -> list[torch.Tensor | None]:
+    return [getattr(layer, name) for layer in state.layers for name in names]
+
+
+def _storage_id(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def _storages(tensors: list[torch.Tensor | None]) -> set[int]:
+    """The storages of ``tensors`` (an empty storage is no one's: nothing to free, no address)."""
+    return {_storage_id(t) for t in tensors if t is not None and t.untyped_storage().nbytes()}
 
 
 @functools.cache
