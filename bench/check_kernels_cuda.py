@@ -107,6 +107,7 @@ def main():
                     rows.append(dict(head_dim=D, seq_len=N, dtype=str(dtype), plan=plan, segment=s, ok=ok, **res))
                     print(f"D={D:<4} {str(dtype):15} {plan:15} segment {s}: "
                           + " ".join(f"{n}={v[0]:.1e}" for n, v in res.items()) + ("" if ok else "  FAILED"), flush=True)
+                    save(rows)  # after every case: a run stopped at its time limit keeps what it checked
     N, S, H, hk, D = SHAPES[0][:5]
     # decode: one query token after a partial segment, against the whole cache
     lr = long_range_heads("fraction(0.25)", hk)
@@ -121,13 +122,18 @@ def main():
     compiled = check_compiled_step_graph()
     print("compiled step graph:", compiled)
     failed += compiled["prefill_max_abs"] > 1e-4 or compiled["decode_max_abs"] > 1e-4
+    out = save(rows, decode=err, compiled=compiled, complete=True)
+    print(f"{'FAILED' if failed else 'all passed'}; wrote {out}")
+    sys.exit(1 if failed else 0)
+
+
+def save(rows, decode=None, compiled=None, complete: bool = False) -> Path:
     device = torch.cuda.get_device_name()
     out = Path(__file__).parent / "results" / f"check_kernels_cuda-{device.replace(' ', '_')}.json"
     out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(dict(device=device, torch=torch.__version__, rows=rows, decode=err,
+    out.write_text(json.dumps(dict(device=device, torch=torch.__version__, complete=complete, rows=rows, decode=decode,
                                    compiled_step_graph=compiled, command="python bench/check_kernels_cuda.py"), indent=1))
-    print(f"{'FAILED' if failed else 'all passed'}; wrote {out}")
-    sys.exit(1 if failed else 0)
+    return out
 
 
 if __name__ == "__main__":
