@@ -325,8 +325,11 @@ class SegmentedModel(torch.nn.Module):
                     # the tail follows the K/V dtype of the run
                     leaving = torch.cat([tail.to(current.dtype), leaving], dim=2)
                 moved.update(self._leave(site, layer, kv, leaving))
-                moved[f"tail_{kv}"] = current[:, :, S - T :]
-                moved[f"current_{kv}"] = current[:, :, :0]
+                # views would keep the whole segment's buffer alive with the tail (S entries a
+                # layer where T are carried): with T < S the tail gets its own copy
+                tail = current[:, :, S - T :]
+                moved[f"tail_{kv}"] = tail.clone() if T < S else tail
+                moved[f"current_{kv}"] = current.new_empty(*current.shape[:2], 0, current.shape[3])
             layers.append(replace(layer, **moved))
         return replace(state, layers=tuple(layers))
 

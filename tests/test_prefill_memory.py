@@ -91,6 +91,18 @@ def test_sinks_keep_only_their_entries_alive(llama):
             assert sinks.untyped_storage().nbytes() == sinks.numel() * sinks.element_size()
 
 
+@pytest.mark.parametrize("T", [0, 3])
+def test_a_tail_shorter_than_the_segment_keeps_only_its_entries_alive(llama, T):
+    # A view of the finished segment's K/V would keep all S entries a layer alive with the T carried.
+    seg = sc.transform(llama[1], sc.SegmentConfig(S, tail_len=T, long_range=sc.HeadPlan.fraction(0.5)))
+    with torch.no_grad():
+        state = seg.prefill(random_ids(2, 3 * S))
+    for layer in state.layers:
+        for kept in (layer.tail_k, layer.tail_v, layer.current_k, layer.current_v):
+            assert kept.untyped_storage().nbytes() == kept.numel() * kept.element_size()
+        assert layer.tail_k.shape[2] == T and layer.current_k.shape[2] == 0
+
+
 # (family, plan, T, G, tokens of the state given to prefill): every plan, T and G from scratch on
 # Llama; a state given at a segment boundary and inside a segment; the other kinds of model.
 CASES = [("llama", plan, T, G, 0) for plan in PLANS for T in (S, 3) for G in (0, 2)] + [
