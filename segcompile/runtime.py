@@ -215,8 +215,8 @@ class SegmentedModel(torch.nn.Module):
         only tails that are not empty and whose storage is the prefill's own: neither the
         caller's (``foreign``: a user may continue two branches from one state) nor shared with
         sinks or history, which the next state may keep. The storage of an old tail is then the
-        previous step's ``current`` buffer (a fresh concatenation), which only the old tail and
-        the emptied ``current`` view of it refer to."""
+        previous step's ``current`` buffer (a fresh concatenation; with T < S a copy of its last
+        T entries), which only the old tail refers to."""
         S = self.cfg.segment_len
         if state.position % S or chunk.shape[1] != S or self._compiled or _builds_graph(self):
             return False
