@@ -94,7 +94,7 @@ def main(argv=None):
     p.add_argument("--capability", type=int, default=90)
     p.add_argument("--tile", nargs=5, action="append", default=[], metavar=("KERNEL", "M", "N", "WARPS", "STAGES"))
     args = p.parse_args(argv)
-    tiles = [(name, ta._blocks(name, args.head_dim, 4096, wide=args.dtype == "fp32")) for name in KERNELS]
+    tiles = [(name, ta._blocks(name, args.head_dim, 4096, "fp32" if args.dtype == "fp32" else "16-bit")) for name in KERNELS]
     tiles += [(k, dict(BLOCK_M=int(m), BLOCK_N=int(n), num_warps=int(w), num_stages=int(s))) for k, m, n, w, s in args.tile]
     print(f"{'kernel':6} {'M x N':>9} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>8} {'stack B':>8} "
           f"{'smem KB':>8} {'wgmma':>6}")

@@ -52,15 +52,25 @@ TILES = {
     "dq": {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)},
     "dkdv": {64: (32, 64, 4, 3), 128: (32, 64, 4, 3), 256: (32, 32, 4, 2)},
 }
-# Inputs with 4-byte elements (fp32 runs; fp32 K/V under autocast) need twice the shared memory
-# per pipeline stage: the 16-bit tiles would need up to 384 KB. These fit 227 KB by
-# ``bench/kernel_resources.py --dtype fp32``; correctness, not speed, is what fp32 runs are for.
+# Inputs with 4-byte elements and 16-bit products (fp32 K/V under autocast) need twice the shared
+# memory per pipeline stage: the 16-bit tiles would need up to 384 KB. These fit Hopper's 227 KB.
 # At 64 the 16-bit tiles fit (and ran in the GPU training benchmark, fp32 K/V under autocast).
 TILES_WIDE = {
     "fwd": {64: TILES["fwd"][64], 128: (128, 64, 8, 2), 256: (32, 32, 4, 2)},
     "decode": {64: TILES["decode"][64], 128: (16, 64, 4, 2), 256: (16, 32, 4, 2)},
     "dq": {64: TILES["dq"][64], 128: (64, 32, 4, 2), 256: (32, 32, 4, 2)},
     "dkdv": {64: TILES["dkdv"][64], 128: (32, 32, 4, 2), 256: (16, 32, 4, 2)},
+}
+# fp32 products (fp32 runs: no tensor cores, each product a loop of FMAs in registers): tiles
+# that ptxas fits in registers with few or no spills (``bench/kernel_resources.py --dtype fp32``,
+# sm_90a: at 64, no spills; at 128, forward 4 KB of spill stores a thread where the WIDE tile has
+# 30 KB, dQ 3 KB where 78 KB, dK/dV 16 B; at 256, none, 5 KB and none). Correctness, not speed,
+# is what fp32 runs are for; spills cost ptxas time too. Untimed.
+TILES_FP32 = {
+    "fwd": {64: (64, 32, 8, 2), 128: (64, 32, 8, 2), 256: (16, 32, 8, 2)},
+    "decode": {64: (16, 32, 4, 2), 128: (16, 32, 4, 2), 256: (16, 16, 4, 2)},
+    "dq": {64: (64, 32, 8, 2), 128: (64, 32, 8, 2), 256: (16, 32, 4, 2)},
+    "dkdv": {64: (32, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 2)},
 }
 _INTERPRETER_TILE = (16, 16, 1, 1)
 
@@ -440,13 +450,21 @@ def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
 
-def _blocks(kind: str, head_dim: int, lq: int, wide: bool = False) -> dict:
-    """The tile of ``kind`` for this head dim; ``wide``: some input has 4-byte elements."""
+def _blocks(kind: str, head_dim: int, lq: int, table: str = "16-bit") -> dict:
+    """The tile of ``kind`` for this head dim from ``table`` (``_tile_table``)."""
     if kind == "fwd" and lq <= 16:
         kind = "decode"
-    table = TILES_WIDE if wide else TILES
+    table = {"16-bit": TILES, "wide": TILES_WIDE, "fp32": TILES_FP32}[table]
     tile = _INTERPRETER_TILE if _INTERPRET else table[kind][min(b for b in (64, 128, 256) if b >= _block_d(head_dim))]
     return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tile))
+
+
+def _tile_table(dot: torch.dtype, tensors) -> str:
+    """fp32 products; else 16-bit products with some 4-byte input (twice the shared memory a
+    pipeline stage); else all 16-bit."""
+    if dot == torch.float32:
+        return "fp32"
+    return "wide" if any(t.element_size() > 2 for t in tensors) else "16-bit"
 
 
 def _block_d(d: int) -> int:
@@ -476,7 +494,7 @@ def _common(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
     shape = dict(
         B=B, H=H, Hk=hk, GROUP=H // hk, Lq=lq, Lk=lk, T=tail_k.shape[2], G=sink_k.shape[2], P=hist_k.shape[2],
         D_K=dk, D_V=dv, BLOCK_DK=_block_d(dk), BLOCK_DV=_block_d(dv),
-        WIDE=any(t.element_size() > 2 for t in tensors),  # some 4-byte input: twice the shared memory a stage
+        TABLE=_tile_table(dot, tensors),
     )
     meta = dict(DOT=_TL_DTYPES[dot], PRECISION="ieee" if dot == torch.float32 else "tf32")
     return tensors, shape, meta, _slots(tuple(long_range), hk, q.device)
@@ -492,7 +510,7 @@ def segment_attention_forward(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, h
     )
     out = torch.empty(s["B"], s["H"], s["Lq"], s["D_V"], dtype=q.dtype, device=q.device)
     lse = torch.empty(s["B"] * s["H"] * s["Lq"] if return_lse else 1, dtype=torch.float32, device=q.device)
-    blocks = _blocks("fwd", s["D_K"], s["Lq"], s["WIDE"])
+    blocks = _blocks("fwd", s["D_K"], s["Lq"], s["TABLE"])
     grid = (triton.cdiv(s["Lq"], blocks["BLOCK_M"]), s["B"] * s["H"])
     _fwd_kernel[grid](
         q_, k_, v_, tk, tv, sk, sv, hk_, hv, slots, out, lse, scale * _LOG2E,
@@ -523,7 +541,7 @@ def _launch_dq(tensors, s, meta, slots, o, do, scale, lse=None):
     """dq, with the log-sum-exp (computed unless given) and ``delta = rowsum(o * do)`` of every
     query row, for dK/dV."""
     q_, k_, v_, tk, tv, sk, sv, hk_, hv = tensors
-    blocks = _blocks("dq", s["D_K"], s["Lq"], s["WIDE"])
+    blocks = _blocks("dq", s["D_K"], s["Lq"], s["TABLE"])
     B, H, lq = s["B"], s["H"], s["Lq"]
     dq = q_.new_empty(B, H, lq, s["D_K"])
     given = lse is not None
@@ -549,7 +567,7 @@ def _launch_dkdv(tensors, s, meta, do, lse, delta, scale, tail_needs_grad: bool)
     dv = v_.new_empty(B, Hk, s["Lk"], s["D_V"])
     dtk = tk.new_empty(B, Hk, s["T"], s["D_K"]) if tail_needs_grad else None
     dtv = tv.new_empty(B, Hk, s["T"], s["D_V"]) if tail_needs_grad else None
-    blocks = _blocks("dkdv", s["D_K"], s["Lq"], s["WIDE"])
+    blocks = _blocks("dkdv", s["D_K"], s["Lq"], s["TABLE"])
     tail_blocks = triton.cdiv(s["T"], blocks["BLOCK_N"]) if tail_needs_grad else 0
     grid = (tail_blocks + triton.cdiv(s["Lk"], blocks["BLOCK_N"]), B * Hk)
     dtk_, dtv_ = (dtk, dtv) if tail_needs_grad else (dk, dv)  # never written when there are no tail blocks
