@@ -122,9 +122,10 @@ def main(argv=None):
                     row = dict(n=n, regime=name, seconds=None, peak_gib=None, kept_gib=None, oom=True)
                 rows.append(row)
                 print(row, flush=True)
-        if args.memory_snapshot is not None:
-            memory_trace.record(lambda: seg.prefill(ids), args.memory_snapshot)
     report(args, rows, weights, transform_s, seg)
+    if args.memory_snapshot is not None:  # after the result files: the recording is slow and optional
+        with torch.no_grad():
+            memory_trace.record(lambda: seg.prefill(ids), args.memory_snapshot)
 
 
 def report(args, rows, weights, transform_s, seg):

@@ -92,16 +92,26 @@ def measure(step, n_tokens: int, iters: int) -> dict:
     }
 
 
+def sequence(n: int, args) -> torch.Tensor:
+    """The ``n``-token batch every regime trains on at that length."""
+    return torch.randint(0, args.vocab, (1, n), device="cuda", generator=torch.Generator("cuda").manual_seed(n))
+
+
+def backward(regime, model, seg, ids) -> None:
+    """One forward and backward of ``regime`` on ``ids`` (bf16 autocast); gradients in ``.grad``."""
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        if regime.startswith("segcompile"):
+            seg.tbptt_backward(ids, checkpoint=regime == "segcompile+ckpt")
+        else:
+            model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+
+
 def run_regime(regime, model, seg, n, args) -> dict:
-    ids = torch.randint(0, args.vocab, (1, n), device="cuda", generator=torch.Generator("cuda").manual_seed(n))
+    ids = sequence(n, args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            if regime.startswith("segcompile"):
-                seg.tbptt_backward(ids, checkpoint=regime == "segcompile+ckpt")
-            else:
-                model(input_ids=ids, labels=ids, use_cache=False).loss.backward()
+        backward(regime, model, seg, ids)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -122,12 +132,11 @@ def run_regime(regime, model, seg, n, args) -> dict:
 
 def snapshot_step(model, seg, n, args) -> None:
     """One segcompile step at ``n`` tokens (after a warm-up step) under the allocation recorder."""
-    ids = torch.randint(0, args.vocab, (1, n), device="cuda", generator=torch.Generator("cuda").manual_seed(n))
+    ids = sequence(n, args)
     model.train()
 
     def step():
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            seg.tbptt_backward(ids)
+        backward("segcompile", model, seg, ids)
 
     step()
     model.zero_grad(set_to_none=True)
@@ -163,9 +172,6 @@ def main(argv=None):
             rows.append({"regime": regime, "seq_len": n, **result})
             print(json.dumps(rows[-1]), flush=True)
 
-    if args.memory_snapshot is not None:
-        snapshot_step(model, seg, max(args.seq_lens), args)
-
     seg_points = [(r["seq_len"], r["peak_gib"]) for r in rows if r["regime"] == "segcompile" and "oom" not in r]
     slope = fit_slope(seg_points) if len(seg_points) >= 2 else None
     device = torch.cuda.get_device_name()
@@ -187,6 +193,8 @@ def main(argv=None):
     name = "bench_training-" + device.replace(" ", "_") + ".json"
     (args.out / name).write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {args.out / name}")
+    if args.memory_snapshot is not None:  # after the result file: the recording is slow and optional
+        snapshot_step(model, seg, max(args.seq_lens), args)
 
 
 def print_table(result):

@@ -72,17 +72,19 @@ def _run_segments(seg, input_ids, labels, params, labelled, denominator, checkpo
         leaves, state = seg.run_step(state, chunk, checkpoint=checkpoint)
         logits = seg.logits_of(leaves)
         del leaves
-        loss, logits_grad = _loss_and_its_gradient(logits, labels, start, denominator)
-        total += loss
         segment = _LiveSegment(tail_inputs, _tail_outputs(state, S, T) if carries_gradient else [])
         if state.position % S == 0:
             state = seg.end_segment(state)
 
         # A segment without label tokens has l_s = 0: no gradient starts from it (its graph is
         # still kept, as later segments' losses reach it through their tails).
-        has_labels = bool(labelled[start : start + S].any())
-        grads = _backward([logits], [logits_grad], params, tail_inputs, retain=carries_gradient) if has_labels else None
-        del logits, logits_grad
+        grads = None
+        if labelled[start : start + S].any():
+            loss, logits_grad = _loss_and_its_gradient(logits, labels, start, denominator)
+            total += loss
+            grads = _backward([logits], [logits_grad], params, tail_inputs, retain=carries_gradient)
+            del logits_grad
+        del logits
         for depth, older in enumerate(reversed(live), start=1):
             if depth > K or grads is None:
                 break
@@ -99,12 +101,11 @@ def _loss_and_its_gradient(logits, labels, start: int, denominator, elements_per
     vocabulary) alive with it. It is taken over pieces of positions, so that the fp32 copies of
     the logits exist for one piece at a time (at a 128K vocabulary, ~128 positions; rows of a
     causal-LM loss are independent, so the gradient is unchanged)."""
-    detached = logits.detach()
-    grad = torch.empty_like(detached)
+    grad = torch.empty_like(logits, requires_grad=False)
     loss = torch.zeros((), dtype=torch.float64, device=logits.device)
-    rows = max(1, elements_per_piece // max(1, detached.shape[0] * detached.shape[-1]))
-    for lo in range(0, detached.shape[1], rows):
-        piece = detached[:, lo : lo + rows].detach().requires_grad_()
+    rows = max(1, elements_per_piece // max(1, logits.shape[0] * logits.shape[-1]))
+    for lo in range(0, logits.shape[1], rows):
+        piece = logits[:, lo : lo + rows].detach().requires_grad_()
         piece_loss = span_loss(piece, labels, start + lo) / denominator
         (grad[:, lo : lo + rows],) = torch.autograd.grad(piece_loss, piece)
         loss += piece_loss.detach().double()
