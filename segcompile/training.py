@@ -62,7 +62,8 @@ def _run_segments(seg, input_ids, labels, params, labelled, denominator, checkpo
     # one history buffer for the whole sequence: growing it by copies would, at each growth, hold
     # the old and the new buffer at once (2.5x the history) while live graphs keep views of the old
     state = reserve_history(seg.initial_state(input_ids), input_ids.shape[1])
-    live: deque[_LiveSegment] = deque(maxlen=K + 1)
+    # the K segments before the current one: the deeper passes of the current loss reach them
+    live: deque[_LiveSegment] = deque(maxlen=K)
     total = torch.zeros((), dtype=torch.float64, device=input_ids.device)
     for start in range(0, input_ids.shape[1], S):
         chunk = input_ids[:, start : start + S]
@@ -78,19 +79,35 @@ def _run_segments(seg, input_ids, labels, params, labelled, denominator, checkpo
 
         # A segment without label tokens has l_s = 0: no gradient starts from it (its graph is
         # still kept, as later segments' losses reach it through their tails).
-        grads = None
         if labelled[start : start + S].any():
-            loss, logits_grad = _loss_and_its_gradient(logits, labels, start, denominator)
-            total += loss
-            grads = _backward([logits], [logits_grad], params, tail_inputs, retain=carries_gradient)
-            del logits_grad
+            total += _backward_segment_loss(logits, labels, start, denominator, params, tail_inputs, live)
         del logits
-        for depth, older in enumerate(reversed(live), start=1):
-            if depth > K or grads is None:
-                break
-            grads = _backward(older.tail_outputs, grads, params, older.tail_inputs if depth < K else [], retain=depth < K)
-        live.append(segment)
+        if carries_gradient:
+            live.append(segment)
     return total
+
+
+def _backward_segment_loss(logits, labels, start: int, denominator, params, tail_inputs, live) -> torch.Tensor:
+    """Backpropagate the segment's loss through its graph and, by its tails, through the graphs
+    in ``live``; return the loss (fp64, detached). The gradients on the tails are locals here, so
+    none outlives the segment that made it."""
+    loss, logits_grad = _loss_and_its_gradient(logits, labels, start, denominator)
+    grads = _backward([logits], [logits_grad], params, tail_inputs, retain=bool(tail_inputs))
+    del logits_grad
+    if grads is not None:
+        _backward_through_older(live, grads, params)
+    return loss
+
+
+def _backward_through_older(live, grads, params) -> None:
+    """Carry the gradient on the current segment's tails back through the graphs in ``live``
+    (newest first, depth 1..K); the oldest one, at depth K, passes nothing further and its graph is
+    freed. A function of its own, so that its loop variable does not keep a segment alive into the
+    next (its K/V and the gradients on its tails)."""
+    K = live.maxlen
+    for depth, older in enumerate(reversed(live), start=1):
+        deeper = depth < K
+        grads = _backward(older.tail_outputs, grads, params, older.tail_inputs if deeper else [], retain=deeper)
 
 
 def _loss_and_its_gradient(logits, labels, start: int, denominator, elements_per_piece: int = 1 << 24):
@@ -137,4 +154,7 @@ def _backward(tensors, grads, params, tail_inputs, retain: bool):
     torch.autograd.backward(tensors, grads, retain_graph=retain, inputs=params + tail_inputs)
     if not tail_inputs:
         return None
-    return [t.grad if t.grad is not None else torch.zeros_like(t) for t in tail_inputs]
+    tail_grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in tail_inputs]
+    for t in tail_inputs:  # held by the returned list alone: freed once the deeper pass has used it
+        t.grad = None
+    return tail_grads

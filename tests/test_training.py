@@ -112,6 +112,47 @@ def test_loss_taken_in_pieces_of_positions_gives_the_oracle_gradients(monkeypatc
     check_against_oracle("llama", cfg, ids, labels, reduction="mean")
 
 
+@pytest.mark.parametrize("K", [1, 2])
+def test_only_what_a_later_loss_reaches_outlives_its_segment(K, monkeypatch):
+    """When a segment's forward starts, the K segments before it are all that is kept of the past
+    (their graphs, K/V and tail leaves), and no gradient on a tail is left over from an earlier
+    segment's backward: each is used by the deeper pass at once. Kept longer, they cost a
+    segment's K/V a layer each, and the peak grew over the first segments of a long sequence."""
+    import weakref
+
+    import segcompile.training as training
+
+    segments, tail_grads, seen = [], [], []
+
+    class Recorded(training._LiveSegment):
+        def __init__(self, *args):
+            super().__init__(*args)
+            segments.append(weakref.ref(self))
+
+    backward = training._backward
+
+    def recorded_backward(*args, **kwargs):
+        grads = backward(*args, **kwargs)
+        tail_grads.extend(weakref.ref(g) for g in grads or [])
+        return grads
+
+    model, graph = captured("llama", dtype=torch.float64)
+    seg = sc.transform(graph, sc.SegmentConfig(S, long_range=sc.HeadPlan.fraction(0.5), tbptt_k=K))
+    run_step = seg.run_step
+
+    def observed_step(*args, **kwargs):
+        alive = [r() for r in segments if r() is not None]
+        seen.append((len(alive), sum(r() is not None for r in tail_grads),
+                     sum(t.grad is not None for a in alive for t in a.tail_inputs)))
+        return run_step(*args, **kwargs)
+
+    monkeypatch.setattr(training, "_LiveSegment", Recorded)
+    monkeypatch.setattr(training, "_backward", recorded_backward)
+    monkeypatch.setattr(seg, "run_step", observed_step)
+    seg.tbptt_backward(random_ids(1, 6 * S, seed=7))
+    assert seen == [(min(r, K), 0, 0) for r in range(6)]
+
+
 def test_gradients_accumulate_like_backward():
     model, graph = captured("llama", dtype=torch.float64)
     cfg = sc.SegmentConfig(S, long_range=sc.HeadPlan.fraction(0.5), tbptt_k=1)
