@@ -24,7 +24,7 @@ run() {  # name, seconds, command...
 
 for step in "${steps[@]}"; do
     case $step in
-        check) run check 560 python bench/check_kernels_cuda.py ;;
+        check) run check 300 python bench/check_kernels_cuda.py ;;
         smoke) run smoke 120 python bench/cuda_smoke.py ;;
         tune) run tune 280 python bench/tune_kernels.py ;;
         kernel) run kernel 200 python bench/bench_kernel.py ;;
