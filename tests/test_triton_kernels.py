@@ -96,10 +96,12 @@ def test_forward_and_gradients_match_the_reference(case):
             assert relative_error(g, w) <= FP32_RTOL, f"d{name} (lse {'kept' if kept is not None else 'recomputed'}): {relative_error(g, w):.2e}"
 
 
-def test_kept_log_sum_exp_is_the_reference_softmax_normaliser():
+@pytest.mark.parametrize("case", ["full segment, tail, sinks, GQA 2, one long-range head", "a few queries after a partial segment"])
+def test_kept_log_sum_exp_is_the_reference_softmax_normaliser(case):
     # base 2, of the scaled scores: lse * ln 2 is the natural log-sum-exp of scale * q k^T over
-    # each query's visible keys, which the reference's own output pins down
-    B, H, Hk, lq, lk, T, G, P, D, long_range = CASES["full segment, tail, sinks, GQA 2, one long-range head"]
+    # each query's visible keys, which the reference's own output pins down (one pass over the
+    # keys, and split over them: a few queries)
+    B, H, Hk, lq, lk, T, G, P, D, long_range = CASES[case]
     args = random_inputs(B, H, Hk, lq, lk, T, G, P, D, long_range, seed=3)
     q, k, v, tk, tv, sk, sv, hk, hv = args
     _, lse = segment_attention_forward(*args, list(long_range), D ** -0.5, return_lse=True)
@@ -116,6 +118,32 @@ def test_kept_log_sum_exp_is_the_reference_softmax_normaliser():
             natural.append(torch.logsumexp(scores.masked_fill(~visible, float("-inf")), dim=1))
     want = torch.cat(natural)
     assert (lse * torch.log(torch.tensor(2.0)) - want).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("lq", [1, 16])
+def test_decode_split_over_the_keys_matches_the_reference(lq, monkeypatch):
+    """A few queries run split over the keys (flash-decoding), every query head of a GQA group in
+    one program. The case crosses split boundaries inside history, tail and current keys, and its
+    last split holds only current keys past the first query's causal limit (with 16 queries):
+    that query sees no key there."""
+    from segcompile.kernels import triton_decode
+    from segcompile.kernels.triton_attention import _blocks, _common
+
+    monkeypatch.setattr(triton_decode, "_multiprocessors", lambda device: 2)
+    B, H, Hk, T, G, P, D, long_range = 1, 8, 2, 20, 3, 123, 16, (0,)
+    lk = 16
+    args = random_inputs(B, H, Hk, lq, lk, T, G, P, D, long_range, seed=lq)
+    _, shape, _, _ = _common(*args, list(long_range))
+    splits, split_len = triton_decode._split_len(shape, _blocks("decode", D, lq)["BLOCK_N"], args[0].device)
+    assert triton_decode.splits_keys(shape) and splits >= 3
+    if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's 16-key blocks
+        assert (splits - 1) * split_len == P + T + 1
+    want, grad_out, want_grads = reference_and_grads(args, long_range, D ** -0.5, grad_out_seed=lq)
+    got, lse = segment_attention_forward(*args, list(long_range), D ** -0.5, return_lse=True)
+    assert torch.isfinite(got).all() and relative_error(got, want) <= FP32_RTOL
+    grads = segment_attention_backward(grad_out, got, *args, list(long_range), D ** -0.5, lse=lse)
+    for name, g, w in zip(GRAD_NAMES, grads, want_grads):
+        assert relative_error(g, w) <= FP32_RTOL, name
 
 
 def test_no_tail_gradient_work_when_the_tail_is_detached():

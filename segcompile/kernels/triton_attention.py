@@ -89,9 +89,11 @@ def _attend(
     acc, m_i, l_i, q, K, V, stride_kn, stride_vn, lo, hi, n_keys, q_pos, qk_scale,
     MASK_N: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
-    DOT: tl.constexpr, PRECISION: tl.constexpr,
+    DOT: tl.constexpr, PRECISION: tl.constexpr, EMPTY_ROWS: tl.constexpr = False,
 ):
-    """Online softmax of ``q`` over keys ``[lo, hi)`` of one range (keys ``K``, values ``V``)."""
+    """Online softmax of ``q`` over keys ``[lo, hi)`` of one range (keys ``K``, values ``V``).
+    ``EMPTY_ROWS``: a row may see none of these keys (a split of the decode kernel past a query's
+    causal limit); its maximum stays -inf, and the exponentials are taken against 0 instead."""
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start in range(lo, hi, BLOCK_N):
@@ -111,8 +113,9 @@ def _attend(
         if CAUSAL:
             s = tl.where(offs_n[None, :] <= q_pos[:, None], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.math.exp2(m_i - m_new)
-        p = tl.math.exp2(s - m_new[:, None])
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new) if EMPTY_ROWS else m_new
+        alpha = tl.math.exp2(m_i - m_ref)
+        p = tl.math.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
         m_i = m_new
@@ -512,12 +515,22 @@ def segment_attention_forward(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, h
                               return_lse: bool = False):
     """Triton forward; same arguments and result as ``segment_attention_reference``. With
     ``return_lse``: ``(out, lse)``, the log-sum-exp of every query row (base 2, of the scaled
-    scores; ``[B * H * Lq]`` fp32), which the backward then need not recompute."""
-    (q_, k_, v_, tk, tv, sk, sv, hk_, hv), s, meta, slots = _common(
-        q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range
-    )
-    out = torch.empty(s["B"], s["H"], s["Lq"], s["D_V"], dtype=q.dtype, device=q.device)
-    lse = torch.empty(s["B"] * s["H"] * s["Lq"] if return_lse else 1, dtype=torch.float32, device=q.device)
+    scores; ``[B * H * Lq]`` fp32), which the backward then need not recompute. A few queries
+    (decode) run split over the keys (``triton_decode.py``), more in one pass over them."""
+    from . import triton_decode  # a module of its own, which builds on this one
+
+    tensors, s, meta, slots = _common(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
+    forward = triton_decode.split_keys_forward if triton_decode.splits_keys(s) else one_pass_forward
+    out, lse = forward(tensors, s, meta, slots, scale, return_lse)
+    return (out, lse) if return_lse else out
+
+
+def one_pass_forward(tensors, s, meta, slots, scale, return_lse: bool):
+    """``(out, lse)``: one program per block of queries and query head, over all its keys
+    (``lse`` a one-element stand-in unless ``return_lse``)."""
+    q_, k_, v_, tk, tv, sk, sv, hk_, hv = tensors
+    out = torch.empty(s["B"], s["H"], s["Lq"], s["D_V"], dtype=q_.dtype, device=q_.device)
+    lse = torch.empty(s["B"] * s["H"] * s["Lq"] if return_lse else 1, dtype=torch.float32, device=q_.device)
     blocks = _blocks("fwd", s["D_K"], s["Lq"], s["TABLE"])
     grid = (triton.cdiv(s["Lq"], blocks["BLOCK_M"]), s["B"] * s["H"])
     _fwd_kernel[grid](
@@ -528,7 +541,7 @@ def segment_attention_forward(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, h
         BLOCK_DK=s["BLOCK_DK"], BLOCK_DV=s["BLOCK_DV"], D_K=s["D_K"], D_V=s["D_V"], STORE_LSE=return_lse,
         **meta, **blocks,
     )
-    return (out, lse) if return_lse else out
+    return out, lse
 
 
 def segment_attention_backward(grad_out, out, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v,

@@ -1,0 +1,178 @@
+"""Decode for ``segment_attention``: a few queries against long caches, split over the keys.
+
+With one query token a program per (query block, query head) is only ``B * H`` programs, each
+streaming its head's whole [prefix | tail | current] key range: at B=1 a fraction of the GPU's
+multiprocessors does all the work, and each KV head's keys are read once per query head of its
+GQA group. Here (flash-decoding):
+
+* ``_split_kernel``: one program per (split, batch, KV head) takes the queries of every query head
+  of the group (``GROUP * Lq`` rows, so the keys are read once) over one contiguous split of the
+  concatenated key range, and writes its unnormalised output with the running max and sum;
+* ``_combine_kernel``: one program per (batch, KV head) merges the splits into the output and the
+  log-sum-exp (the same base-2 log-sum-exp the one-pass forward keeps for the backward).
+
+The splits are sized for the longest key range (the long-range heads' history); programs past a
+shorter head's keys do nothing. A split may hold no key a query sees (past its causal limit), so
+the inner loop runs with ``EMPTY_ROWS``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_attention import _INTERPRET, _LOG2E, _attend, _blocks, _prefix, _strides
+
+MAX_ROWS = 128  # GROUP * Lq rows a program holds, times the padded value dim, at most MAX_ROWS x 128
+MAX_QUERIES = 16  # more queries run in one pass (triton_attention.one_pass_forward)
+PROGRAMS_PER_SM = 4  # enough splits for this many programs a multiprocessor
+
+
+@triton.jit
+def _span(acc, m_i, l_i, q, K, V, skn, svn, c0, c1, r0, r1, q_pos, qk_scale, CAUSAL: tl.constexpr,
+          BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, D_K: tl.constexpr,
+          D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
+    """The keys of range ``[r0, r1)`` (of the concatenated key range) inside split ``[c0, c1)``."""
+    lo = tl.maximum(c0, r0) - r0
+    hi = tl.minimum(c1, r1) - r0
+    if hi > lo:
+        acc, m_i, l_i = _attend(acc, m_i, l_i, q, K, V, skn, svn, lo, hi, hi, q_pos, qk_scale, True, CAUSAL,
+                                BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION, True)
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _split_kernel(
+    Q, K, V, TK, TV, SK, SV, HK, HV, Slot, Acc, Max, Sum, qk_scale,
+    s_qb, s_qh, s_qm, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
+    s_tkb, s_tkh, s_tkn, s_tvb, s_tvh, s_tvn,
+    s_skb, s_skh, s_skn, s_svb, s_svh, s_svn,
+    s_hkb, s_hkh, s_hkn, s_hvb, s_hvh, s_hvn,
+    Hk, GROUP, Lq, Lk, T, G, P, split_len,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    D_K: tl.constexpr, D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    split = tl.program_id(0)
+    bk = tl.program_id(1)
+    b = (bk // Hk).to(tl.int64)
+    kvh = (bk % Hk).to(tl.int64)
+    rows = tl.arange(0, ROWS)  # row r: query r % Lq of query head kvh * GROUP + r // Lq
+    row_ok = rows < GROUP * Lq
+    h = kvh * GROUP + rows // Lq
+    i = rows % Lq
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q = tl.load(Q + b * s_qb + h[:, None] * s_qh + i[:, None] * s_qm + offs_dk[None, :],
+                mask=row_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0).to(DOT)
+    acc = tl.zeros([ROWS, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    q_pos = i + (Lk - Lq)
+
+    pk, pv, n_pre, skn, svn = _prefix(SK, SV, HK, HV, Slot, b, kvh, s_skb, s_skh, s_svb, s_svh,
+                                      s_hkb, s_hkh, s_hvb, s_hvh, s_skn, s_svn, s_hkn, s_hvn, G, P)
+    c0 = split * split_len
+    c1 = c0 + split_len
+    acc, m_i, l_i = _span(acc, m_i, l_i, q, pk, pv, skn, svn, c0, c1, 0, n_pre, q_pos, qk_scale, False,
+                          BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+    acc, m_i, l_i = _span(acc, m_i, l_i, q, TK + b * s_tkb + kvh * s_tkh, TV + b * s_tvb + kvh * s_tvh,
+                          s_tkn, s_tvn, c0, c1, n_pre, n_pre + T, q_pos, qk_scale, False,
+                          BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+    acc, m_i, l_i = _span(acc, m_i, l_i, q, K + b * s_kb + kvh * s_kh, V + b * s_vb + kvh * s_vh,
+                          s_kn, s_vn, c0, c1, n_pre + T, n_pre + T + Lk, q_pos, qk_scale, True,
+                          BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+
+    at = (bk.to(tl.int64) * tl.num_programs(0) + split) * ROWS + rows
+    tl.store(Acc + at[:, None] * BLOCK_DV + offs_dv[None, :], acc)
+    tl.store(Max + at, m_i)
+    tl.store(Sum + at, l_i)
+
+
+@triton.jit
+def _combine_kernel(Acc, Max, Sum, Out, Lse, s_ob, s_oh, s_om, H, Hk, GROUP, Lq, splits,
+                    ROWS: tl.constexpr, BLOCK_DV: tl.constexpr, D_V: tl.constexpr, STORE_LSE: tl.constexpr):
+    bk = tl.program_id(0)
+    b = (bk // Hk).to(tl.int64)
+    kvh = (bk % Hk).to(tl.int64)
+    rows = tl.arange(0, ROWS)
+    row_ok = rows < GROUP * Lq
+    h = kvh * GROUP + rows // Lq
+    i = rows % Lq
+    offs_dv = tl.arange(0, BLOCK_DV)
+    acc = tl.zeros([ROWS, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    for split in range(0, splits):
+        at = (bk.to(tl.int64) * splits + split) * ROWS + rows
+        m_s = tl.load(Max + at)
+        m_new = tl.maximum(m_i, m_s)
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no split so far saw a key of this row
+        alpha = tl.math.exp2(m_i - m_ref)
+        beta = tl.math.exp2(m_s - m_ref)
+        l_i = l_i * alpha + tl.load(Sum + at) * beta
+        acc = acc * alpha[:, None] + tl.load(Acc + at[:, None] * BLOCK_DV + offs_dv[None, :]) * beta[:, None]
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(Out + b * s_ob + h[:, None] * s_oh + i[:, None] * s_om + offs_dv[None, :], out.to(Out.dtype.element_ty),
+             mask=row_ok[:, None] & (offs_dv[None, :] < D_V))
+    if STORE_LSE:
+        tl.store(Lse + (b * H + h) * Lq + i, m_i + tl.math.log2(l_i), mask=row_ok)
+
+
+def splits_keys(s: dict) -> bool:
+    """Whether the forward of shape ``s`` (``triton_attention._common``) runs split over the keys:
+    a few queries, whose rows for a whole GQA group fit one program."""
+    return s["Lq"] <= MAX_QUERIES and _rows(s) * s["BLOCK_DV"] <= MAX_ROWS * 128
+
+
+def _rows(s: dict) -> int:
+    return max(16, triton.next_power_of_2(s["GROUP"] * s["Lq"]))
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if _INTERPRET or device.type != "cuda":
+        return 2  # the interpreter: a few splits, so that the tests cross split boundaries
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _split_len(s: dict, block_n: int, device: torch.device) -> tuple[int, int]:
+    """(splits, keys a split): about ``PROGRAMS_PER_SM`` programs a multiprocessor over the
+    longest key range, in whole key blocks."""
+    longest = max(s["P"], s["G"]) + s["T"] + s["Lk"]
+    wanted = triton.cdiv(PROGRAMS_PER_SM * _multiprocessors(device), s["B"] * s["Hk"])
+    splits = max(1, min(triton.cdiv(longest, block_n), wanted))
+    split_len = triton.cdiv(triton.cdiv(longest, splits), block_n) * block_n
+    return triton.cdiv(longest, split_len), split_len
+
+
+def split_keys_forward(tensors, s, meta, slots, scale, return_lse: bool):
+    """``(out, lse)`` as ``triton_attention.one_pass_forward`` gives them, split over the keys."""
+    q_, k_, v_, tk, tv, sk, sv, hk_, hv = tensors
+    B, H, Hk, lq = s["B"], s["H"], s["Hk"], s["Lq"]
+    tile = _blocks("decode", s["D_K"], lq, s["TABLE"])
+    rows = _rows(s)
+    splits, split_len = _split_len(s, tile["BLOCK_N"], q_.device)
+    acc = torch.empty(B * Hk * splits * rows * s["BLOCK_DV"], dtype=torch.float32, device=q_.device)
+    running_max = torch.empty(B * Hk * splits * rows, dtype=torch.float32, device=q_.device)
+    running_sum = torch.empty_like(running_max)
+    warps = tile["num_warps"] if rows <= 32 else max(tile["num_warps"], 8)
+    _split_kernel[(splits, B * Hk)](
+        q_, k_, v_, tk, tv, sk, sv, hk_, hv, slots, acc, running_max, running_sum, scale * _LOG2E,
+        *_strides(q_), *_strides(k_), *_strides(v_), *_strides(tk), *_strides(tv),
+        *_strides(sk), *_strides(sv), *_strides(hk_), *_strides(hv),
+        Hk, s["GROUP"], lq, s["Lk"], s["T"], s["G"], s["P"], split_len,
+        ROWS=rows, BLOCK_N=tile["BLOCK_N"], BLOCK_DK=s["BLOCK_DK"], BLOCK_DV=s["BLOCK_DV"], D_K=s["D_K"],
+        D_V=s["D_V"], num_warps=warps, num_stages=tile["num_stages"], **meta,
+    )
+    out = torch.empty(B, H, lq, s["D_V"], dtype=q_.dtype, device=q_.device)
+    lse = torch.empty(B * H * lq if return_lse else 1, dtype=torch.float32, device=q_.device)
+    _combine_kernel[(B * Hk,)](
+        acc, running_max, running_sum, out, lse, *_strides(out), H, Hk, s["GROUP"], lq, splits,
+        ROWS=rows, BLOCK_DV=s["BLOCK_DV"], D_V=s["D_V"], STORE_LSE=return_lse,
+        num_warps=4 if _INTERPRET or rows * s["BLOCK_DV"] <= 64 * 128 else 8,
+    )
+    return out, lse
