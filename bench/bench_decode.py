@@ -89,9 +89,19 @@ def run_case(args, B: int, context: int) -> list[dict]:
     return rows
 
 
+def warm_up() -> None:
+    """A second of matrix products first: the clocks of an idle GPU ramp up under load, and the
+    first case timed would pay for it (it measured 1.7x slower as the first case than later)."""
+    x = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    for _ in range(1000):
+        x @ x
+    torch.cuda.synchronize()
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(0)
+    warm_up()
     rows = [r for B in args.batches for n in args.contexts for r in run_case(args, B, n)]
     device = torch.cuda.get_device_name()
     print(f"\n{device}; H={args.heads} Hk={args.kv_heads} D={args.head_dim} bf16, one query token, S=T={args.segment_len}, "

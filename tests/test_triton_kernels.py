@@ -204,6 +204,23 @@ def test_lowered_model_matches_the_oracle_forward_decode_and_tbptt_gradients():
     model.zero_grad(set_to_none=True)
 
 
+def test_compiled_decode_steps_on_the_triton_kernels_match_the_oracle():
+    """Decode steps under ``seg.compile()`` (token-major caches, carried lengths unbacked) run the
+    split decode kernels; each step's logits are the oracle's."""
+    model, graph = captured("llama", layers=1)
+    if DEVICE == "cuda":
+        pytest.skip("the captured tiny model lives on the CPU; bench/check_kernels_cuda.py covers CUDA")
+    seg = sc.transform(graph, CFG, implementation="triton")
+    ids = random_ids(2, 22, seed=9)
+    with torch.no_grad():
+        want = sc.oracle.forward(model, CFG, ids)
+        seg.compile(backend="eager")
+        state = seg.prefill(ids[:, :11])
+        for t in range(11, 22):  # across a segment boundary (16)
+            logits, state = seg.decode(state, ids[:, t : t + 1])
+            assert (logits[:, 0] - want[:, t]).abs().max() <= 1e-4, t
+
+
 def test_auto_lowering_picks_the_reference_off_cuda_and_triton_on_request():
     _, graph = captured("llama")
     assert set(sc.transform(graph, CFG).implementations.values()) == {"reference"}

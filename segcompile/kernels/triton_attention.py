@@ -10,7 +10,8 @@ K/V for GQA nor any mask: key ranges and the causal offset ``Lk - Lq`` come in a
 
 Forward (``segment_attention_forward``): one program per (block of queries, query head) runs an
 online softmax over the three key ranges with one inner loop, ``_attend``, called per range.
-Decode is the same kernel with a small query block (``Lq`` of 1 or a few tokens).
+A few queries (decode: ``Lq`` of 1 to 16) run split over the keys instead, in ``triton_decode.py``;
+``one_pass_forward`` is this kernel's launch.
 
 Backward (``segment_attention_backward``): gradient flows into q, the current k/v and the tail
 k/v only; no gradient work is spent on the prefix (sinks and history are constants):
