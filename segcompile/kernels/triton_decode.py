@@ -125,7 +125,7 @@ def _combine_kernel(Acc, Max, Sum, Out, Lse, s_ob, s_oh, s_om, H, Hk, GROUP, Lq,
 def splits_keys(s: dict) -> bool:
     """Whether the forward of shape ``s`` (``triton_attention._common``) runs split over the keys:
     a few queries, whose rows for a whole GQA group fit one program."""
-    return s["Lq"] <= MAX_QUERIES and _rows(s) * s["BLOCK_DV"] <= MAX_ROWS * 128
+    return 1 <= s["Lq"] <= MAX_QUERIES and _rows(s) * s["BLOCK_DV"] <= MAX_ROWS * 128
 
 
 def _rows(s: dict) -> int:
