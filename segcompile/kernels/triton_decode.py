@@ -32,6 +32,14 @@ PROGRAMS_PER_SM = 4  # enough splits for this many programs a multiprocessor
 
 
 @triton.jit
+def _group_rows(kvh, GROUP, Lq, ROWS: tl.constexpr):
+    """A program's rows for KV head ``kvh``: row r is query ``i = r % Lq`` of query head
+    ``h = kvh * GROUP + r // Lq``; ``row_ok`` marks the ``GROUP * Lq`` real ones."""
+    rows = tl.arange(0, ROWS)
+    return rows, rows < GROUP * Lq, kvh * GROUP + rows // Lq, rows % Lq
+
+
+@triton.jit
 def _span(acc, m_i, l_i, q, K, V, skn, svn, c0, c1, r0, r1, q_pos, qk_scale, CAUSAL: tl.constexpr,
           BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, D_K: tl.constexpr,
           D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
@@ -59,10 +67,7 @@ def _split_kernel(
     bk = tl.program_id(1)
     b = (bk // Hk).to(tl.int64)
     kvh = (bk % Hk).to(tl.int64)
-    rows = tl.arange(0, ROWS)  # row r: query r % Lq of query head kvh * GROUP + r // Lq
-    row_ok = rows < GROUP * Lq
-    h = kvh * GROUP + rows // Lq
-    i = rows % Lq
+    rows, row_ok, h, i = _group_rows(kvh, GROUP, Lq, ROWS)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = tl.load(Q + b * s_qb + h[:, None] * s_qh + i[:, None] * s_qm + offs_dk[None, :],
@@ -97,10 +102,7 @@ def _combine_kernel(Acc, Max, Sum, Out, Lse, s_ob, s_oh, s_om, H, Hk, GROUP, Lq,
     bk = tl.program_id(0)
     b = (bk // Hk).to(tl.int64)
     kvh = (bk % Hk).to(tl.int64)
-    rows = tl.arange(0, ROWS)
-    row_ok = rows < GROUP * Lq
-    h = kvh * GROUP + rows // Lq
-    i = rows % Lq
+    rows, row_ok, h, i = _group_rows(kvh, GROUP, Lq, ROWS)
     offs_dv = tl.arange(0, BLOCK_DV)
     acc = tl.zeros([ROWS, BLOCK_DV], dtype=tl.float32)
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
