@@ -11,8 +11,10 @@ whole context on every head (the cache of the same model without segcompile, ``e
 * ``one pass``: ``triton_attention.one_pass_forward``, one program per query head;
 * ``sdpa``: ``F.scaled_dot_product_attention`` over the full cache (whatever backend it picks).
 
-Reports microseconds per call (median of ``triton.testing.do_bench``), the K/V bytes each reads
-and the rate, and the split kernel's error against the fp32 reference.
+Reports microseconds per call (median of ``triton.testing.do_bench``), eager and replayed from a
+CUDA graph (the same call captured once: the GPU's time without the host's launch work, what a
+serving loop that replays graphs pays), the K/V bytes each reads and the rate at the eager time,
+and the split kernel's error against the fp32 reference.
 
     python bench/bench_decode.py                  # contexts 32K and 128K, B = 1 and 8
 """
@@ -64,6 +66,20 @@ def timed(fn) -> float:
     return triton.testing.do_bench(fn, warmup=50, rep=300, return_mode="median") * 1e3  # microseconds
 
 
+def graphed(fn):
+    """``fn`` captured in a CUDA graph (after warm-up calls on a side stream), as a replay function."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def run_case(args, B: int, context: int) -> list[dict]:
     tensors, long_range = caches(args, B, context)
     scale = args.head_dim ** -0.5
@@ -82,8 +98,9 @@ def run_case(args, B: int, context: int) -> list[dict]:
     error = ((got.float() - want).abs().max() / want.abs().max()).item()
     rows = []
     for name, (fn, nbytes) in peers.items():
-        us = timed(fn)
-        rows.append(dict(batch=B, context=context, impl=name, us=us, kv_bytes=nbytes, gb_per_s=nbytes / us / 1e3,
+        us, us_graph = timed(fn), timed(graphed(fn))
+        rows.append(dict(batch=B, context=context, impl=name, us=us, us_graph=us_graph, kv_bytes=nbytes,
+                         gb_per_s=nbytes / us / 1e3, gb_per_s_graph=nbytes / us_graph / 1e3,
                          max_rel_error=error if name == "split keys" else None))
         print(rows[-1], flush=True)
     return rows
@@ -106,11 +123,13 @@ def main(argv=None):
     device = torch.cuda.get_device_name()
     print(f"\n{device}; H={args.heads} Hk={args.kv_heads} D={args.head_dim} bf16, one query token, S=T={args.segment_len}, "
           f"{args.long_range} long-range KV heads, {args.sinks} sinks")
-    print(f"{'B':>3} {'context':>8} {'impl':11} {'us':>9} {'K/V MB':>8} {'GB/s':>7} {'vs one pass':>11} {'vs sdpa':>8}")
+    print(f"{'B':>3} {'context':>8} {'impl':11} {'us':>9} {'graph us':>9} {'K/V MB':>8} {'GB/s':>7} {'graph GB/s':>10} "
+          f"{'vs sdpa':>8} {'graph vs sdpa':>13}")
     for r in rows:
-        same = {x["impl"]: x["us"] for x in rows if x["batch"] == r["batch"] and x["context"] == r["context"]}
-        print(f"{r['batch']:3} {r['context']:8} {r['impl']:11} {r['us']:9.1f} {r['kv_bytes'] / 1e6:8.1f} "
-              f"{r['gb_per_s']:7.0f} {same['one pass'] / r['us']:10.2f}x {same['sdpa'] / r['us']:7.2f}x")
+        same = {x["impl"]: x for x in rows if x["batch"] == r["batch"] and x["context"] == r["context"]}
+        print(f"{r['batch']:3} {r['context']:8} {r['impl']:11} {r['us']:9.1f} {r['us_graph']:9.1f} "
+              f"{r['kv_bytes'] / 1e6:8.1f} {r['gb_per_s']:7.0f} {r['gb_per_s_graph']:10.0f} "
+              f"{same['sdpa']['us'] / r['us']:7.2f}x {same['sdpa']['us_graph'] / r['us_graph']:12.2f}x")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench_decode-{device.replace(' ', '_')}.json"
     meta = dict(device=device, torch=torch.__version__, triton=triton.__version__, command="python " + " ".join(sys.argv),

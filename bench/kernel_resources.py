@@ -3,12 +3,13 @@
 For each kernel and tile (the module's own tiles first, then any given with --tile), Triton
 compiles for the target (default sm_90a, Hopper) and ptxas reports registers, spill stores and
 stack frame; the Triton GPU IR says whether the products are Hopper ``wgmma`` (warp_group_dot)
-or the older ``mma.sync``. No GPU is needed: a spill or a missing wgmma shows here before any
+or the older ``mma.sync``; "per SM" is how many programs fit one Hopper multiprocessor (65,536
+registers, 228 KB of shared memory, 1 KB of it reserved per program, 64 warps). No GPU is needed: a spill or a missing wgmma shows here before any
 device time is spent. Needs Triton's bundled ``ptxas-blackwell`` (or a ``ptxas`` new enough for
 the PTX Triton writes).
 
     python bench/kernel_resources.py                       # bf16, head dim 128
-    python bench/kernel_resources.py --tile dkdv 64 64 8 2 --tile dq 128 32 8 3
+    python bench/kernel_resources.py --tile dkdv 64 64 8 2 --tile dq 128 32 8 3 --tile fwd 128 64 8 2 128
 """
 
 from __future__ import annotations
@@ -80,11 +81,21 @@ def resources(kernel: str, tile: dict, head_dim: int, dtype: str, capability: in
     # the autograd path: the forward keeps the log-sum-exp, the dQ kernel takes it
     constants.update({flag: True for flag in ("STORE_LSE", "LSE_GIVEN") if flag in fn.arg_names})
     sig, attrs = signature(fn, constants, dtype)
+    options = dict(num_warps=tile["num_warps"], num_stages=tile["num_stages"])
+    if tile.get("maxnreg"):
+        options["maxnreg"] = tile["maxnreg"]
     compiled = triton.compile(ASTSource(fn, sig, constants, attrs), target=GPUTarget("cuda", capability, 32),
-                              options=dict(num_warps=tile["num_warps"], num_stages=tile["num_stages"]))
+                              options=options)
     ttgir = compiled.asm["ttgir"]
     return dict(shared_bytes=compiled.metadata.shared, wgmma=ttgir.count("warp_group_dot"),
                 **ptxas_report(compiled.asm["ptx"], f"sm_{capability}a" if capability == 90 else f"sm_{capability}"))
+
+
+def programs_per_sm(registers: int, shared_bytes: int, warps: int) -> int:
+    """Programs that fit one Hopper multiprocessor at once (registers are allocated per warp in
+    units of 256)."""
+    regs_per_warp = -(-registers * 32 // 256) * 256
+    return min(65536 // (regs_per_warp * warps), 233472 // (shared_bytes + 1024), 64 // warps)
 
 
 def main(argv=None):
@@ -92,17 +103,21 @@ def main(argv=None):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], default="bf16")
     p.add_argument("--capability", type=int, default=90)
-    p.add_argument("--tile", nargs=5, action="append", default=[], metavar=("KERNEL", "M", "N", "WARPS", "STAGES"))
+    p.add_argument("--tile", nargs="+", action="append", default=[],
+                   help="KERNEL M N WARPS STAGES [REGISTER_CAP]")
     args = p.parse_args(argv)
     tiles = [(name, ta._blocks(name, args.head_dim, 4096, "fp32" if args.dtype == "fp32" else "16-bit")) for name in KERNELS]
-    tiles += [(k, dict(BLOCK_M=int(m), BLOCK_N=int(n), num_warps=int(w), num_stages=int(s))) for k, m, n, w, s in args.tile]
-    print(f"{'kernel':6} {'M x N':>9} {'warps':>5} {'stages':>6} {'regs':>5} {'spill B':>8} {'stack B':>8} "
-          f"{'smem KB':>8} {'wgmma':>6}")
+    for kernel, *numbers in args.tile:
+        tiles.append((kernel, dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg"), map(int, numbers)))))
+    print(f"{'kernel':6} {'M x N':>9} {'warps':>5} {'stages':>6} {'cap':>4} {'regs':>5} {'spill B':>8} {'stack B':>8} "
+          f"{'smem KB':>8} {'wgmma':>6} {'per SM':>6}")
     for kernel, tile in tiles:
         r = resources(kernel, tile, args.head_dim, args.dtype, args.capability)
+        per_sm = programs_per_sm(r["registers"], r["shared_bytes"], tile["num_warps"]) if "registers" in r else "?"
         print(f"{kernel:6} {tile['BLOCK_M']:>4} x {tile['BLOCK_N']:<4} {tile['num_warps']:5} {tile['num_stages']:6} "
-              f"{r.get('registers', '?'):>5} {r.get('spill_bytes', '?'):>8} {r.get('stack_bytes', '?'):>8} "
-              f"{r['shared_bytes'] / 1024:8.0f} {r['wgmma']:6}" + (f"  {r['ptxas']}" if "ptxas" in r else ""))
+              f"{tile.get('maxnreg') or '-':>4} {r.get('registers', '?'):>5} {r.get('spill_bytes', '?'):>8} "
+              f"{r.get('stack_bytes', '?'):>8} {r['shared_bytes'] / 1024:8.0f} {r['wgmma']:6} {per_sm:>6}"
+              + (f"  {r['ptxas']}" if "ptxas" in r else ""))
 
 
 if __name__ == "__main__":

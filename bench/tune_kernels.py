@@ -1,7 +1,7 @@
 """Time each Triton segment_attention kernel over candidate tiles, one kernel at a time.
 
 At the shape of ``bench_kernel.py`` (B=1, H=32, Hk=8, D=128, N=32K, S=T=4096, bf16), for every
-candidate (BLOCK_M, BLOCK_N, warps, stages) of one kernel, the other kernels keeping the tiles in
+candidate (BLOCK_M, BLOCK_N, warps, stages[, register cap]) of one kernel, the other kernels keeping the tiles in
 ``segcompile.kernels.triton_attention.TILES`` for that head dim:
 
 * ``fwd``: the forward over all N / S segments;
@@ -89,10 +89,11 @@ def main(argv=None):
             parts = list(segments(q, k, v, S, long_range))
             ta.TILES.update(copy.deepcopy(defaults))
             prepared = prepare(parts, grads, long_range, scale) if kernel != "fwd" else None
-            for m, n, w, st in CANDIDATES[kernel]:
+            for tile in CANDIDATES[kernel]:
                 ta.TILES.update(copy.deepcopy(defaults))
-                ta.TILES[kernel][bucket] = (m, n, w, st)
-                row = dict(kernel=kernel, plan=plan, block_m=m, block_n=n, warps=w, stages=st)
+                ta.TILES[kernel][bucket] = tile
+                m, n, w, st, *cap = tile
+                row = dict(kernel=kernel, plan=plan, block_m=m, block_n=n, warps=w, stages=st, maxnreg=cap[0] if cap else None)
                 try:
                     fn = runner(kernel, parts, prepared, long_range, scale)
                     fn()
@@ -114,16 +115,17 @@ def report(args, rows):
         totals: dict[tuple, float] = {}
         counts: dict[tuple, int] = {}
         for r in timed:
-            key = (r["block_m"], r["block_n"], r["warps"], r["stages"])
+            key = (r["block_m"], r["block_n"], r["warps"], r["stages"], r.get("maxnreg"))
             totals[key] = totals.get(key, 0.0) + r["ms"]
             counts[key] = counts.get(key, 0) + 1
         complete = {key: t for key, t in totals.items() if counts[key] == len(PLANS[kernel])}
-        print(f"\n{kernel}: ms summed over plans {PLANS[kernel]} (M, N, warps, stages)")
+        print(f"\n{kernel}: ms summed over plans {PLANS[kernel]} (M, N, warps, stages, register cap)")
         for key, t in sorted(complete.items(), key=lambda kv: kv[1]):
             print(f"  {key!s:20} {t:8.2f}")
         if complete:
             key = min(complete, key=complete.get)
-            best[kernel] = dict(BLOCK_M=key[0], BLOCK_N=key[1], num_warps=key[2], num_stages=key[3], ms=complete[key])
+            best[kernel] = dict(BLOCK_M=key[0], BLOCK_N=key[1], num_warps=key[2], num_stages=key[3], maxnreg=key[4],
+                                ms=complete[key])
     print("\nbest:", json.dumps(best))
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"tune_kernels-{device.replace(' ', '_')}.json"

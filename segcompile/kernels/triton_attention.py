@@ -41,7 +41,9 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 
 # Block shapes per kernel and head-dim bucket (64, 128, 256: the padded head dim, rounded up):
-# (BLOCK_M, BLOCK_N, warps, pipeline stages). The 128 column is what ``bench/tune_kernels.py``
+# (BLOCK_M, BLOCK_N, warps, pipeline stages[, registers a thread]). A register cap (ptxas's
+# ``maxnreg``) lets two programs share a multiprocessor where ptxas would otherwise take the whole
+# register file for one (255 a thread at 8 warps). The 128 column is what ``bench/tune_kernels.py``
 # measured fastest on an H200 at D=128, bf16 (``bench/results/tune_kernels-NVIDIA_H200.json``).
 # The 256 column keeps each kernel's shared memory under Hopper's 227 KB (the 128 column's tiles
 # would need up to 384 KB there), by ``bench/kernel_resources.py``'s report; untimed. "decode" is
@@ -468,7 +470,7 @@ def _blocks(kind: str, head_dim: int, lq: int, table: str = "16-bit") -> dict:
         kind = "decode"
     table = {"16-bit": TILES, "wide": TILES_WIDE, "fp32": TILES_FP32}[table]
     tile = _INTERPRETER_TILE if _INTERPRET else table[kind][min(b for b in (64, 128, 256) if b >= _block_d(head_dim))]
-    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages"), tile))
+    return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg"), tile))
 
 
 def _tile_table(dot: torch.dtype, tensors) -> str:
