@@ -13,7 +13,8 @@ Plans none and all for ``fwd`` and ``dq`` (their work grows with history), none 
 reported and skipped. Prints a table per kernel, the best tile, and writes
 ``results/tune_kernels-<device>.json``. The tiles to commit into ``TILES`` are read from it.
 
-    python bench/tune_kernels.py
+    python bench/tune_kernels.py                     # the tiles TILES was chosen from
+    python bench/tune_kernels.py --set two-per-sm    # tiles that fit two programs a multiprocessor
 """
 
 from __future__ import annotations
@@ -40,6 +41,16 @@ CANDIDATES = {
     "dkdv": [(32, 128, 8, 3), (64, 128, 8, 3), (64, 128, 8, 2), (32, 128, 4, 3), (32, 128, 4, 5), (64, 64, 4, 3),
              (16, 128, 4, 4), (32, 64, 4, 3), (128, 128, 8, 2)],
 }
+# Tiles of which two or more programs fit a multiprocessor (registers, shared memory: by
+# ``kernel_resources.py``), some through a register cap, beside the tuned tile of each kernel
+# (first): the tuned ones take all 65,536 registers at 8 warps, one program an SM.
+TWO_PER_SM = {
+    "fwd": [(128, 128, 8, 3), (128, 32, 8, 2, 128), (128, 32, 8, 3, 128), (64, 64, 4, 3), (64, 64, 4, 2),
+            (64, 32, 4, 3), (128, 64, 8, 2, 128)],
+    "dq": [(128, 64, 8, 3), (64, 32, 4, 3), (64, 64, 4, 2), (128, 32, 8, 2, 128)],
+    "dkdv": [(32, 64, 4, 3), (32, 64, 4, 2, 168), (32, 32, 4, 3, 168), (32, 64, 4, 2)],
+}
+SETS = {"tiles": CANDIDATES, "two-per-sm": TWO_PER_SM}
 PLANS = {"fwd": ["none", "all"], "dq": ["none", "all"], "dkdv": ["none"]}
 
 
@@ -47,6 +58,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_shape_arguments(p)
     p.add_argument("--kernels", nargs="+", default=list(CANDIDATES))
+    p.add_argument("--set", choices=list(SETS), default="tiles", help="the candidate tiles (results file suffix if not 'tiles')")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     return p.parse_args(argv)
 
@@ -89,7 +101,7 @@ def main(argv=None):
             parts = list(segments(q, k, v, S, long_range))
             ta.TILES.update(copy.deepcopy(defaults))
             prepared = prepare(parts, grads, long_range, scale) if kernel != "fwd" else None
-            for tile in CANDIDATES[kernel]:
+            for tile in SETS[args.set][kernel]:
                 ta.TILES.update(copy.deepcopy(defaults))
                 ta.TILES[kernel][bucket] = tile
                 m, n, w, st, *cap = tile
@@ -128,7 +140,8 @@ def report(args, rows):
                                 ms=complete[key])
     print("\nbest:", json.dumps(best))
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"tune_kernels-{device.replace(' ', '_')}.json"
+    suffix = "" if args.set == "tiles" else f"-{args.set}"
+    path = args.out / f"tune_kernels{suffix}-{device.replace(' ', '_')}.json"
     meta = dict(device=device, torch=torch.__version__, triton=triton.__version__, command=" ".join(sys.argv),
                 seq_len=args.seq_len, segment_len=args.segment_len, heads=args.heads, kv_heads=args.kv_heads,
                 head_dim=args.head_dim, dtype="bfloat16", tiles=ta.TILES)
