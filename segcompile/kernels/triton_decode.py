@@ -8,8 +8,9 @@ GQA group. Here (flash-decoding):
 * ``_split_kernel``: one program per (split, batch, KV head) takes the queries of every query head
   of the group (``GROUP * Lq`` rows, so the keys are read once) over one contiguous split of the
   concatenated key range, and writes its unnormalised output with the running max and sum;
-* ``_combine_kernel``: one program per (batch, KV head) merges the splits into the output and the
-  log-sum-exp (the same base-2 log-sum-exp the one-pass forward keeps for the backward).
+* ``_combine_kernel``: one program per (batch, KV head, block of value columns) merges the
+  splits into the output and the log-sum-exp (the same base-2 log-sum-exp the one-pass forward
+  keeps for the backward), many splits a load.
 
 The splits are sized for the longest key range (the long-range heads' history); programs past a
 shorter head's keys do nothing. A split may hold no key a query sees (past its causal limit), so
@@ -98,29 +99,37 @@ def _split_kernel(
 
 @triton.jit
 def _combine_kernel(Acc, Max, Sum, Out, Lse, s_ob, s_oh, s_om, H, Hk, GROUP, Lq, splits,
-                    ROWS: tl.constexpr, BLOCK_DV: tl.constexpr, D_V: tl.constexpr, STORE_LSE: tl.constexpr):
+                    ROWS: tl.constexpr, BLOCK_DV: tl.constexpr, D_V: tl.constexpr,
+                    SPLITS_BLOCK: tl.constexpr, DV_BLOCK: tl.constexpr, STORE_LSE: tl.constexpr):
+    """One program per (batch and KV head, block of ``DV_BLOCK`` value columns) merges every
+    split's partial result, ``SPLITS_BLOCK`` splits a load: first the maximum over the splits, so
+    that each split's weight is final when its part is added."""
     bk = tl.program_id(0)
     b = (bk // Hk).to(tl.int64)
     kvh = (bk % Hk).to(tl.int64)
     rows, row_ok, h, i = _group_rows(kvh, GROUP, Lq, ROWS)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    acc = tl.zeros([ROWS, BLOCK_DV], dtype=tl.float32)
+    offs_s = tl.arange(0, SPLITS_BLOCK)
+    offs_dv = tl.program_id(1) * DV_BLOCK + tl.arange(0, DV_BLOCK)
+    first = bk.to(tl.int64) * splits
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    for s0 in range(0, splits, SPLITS_BLOCK):
+        at = (first + s0 + offs_s)[:, None] * ROWS + rows[None, :]  # [SPLITS_BLOCK, ROWS]
+        ok = ((s0 + offs_s) < splits)[:, None] & row_ok[None, :]
+        m_i = tl.maximum(m_i, tl.max(tl.load(Max + at, mask=ok, other=float("-inf")), 0))
+    m_ref = tl.where(m_i == float("-inf"), 0.0, m_i)
+    acc = tl.zeros([ROWS, DV_BLOCK], dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
-    for split in range(0, splits):
-        at = (bk.to(tl.int64) * splits + split) * ROWS + rows
-        m_s = tl.load(Max + at)
-        m_new = tl.maximum(m_i, m_s)
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no split so far saw a key of this row
-        alpha = tl.math.exp2(m_i - m_ref)
-        beta = tl.math.exp2(m_s - m_ref)
-        l_i = l_i * alpha + tl.load(Sum + at) * beta
-        acc = acc * alpha[:, None] + tl.load(Acc + at[:, None] * BLOCK_DV + offs_dv[None, :]) * beta[:, None]
-        m_i = m_new
+    for s0 in range(0, splits, SPLITS_BLOCK):
+        at = (first + s0 + offs_s)[:, None] * ROWS + rows[None, :]
+        ok = ((s0 + offs_s) < splits)[:, None] & row_ok[None, :]
+        weight = tl.math.exp2(tl.load(Max + at, mask=ok, other=float("-inf")) - m_ref[None, :])  # 0: no keys
+        l_i += tl.sum(tl.load(Sum + at, mask=ok, other=0.0) * weight, 0)
+        part = tl.load(Acc + at[:, :, None] * BLOCK_DV + offs_dv[None, None, :], mask=ok[:, :, None], other=0.0)
+        acc += tl.sum(part * weight[:, :, None], 0)
     out = acc / l_i[:, None]
     tl.store(Out + b * s_ob + h[:, None] * s_oh + i[:, None] * s_om + offs_dv[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < D_V))
-    if STORE_LSE:
+    if STORE_LSE and tl.program_id(1) == 0:
         tl.store(Lse + (b * H + h) * Lq + i, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
@@ -151,6 +160,17 @@ def _split_len(s: dict, block_n: int, device: torch.device) -> tuple[int, int]:
     return triton.cdiv(longest, split_len), split_len
 
 
+def _combine_blocks(rows: int, block_dv: int) -> tuple[int, int]:
+    """(value columns, splits) a combine program loads at once: about 8K fp32 a load (64 a thread
+    at 4 warps), over ``B * Hk * block_dv / columns`` programs. A merge of 64 splits by one
+    program per KV head, a split at a time, took 47 us at B = 1 (H200), twice the split kernel.
+    The interpreter takes small blocks, so that the tests cross both kinds of block boundary."""
+    if _INTERPRET:
+        return min(8, block_dv), 2
+    columns = min(32, block_dv)
+    return columns, max(1, min(16, 8192 // (rows * columns)))
+
+
 def split_keys_forward(tensors, s, meta, slots, scale, return_lse: bool):
     """``(out, lse)`` as ``triton_attention.one_pass_forward`` gives them, split over the keys."""
     q_, k_, v_, tk, tv, sk, sv, hk_, hv = tensors
@@ -172,9 +192,10 @@ def split_keys_forward(tensors, s, meta, slots, scale, return_lse: bool):
     )
     out = torch.empty(B, H, lq, s["D_V"], dtype=q_.dtype, device=q_.device)
     lse = torch.empty(B * H * lq if return_lse else 1, dtype=torch.float32, device=q_.device)
-    _combine_kernel[(B * Hk,)](
+    dv_block, splits_block = _combine_blocks(rows, s["BLOCK_DV"])
+    _combine_kernel[(B * Hk, s["BLOCK_DV"] // dv_block)](
         acc, running_max, running_sum, out, lse, *_strides(out), H, Hk, s["GROUP"], lq, splits,
-        ROWS=rows, BLOCK_DV=s["BLOCK_DV"], D_V=s["D_V"], STORE_LSE=return_lse,
-        num_warps=4 if _INTERPRET or rows * s["BLOCK_DV"] <= 64 * 128 else 8,
+        ROWS=rows, BLOCK_DV=s["BLOCK_DV"], D_V=s["D_V"], SPLITS_BLOCK=splits_block, DV_BLOCK=dv_block,
+        STORE_LSE=return_lse, num_warps=1 if _INTERPRET else 4,
     )
     return out, lse
