@@ -129,8 +129,9 @@ def _combine_kernel(Acc, Max, Sum, Out, Lse, s_ob, s_oh, s_om, H, Hk, GROUP, Lq,
     out = acc / l_i[:, None]
     tl.store(Out + b * s_ob + h[:, None] * s_oh + i[:, None] * s_om + offs_dv[None, :], out.to(Out.dtype.element_ty),
              mask=row_ok[:, None] & (offs_dv[None, :] < D_V))
-    if STORE_LSE:  # by the first column block's programs
-        tl.store(Lse + (b * H + h) * Lq + i, m_i + tl.math.log2(l_i), mask=row_ok & (tl.program_id(1) == 0))
+    if STORE_LSE:
+        if tl.program_id(1) == 0:  # one column block's programs write it
+            tl.store(Lse + (b * H + h) * Lq + i, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
 def splits_keys(s: dict) -> bool:
