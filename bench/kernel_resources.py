@@ -107,8 +107,7 @@ def main(argv=None):
                    help="KERNEL M N WARPS STAGES [REGISTER_CAP]")
     args = p.parse_args(argv)
     tiles = [(name, ta._blocks(name, args.head_dim, 4096, "fp32" if args.dtype == "fp32" else "16-bit")) for name in KERNELS]
-    for kernel, *numbers in args.tile:
-        tiles.append((kernel, dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg"), map(int, numbers)))))
+    tiles += [(kernel, ta.tile_options(tuple(map(int, numbers)))) for kernel, *numbers in args.tile]
     print(f"{'kernel':6} {'M x N':>9} {'warps':>5} {'stages':>6} {'cap':>4} {'regs':>5} {'spill B':>8} {'stack B':>8} "
           f"{'smem KB':>8} {'wgmma':>6} {'per SM':>6}")
     for kernel, tile in tiles:

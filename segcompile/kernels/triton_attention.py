@@ -470,6 +470,11 @@ def _blocks(kind: str, head_dim: int, lq: int, table: str = "16-bit") -> dict:
         kind = "decode"
     table = {"16-bit": TILES, "wide": TILES_WIDE, "fp32": TILES_FP32}[table]
     tile = _INTERPRETER_TILE if _INTERPRET else table[kind][min(b for b in (64, 128, 256) if b >= _block_d(head_dim))]
+    return tile_options(tile)
+
+
+def tile_options(tile: tuple[int, ...]) -> dict:
+    """A ``TILES`` entry, (BLOCK_M, BLOCK_N, warps, stages[, register cap]), as launch options."""
     return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg"), tile))
 
 

@@ -98,6 +98,14 @@ def _split_kernel(
 
 
 @triton.jit
+def _split_slots(first, s0, offs_s, splits, rows, row_ok, ROWS: tl.constexpr):
+    """Where splits ``s0 + offs_s`` keep each row's partial result (``[SPLITS_BLOCK, ROWS]``
+    offsets into Max / Sum, rows of Acc), and which of them are real splits and rows."""
+    at = (first + s0 + offs_s)[:, None] * ROWS + rows[None, :]
+    return at, ((s0 + offs_s) < splits)[:, None] & row_ok[None, :]
+
+
+@triton.jit
 def _combine_kernel(Acc, Max, Sum, Out, Lse, s_ob, s_oh, s_om, H, Hk, GROUP, Lq, splits,
                     ROWS: tl.constexpr, BLOCK_DV: tl.constexpr, D_V: tl.constexpr,
                     SPLITS_BLOCK: tl.constexpr, DV_BLOCK: tl.constexpr, STORE_LSE: tl.constexpr):
@@ -113,15 +121,13 @@ def _combine_kernel(Acc, Max, Sum, Out, Lse, s_ob, s_oh, s_om, H, Hk, GROUP, Lq,
     first = bk.to(tl.int64) * splits
     m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
     for s0 in range(0, splits, SPLITS_BLOCK):
-        at = (first + s0 + offs_s)[:, None] * ROWS + rows[None, :]  # [SPLITS_BLOCK, ROWS]
-        ok = ((s0 + offs_s) < splits)[:, None] & row_ok[None, :]
+        at, ok = _split_slots(first, s0, offs_s, splits, rows, row_ok, ROWS)
         m_i = tl.maximum(m_i, tl.max(tl.load(Max + at, mask=ok, other=float("-inf")), 0))
     m_ref = tl.where(m_i == float("-inf"), 0.0, m_i)
     acc = tl.zeros([ROWS, DV_BLOCK], dtype=tl.float32)
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     for s0 in range(0, splits, SPLITS_BLOCK):
-        at = (first + s0 + offs_s)[:, None] * ROWS + rows[None, :]
-        ok = ((s0 + offs_s) < splits)[:, None] & row_ok[None, :]
+        at, ok = _split_slots(first, s0, offs_s, splits, rows, row_ok, ROWS)
         weight = tl.math.exp2(tl.load(Max + at, mask=ok, other=float("-inf")) - m_ref[None, :])  # 0: no keys
         l_i += tl.sum(tl.load(Sum + at, mask=ok, other=0.0) * weight, 0)
         part = tl.load(Acc + at[:, :, None] * BLOCK_DV + offs_dv[None, None, :], mask=ok[:, :, None], other=0.0)
