@@ -88,6 +88,12 @@ def _heaviest_first(pid, n):
 
 
 @triton.jit
+def _batch_and_kv_head(bk, Hk):
+    """Batch row and KV head of a program indexed by ``b * Hk + kv_head`` (int64: they scale strides)."""
+    return (bk // Hk).to(tl.int64), (bk % Hk).to(tl.int64)
+
+
+@triton.jit
 def _attend(
     acc, m_i, l_i, q, K, V, stride_kn, stride_vn, lo, hi, n_keys, q_pos, qk_scale,
     MASK_N: tl.constexpr, CAUSAL: tl.constexpr,
@@ -375,8 +381,7 @@ def _dkdv_kernel(
 ):
     pid_n = tl.program_id(0)
     bk = tl.program_id(1)
-    b = (bk // Hk).to(tl.int64)
-    kvh = (bk % Hk).to(tl.int64)
+    b, kvh = _batch_and_kv_head(bk, Hk)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     in_tail = pid_n < tail_blocks

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_attention import _INTERPRET, _LOG2E, _attend, _blocks, _prefix, _strides
+from .triton_attention import _INTERPRET, _LOG2E, _attend, _batch_and_kv_head, _blocks, _prefix, _strides
 
 MAX_ROWS = 128  # GROUP * Lq rows a program holds, times the padded value dim, at most MAX_ROWS x 128
 MAX_QUERIES = 16  # more queries run in one pass (triton_attention.one_pass_forward)
@@ -66,8 +66,7 @@ def _split_kernel(
 ):
     split = tl.program_id(0)
     bk = tl.program_id(1)
-    b = (bk // Hk).to(tl.int64)
-    kvh = (bk % Hk).to(tl.int64)
+    b, kvh = _batch_and_kv_head(bk, Hk)
     rows, row_ok, h, i = _group_rows(kvh, GROUP, Lq, ROWS)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -113,8 +112,7 @@ def _combine_kernel(Acc, Max, Sum, Out, Lse, s_ob, s_oh, s_om, H, Hk, GROUP, Lq,
     split's partial result, ``SPLITS_BLOCK`` splits a load: first the maximum over the splits, so
     that each split's weight is final when its part is added."""
     bk = tl.program_id(0)
-    b = (bk // Hk).to(tl.int64)
-    kvh = (bk % Hk).to(tl.int64)
+    b, kvh = _batch_and_kv_head(bk, Hk)
     rows, row_ok, h, i = _group_rows(kvh, GROUP, Lq, ROWS)
     offs_s = tl.arange(0, SPLITS_BLOCK)
     offs_dv = tl.program_id(1) * DV_BLOCK + tl.arange(0, DV_BLOCK)
