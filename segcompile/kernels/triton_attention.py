@@ -31,6 +31,7 @@ fp32 (``ieee``) otherwise; accumulation is always fp32.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 
 import torch
@@ -533,9 +534,44 @@ def segment_attention_forward(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, h
     from . import triton_decode  # a module of its own, which builds on this one
 
     tensors, s, meta, slots = _common(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
-    forward = triton_decode.split_keys_forward if triton_decode.splits_keys(s) else one_pass_forward
-    out, lse = forward(tensors, s, meta, slots, scale, return_lse)
+    kernel = forward_kernel(tensors, s)
+    if kernel == "gluon-ws":
+        out, lse = _gluon().forward(tensors, s, slots, scale, return_lse)
+    else:
+        forward = triton_decode.split_keys_forward if kernel == "split-keys" else one_pass_forward
+        out, lse = forward(tensors, s, meta, slots, scale, return_lse)
     return (out, lse) if return_lse else out
+
+
+def forward_kernel(tensors, s: dict) -> str:
+    """Which forward runs: ``"split-keys"`` (decode, ``triton_decode.py``), ``"gluon-ws"`` (the
+    warp-specialised Hopper kernel of ``gluon_attention.py``, where it applies and Gluon imports)
+    or ``"one-pass"`` (``_fwd_kernel``). Logged at debug level on first use of each."""
+    from . import triton_decode
+
+    if triton_decode.splits_keys(s):
+        kernel = "split-keys"
+    elif not _INTERPRET and _gluon() is not None and _gluon().supported(tensors, s):
+        kernel = "gluon-ws"
+    else:
+        kernel = "one-pass"
+    _log_kernel(kernel)
+    return kernel
+
+
+@functools.cache
+def _log_kernel(kernel: str) -> None:
+    logging.getLogger(__name__).debug("segment_attention forward runs the %s kernel", kernel)
+
+
+@functools.cache
+def _gluon():
+    """``gluon_attention``, or None where this Triton has no Gluon for Hopper."""
+    try:
+        from . import gluon_attention
+    except ImportError:
+        return None
+    return gluon_attention
 
 
 def one_pass_forward(tensors, s, meta, slots, scale, return_lse: bool):

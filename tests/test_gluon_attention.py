@@ -1,0 +1,90 @@
+"""The warp-specialised Hopper forward (``kernels/gluon_attention.py``) without a GPU: it compiles
+for sm_90a with this Triton, to the resources it was measured with, and it is chosen only where
+it applies. Its numerics are checked on the GPU (``bench/check_kernels_cuda.py``): Gluon kernels
+do not run in the interpreter."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+gluon_attention = pytest.importorskip("segcompile.kernels.gluon_attention")
+
+from segcompile.kernels import triton_attention as ta  # noqa: E402
+
+
+def _args(D, dtype=torch.bfloat16, Lq=256, T=128, G=0, P=256, long_range=(0,)):
+    r = lambda *shape: torch.randn(*shape, dtype=dtype)  # noqa: E731
+    B, H, Hk = 1, 4, 2
+    return [r(B, H, Lq, D), r(B, Hk, Lq, D), r(B, Hk, Lq, D), r(B, Hk, T, D), r(B, Hk, T, D),
+            r(B, Hk, G, D), r(B, Hk, G, D), r(B, len(long_range), P, D), r(B, len(long_range), P, D)], list(long_range)
+
+
+def compile_for_hopper(head_dim: int) -> dict:
+    """Compile the kernel for sm_90a (no GPU needed); facts about the result."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    args, long_range = _args(head_dim)
+    tensors, s, _, slots = ta._common(*args, long_range)
+    descs = [gluon_attention._rows(tensors[0], gluon_attention.HALF_M)]
+    descs += [gluon_attention._rows(t, gluon_attention.BLOCK_N) for t in tensors[1:]]
+    out = torch.empty(1, 4, s["Lq"], head_dim, dtype=torch.bfloat16)
+    runtime = descs + [slots, out, torch.empty(1), 0.1, head_dim, 4, 2, 2, 1, s["Lq"], s["Lk"], s["T"], s["G"], s["P"]]
+    consts = dict(D_K=head_dim, D_V=head_dim, PINGPONG=False, STORE_LSE=True, HALF_M=gluon_attention.HALF_M,
+                  BLOCK_N=gluon_attention.BLOCK_N, STAGES=gluon_attention.STAGES)
+    fn = gluon_attention._fwd_ws_kernel
+    values = iter(runtime)
+    signature = {}
+    for name in fn.arg_names:
+        if name in consts:
+            signature[name] = "constexpr"
+        else:
+            a = next(values)
+            signature[name] = "fp32" if isinstance(a, float) else "i32" if isinstance(a, int) else mangle_type(a)
+    src = GluonASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in consts.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    ptx = kernel.asm["ptx"]
+    return {
+        "warps": kernel.metadata.num_warps,
+        "shared": kernel.metadata.shared,
+        "producer_regs_24": "setmaxnreg.dec.sync.aligned.u32 \t24" in ptx,
+        "consumer_regs_240": "setmaxnreg.inc.sync.aligned.u32 \t240" in ptx,
+        "tma": "cp.async.bulk.tensor" in ptx,
+        "wgmma": "wgmma.mma_async" in ptx,
+    }
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_the_kernel_compiles_for_hopper(head_dim):
+    # in a process of its own: the test session runs Triton in the interpreter
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, __file__, str(head_dim)], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=Path(__file__).resolve().parents[1])
+    assert run.returncode == 0, run.stderr[-3000:]
+    facts = json.loads(run.stdout.strip().splitlines()[-1])
+    # a producer warp and two consumer warpgroups; registers moved from the producer to the consumers
+    assert facts["warps"] == 12
+    assert facts["producer_regs_24"] and facts["consumer_regs_240"]
+    assert facts["tma"] and facts["wgmma"]
+    assert facts["shared"] <= 227 * 1024
+
+
+def test_it_is_not_chosen_off_hopper_nor_for_decode_nor_fp32():
+    args, long_range = _args(128)
+    tensors, s, _, _ = ta._common(*args, long_range)
+    assert not gluon_attention.supported(tensors, s)  # CPU tensors
+    assert ta.forward_kernel(tensors, s) == "one-pass"
+    decode, _ = _args(128, Lq=1)
+    tensors, s, _, _ = ta._common(*decode, long_range)
+    assert ta.forward_kernel(tensors, s) == "split-keys"
+
+
+if __name__ == "__main__":
+    print(json.dumps(compile_for_hopper(int(sys.argv[1]))))
