@@ -33,12 +33,7 @@ def compile_for_hopper(head_dim: int) -> dict:
 
     args, long_range = _args(head_dim)
     tensors, s, _, slots = ta._common(*args, long_range)
-    descs = [gluon_attention._rows(tensors[0], gluon_attention.HALF_M)]
-    descs += [gluon_attention._rows(t, gluon_attention.BLOCK_N) for t in tensors[1:]]
-    out = torch.empty(1, 4, s["Lq"], head_dim, dtype=torch.bfloat16)
-    runtime = descs + [slots, out, torch.empty(1), 0.1, head_dim, 4, 2, 2, 1, s["Lq"], s["Lk"], s["T"], s["G"], s["P"]]
-    consts = dict(D_K=head_dim, D_V=head_dim, PINGPONG=False, STORE_LSE=True, HALF_M=gluon_attention.HALF_M,
-                  BLOCK_N=gluon_attention.BLOCK_N, STAGES=gluon_attention.STAGES)
+    _, runtime, consts, _, _ = gluon_attention.launch_args(tensors, s, slots, 0.1, return_lse=True)
     fn = gluon_attention._fwd_ws_kernel
     values = iter(runtime)
     signature = {}
@@ -49,7 +44,7 @@ def compile_for_hopper(head_dim: int) -> dict:
             a = next(values)
             signature[name] = "fp32" if isinstance(a, float) else "i32" if isinstance(a, int) else mangle_type(a)
     src = GluonASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in consts.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": gluon_attention.NUM_WARPS})
     ptx = kernel.asm["ptx"]
     return {
         "warps": kernel.metadata.num_warps,
@@ -76,7 +71,7 @@ def test_the_kernel_compiles_for_hopper(head_dim):
     assert facts["shared"] <= 227 * 1024
 
 
-def test_it_is_not_chosen_off_hopper_nor_for_decode_nor_fp32():
+def test_it_is_not_chosen_off_hopper_nor_for_decode():
     args, long_range = _args(128)
     tensors, s, _, _ = ta._common(*args, long_range)
     assert not gluon_attention.supported(tensors, s)  # CPU tensors

@@ -40,6 +40,7 @@ BLOCK_M = 128  # two consumer warpgroups of 64 rows
 HALF_M = 64
 BLOCK_N = 128
 STAGES = 2
+NUM_WARPS = 4  # the launch's warps: the first consumer warpgroup (the others are the partitions')
 _LOG2E = 1.4426950408889634
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 
@@ -126,7 +127,7 @@ def _attend(st, q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn,
 
 @gluon.jit
 def _consumer(q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, turn, Out, Lse,
-              o_row, s_om, m0, Lq, Lk, n_pre, T, qk_scale,
+              o_row, s_om, m0, Lq, Lk, n_pre, T, n_cur, qk_scale,
               HALF: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr, D_V: gl.constexpr,
               HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
@@ -150,7 +151,6 @@ def _consumer(q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empt
     full_pre = (n_pre // BLOCK_N) * BLOCK_N
     full_tail = (T // BLOCK_N) * BLOCK_N
     full_cur = ((first + (Lk - Lq) + 1) // BLOCK_N) * BLOCK_N
-    cur_hi = gl.minimum(Lk, m0 + 2 * HALF_M + (Lk - Lq))
     st = (acc, m_i, l_i, p, c, t)
     st = _attend(st, q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, 0, full_pre, n_pre, q_pos, qk_scale,
                  False, False, HALF, PINGPONG, HALF_M, BLOCK_N, STAGES, s_layout, o_layout)
@@ -162,7 +162,7 @@ def _consumer(q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empt
                  True, False, HALF, PINGPONG, HALF_M, BLOCK_N, STAGES, s_layout, o_layout)
     st = _attend(st, q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, 0, full_cur, Lk, q_pos, qk_scale,
                  False, False, HALF, PINGPONG, HALF_M, BLOCK_N, STAGES, s_layout, o_layout)
-    acc, m_i, l_i, p, c, t = _attend(st, q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, full_cur, cur_hi,
+    acc, m_i, l_i, p, c, t = _attend(st, q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, full_cur, n_cur,
                                      Lk, q_pos, qk_scale, True, True, HALF, PINGPONG, HALF_M, BLOCK_N, STAGES,
                                      s_layout, o_layout)
     # the last block's P V
@@ -197,7 +197,7 @@ def _fwd_ws_kernel(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, Slot, Out, Lse, qk_
     m0 = pid_m * (2 * HALF_M)
     slot = gl.load(Slot + kvh)
     n_pre = gl.where(slot >= 0, P, G)
-    n_cur = gl.minimum(Lk, m0 + 2 * HALF_M + (Lk - Lq))
+    n_cur = gl.minimum(Lk, m0 + 2 * HALF_M + (Lk - Lq))  # current keys this query block sees
 
     dtype: gl.constexpr = qd.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, HALF_M, D_K], qd.layout)
@@ -230,9 +230,9 @@ def _fwd_ws_kernel(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, Slot, Out, Lse, qk_
     gl.warp_specialize(
         [
             (_consumer, (q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, turn, Out, Lse, o_row, s_om,
-                         m0, Lq, Lk, n_pre, T, qk_scale, 0, PINGPONG, STORE_LSE, D_V, HALF_M, BLOCK_N, STAGES)),
+                         m0, Lq, Lk, n_pre, T, n_cur, qk_scale, 0, PINGPONG, STORE_LSE, D_V, HALF_M, BLOCK_N, STAGES)),
             (_consumer, (q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, turn, Out, Lse, o_row, s_om,
-                         m0, Lq, Lk, n_pre, T, qk_scale, 1, PINGPONG, STORE_LSE, D_V, HALF_M, BLOCK_N, STAGES)),
+                         m0, Lq, Lk, n_pre, T, n_cur, qk_scale, 1, PINGPONG, STORE_LSE, D_V, HALF_M, BLOCK_N, STAGES)),
             (_producer, (qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, q_smem, k_smem, v_smem, q_ready, k_ready,
                          v_ready, k_empty, v_empty, q_row, kv_row * G, (b * NL + slot) * P, kv_row * T, kv_row * Lk,
                          slot, n_pre, T, n_cur, BLOCK_N, HALF_M, STAGES)),
@@ -262,21 +262,27 @@ def _rows(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
     return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [block_rows, t.shape[-1]], layout)
 
 
-def forward(tensors, s, slots, scale, return_lse: bool, pingpong: bool = False):
-    """``(out, lse)`` as ``triton_attention.one_pass_forward`` gives them, from the same
-    arguments (``tensors``, shape dict ``s`` and ``slots`` of ``triton_attention._common``).
-    ``pingpong``: the consumers take turns to issue their products; measured slower (H200, the
-    kernel benchmark: 9.4 against 6.7 ms for plan none), so off."""
+def launch_args(tensors, s, slots, scale, return_lse: bool, pingpong: bool = False):
+    """``(grid, args, constexprs, out, lse)``: the kernel's launch for ``forward``'s arguments,
+    with the output and log-sum-exp tensors it writes (``lse`` a one-element stand-in unless
+    ``return_lse``)."""
     q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v = tensors
     B, H, Lq = s["B"], s["H"], s["Lq"]
     out = torch.empty(B, H, Lq, s["D_V"], dtype=q.dtype, device=q.device)
     lse = torch.empty(B * H * Lq if return_lse else 1, dtype=torch.float32, device=q.device)
     descs = [_rows(q, HALF_M)] + [_rows(t, BLOCK_N) for t in (k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v)]
-    grid = (triton.cdiv(Lq, BLOCK_M), B * H)
-    _fwd_ws_kernel[grid](
-        *descs, slots, out, lse, scale * _LOG2E, out.stride(2),
-        H, s["Hk"], s["GROUP"], hist_k.shape[1], Lq, s["Lk"], s["T"], s["G"], s["P"],
-        D_K=s["D_K"], D_V=s["D_V"], PINGPONG=pingpong, STORE_LSE=return_lse,
-        HALF_M=HALF_M, BLOCK_N=BLOCK_N, STAGES=STAGES, num_warps=4,
-    )
+    args = [*descs, slots, out, lse, scale * _LOG2E, out.stride(2),
+            H, s["Hk"], s["GROUP"], hist_k.shape[1], Lq, s["Lk"], s["T"], s["G"], s["P"]]
+    constexprs = dict(D_K=s["D_K"], D_V=s["D_V"], PINGPONG=pingpong, STORE_LSE=return_lse,
+                      HALF_M=HALF_M, BLOCK_N=BLOCK_N, STAGES=STAGES)
+    return (triton.cdiv(Lq, BLOCK_M), B * H), args, constexprs, out, lse
+
+
+def forward(tensors, s, slots, scale, return_lse: bool, pingpong: bool = False):
+    """``(out, lse)`` as ``triton_attention.one_pass_forward`` gives them, from the same
+    arguments (``tensors``, shape dict ``s`` and ``slots`` of ``triton_attention._common``).
+    ``pingpong``: the consumers take turns to issue their products; measured slower (H200, the
+    kernel benchmark: 9.4 against 6.7 ms for plan none), so off."""
+    grid, args, constexprs, out, lse = launch_args(tensors, s, slots, scale, return_lse, pingpong)
+    _fwd_ws_kernel[grid](*args, **constexprs, num_warps=NUM_WARPS)
     return out, lse
