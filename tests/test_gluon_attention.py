@@ -1,7 +1,7 @@
-"""The warp-specialised Hopper forward (``kernels/gluon_attention.py``) without a GPU: it compiles
-for sm_90a with this Triton, to the resources it was measured with, and it is chosen only where
-it applies. Its numerics are checked on the GPU (``bench/check_kernels_cuda.py``): Gluon kernels
-do not run in the interpreter."""
+"""The warp-specialised Hopper kernels (``kernels/gluon_attention.py``: the forward and the dK/dV
+backward) without a GPU: they compile for sm_90a with this Triton, to the resources they were
+measured with, and they are chosen only where they apply. Their numerics are checked on the GPU
+(``bench/check_kernels_cuda.py``): Gluon kernels do not run in the interpreter."""
 
 import json
 import os
@@ -24,17 +24,27 @@ def _args(D, dtype=torch.bfloat16, Lq=256, T=128, G=0, P=256, long_range=(0,)):
             r(B, Hk, G, D), r(B, Hk, G, D), r(B, len(long_range), P, D), r(B, len(long_range), P, D)], list(long_range)
 
 
-def compile_for_hopper(head_dim: int) -> dict:
-    """Compile the kernel for sm_90a (no GPU needed); facts about the result."""
+def _launch(kernel: str, head_dim: int):
+    """(jit function, runtime arguments, constexprs) of ``kernel`` at a small shape."""
+    args, long_range = _args(head_dim)
+    tensors, s, _, slots = ta._common(*args, long_range)
+    if kernel == "forward":
+        _, runtime, consts, _, _ = gluon_attention.launch_args(tensors, s, slots, 0.1, return_lse=True)
+        return gluon_attention._fwd_ws_kernel, runtime, consts
+    rows = torch.zeros(s["B"] * s["H"] * s["Lq"])
+    _, runtime, consts, _ = gluon_attention.dkdv_launch_args(tensors, s, torch.randn_like(args[0]), rows, rows,
+                                                             0.1, tail_needs_grad=True)
+    return gluon_attention._dkdv_ws_kernel, runtime, consts
+
+
+def compile_for_hopper(kernel: str, head_dim: int) -> dict:
+    """Compile ``kernel`` ("forward" or "dkdv") for sm_90a (no GPU needed); facts about the result."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
     from triton.runtime.jit import mangle_type
 
-    args, long_range = _args(head_dim)
-    tensors, s, _, slots = ta._common(*args, long_range)
-    _, runtime, consts, _, _ = gluon_attention.launch_args(tensors, s, slots, 0.1, return_lse=True)
-    fn = gluon_attention._fwd_ws_kernel
+    fn, runtime, consts = _launch(kernel, head_dim)
     values = iter(runtime)
     signature = {}
     for name in fn.arg_names:
@@ -56,11 +66,12 @@ def compile_for_hopper(head_dim: int) -> dict:
     }
 
 
+@pytest.mark.parametrize("kernel", ["forward", "dkdv"])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_the_kernel_compiles_for_hopper(head_dim):
+def test_the_kernel_compiles_for_hopper(kernel, head_dim):
     # in a process of its own: the test session runs Triton in the interpreter
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    run = subprocess.run([sys.executable, __file__, str(head_dim)], env=env, capture_output=True, text=True,
+    run = subprocess.run([sys.executable, __file__, kernel, str(head_dim)], env=env, capture_output=True, text=True,
                          timeout=600, cwd=Path(__file__).resolve().parents[1])
     assert run.returncode == 0, run.stderr[-3000:]
     facts = json.loads(run.stdout.strip().splitlines()[-1])
@@ -81,5 +92,11 @@ def test_it_is_not_chosen_off_hopper_nor_for_decode():
     assert ta.forward_kernel(tensors, s) == "split-keys"
 
 
+def test_the_backward_keeps_the_triton_dkdv_kernel_off_hopper():
+    args, long_range = _args(128)
+    tensors, s, _, _ = ta._common(*args, long_range)
+    assert ta.dkdv_kernel(tensors, s, torch.randn_like(args[0])) == "triton"
+
+
 if __name__ == "__main__":
-    print(json.dumps(compile_for_hopper(int(sys.argv[1]))))
+    print(json.dumps(compile_for_hopper(sys.argv[1], int(sys.argv[2]))))

@@ -1,4 +1,5 @@
-"""Warp-specialised forward of ``segment_attention`` for Hopper (sm_90), in Gluon.
+"""Warp-specialised kernels of ``segment_attention`` for Hopper (sm_90), in Gluon: the forward and
+the dK/dV part of the backward.
 
 The Triton forward (``triton_attention._fwd_kernel``) runs two warpgroups in lock step: they meet
 at a CTA barrier every key block (the shared-memory pipeline's), so both are in their softmax at
@@ -12,10 +13,14 @@ once and the tensor cores idle through it. Here the roles are split, as in Flash
   softmax while those run. With ``PINGPONG`` the two take turns to issue (``turn`` barriers), so
   one's softmax runs under the other's matrix products.
 
-Same key ranges, semantics and result (output, base-2 log-sum-exp) as the Triton forward; only
-16-bit inputs with head dims of 64 or 128 (``supported``). TMA reads each range through a 2-D
-view ``[rows, D]`` of a contiguous ``[B, heads, L, D]`` tensor: a block that runs past its range
-reads the next head's rows (or zeros past the tensor), which the score mask removes.
+The dK/dV kernel (``dkdv``) has the same roles with keys and queries swapped: the producer streams
+Q and dO blocks past a block of 128 keys, whose two halves the consumers own.
+
+Same key ranges, semantics and results as the Triton kernels; only 16-bit inputs with head dims
+of 64 or 128 (``supported``). TMA reads each range through a 2-D view ``[rows, D]`` of a
+contiguous ``[B, heads, L, D]`` tensor: a block that runs past its range reads the next head's
+rows (or zeros past the tensor), which the score mask (forward) or the masked store (dK/dV)
+removes.
 """
 
 from __future__ import annotations
@@ -244,7 +249,7 @@ def _fwd_ws_kernel(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, Slot, Out, Lse, qk_
 
 # ---- launch -----------------------------------------------------------------------------------
 def supported(tensors, s: dict) -> bool:
-    """Hopper, 16-bit inputs and products throughout (``TABLE`` 16-bit), equal head dims of 64 or
+    """Where both kernels apply: Hopper, 16-bit inputs and products throughout (``TABLE`` 16-bit), equal head dims of 64 or
     128, more queries than a decode step (``s``: ``triton_attention._common``'s shape dict)."""
     q = tensors[0]
     return (
@@ -286,3 +291,211 @@ def forward(tensors, s, slots, scale, return_lse: bool, pingpong: bool = False):
     grid, args, constexprs, out, lse = launch_args(tensors, s, slots, scale, return_lse, pingpong)
     _fwd_ws_kernel[grid](*args, **constexprs, num_warps=NUM_WARPS)
     return out, lse
+
+
+# ---- backward: dK/dV ---------------------------------------------------------------------------
+# One program per block of BWD_BLOCK_N tail or current keys and KV head; a producer warp streams
+# the Q and dO blocks of every query head of the GQA group that sees those keys; two consumer
+# warpgroups each own BWD_HALF_N of the keys and accumulate their dK, dV in registers. The
+# products run with keys as rows (S^T = K Q^T, dP^T = V dO^T), so P^T and dS^T are already the
+# left operands of dV += P^T dO and dK += dS^T Q: nothing goes through shared memory.
+BWD_BLOCK_M = 64  # queries a step
+BWD_HALF_N = 64  # keys a consumer
+BWD_STAGES = 2
+
+
+@gluon.jit
+def _dkdv_producer(qd, dod, kd, vd, tkd, tvd, q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready, do_ready,
+                   q_empty, do_empty, in_tail, key_row, q_row0, Lq, GROUP, lo,
+                   BLOCK_M: gl.constexpr, HALF_N: gl.constexpr, STAGES: gl.constexpr):
+    mbarrier.expect(kv_ready, 2 * kd.block_type.nbytes + 2 * vd.block_type.nbytes)
+    for half in gl.static_range(2):
+        if in_tail:
+            _tma_load(tkd, [key_row + half * HALF_N, 0], kv_ready, k_smem.index(half))
+            _tma_load(tvd, [key_row + half * HALF_N, 0], kv_ready, v_smem.index(half))
+        else:
+            _tma_load(kd, [key_row + half * HALF_N, 0], kv_ready, k_smem.index(half))
+            _tma_load(vd, [key_row + half * HALF_N, 0], kv_ready, v_smem.index(half))
+    c = 0
+    for g in range(GROUP):
+        row = q_row0 + g * Lq
+        for start in range(lo, Lq, BLOCK_M):
+            s = c % STAGES
+            free = ((c // STAGES) & 1) ^ 1
+            mbarrier.wait(q_empty.index(s), free)
+            mbarrier.expect(q_ready.index(s), qd.block_type.nbytes)
+            _tma_load(qd, [row + start, 0], q_ready.index(s), q_smem.index(s))
+            mbarrier.wait(do_empty.index(s), free)
+            mbarrier.expect(do_ready.index(s), dod.block_type.nbytes)
+            _tma_load(dod, [row + start, 0], do_ready.index(s), do_smem.index(s))
+            c += 1
+
+
+@gluon.jit
+def _dkdv_steps(st, k, v, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, Lse, Delta,
+                lo, hi, Lq, key_idx, q_off, qk_scale,
+                CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, HALF_N: gl.constexpr,
+                STAGES: gl.constexpr, s_layout: gl.constexpr, acc_layout: gl.constexpr):
+    """Accumulate this consumer's ``dK`` (unscaled) and ``dV`` over the query blocks ``[lo, hi)``
+    of one head (``Lse`` and ``Delta`` at its first row). ``S^T`` and ``dP^T`` are issued
+    together; ``P^T`` is computed while ``dP^T`` runs. Leaving a block's ``dV, dK`` products
+    running into the next block (waited with the next ``S^T``) makes ptxas serialise every
+    ``wgmma`` of the loop (its warning C7512, Triton 3.9), so each block waits for its own."""
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    cols: gl.constexpr = gl.SliceLayout(0, s_layout)
+    row_load: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
+    dk, dv, c = st
+    for start in range(lo, hi, BLOCK_M):
+        s = c % STAGES
+        phase = (c // STAGES) & 1
+        offs_m = start + gl.arange(0, BLOCK_M, layout=cols)
+        # the row vectors are loaded one element a thread and then spread to the columns of the
+        # score tile: loaded there directly, each thread would hold 16 addresses of each
+        rows = start + gl.arange(0, BLOCK_M, layout=row_load)
+        lse = gl.convert_layout(gl.load(Lse + rows, mask=rows < Lq, other=float("inf")), cols)  # p = 0 past Lq
+        zero = gl.zeros([HALF_N, BLOCK_M], gl.float32, s_layout)
+        mbarrier.wait(q_ready.index(s), phase)
+        st_ = warpgroup_mma(k, q_smem.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+        mbarrier.wait(do_ready.index(s), phase)
+        dpt = warpgroup_mma(v, do_smem.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+        st_ = warpgroup_mma_wait(1, deps=(st_,))
+        pt = gl.exp2(st_ * qk_scale - lse[None, :])
+        if CAUSAL:
+            pt = gl.where(key_idx[:, None] <= offs_m[None, :] + q_off, pt, 0.0)
+        delta = gl.convert_layout(gl.load(Delta + rows, mask=rows < Lq, other=0.0), cols)
+        dpt = warpgroup_mma_wait(0, deps=(dpt,))
+        dst = pt * (dpt - delta[None, :])
+        dv = warpgroup_mma(gl.convert_layout(pt.to(k.dtype), op_layout), do_smem.index(s), dv, is_async=True)
+        dk = warpgroup_mma(gl.convert_layout(dst.to(k.dtype), op_layout), q_smem.index(s), dk, is_async=True)
+        dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))
+        mbarrier.arrive(q_empty.index(s), count=1)
+        mbarrier.arrive(do_empty.index(s), count=1)
+        c += 1
+    return dk, dv, c
+
+
+@gluon.jit
+def _dkdv_consumer(q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready, do_ready, q_empty, do_empty,
+                   Lse, Delta, dK, dV, out_row, n0, n_keys, q_off, lse_row0, Lq, GROUP, lo, mask_hi,
+                   qk_scale, sm_scale, HALF: gl.constexpr, D: gl.constexpr,
+                   BLOCK_M: gl.constexpr, HALF_N: gl.constexpr, STAGES: gl.constexpr):
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    first = n0 + HALF * HALF_N
+    key_idx = first + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, s_layout))
+    dk = gl.zeros([HALF_N, D], gl.float32, acc_layout)
+    dv = gl.zeros([HALF_N, D], gl.float32, acc_layout)
+    k = k_smem.index(HALF)
+    v = v_smem.index(HALF)
+    mbarrier.wait(kv_ready, 0)
+    st = (dk, dv, 0)
+    for g in range(GROUP):
+        lse_g = Lse + lse_row0 + g * Lq
+        delta_g = Delta + lse_row0 + g * Lq
+        # the query blocks that see only part of these keys (current keys), then those that see all
+        st = _dkdv_steps(st, k, v, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, lse_g, delta_g,
+                         lo, gl.minimum(mask_hi, Lq), Lq, key_idx, q_off, qk_scale,
+                         True, BLOCK_M, HALF_N, STAGES, s_layout, acc_layout)
+        st = _dkdv_steps(st, k, v, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, lse_g, delta_g,
+                         mask_hi, Lq, Lq, key_idx, q_off, qk_scale,
+                         False, BLOCK_M, HALF_N, STAGES, s_layout, acc_layout)
+    dk, dv, c = st
+
+    rows = first + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, acc_layout))
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
+    mask = (rows[:, None] < n_keys) & (offs_d[None, :] < D)
+    offs = (out_row + rows.to(gl.int64))[:, None] * D + offs_d[None, :]
+    gl.store(dK + offs, (dk * sm_scale).to(dK.dtype.element_ty), mask=mask)
+    gl.store(dV + offs, dv.to(dV.dtype.element_ty), mask=mask)
+
+
+@gluon.jit
+def _dkdv_ws_kernel(qd, dod, kd, vd, tkd, tvd, Lse, Delta, dK, dV, dTK, dTV, qk_scale, sm_scale,
+                    H, Hk, GROUP, Lq, Lk, T, tail_blocks,
+                    D: gl.constexpr, BLOCK_M: gl.constexpr, HALF_N: gl.constexpr, STAGES: gl.constexpr):
+    bk = gl.program_id(0)  # KV heads vary fastest: the heaviest key blocks (tail, then the first current) first
+    pid_n = gl.program_id(1)
+    b = bk // Hk
+    kvh = bk % Hk
+    in_tail = pid_n < tail_blocks
+    n0 = gl.where(in_tail, pid_n, pid_n - tail_blocks) * (2 * HALF_N)
+    n_keys = gl.where(in_tail, T, Lk)
+    # query row m sees key n when n <= m + q_off (current keys); tail keys are seen by every query
+    q_off = Lk - Lq
+    lo = gl.where(in_tail, 0, (gl.maximum(n0 - q_off, 0) // BLOCK_M) * BLOCK_M)
+    # the first query block from lo whose every row sees every key of the block
+    full_from = gl.maximum(n0 + 2 * HALF_N - 1 - q_off, lo)
+    mask_hi = gl.where(in_tail, 0, lo + ((full_from - lo + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
+
+    dtype: gl.constexpr = qd.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], qd.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], dod.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [2, HALF_N, D], kd.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2, HALF_N, D], vd.layout)
+    bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+    kv_ready = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
+    q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    do_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    mbarrier.init(kv_ready, count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(q_ready.index(i), count=1)
+        mbarrier.init(do_ready.index(i), count=1)
+        mbarrier.init(q_empty.index(i), count=2)
+        mbarrier.init(do_empty.index(i), count=2)
+    fence_async_shared()
+
+    kv_row = b * Hk + kvh
+    key_row = kv_row * gl.where(in_tail, T, Lk) + n0
+    q_row0 = (b * H + kvh * GROUP) * Lq
+    out_row = kv_row.to(gl.int64) * gl.where(in_tail, T, Lk)
+    if in_tail:
+        gk = dTK
+        gv = dTV
+    else:
+        gk = dK
+        gv = dV
+    gl.warp_specialize(
+        [
+            (_dkdv_consumer, (q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready, do_ready, q_empty, do_empty,
+                              Lse, Delta, gk, gv, out_row, n0, n_keys, q_off, q_row0, Lq, GROUP, lo, mask_hi,
+                              qk_scale, sm_scale, 0, D, BLOCK_M, HALF_N, STAGES)),
+            (_dkdv_consumer, (q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready, do_ready, q_empty, do_empty,
+                              Lse, Delta, gk, gv, out_row, n0, n_keys, q_off, q_row0, Lq, GROUP, lo, mask_hi,
+                              qk_scale, sm_scale, 1, D, BLOCK_M, HALF_N, STAGES)),
+            (_dkdv_producer, (qd, dod, kd, vd, tkd, tvd, q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready,
+                              do_ready, q_empty, do_empty, in_tail, key_row, q_row0, Lq, GROUP, lo,
+                              BLOCK_M, HALF_N, STAGES)),
+        ],
+        [4, 1],
+        [240, 24],
+    )
+
+
+def dkdv_launch_args(tensors, s, do, lse, delta, scale, tail_needs_grad: bool,
+                     block_m: int = BWD_BLOCK_M, stages: int = BWD_STAGES):
+    """``(grid, args, constexprs, (dk, dv, dtk, dtv))``: the dK/dV kernel's launch; ``dtk, dtv``
+    are None unless ``tail_needs_grad``."""
+    q, k, v, tail_k, tail_v = tensors[:5]
+    B, Hk, Lk, T, D = s["B"], s["Hk"], s["Lk"], s["T"], s["D_K"]
+    dk = torch.empty(B, Hk, Lk, D, dtype=k.dtype, device=k.device)
+    dv = torch.empty_like(dk)
+    dtk = torch.empty(B, Hk, T, D, dtype=k.dtype, device=k.device) if tail_needs_grad else None
+    dtv = torch.empty_like(dtk) if tail_needs_grad else None
+    block_n = 2 * BWD_HALF_N
+    tail_blocks = triton.cdiv(T, block_n) if tail_needs_grad else 0
+    descs = [_rows(q, block_m), _rows(do, block_m)] + [_rows(t, BWD_HALF_N) for t in (k, v, tail_k, tail_v)]
+    args = [*descs, lse, delta, dk, dv, dk if dtk is None else dtk, dv if dtv is None else dtv,
+            scale * _LOG2E, scale, s["H"], Hk, s["GROUP"], s["Lq"], Lk, T, tail_blocks]
+    constexprs = dict(D=D, BLOCK_M=block_m, HALF_N=BWD_HALF_N, STAGES=stages)
+    grid = (B * Hk, tail_blocks + triton.cdiv(Lk, block_n))
+    return grid, args, constexprs, (dk, dv, dtk, dtv)
+
+
+def dkdv(tensors, s, do, lse, delta, scale, tail_needs_grad: bool, **variant):
+    """``(dk, dv, dtk, dtv)`` as ``triton_attention._launch_dkdv`` gives them, from the dQ kernel's
+    log-sum-exp and ``delta`` rows."""
+    grid, args, constexprs, grads = dkdv_launch_args(tensors, s, do, lse, delta, scale, tail_needs_grad, **variant)
+    _dkdv_ws_kernel[grid](*args, **constexprs, num_warps=NUM_WARPS)
+    return grads

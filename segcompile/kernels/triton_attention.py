@@ -559,9 +559,19 @@ def forward_kernel(tensors, s: dict) -> str:
     return kernel
 
 
+def dkdv_kernel(tensors, s: dict, grad_out: torch.Tensor) -> str:
+    """Which dK/dV kernel the backward runs: ``"gluon-ws"`` (``gluon_attention.dkdv``, where the
+    warp-specialised forward applies and the output gradient has the inputs' dtype) or
+    ``"triton"`` (``_dkdv_kernel``). dQ always runs ``_dq_kernel``. Logged like ``forward_kernel``."""
+    gluon = not _INTERPRET and _gluon() is not None and _gluon().supported(tensors, s)
+    kernel = "gluon-ws" if gluon and grad_out.dtype == tensors[0].dtype else "triton"
+    _log_kernel(kernel, "dK/dV")
+    return kernel
+
+
 @functools.cache
-def _log_kernel(kernel: str) -> None:
-    logging.getLogger(__name__).debug("segment_attention forward runs the %s kernel", kernel)
+def _log_kernel(kernel: str, part: str = "forward") -> None:
+    logging.getLogger(__name__).debug("segment_attention %s runs the %s kernel", part, kernel)
 
 
 @functools.cache
@@ -601,7 +611,11 @@ def segment_attention_backward(grad_out, out, q, k, v, tail_k, tail_v, sink_k, s
     tensors, s, meta, slots = _common(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
     do = _usable(grad_out)
     dq, lse, delta = _launch_dq(tensors, s, meta, slots, _usable(out), do, scale, lse)
-    dk, dv, dtk, dtv = _launch_dkdv(tensors, s, meta, do, lse, delta, scale, tail_needs_grad and s["T"] > 0)
+    tail_grads = tail_needs_grad and s["T"] > 0
+    if dkdv_kernel(tensors, s, do) == "gluon-ws":
+        dk, dv, dtk, dtv = _gluon().dkdv(tensors, s, do, lse, delta, scale, tail_grads)
+    else:
+        dk, dv, dtk, dtv = _launch_dkdv(tensors, s, meta, do, lse, delta, scale, tail_grads)
     # each gradient in its input's dtype (they differ from the kernels' when _common widened one)
     dtk, dtv = (None, None) if dtk is None else (dtk.to(tail_k.dtype), dtv.to(tail_v.dtype))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dtk, dtv
