@@ -17,10 +17,9 @@ The dK/dV kernel (``dkdv``) has the same roles with keys and queries swapped: th
 Q and dO blocks past a block of 128 keys, whose two halves the consumers own.
 
 Same key ranges, semantics and results as the Triton kernels; only 16-bit inputs with head dims
-of 64 or 128 (``supported``). TMA reads each range through a 2-D view ``[rows, D]`` of a
-contiguous ``[B, heads, L, D]`` tensor: a block that runs past its range reads the next head's
-rows (or zeros past the tensor), which the score mask (forward) or the masked store (dK/dV)
-removes.
+of 64 or 128 (``supported``). TMA reads every ``[B, heads, L, D]`` tensor in place, with its own
+strides (``_tiles``), in boxes of ``[1, 1, rows, D]``: a block that runs past ``L`` reads zeros,
+never the next head's rows; the score mask (forward) or the masked store (dK/dV) removes them.
 """
 
 from __future__ import annotations
@@ -50,39 +49,46 @@ _LOG2E = 1.4426950408889634
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 
 
+@gluon.jit
+def _mat(buf, i):
+    """Slot ``i`` of a TMA ring (``[slots, 1, 1, rows, D]``: boxes of a ``[B, heads, L, D]``
+    tensor) as the ``[rows, D]`` matrix the products take."""
+    return buf.index(i).reshape([buf.shape[3], buf.shape[4]])
+
+
 # ---- producer ---------------------------------------------------------------------------------
 @gluon.jit
-def _load_range(kd, vd, row0, n, c, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
+def _load_range(kd, vd, b, head, n, c, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    """TMA loads of the K/V blocks of one range (rows ``row0 .. row0 + n`` of ``kd`` / ``vd``)
-    into the ring, from ring position ``c`` on; returns the next position."""
+    """TMA loads of the K/V blocks of one range (the first ``n`` rows of ``[b, head]`` in ``kd`` /
+    ``vd``) into the ring, from ring position ``c`` on; returns the next position."""
     for start in range(0, n, BLOCK_N):
         s = c % STAGES
         free = ((c // STAGES) & 1) ^ 1
         mbarrier.wait(k_empty.index(s), free)
         mbarrier.expect(k_ready.index(s), kd.block_type.nbytes)
-        _tma_load(kd, [row0 + start, 0], k_ready.index(s), k_smem.index(s))
+        _tma_load(kd, [b, head, start, 0], k_ready.index(s), k_smem.index(s))
         mbarrier.wait(v_empty.index(s), free)
         mbarrier.expect(v_ready.index(s), vd.block_type.nbytes)
-        _tma_load(vd, [row0 + start, 0], v_ready.index(s), v_smem.index(s))
+        _tma_load(vd, [b, head, start, 0], v_ready.index(s), v_smem.index(s))
         c += 1
     return c
 
 
 @gluon.jit
 def _producer(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready,
-              k_empty, v_empty, q_row, sink_row, hist_row, tail_row, cur_row, slot, n_pre, T, n_cur,
+              k_empty, v_empty, b, h, kvh, slot, m0, n_pre, T, n_cur,
               BLOCK_N: gl.constexpr, HALF_M: gl.constexpr, STAGES: gl.constexpr):
     for half in gl.static_range(2):
         mbarrier.expect(q_ready.index(half), qd.block_type.nbytes)
-        _tma_load(qd, [q_row + half * HALF_M, 0], q_ready.index(half), q_smem.index(half))
+        _tma_load(qd, [b, h, m0 + half * HALF_M, 0], q_ready.index(half), q_smem.index(half))
     c = 0
     if slot >= 0:
-        c = _load_range(hkd, hvd, hist_row, n_pre, c, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, BLOCK_N, STAGES)
+        c = _load_range(hkd, hvd, b, slot, n_pre, c, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, BLOCK_N, STAGES)
     else:
-        c = _load_range(skd, svd, sink_row, n_pre, c, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, BLOCK_N, STAGES)
-    c = _load_range(tkd, tvd, tail_row, T, c, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, BLOCK_N, STAGES)
-    _load_range(kd, vd, cur_row, n_cur, c, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, BLOCK_N, STAGES)
+        c = _load_range(skd, svd, b, kvh, n_pre, c, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, BLOCK_N, STAGES)
+    c = _load_range(tkd, tvd, b, kvh, T, c, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, BLOCK_N, STAGES)
+    _load_range(kd, vd, b, kvh, n_cur, c, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, BLOCK_N, STAGES)
 
 
 # ---- consumers --------------------------------------------------------------------------------
@@ -104,8 +110,8 @@ def _attend(st, q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn,
         if PINGPONG:
             mbarrier.wait(turn.index(HALF), (t & 1) ^ (1 - HALF))
         zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
-        qk = warpgroup_mma(q, k_smem.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
-        acc = warpgroup_mma(p, v_smem.index(prev), acc, is_async=True)
+        qk = warpgroup_mma(q, _mat(k_smem, s).permute((1, 0)), zero, use_acc=False, is_async=True)
+        acc = warpgroup_mma(p, _mat(v_smem, prev), acc, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turn.index(1 - HALF), count=1)
             t += 1
@@ -147,7 +153,7 @@ def _consumer(q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empt
     p = gl.zeros([HALF_M, BLOCK_N], q_smem.dtype, gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2))
     c = 0
     t = 0
-    q = q_smem.index(HALF)
+    q = _mat(q_smem, HALF)
     mbarrier.wait(q_ready.index(HALF), 0)
 
     # prefix and tail: every query sees them whole; the current segment: the blocks this half's
@@ -173,7 +179,7 @@ def _consumer(q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empt
     # the last block's P V
     last = (c + STAGES - 1) % STAGES
     mbarrier.wait(v_ready.index(last), ((c + STAGES - 1) // STAGES - 1) & 1)
-    acc = warpgroup_mma(p, v_smem.index(last), acc, is_async=True)
+    acc = warpgroup_mma(p, _mat(v_smem, last), acc, is_async=True)
     acc = warpgroup_mma_wait(0, deps=(acc,))
     mbarrier.arrive(v_empty.index(last), count=1)
 
@@ -205,12 +211,12 @@ def _fwd_ws_kernel(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, Slot, Out, Lse, qk_
     n_cur = gl.minimum(Lk, m0 + 2 * HALF_M + (Lk - Lq))  # current keys this query block sees
 
     dtype: gl.constexpr = qd.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [2, HALF_M, D_K], qd.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_N, D_K], kd.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF_M, D_K], qd.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, D_K], kd.layout)
     # one spare V slot, zeroed: the "previous block" of the first block (its P is zero)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES + 1, BLOCK_N, D_V], vd.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES + 1, 1, 1, BLOCK_N, D_V], vd.layout)
     zero_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    v_smem.index(STAGES).store(gl.zeros([BLOCK_N, D_V], dtype, zero_layout))
+    _mat(v_smem, STAGES).store(gl.zeros([BLOCK_N, D_V], dtype, zero_layout))
 
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
     q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
@@ -230,8 +236,6 @@ def _fwd_ws_kernel(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, Slot, Out, Lse, qk_
     fence_async_shared()
 
     o_row = bh.to(gl.int64) * Lq
-    q_row = bh * Lq + m0  # TMA coordinates are 32-bit
-    kv_row = b * Hk + kvh
     gl.warp_specialize(
         [
             (_consumer, (q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, turn, Out, Lse, o_row, s_om,
@@ -239,8 +243,7 @@ def _fwd_ws_kernel(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, Slot, Out, Lse, qk_
             (_consumer, (q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, turn, Out, Lse, o_row, s_om,
                          m0, Lq, Lk, n_pre, T, n_cur, qk_scale, 1, PINGPONG, STORE_LSE, D_V, HALF_M, BLOCK_N, STAGES)),
             (_producer, (qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, q_smem, k_smem, v_smem, q_ready, k_ready,
-                         v_ready, k_empty, v_empty, q_row, kv_row * G, (b * NL + slot) * P, kv_row * T, kv_row * Lk,
-                         slot, n_pre, T, n_cur, BLOCK_N, HALF_M, STAGES)),
+                         v_ready, k_empty, v_empty, b, h, kvh, slot, m0, n_pre, T, n_cur, BLOCK_N, HALF_M, STAGES)),
         ],
         [4, 1],
         [240, 24],
@@ -259,12 +262,21 @@ def supported(tensors, s: dict) -> bool:
     )
 
 
-def _rows(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
-    """A TMA descriptor over ``t`` ([B, heads, L, D]) seen as ``[B * heads * L, D]``."""
-    t = t.contiguous()
-    flat = t.view(-1, t.shape[-1])
-    layout = gl.NVMMASharedLayout.get_default_for([block_rows, t.shape[-1]], _GL_DTYPES[t.dtype])
-    return TensorDescriptor(flat, list(flat.shape), list(flat.stride()), [block_rows, t.shape[-1]], layout)
+def _tiles(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
+    """A TMA descriptor over ``t`` (``[B, heads, L, D]``, its own strides: a slice of a longer
+    sequence or a transposed projection is read in place) in boxes of ``[1, 1, block_rows, D]``.
+    A box that runs past ``L`` reads zeros. Strides TMA cannot take (not multiples of 16 bytes)
+    get a contiguous copy."""
+    if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]):
+        t = t.contiguous()
+    # a dimension of one element is never stepped along: give it the stride it would have if dense
+    strides = list(t.stride())
+    for i in range(t.dim() - 2, -1, -1):
+        if t.shape[i] == 1:
+            strides[i] = strides[i + 1] * t.shape[i + 1]
+    block = [1, 1, block_rows, t.shape[-1]]
+    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype])
+    return TensorDescriptor(t, list(t.shape), strides, block, layout)
 
 
 def launch_args(tensors, s, slots, scale, return_lse: bool, pingpong: bool = False):
@@ -275,7 +287,7 @@ def launch_args(tensors, s, slots, scale, return_lse: bool, pingpong: bool = Fal
     B, H, Lq = s["B"], s["H"], s["Lq"]
     out = torch.empty(B, H, Lq, s["D_V"], dtype=q.dtype, device=q.device)
     lse = torch.empty(B * H * Lq if return_lse else 1, dtype=torch.float32, device=q.device)
-    descs = [_rows(q, HALF_M)] + [_rows(t, BLOCK_N) for t in (k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v)]
+    descs = [_tiles(q, HALF_M)] + [_tiles(t, BLOCK_N) for t in (k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v)]
     args = [*descs, slots, out, lse, scale * _LOG2E, out.stride(2),
             H, s["Hk"], s["GROUP"], hist_k.shape[1], Lq, s["Lk"], s["T"], s["G"], s["P"]]
     constexprs = dict(D_K=s["D_K"], D_V=s["D_V"], PINGPONG=pingpong, STORE_LSE=return_lse,
@@ -306,28 +318,28 @@ BWD_STAGES = 2
 
 @gluon.jit
 def _dkdv_producer(qd, dod, kd, vd, tkd, tvd, q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready, do_ready,
-                   q_empty, do_empty, in_tail, key_row, q_row0, Lq, GROUP, lo,
+                   q_empty, do_empty, in_tail, b, kvh, n0, Lq, GROUP, lo,
                    BLOCK_M: gl.constexpr, HALF_N: gl.constexpr, STAGES: gl.constexpr):
     mbarrier.expect(kv_ready, 2 * kd.block_type.nbytes + 2 * vd.block_type.nbytes)
     for half in gl.static_range(2):
         if in_tail:
-            _tma_load(tkd, [key_row + half * HALF_N, 0], kv_ready, k_smem.index(half))
-            _tma_load(tvd, [key_row + half * HALF_N, 0], kv_ready, v_smem.index(half))
+            _tma_load(tkd, [b, kvh, n0 + half * HALF_N, 0], kv_ready, k_smem.index(half))
+            _tma_load(tvd, [b, kvh, n0 + half * HALF_N, 0], kv_ready, v_smem.index(half))
         else:
-            _tma_load(kd, [key_row + half * HALF_N, 0], kv_ready, k_smem.index(half))
-            _tma_load(vd, [key_row + half * HALF_N, 0], kv_ready, v_smem.index(half))
+            _tma_load(kd, [b, kvh, n0 + half * HALF_N, 0], kv_ready, k_smem.index(half))
+            _tma_load(vd, [b, kvh, n0 + half * HALF_N, 0], kv_ready, v_smem.index(half))
     c = 0
     for g in range(GROUP):
-        row = q_row0 + g * Lq
+        h = kvh * GROUP + g
         for start in range(lo, Lq, BLOCK_M):
             s = c % STAGES
             free = ((c // STAGES) & 1) ^ 1
             mbarrier.wait(q_empty.index(s), free)
             mbarrier.expect(q_ready.index(s), qd.block_type.nbytes)
-            _tma_load(qd, [row + start, 0], q_ready.index(s), q_smem.index(s))
+            _tma_load(qd, [b, h, start, 0], q_ready.index(s), q_smem.index(s))
             mbarrier.wait(do_empty.index(s), free)
             mbarrier.expect(do_ready.index(s), dod.block_type.nbytes)
-            _tma_load(dod, [row + start, 0], do_ready.index(s), do_smem.index(s))
+            _tma_load(dod, [b, h, start, 0], do_ready.index(s), do_smem.index(s))
             c += 1
 
 
@@ -355,9 +367,9 @@ def _dkdv_steps(st, k, v, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty,
         lse = gl.convert_layout(gl.load(Lse + rows, mask=rows < Lq, other=float("inf")), cols)  # p = 0 past Lq
         zero = gl.zeros([HALF_N, BLOCK_M], gl.float32, s_layout)
         mbarrier.wait(q_ready.index(s), phase)
-        st_ = warpgroup_mma(k, q_smem.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+        st_ = warpgroup_mma(k, _mat(q_smem, s).permute((1, 0)), zero, use_acc=False, is_async=True)
         mbarrier.wait(do_ready.index(s), phase)
-        dpt = warpgroup_mma(v, do_smem.index(s).permute((1, 0)), zero, use_acc=False, is_async=True)
+        dpt = warpgroup_mma(v, _mat(do_smem, s).permute((1, 0)), zero, use_acc=False, is_async=True)
         st_ = warpgroup_mma_wait(1, deps=(st_,))
         pt = gl.exp2(st_ * qk_scale - lse[None, :])
         if CAUSAL:
@@ -365,8 +377,8 @@ def _dkdv_steps(st, k, v, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty,
         delta = gl.convert_layout(gl.load(Delta + rows, mask=rows < Lq, other=0.0), cols)
         dpt = warpgroup_mma_wait(0, deps=(dpt,))
         dst = pt * (dpt - delta[None, :])
-        dv = warpgroup_mma(gl.convert_layout(pt.to(k.dtype), op_layout), do_smem.index(s), dv, is_async=True)
-        dk = warpgroup_mma(gl.convert_layout(dst.to(k.dtype), op_layout), q_smem.index(s), dk, is_async=True)
+        dv = warpgroup_mma(gl.convert_layout(pt.to(k.dtype), op_layout), _mat(do_smem, s), dv, is_async=True)
+        dk = warpgroup_mma(gl.convert_layout(dst.to(k.dtype), op_layout), _mat(q_smem, s), dk, is_async=True)
         dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))
         mbarrier.arrive(q_empty.index(s), count=1)
         mbarrier.arrive(do_empty.index(s), count=1)
@@ -385,8 +397,8 @@ def _dkdv_consumer(q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready, do_ready,
     key_idx = first + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, s_layout))
     dk = gl.zeros([HALF_N, D], gl.float32, acc_layout)
     dv = gl.zeros([HALF_N, D], gl.float32, acc_layout)
-    k = k_smem.index(HALF)
-    v = v_smem.index(HALF)
+    k = _mat(k_smem, HALF)
+    v = _mat(v_smem, HALF)
     mbarrier.wait(kv_ready, 0)
     st = (dk, dv, 0)
     for g in range(GROUP):
@@ -428,10 +440,10 @@ def _dkdv_ws_kernel(qd, dod, kd, vd, tkd, tvd, Lse, Delta, dK, dV, dTK, dTV, qk_
     mask_hi = gl.where(in_tail, 0, lo + ((full_from - lo + BLOCK_M - 1) // BLOCK_M) * BLOCK_M)
 
     dtype: gl.constexpr = qd.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], qd.layout)
-    do_smem = gl.allocate_shared_memory(dtype, [STAGES, BLOCK_M, D], dod.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [2, HALF_N, D], kd.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [2, HALF_N, D], vd.layout)
+    q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_M, D], qd.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_M, D], dod.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF_N, D], kd.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF_N, D], vd.layout)
     bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
     kv_ready = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
     q_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
@@ -447,8 +459,7 @@ def _dkdv_ws_kernel(qd, dod, kd, vd, tkd, tvd, Lse, Delta, dK, dV, dTK, dTV, qk_
     fence_async_shared()
 
     kv_row = b * Hk + kvh
-    key_row = kv_row * gl.where(in_tail, T, Lk) + n0
-    q_row0 = (b * H + kvh * GROUP) * Lq
+    lse_row0 = (b * H + kvh * GROUP) * Lq  # the group's first query row in Lse, Delta
     out_row = kv_row.to(gl.int64) * gl.where(in_tail, T, Lk)
     if in_tail:
         gk = dTK
@@ -459,13 +470,13 @@ def _dkdv_ws_kernel(qd, dod, kd, vd, tkd, tvd, Lse, Delta, dK, dV, dTK, dTV, qk_
     gl.warp_specialize(
         [
             (_dkdv_consumer, (q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready, do_ready, q_empty, do_empty,
-                              Lse, Delta, gk, gv, out_row, n0, n_keys, q_off, q_row0, Lq, GROUP, lo, mask_hi,
+                              Lse, Delta, gk, gv, out_row, n0, n_keys, q_off, lse_row0, Lq, GROUP, lo, mask_hi,
                               qk_scale, sm_scale, 0, D, BLOCK_M, HALF_N, STAGES)),
             (_dkdv_consumer, (q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready, do_ready, q_empty, do_empty,
-                              Lse, Delta, gk, gv, out_row, n0, n_keys, q_off, q_row0, Lq, GROUP, lo, mask_hi,
+                              Lse, Delta, gk, gv, out_row, n0, n_keys, q_off, lse_row0, Lq, GROUP, lo, mask_hi,
                               qk_scale, sm_scale, 1, D, BLOCK_M, HALF_N, STAGES)),
             (_dkdv_producer, (qd, dod, kd, vd, tkd, tvd, q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready,
-                              do_ready, q_empty, do_empty, in_tail, key_row, q_row0, Lq, GROUP, lo,
+                              do_ready, q_empty, do_empty, in_tail, b, kvh, n0, Lq, GROUP, lo,
                               BLOCK_M, HALF_N, STAGES)),
         ],
         [4, 1],
@@ -485,7 +496,7 @@ def dkdv_launch_args(tensors, s, do, lse, delta, scale, tail_needs_grad: bool,
     dtv = torch.empty_like(dtk) if tail_needs_grad else None
     block_n = 2 * BWD_HALF_N
     tail_blocks = triton.cdiv(T, block_n) if tail_needs_grad else 0
-    descs = [_rows(q, block_m), _rows(do, block_m)] + [_rows(t, BWD_HALF_N) for t in (k, v, tail_k, tail_v)]
+    descs = [_tiles(q, block_m), _tiles(do, block_m)] + [_tiles(t, BWD_HALF_N) for t in (k, v, tail_k, tail_v)]
     args = [*descs, lse, delta, dk, dv, dk if dtk is None else dtk, dv if dtv is None else dtv,
             scale * _LOG2E, scale, s["H"], Hk, s["GROUP"], s["Lq"], Lk, T, tail_blocks]
     constexprs = dict(D=D, BLOCK_M=block_m, HALF_N=BWD_HALF_N, STAGES=stages)
