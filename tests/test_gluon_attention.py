@@ -32,6 +32,10 @@ def _launch(kernel: str, head_dim: int):
         _, runtime, consts, _, _ = gluon_attention.launch_args(tensors, s, slots, 0.1, return_lse=True)
         return gluon_attention._fwd_ws_kernel, runtime, consts
     rows = torch.zeros(s["B"] * s["H"] * s["Lq"])
+    if kernel == "dq":
+        out = torch.randn_like(args[0])
+        _, runtime, consts, _ = gluon_attention.dq_launch_args(tensors, s, slots, out, torch.randn_like(out), rows, 0.1)
+        return gluon_attention._dq_ws_kernel, runtime, consts
     _, runtime, consts, _ = gluon_attention.dkdv_launch_args(tensors, s, torch.randn_like(args[0]), rows, rows,
                                                              0.1, tail_needs_grad=True)
     return gluon_attention._dkdv_ws_kernel, runtime, consts
@@ -66,7 +70,7 @@ def compile_for_hopper(kernel: str, head_dim: int) -> dict:
     }
 
 
-@pytest.mark.parametrize("kernel", ["forward", "dkdv"])
+@pytest.mark.parametrize("kernel", ["forward", "dq", "dkdv"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_the_kernel_compiles_for_hopper(kernel, head_dim):
     # in a process of its own: the test session runs Triton in the interpreter

@@ -78,9 +78,14 @@ def _load_range(kd, vd, b, head, n, c, k_smem, v_smem, k_ready, v_ready, k_empty
 @gluon.jit
 def _producer(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready,
               k_empty, v_empty, b, h, kvh, slot, m0, n_pre, T, n_cur,
-              BLOCK_N: gl.constexpr, HALF_M: gl.constexpr, STAGES: gl.constexpr):
+              BLOCK_N: gl.constexpr, HALF_M: gl.constexpr, STAGES: gl.constexpr, dod=None, do_smem=None):
+    """Q (and dO, for dQ: same barrier) of the query block, then the K/V blocks of every range."""
     for half in gl.static_range(2):
-        mbarrier.expect(q_ready.index(half), qd.block_type.nbytes)
+        if dod is None:
+            mbarrier.expect(q_ready.index(half), qd.block_type.nbytes)
+        else:
+            mbarrier.expect(q_ready.index(half), qd.block_type.nbytes + dod.block_type.nbytes)
+            _tma_load(dod, [b, h, m0 + half * HALF_M, 0], q_ready.index(half), do_smem.index(half))
         _tma_load(qd, [b, h, m0 + half * HALF_M, 0], q_ready.index(half), q_smem.index(half))
     c = 0
     if slot >= 0:
@@ -510,3 +515,172 @@ def dkdv(tensors, s, do, lse, delta, scale, tail_needs_grad: bool, **variant):
     grid, args, constexprs, grads = dkdv_launch_args(tensors, s, do, lse, delta, scale, tail_needs_grad, **variant)
     _dkdv_ws_kernel[grid](*args, **constexprs, num_warps=NUM_WARPS)
     return grads
+
+
+# ---- backward: dQ ------------------------------------------------------------------------------
+# The forward's layout (producer warp, two consumer warpgroups of 64 query rows, the same key
+# ranges in the same ring) with three products a key block: S = Q K^T, dP = dO V^T, dQ += dS K.
+# Blocks of 64 keys: at 128 the three tiles and the dQ accumulator need more than 240 registers.
+DQ_BLOCK_N = 64
+DQ_STAGES = 3
+
+
+@gluon.jit
+def _dq_steps(st, q, do, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, lse, delta,
+              lo, hi, n_keys, q_pos, qk_scale,
+              MASK_N: gl.constexpr, CAUSAL: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr,
+              STAGES: gl.constexpr, s_layout: gl.constexpr, acc_layout: gl.constexpr):
+    """Accumulate ``dS K`` (unscaled) over the key blocks ``[lo, hi)`` of one range."""
+    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+    dq, c = st
+    for start in range(lo, hi, BLOCK_N):
+        s = c % STAGES
+        phase = (c // STAGES) & 1
+        zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
+        mbarrier.wait(k_ready.index(s), phase)
+        qk = warpgroup_mma(q, _mat(k_smem, s).permute((1, 0)), zero, use_acc=False, is_async=True)
+        mbarrier.wait(v_ready.index(s), phase)
+        dp = warpgroup_mma(do, _mat(v_smem, s).permute((1, 0)), zero, use_acc=False, is_async=True)
+        qk = warpgroup_mma_wait(1, deps=(qk,))
+        p = gl.exp2(qk * qk_scale - lse[:, None])
+        if MASK_N or CAUSAL:
+            offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            if MASK_N:
+                p = gl.where(offs_n[None, :] < n_keys, p, 0.0)
+            if CAUSAL:
+                p = gl.where(offs_n[None, :] <= q_pos[:, None], p, 0.0)
+        dp = warpgroup_mma_wait(0, deps=(dp,))
+        mbarrier.arrive(v_empty.index(s), count=1)
+        ds = gl.convert_layout((p * (dp - delta[:, None])).to(q.dtype), op_layout)
+        dq = warpgroup_mma(ds, _mat(k_smem, s), dq, is_async=True)
+        dq = warpgroup_mma_wait(0, deps=(dq,))
+        mbarrier.arrive(k_empty.index(s), count=1)
+        c += 1
+    return dq, c
+
+
+@gluon.jit
+def _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty,
+                 Out, dQ, Lse, Delta, row0, m0, Lq, Lk, n_pre, T, n_cur, qk_scale, sm_scale,
+                 HALF: gl.constexpr, D: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                 STAGES: gl.constexpr):
+    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
+    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
+    rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
+    tile_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+    first = m0 + HALF * HALF_M
+    rows = first + gl.arange(0, HALF_M, layout=rows_layout)
+    q_pos = rows + (Lk - Lq)
+    lse = gl.load(Lse + row0 + rows, mask=rows < Lq, other=float("inf"))  # p = 0 on rows past Lq
+    # delta = rowsum(o * do), for this kernel and for dK/dV
+    t_rows = first + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, tile_layout))
+    t_cols = gl.arange(0, D, layout=gl.SliceLayout(0, tile_layout))
+    t_mask = (t_rows[:, None] < Lq) & (t_cols[None, :] < D)
+    t_offs = (row0 + t_rows.to(gl.int64))[:, None] * D + t_cols[None, :]
+    o = gl.load(Out + t_offs, mask=t_mask, other=0.0).to(gl.float32)
+    mbarrier.wait(q_ready.index(HALF), 0)
+    do = _mat(do_smem, HALF)
+    delta_t = gl.sum(o * do.load(tile_layout).to(gl.float32), 1)
+    gl.store(Delta + row0 + t_rows, delta_t, mask=t_rows < Lq)
+    delta = gl.convert_layout(delta_t, rows_layout)
+    q = _mat(q_smem, HALF)
+
+    full_pre = (n_pre // BLOCK_N) * BLOCK_N
+    full_tail = (T // BLOCK_N) * BLOCK_N
+    full_cur = ((first + (Lk - Lq) + 1) // BLOCK_N) * BLOCK_N
+    st = (gl.zeros([HALF_M, D], gl.float32, acc_layout), 0)
+    st = _dq_steps(st, q, do, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, lse, delta, 0, full_pre, n_pre,
+                   q_pos, qk_scale, False, False, HALF_M, BLOCK_N, STAGES, s_layout, acc_layout)
+    st = _dq_steps(st, q, do, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, lse, delta, full_pre, n_pre, n_pre,
+                   q_pos, qk_scale, True, False, HALF_M, BLOCK_N, STAGES, s_layout, acc_layout)
+    st = _dq_steps(st, q, do, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, lse, delta, 0, full_tail, T,
+                   q_pos, qk_scale, False, False, HALF_M, BLOCK_N, STAGES, s_layout, acc_layout)
+    st = _dq_steps(st, q, do, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, lse, delta, full_tail, T, T,
+                   q_pos, qk_scale, True, False, HALF_M, BLOCK_N, STAGES, s_layout, acc_layout)
+    st = _dq_steps(st, q, do, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, lse, delta, 0, full_cur, Lk,
+                   q_pos, qk_scale, False, False, HALF_M, BLOCK_N, STAGES, s_layout, acc_layout)
+    dq, c = _dq_steps(st, q, do, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, lse, delta, full_cur, n_cur, Lk,
+                      q_pos, qk_scale, True, True, HALF_M, BLOCK_N, STAGES, s_layout, acc_layout)
+
+    out_rows = first + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, acc_layout))
+    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
+    offs = (row0 + out_rows.to(gl.int64))[:, None] * D + offs_d[None, :]
+    gl.store(dQ + offs, (dq * sm_scale).to(dQ.dtype.element_ty), mask=(out_rows[:, None] < Lq) & (offs_d[None, :] < D))
+
+
+@gluon.jit
+def _dq_ws_kernel(qd, dod, kd, vd, tkd, tvd, skd, svd, hkd, hvd, Slot, Out, dQ, Lse, Delta, qk_scale, sm_scale,
+                  H, GROUP, Lq, Lk, T, G, P,
+                  D: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    n_m = gl.num_programs(0)
+    pid_m = n_m - 1 - gl.program_id(0)  # the heaviest query blocks first
+    bh = gl.program_id(1)
+    b = bh // H
+    h = bh % H
+    kvh = h // GROUP
+    m0 = pid_m * (2 * HALF_M)
+    slot = gl.load(Slot + kvh)
+    n_pre = gl.where(slot >= 0, P, G)
+    n_cur = gl.minimum(Lk, m0 + 2 * HALF_M + (Lk - Lq))
+
+    dtype: gl.constexpr = qd.dtype
+    q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF_M, D], qd.layout)
+    do_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF_M, D], dod.layout)
+    k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, D], kd.layout)
+    v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, D], vd.layout)
+    bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    for i in gl.static_range(2):
+        mbarrier.init(q_ready.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)
+        mbarrier.init(v_empty.index(i), count=2)
+    fence_async_shared()
+
+    row0 = bh.to(gl.int64) * Lq
+    gl.warp_specialize(
+        [
+            (_dq_consumer, (q_smem, do_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty,
+                            Out, dQ, Lse, Delta, row0, m0, Lq, Lk, n_pre, T, n_cur, qk_scale, sm_scale,
+                            0, D, HALF_M, BLOCK_N, STAGES)),
+            (_dq_consumer, (q_smem, do_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty,
+                            Out, dQ, Lse, Delta, row0, m0, Lq, Lk, n_pre, T, n_cur, qk_scale, sm_scale,
+                            1, D, HALF_M, BLOCK_N, STAGES)),
+            (_producer, (qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, q_smem, k_smem, v_smem, q_ready, k_ready,
+                         v_ready, k_empty, v_empty, b, h, kvh, slot, m0, n_pre, T, n_cur, BLOCK_N, HALF_M, STAGES,
+                         dod, do_smem)),
+        ],
+        [4, 1],
+        [240, 24],
+    )
+
+
+def dq_launch_args(tensors, s, slots, out, do, lse, scale, block_n: int = DQ_BLOCK_N, stages: int = DQ_STAGES):
+    """``(grid, args, constexprs, (dq, delta))``: the dQ kernel's launch. ``lse``: the forward's;
+    ``delta`` (``rowsum(o * do)``, which dK/dV takes too) is written by the kernel. ``out`` must
+    be contiguous."""
+    q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v = tensors
+    B, H, Lq, D = s["B"], s["H"], s["Lq"], s["D_K"]
+    dq = torch.empty(B, H, Lq, D, dtype=q.dtype, device=q.device)
+    delta = torch.empty(B * H * Lq, dtype=torch.float32, device=q.device)
+    descs = [_tiles(q, HALF_M), _tiles(do, HALF_M)] + [
+        _tiles(t, block_n) for t in (k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v)]
+    args = [*descs, slots, out, dq, lse, delta, scale * _LOG2E, scale,
+            H, s["GROUP"], Lq, s["Lk"], s["T"], s["G"], s["P"]]
+    constexprs = dict(D=D, HALF_M=HALF_M, BLOCK_N=block_n, STAGES=stages)
+    return (triton.cdiv(Lq, BLOCK_M), B * H), args, constexprs, (dq, delta)
+
+
+def dq(tensors, s, slots, out, do, lse, scale, **variant):
+    """``(dq, lse, delta)`` as ``triton_attention._launch_dq`` gives them, from the forward's
+    log-sum-exp."""
+    out = out.contiguous()
+    grid, args, constexprs, (dq_, delta) = dq_launch_args(tensors, s, slots, out, do, lse, scale, **variant)
+    _dq_ws_kernel[grid](*args, **constexprs, num_warps=NUM_WARPS)
+    return dq_, lse, delta
