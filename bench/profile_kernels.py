@@ -30,7 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-KERNELS = "regex:_fwd_kernel|_dq_kernel|_dkdv_kernel|triton_tem"
+# the Triton kernels and their warp-specialised Gluon counterparts (`_fwd_ws_kernel`, ...)
+KERNELS = "regex:_fwd(_ws)?_kernel|_dq(_ws)?_kernel|_dkdv(_ws)?_kernel|triton_tem"
 SECTIONS = ["SpeedOfLight", "ComputeWorkloadAnalysis", "WarpStateStats", "SchedulerStats", "Occupancy", "LaunchStats"]
 # in the order the workload launches them
 LABELS = ["segcompile forward", "segcompile dQ", "segcompile dK/dV",
