@@ -23,6 +23,10 @@ k/v only; no gradient work is spent on the prefix (sinks and history are constan
 * ``_dkdv_kernel`` (per block of tail or current keys and KV head): loops over the query heads
   of its GQA group and the query blocks that see it, so no atomics are needed.
 
+On Hopper, for 16-bit inputs with head dims of 64 or 128, all three run instead as the
+warp-specialised Gluon kernels of ``gluon_attention.py`` (same grid, same results);
+``forward_kernel``, ``dq_kernel`` and ``dkdv_kernel`` say which runs, and log it.
+
 Matrix products run in the inputs' dtype when it is fp16/bf16, in the autocast dtype when a
 CUDA autocast region asked for one (fp32 K/V are cast in registers, never copied), and in full
 fp32 (``ieee``) otherwise; accumulation is always fp32.
