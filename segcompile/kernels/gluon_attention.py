@@ -521,6 +521,8 @@ def dkdv(tensors, s, do, lse, delta, scale, tail_needs_grad: bool, **variant):
 # The forward's layout (producer warp, two consumer warpgroups of 64 query rows, the same key
 # ranges in the same ring) with three products a key block: S = Q K^T, dP = dO V^T, dQ += dS K.
 # Blocks of 64 keys: at 128 the three tiles and the dQ accumulator need more than 240 registers.
+# Not chosen by the backward yet: on an H200 it matched the Triton dQ kernel's error on three
+# cases (sinks and history, D=64, a short D=128 segment), and it has not been timed.
 DQ_BLOCK_N = 64
 DQ_STAGES = 3
 

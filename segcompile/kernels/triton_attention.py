@@ -23,9 +23,10 @@ k/v only; no gradient work is spent on the prefix (sinks and history are constan
 * ``_dkdv_kernel`` (per block of tail or current keys and KV head): loops over the query heads
   of its GQA group and the query blocks that see it, so no atomics are needed.
 
-On Hopper, for 16-bit inputs with head dims of 64 or 128, all three run instead as the
-warp-specialised Gluon kernels of ``gluon_attention.py`` (same grid, same results);
-``forward_kernel``, ``dq_kernel`` and ``dkdv_kernel`` say which runs, and log it.
+On Hopper, for 16-bit inputs with head dims of 64 or 128, the forward and dK/dV run instead as
+the warp-specialised Gluon kernels of ``gluon_attention.py`` (same results); ``forward_kernel``
+and ``dkdv_kernel`` say which runs, and log it. dQ stays ``_dq_kernel`` (``gluon_attention.dq``
+is not chosen yet: see there).
 
 Matrix products run in the inputs' dtype when it is fp16/bf16, in the autocast dtype when a
 CUDA autocast region asked for one (fp32 K/V are cast in registers, never copied), and in full
@@ -563,28 +564,14 @@ def forward_kernel(tensors, s: dict) -> str:
     return kernel
 
 
-def dq_kernel(tensors, s: dict, grad_out: torch.Tensor, lse: torch.Tensor | None) -> str:
-    """Which dQ kernel the backward runs: ``"gluon-ws"`` (``gluon_attention.dq``, where
-    ``dkdv_kernel`` picks Gluon and the forward's log-sum-exp is given) or ``"triton"``
-    (``_dq_kernel``, which can also recompute it). Logged like ``forward_kernel``."""
-    kernel = "gluon-ws" if lse is not None and _gluon_backward(tensors, s, grad_out) else "triton"
-    _log_kernel(kernel, "dQ")
-    return kernel
-
-
 def dkdv_kernel(tensors, s: dict, grad_out: torch.Tensor) -> str:
-    """Which dK/dV kernel the backward runs: ``"gluon-ws"`` (``gluon_attention.dkdv``) or
-    ``"triton"`` (``_dkdv_kernel``). Logged like ``forward_kernel``."""
-    kernel = "gluon-ws" if _gluon_backward(tensors, s, grad_out) else "triton"
+    """Which dK/dV kernel the backward runs: ``"gluon-ws"`` (``gluon_attention.dkdv``, where the
+    Gluon forward applies and the output gradient has the inputs' dtype) or ``"triton"``
+    (``_dkdv_kernel``). Logged like ``forward_kernel``."""
+    gluon = not _INTERPRET and _gluon() is not None and _gluon().supported(tensors, s)
+    kernel = "gluon-ws" if gluon and grad_out.dtype == tensors[0].dtype else "triton"
     _log_kernel(kernel, "dK/dV")
     return kernel
-
-
-def _gluon_backward(tensors, s: dict, grad_out: torch.Tensor) -> bool:
-    """The Gluon backward kernels apply where the Gluon forward does and the output gradient has
-    the inputs' dtype."""
-    gluon = not _INTERPRET and _gluon() is not None and _gluon().supported(tensors, s)
-    return gluon and grad_out.dtype == tensors[0].dtype
 
 
 @functools.cache
@@ -628,10 +615,7 @@ def segment_attention_backward(grad_out, out, q, k, v, tail_k, tail_v, sink_k, s
     (``return_lse``); without it the dQ kernel recomputes it in a pass of its own."""
     tensors, s, meta, slots = _common(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
     do = _usable(grad_out)
-    if dq_kernel(tensors, s, do, lse) == "gluon-ws":
-        dq, lse, delta = _gluon().dq(tensors, s, slots, out, do, lse, scale)
-    else:
-        dq, lse, delta = _launch_dq(tensors, s, meta, slots, _usable(out), do, scale, lse)
+    dq, lse, delta = _launch_dq(tensors, s, meta, slots, _usable(out), do, scale, lse)
     tail_grads = tail_needs_grad and s["T"] > 0
     if dkdv_kernel(tensors, s, do) == "gluon-ws":
         dk, dv, dtk, dtv = _gluon().dkdv(tensors, s, do, lse, delta, scale, tail_grads)
