@@ -200,12 +200,10 @@ def _consumer(q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empt
 
 
 @gluon.jit
-def _fwd_ws_kernel(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, Slot, Out, Lse, qk_scale, s_om,
-                   H, Hk, GROUP, NL, Lq, Lk, T, G, P,
-                   D_K: gl.constexpr, D_V: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
-                   HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    n_m = gl.num_programs(0)
-    pid_m = n_m - 1 - gl.program_id(0)  # the heaviest query blocks first, as the Triton forward
+def _query_block(Slot, H, GROUP, Lq, Lk, G, P, HALF_M: gl.constexpr):
+    """A query-block program's ``(bh, b, h, kvh, m0, slot, n_pre, n_cur)``: its 128 query rows
+    from ``m0``, the heaviest blocks first; its prefix length and the current keys it sees."""
+    pid_m = gl.num_programs(0) - 1 - gl.program_id(0)  # the heaviest query blocks first, as the Triton forward
     bh = gl.program_id(1)
     b = bh // H
     h = bh % H
@@ -214,6 +212,35 @@ def _fwd_ws_kernel(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, Slot, Out, Lse, qk_
     slot = gl.load(Slot + kvh)
     n_pre = gl.where(slot >= 0, P, G)
     n_cur = gl.minimum(Lk, m0 + 2 * HALF_M + (Lk - Lq))  # current keys this query block sees
+    return bh, b, h, kvh, m0, slot, n_pre, n_cur
+
+
+@gluon.jit
+def _ring_barriers(STAGES: gl.constexpr):
+    """The barriers of a query-block program: ``q_ready`` (one a consumer half) and, a ring slot,
+    ``k_ready, v_ready`` (TMA) and ``k_empty, v_empty`` (both consumers)."""
+    bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
+    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    for i in gl.static_range(2):
+        mbarrier.init(q_ready.index(i), count=1)
+    for i in gl.static_range(STAGES):
+        mbarrier.init(k_ready.index(i), count=1)
+        mbarrier.init(v_ready.index(i), count=1)
+        mbarrier.init(k_empty.index(i), count=2)
+        mbarrier.init(v_empty.index(i), count=2)
+    return q_ready, k_ready, v_ready, k_empty, v_empty
+
+
+@gluon.jit
+def _fwd_ws_kernel(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, Slot, Out, Lse, qk_scale, s_om,
+                   H, Hk, GROUP, NL, Lq, Lk, T, G, P,
+                   D_K: gl.constexpr, D_V: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
+                   HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
+    bh, b, h, kvh, m0, slot, n_pre, n_cur = _query_block(Slot, H, GROUP, Lq, Lk, G, P, HALF_M)
 
     dtype: gl.constexpr = qd.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF_M, D_K], qd.layout)
@@ -223,21 +250,10 @@ def _fwd_ws_kernel(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, Slot, Out, Lse, qk_
     zero_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
     _mat(v_smem, STAGES).store(gl.zeros([BLOCK_N, D_V], dtype, zero_layout))
 
-    bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-    turn = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
+    q_ready, k_ready, v_ready, k_empty, v_empty = _ring_barriers(STAGES)
+    turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
     for i in gl.static_range(2):
-        mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(turn.index(i), count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)
-        mbarrier.init(v_empty.index(i), count=2)
     fence_async_shared()
 
     o_row = bh.to(gl.int64) * Lq
@@ -614,35 +630,14 @@ def _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_e
 def _dq_ws_kernel(qd, dod, kd, vd, tkd, tvd, skd, svd, hkd, hvd, Slot, Out, dQ, Lse, Delta, qk_scale, sm_scale,
                   H, GROUP, Lq, Lk, T, G, P,
                   D: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    n_m = gl.num_programs(0)
-    pid_m = n_m - 1 - gl.program_id(0)  # the heaviest query blocks first
-    bh = gl.program_id(1)
-    b = bh // H
-    h = bh % H
-    kvh = h // GROUP
-    m0 = pid_m * (2 * HALF_M)
-    slot = gl.load(Slot + kvh)
-    n_pre = gl.where(slot >= 0, P, G)
-    n_cur = gl.minimum(Lk, m0 + 2 * HALF_M + (Lk - Lq))
+    bh, b, h, kvh, m0, slot, n_pre, n_cur = _query_block(Slot, H, GROUP, Lq, Lk, G, P, HALF_M)
 
     dtype: gl.constexpr = qd.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF_M, D], qd.layout)
     do_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF_M, D], dod.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, D], kd.layout)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, D], vd.layout)
-    bar_layout: gl.constexpr = mbarrier.MBarrierLayout()
-    q_ready = gl.allocate_shared_memory(gl.int64, [2, 1], bar_layout)
-    k_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-    v_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-    k_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-    v_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
-    for i in gl.static_range(2):
-        mbarrier.init(q_ready.index(i), count=1)
-    for i in gl.static_range(STAGES):
-        mbarrier.init(k_ready.index(i), count=1)
-        mbarrier.init(v_ready.index(i), count=1)
-        mbarrier.init(k_empty.index(i), count=2)
-        mbarrier.init(v_empty.index(i), count=2)
+    q_ready, k_ready, v_ready, k_empty, v_empty = _ring_barriers(STAGES)
     fence_async_shared()
 
     row0 = bh.to(gl.int64) * Lq
