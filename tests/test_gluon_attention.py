@@ -1,6 +1,6 @@
-"""The warp-specialised Hopper kernels (``kernels/gluon_attention.py``: the forward and the dK/dV
-backward) without a GPU: they compile for sm_90a with this Triton, to the resources they were
-measured with, and they are chosen only where they apply. Their numerics are checked on the GPU
+"""The warp-specialised Hopper kernels (``kernels/gluon_attention.py``: the forward, dQ and dK/dV)
+without a GPU: they compile for sm_90a with this Triton, to the resources they were measured
+with, and they are chosen only where they apply. Their numerics are checked on the GPU
 (``bench/check_kernels_cuda.py``): Gluon kernels do not run in the interpreter."""
 
 import json
@@ -42,7 +42,7 @@ def _launch(kernel: str, head_dim: int):
 
 
 def compile_for_hopper(kernel: str, head_dim: int) -> dict:
-    """Compile ``kernel`` ("forward" or "dkdv") for sm_90a (no GPU needed); facts about the result."""
+    """Compile ``kernel`` ("forward", "dq" or "dkdv") for sm_90a (no GPU needed); facts about the result."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource

@@ -58,19 +58,27 @@ def _mat(buf, i):
 
 # ---- producer ---------------------------------------------------------------------------------
 @gluon.jit
+def _load_pair(ad, bd, b, head, row, c, a_smem, b_smem, a_ready, b_ready, a_empty, b_empty,
+               STAGES: gl.constexpr):
+    """Ring position ``c``: once the consumers free its slot, the TMA loads of the blocks at
+    ``[b, head, row]`` of ``ad`` and ``bd`` (K and V, or Q and dO), each with its own barriers."""
+    s = c % STAGES
+    free = ((c // STAGES) & 1) ^ 1
+    mbarrier.wait(a_empty.index(s), free)
+    mbarrier.expect(a_ready.index(s), ad.block_type.nbytes)
+    _tma_load(ad, [b, head, row, 0], a_ready.index(s), a_smem.index(s))
+    mbarrier.wait(b_empty.index(s), free)
+    mbarrier.expect(b_ready.index(s), bd.block_type.nbytes)
+    _tma_load(bd, [b, head, row, 0], b_ready.index(s), b_smem.index(s))
+
+
+@gluon.jit
 def _load_range(kd, vd, b, head, n, c, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
                 BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """TMA loads of the K/V blocks of one range (the first ``n`` rows of ``[b, head]`` in ``kd`` /
     ``vd``) into the ring, from ring position ``c`` on; returns the next position."""
     for start in range(0, n, BLOCK_N):
-        s = c % STAGES
-        free = ((c // STAGES) & 1) ^ 1
-        mbarrier.wait(k_empty.index(s), free)
-        mbarrier.expect(k_ready.index(s), kd.block_type.nbytes)
-        _tma_load(kd, [b, head, start, 0], k_ready.index(s), k_smem.index(s))
-        mbarrier.wait(v_empty.index(s), free)
-        mbarrier.expect(v_ready.index(s), vd.block_type.nbytes)
-        _tma_load(vd, [b, head, start, 0], v_ready.index(s), v_smem.index(s))
+        _load_pair(kd, vd, b, head, start, c, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, STAGES)
         c += 1
     return c
 
@@ -273,8 +281,9 @@ def _fwd_ws_kernel(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, Slot, Out, Lse, qk_
 
 # ---- launch -----------------------------------------------------------------------------------
 def supported(tensors, s: dict) -> bool:
-    """Where both kernels apply: Hopper, 16-bit inputs and products throughout (``TABLE`` 16-bit), equal head dims of 64 or
-    128, more queries than a decode step (``s``: ``triton_attention._common``'s shape dict)."""
+    """Where the kernels of this module apply: Hopper, 16-bit inputs and products throughout
+    (``TABLE`` 16-bit), equal head dims of 64 or 128, more queries than a decode step (``s``:
+    ``triton_attention._common``'s shape dict)."""
     q = tensors[0]
     return (
         q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9 and q.dtype in _GL_DTYPES
@@ -353,14 +362,7 @@ def _dkdv_producer(qd, dod, kd, vd, tkd, tvd, q_smem, do_smem, k_smem, v_smem, k
     for g in range(GROUP):
         h = kvh * GROUP + g
         for start in range(lo, Lq, BLOCK_M):
-            s = c % STAGES
-            free = ((c // STAGES) & 1) ^ 1
-            mbarrier.wait(q_empty.index(s), free)
-            mbarrier.expect(q_ready.index(s), qd.block_type.nbytes)
-            _tma_load(qd, [b, h, start, 0], q_ready.index(s), q_smem.index(s))
-            mbarrier.wait(do_empty.index(s), free)
-            mbarrier.expect(do_ready.index(s), dod.block_type.nbytes)
-            _tma_load(dod, [b, h, start, 0], do_ready.index(s), do_smem.index(s))
+            _load_pair(qd, dod, b, h, start, c, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, STAGES)
             c += 1
 
 
@@ -481,7 +483,7 @@ def _dkdv_ws_kernel(qd, dod, kd, vd, tkd, tvd, Lse, Delta, dK, dV, dTK, dTV, qk_
 
     kv_row = b * Hk + kvh
     lse_row0 = (b * H + kvh * GROUP) * Lq  # the group's first query row in Lse, Delta
-    out_row = kv_row.to(gl.int64) * gl.where(in_tail, T, Lk)
+    out_row = kv_row.to(gl.int64) * n_keys
     if in_tail:
         gk = dTK
         gv = dTV

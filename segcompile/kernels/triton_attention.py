@@ -556,7 +556,7 @@ def forward_kernel(tensors, s: dict) -> str:
 
     if triton_decode.splits_keys(s):
         kernel = "split-keys"
-    elif not _INTERPRET and _gluon() is not None and _gluon().supported(tensors, s):
+    elif _gluon_applies(tensors, s):
         kernel = "gluon-ws"
     else:
         kernel = "one-pass"
@@ -568,8 +568,7 @@ def dkdv_kernel(tensors, s: dict, grad_out: torch.Tensor) -> str:
     """Which dK/dV kernel the backward runs: ``"gluon-ws"`` (``gluon_attention.dkdv``, where the
     Gluon forward applies and the output gradient has the inputs' dtype) or ``"triton"``
     (``_dkdv_kernel``). Logged like ``forward_kernel``."""
-    gluon = not _INTERPRET and _gluon() is not None and _gluon().supported(tensors, s)
-    kernel = "gluon-ws" if gluon and grad_out.dtype == tensors[0].dtype else "triton"
+    kernel = "gluon-ws" if _gluon_applies(tensors, s) and grad_out.dtype == tensors[0].dtype else "triton"
     _log_kernel(kernel, "dK/dV")
     return kernel
 
@@ -577,6 +576,11 @@ def dkdv_kernel(tensors, s: dict, grad_out: torch.Tensor) -> str:
 @functools.cache
 def _log_kernel(kernel: str, part: str = "forward") -> None:
     logging.getLogger(__name__).debug("segment_attention %s runs the %s kernel", part, kernel)
+
+
+def _gluon_applies(tensors, s: dict) -> bool:
+    """Gluon imports, Triton is not interpreting, and ``gluon_attention.supported`` holds."""
+    return not _INTERPRET and _gluon() is not None and _gluon().supported(tensors, s)
 
 
 @functools.cache
