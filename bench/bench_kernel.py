@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+from segcompile.kernels import triton_attention as ta
 from segcompile.kernels.triton_attention import segment_attention_backward, segment_attention_forward
 
 PLANS = {"none": 0.0, "fraction(0.25)": 0.25, "all": 1.0}
@@ -95,6 +96,13 @@ def segcompile_runs(q, k, v, do, S, long_range, scale):
             segment_attention_backward(g, out, *args, long_range, scale, lse=lse)
 
     return fwd, fwd_bwd
+
+
+def segcompile_kernels(q, k, v, do, S, long_range) -> dict:
+    """The kernels the segment loop's calls run (those of its last segment), for the result file."""
+    args = list(segments(q, k, v, S, long_range))[-1]
+    tensors, s, _, _ = ta._common(*args, long_range)
+    return dict(forward=ta.forward_kernel(tensors, s), dkdv=ta.dkdv_kernel(tensors, s, do, True, s["T"] > 0))
 
 
 def flex_runs(q, k, v, do, S, long_range, scale):
@@ -180,6 +188,8 @@ def main(argv=None):
             ms_f, ms_fb = timed(fwd), timed(fwd_bwd)
             rows.append(dict(plan=plan, impl=name, fwd_ms=ms_f, fwd_bwd_ms=ms_fb,
                              fwd_tflops=4 * D * pairs / ms_f / 1e9, fwd_bwd_tflops=14 * D * pairs / ms_fb / 1e9))
+            if name == "segcompile":
+                rows[-1]["kernels"] = segcompile_kernels(q, k, v, do, S, long_range)
             print(rows[-1], flush=True)
     if "sdpa" in args.peers:
         pairs = H * N * (N + 1) // 2

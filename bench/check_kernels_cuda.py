@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from segcompile.kernels import triton_attention as ta
 from segcompile.kernels.reference import segment_attention_reference
 from segcompile.kernels.triton_attention import segment_attention_backward, segment_attention_forward
 
@@ -34,7 +35,13 @@ def errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
     return (diff.abs().max() / want.abs().max()).item(), (diff.norm() / want.norm()).item()
 
 
-def check_segment(args, long_range, scale, dtype, seed) -> dict:
+def kernels_run(args, long_range, grad_out) -> dict:
+    """Which forward and dK/dV kernels ``check_segment``'s calls run."""
+    tensors, s, _, _ = ta._common(*args, long_range)
+    return dict(forward=ta.forward_kernel(tensors, s), dkdv=ta.dkdv_kernel(tensors, s, grad_out, True, s["T"] > 0))
+
+
+def check_segment(args, long_range, scale, dtype, seed) -> tuple[dict, dict]:
     torch.manual_seed(seed)
     args = [torch.randn_like(a, dtype=torch.float32).to(dtype) for a in args]  # fresh inputs per case
     live = [a.float().requires_grad_(i < 5) for i, a in enumerate(args)]
@@ -48,7 +55,7 @@ def check_segment(args, long_range, scale, dtype, seed) -> dict:
         if w.numel() == 0:
             continue
         result[name] = errors(g, w)
-    return result
+    return result, kernels_run(args, long_range, grad_out.to(dtype))
 
 
 def check_compiled_step_graph() -> dict:
@@ -100,13 +107,15 @@ def main():
                 lr = long_range_heads(plan, hk)
                 parts = list(segments(q, k, k, S, lr))
                 for s in (0, 1, len(parts) - 1):
-                    res = check_segment(parts[s], lr, D ** -0.5, dtype, seed=s)
+                    res, kernels = check_segment(parts[s], lr, D ** -0.5, dtype, seed=s)
                     worst = max(v[0] for v in res.values())
                     ok = worst <= TOLERANCE[dtype]
                     failed += not ok
-                    rows.append(dict(head_dim=D, seq_len=N, dtype=str(dtype), plan=plan, segment=s, ok=ok, **res))
+                    rows.append(dict(head_dim=D, seq_len=N, dtype=str(dtype), plan=plan, segment=s, ok=ok, **res,
+                                     kernels=kernels))
                     print(f"D={D:<4} {str(dtype):15} {plan:15} segment {s}: "
-                          + " ".join(f"{n}={v[0]:.1e}" for n, v in res.items()) + ("" if ok else "  FAILED"), flush=True)
+                          + " ".join(f"{n}={v[0]:.1e}" for n, v in res.items())
+                          + f"  [{kernels['forward']}, {kernels['dkdv']}]" + ("" if ok else "  FAILED"), flush=True)
                     save(rows)  # after every case: a run stopped at its time limit keeps what it checked
     N, S, H, hk, D = SHAPES[0][:5]
     # decode: one query token after a partial segment, against the whole cache

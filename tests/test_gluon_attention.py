@@ -36,13 +36,14 @@ def _launch(kernel: str, head_dim: int):
         out = torch.randn_like(args[0])
         _, runtime, consts, _ = gluon_attention.dq_launch_args(tensors, s, slots, out, torch.randn_like(out), rows, 0.1)
         return gluon_attention._dq_ws_kernel, runtime, consts
+    dq = torch.zeros(*args[0].shape, dtype=torch.float32) if kernel == "dkdv+dq" else None
     _, runtime, consts, _ = gluon_attention.dkdv_launch_args(tensors, s, torch.randn_like(args[0]), rows, rows,
-                                                             0.1, tail_needs_grad=True)
+                                                             0.1, tail_needs_grad=True, dq=dq)
     return gluon_attention._dkdv_ws_kernel, runtime, consts
 
 
 def compile_for_hopper(kernel: str, head_dim: int) -> dict:
-    """Compile ``kernel`` ("forward", "dq" or "dkdv") for sm_90a (no GPU needed); facts about the result."""
+    """Compile ``kernel`` ("forward", "dq", "dkdv" or "dkdv+dq") for sm_90a (no GPU needed); facts about the result."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -67,10 +68,11 @@ def compile_for_hopper(kernel: str, head_dim: int) -> dict:
         "consumer_regs_240": "setmaxnreg.inc.sync.aligned.u32 \t240" in ptx,
         "tma": "cp.async.bulk.tensor" in ptx,
         "wgmma": "wgmma.mma_async" in ptx,
+        "tma_reduce": "cp.reduce.async.bulk.tensor" in ptx,
     }
 
 
-@pytest.mark.parametrize("kernel", ["forward", "dq", "dkdv"])
+@pytest.mark.parametrize("kernel", ["forward", "dq", "dkdv", "dkdv+dq"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_the_kernel_compiles_for_hopper(kernel, head_dim):
     # in a process of its own: the test session runs Triton in the interpreter
@@ -84,6 +86,7 @@ def test_the_kernel_compiles_for_hopper(kernel, head_dim):
     assert facts["producer_regs_24"] and facts["consumer_regs_240"]
     assert facts["tma"] and facts["wgmma"]
     assert facts["shared"] <= 227 * 1024
+    assert facts["tma_reduce"] == (kernel == "dkdv+dq")  # dQ leaves through TMA reduce-add, never atomics
 
 
 def test_it_is_not_chosen_off_hopper_nor_for_decode():

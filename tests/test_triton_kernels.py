@@ -156,6 +156,31 @@ def test_no_tail_gradient_work_when_the_tail_is_detached():
         assert relative_error(g, w) <= FP32_RTOL
 
 
+@pytest.mark.parametrize("case", ["full segment, tail, sinks, GQA 2, one long-range head", "every head long-range, GQA 4",
+                                  "first segment, N < S (no tail, sinks or history)"])
+def test_prefix_only_dq_and_the_rest_add_up_to_the_whole_dq(case):
+    # the fused Hopper backward takes dq's prefix part from _dq_kernel (prefix_only) and adds the
+    # tail's and current keys' part itself: here that part comes from _dq_kernel on the same
+    # inputs without a prefix, with the whole problem's log-sum-exp and output
+    from segcompile.kernels import triton_attention as ta
+
+    B, H, Hk, lq, lk, T, G, P, D, long_range = CASES[case]
+    args = random_inputs(B, H, Hk, lq, lk, T, G, P, D, long_range, seed=lk + 5)
+    scale = D ** -0.5
+    _, grad_out, want_grads = reference_and_grads(args, long_range, scale, grad_out_seed=7)
+    out, lse = segment_attention_forward(*args, list(long_range), scale, return_lse=True)
+    tensors, s, meta, slots = ta._common(*args, list(long_range))
+    prefix_dq, _, delta = ta._launch_dq(tensors, s, meta, slots, out, grad_out, scale, lse, prefix_only=True)
+    assert prefix_dq.dtype == torch.float32
+    no_prefix = args[:5] + [a[:, :, :0] for a in args[5:]]
+    tensors, s, meta, slots = ta._common(*no_prefix, [])
+    rest_dq, _, rest_delta = ta._launch_dq(tensors, s, meta, slots, out, grad_out, scale, lse)
+    assert torch.equal(delta, rest_delta)
+    assert relative_error(prefix_dq + rest_dq, want_grads[0]) <= FP32_RTOL
+    if G == 0 and not long_range:
+        assert torch.equal(prefix_dq, torch.zeros_like(prefix_dq))
+
+
 def test_strided_inputs_as_the_driver_passes_them():
     # the driver hands over views: the tail is the end of the previous current, history a
     # prefix of a larger buffer, q a transpose of the projection's output

@@ -35,10 +35,25 @@ from triton.experimental.gluon.language.nvidia.hopper import (
     warpgroup_mma,
     warpgroup_mma_wait,
 )
+from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+from triton._C.libtriton import ir
 
 # the TMA load's name: ``async_copy_global_to_shared`` up to Triton 3.6, ``async_load`` after
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
+
+
+@builtin
+def _tma_add_36(tensor_desc, coord, src, _semantic=None):
+    """TMA reduce-add of a shared-memory tile into global memory. Triton 3.6's builder has the op
+    but its Gluon has no wrapper for it (later ones have ``tma.async_atomic_add``, this same call)."""
+    coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+    _semantic.builder.create_async_tma_reduce(ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord, src.handle)
+
+
+_tma_add = getattr(tma, "async_atomic_add", None) or _tma_add_36
+# a barrier of the calling partition's threads: ``thread_barrier`` up to Triton 3.6, ``barrier`` after
+_sync_threads = getattr(gl, "barrier", None) or gl.thread_barrier
 
 BLOCK_M = 128  # two consumer warpgroups of 64 rows
 HALF_M = 64
@@ -47,6 +62,7 @@ STAGES = 2
 NUM_WARPS = 4  # the launch's warps: the first consumer warpgroup (the others are the partitions')
 _LOG2E = 1.4426950408889634
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
+_GL_TILE_DTYPES = {**_GL_DTYPES, torch.float32: gl.float32}  # fp32: the dQ accumulator
 
 
 @gluon.jit
@@ -292,11 +308,12 @@ def supported(tensors, s: dict) -> bool:
     )
 
 
-def _tiles(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
+def _tiles(t: torch.Tensor, block_rows: int, block_cols: int | None = None) -> TensorDescriptor:
     """A TMA descriptor over ``t`` (``[B, heads, L, D]``, its own strides: a slice of a longer
-    sequence or a transposed projection is read in place) in boxes of ``[1, 1, block_rows, D]``.
-    A box that runs past ``L`` reads zeros. Strides TMA cannot take (not multiples of 16 bytes)
-    get a contiguous copy."""
+    sequence or a transposed projection is read in place) in boxes of ``[1, 1, block_rows,
+    block_cols]`` (all ``D`` columns by default). A box that runs past ``L`` reads zeros (and a
+    write or reduce there is dropped). Strides TMA cannot take (not multiples of 16 bytes) get a
+    contiguous copy."""
     if t.stride(-1) != 1 or t.data_ptr() % 16 or any(st * t.element_size() % 16 for st in t.stride()[:-1]):
         t = t.contiguous()
     # a dimension of one element is never stepped along: give it the stride it would have if dense
@@ -304,8 +321,8 @@ def _tiles(t: torch.Tensor, block_rows: int) -> TensorDescriptor:
     for i in range(t.dim() - 2, -1, -1):
         if t.shape[i] == 1:
             strides[i] = strides[i + 1] * t.shape[i + 1]
-    block = [1, 1, block_rows, t.shape[-1]]
-    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_DTYPES[t.dtype])
+    block = [1, 1, block_rows, block_cols or t.shape[-1]]
+    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_TILE_DTYPES[t.dtype])
     return TensorDescriptor(t, list(t.shape), strides, block, layout)
 
 
@@ -367,15 +384,52 @@ def _dkdv_producer(qd, dod, kd, vd, tkd, tvd, q_smem, do_smem, k_smem, v_smem, k
 
 
 @gluon.jit
-def _dkdv_steps(st, k, v, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, Lse, Delta,
+def _share_ds(dst, ds_smem, ds_ready, c, HALF: gl.constexpr):
+    """Put this consumer's ``dS^T`` in shared memory (buffer ``c % 2``: the other consumer may
+    still be reading the previous one) and wait until the other consumer's is there too."""
+    ds_smem.index(2 * (c % 2) + HALF).store(dst)
+    fence_async_shared()
+    _sync_threads()  # every thread's part is written before this consumer arrives
+    mbarrier.arrive(ds_ready, count=1)
+    mbarrier.wait(ds_ready, c & 1)
+
+
+@gluon.jit
+def _dq_part(k_smem, ds_smem, dq_smem, dqd, b, h, start, c, sm_scale,
+             HALF: gl.constexpr, BLOCK_M: gl.constexpr, D: gl.constexpr):
+    """``dQ += dS K`` of this key block (both consumers' ``dS^T``, ``_share_ds``) for query block
+    ``start`` of head ``h``, in columns ``HALF`` of the head dim, TMA-reduced into the fp32 dQ
+    rows (``dqd``). The tile's previous reduce, one step back, must have read it first."""
+    dq_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D // 2, 16])
+    cols: gl.constexpr = HALF * (D // 2)
+    buf = c % 2
+    dq = gl.zeros([BLOCK_M, D // 2], gl.float32, dq_layout)
+    dq = warpgroup_mma(ds_smem.index(2 * buf).permute((1, 0)), _mat(k_smem, 0).slice(cols, D // 2, dim=1), dq,
+                       use_acc=False, is_async=True)
+    dq = warpgroup_mma(ds_smem.index(2 * buf + 1).permute((1, 0)), _mat(k_smem, 1).slice(cols, D // 2, dim=1), dq,
+                       is_async=True)
+    dq = warpgroup_mma_wait(0, deps=(dq,))
+    tma.store_wait(0)
+    _sync_threads()  # the previous reduce has read the tile
+    _mat(dq_smem, HALF).store(dq * sm_scale)
+    fence_async_shared()
+    _sync_threads()
+    _tma_add(dqd, [b, h, start, cols], dq_smem.index(HALF))
+
+
+@gluon.jit
+def _dkdv_steps(st, k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, Lse, Delta,
+                ds_smem, ds_ready, dq_smem, dqd, b, h, sm_scale,
                 lo, hi, Lq, key_idx, q_off, qk_scale,
-                CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, HALF_N: gl.constexpr,
+                CAUSAL: gl.constexpr, FUSE_DQ: gl.constexpr, HALF: gl.constexpr, D: gl.constexpr,
+                BLOCK_M: gl.constexpr, HALF_N: gl.constexpr,
                 STAGES: gl.constexpr, s_layout: gl.constexpr, acc_layout: gl.constexpr):
     """Accumulate this consumer's ``dK`` (unscaled) and ``dV`` over the query blocks ``[lo, hi)``
-    of one head (``Lse`` and ``Delta`` at its first row). ``S^T`` and ``dP^T`` are issued
-    together; ``P^T`` is computed while ``dP^T`` runs. Leaving a block's ``dV, dK`` products
-    running into the next block (waited with the next ``S^T``) makes ptxas serialise every
-    ``wgmma`` of the loop (its warning C7512, Triton 3.9), so each block waits for its own."""
+    of head ``h`` (``Lse`` and ``Delta`` at its first row), and with ``FUSE_DQ`` add each block's
+    ``dS K`` to its dQ rows (``_share_ds``, ``_dq_part``). ``S^T`` and ``dP^T`` are issued together; ``P^T`` is
+    computed while ``dP^T`` runs. Leaving a block's ``dV, dK`` products running into the next
+    block (waited with the next ``S^T``) makes ptxas serialise every ``wgmma`` of the loop (its
+    warning C7512, Triton 3.9), so each block waits for its own."""
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     cols: gl.constexpr = gl.SliceLayout(0, s_layout)
     row_load: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
@@ -399,20 +453,25 @@ def _dkdv_steps(st, k, v, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty,
             pt = gl.where(key_idx[:, None] <= offs_m[None, :] + q_off, pt, 0.0)
         delta = gl.convert_layout(gl.load(Delta + rows, mask=rows < Lq, other=0.0), cols)
         dpt = warpgroup_mma_wait(0, deps=(dpt,))
-        dst = pt * (dpt - delta[None, :])
+        dst = (pt * (dpt - delta[None, :])).to(k.dtype)
         dv = warpgroup_mma(gl.convert_layout(pt.to(k.dtype), op_layout), _mat(do_smem, s), dv, is_async=True)
-        dk = warpgroup_mma(gl.convert_layout(dst.to(k.dtype), op_layout), _mat(q_smem, s), dk, is_async=True)
+        dk = warpgroup_mma(gl.convert_layout(dst, op_layout), _mat(q_smem, s), dk, is_async=True)
+        if FUSE_DQ:
+            _share_ds(dst, ds_smem, ds_ready, c, HALF)
         dk, dv = warpgroup_mma_wait(0, deps=(dk, dv))
         mbarrier.arrive(q_empty.index(s), count=1)
         mbarrier.arrive(do_empty.index(s), count=1)
+        if FUSE_DQ:  # after dV, dK: their operands' registers are free again
+            _dq_part(k_smem, ds_smem, dq_smem, dqd, b, h, start, c, sm_scale, HALF, BLOCK_M, D)
         c += 1
     return dk, dv, c
 
 
 @gluon.jit
 def _dkdv_consumer(q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready, do_ready, q_empty, do_empty,
-                   Lse, Delta, dK, dV, out_row, n0, n_keys, q_off, lse_row0, Lq, GROUP, lo, mask_hi,
-                   qk_scale, sm_scale, HALF: gl.constexpr, D: gl.constexpr,
+                   ds_smem, ds_ready, dq_smem, dqd, Lse, Delta, dK, dV, b, kvh, out_row, n0, n_keys, q_off,
+                   lse_row0, Lq, GROUP, lo, mask_hi, qk_scale, sm_scale,
+                   HALF: gl.constexpr, FUSE_DQ: gl.constexpr, D: gl.constexpr,
                    BLOCK_M: gl.constexpr, HALF_N: gl.constexpr, STAGES: gl.constexpr):
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_M, 16])
     acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
@@ -427,14 +486,19 @@ def _dkdv_consumer(q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready, do_ready,
     for g in range(GROUP):
         lse_g = Lse + lse_row0 + g * Lq
         delta_g = Delta + lse_row0 + g * Lq
+        h = kvh * GROUP + g
         # the query blocks that see only part of these keys (current keys), then those that see all
-        st = _dkdv_steps(st, k, v, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, lse_g, delta_g,
+        st = _dkdv_steps(st, k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, lse_g, delta_g,
+                         ds_smem, ds_ready, dq_smem, dqd, b, h, sm_scale,
                          lo, gl.minimum(mask_hi, Lq), Lq, key_idx, q_off, qk_scale,
-                         True, BLOCK_M, HALF_N, STAGES, s_layout, acc_layout)
-        st = _dkdv_steps(st, k, v, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, lse_g, delta_g,
+                         True, FUSE_DQ, HALF, D, BLOCK_M, HALF_N, STAGES, s_layout, acc_layout)
+        st = _dkdv_steps(st, k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, do_empty, lse_g, delta_g,
+                         ds_smem, ds_ready, dq_smem, dqd, b, h, sm_scale,
                          mask_hi, Lq, Lq, key_idx, q_off, qk_scale,
-                         False, BLOCK_M, HALF_N, STAGES, s_layout, acc_layout)
+                         False, FUSE_DQ, HALF, D, BLOCK_M, HALF_N, STAGES, s_layout, acc_layout)
     dk, dv, c = st
+    if FUSE_DQ:
+        tma.store_wait(0)  # the last reduce has read its tile before the program ends
 
     rows = first + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, acc_layout))
     offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
@@ -445,9 +509,10 @@ def _dkdv_consumer(q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready, do_ready,
 
 
 @gluon.jit
-def _dkdv_ws_kernel(qd, dod, kd, vd, tkd, tvd, Lse, Delta, dK, dV, dTK, dTV, qk_scale, sm_scale,
+def _dkdv_ws_kernel(qd, dod, kd, vd, tkd, tvd, dqd, Lse, Delta, dK, dV, dTK, dTV, qk_scale, sm_scale,
                     H, Hk, GROUP, Lq, Lk, T, tail_blocks,
-                    D: gl.constexpr, BLOCK_M: gl.constexpr, HALF_N: gl.constexpr, STAGES: gl.constexpr):
+                    D: gl.constexpr, FUSE_DQ: gl.constexpr, BLOCK_M: gl.constexpr, HALF_N: gl.constexpr,
+                    STAGES: gl.constexpr):
     bk = gl.program_id(0)  # KV heads vary fastest: the heaviest key blocks (tail, then the first current) first
     pid_n = gl.program_id(1)
     b = bk // Hk
@@ -473,12 +538,22 @@ def _dkdv_ws_kernel(qd, dod, kd, vd, tkd, tvd, Lse, Delta, dK, dV, dTK, dTV, qk_
     do_ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
     q_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
     do_empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], bar_layout)
+    ds_ready = gl.allocate_shared_memory(gl.int64, [1], bar_layout)
     mbarrier.init(kv_ready, count=1)
+    mbarrier.init(ds_ready, count=2)
     for i in gl.static_range(STAGES):
         mbarrier.init(q_ready.index(i), count=1)
         mbarrier.init(do_ready.index(i), count=1)
         mbarrier.init(q_empty.index(i), count=2)
         mbarrier.init(do_empty.index(i), count=2)
+    if FUSE_DQ:
+        # dS^T of both consumers, two steps deep; each consumer's dQ columns on their way out
+        ds_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF_N, BLOCK_M], dtype)
+        ds_smem = gl.allocate_shared_memory(dtype, [4, HALF_N, BLOCK_M], ds_layout)
+        dq_smem = gl.allocate_shared_memory(gl.float32, [2, 1, 1, BLOCK_M, D // 2], dqd.layout)
+    else:
+        ds_smem = k_smem
+        dq_smem = k_smem
     fence_async_shared()
 
     kv_row = b * Hk + kvh
@@ -493,11 +568,13 @@ def _dkdv_ws_kernel(qd, dod, kd, vd, tkd, tvd, Lse, Delta, dK, dV, dTK, dTV, qk_
     gl.warp_specialize(
         [
             (_dkdv_consumer, (q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready, do_ready, q_empty, do_empty,
-                              Lse, Delta, gk, gv, out_row, n0, n_keys, q_off, lse_row0, Lq, GROUP, lo, mask_hi,
-                              qk_scale, sm_scale, 0, D, BLOCK_M, HALF_N, STAGES)),
+                              ds_smem, ds_ready, dq_smem, dqd, Lse, Delta, gk, gv, b, kvh, out_row, n0, n_keys,
+                              q_off, lse_row0, Lq, GROUP, lo, mask_hi, qk_scale, sm_scale,
+                              0, FUSE_DQ, D, BLOCK_M, HALF_N, STAGES)),
             (_dkdv_consumer, (q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready, do_ready, q_empty, do_empty,
-                              Lse, Delta, gk, gv, out_row, n0, n_keys, q_off, lse_row0, Lq, GROUP, lo, mask_hi,
-                              qk_scale, sm_scale, 1, D, BLOCK_M, HALF_N, STAGES)),
+                              ds_smem, ds_ready, dq_smem, dqd, Lse, Delta, gk, gv, b, kvh, out_row, n0, n_keys,
+                              q_off, lse_row0, Lq, GROUP, lo, mask_hi, qk_scale, sm_scale,
+                              1, FUSE_DQ, D, BLOCK_M, HALF_N, STAGES)),
             (_dkdv_producer, (qd, dod, kd, vd, tkd, tvd, q_smem, do_smem, k_smem, v_smem, kv_ready, q_ready,
                               do_ready, q_empty, do_empty, in_tail, b, kvh, n0, Lq, GROUP, lo,
                               BLOCK_M, HALF_N, STAGES)),
@@ -507,10 +584,11 @@ def _dkdv_ws_kernel(qd, dod, kd, vd, tkd, tvd, Lse, Delta, dK, dV, dTK, dTV, qk_
     )
 
 
-def dkdv_launch_args(tensors, s, do, lse, delta, scale, tail_needs_grad: bool,
+def dkdv_launch_args(tensors, s, do, lse, delta, scale, tail_needs_grad: bool, dq: torch.Tensor | None = None,
                      block_m: int = BWD_BLOCK_M, stages: int = BWD_STAGES):
     """``(grid, args, constexprs, (dk, dv, dtk, dtv))``: the dK/dV kernel's launch; ``dtk, dtv``
-    are None unless ``tail_needs_grad``."""
+    are None unless ``tail_needs_grad``. ``dq``: an fp32 ``[B, H, Lq, D]`` tensor the kernel adds
+    the tail and current keys' part of dQ to (``FUSE_DQ``), or None."""
     q, k, v, tail_k, tail_v = tensors[:5]
     B, Hk, Lk, T, D = s["B"], s["Hk"], s["Lk"], s["T"], s["D_K"]
     dk = torch.empty(B, Hk, Lk, D, dtype=k.dtype, device=k.device)
@@ -520,17 +598,22 @@ def dkdv_launch_args(tensors, s, do, lse, delta, scale, tail_needs_grad: bool,
     block_n = 2 * BWD_HALF_N
     tail_blocks = triton.cdiv(T, block_n) if tail_needs_grad else 0
     descs = [_tiles(q, block_m), _tiles(do, block_m)] + [_tiles(t, BWD_HALF_N) for t in (k, v, tail_k, tail_v)]
+    descs.append(descs[0] if dq is None else _tiles(dq, block_m, D // 2))
     args = [*descs, lse, delta, dk, dv, dk if dtk is None else dtk, dv if dtv is None else dtv,
             scale * _LOG2E, scale, s["H"], Hk, s["GROUP"], s["Lq"], Lk, T, tail_blocks]
-    constexprs = dict(D=D, BLOCK_M=block_m, HALF_N=BWD_HALF_N, STAGES=stages)
+    constexprs = dict(D=D, FUSE_DQ=dq is not None, BLOCK_M=block_m, HALF_N=BWD_HALF_N, STAGES=stages)
     grid = (B * Hk, tail_blocks + triton.cdiv(Lk, block_n))
     return grid, args, constexprs, (dk, dv, dtk, dtv)
 
 
-def dkdv(tensors, s, do, lse, delta, scale, tail_needs_grad: bool, **variant):
+def dkdv(tensors, s, do, lse, delta, scale, tail_needs_grad: bool, dq: torch.Tensor | None = None, **variant):
     """``(dk, dv, dtk, dtv)`` as ``triton_attention._launch_dkdv`` gives them, from the dQ kernel's
-    log-sum-exp and ``delta`` rows."""
-    grid, args, constexprs, grads = dkdv_launch_args(tensors, s, do, lse, delta, scale, tail_needs_grad, **variant)
+    log-sum-exp and ``delta`` rows; with ``dq`` (fp32, ``[B, H, Lq, D]``), also adds the tail and
+    current keys' part of dQ to it. Then every tail key must be differentiated
+    (``tail_needs_grad`` or no tail): the tail blocks are the only programs that visit tail keys."""
+    if dq is not None and s["T"] > 0 and not tail_needs_grad:
+        raise ValueError("dkdv: fusing dQ needs the tail's key blocks (tail_needs_grad), or no tail")
+    grid, args, constexprs, grads = dkdv_launch_args(tensors, s, do, lse, delta, scale, tail_needs_grad, dq, **variant)
     _dkdv_ws_kernel[grid](*args, **constexprs, num_warps=NUM_WARPS)
     return grads
 

@@ -278,6 +278,7 @@ def _dq_kernel(
     H, GROUP, Lq, Lk, T, G, P,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     D_K: tl.constexpr, D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, LSE_GIVEN: tl.constexpr,
+    PREFIX_ONLY: tl.constexpr = False,
 ):
     pid_m = _heaviest_first(tl.program_id(0), tl.num_programs(0))
     bh = tl.program_id(1)
@@ -329,12 +330,13 @@ def _dq_kernel(
     dq = tl.zeros([BLOCK_M, BLOCK_DK], dtype=tl.float32)
     dq = _dq_keys(dq, q, do, lse, delta, pk, pv, skn, svn, 0, n_pre, n_pre, q_pos, qk_scale,
                   True, False, BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
-    dq = _dq_keys(dq, q, do, lse, delta, tk, tv, s_tkn, s_tvn, 0, T, T, q_pos, qk_scale,
-                  True, False, BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
-    dq = _dq_keys(dq, q, do, lse, delta, ck, cv, s_kn, s_vn, 0, full_hi, Lk, q_pos, qk_scale,
-                  False, False, BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
-    dq = _dq_keys(dq, q, do, lse, delta, ck, cv, s_kn, s_vn, full_hi, diag_hi, Lk, q_pos, qk_scale,
-                  True, True, BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+    if not PREFIX_ONLY:  # else the fused dK/dV kernel adds the tail's and current keys' part
+        dq = _dq_keys(dq, q, do, lse, delta, tk, tv, s_tkn, s_tvn, 0, T, T, q_pos, qk_scale,
+                      True, False, BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+        dq = _dq_keys(dq, q, do, lse, delta, ck, cv, s_kn, s_vn, 0, full_hi, Lk, q_pos, qk_scale,
+                      False, False, BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+        dq = _dq_keys(dq, q, do, lse, delta, ck, cv, s_kn, s_vn, full_hi, diag_hi, Lk, q_pos, qk_scale,
+                      True, True, BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
 
     tl.store(dQ + b * s_dqb + h * s_dqh + offs_m[:, None] * s_dqm + offs_dk[None, :],
              (dq * sm_scale).to(dQ.dtype.element_ty), mask=row_ok[:, None] & (offs_dk[None, :] < D_K))
@@ -564,11 +566,19 @@ def forward_kernel(tensors, s: dict) -> str:
     return kernel
 
 
-def dkdv_kernel(tensors, s: dict, grad_out: torch.Tensor) -> str:
-    """Which dK/dV kernel the backward runs: ``"gluon-ws"`` (``gluon_attention.dkdv``, where the
-    Gluon forward applies and the output gradient has the inputs' dtype) or ``"triton"``
-    (``_dkdv_kernel``). Logged like ``forward_kernel``."""
-    kernel = "gluon-ws" if _gluon_applies(tensors, s) and grad_out.dtype == tensors[0].dtype else "triton"
+def dkdv_kernel(tensors, s: dict, grad_out: torch.Tensor, lse_given: bool = False, tail_grads: bool = True) -> str:
+    """Which dK/dV kernel the backward runs, where the Gluon forward applies and the output
+    gradient has the inputs' dtype: ``"gluon-ws+dq"`` (``gluon_attention.dkdv`` adding the tail's
+    and current keys' part of dQ, the prefix's coming from ``_dq_kernel``) when the forward's
+    log-sum-exp is given and every tail key is differentiated (or there is no tail), else
+    ``"gluon-ws"`` (dK/dV alone). Elsewhere ``"triton"`` (``_dkdv_kernel``). Logged like
+    ``forward_kernel``."""
+    if not (_gluon_applies(tensors, s) and grad_out.dtype == tensors[0].dtype):
+        kernel = "triton"
+    elif lse_given and (tail_grads or s["T"] == 0):
+        kernel = "gluon-ws+dq"
+    else:
+        kernel = "gluon-ws"
     _log_kernel(kernel, "dK/dV")
     return kernel
 
@@ -619,25 +629,32 @@ def segment_attention_backward(grad_out, out, q, k, v, tail_k, tail_v, sink_k, s
     (``return_lse``); without it the dQ kernel recomputes it in a pass of its own."""
     tensors, s, meta, slots = _common(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
     do = _usable(grad_out)
-    dq, lse, delta = _launch_dq(tensors, s, meta, slots, _usable(out), do, scale, lse)
     tail_grads = tail_needs_grad and s["T"] > 0
-    if dkdv_kernel(tensors, s, do) == "gluon-ws":
+    kernel = dkdv_kernel(tensors, s, do, lse is not None, tail_grads)
+    if kernel == "gluon-ws+dq":  # five matrix products a visible pair instead of seven
+        dq, lse, delta = _launch_dq(tensors, s, meta, slots, _usable(out), do, scale, lse, prefix_only=True)
+        dk, dv, dtk, dtv = _gluon().dkdv(tensors, s, do, lse, delta, scale, tail_grads, dq=dq)
+    elif kernel == "gluon-ws":
+        dq, lse, delta = _launch_dq(tensors, s, meta, slots, _usable(out), do, scale, lse)
         dk, dv, dtk, dtv = _gluon().dkdv(tensors, s, do, lse, delta, scale, tail_grads)
     else:
+        dq, lse, delta = _launch_dq(tensors, s, meta, slots, _usable(out), do, scale, lse)
         dk, dv, dtk, dtv = _launch_dkdv(tensors, s, meta, do, lse, delta, scale, tail_grads)
     # each gradient in its input's dtype (they differ from the kernels' when _common widened one)
     dtk, dtv = (None, None) if dtk is None else (dtk.to(tail_k.dtype), dtv.to(tail_v.dtype))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dtk, dtv
 
 
-def _launch_dq(tensors, s, meta, slots, o, do, scale, lse=None):
+def _launch_dq(tensors, s, meta, slots, o, do, scale, lse=None, prefix_only: bool = False):
     """dq, with the log-sum-exp (computed unless given) and ``delta = rowsum(o * do)`` of every
-    query row, for dK/dV."""
+    query row, for dK/dV. ``prefix_only`` (``lse`` given): only the prefix keys' part of dq, in
+    fp32, for the fused dK/dV kernel to add the rest to."""
     q_, k_, v_, tk, tv, sk, sv, hk_, hv = tensors
     blocks = _blocks("dq", s["D_K"], s["Lq"], s["TABLE"])
     B, H, lq = s["B"], s["H"], s["Lq"]
-    dq = q_.new_empty(B, H, lq, s["D_K"])
+    dq = q_.new_empty(B, H, lq, s["D_K"], dtype=torch.float32 if prefix_only else None)
     given = lse is not None
+    assert given or not prefix_only, "prefix_only needs the forward's log-sum-exp"
     lse = lse if given else torch.empty(B * H * lq, dtype=torch.float32, device=q_.device)
     delta = torch.empty(B * H * lq, dtype=torch.float32, device=q_.device)
     _dq_kernel[(triton.cdiv(lq, blocks["BLOCK_M"]), B * H)](
@@ -647,7 +664,7 @@ def _launch_dq(tensors, s, meta, slots, o, do, scale, lse=None):
         *_strides(o), *_strides(do), *_strides(dq),
         H, s["GROUP"], lq, s["Lk"], s["T"], s["G"], s["P"],
         BLOCK_DK=s["BLOCK_DK"], BLOCK_DV=s["BLOCK_DV"], D_K=s["D_K"], D_V=s["D_V"], LSE_GIVEN=given,
-        **meta, **blocks,
+        PREFIX_ONLY=prefix_only, **meta, **blocks,
     )
     return dq, lse, delta
 
