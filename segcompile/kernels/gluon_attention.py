@@ -1,5 +1,5 @@
 """Warp-specialised kernels of ``segment_attention`` for Hopper (sm_90), in Gluon: the forward and
-the dK/dV part of the backward.
+the backward's dK/dV (with dQ) and dQ kernels.
 
 The Triton forward (``triton_attention._fwd_kernel``) runs two warpgroups in lock step: they meet
 at a CTA barrier every key block (the shared-memory pipeline's), so both are in their softmax at
@@ -14,7 +14,9 @@ once and the tensor cores idle through it. Here the roles are split, as in Flash
   one's softmax runs under the other's matrix products.
 
 The dK/dV kernel (``dkdv``) has the same roles with keys and queries swapped: the producer streams
-Q and dO blocks past a block of 128 keys, whose two halves the consumers own.
+Q and dO blocks past a block of 128 keys, whose two halves the consumers own. Given an fp32 dQ,
+it also adds those keys' part of it (``FUSE_DQ``: ``dS K`` through shared memory and a TMA
+reduce-add), so the backward needs no second pass over the tail and current keys.
 
 Same key ranges, semantics and results as the Triton kernels; only 16-bit inputs with head dims
 of 64 or 128 (``supported``). TMA reads every ``[B, heads, L, D]`` tensor in place, with its own
@@ -622,8 +624,10 @@ def dkdv(tensors, s, do, lse, delta, scale, tail_needs_grad: bool, dq: torch.Ten
 # The forward's layout (producer warp, two consumer warpgroups of 64 query rows, the same key
 # ranges in the same ring) with three products a key block: S = Q K^T, dP = dO V^T, dQ += dS K.
 # Blocks of 64 keys: at 128 the three tiles and the dQ accumulator need more than 240 registers.
-# Not chosen by the backward yet: on an H200 it matched the Triton dQ kernel's error on three
-# cases (sinks and history, D=64, a short D=128 segment), and it has not been timed.
+# Not chosen by the backward: the fused dK/dV kernel gives the tail's and current keys' part of
+# dQ, and the prefix's comes from the Triton dQ kernel (PREFIX_ONLY). On an H200 this kernel
+# matched the Triton dQ kernel's error on three cases (sinks and history, D=64, a short D=128
+# segment); it has not been timed, nor tried on the prefix alone.
 DQ_BLOCK_N = 64
 DQ_STAGES = 3
 

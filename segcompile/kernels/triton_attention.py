@@ -25,8 +25,9 @@ k/v only; no gradient work is spent on the prefix (sinks and history are constan
 
 On Hopper, for 16-bit inputs with head dims of 64 or 128, the forward and dK/dV run instead as
 the warp-specialised Gluon kernels of ``gluon_attention.py`` (same results); ``forward_kernel``
-and ``dkdv_kernel`` say which runs, and log it. dQ stays ``_dq_kernel`` (``gluon_attention.dq``
-is not chosen yet: see there).
+and ``dkdv_kernel`` say which runs, and log it. With the forward's log-sum-exp, that dK/dV
+kernel also adds the tail's and current keys' part of dQ (five matrix products a visible pair,
+not seven), and ``_dq_kernel`` runs with ``PREFIX_ONLY``: the prefix's part and ``delta``.
 
 Matrix products run in the inputs' dtype when it is fp16/bf16, in the autocast dtype when a
 CUDA autocast region asked for one (fp32 K/V are cast in registers, never copied), and in full
