@@ -347,6 +347,21 @@ def _dq_kernel(
 
 
 @triton.jit
+def _delta_kernel(Out, dOut, Delta, s_ob, s_oh, s_om, s_dob, s_doh, s_dom, H, Lq,
+                  BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, D_V: tl.constexpr):
+    """``delta = rowsum(o * do)`` alone, for a backward whose dq needs no pass of ``_dq_kernel``."""
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = bh % H
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_DV)
+    mask = (offs_m[:, None] < Lq) & (offs_d[None, :] < D_V)
+    o = tl.load(Out + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(dOut + b * s_dob + h * s_doh + offs_m[:, None] * s_dom + offs_d[None, :], mask=mask, other=0.0)
+    tl.store(Delta + bh.to(tl.int64) * Lq + offs_m, tl.sum(o.to(tl.float32) * do.to(tl.float32), 1), mask=offs_m < Lq)
+
+
+@triton.jit
 def _dkdv_queries(dk, dv, k, v, Q, dOut, Lse, Delta, s_qm, s_dom, lo, Lq, key_idx, q_off, qk_scale,
                   BLOCK_M: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, D_K: tl.constexpr,
                   D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
@@ -649,15 +664,20 @@ def segment_attention_backward(grad_out, out, q, k, v, tail_k, tail_v, sink_k, s
 def _launch_dq(tensors, s, meta, slots, o, do, scale, lse=None, prefix_only: bool = False):
     """dq, with the log-sum-exp (computed unless given) and ``delta = rowsum(o * do)`` of every
     query row, for dK/dV. ``prefix_only`` (``lse`` given): only the prefix keys' part of dq, in
-    fp32, for the fused dK/dV kernel to add the rest to."""
+    fp32, for the fused dK/dV kernel to add the rest to; zeros and ``_delta_kernel``'s delta when
+    no head has prefix keys."""
     q_, k_, v_, tk, tv, sk, sv, hk_, hv = tensors
     blocks = _blocks("dq", s["D_K"], s["Lq"], s["TABLE"])
     B, H, lq = s["B"], s["H"], s["Lq"]
-    dq = q_.new_empty(B, H, lq, s["D_K"], dtype=torch.float32 if prefix_only else None)
     given = lse is not None
     assert given or not prefix_only, "prefix_only needs the forward's log-sum-exp"
-    lse = lse if given else torch.empty(B * H * lq, dtype=torch.float32, device=q_.device)
     delta = torch.empty(B * H * lq, dtype=torch.float32, device=q_.device)
+    if prefix_only and s["G"] == 0 and (s["P"] == 0 or hk_.shape[1] == 0):  # no prefix keys: dq starts at zero
+        _delta_kernel[(triton.cdiv(lq, 64), B * H)](o, do, delta, *_strides(o), *_strides(do), H, lq,
+                                                    BLOCK_M=64, BLOCK_DV=s["BLOCK_DV"], D_V=s["D_V"])
+        return q_.new_zeros(B, H, lq, s["D_K"], dtype=torch.float32), lse, delta
+    dq = q_.new_empty(B, H, lq, s["D_K"], dtype=torch.float32 if prefix_only else None)
+    lse = lse if given else torch.empty(B * H * lq, dtype=torch.float32, device=q_.device)
     _dq_kernel[(triton.cdiv(lq, blocks["BLOCK_M"]), B * H)](
         q_, k_, v_, tk, tv, sk, sv, hk_, hv, slots, o, do, dq, lse, delta, scale * _LOG2E, scale,
         *_strides(q_), *_strides(k_), *_strides(v_), *_strides(tk), *_strides(tv),
