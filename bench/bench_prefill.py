@@ -12,7 +12,9 @@ Random bf16 weights from a config (hidden 4096, 32 layers, 32 heads, 8 KV heads,
 
 Memory is ``torch.cuda.max_memory_allocated()`` during the prefill minus what was allocated
 before it (the weights), with the returned state or cache still alive; time is wall-clock
-around the call after a warm-up prefill (kernel autotuning, first-call allocations).
+around the call after a warm-up prefill (kernel autotuning and compilation, first-call
+allocations) of three segments and a short one: the kernels see every case the timed prefills
+do (no tail; a tail without history; a tail and history; a short last segment).
 
     python bench/bench_prefill.py --seq-lens 32768 65536 131072
     python bench/bench_prefill.py --regimes segcompile --seq-lens 131072 --memory-snapshot OUT/prefill.pickle
@@ -110,7 +112,7 @@ def main(argv=None):
     }
     rows = []
     with torch.no_grad():
-        warm = torch.randint(0, 128256, (1, 2 * args.segment_len + 5), device="cuda")
+        warm = torch.randint(0, 128256, (1, 3 * args.segment_len + 5), device="cuda")
         for name in args.regimes:
             runs[name](warm)
         for n in args.seq_lens:
