@@ -415,7 +415,7 @@ def _dq_part(k_smem, ds_smem, dq_smem, dqd, b, h, start, c, sm_scale,
     _sync_threads()  # the previous reduce has read the tile
     _mat(dq_smem, HALF).store(dq * sm_scale)
     fence_async_shared()
-    _sync_threads()
+    _sync_threads()  # every thread's part is written before one thread issues the reduce
     _tma_add(dqd, [b, h, start, cols], dq_smem.index(HALF))
 
 
@@ -428,10 +428,12 @@ def _dkdv_steps(st, k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, d
                 STAGES: gl.constexpr, s_layout: gl.constexpr, acc_layout: gl.constexpr):
     """Accumulate this consumer's ``dK`` (unscaled) and ``dV`` over the query blocks ``[lo, hi)``
     of head ``h`` (``Lse`` and ``Delta`` at its first row), and with ``FUSE_DQ`` add each block's
-    ``dS K`` to its dQ rows (``_share_ds``, ``_dq_part``). ``S^T`` and ``dP^T`` are issued together; ``P^T`` is
-    computed while ``dP^T`` runs. Leaving a block's ``dV, dK`` products running into the next
-    block (waited with the next ``S^T``) makes ptxas serialise every ``wgmma`` of the loop (its
-    warning C7512, Triton 3.9), so each block waits for its own."""
+    ``dS K`` to its dQ rows (``_share_ds``, ``_dq_part``). ``S^T`` and ``dP^T`` are issued
+    together; ``P^T`` is computed while ``dP^T`` runs. Leaving a block's ``dV, dK`` products
+    running into the next block (waited with the next ``S^T``) makes ptxas serialise every
+    ``wgmma`` of the loop (its warning C7512, Triton 3.9), so each block waits for its own; the
+    dQ product is issued after that wait (issued before it, with one wait for all three, it
+    measured slower: more registers live at once)."""
     op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
     cols: gl.constexpr = gl.SliceLayout(0, s_layout)
     row_load: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
@@ -600,7 +602,7 @@ def dkdv_launch_args(tensors, s, do, lse, delta, scale, tail_needs_grad: bool, d
     block_n = 2 * BWD_HALF_N
     tail_blocks = triton.cdiv(T, block_n) if tail_needs_grad else 0
     descs = [_tiles(q, block_m), _tiles(do, block_m)] + [_tiles(t, BWD_HALF_N) for t in (k, v, tail_k, tail_v)]
-    descs.append(descs[0] if dq is None else _tiles(dq, block_m, D // 2))
+    descs.append(descs[0] if dq is None else _tiles(dq, block_m, D // 2))  # q's: a stand-in, never used
     args = [*descs, lse, delta, dk, dv, dk if dtk is None else dtk, dv if dtv is None else dtv,
             scale * _LOG2E, scale, s["H"], Hk, s["GROUP"], s["Lq"], Lk, T, tail_blocks]
     constexprs = dict(D=D, FUSE_DQ=dq is not None, BLOCK_M=block_m, HALF_N=BWD_HALF_N, STAGES=stages)
