@@ -74,6 +74,17 @@ def _mat(buf, i):
     return buf.index(i).reshape([buf.shape[3], buf.shape[4]])
 
 
+@gluon.jit
+def _issue_pair(a, b_ring, b_ready, c, d_ring, d_ready, s, phase, zero):
+    """The backward's two score-shaped products of ring slot ``s``, issued together, each once
+    its slot is full: ``a @ b^T`` (``S``) and ``c @ d^T`` (``dP``), or their transposes."""
+    mbarrier.wait(b_ready.index(s), phase)
+    x = warpgroup_mma(a, _mat(b_ring, s).permute((1, 0)), zero, use_acc=False, is_async=True)
+    mbarrier.wait(d_ready.index(s), phase)
+    y = warpgroup_mma(c, _mat(d_ring, s).permute((1, 0)), zero, use_acc=False, is_async=True)
+    return x, y
+
+
 # ---- producer ---------------------------------------------------------------------------------
 @gluon.jit
 def _load_pair(ad, bd, b, head, row, c, a_smem, b_smem, a_ready, b_ready, a_empty, b_empty,
@@ -447,10 +458,7 @@ def _dkdv_steps(st, k, v, k_smem, q_smem, do_smem, q_ready, do_ready, q_empty, d
         rows = start + gl.arange(0, BLOCK_M, layout=row_load)
         lse = gl.convert_layout(gl.load(Lse + rows, mask=rows < Lq, other=float("inf")), cols)  # p = 0 past Lq
         zero = gl.zeros([HALF_N, BLOCK_M], gl.float32, s_layout)
-        mbarrier.wait(q_ready.index(s), phase)
-        st_ = warpgroup_mma(k, _mat(q_smem, s).permute((1, 0)), zero, use_acc=False, is_async=True)
-        mbarrier.wait(do_ready.index(s), phase)
-        dpt = warpgroup_mma(v, _mat(do_smem, s).permute((1, 0)), zero, use_acc=False, is_async=True)
+        st_, dpt = _issue_pair(k, q_smem, q_ready, v, do_smem, do_ready, s, phase, zero)
         st_ = warpgroup_mma_wait(1, deps=(st_,))
         pt = gl.exp2(st_ * qk_scale - lse[None, :])
         if CAUSAL:
@@ -646,10 +654,7 @@ def _dq_steps(st, q, do, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, lse
         s = c % STAGES
         phase = (c // STAGES) & 1
         zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
-        mbarrier.wait(k_ready.index(s), phase)
-        qk = warpgroup_mma(q, _mat(k_smem, s).permute((1, 0)), zero, use_acc=False, is_async=True)
-        mbarrier.wait(v_ready.index(s), phase)
-        dp = warpgroup_mma(do, _mat(v_smem, s).permute((1, 0)), zero, use_acc=False, is_async=True)
+        qk, dp = _issue_pair(q, k_smem, k_ready, do, v_smem, v_ready, s, phase, zero)
         qk = warpgroup_mma_wait(1, deps=(qk,))
         p = gl.exp2(qk * qk_scale - lse[:, None])
         if MASK_N or CAUSAL:
