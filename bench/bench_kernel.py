@@ -98,11 +98,11 @@ def segcompile_runs(q, k, v, do, S, long_range, scale):
     return fwd, fwd_bwd
 
 
-def segcompile_kernels(q, k, v, do, S, long_range) -> dict:
-    """The kernels the segment loop's calls run (those of its last segment), for the result file."""
-    args = list(segments(q, k, v, S, long_range))[-1]
+def kernels_run(args, long_range, grad_out) -> dict:
+    """The forward and dK/dV kernels a ``segment_attention`` call on ``args`` runs (the backward
+    given the forward's log-sum-exp, as autograd runs it), for the result files."""
     tensors, s, _, _ = ta._common(*args, long_range)
-    return dict(forward=ta.forward_kernel(tensors, s), dkdv=ta.dkdv_kernel(tensors, s, do, True, s["T"] > 0))
+    return dict(forward=ta.forward_kernel(tensors, s), dkdv=ta.dkdv_kernel(tensors, s, grad_out, True, s["T"] > 0))
 
 
 def flex_runs(q, k, v, do, S, long_range, scale):
@@ -189,7 +189,7 @@ def main(argv=None):
             rows.append(dict(plan=plan, impl=name, fwd_ms=ms_f, fwd_bwd_ms=ms_fb,
                              fwd_tflops=4 * D * pairs / ms_f / 1e9, fwd_bwd_tflops=14 * D * pairs / ms_fb / 1e9))
             if name == "segcompile":
-                rows[-1]["kernels"] = segcompile_kernels(q, k, v, do, S, long_range)
+                rows[-1]["kernels"] = kernels_run(list(segments(q, k, v, S, long_range))[-1], long_range, do)
             print(rows[-1], flush=True)
     if "sdpa" in args.peers:
         pairs = H * N * (N + 1) // 2

@@ -19,12 +19,11 @@ from pathlib import Path
 
 import torch
 
-from segcompile.kernels import triton_attention as ta
 from segcompile.kernels.reference import segment_attention_reference
 from segcompile.kernels.triton_attention import segment_attention_backward, segment_attention_forward
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_kernel import PLANS, long_range_heads, segments  # noqa: E402
+from bench_kernel import PLANS, kernels_run, long_range_heads, segments  # noqa: E402
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float32: 1e-3}
 NAMES = ("out", "dq", "dk", "dv", "dtail_k", "dtail_v")
@@ -33,12 +32,6 @@ NAMES = ("out", "dq", "dk", "dv", "dtail_k", "dtail_v")
 def errors(got: torch.Tensor, want: torch.Tensor) -> tuple[float, float]:
     diff = got.float() - want.float()
     return (diff.abs().max() / want.abs().max()).item(), (diff.norm() / want.norm()).item()
-
-
-def kernels_run(args, long_range, grad_out) -> dict:
-    """Which forward and dK/dV kernels ``check_segment``'s calls run."""
-    tensors, s, _, _ = ta._common(*args, long_range)
-    return dict(forward=ta.forward_kernel(tensors, s), dkdv=ta.dkdv_kernel(tensors, s, grad_out, True, s["T"] > 0))
 
 
 def check_segment(args, long_range, scale, dtype, seed) -> tuple[dict, dict]:

@@ -647,15 +647,12 @@ def segment_attention_backward(grad_out, out, q, k, v, tail_k, tail_v, sink_k, s
     do = _usable(grad_out)
     tail_grads = tail_needs_grad and s["T"] > 0
     kernel = dkdv_kernel(tensors, s, do, lse is not None, tail_grads)
-    if kernel == "gluon-ws+dq":  # five matrix products a visible pair instead of seven
-        dq, lse, delta = _launch_dq(tensors, s, meta, slots, _usable(out), do, scale, lse, prefix_only=True)
-        dk, dv, dtk, dtv = _gluon().dkdv(tensors, s, do, lse, delta, scale, tail_grads, dq=dq)
-    elif kernel == "gluon-ws":
-        dq, lse, delta = _launch_dq(tensors, s, meta, slots, _usable(out), do, scale, lse)
-        dk, dv, dtk, dtv = _gluon().dkdv(tensors, s, do, lse, delta, scale, tail_grads)
-    else:
-        dq, lse, delta = _launch_dq(tensors, s, meta, slots, _usable(out), do, scale, lse)
+    fused = kernel == "gluon-ws+dq"  # five matrix products a visible pair instead of seven
+    dq, lse, delta = _launch_dq(tensors, s, meta, slots, _usable(out), do, scale, lse, prefix_only=fused)
+    if kernel == "triton":
         dk, dv, dtk, dtv = _launch_dkdv(tensors, s, meta, do, lse, delta, scale, tail_grads)
+    else:
+        dk, dv, dtk, dtv = _gluon().dkdv(tensors, s, do, lse, delta, scale, tail_grads, dq=dq if fused else None)
     # each gradient in its input's dtype (they differ from the kernels' when _common widened one)
     dtk, dtv = (None, None) if dtk is None else (dtk.to(tail_k.dtype), dtv.to(tail_v.dtype))
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dtk, dtv
