@@ -34,7 +34,6 @@ import transformers
 
 import segcompile as sc
 
-sys.path.insert(0, str(Path(__file__).parent))
 import memory_trace  # noqa: E402
 
 GiB = 1 << 30

@@ -22,7 +22,6 @@ import torch
 from segcompile.kernels.reference import segment_attention_reference
 from segcompile.kernels.triton_attention import segment_attention_backward, segment_attention_forward
 
-sys.path.insert(0, str(Path(__file__).parent))
 from bench_kernel import PLANS, kernels_run, long_range_heads, segments  # noqa: E402
 
 TOLERANCE = {torch.bfloat16: 1e-2, torch.float32: 1e-3}
@@ -52,8 +51,8 @@ def check_segment(args, long_range, scale, dtype, seed) -> tuple[dict, dict]:
 
 
 def check_compiled_step_graph() -> dict:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import make_model, random_ids
+    from segcompile.testing.models import random_ids
+    from segcompile.testing.models import tiny_model as make_model
 
     import segcompile as sc
 

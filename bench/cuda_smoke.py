@@ -4,12 +4,11 @@
 """
 
 import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import ALL_MODELS, make_model, random_ids  # noqa: E402
+from segcompile.testing.models import ALL_MODELS, random_ids  # noqa: E402
+from segcompile.testing.models import tiny_model as make_model  # noqa: E402
 
 import segcompile as sc  # noqa: E402
 

@@ -59,10 +59,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-sys.path.insert(0, str(ROOT / "examples"))
-import recall_task  # noqa: E402
 import tbptt_regimes as regimes  # noqa: E402
+
+from segcompile.testing import recall_task  # noqa: E402
 
 import segcompile as sc  # noqa: E402
 from segcompile.files import atomic_write_text  # noqa: E402

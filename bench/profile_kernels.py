@@ -62,7 +62,6 @@ def parse_args(argv=None):
 def workload() -> None:
     import torch
 
-    sys.path.insert(0, str(Path(__file__).parent))
     from bench_kernel import flex_runs, segments
 
     from segcompile.kernels.triton_attention import segment_attention_backward, segment_attention_forward

@@ -1,7 +1,7 @@
 """Train-inference consistency at small scale: one tiny decoder, four regimes, the recall task.
 
 The same Llama-style decoder (same initial weights, same training batches, same step budget) is
-trained from scratch on ``examples/recall_task.py`` and evaluated on one fixed held-out set:
+trained from scratch on ``segcompile/testing/recall_task.py`` and evaluated on one fixed held-out set:
 
     full            full attention (the model's own SDPA), evaluated with full attention
     full->seg       the same trained model, evaluated segmented (train/inference mismatch)
@@ -85,10 +85,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "examples"))
-import recall_task  # noqa: E402
 
 import segcompile as sc  # noqa: E402
+from segcompile.testing import recall_task  # noqa: E402
 from segcompile.files import atomic_write_text  # noqa: E402
 from segcompile.loss import label_count, span_loss  # noqa: E402
 
@@ -135,7 +134,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num-values", type=int, default=64, help="value tokens in the vocabulary")
     p.add_argument("--values-per-key", type=int, default=None,
                    help="keyed values: key k takes its value from its own block of this many (--num-values must be "
-                        "--num-keys times this); default: every key draws from all values (see examples/recall_task.py)")
+                        "--num-keys times this); default: every key draws from all values (see segcompile/testing/recall_task.py)")
     p.add_argument("--steps", type=int, default=550, help="training steps per regime (550: all regimes in < 10 min on an H100)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3, help="peak AdamW learning rate (linear warmup, cosine to 10%%)")

@@ -30,7 +30,6 @@ import triton
 
 from segcompile.kernels import triton_attention as ta
 
-sys.path.insert(0, str(Path(__file__).parent))
 from bench_kernel import add_shape_arguments, long_range_heads, segments  # noqa: E402
 
 CANDIDATES = {

@@ -23,8 +23,9 @@ from pathlib import Path
 
 import segcompile as sc
 from segcompile.files import atomic_write_text
-from segcompile.passes import PASSES, PassManager, capture
-from segcompile.tiny import tiny_llama
+from segcompile.frontend import capture
+from segcompile.passes import PASSES, PassManager
+from segcompile.testing.models import tiny_llama
 
 SCREENSHOT_PAGE = "03-segment_loop.html"
 

@@ -5,7 +5,7 @@
     python examples/train.py --model path/to/hf-model --seq-len 4096 --segment-len 512 --dtype bf16 --out runs/ft
     torchrun --nproc-per-node 2 examples/train.py --model tiny-llama --steps 50 --out runs/fsdp --fsdp
 
-Each step draws a batch from ``recall_task`` with a seeded generator, runs
+Each step draws a batch from ``segcompile.testing.recall_task`` with a seeded generator, runs
 ``seg.tbptt_backward(ids, labels)`` (gradients through ``--tbptt-k`` previous segments) and an
 AdamW step. ``--out`` receives ``losses.jsonl`` (one ``{"step", "loss"}`` line per step),
 ``checkpoint/`` (model, optimizer, data generator and RNG states; no pickle) every
@@ -21,7 +21,7 @@ builds the same model (``--seed``), transforms it, wraps the SegmentedModel
 (``segcompile.distributed``) and draws its own ``--batch-size`` sequences from its own data stream
 (a seed per rank), so a step sees ``batch-size x ranks`` sequences. Gradients are synchronised once
 per sequence; the logged loss is the mean over ranks. Rank 0 alone shows the progress bar and
-writes ``losses.jsonl`` and ``eval.json``; the checkpoint is sharded (``segcompile.checkpoint``:
+writes ``losses.jsonl`` and ``eval.json``; the checkpoint is sharded (``segcompile.runtime.checkpoint``:
 DCP, safetensors, one RNG file per rank) and a run resumes with as many ranks as it was saved by.
 """
 
@@ -31,18 +31,15 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import recall_task  # noqa: E402
-
-import segcompile as sc  # noqa: E402
-from segcompile.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
-from segcompile.files import atomic_write_text  # noqa: E402
+import segcompile as sc
+from segcompile.files import atomic_write_text
+from segcompile.runtime.checkpoint import load_checkpoint, save_checkpoint
+from segcompile.testing import recall_task
 
 # Flags that define the run: a resumed run must use the same ones.
 RUN_FLAGS = (
@@ -55,7 +52,7 @@ RANK_SEED_STRIDE = 10_007  # rank r draws its training data from seed + r * this
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--model", default="tiny-llama", help="'tiny-llama', 'plain' (examples/plain_decoder.py) or a local HF model directory")
+    p.add_argument("--model", default="tiny-llama", help="'tiny-llama', 'plain' (segcompile/testing/plain_decoder.py) or a local HF model directory")
     p.add_argument("--layers", type=int, default=2, help="layers of the built-in models (tiny-llama, plain)")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--segment-len", type=int, default=64)
@@ -108,12 +105,12 @@ def validate(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
 
 def build_model(args, vocab_size: int) -> torch.nn.Module:
     if args.model == "tiny-llama":
-        from segcompile.tiny import VOCAB_SIZE, tiny_llama
+        from segcompile.testing.models import VOCAB_SIZE, tiny_llama
 
         model = tiny_llama(num_layers=args.layers, seed=args.seed)
         assert VOCAB_SIZE >= vocab_size
     elif args.model == "plain":
-        from plain_decoder import tiny_plain_decoder
+        from segcompile.testing.plain_decoder import tiny_plain_decoder
 
         model = tiny_plain_decoder(
             seed=args.seed, vocab_size=vocab_size, num_hidden_layers=args.layers,

@@ -1,12 +1,12 @@
 """segcompile: compile full-attention decoders into training-inference consistent segment loops."""
 
-from . import distributed, oracle
 from .config import SegmentConfig
 from .errors import CaptureError, ConfigError, PlanError, SegcompileError, UnsupportedAttentionError, WrappingError
+from .frontend import capture
 from .heads import select_heads
-from .passes import capture
 from .plan import HeadPlan
-from .runtime import SegmentedModel, SegmentState
+from .reference import oracle
+from .runtime import SegmentedModel, SegmentState, distributed
 from .transform import transform
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""``SegmentConfig``: the segment, tail and sink sizes and the head plan (DESIGN.md section 1)."""
+"""``SegmentConfig``: the segment, tail and sink sizes and the head plan (docs/design.md section 1)."""
 
 from __future__ import annotations
 
@@ -47,10 +47,24 @@ class SegmentConfig:
     # Segment geometry, shared by the oracle, the driver and the tests.
     def segment_start(self, position: int) -> int:
         """First position of the segment holding ``position``."""
-        return (position // self.segment_len) * self.segment_len
+        return segment_start(position, self.segment_len)
+
+    def offset_in_segment(self, position: int) -> int:
+        """How many positions of its segment come before ``position`` (0: it starts a segment)."""
+        return offset_in_segment(position, self.segment_len)
 
     def num_segments(self, n: int) -> int:
         return -(-n // self.segment_len)
+
+
+def offset_in_segment(position: int, segment_len: int) -> int:
+    """How many positions of its segment come before ``position`` (0: it starts a segment)."""
+    return position % segment_len
+
+
+def segment_start(position: int, segment_len: int) -> int:
+    """First position of the segment holding ``position``."""
+    return position - offset_in_segment(position, segment_len)
 
 
 def segment_pieces(position: int, total: int, segment_len: int) -> list[slice]:
@@ -58,7 +72,7 @@ def segment_pieces(position: int, total: int, segment_len: int) -> list[slice]:
     boundaries: each runs as one step (the PyTorch driver and the ONNX and TensorRT runners)."""
     pieces, done = [], 0
     while done < total:
-        take = min(segment_len - (position + done) % segment_len, total - done)
+        take = min(segment_len - offset_in_segment(position + done, segment_len), total - done)
         pieces.append(slice(done, done + take))
         done += take
     return pieces

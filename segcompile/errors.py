@@ -27,4 +27,4 @@ class UnsupportedAttentionError(SegcompileError):
 
 class WrappingError(SegcompileError, TypeError):
     """A model wrapped by FSDP or DDP was given to ``transform``, or a SegmentedModel was wrapped
-    other than by ``segcompile.distributed`` (DESIGN: the step graph runs, not the modules)."""
+    other than by ``segcompile.distributed`` (docs/design.md section 2: the step graph runs, not the modules)."""

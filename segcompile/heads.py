@@ -38,8 +38,8 @@ import torch
 
 from .config import SegmentConfig
 from .errors import ConfigError, PlanError, SegcompileError, UnsupportedAttentionError
-from .oracle import _logits, _sdpa_attention, kv_heads_per_layer, run_per_layer_attention, visibility
-from .passes.capture import device_of
+from .reference.oracle import _logits, _sdpa_attention, kv_heads_per_layer, run_per_layer_attention, visibility
+from .frontend import device_of
 from .plan import HeadPlan, model_fingerprint
 
 METHODS = ("attention_mass", "gate")

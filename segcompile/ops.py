@@ -6,7 +6,7 @@ tensor per attention site), and ``torch.compile`` traces it into ``segment_atten
 autograd formula. Its ``impl`` argument names the implementation the ``lower`` pass chose for
 this node, so the graph itself says which kernel runs.
 
-Gradient contract (DESIGN.md section 1): q, the current segment's k/v and the tail k/v receive
+Gradient contract (docs/design.md section 1): q, the current segment's k/v and the tail k/v receive
 gradient; sinks and history never do (no gradient work is spent on them).
 
 Implementations: ``reference`` (PyTorch, any device; its backward differentiates a recomputed

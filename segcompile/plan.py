@@ -1,4 +1,4 @@
-"""``HeadPlan``: which KV heads of which layers are long-range (DESIGN.md section 1).
+"""``HeadPlan``: which KV heads of which layers are long-range (docs/design.md section 1).
 
 A plan is either symbolic (``all``, ``none``, ``fraction``, ``layers``), resolved against a
 model's shape when it is transformed, or explicit (``from_dict``). Resolution validates the plan

@@ -8,9 +8,11 @@ import torch
 import torch.fx as fx
 
 from .config import SegmentConfig
-from .distributed import check_not_wrapped
-from .passes import PASSES, PassManager, capture, copy_captured, is_captured
+from .runtime.distributed import check_not_wrapped
+from .frontend import capture, copy_captured, is_captured
+from .passes import PASSES, PassManager
 from .runtime import SegmentedModel
+from . import ir
 
 
 def transform(
@@ -20,7 +22,7 @@ def transform(
     dump_dir: str | os.PathLike | None = None,
     implementation: str = "auto",
 ) -> SegmentedModel:
-    """Rewrite ``model`` into a segment-loop program (DESIGN.md section 2).
+    """Rewrite ``model`` into a segment-loop program (docs/design.md section 2).
 
     ``model`` is the model, or a graph ``segcompile.capture(model)`` returned (to capture once and
     compile several configs). ``dump_dir``: write the graph after every pass there (``00-capture.txt``, ``01-find_attention.txt``...).
@@ -33,7 +35,7 @@ def transform(
     check_not_wrapped(model)
     cfg = cfg if cfg is not None else SegmentConfig(segment_len=2048)
     gm = copy_captured(model) if is_captured(model) else capture(model)
-    gm.meta["segcompile.config"] = cfg
-    gm.meta["segcompile.implementation"] = implementation
+    gm.meta[ir.CONFIG] = cfg
+    gm.meta[ir.IMPLEMENTATION] = implementation
     gm = PassManager(PASSES, dump_dir=dump_dir)(gm)
     return SegmentedModel(gm, cfg)

@@ -9,8 +9,8 @@ import torch
 from conftest import VOCAB, make_model
 
 import segcompile as sc
-from segcompile import checkpoint as ckpt
-from segcompile.checkpoint import load_checkpoint, save_checkpoint
+from segcompile.runtime import checkpoint as ckpt
+from segcompile.runtime.checkpoint import load_checkpoint, save_checkpoint
 
 S = 4
 N = 13  # 4 segments, the last one short
@@ -200,7 +200,7 @@ def test_wrong_model_is_a_clear_error(tmp_path):
     with pytest.raises(sc.SegcompileError, match=r"made for another model.*LlamaForCausalLM.*not in the model"):
         load_checkpoint(tmp_path / "ck", wider, adamw(wider))
 
-    from plain_decoder import tiny_plain_decoder
+    from segcompile.testing.plain_decoder import tiny_plain_decoder
 
     other_vocab = tiny_plain_decoder(num_hidden_layers=1, vocab_size=VOCAB + 1)
     with pytest.raises(sc.SegcompileError, match=r"shapes differ: embed_tokens\.weight: checkpoint \(96, 64\), model \(97, 64\)"):

@@ -22,7 +22,7 @@ from conftest import captured, make_model, random_ids
 from safetensors.torch import load_file, save_file
 
 import segcompile as sc
-from segcompile.checkpoint import load_checkpoint, save_checkpoint
+from segcompile.runtime.checkpoint import load_checkpoint, save_checkpoint
 
 REL_TOL = 1e-5
 WORLD = 2

@@ -15,7 +15,7 @@ import pytest
 import torch
 import transformers
 from conftest import VOCAB, random_ids
-from plain_decoder import tiny_plain_decoder
+from segcompile.testing.plain_decoder import tiny_plain_decoder
 from torch import nn
 
 import segcompile as sc

@@ -21,8 +21,8 @@ from conftest import VOCAB, captured, max_abs, random_ids
 
 import segcompile as sc
 from segcompile.errors import SegcompileError
-from segcompile.exporters.onnx import example_inputs, export_onnx, state_specs, step_module
-from segcompile.onnx_runtime import OnnxSegmentedModel
+from segcompile.deploy.onnx_export import example_inputs, export_onnx, state_specs, step_module
+from segcompile.deploy.runner import OnnxSegmentedModel
 
 S = 8
 TOL = 1e-4

@@ -25,7 +25,7 @@ import torch
 from conftest import random_ids
 from test_export_onnx import ONNX_CASES, S, TOL, _compare, exported  # noqa: F401 (exported is a fixture)
 
-from segcompile.exporters import tensorrt as trt_export
+from segcompile.deploy import tensorrt as trt_export
 
 TABLE = Path(__file__).parent / "data" / "onnx_tensorrt_operators.tsv"
 # the table's type names for ONNX's

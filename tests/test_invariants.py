@@ -1,4 +1,4 @@
-"""DESIGN.md's invariants 1-4 for the forward, prefill and decode, on every supported family.
+"""docs/design.md's invariants 1-4 for the forward, prefill and decode, on every supported family.
 
 Tolerances: fp32 max abs logit error <= 1e-4 (logits are O(1) for these models); bf16/fp16
 against the original model in the same dtype: <= BF16_ATOL / FP16_ATOL (a few units in the

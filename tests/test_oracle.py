@@ -1,7 +1,7 @@
-"""The oracle against hand-worked cases (DESIGN.md section 1).
+"""The oracle against hand-worked cases (docs/design.md section 1).
 
 The oracle judges the compiler, so it is judged here only against values worked out by hand
-from the DESIGN table: literal 0/1 masks, means of literal key sets, closed-form softmax
+from the table of docs/design.md section 1: literal 0/1 masks, means of literal key sets, closed-form softmax
 derivatives, and (invariant 1, ``S >= N``) the plain model's own loss and ``backward``.
 Nothing here compares the oracle with other code of the package.
 
@@ -44,7 +44,7 @@ def _assert_close(got: torch.Tensor, want: torch.Tensor, atol: float = FP64_ATOL
 
 
 # ---- 1. visibility ------------------------------------------------------------------------
-# Each matrix is derived by hand from the DESIGN table; segment boundaries are marked by spaces.
+# Each matrix is derived by hand from the table of docs/design.md section 1; segment boundaries are marked by spaces.
 LOWER_8 = _mask([
     "100 000 00",
     "110 000 00",

@@ -11,8 +11,9 @@ import torch.fx as fx
 from conftest import ALL_MODELS, captured, make_model, max_abs, random_ids
 
 import segcompile as sc
-from segcompile.passes import copy_captured, find_attention
-from segcompile.passes.release_tails import release_tails
+from segcompile.frontend import copy_captured
+from segcompile.passes import find_attention
+from segcompile.runtime.variants.release_tails import release_tails
 
 aten = torch.ops.aten
 SEGMENT_ATTENTION = torch.ops.segcompile.segment_attention.default
@@ -230,7 +231,7 @@ def test_repeat_kv_is_looked_through_with_no_op_slices():
 
 
 def test_capture_check_tolerates_half_precision_rounding_but_not_a_wrong_graph():
-    from segcompile.passes.capture import _agrees
+    from segcompile.frontend.capture import _agrees
 
     want = torch.randn(2, 3, 50, dtype=torch.float64)
     rounded = want.to(torch.bfloat16)

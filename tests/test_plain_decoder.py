@@ -1,14 +1,11 @@
-"""Tests for examples/plain_decoder.py, the plain PyTorch decoder used as a compiler input."""
+"""Tests for segcompile/testing/plain_decoder.py, the plain PyTorch decoder used as a compiler input."""
 
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch.export import Dim
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-import plain_decoder  # noqa: E402
+from segcompile.testing import plain_decoder
 
 
 def _ids(model, batch, length, seed=1):

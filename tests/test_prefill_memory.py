@@ -11,7 +11,7 @@ import torch
 from conftest import captured, random_ids
 
 import segcompile as sc
-from segcompile.passes.segment_loop import STATE_NAMES
+from segcompile.ir import STATE_NAMES
 
 S = 8
 PLANS = {"none": sc.HeadPlan.none(), "all": sc.HeadPlan.all(), "fraction": sc.HeadPlan.fraction(0.5)}

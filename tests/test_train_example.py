@@ -4,8 +4,22 @@ from __future__ import annotations
 
 import json
 
+import importlib.util
+from pathlib import Path
+
 import pytest
-import train  # examples/ is on sys.path (conftest)
+
+
+def _load_example(name: str):
+    """The example script as a module (examples/ is not a package: the scripts run as files)."""
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+train = _load_example("train")
 
 SMALL = [
     "--model", "tiny-llama", "--layers", "1", "--seq-len", "64", "--segment-len", "16", "--pairs", "6",

@@ -1,4 +1,4 @@
-"""``tbptt_backward`` equals the oracle's TBPTT gradients (DESIGN.md ``tbptt_k``), in fp64.
+"""``tbptt_backward`` equals the oracle's TBPTT gradients (docs/design.md section 1, ``tbptt_k``), in fp64.
 
 Tolerance: max over parameters of max|g - g_oracle| / max|g_oracle| <= 1e-6 (measured ~1e-15).
 """
@@ -97,7 +97,7 @@ def test_ignored_labels_and_sum_reduction():
 def test_loss_taken_in_pieces_of_positions_gives_the_oracle_gradients(monkeypatch):
     """Segments' losses over pieces of 3 positions (not dividing S), some labels ignored: what a
     large vocabulary gives (a piece holds 2**24 logits); pieces of the tiny models would be whole."""
-    import segcompile.training as training
+    import segcompile.runtime.training as training
 
     whole = training._loss_and_its_gradient
 
@@ -120,7 +120,7 @@ def test_only_what_a_later_loss_reaches_outlives_its_segment(K, monkeypatch):
     segment's K/V a layer each, and the peak grew over the first segments of a long sequence."""
     import weakref
 
-    import segcompile.training as training
+    import segcompile.runtime.training as training
 
     segments, tail_grads, seen = [], [], []
 

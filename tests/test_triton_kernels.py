@@ -57,7 +57,7 @@ def reference_and_grads(args, long_range, scale, grad_out_seed):
     return out.detach(), grad_out, [t.grad for t in live[:5]]
 
 
-# (B, H, Hk, Lq, Lk, T, G, P, D, long_range): each row is an edge case DESIGN.md lists
+# (B, H, Hk, Lq, Lk, T, G, P, D, long_range): each row is an edge case docs/design.md lists
 CASES = {
     "first segment, N < S (no tail, sinks or history)": (1, 4, 2, 13, 13, 0, 0, 0, 16, ()),
     "full segment, tail, sinks, GQA 2, one long-range head": (2, 4, 2, 32, 32, 32, 3, 70, 16, (1,)),

@@ -1,12 +1,12 @@
 """``segcompile demo``: the whole pipeline on the built-in tiny model, checked as it goes.
 
-Stages: build the tiny Llama (``segcompile.tiny``) -> ``transform`` (capture and the passes, the
+Stages: build the tiny Llama (``segcompile.testing.models``) -> ``transform`` (capture and the passes, the
 graph after each pass written to ``<out>/passes``) -> segmented forward over the sequence ->
 prefill, one segment per call -> greedy decoding -> the oracle over the final sequence -> ONNX
 export of the segment-step program (``<out>/model.onnx``), prefilled and decoded with onnxruntime.
 
 Checks (exit status 1 if one fails):
-* the segmented forward equals the oracle (DESIGN.md invariant 3);
+* the segmented forward equals the oracle (docs/design.md invariant 3);
 * prefill + decode give the oracle's logits at the positions they produce (invariant 4);
 * a local KV head never holds more than G + T + S entries;
 * a long-range KV head's history is every token before the tail;
@@ -68,7 +68,7 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 
 
 def validate(args: argparse.Namespace) -> None:
-    from ..tiny import MAX_POSITIONS
+    from ..testing.models import MAX_POSITIONS
 
     check_plan_file(args)
     total = args.tokens + args.decode_tokens
@@ -130,7 +130,7 @@ def _run(args: argparse.Namespace, cfg, stages: _Stages) -> DemoReport:
 
     import segcompile as sc
 
-    from ..tiny import tiny_llama
+    from ..testing.models import tiny_llama
 
     N, D, B, S = args.tokens, args.decode_tokens, args.batch, cfg.segment_len
     report = DemoReport(dump_dir=Path(args.out) / "passes", stage_seconds=stages.seconds)
@@ -200,8 +200,8 @@ def _export_check(seg, ids, generated, served, out: Path, stages: _Stages) -> Ch
     import numpy as np
     import torch
 
-    from ..exporters.onnx import export_onnx
-    from ..onnx_runtime import OnnxSegmentedModel
+    from ..deploy.onnx_export import export_onnx
+    from ..deploy.runner import OnnxSegmentedModel
 
     path = out / "model.onnx"
     with stages.run("export", "export to ONNX, run with onnxruntime") as st:

@@ -1,9 +1,9 @@
 """``segcompile export``: compile a model and write its segment-step program as an ONNX file or a TensorRT engine.
 
 Stages: load the model (a local Hugging Face folder, or the built-in tiny Llama) -> capture ->
-passes -> ONNX export (``segcompile.exporters.onnx``: fixed-size local state, dynamic history,
+passes -> ONNX export (``segcompile.deploy.onnx_export``: fixed-size local state, dynamic history,
 checked with onnx.checker and shape inference, written atomically) -> with ``--format tensorrt``,
-an engine built from that file (``segcompile.exporters.tensorrt``; the ONNX file is a temporary
+an engine built from that file (``segcompile.deploy.tensorrt``; the ONNX file is a temporary
 one), written with its metadata file beside it. Prints a summary: file, size, opset, inputs and
 outputs (and the engine's precision and profile). Without TensorRT, ``--format tensorrt`` exits 2
 with the install hint.
@@ -76,7 +76,7 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"{', '.join(given)}: for --format tensorrt only",
                          hint="add --format tensorrt, or leave them out")
     if args.format == "tensorrt":
-        from ..exporters.tensorrt import missing_tensorrt
+        from ..deploy.tensorrt import missing_tensorrt
 
         problem = missing_tensorrt()
         if problem:
@@ -95,7 +95,7 @@ def cmd(args: argparse.Namespace) -> int:
 
     import segcompile as sc
 
-    from ..exporters.onnx import export_onnx
+    from ..deploy.onnx_export import export_onnx
 
     cfg = segment_config(args)
     console = make_console(args)
@@ -118,7 +118,7 @@ def cmd(args: argparse.Namespace) -> int:
 
 
 def _build_engine(console, stages, seconds, args, onnx_path: Path):
-    from ..exporters.tensorrt import build_engine
+    from ..deploy.tensorrt import build_engine
 
     precision = args.precision or "fp32"
     with stage(console, stages, 4, seconds, f"TensorRT engine ({precision}) -> {args.out}"):
@@ -163,7 +163,7 @@ def _summary(console, summary, seg, cfg, seconds, engine=None) -> None:
     if engine is None:
         console.print(f"run it: segcompile run {summary.path} --prompt-ids IDS.npy", markup=False, soft_wrap=True)
     else:
-        console.print(f"run it: segcompile.exporters.tensorrt.TensorRTSegmentedModel({str(engine.path)!r})",
+        console.print(f"run it: segcompile.deploy.tensorrt.TensorRTSegmentedModel({str(engine.path)!r})",
                       markup=False, soft_wrap=True)
 
 

@@ -50,7 +50,7 @@ def model_label(args: argparse.Namespace) -> str:
 def load_model(args: argparse.Namespace):
     """The eval-mode model MODEL_DIR holds (never its own code; safetensors only), or the tiny Llama."""
     if args.model_dir is None:
-        from ..tiny import tiny_llama
+        from ..testing.models import tiny_llama
 
         return tiny_llama(num_layers=args.layers or DEFAULT_TINY_LAYERS)
     import transformers

@@ -1,7 +1,7 @@
 """``segcompile run``: prefill a prompt and decode greedily with an exported ONNX step program.
 
 Reads the prompt ids from a ``.npy`` file (integers, ``[tokens]`` or ``[batch, tokens]``; numpy
-reads it with ``allow_pickle=False``), runs ``segcompile.onnx_runtime.OnnxSegmentedModel`` (CUDA
+reads it with ``allow_pickle=False``), runs ``segcompile.deploy.runner.OnnxSegmentedModel`` (CUDA
 provider when onnxruntime has it, CPU otherwise), prints the new ids and the speed, and writes
 them with ``--out``.
 """
@@ -46,7 +46,7 @@ def validate(args: argparse.Namespace) -> None:
 def cmd(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..onnx_runtime import OnnxSegmentedModel
+    from ..deploy.runner import OnnxSegmentedModel
 
     console = make_console(args)
     try:

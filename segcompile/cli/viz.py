@@ -21,6 +21,7 @@ from . import (
     stage,
 )
 from .models import add_model_args, check_model_args, load_model, model_label
+from .. import ir
 
 name = "viz"
 help = "write pages that show what every compiler pass did to the model's graph"
@@ -78,14 +79,14 @@ def _summary(console, seg, cfg, seconds: dict[str, float], out: Path) -> None:
 
     step = seg.step_graph
     kinds = {"segment_attention": 0, "state_in": 0, "state_out": 0}
-    state_outputs = len(step.graph.output_node().args[0]) - step.meta["segcompile.num_model_outputs"]
+    state_outputs = len(step.graph.output_node().args[0]) - step.meta[ir.NUM_MODEL_OUTPUTS]
     for node in step.graph.nodes:
-        if node.meta.get("segcompile.state"):
+        if node.meta.get(ir.STATE):
             kinds["state_in"] += 1
-        if "segcompile.attention" in node.meta and "segment_attention" in str(node.target):
+        if ir.ATTENTION in node.meta and "segment_attention" in str(node.target):
             kinds["segment_attention"] += 1
     passes = sum(seg.pass_timings.values())
-    dumps = step.meta.get("segcompile.dump_seconds", 0.0)
+    dumps = step.meta.get(ir.DUMP_SECONDS, 0.0)
     pages = sorted(out.glob("*.html"))
     largest = max(pages, key=lambda p: p.stat().st_size)
 

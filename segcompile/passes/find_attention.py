@@ -5,8 +5,8 @@ Matches
 * the eager pattern ``matmul(q, k^T) -> [* scale] -> [+ mask] -> softmax(-1) -> [cast] ->
   [dropout] -> matmul(p, v)``.
 
-For each site it records (``node.meta["segcompile.attention"]`` and, in layer order,
-``gm.meta["segcompile.sites"]``) the layer index (order of appearance), the module path and
+For each site it records (``node.meta[ir.ATTENTION]`` and, in layer order,
+``gm.meta[ir.SITES]``) the layer index (order of appearance), the module path and
 class from ``nn_module_stack``, q and the **un-repeated** k/v (GQA's ``repeat_kv`` -
 ``unsqueeze(2) -> expand -> reshape`` - or ``repeat_interleave(dim=1)`` is looked through),
 head counts, head dims, scale and the node whose value is the attention output. RoPE and
@@ -22,14 +22,15 @@ recognised pattern, or a model with no attention at all.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
 from torch.fx.operator_schemas import normalize_function
 
 from ..errors import UnsupportedAttentionError
-from .opaque_sdpa import OPAQUE_SDPA
+from ..frontend.opaque_sdpa import OPAQUE_SDPA
+from .. import ir
+from ..ir import AttentionSite
 
 aten = torch.ops.aten
 
@@ -41,33 +42,9 @@ CASTS = (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_a
 RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
 
 
-@dataclass
-class AttentionSite:
-    layer: int
-    module: str
-    module_class: str
-    kind: str  # "sdpa" | "eager"
-    output: fx.Node  # its value is the attention output [B, H, L, Dv]
-    q: fx.Node
-    k: fx.Node  # un-repeated [B, Hk, L, D]
-    v: fx.Node
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    v_head_dim: int
-    scale: float
-    dtype: torch.dtype
-    mask: fx.Node | None = None
-    is_causal: bool = False
-    long_range: tuple[int, ...] = field(default=())  # filled by plan_heads
-
-    def where(self) -> str:
-        return f"layer {self.layer} (`{self.module}`, {self.module_class})"
-
-
 def find_attention(gm: fx.GraphModule) -> fx.GraphModule:
     """Annotate every attention site; refuse anything that is not causal full attention."""
-    info = gm.meta["segcompile.capture"]
+    info = gm.meta[ir.CAPTURE]
     _refuse_sliding_window(info.model_config, info.model_class)
     sites: list[AttentionSite] = []
     for node in gm.graph.nodes:
@@ -85,8 +62,8 @@ def find_attention(gm: fx.GraphModule) -> fx.GraphModule:
         )
     _check_masks_are_causal(gm, sites)
     for site in sites:
-        site.output.meta["segcompile.attention"] = site
-    gm.meta["segcompile.sites"] = sites
+        site.output.meta[ir.ATTENTION] = site
+    gm.meta[ir.SITES] = sites
     return gm
 
 
@@ -271,7 +248,7 @@ class _Recorder(fx.Interpreter):
 
 def _check_masks_are_causal(gm: fx.GraphModule, sites: list[AttentionSite]) -> None:
     """Evaluate every site's mask on the capture example; it must be exactly causal."""
-    info = gm.meta["segcompile.capture"]
+    info = gm.meta[ir.CAPTURE]
     wanted = {s.mask for s in sites if s.mask is not None} | {s.q for s in sites}
     recorder = _Recorder(gm, wanted)
     with torch.no_grad():

@@ -1,7 +1,7 @@
 """lower: choose the implementation of every ``segment_attention`` node.
 
 Sets the node's ``impl`` argument, so the graph (and its dumps) say which kernel runs, and
-records the choice per layer in ``gm.meta["segcompile.impl"]`` (``SegmentedModel`` shows it in
+records the choice per layer in ``gm.meta[ir.IMPL]`` (``SegmentedModel`` shows it in
 its repr, and the choice is logged). ``auto`` gives segcompile's Triton kernels
 (``kernels/triton_attention.py``) on CUDA and the PyTorch reference (``kernels/reference.py``)
 elsewhere; ``transform(..., implementation=...)`` asks for one by name. Export lowers the nodes
@@ -22,6 +22,7 @@ import os
 import torch
 import torch.fx as fx
 
+from .. import ir
 from ..errors import ConfigError
 from ..ops import IMPLEMENTATIONS, segment_attention
 
@@ -60,15 +61,15 @@ def choose_implementation(requested: str, device: torch.device, site) -> str:
 
 def lower(gm: fx.GraphModule) -> fx.GraphModule:
     """Pick the segment_attention implementation of every site for the capture device."""
-    device = gm.meta["segcompile.capture"].device
-    requested = gm.meta.get("segcompile.implementation", "auto")
+    device = gm.meta[ir.CAPTURE].device
+    requested = gm.meta.get(ir.IMPLEMENTATION, "auto")
     chosen = {}
     for node in gm.graph.find_nodes(op="call_function", target=segment_attention):
-        site = node.meta["segcompile.attention"]
+        site = node.meta[ir.ATTENTION]
         impl = choose_implementation(requested, device, site)
         node.update_kwarg("impl", impl)
         chosen[site.layer] = impl
         log.info("segment_attention %s -> %s on %s", site.where(), impl, device)
-    gm.meta["segcompile.impl"] = chosen
+    gm.meta[ir.IMPL] = chosen
     gm.recompile()
     return gm

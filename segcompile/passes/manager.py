@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch.fx as fx
 
+from .. import ir
 from ..files import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -26,8 +27,8 @@ class PassManager:
     keeps a ``networkx`` snapshot of the graph after each pass (``graphs``) and at the end writes
     the visualiser's pages there (``segcompile.viz``): ``index.html``, ``NN-<pass>.html``,
     ``NN-<pass>.dot``, and ``NN-<pass>.svg`` where Graphviz's ``dot`` is installed.
-    Seconds per pass end up in ``timings`` and ``gm.meta["segcompile.pass_timings"]``; seconds
-    spent on dumps, snapshots and pages in ``dump_seconds`` and ``gm.meta["segcompile.dump_seconds"]``.
+    Seconds per pass end up in ``timings`` and ``gm.meta[ir.PASS_TIMINGS]``; seconds
+    spent on dumps, snapshots and pages in ``dump_seconds`` and ``gm.meta[ir.DUMP_SECONDS]``.
     """
 
     def __init__(self, passes: Sequence[Pass], dump_dir: str | os.PathLike | None = None):
@@ -46,14 +47,14 @@ class PassManager:
             self.timings[p.__name__] = time.perf_counter() - start
             log.debug("after %s:\n%s", p.__name__, gm.graph)
             self._dump(gm, i, p.__name__, _first_line(p.__doc__))
-        gm.meta["segcompile.pass_timings"] = dict(self.timings)
+        gm.meta[ir.PASS_TIMINGS] = dict(self.timings)
         if self.dump_dir is not None:
             from ..viz import write_pages
 
             start = time.perf_counter()
             self.index_html = write_pages(self.graphs, self.dump_dir, self.timings)
             self.dump_seconds += time.perf_counter() - start
-            gm.meta["segcompile.dump_seconds"] = self.dump_seconds
+            gm.meta[ir.DUMP_SECONDS] = self.dump_seconds
         return gm
 
     def _dump(self, gm: fx.GraphModule, index: int, name: str, doc: str) -> None:
@@ -93,7 +94,7 @@ def _value(node: fx.Node) -> str:
     val = node.meta.get("val")
     if hasattr(val, "shape"):
         return f"{str(val.dtype).removeprefix('torch.')}{list(val.shape)}"
-    state = node.meta.get("segcompile.state")
+    state = node.meta.get(ir.STATE)
     return f"state of layer {state[0]}: {state[1]}" if state else ""
 
 

@@ -22,18 +22,18 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from .. import ir
+from ..ir import STATE_NAMES, AttentionSite
 from ..ops import segment_attention
-from .find_attention import AttentionSite
 
 aten = torch.ops.aten
 
-STATE_NAMES = ("sink_k", "sink_v", "hist_k", "hist_v", "tail_k", "tail_v", "current_k", "current_v")
 
 
 def segment_loop(gm: fx.GraphModule) -> fx.GraphModule:
     """Rewrite every attention site into segment_attention over carried state."""
     graph = gm.graph
-    sites: list[AttentionSite] = gm.meta["segcompile.sites"]
+    sites: list[AttentionSite] = gm.meta[ir.SITES]
     input_ids, position_ids = _placeholders(graph)
 
     with graph.inserting_after(position_ids):
@@ -45,7 +45,7 @@ def segment_loop(gm: fx.GraphModule) -> fx.GraphModule:
         for name in STATE_NAMES:
             with graph.inserting_after(last):
                 last = nodes[name] = graph.placeholder(f"layer{site.layer}_{name}")
-                last.meta["segcompile.state"] = (site.layer, name)
+                last.meta[ir.STATE] = (site.layer, name)
         state.append(nodes)
 
     _replace_positions(graph, input_ids, position_ids, offset)
@@ -64,7 +64,7 @@ def segment_loop(gm: fx.GraphModule) -> fx.GraphModule:
                 {"long_range": list(site.long_range), "scale": site.scale, "impl": "reference"},
             )
         attn.meta.update({k: v for k, v in site.output.meta.items() if k in ("val", "nn_module_stack", "stack_trace")})
-        attn.meta["segcompile.attention"] = site
+        attn.meta[ir.ATTENTION] = site
         site.output.replace_all_uses_with(attn)
         graph.erase_node(site.output)
         site.output = attn
@@ -75,7 +75,7 @@ def segment_loop(gm: fx.GraphModule) -> fx.GraphModule:
     graph.eliminate_dead_code(is_impure_node=_impure_except_dropout)
     graph.lint()
     gm.recompile()
-    gm.meta["segcompile.num_model_outputs"] = len(output.args[0]) - len(new_current)
+    gm.meta[ir.NUM_MODEL_OUTPUTS] = len(output.args[0]) - len(new_current)
     return gm
 
 

@@ -35,6 +35,8 @@ import networkx as nx
 import torch
 import torch.fx as fx
 
+from .. import ir
+
 KINDS = ("placeholder", "state_in", "get_attr", "call", "attention", "segment_attention", "state_out", "output")
 
 _DTYPES = {
@@ -57,7 +59,7 @@ def graph_of(gm: fx.GraphModule, name: str) -> nx.DiGraph:
     symbols = _symbols(nodes)
     modules: dict[str, str] = {}
     sources: dict[str, tuple[str, str]] = {}
-    sites = {s.layer: s for s in gm.meta.get("segcompile.sites", ())}
+    sites = {s.layer: s for s in gm.meta.get(ir.SITES, ())}
     state_out = _state_outputs(gm, graph, sites)
 
     for node in nodes:
@@ -195,7 +197,7 @@ def _short_path(filename: str) -> str:
 
 
 def _kind(node: fx.Node, sites: dict, state_out: dict[str, tuple[int, str]]) -> tuple[str, dict]:
-    state = node.meta.get("segcompile.state")
+    state = node.meta.get(ir.STATE)
     if node.op == "placeholder":
         if state:
             return "state_in", {"state": {"layer": int(state[0]), "name": str(state[1]), "direction": "in"}}
@@ -206,7 +208,7 @@ def _kind(node: fx.Node, sites: dict, state_out: dict[str, tuple[int, str]]) -> 
         return "get_attr", {}
     notes: dict[str, Any] = {}
     kind = "call"
-    site = node.meta.get("segcompile.attention")
+    site = node.meta.get(ir.ATTENTION)
     if site is not None:
         is_segment = "segment_attention" in str(node.target)
         kind = "segment_attention" if is_segment else "attention"
@@ -238,7 +240,7 @@ def _site_notes(site, node: fx.Node | None) -> dict[str, Any]:
 
 def _state_outputs(gm: fx.GraphModule, graph: fx.Graph, sites: dict) -> dict[str, tuple[int, str]]:
     """The output node's trailing entries are each layer's new current_k/current_v (segment_loop)."""
-    first = gm.meta.get("segcompile.num_model_outputs")
+    first = gm.meta.get(ir.NUM_MODEL_OUTPUTS)
     if first is None or not sites:
         return {}
     outputs = graph.output_node().args[0]
@@ -251,12 +253,12 @@ def _state_outputs(gm: fx.GraphModule, graph: fx.Graph, sites: dict) -> dict[str
 
 
 def _model_class(gm: fx.GraphModule) -> str:
-    info = gm.meta.get("segcompile.capture")
+    info = gm.meta.get(ir.CAPTURE)
     return getattr(info, "model_class", "") or type(gm).__name__
 
 
 def _config(gm: fx.GraphModule) -> dict[str, Any]:
-    cfg = gm.meta.get("segcompile.config")
+    cfg = gm.meta.get(ir.CONFIG)
     if cfg is None:
         return {}
     plan = cfg.long_range.describe() if hasattr(cfg.long_range, "describe") else str(cfg.long_range)

@@ -1,7 +1,7 @@
 """The oracle: a slow, obviously correct implementation of the segmented semantics.
 
 It runs the *original* model over the whole sequence and replaces every attention call by
-dense attention under two per-head boolean masks built straight from DESIGN.md section 1:
+dense attention under two per-head boolean masks built straight from docs/design.md section 1:
 
 * ``visible[h, i, j]``: may the query at position ``i`` of query head ``h`` see key ``j``;
 * ``live[i, j]``: does gradient flow from that score into K/V[j] (else K/V[j] is a constant).
@@ -36,14 +36,14 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from .config import SegmentConfig
-from .errors import SegcompileError
-from .loss import label_count, span_loss
+from ..config import SegmentConfig
+from ..errors import SegcompileError
+from ..loss import label_count, span_loss
 
 
 # ---- masks ---------------------------------------------------------------------------------
 def visibility(cfg: SegmentConfig, n: int, long_range: bool) -> torch.Tensor:
-    """``[n, n]`` bool: which keys ``j`` the query at position ``i`` sees (DESIGN.md table)."""
+    """``[n, n]`` bool: which keys ``j`` the query at position ``i`` sees (docs/design.md section 1, the table)."""
     i = torch.arange(n)[:, None]
     j = torch.arange(n)[None, :]
     a = (i // cfg.segment_len) * cfg.segment_len
@@ -199,7 +199,7 @@ def gradients(
     labels: torch.Tensor,
     reduction: str = "mean",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """TBPTT loss and gradients (DESIGN.md ``tbptt_k``) of every parameter, by name.
+    """TBPTT loss and gradients (docs/design.md section 1, ``tbptt_k``) of every parameter, by name.
 
     ``reduction="mean"`` divides the summed token loss by the number of label tokens of the
     whole sequence (HF's causal-LM loss); ``"sum"`` does not.

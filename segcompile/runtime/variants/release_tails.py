@@ -8,11 +8,11 @@ returns: a segment's K/V of every layer (0.5 GiB for a Llama-3-8B shape at S = T
 of the new segment's, which become the next tails. Freeing the storage itself, as FSDP frees
 unsharded parameters, does not depend on who still refers to it.
 
-Matches the ``tail_k`` / ``tail_v`` placeholders of every layer (``node.meta["segcompile.state"]``,
+Matches the ``tail_k`` / ``tail_v`` placeholders of every layer (``node.meta[ir.STATE]``,
 set by segment_loop). Produces a copy of the graph with a ``segcompile::release_storage`` node
 after the last reader of each tail whose every reader is a ``segment_attention`` node (its output
 is never a view of an input); a tail that anything else reads is left alone (a view of it could
-reach an output). ``gm.meta["segcompile.released"]`` lists the freed tails as (layer, name). A
+reach an output). ``gm.meta[ir.RELEASED]`` lists the freed tails as (layer, name). A
 freed tail must never be read again: the driver moves the old tails into history and sinks
 before such a step (``SegmentedModel._retire_tails``).
 """
@@ -23,7 +23,8 @@ import copy
 
 import torch.fx as fx
 
-from ..ops import release_storage, segment_attention
+from ...ops import release_storage, segment_attention
+from ... import ir
 
 TAILS = ("tail_k", "tail_v")
 
@@ -42,9 +43,9 @@ def release_tails(gm: fx.GraphModule) -> fx.GraphModule:
         last = max(readers, key=order.__getitem__)
         with out.graph.inserting_after(after.get(last, last)):
             node = after[last] = out.graph.call_function(release_storage, (tail,))
-        node.meta["segcompile.released"] = tail.meta["segcompile.state"]
-        released.append(tail.meta["segcompile.state"])
-    out.meta["segcompile.released"] = released
+        node.meta[ir.RELEASED] = tail.meta[ir.STATE]
+        released.append(tail.meta[ir.STATE])
+    out.meta[ir.RELEASED] = released
     out.graph.eliminate_dead_code()
     out.graph.lint()
     out.recompile()
@@ -54,5 +55,5 @@ def release_tails(gm: fx.GraphModule) -> fx.GraphModule:
 def _tail_placeholders(graph: fx.Graph) -> list[fx.Node]:
     return [
         node for node in graph.find_nodes(op="placeholder")
-        if node.meta.get("segcompile.state", (None, None))[1] in TAILS
+        if node.meta.get(ir.STATE, (None, None))[1] in TAILS
     ]

@@ -1,4 +1,4 @@
-"""Exact truncated BPTT through the segment loop (DESIGN.md section 1, ``tbptt_k``).
+"""Exact truncated BPTT through the segment loop (docs/design.md section 1, ``tbptt_k``).
 
 The objective is ``sum_s l_s`` where the K/V that segment ``s`` sees from segments
 ``s-1 .. s-K`` are functions of the parameters unrolled from the constant state carried into
@@ -24,9 +24,9 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from .errors import SegcompileError
-from .loss import IGNORE_INDEX, label_count, span_loss
-from .runtime import reserve_history
+from ..errors import SegcompileError
+from ..loss import IGNORE_INDEX, label_count, span_loss
+from .driver import reserve_history
 
 
 @dataclass

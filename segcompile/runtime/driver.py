@@ -2,7 +2,7 @@
 
 The step graph (built by the passes) processes up to one segment's worth of tokens given the
 carried state; the driver cuts the input at segment boundaries, feeds the state in, and at the
-end of every segment moves keys between the state's parts (DESIGN.md section 1):
+end of every segment moves keys between the state's parts (docs/design.md section 1):
 
     current (<= S) --> tail (last T of the segment) --> history (long-range KV heads only)
                                                     \\-> sinks (first G positions, all KV heads)
@@ -25,10 +25,10 @@ import torch.fx as fx
 import torch.utils.checkpoint
 import torch.utils._pytree as pytree
 
-from .config import SegmentConfig, segment_pieces
-from .errors import SegcompileError
-from .passes.find_attention import AttentionSite
-from .passes.segment_loop import STATE_NAMES
+from ..config import SegmentConfig, segment_pieces
+from ..errors import SegcompileError
+from ..ir import STATE_NAMES, AttentionSite
+from .. import ir
 
 
 @dataclass(frozen=True)
@@ -74,11 +74,11 @@ class SegmentedModel(torch.nn.Module):
         super().__init__()
         self.step_graph = step_graph
         self.cfg = cfg
-        self.sites: list[AttentionSite] = step_graph.meta["segcompile.sites"]
-        self.capture_info = step_graph.meta["segcompile.capture"]
-        self.implementations: dict[int, str] = step_graph.meta["segcompile.impl"]
-        self._num_outputs = step_graph.meta["segcompile.num_model_outputs"]
-        self.pass_timings: dict[str, float] = dict(step_graph.meta.get("segcompile.pass_timings", {}))
+        self.sites: list[AttentionSite] = step_graph.meta[ir.SITES]
+        self.capture_info = step_graph.meta[ir.CAPTURE]
+        self.implementations: dict[int, str] = step_graph.meta[ir.IMPL]
+        self._num_outputs = step_graph.meta[ir.NUM_MODEL_OUTPUTS]
+        self.pass_timings: dict[str, float] = dict(step_graph.meta.get(ir.PASS_TIMINGS, {}))
         self._last_logits_graph: fx.GraphModule | None = None  # built on the first prefill
         self._releasing_tails_graph: fx.GraphModule | None = None  # the same, freeing the old tails
         # set by compile(): graph -> (its torch.compile'd callable, the unbacked sources for its calls)
@@ -264,14 +264,14 @@ class SegmentedModel(torch.nn.Module):
 
     def _prefill_graph(self) -> fx.GraphModule:
         if self._last_logits_graph is None:
-            from .passes.keep_last_logits import keep_last_logits
+            from .variants.keep_last_logits import keep_last_logits
 
             self._last_logits_graph = keep_last_logits(self.step_graph) or self.step_graph
         return self._last_logits_graph
 
     def _releasing_graph(self) -> fx.GraphModule:
         if self._releasing_tails_graph is None:
-            from .passes.release_tails import release_tails
+            from .variants.release_tails import release_tails
 
             self._releasing_tails_graph = release_tails(self._prefill_graph())
         return self._releasing_tails_graph

@@ -18,6 +18,7 @@ import copy
 import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
+from ... import ir
 
 
 def logits_leaf(out_spec) -> int | None:
@@ -44,7 +45,7 @@ def keep_last_position(graph: fx.Graph, output: fx.Node, leaves: list, index: in
 def keep_last_logits(gm: fx.GraphModule) -> fx.GraphModule | None:
     """A copy of the step graph ``gm`` whose logits output is ``[B, 1, V]``; ``None`` if the
     model's output has no single logits tensor."""
-    index = logits_leaf(gm.meta["segcompile.capture"].out_spec)
+    index = logits_leaf(gm.meta[ir.CAPTURE].out_spec)
     if index is None:
         return None
     out = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name="SegmentStepLastLogits")

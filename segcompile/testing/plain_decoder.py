@@ -148,8 +148,3 @@ def tiny_plain_decoder(seed: int = 0, **overrides) -> PlainDecoder:
     torch.manual_seed(seed)
     return PlainDecoder(DecoderConfig(**overrides)).eval()
 
-
-if __name__ == "__main__":
-    model = tiny_plain_decoder()
-    ids = torch.randint(0, model.config.vocab_size, (2, 16))
-    print(model(ids).logits.shape)

@@ -25,7 +25,7 @@ also does ``SegmentedModel.end_segment``'s move (tail, sinks, history) with ``wh
 runtime only feeds tokens and positions.
 
 How: every ``segcompile::segment_attention`` node of a copy of the step graph is replaced by
-``kernels.export.step_attention`` (plain torch ops; the attention math and the state move), the
+``lowering.step_attention`` (plain torch ops; the attention math and the state move), the
 per-layer sink/hist/tail/current placeholders by the buffers above, and the result goes through
 ``torch.onnx.export(dynamo=True)``. No node of a custom ONNX domain remains; the file is checked
 with ``onnx.checker`` and shape inference before it is renamed into place. ``metadata_props``
@@ -48,10 +48,11 @@ import torch
 from torch import fx
 
 from ..errors import SegcompileError
-from ..kernels.export import step_attention
+from .lowering import step_attention
 from ..ops import segment_attention
-from ..passes.keep_last_logits import keep_last_position, logits_leaf
-from ..runtime import SegmentedModel
+from ..runtime.variants.keep_last_logits import keep_last_position, logits_leaf
+from ..runtime.driver import SegmentedModel
+from .. import ir
 
 OPSET = 20  # plain MatMul/Softmax attention; see kernels/export.py for why not opset 23's Attention
 FORMAT = "segcompile.onnx-step"
@@ -129,7 +130,7 @@ def step_module(seg: SegmentedModel, logits: str = "last") -> fx.GraphModule:
             graph.erase_node(node)
     graph.lint()
     gm.recompile()
-    gm.meta["segcompile.export"] = {"logits_leaf": index, "num_model_outputs": seg._num_outputs}
+    gm.meta[ir.EXPORT] = {"logits_leaf": index, "num_model_outputs": seg._num_outputs}
     return gm
 
 
@@ -256,7 +257,7 @@ def export_onnx(seg: SegmentedModel, path: str | os.PathLike, *, logits: str = "
     dynamic += [{0: batch} if entries is not None else {0: batch, 2: history} for _, _, _, entries in specs]
     input_names = ["input_ids", "position_offset"] + [name for name, *_ in specs]
     output_names = ["logits"] + [f"{name}_out" for name, *_ in specs]
-    if module.meta["segcompile.export"]["num_model_outputs"] != 1:
+    if module.meta[ir.EXPORT]["num_model_outputs"] != 1:
         raise ExportError("only models whose output is one logits tensor are exported today")
 
     module.eval()  # a fresh GraphModule is in training mode; the graph's own dropout flags are already fixed

@@ -1,4 +1,4 @@
-"""Training checkpoints: model, optimizer, step and RNG streams, with no pickle (DESIGN.md section 5).
+"""Training checkpoints: model, optimizer, step and RNG streams, with no pickle (docs/design.md section 5).
 
 A checkpoint is a directory:
 
@@ -55,7 +55,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from .errors import SegcompileError
+from ..errors import SegcompileError
 
 FORMAT = "segcompile-checkpoint"
 VERSION = 1

@@ -3,10 +3,10 @@
 Tracing is ``torch.export.export(strict=False)`` with a dynamic batch and a dynamic sequence
 length (SDPA calls kept opaque, see ``opaque_sdpa.py``), then unlifted to a ``GraphModule`` whose parameters are the model's own ``Parameter``
 objects. The model is called as ``model(input_ids, position_ids=..., use_cache=False)``:
-positions come in from outside so that a segment can start anywhere (DESIGN.md: positions are
+positions come in from outside so that a segment can start anywhere (docs/design.md section 1: positions are
 absolute). The graph is made flat: placeholders ``input_ids [B, L]`` and ``position_ids [1, L]``,
 output a tuple of the leaves of the model's output (its pytree spec is kept in
-``gm.meta["segcompile.capture"]`` to rebuild the output type).
+``gm.meta[ir.CAPTURE]`` to rebuild the output type).
 
 Removed on the way, because they pin the graph to the example: the export guard call, the
 ``use_cache`` constant input and ``aten._assert_tensor_metadata`` checks (which name the device
@@ -30,6 +30,7 @@ from torch.export import Dim
 
 from ..errors import CaptureError
 from .opaque_sdpa import OpaqueSDPA
+from .. import ir
 
 EXAMPLE_BATCH = 2
 EXAMPLE_LEN = 16  # > 1 so that export does not specialise the length to 0/1
@@ -86,7 +87,7 @@ def capture(model: torch.nn.Module) -> fx.GraphModule:
         raise CaptureError(_explain_trace_failure(model, e)) from e
     gm = _flatten(ep.module())
     _check_against_model(gm, model, kwargs)
-    gm.meta["segcompile.capture"] = CaptureInfo(
+    gm.meta[ir.CAPTURE] = CaptureInfo(
         method=method,
         model_class=name,
         out_spec=ep.call_spec.out_spec,
@@ -179,7 +180,7 @@ def _parameter_dtype(model: torch.nn.Module) -> torch.dtype:
 
 
 def is_captured(obj) -> bool:
-    return isinstance(obj, fx.GraphModule) and "segcompile.capture" in obj.meta
+    return isinstance(obj, fx.GraphModule) and ir.CAPTURE in obj.meta
 
 
 def copy_captured(gm: fx.GraphModule) -> fx.GraphModule:
@@ -189,7 +190,7 @@ def copy_captured(gm: fx.GraphModule) -> fx.GraphModule:
     configs on one model captures once. Parameters stay shared; node metadata is copied shallowly.
     """
     new = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name="CapturedModel")
-    new.meta["segcompile.capture"] = gm.meta["segcompile.capture"]
+    new.meta[ir.CAPTURE] = gm.meta[ir.CAPTURE]
     return new
 
 

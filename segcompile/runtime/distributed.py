@@ -67,7 +67,7 @@ import types
 
 import torch
 
-from .errors import WrappingError
+from ..errors import WrappingError
 
 _SYNC_METHOD = "_segcompile_sync_step"
 HOW_TO_WRAP = (
@@ -168,7 +168,7 @@ def check_sync_owner(seg) -> None:
 
 
 def _check_wrappable(seg, how: str) -> None:
-    from .runtime import SegmentedModel
+    from .driver import SegmentedModel
 
     if not isinstance(seg, SegmentedModel):
         raise WrappingError(f"sc.distributed.{how} takes a SegmentedModel, got a {type(seg).__name__}; {HOW_TO_WRAP}")

@@ -1,4 +1,4 @@
-"""Build a TensorRT engine from an exported segment-step ONNX file (``exporters.onnx``), and run it.
+"""Build a TensorRT engine from an exported segment-step ONNX file (``deploy.onnx_export``), and run it.
 
 **Not run yet.** TensorRT's libraries could not be installed where this was written, so this module
 follows the documented TensorRT 10 Python API (``Builder``, ``OnnxParser``, ``BuilderConfig``,
@@ -46,8 +46,7 @@ from typing import Any
 from ..config import segment_pieces
 from ..errors import SegcompileError
 from ..files import atomic_write_bytes, atomic_write_text
-from ..onnx_runtime import FORMAT as ONNX_FORMAT
-from ..onnx_runtime import FORMAT_VERSION as ONNX_FORMAT_VERSION
+from ..ir import ONNX_FORMAT, ONNX_FORMAT_VERSION
 
 INSTALL_HINT = 'pip install "segcompile[tensorrt]" (needs an NVIDIA GPU)'
 PRECISIONS = ("fp32", "fp16", "bf16", "typed")

@@ -1,6 +1,4 @@
-"""Run an exported segment-step program (``segcompile.exporters.onnx``) with onnxruntime.
-
-(``segcompile.runtime`` is the PyTorch driver module, so this one is ``segcompile.onnx_runtime``.)
+"""Run an exported segment-step program (``segcompile.deploy.onnx_export``) with onnxruntime.
 
 ``OnnxSegmentedModel(path)`` opens the file with the CUDA execution provider when onnxruntime has
 it, the CPU provider otherwise, and offers the driver's API on numpy arrays:
@@ -30,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import segment_pieces
-from .errors import SegcompileError
+from ..config import segment_pieces
+from ..errors import SegcompileError
 
 FORMAT = "segcompile.onnx-step"
 FORMAT_VERSION = "1"
