@@ -16,7 +16,7 @@ Two methods score every KV head of every layer; the plan keeps the best ``budget
 Both methods see attention the way the oracle does: a ``TorchFunctionMode`` intercepts
 ``F.scaled_dot_product_attention`` (the n-th call of a forward is layer n; HF models loaded with
 eager attention run with SDPA meanwhile), the local/long-range masks are ``oracle.visibility`` and
-the layer and KV-head counts are ``oracle.kv_heads_per_layer``.
+the layer and KV-head counts are ``sdpa_hook.kv_heads_per_layer``.
 
 Selection is deterministic: ``round(budget * total KV heads)`` heads (at least one when
 budget > 0), highest score first, ties broken by (layer, KV head); with ``granularity="layer"``
@@ -38,7 +38,8 @@ import torch
 
 from .config import SegmentConfig
 from .errors import ConfigError, PlanError, SegcompileError, UnsupportedAttentionError
-from .reference.oracle import _logits, _sdpa_attention, kv_heads_per_layer, run_per_layer_attention, visibility
+from .reference.oracle import visibility
+from .reference.sdpa_hook import kv_heads_per_layer, model_logits, run_per_layer_attention, sdpa_attention
 from .frontend import device_of
 from .plan import HeadPlan, model_fingerprint
 
@@ -396,8 +397,8 @@ def _gate(model, cfg, kv, data: _Data, device, steps, lr, sparsity, progress):
         for t in range(steps):
             ids = data.step(t).to(device)
             with torch.no_grad():
-                with _sdpa_attention(model):
-                    target = _logits(model, ids).index_select(1, rows).float()
+                with sdpa_attention(model):
+                    target = model_logits(model, ids).index_select(1, rows).float()
             gated = _run(model, ids, kv, on_call).index_select(1, rows).float()
             distill = (gated - target).pow(2).mean() / target.var().clamp(min=1e-12)
             penalty = torch.sigmoid(torch.cat(gates)).mean()

@@ -16,6 +16,7 @@ import segcompile as sc
 from segcompile.cli.main import main
 from segcompile.heads import CalibrationError, retrieval_ids
 from segcompile.plan import model_fingerprint
+from segcompile.testing.tolerances import tolerance
 
 from conftest import captured, random_ids
 
@@ -181,7 +182,7 @@ def test_saved_plan_is_accepted_by_transform(tmp_path):
     ids = random_ids(1, 40, seed=5)
     reference = sc.oracle.forward(model, sc.SegmentConfig(segment_len=8, sink_tokens=1, long_range=loaded), ids)
     with torch.no_grad():
-        assert (seg(ids).logits - reference).abs().max() < 1e-4
+        assert (seg(ids).logits - reference).abs().max() <= tolerance(torch.float32).logits
 
     with pytest.raises(sc.PlanError, match="this head plan was made for"):
         sc.transform(captured("llama", layers=1)[1], sc.SegmentConfig(segment_len=8, long_range=loaded))

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from segcompile import HeadPlan, SegcompileError, SegmentConfig, oracle
+from segcompile.testing.tolerances import tolerance
 
-FP64_ATOL = 1e-12
+FP64_ATOL = tolerance(torch.float64).logits
 DT = torch.float64
 
 

@@ -79,7 +79,7 @@ def _sdpa_site(node: fx.Node, layer: int) -> AttentionSite:
         )
     q, k, v = args["query"], args["key"], args["value"]
     if not args.get("enable_gqa", False):
-        k, v = _unrepeated(k), _unrepeated(v)
+        k, v = unrepeated(k), unrepeated(v)
     return _make_site(
         layer, module, cls, "sdpa", node, q, k, v, args.get("scale"), args.get("attn_mask"), bool(args.get("is_causal"))
     )
@@ -130,7 +130,7 @@ def _eager_site(softmax: fx.Node, layer: int) -> AttentionSite:
         raise unmatched
     out = users[0]
     v = users[0].args[1]
-    return _make_site(layer, module, cls, "eager", out, q, _unrepeated(k), _unrepeated(v), scale, mask, False)
+    return _make_site(layer, module, cls, "eager", out, q, unrepeated(k), unrepeated(v), scale, mask, False)
 
 
 def _reaches_matmul(node: fx.Node) -> bool:
@@ -148,7 +148,7 @@ def _untransposed(node: fx.Node) -> fx.Node | None:
 
 
 # ---- shared --------------------------------------------------------------------------------
-def _unrepeated(node: fx.Node) -> fx.Node:
+def unrepeated(node: fx.Node) -> fx.Node:
     """Look through GQA's repeat_kv to the [B, Hk, L, D] tensor it repeats."""
     n = _skip(node, PASS_THROUGH)
     if n.target in RESHAPES:

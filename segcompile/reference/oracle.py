@@ -19,26 +19,21 @@ everywhere), and nothing earlier than ``s - K`` can reach ``l_s`` except through
 The total gradient is the sum over ``s``. Queries always receive gradient.
 
 Attention calls are intercepted with a ``TorchFunctionMode`` on
-``F.scaled_dot_product_attention`` (``run_per_layer_attention``, which head selection uses too);
-the n-th call of a forward is layer n. HF models loaded with
-the eager implementation are switched to SDPA for the duration (the two are numerically the
-same computation). Run models in eval mode (no dropout).
+``F.scaled_dot_product_attention`` (``sdpa_hook.run_per_layer_attention``, which head selection
+uses too); the n-th call of a forward is layer n. Run models in eval mode (no dropout).
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable
-from contextlib import contextmanager
 
 import torch
-import torch.nn.functional as F
-from torch.overrides import TorchFunctionMode
 
 from ..config import SegmentConfig
 from ..errors import SegcompileError
 from ..loss import label_count, span_loss
+from .sdpa_hook import kv_heads_per_layer, run_per_layer_attention
 
 
 # ---- masks ---------------------------------------------------------------------------------
@@ -67,25 +62,6 @@ def live_keys(cfg: SegmentConfig, n: int, loss_segment: int) -> torch.Tensor:
     return current | (tail & (j // S >= loss_segment - cfg.tbptt_k))
 
 
-# ---- the model's shape, read from its config -----------------------------------------------
-def _config_value(model: torch.nn.Module, *names: str) -> int:
-    config = getattr(model, "config", None)
-    for name in names:
-        value = getattr(config, name, None)
-        if value is not None:
-            return int(value)
-    raise SegcompileError(
-        f"oracle: {type(model).__name__}.config has none of {names}; "
-        "the oracle reads the layer and head counts from the model's config"
-    )
-
-
-def kv_heads_per_layer(model: torch.nn.Module) -> list[int]:
-    layers = _config_value(model, "num_hidden_layers", "n_layer", "num_layers")
-    kv = _config_value(model, "num_key_value_heads", "num_attention_heads", "n_head")
-    return [kv] * layers
-
-
 # ---- attention under the masks -------------------------------------------------------------
 def _masked_attention(q, k, v, attn_mask, scale, visible_by_kv_head, live):
     """Dense attention, ``q [B,H,n,D]``, ``k/v [B,Hk,n,D]`` (Hk == H when repeated upstream)."""
@@ -107,62 +83,6 @@ def _masked_attention(q, k, v, attn_mask, scale, visible_by_kv_head, live):
     scores = scores.masked_fill(~visible, float("-inf"))
     p = torch.softmax(scores, dim=-1)
     return (p * live) @ v + (p * ~live) @ v.detach()
-
-
-class _PerLayerSDPA(TorchFunctionMode):
-    """Hands the n-th ``F.scaled_dot_product_attention`` call of a forward to
-    ``on_call(n, args, sdpa)`` (``args``: the call's arguments by name, defaults filled in;
-    ``sdpa(**overrides)``: the original call) and returns what it returns."""
-
-    def __init__(self, on_call, who: str):
-        super().__init__()
-        self.on_call, self.who, self.layer = on_call, who, 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func is not F.scaled_dot_product_attention:
-            return func(*args, **kwargs)
-        bound = inspect.signature(_sdpa_signature).bind(*args, **kwargs)
-        bound.apply_defaults()
-        if bound.arguments["dropout_p"]:
-            raise SegcompileError(f"{self.who}: attention dropout must be 0 (put the model in eval mode)")
-        out = self.on_call(self.layer, bound.arguments, lambda **over: func(**{**bound.arguments, **over}))
-        self.layer += 1
-        return out
-
-
-def run_per_layer_attention(model: torch.nn.Module, input_ids: torch.Tensor, on_call, who: str = "oracle"):
-    """Run ``model`` with every attention call replaced by ``on_call`` (see ``_PerLayerSDPA``);
-    returns the logits and the number of attention calls made."""
-    mode = _PerLayerSDPA(on_call, who)
-    with _sdpa_attention(model), mode:
-        logits = _logits(model, input_ids)
-    return logits, mode.layer
-
-
-def _sdpa_signature(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
-    pass
-
-
-@contextmanager
-def _sdpa_attention(model: torch.nn.Module):
-    """Route an HF model's attention through SDPA while the oracle runs it."""
-    config = getattr(model, "config", None)
-    impl = getattr(config, "_attn_implementation", None)
-    if impl in (None, "sdpa") or not hasattr(model, "set_attn_implementation"):
-        yield
-        return
-    model.set_attn_implementation("sdpa")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(impl)
-
-
-def _logits(model, input_ids):
-    kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-    out = model(input_ids, **kwargs)
-    return out.logits if hasattr(out, "logits") else out
 
 
 def _run(model, cfg: SegmentConfig, input_ids, live: Callable[[int], torch.Tensor]) -> torch.Tensor:
