@@ -31,6 +31,8 @@ import torch.nn.functional as F
 import triton
 
 from segcompile.kernels import triton_attention as ta
+from segcompile.kernels.dispatch import segment_attention_forward
+from segcompile.kernels.problem import prepare
 from segcompile.kernels.reference import segment_attention_reference
 
 
@@ -83,18 +85,18 @@ def graphed(fn):
 def run_case(args, B: int, context: int) -> list[dict]:
     tensors, long_range = caches(args, B, context)
     scale = args.head_dim ** -0.5
-    common = ta._common(*tensors, long_range)
+    problem = prepare(*tensors, long_range)
     full_k = torch.randn(B, args.kv_heads, context, args.head_dim, device="cuda", dtype=torch.bfloat16)
     full_v = torch.randn_like(full_k)
     q = tensors[0]
     peers = {
-        "split keys": (lambda: ta.segment_attention_forward(*tensors, long_range, scale), kv_bytes(tensors)),
-        "one pass": (lambda: ta.one_pass_forward(*common, scale, False), kv_bytes(tensors)),
+        "split keys": (lambda: segment_attention_forward(*tensors, long_range, scale), kv_bytes(tensors)),
+        "one pass": (lambda: ta.one_pass_forward(problem, scale, False), kv_bytes(tensors)),
         "sdpa": (lambda: F.scaled_dot_product_attention(q, full_k, full_v, scale=scale, enable_gqa=True),
                  2 * full_k.numel() * full_k.element_size()),
     }
     want = segment_attention_reference(*[t.float() for t in tensors], long_range, scale)
-    got = ta.segment_attention_forward(*tensors, long_range, scale)
+    got = segment_attention_forward(*tensors, long_range, scale)
     error = ((got.float() - want).abs().max() / want.abs().max()).item()
     rows = []
     for name, (fn, nbytes) in peers.items():

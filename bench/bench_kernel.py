@@ -30,8 +30,9 @@ import torch
 import torch.nn.functional as F
 import triton
 
-from segcompile.kernels import triton_attention as ta
-from segcompile.kernels.triton_attention import segment_attention_backward, segment_attention_forward
+from segcompile.kernels import dispatch
+from segcompile.kernels.dispatch import segment_attention_backward, segment_attention_forward
+from segcompile.kernels.problem import prepare
 
 PLANS = {"none": 0.0, "fraction(0.25)": 0.25, "all": 1.0}
 
@@ -101,8 +102,9 @@ def segcompile_runs(q, k, v, do, S, long_range, scale):
 def kernels_run(args, long_range, grad_out) -> dict:
     """The forward and dK/dV kernels a ``segment_attention`` call on ``args`` runs (the backward
     given the forward's log-sum-exp, as autograd runs it), for the result files."""
-    tensors, s, _, _ = ta._common(*args, long_range)
-    return dict(forward=ta.forward_kernel(tensors, s), dkdv=ta.dkdv_kernel(tensors, s, grad_out, True, s["T"] > 0))
+    problem = prepare(*args, long_range)
+    return dict(forward=dispatch.forward_kernel(problem),
+                dkdv=dispatch.dkdv_kernel(problem, grad_out, lse_given=True, tail_grads=problem.T > 0))
 
 
 def flex_runs(q, k, v, do, S, long_range, scale):

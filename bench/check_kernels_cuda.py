@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from segcompile.kernels.reference import segment_attention_reference
-from segcompile.kernels.triton_attention import segment_attention_backward, segment_attention_forward
+from segcompile.kernels.dispatch import segment_attention_backward, segment_attention_forward
 
 from bench_kernel import PLANS, kernels_run, long_range_heads, segments  # noqa: E402
 

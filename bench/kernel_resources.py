@@ -26,9 +26,8 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from segcompile.kernels import triton_attention as ta
-
-KERNELS = {"fwd": ta._fwd_kernel, "dq": ta._dq_kernel, "dkdv": ta._dkdv_kernel}
+from segcompile.kernels import triton_common
+from segcompile.kernels.triton_attention import KERNELS
 POINTERS = {"Q", "K", "V", "TK", "TV", "SK", "SV", "HK", "HV", "Out", "dOut", "dQ", "dK", "dV", "dTK", "dTV"}
 
 
@@ -80,6 +79,9 @@ def resources(kernel: str, tile: dict, head_dim: int, dtype: str, capability: in
                      PRECISION="ieee" if dtype == "fp32" else "tf32")
     # the autograd path: the forward keeps the log-sum-exp, the dQ kernel takes it
     constants.update({flag: True for flag in ("STORE_LSE", "LSE_GIVEN") if flag in fn.arg_names})
+    # the other flags at their defaults (``PREFIX_ONLY`` off: the whole dQ, as the Triton backward runs it)
+    constants.update({p.name: p.default for p in fn.params
+                      if p.is_constexpr and p.has_default and p.name not in constants})
     sig, attrs = signature(fn, constants, dtype)
     options = dict(num_warps=tile["num_warps"], num_stages=tile["num_stages"])
     if tile.get("maxnreg"):
@@ -106,8 +108,9 @@ def main(argv=None):
     p.add_argument("--tile", nargs="+", action="append", default=[],
                    help="KERNEL M N WARPS STAGES [REGISTER_CAP]")
     args = p.parse_args(argv)
-    tiles = [(name, ta._blocks(name, args.head_dim, 4096, "fp32" if args.dtype == "fp32" else "16-bit")) for name in KERNELS]
-    tiles += [(kernel, ta.tile_options(tuple(map(int, numbers)))) for kernel, *numbers in args.tile]
+    table = "fp32" if args.dtype == "fp32" else "16-bit"
+    tiles = [(name, triton_common.tile(name, args.head_dim, 4096, table)) for name in KERNELS]
+    tiles += [(kernel, triton_common.tile_options(tuple(map(int, numbers)))) for kernel, *numbers in args.tile]
     print(f"{'kernel':6} {'M x N':>9} {'warps':>5} {'stages':>6} {'cap':>4} {'regs':>5} {'spill B':>8} {'stack B':>8} "
           f"{'smem KB':>8} {'wgmma':>6} {'per SM':>6}")
     for kernel, tile in tiles:

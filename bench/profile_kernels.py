@@ -30,8 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-# the Triton kernels and their warp-specialised Gluon counterparts (`_fwd_ws_kernel`, ...)
-KERNELS = "regex:_fwd(_ws)?_kernel|_dq(_ws)?_kernel|_dkdv(_ws)?_kernel|triton_tem"
+# the Triton kernels and their warp-specialised Gluon counterparts (`_fwd_ws_kernel`, `_dkdv_ws_kernel`)
+KERNELS = "regex:_fwd(_ws)?_kernel|_dq_kernel|_dkdv(_ws)?_kernel|triton_tem"
 SECTIONS = ["SpeedOfLight", "ComputeWorkloadAnalysis", "WarpStateStats", "SchedulerStats", "Occupancy", "LaunchStats"]
 # in the order the workload launches them
 LABELS = ["segcompile forward", "segcompile dQ", "segcompile dK/dV",
@@ -64,7 +64,7 @@ def workload() -> None:
 
     from bench_kernel import flex_runs, segments
 
-    from segcompile.kernels.triton_attention import segment_attention_backward, segment_attention_forward
+    from segcompile.kernels.dispatch import segment_attention_backward, segment_attention_forward
 
     N, S, H, hk, D = 32768, 4096, 32, 8, 128
     torch.manual_seed(0)

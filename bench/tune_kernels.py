@@ -2,7 +2,7 @@
 
 At the shape of ``bench_kernel.py`` (B=1, H=32, Hk=8, D=128, N=32K, S=T=4096, bf16), for every
 candidate (BLOCK_M, BLOCK_N, warps, stages[, register cap]) of one kernel, the other kernels keeping the tiles in
-``segcompile.kernels.triton_attention.TILES`` for that head dim:
+``segcompile.kernels.triton_common.TILES`` for that head dim:
 
 * ``fwd``: the forward over all N / S segments;
 * ``dq``: the dQ kernel alone, the forward's output and log-sum-exp given;
@@ -29,6 +29,9 @@ import torch
 import triton
 
 from segcompile.kernels import triton_attention as ta
+from segcompile.kernels import triton_common
+from segcompile.kernels.dispatch import segment_attention_forward
+from segcompile.kernels.problem import prepare
 
 from bench_kernel import add_shape_arguments, long_range_heads, segments  # noqa: E402
 
@@ -62,25 +65,25 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def prepare(parts, grads, long_range, scale) -> list:
-    """Per segment, what the backward kernels take: the forward's output and log-sum-exp, and
-    delta (computed once per plan, with the table's tiles)."""
+def backward_inputs(parts, grads, long_range, scale) -> list:
+    """Per segment, what the backward kernels take: the problem, the forward's output and
+    log-sum-exp, the output gradient and delta (computed once per plan, with the table's tiles)."""
     prepared = []
     for a, g in zip(parts, grads):
-        out, lse = ta.segment_attention_forward(*a, long_range, scale, return_lse=True)
-        tensors, s, meta, slots = ta._common(*a, long_range)
-        _, _, delta = ta._launch_dq(tensors, s, meta, slots, out, g, scale, lse)
-        prepared.append((tensors, s, meta, slots, out, g, lse, delta))
+        out, lse = segment_attention_forward(*a, long_range, scale, return_lse=True)
+        problem = prepare(*a, long_range)
+        _, _, delta = ta.launch_dq(problem, out, g, scale, lse)
+        prepared.append((problem, out, g, lse, delta))
     return prepared
 
 
 def runner(kernel: str, parts, prepared, long_range, scale):
     """A function running ``kernel`` once over every segment, on inputs computed beforehand."""
     if kernel == "fwd":
-        return lambda: [ta.segment_attention_forward(*a, long_range, scale) for a in parts]
+        return lambda: [segment_attention_forward(*a, long_range, scale) for a in parts]
     if kernel == "dq":  # with the forward's log-sum-exp, as autograd runs it
-        return lambda: [ta._launch_dq(t, s, m, sl, o, g, scale, lse) for t, s, m, sl, o, g, lse, _ in prepared]
-    return lambda: [ta._launch_dkdv(t, s, m, g, lse, delta, scale, True) for t, s, m, _, _, g, lse, delta in prepared]
+        return lambda: [ta.launch_dq(p, o, g, scale, lse) for p, o, g, lse, _ in prepared]
+    return lambda: [ta.launch_dkdv(p, g, lse, delta, scale, True) for p, _, g, lse, delta in prepared]
 
 
 def main(argv=None):
@@ -91,18 +94,19 @@ def main(argv=None):
     k, v = (torch.randn(1, hk, N, D, device="cuda", dtype=torch.bfloat16) for _ in range(2))
     scale = D ** -0.5
     grads = [do[:, :, a : a + S] for a in range(0, N, S)]
-    defaults = copy.deepcopy(ta.TILES)
-    bucket = min(b for b in ta.TILES["fwd"] if b >= ta._block_d(D))
+    tiles = triton_common.TILES  # what every launch reads: candidates are swapped in place
+    defaults = copy.deepcopy(tiles)
+    bucket = min(b for b in tiles["fwd"] if b >= triton_common.block_d(D))
     rows = []
     for kernel in args.kernels:
         for plan in PLANS[kernel]:
             long_range = long_range_heads(plan, hk)
             parts = list(segments(q, k, v, S, long_range))
-            ta.TILES.update(copy.deepcopy(defaults))
-            prepared = prepare(parts, grads, long_range, scale) if kernel != "fwd" else None
+            tiles.update(copy.deepcopy(defaults))
+            prepared = backward_inputs(parts, grads, long_range, scale) if kernel != "fwd" else None
             for tile in SETS[args.set][kernel]:
-                ta.TILES.update(copy.deepcopy(defaults))
-                ta.TILES[kernel][bucket] = tile
+                tiles.update(copy.deepcopy(defaults))
+                tiles[kernel][bucket] = tile
                 m, n, w, st, *cap = tile
                 row = dict(kernel=kernel, plan=plan, block_m=m, block_n=n, warps=w, stages=st, maxnreg=cap[0] if cap else None)
                 try:
@@ -114,7 +118,7 @@ def main(argv=None):
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                 rows.append(row)
                 print(row, flush=True)
-    ta.TILES.update(defaults)
+    tiles.update(defaults)
     report(args, rows)
 
 
@@ -143,7 +147,7 @@ def report(args, rows):
     path = args.out / f"tune_kernels{suffix}-{device.replace(' ', '_')}.json"
     meta = dict(device=device, torch=torch.__version__, triton=triton.__version__, command=" ".join(sys.argv),
                 seq_len=args.seq_len, segment_len=args.segment_len, heads=args.heads, kv_heads=args.kv_heads,
-                head_dim=args.head_dim, dtype="bfloat16", tiles=ta.TILES)
+                head_dim=args.head_dim, dtype="bfloat16", tiles=triton_common.TILES)
     path.write_text(json.dumps(dict(meta=meta, best=best, rows=rows), indent=1))
     print(f"wrote {path}")
 

@@ -10,9 +10,9 @@ Gradient contract (docs/design.md section 1): q, the current segment's k/v and t
 gradient; sinks and history never do (no gradient work is spent on them).
 
 Implementations: ``reference`` (PyTorch, any device; its backward differentiates a recomputed
-forward) and ``triton`` (``kernels/triton_attention.py``: CUDA, or the CPU under
-``TRITON_INTERPRET=1``; a dedicated backward kernel that takes the forward's output and
-log-sum-exp).
+forward) and ``triton`` (``kernels/dispatch.py``, which picks among the Triton and Gluon kernels:
+CUDA, or the CPU under ``TRITON_INTERPRET=1``; a dedicated backward kernel that takes the
+forward's output and log-sum-exp).
 
 ``segcompile::release_storage`` (at the end) frees the old tails of a prefill step once they are read.
 """
@@ -33,24 +33,26 @@ Implementation = Callable[..., torch.Tensor]
 def _triton_forward(*args):
     # imported on first use: importing the kernels compiles nothing, but it needs triton, and a
     # CPU run under TRITON_INTERPRET=1 must set that variable before the kernels are defined
-    from .kernels.triton_attention import segment_attention_forward
+    from .kernels.dispatch import segment_attention_forward
 
     return segment_attention_forward(*args)
 
 
 def _triton_forward_with_lse(*args):
-    from .kernels.triton_attention import segment_attention_forward
+    from .kernels.dispatch import segment_attention_forward
 
     return segment_attention_forward(*args, return_lse=True)
 
 
 def _triton_backward(grad_out, out, lse, *args, tail_needs_grad):
-    from .kernels.triton_attention import segment_attention_backward
+    from .kernels.dispatch import segment_attention_backward
 
     return segment_attention_backward(grad_out, out, *args, tail_needs_grad=tail_needs_grad, lse=lse)
 
 
 IMPLEMENTATIONS: dict[str, Implementation] = {"reference": segment_attention_reference, "triton": _triton_forward}
+
+
 class OwnBackward(NamedTuple):
     """An implementation's backward (run as the op below) and the forward that keeps what it
     takes: ``(output, log-sum-exp)``."""

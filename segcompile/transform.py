@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 
 from .config import SegmentConfig
-from .runtime.distributed import check_not_wrapped
+from .runtime.wrapping import check_not_wrapped
 from .frontend import capture, copy_captured, is_captured
 from .passes import PASSES, PassManager
 from .runtime import SegmentedModel

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -71,7 +72,7 @@ def test_tied_weights_are_stored_once_and_restored(tmp_path):
     assert model.lm_head.weight is model.transformer.wte.weight
     optimizer = adamw(model)
     save_checkpoint(tmp_path / "ck", model, optimizer, step=0)
-    meta = json.loads(ckpt.safe_open(str(tmp_path / "ck" / ckpt.MODEL_FILE), "pt").metadata()[ckpt._ALIASES_KEY])
+    meta = json.loads(ckpt.safe_open(str(tmp_path / "ck" / ckpt.MODEL_FILE), "pt").metadata()[ckpt.ALIASES_KEY])
     assert meta == {"lm_head.weight": "transformer.wte.weight"}
 
     fresh = make_model("gpt2", layers=1, seed=5)
@@ -132,17 +133,28 @@ class Boom(RuntimeError):
     pass
 
 
-def _fail_on(monkeypatch, name):
-    def fail(*args, **kwargs):
-        raise Boom(f"interrupted in {name}")
+def _fail_on(monkeypatch, function: str, file: str | None = None):
+    """Interrupt ``ckpt.<function>`` (one of the checkpoint's file writers), for ``file`` only when given."""
+    original = getattr(ckpt, function)
 
-    monkeypatch.setattr(ckpt, name, fail)
+    def fail(path, *args, **kwargs):
+        if file is None or Path(path).name == file:
+            raise Boom(f"interrupted in {function}({path})")
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(ckpt, function, fail)
 
 
-@pytest.mark.parametrize("where", ["_save_optimizer", "_save_rng", "_write_json", "_fsync_dir"])
-def test_interrupted_save_leaves_no_checkpoint(tmp_path, monkeypatch, where):
+# Interrupted after the model file (and each file before the failing one) was written, and after
+# every file was written but before the directory was synced and renamed.
+@pytest.mark.parametrize(
+    "function,file",
+    [("write_safetensors", ckpt.OPTIMIZER_FILE), ("write_safetensors", ckpt.RNG_FILE),
+     ("write_json", ckpt.TRAINER_FILE), ("fsync_dir", None)],
+)
+def test_interrupted_save_leaves_no_checkpoint(tmp_path, monkeypatch, function, file):
     model = make_model("plain", layers=1)
-    _fail_on(monkeypatch, where)
+    _fail_on(monkeypatch, function, file)
     with pytest.raises(Boom):
         save_checkpoint(tmp_path / "ck", model, adamw(model), step=1)
     assert list(tmp_path.iterdir()) == []  # no target, and the temporary directory is gone
@@ -151,7 +163,7 @@ def test_interrupted_save_leaves_no_checkpoint(tmp_path, monkeypatch, where):
 def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
     model = make_model("plain", layers=1)
     save_checkpoint(tmp_path / "ck", model, adamw(model), step=1, extra={"run": "first"})
-    _fail_on(monkeypatch, "_write_json")
+    _fail_on(monkeypatch, "write_json")
     with pytest.raises(Boom):
         save_checkpoint(tmp_path / "ck", model, adamw(model), step=2, extra={"run": "second"})
     assert [p.name for p in tmp_path.iterdir()] == ["ck"]

@@ -16,7 +16,7 @@ import torch
 from conftest import captured, max_abs, random_ids
 
 import segcompile as sc
-from segcompile.runtime.driver import compiled_layout
+from segcompile.runtime.state import compiled_layout
 
 CFG = sc.SegmentConfig(8, tail_len=4, sink_tokens=2, long_range=sc.HeadPlan.fraction(0.5))
 STEPS = 20  # 2.5 segments of decode steps, then as many again

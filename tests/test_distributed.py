@@ -168,7 +168,7 @@ def test_gradients_equal_single_process_on_the_global_batch(run, reference, mode
 def test_fsdp_gathers_and_reduces_once_per_sequence(run):
     _, results = run
     # 5 segments with tbptt_k=2: 5 step-graph forwards and 12 backward calls (FSDP's own hooks on
-    # each step all-gathered 14 times and lost the gradients: segcompile/distributed.py)
+    # each step all-gathered 14 times and lost the gradients: segcompile/runtime/distributed.py)
     assert (results["fsdp"]["all_gathers"], results["fsdp"]["reduce_scatters"]) == (1, 1)
 
 

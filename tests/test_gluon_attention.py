@@ -1,7 +1,8 @@
-"""The warp-specialised Hopper kernels (``kernels/gluon_attention.py``: the forward, dQ and dK/dV)
-without a GPU: they compile for sm_90a with this Triton, to the resources they were measured
-with, and they are chosen only where they apply. Their numerics are checked on the GPU
-(``bench/check_kernels_cuda.py``): Gluon kernels do not run in the interpreter."""
+"""The warp-specialised Hopper kernels (``kernels/gluon_attention.py``: the forward and dK/dV, with
+and without dQ) without a GPU: they compile for sm_90a with this Triton, to the resources they
+were measured with, and ``kernels/dispatch.py`` chooses them only where they apply. Their numerics
+are checked on the GPU (``bench/check_kernels_cuda.py``): Gluon kernels do not run in the
+interpreter."""
 
 import json
 import os
@@ -14,7 +15,8 @@ import torch
 
 gluon_attention = pytest.importorskip("segcompile.kernels.gluon_attention")
 
-from segcompile.kernels import triton_attention as ta  # noqa: E402
+from segcompile.kernels import dispatch  # noqa: E402
+from segcompile.kernels.problem import prepare  # noqa: E402
 
 
 def _args(D, dtype=torch.bfloat16, Lq=256, T=128, G=0, P=256, long_range=(0,)):
@@ -27,23 +29,19 @@ def _args(D, dtype=torch.bfloat16, Lq=256, T=128, G=0, P=256, long_range=(0,)):
 def _launch(kernel: str, head_dim: int):
     """(jit function, runtime arguments, constexprs) of ``kernel`` at a small shape."""
     args, long_range = _args(head_dim)
-    tensors, s, _, slots = ta._common(*args, long_range)
+    problem = prepare(*args, long_range)
     if kernel == "forward":
-        _, runtime, consts, _, _ = gluon_attention.launch_args(tensors, s, slots, 0.1, return_lse=True)
-        return gluon_attention._fwd_ws_kernel, runtime, consts
-    rows = torch.zeros(s["B"] * s["H"] * s["Lq"])
-    if kernel == "dq":
-        out = torch.randn_like(args[0])
-        _, runtime, consts, _ = gluon_attention.dq_launch_args(tensors, s, slots, out, torch.randn_like(out), rows, 0.1)
-        return gluon_attention._dq_ws_kernel, runtime, consts
+        _, runtime, consts, _, _ = gluon_attention.launch_args(problem, 0.1, return_lse=True)
+        return gluon_attention.KERNELS["forward"], runtime, consts
+    rows = torch.zeros(problem.B * problem.H * problem.Lq)
     dq = torch.zeros(*args[0].shape, dtype=torch.float32) if kernel == "dkdv+dq" else None
-    _, runtime, consts, _ = gluon_attention.dkdv_launch_args(tensors, s, torch.randn_like(args[0]), rows, rows,
+    _, runtime, consts, _ = gluon_attention.dkdv_launch_args(problem, torch.randn_like(args[0]), rows, rows,
                                                              0.1, tail_needs_grad=True, dq=dq)
-    return gluon_attention._dkdv_ws_kernel, runtime, consts
+    return gluon_attention.KERNELS["dkdv"], runtime, consts
 
 
 def compile_for_hopper(kernel: str, head_dim: int) -> dict:
-    """Compile ``kernel`` ("forward", "dq", "dkdv" or "dkdv+dq") for sm_90a (no GPU needed); facts about the result."""
+    """Compile ``kernel`` ("forward", "dkdv" or "dkdv+dq") for sm_90a (no GPU needed); facts about the result."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon._runtime import GluonASTSource
@@ -72,7 +70,7 @@ def compile_for_hopper(kernel: str, head_dim: int) -> dict:
     }
 
 
-@pytest.mark.parametrize("kernel", ["forward", "dq", "dkdv", "dkdv+dq"])
+@pytest.mark.parametrize("kernel", ["forward", "dkdv", "dkdv+dq"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_the_kernel_compiles_for_hopper(kernel, head_dim):
     # in a process of its own: the test session runs Triton in the interpreter
@@ -91,19 +89,17 @@ def test_the_kernel_compiles_for_hopper(kernel, head_dim):
 
 def test_it_is_not_chosen_off_hopper_nor_for_decode():
     args, long_range = _args(128)
-    tensors, s, _, _ = ta._common(*args, long_range)
-    assert not gluon_attention.supported(tensors, s)  # CPU tensors
-    assert ta.forward_kernel(tensors, s) == "one-pass"
+    problem = prepare(*args, long_range)
+    assert not gluon_attention.supported(problem)  # CPU tensors
+    assert dispatch.forward_kernel(problem) == "one-pass"
     decode, _ = _args(128, Lq=1)
-    tensors, s, _, _ = ta._common(*decode, long_range)
-    assert ta.forward_kernel(tensors, s) == "split-keys"
+    assert dispatch.forward_kernel(prepare(*decode, long_range)) == "split-keys"
 
 
 def test_the_backward_keeps_the_triton_dkdv_kernel_off_hopper():
     args, long_range = _args(128)
-    tensors, s, _, _ = ta._common(*args, long_range)
     grad_out = torch.randn_like(args[0])
-    assert ta.dkdv_kernel(tensors, s, grad_out) == "triton"
+    assert dispatch.dkdv_kernel(prepare(*args, long_range), grad_out) == "triton"
 
 
 if __name__ == "__main__":

@@ -219,7 +219,7 @@ def test_prefill_allocates_the_history_once_and_computes_the_last_logits_only(ll
     layer = state.layers[0]
     assert layer.hist_store_k.shape[2] == 27 and layer.hist_k.shape[2] == 27 - 3 - 4  # current 3, tail 4
     assert layer.hist_k.untyped_storage().data_ptr() == layer.hist_store_k.untyped_storage().data_ptr()
-    logits_node = [n for n in seg._last_logits_graph.graph.nodes if n.target is torch.ops.aten.linear.default][-1]
+    logits_node = [n for n in seg.prefill_graph().graph.nodes if n.target is torch.ops.aten.linear.default][-1]
     assert logits_node.args[0].target is torch.ops.aten.slice.Tensor  # the LM head sees the last position only
 
 

@@ -121,7 +121,7 @@ def test_step_graph_inputs_and_outputs_are_the_carried_state(llama):
 
 def test_release_tails_frees_each_tail_right_after_its_layers_attention(llama):
     seg = sc.transform(llama[1], sc.SegmentConfig(8, tail_len=3))
-    gm = seg._prefill_graph()
+    gm = seg.prefill_graph()
     out = release_tails(gm)
     assert RELEASE_STORAGE not in call_targets(gm)  # the graph it was given is left as it was
     assert out.meta["segcompile.released"] == [(l, name) for l in range(2) for name in ("tail_k", "tail_v")]

@@ -1,6 +1,7 @@
 """What a prefill keeps alive: the sinks hold their G entries only, and each layer's old tail is
-freed once its layer has read it (passes/release_tails.py), with results equal to the bit to a
-prefill that frees nothing, and the caller's state untouched."""
+freed once its layer has read it (segcompile/runtime/variants/release_tails.py), with results
+equal to the bit to a prefill that frees nothing (``free_tails=False``), and the caller's state
+untouched."""
 
 from __future__ import annotations
 
@@ -54,10 +55,8 @@ def freed_all(tensors: list[torch.Tensor]) -> list[bool]:
     return [freed(t) for t in tensors]
 
 
-def prefill_freeing_nothing(monkeypatch, seg, ids, state=None):
-    with monkeypatch.context() as m:
-        m.setattr(sc.SegmentedModel, "_can_release_tails", lambda *args: False)
-        return seg.prefill(ids, state)
+def prefill_freeing_nothing(seg, ids, state=None):
+    return seg.prefill(ids, state, free_tails=False)
 
 
 def state_tensors(state) -> list[torch.Tensor]:
@@ -124,7 +123,7 @@ def test_prefill_freeing_tails_equals_prefill_freeing_nothing(monkeypatch, famil
     with torch.no_grad():
         given = seg.prefill(random_ids(2, start, seed=7)) if start else None
         before = [t.clone() for t in state_tensors(given)] if given else []
-        want = prefill_freeing_nothing(monkeypatch, seg, ids, given)
+        want = prefill_freeing_nothing(seg, ids, given)
         steps = record_steps(monkeypatch, seg)
         got = seg.prefill(ids, given)
         assert_same_state(got, want)
@@ -136,9 +135,9 @@ def test_prefill_freeing_tails_equals_prefill_freeing_nothing(monkeypatch, famil
         assert kept == [False] * len(before)
         assert all(torch.equal(t, copy) for t, copy in zip(state_tensors(given), before, strict=True))
         other = random_ids(2, 3 * S, seed=11)
-        want_other = prefill_freeing_nothing(monkeypatch, seg, other, given)
+        want_other = prefill_freeing_nothing(seg, other, given)
         assert_same_state(seg.prefill(other, given), want_other)
-        assert_same_state(seg.prefill(ids, got), prefill_freeing_nothing(monkeypatch, seg, ids, got))
+        assert_same_state(seg.prefill(ids, got), prefill_freeing_nothing(seg, ids, got))
 
 
 def test_each_tail_is_freed_once_its_layer_has_read_it(monkeypatch):
@@ -172,7 +171,7 @@ def test_prefill_without_autograd_frees_tails(monkeypatch, llama, mode):
         state = seg.prefill(random_ids(1, 3 * S + 2))
     assert_freed_exactly_the_tails_of_whole_segment_steps(steps)
     with torch.no_grad():
-        assert_same_state(state, prefill_freeing_nothing(monkeypatch, seg, random_ids(1, 3 * S + 2)))
+        assert_same_state(state, prefill_freeing_nothing(seg, random_ids(1, 3 * S + 2)))
 
 
 def test_nothing_else_frees_tails(monkeypatch, llama):
@@ -182,7 +181,7 @@ def test_nothing_else_frees_tails(monkeypatch, llama):
     ids = random_ids(1, 3 * S + 2)
     steps = record_steps(monkeypatch, seg)
     with torch.no_grad():
-        want = prefill_freeing_nothing(monkeypatch, seg, ids)
+        want = prefill_freeing_nothing(seg, ids)
     got = seg.prefill(ids)  # grad mode, parameters requiring grad
     assert got.logits.requires_grad
     assert torch.equal(got.logits.detach(), want.logits)

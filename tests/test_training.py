@@ -99,13 +99,9 @@ def test_loss_taken_in_pieces_of_positions_gives_the_oracle_gradients(monkeypatc
     large vocabulary gives (a piece holds 2**24 logits); pieces of the tiny models would be whole."""
     import segcompile.runtime.training as training
 
-    whole = training._loss_and_its_gradient
-
-    def in_pieces(logits, *args):
-        return whole(*(logits, *args), elements_per_piece=3 * logits.shape[0] * logits.shape[-1])
-
-    monkeypatch.setattr(training, "_loss_and_its_gradient", in_pieces)
     ids = random_ids(2, N, seed=4)
+    vocab = captured("llama", dtype=torch.float64)[0].config.vocab_size
+    monkeypatch.setattr(training, "LOSS_PIECE_ELEMENTS", 3 * ids.shape[0] * vocab)
     labels = ids.clone()
     labels[0, 3:9] = IGNORE_INDEX
     cfg = sc.SegmentConfig(S, tail_len=S // 2, long_range=sc.HeadPlan.fraction(0.5), tbptt_k=1)
@@ -117,39 +113,42 @@ def test_only_what_a_later_loss_reaches_outlives_its_segment(K, monkeypatch):
     """When a segment's forward starts, the K segments before it are all that is kept of the past
     (their graphs, K/V and tail leaves), and no gradient on a tail is left over from an earlier
     segment's backward: each is used by the deeper pass at once. Kept longer, they cost a
-    segment's K/V a layer each, and the peak grew over the first segments of a long sequence."""
+    segment's K/V a layer each, and the peak grew over the first segments of a long sequence.
+
+    A segment is kept while its tail leaves are: the record training keeps of it holds them, and
+    so does its graph (through the leaves' gradient accumulators). A gradient on a tail is the
+    ``.grad`` a backward leaves on a tail leaf, which training takes and passes deeper."""
     import weakref
 
-    import segcompile.runtime.training as training
+    leaves, tail_grads, seen = [], [], []  # per segment, weak references to its tail leaves
 
-    segments, tail_grads, seen = [], [], []
-
-    class Recorded(training._LiveSegment):
-        def __init__(self, *args):
-            super().__init__(*args)
-            segments.append(weakref.ref(self))
-
-    backward = training._backward
-
-    def recorded_backward(*args, **kwargs):
-        grads = backward(*args, **kwargs)
-        tail_grads.extend(weakref.ref(g) for g in grads or [])
-        return grads
+    def record_gradient(leaf):
+        tail_grads.append(weakref.ref(leaf.grad))
 
     model, graph = captured("llama", dtype=torch.float64)
     seg = sc.transform(graph, sc.SegmentConfig(S, long_range=sc.HeadPlan.fraction(0.5), tbptt_k=K))
-    run_step = seg.run_step
+    segments, run_step = seg.segments, seg.run_step
+
+    def recorded_segments(*args, **kwargs):
+        for run in segments(*args, **kwargs):
+            for leaf in run.tail_inputs:
+                leaf.register_post_accumulate_grad_hook(record_gradient)
+            leaves.append([weakref.ref(leaf) for leaf in run.tail_inputs])
+            yield run
+            del run  # kept here, the segment would be alive during the next step
 
     def observed_step(*args, **kwargs):
-        alive = [r() for r in segments if r() is not None]
+        alive = [[r() for r in refs] for refs in leaves if all(r() is not None for r in refs)]
         seen.append((len(alive), sum(r() is not None for r in tail_grads),
-                     sum(t.grad is not None for a in alive for t in a.tail_inputs)))
+                     sum(t.grad is not None for tails in alive for t in tails)))
+        del alive
         return run_step(*args, **kwargs)
 
-    monkeypatch.setattr(training, "_LiveSegment", Recorded)
-    monkeypatch.setattr(training, "_backward", recorded_backward)
+    monkeypatch.setattr(seg, "segments", recorded_segments)
     monkeypatch.setattr(seg, "run_step", observed_step)
     seg.tbptt_backward(random_ids(1, 6 * S, seed=7))
+    assert all(leaves)  # every segment had tail leaves to watch
+    assert len(tail_grads) > 0  # and the hooks saw the gradients on them
     assert seen == [(min(r, K), 0, 0) for r in range(6)]
 
 

@@ -23,7 +23,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("no CUDA and TRITON_INTERPRET is not 1", allow_module_level=True)
 
-from segcompile.kernels.triton_attention import segment_attention_backward, segment_attention_forward  # noqa: E402
+from segcompile.kernels import triton_attention, triton_decode  # noqa: E402
+from segcompile.kernels.dispatch import segment_attention_backward, segment_attention_forward  # noqa: E402
+from segcompile.kernels.problem import prepare  # noqa: E402
 
 FP32_RTOL = 1e-4
 GRAD_NAMES = ("q", "k", "v", "tail_k", "tail_v")
@@ -126,16 +128,13 @@ def test_decode_split_over_the_keys_matches_the_reference(lq, monkeypatch):
     one program. The case crosses split boundaries inside history, tail and current keys, and its
     last split holds only current keys past the first query's causal limit (with 16 queries):
     that query sees no key there."""
-    from segcompile.kernels import triton_decode
-    from segcompile.kernels.triton_attention import _blocks, _common
-
-    monkeypatch.setattr(triton_decode, "_multiprocessors", lambda device: 2)
+    monkeypatch.setattr(triton_decode, "multiprocessors", lambda device: 2)
     B, H, Hk, T, G, P, D, long_range = 1, 8, 2, 20, 3, 123, 16, (0,)
     lk = 16
     args = random_inputs(B, H, Hk, lq, lk, T, G, P, D, long_range, seed=lq)
-    _, shape, _, _ = _common(*args, list(long_range))
-    splits, split_len = triton_decode._split_len(shape, _blocks("decode", D, lq)["BLOCK_N"], args[0].device)
-    assert triton_decode.splits_keys(shape) and splits >= 3
+    problem = prepare(*args, list(long_range))
+    splits, split_len = triton_decode.split_len(problem)
+    assert triton_decode.splits_keys(problem) and splits >= 3
     if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter's 16-key blocks
         assert (splits - 1) * split_len == P + T + 1
     want, grad_out, want_grads = reference_and_grads(args, long_range, D ** -0.5, grad_out_seed=lq)
@@ -159,26 +158,42 @@ def test_no_tail_gradient_work_when_the_tail_is_detached():
 @pytest.mark.parametrize("case", ["full segment, tail, sinks, GQA 2, one long-range head", "every head long-range, GQA 4",
                                   "first segment, N < S (no tail, sinks or history)"])
 def test_prefix_only_dq_and_the_rest_add_up_to_the_whole_dq(case):
-    # the fused Hopper backward takes dq's prefix part from _dq_kernel (prefix_only) and adds the
-    # tail's and current keys' part itself: here that part comes from _dq_kernel on the same
+    # the fused Hopper backward takes dq's prefix part from launch_dq (prefix_only) and adds the
+    # tail's and current keys' part itself: here that part comes from launch_dq on the same
     # inputs without a prefix, with the whole problem's log-sum-exp and output
-    from segcompile.kernels import triton_attention as ta
-
     B, H, Hk, lq, lk, T, G, P, D, long_range = CASES[case]
     args = random_inputs(B, H, Hk, lq, lk, T, G, P, D, long_range, seed=lk + 5)
     scale = D ** -0.5
     _, grad_out, want_grads = reference_and_grads(args, long_range, scale, grad_out_seed=7)
     out, lse = segment_attention_forward(*args, list(long_range), scale, return_lse=True)
-    tensors, s, meta, slots = ta._common(*args, list(long_range))
-    prefix_dq, _, delta = ta._launch_dq(tensors, s, meta, slots, out, grad_out, scale, lse, prefix_only=True)
+    whole = prepare(*args, list(long_range))
+    prefix_dq, _, delta = triton_attention.launch_dq(whole, out, grad_out, scale, lse, prefix_only=True)
     assert prefix_dq.dtype == torch.float32
-    no_prefix = args[:5] + [a[:, :, :0] for a in args[5:]]
-    tensors, s, meta, slots = ta._common(*no_prefix, [])
-    rest_dq, _, rest_delta = ta._launch_dq(tensors, s, meta, slots, out, grad_out, scale, lse)
-    torch.testing.assert_close(delta, rest_delta, rtol=1e-6, atol=1e-6)  # no prefix: _delta_kernel's
+    no_prefix = prepare(*args[:5], *[a[:, :, :0] for a in args[5:]], [])
+    rest_dq, _, rest_delta = triton_attention.launch_dq(no_prefix, out, grad_out, scale, lse)
+    torch.testing.assert_close(delta, rest_delta, rtol=1e-6, atol=1e-6)  # no prefix: the delta-only kernel's
     assert relative_error(prefix_dq + rest_dq, want_grads[0]) <= FP32_RTOL
     if G == 0 and not long_range:
         assert torch.equal(prefix_dq, torch.zeros_like(prefix_dq))
+
+
+def test_prepare_keeps_the_callers_lengths_and_widens_what_one_pointer_reads():
+    # empty ranges reach the kernels as one-row stand-ins, but the lengths stay the caller's;
+    # sinks take the history's dtype and the tail the current keys' wider one
+    args = random_inputs(2, 4, 2, 5, 9, 0, 3, 0, 8, (), seed=1)
+    args[5], args[6] = args[5].bfloat16(), args[6].bfloat16()
+    args[3], args[4] = args[3].bfloat16(), args[4].bfloat16()
+    problem = prepare(*args, [])
+    assert (problem.B, problem.H, problem.Hk, problem.group, problem.Lq, problem.Lk) == (2, 4, 2, 2, 5, 9)
+    assert (problem.T, problem.G, problem.P, problem.D_K, problem.block_dk) == (0, 3, 0, 8, 16)
+    assert problem.tail_k.shape[:3] == problem.hist_k.shape[:3] == (1, 1, 1)
+    assert problem.sink_k.dtype == problem.hist_k.dtype == torch.float32 and problem.tail_k.dtype == torch.float32
+    assert problem.tile_table == "fp32" and problem.precision == "ieee"
+    assert problem.slots.tolist() == [-1, -1]
+    with pytest.raises(ValueError, match="4 query heads are not a multiple of 3 KV heads"):
+        prepare(args[0], args[1][:, :1].expand(-1, 3, -1, -1), *args[2:], [])
+    with pytest.raises(ValueError, match="4 current keys for 5 queries"):
+        prepare(args[0], args[1][:, :, :4], args[2][:, :, :4], *args[3:], [])
 
 
 def test_strided_inputs_as_the_driver_passes_them():

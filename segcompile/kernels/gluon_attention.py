@@ -1,5 +1,5 @@
 """Warp-specialised kernels of ``segment_attention`` for Hopper (sm_90), in Gluon: the forward and
-the backward's dK/dV (with dQ) and dQ kernels.
+the backward's dK/dV kernel (which can also add dQ); ``dispatch.py`` says where they run.
 
 The Triton forward (``triton_attention._fwd_kernel``) runs two warpgroups in lock step: they meet
 at a CTA barrier every key block (the shared-memory pipeline's), so both are in their softmax at
@@ -18,10 +18,11 @@ Q and dO blocks past a block of 128 keys, whose two halves the consumers own. Gi
 it also adds those keys' part of it (``FUSE_DQ``: ``dS K`` through shared memory and a TMA
 reduce-add), so the backward needs no second pass over the tail and current keys.
 
-Same key ranges, semantics and results as the Triton kernels; only 16-bit inputs with head dims
-of 64 or 128 (``supported``). TMA reads every ``[B, heads, L, D]`` tensor in place, with its own
-strides (``_tiles``), in boxes of ``[1, 1, rows, D]``: a block that runs past ``L`` reads zeros,
-never the next head's rows; the score mask (forward) or the masked store (dK/dV) removes them.
+Same key ranges, semantics and results as the Triton kernels, from the same ``Problem``
+(``problem.prepare``); only 16-bit inputs with head dims of 64 or 128 (``supported``). TMA reads
+every ``[B, heads, L, D]`` tensor in place, with its own strides (``_tiles``), in boxes of
+``[1, 1, rows, D]``: a block that runs past ``L`` reads zeros, never the next head's rows; the
+score mask (forward) or the masked store (dK/dV) removes them.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ from triton.experimental.gluon.language.nvidia.hopper import (
 from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton._C.libtriton import ir
+
+from .problem import Problem
+from .triton_common import LOG2E
 
 # the TMA load's name: ``async_copy_global_to_shared`` up to Triton 3.6, ``async_load`` after
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -62,7 +66,6 @@ HALF_M = 64
 BLOCK_N = 128
 STAGES = 2
 NUM_WARPS = 4  # the launch's warps: the first consumer warpgroup (the others are the partitions')
-_LOG2E = 1.4426950408889634
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 _GL_TILE_DTYPES = {**_GL_DTYPES, torch.float32: gl.float32}  # fp32: the dQ accumulator
 
@@ -115,14 +118,10 @@ def _load_range(kd, vd, b, head, n, c, k_smem, v_smem, k_ready, v_ready, k_empty
 @gluon.jit
 def _producer(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready,
               k_empty, v_empty, b, h, kvh, slot, m0, n_pre, T, n_cur,
-              BLOCK_N: gl.constexpr, HALF_M: gl.constexpr, STAGES: gl.constexpr, dod=None, do_smem=None):
-    """Q (and dO, for dQ: same barrier) of the query block, then the K/V blocks of every range."""
+              BLOCK_N: gl.constexpr, HALF_M: gl.constexpr, STAGES: gl.constexpr):
+    """Q of the query block, then the K/V blocks of every range."""
     for half in gl.static_range(2):
-        if dod is None:
-            mbarrier.expect(q_ready.index(half), qd.block_type.nbytes)
-        else:
-            mbarrier.expect(q_ready.index(half), qd.block_type.nbytes + dod.block_type.nbytes)
-            _tma_load(dod, [b, h, m0 + half * HALF_M, 0], q_ready.index(half), do_smem.index(half))
+        mbarrier.expect(q_ready.index(half), qd.block_type.nbytes)
         _tma_load(qd, [b, h, m0 + half * HALF_M, 0], q_ready.index(half), q_smem.index(half))
     c = 0
     if slot >= 0:
@@ -309,15 +308,14 @@ def _fwd_ws_kernel(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, Slot, Out, Lse, qk_
 
 
 # ---- launch -----------------------------------------------------------------------------------
-def supported(tensors, s: dict) -> bool:
+def supported(p: Problem) -> bool:
     """Where the kernels of this module apply: Hopper, 16-bit inputs and products throughout
-    (``TABLE`` 16-bit), equal head dims of 64 or 128, more queries than a decode step (``s``:
-    ``triton_attention._common``'s shape dict)."""
-    q = tensors[0]
+    (tile table "16-bit"), equal head dims of 64 or 128, more queries than a decode step."""
+    q = p.q
     return (
         q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9 and q.dtype in _GL_DTYPES
-        and all(t.dtype == q.dtype for t in tensors)
-        and s["TABLE"] == "16-bit" and s["D_K"] == s["D_V"] and s["D_K"] in (64, 128) and s["Lq"] > 16
+        and all(t.dtype == q.dtype for t in p.tensors)
+        and p.tile_table == "16-bit" and p.D_K == p.D_V and p.D_K in (64, 128) and p.Lq > 16
     )
 
 
@@ -339,28 +337,26 @@ def _tiles(t: torch.Tensor, block_rows: int, block_cols: int | None = None) -> T
     return TensorDescriptor(t, list(t.shape), strides, block, layout)
 
 
-def launch_args(tensors, s, slots, scale, return_lse: bool, pingpong: bool = False):
-    """``(grid, args, constexprs, out, lse)``: the kernel's launch for ``forward``'s arguments,
-    with the output and log-sum-exp tensors it writes (``lse`` a one-element stand-in unless
-    ``return_lse``)."""
-    q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v = tensors
-    B, H, Lq = s["B"], s["H"], s["Lq"]
-    out = torch.empty(B, H, Lq, s["D_V"], dtype=q.dtype, device=q.device)
-    lse = torch.empty(B * H * Lq if return_lse else 1, dtype=torch.float32, device=q.device)
-    descs = [_tiles(q, HALF_M)] + [_tiles(t, BLOCK_N) for t in (k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v)]
-    args = [*descs, slots, out, lse, scale * _LOG2E, out.stride(2),
-            H, s["Hk"], s["GROUP"], hist_k.shape[1], Lq, s["Lk"], s["T"], s["G"], s["P"]]
-    constexprs = dict(D_K=s["D_K"], D_V=s["D_V"], PINGPONG=pingpong, STORE_LSE=return_lse,
+def launch_args(p: Problem, scale: float, return_lse: bool, pingpong: bool = False):
+    """``(grid, args, constexprs, out, lse)``: the forward kernel's launch for ``forward``'s
+    arguments, with the output and log-sum-exp tensors it writes (``lse`` a one-element stand-in
+    unless ``return_lse``)."""
+    B, H, Lq = p.B, p.H, p.Lq
+    out = torch.empty(B, H, Lq, p.D_V, dtype=p.q.dtype, device=p.q.device)
+    lse = torch.empty(B * H * Lq if return_lse else 1, dtype=torch.float32, device=p.q.device)
+    descs = [_tiles(p.q, HALF_M)] + [_tiles(t, BLOCK_N) for t in p.tensors[1:]]
+    args = [*descs, p.slots, out, lse, scale * LOG2E, out.stride(2),
+            H, p.Hk, p.group, p.hist_k.shape[1], Lq, p.Lk, p.T, p.G, p.P]
+    constexprs = dict(D_K=p.D_K, D_V=p.D_V, PINGPONG=pingpong, STORE_LSE=return_lse,
                       HALF_M=HALF_M, BLOCK_N=BLOCK_N, STAGES=STAGES)
     return (triton.cdiv(Lq, BLOCK_M), B * H), args, constexprs, out, lse
 
 
-def forward(tensors, s, slots, scale, return_lse: bool, pingpong: bool = False):
-    """``(out, lse)`` as ``triton_attention.one_pass_forward`` gives them, from the same
-    arguments (``tensors``, shape dict ``s`` and ``slots`` of ``triton_attention._common``).
+def forward(p: Problem, scale: float, return_lse: bool, pingpong: bool = False):
+    """``(out, lse)`` as ``triton_attention.one_pass_forward`` gives them.
     ``pingpong``: the consumers take turns to issue their products; measured slower (H200, the
     kernel benchmark: 9.4 against 6.7 ms for plan none), so off."""
-    grid, args, constexprs, out, lse = launch_args(tensors, s, slots, scale, return_lse, pingpong)
+    grid, args, constexprs, out, lse = launch_args(p, scale, return_lse, pingpong)
     _fwd_ws_kernel[grid](*args, **constexprs, num_warps=NUM_WARPS)
     return out, lse
 
@@ -596,13 +592,13 @@ def _dkdv_ws_kernel(qd, dod, kd, vd, tkd, tvd, dqd, Lse, Delta, dK, dV, dTK, dTV
     )
 
 
-def dkdv_launch_args(tensors, s, do, lse, delta, scale, tail_needs_grad: bool, dq: torch.Tensor | None = None,
-                     block_m: int = BWD_BLOCK_M, stages: int = BWD_STAGES):
+def dkdv_launch_args(p: Problem, do, lse, delta, scale: float, tail_needs_grad: bool,
+                     dq: torch.Tensor | None = None, block_m: int = BWD_BLOCK_M, stages: int = BWD_STAGES):
     """``(grid, args, constexprs, (dk, dv, dtk, dtv))``: the dK/dV kernel's launch; ``dtk, dtv``
     are None unless ``tail_needs_grad``. ``dq``: an fp32 ``[B, H, Lq, D]`` tensor the kernel adds
     the tail and current keys' part of dQ to (``FUSE_DQ``), or None."""
-    q, k, v, tail_k, tail_v = tensors[:5]
-    B, Hk, Lk, T, D = s["B"], s["Hk"], s["Lk"], s["T"], s["D_K"]
+    q, k, v, tail_k, tail_v = p.q, p.k, p.v, p.tail_k, p.tail_v
+    B, Hk, Lk, T, D = p.B, p.Hk, p.Lk, p.T, p.D_K
     dk = torch.empty(B, Hk, Lk, D, dtype=k.dtype, device=k.device)
     dv = torch.empty_like(dk)
     dtk = torch.empty(B, Hk, T, D, dtype=k.dtype, device=k.device) if tail_needs_grad else None
@@ -612,168 +608,25 @@ def dkdv_launch_args(tensors, s, do, lse, delta, scale, tail_needs_grad: bool, d
     descs = [_tiles(q, block_m), _tiles(do, block_m)] + [_tiles(t, BWD_HALF_N) for t in (k, v, tail_k, tail_v)]
     descs.append(descs[0] if dq is None else _tiles(dq, block_m, D // 2))  # q's: a stand-in, never used
     args = [*descs, lse, delta, dk, dv, dk if dtk is None else dtk, dv if dtv is None else dtv,
-            scale * _LOG2E, scale, s["H"], Hk, s["GROUP"], s["Lq"], Lk, T, tail_blocks]
+            scale * LOG2E, scale, p.H, Hk, p.group, p.Lq, Lk, T, tail_blocks]
     constexprs = dict(D=D, FUSE_DQ=dq is not None, BLOCK_M=block_m, HALF_N=BWD_HALF_N, STAGES=stages)
     grid = (B * Hk, tail_blocks + triton.cdiv(Lk, block_n))
     return grid, args, constexprs, (dk, dv, dtk, dtv)
 
 
-def dkdv(tensors, s, do, lse, delta, scale, tail_needs_grad: bool, dq: torch.Tensor | None = None, **variant):
-    """``(dk, dv, dtk, dtv)`` as ``triton_attention._launch_dkdv`` gives them, from the dQ kernel's
+def dkdv(p: Problem, do, lse, delta, scale: float, tail_needs_grad: bool, dq: torch.Tensor | None = None,
+         **variant):
+    """``(dk, dv, dtk, dtv)`` as ``triton_attention.launch_dkdv`` gives them, from the dQ kernel's
     log-sum-exp and ``delta`` rows; with ``dq`` (fp32, ``[B, H, Lq, D]``), also adds the tail and
     current keys' part of dQ to it. Then every tail key must be differentiated
     (``tail_needs_grad`` or no tail): the tail blocks are the only programs that visit tail keys."""
-    if dq is not None and s["T"] > 0 and not tail_needs_grad:
+    if dq is not None and p.T > 0 and not tail_needs_grad:
         raise ValueError("dkdv: fusing dQ needs the tail's key blocks (tail_needs_grad), or no tail")
-    grid, args, constexprs, grads = dkdv_launch_args(tensors, s, do, lse, delta, scale, tail_needs_grad, dq, **variant)
+    grid, args, constexprs, grads = dkdv_launch_args(p, do, lse, delta, scale, tail_needs_grad, dq, **variant)
     _dkdv_ws_kernel[grid](*args, **constexprs, num_warps=NUM_WARPS)
     return grads
 
 
-# ---- backward: dQ ------------------------------------------------------------------------------
-# The forward's layout (producer warp, two consumer warpgroups of 64 query rows, the same key
-# ranges in the same ring) with three products a key block: S = Q K^T, dP = dO V^T, dQ += dS K.
-# Blocks of 64 keys: at 128 the three tiles and the dQ accumulator need more than 240 registers.
-# Not chosen by the backward: the fused dK/dV kernel gives the tail's and current keys' part of
-# dQ, and the prefix's comes from the Triton dQ kernel (PREFIX_ONLY). On an H200 this kernel
-# matched the Triton dQ kernel's error on three cases (sinks and history, D=64, a short D=128
-# segment); it has not been timed, nor tried on the prefix alone.
-DQ_BLOCK_N = 64
-DQ_STAGES = 3
-
-
-@gluon.jit
-def _dq_steps(st, q, do, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, lse, delta,
-              lo, hi, n_keys, q_pos, qk_scale,
-              MASK_N: gl.constexpr, CAUSAL: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr,
-              STAGES: gl.constexpr, s_layout: gl.constexpr, acc_layout: gl.constexpr):
-    """Accumulate ``dS K`` (unscaled) over the key blocks ``[lo, hi)`` of one range."""
-    op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-    dq, c = st
-    for start in range(lo, hi, BLOCK_N):
-        s = c % STAGES
-        phase = (c // STAGES) & 1
-        zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
-        qk, dp = _issue_pair(q, k_smem, k_ready, do, v_smem, v_ready, s, phase, zero)
-        qk = warpgroup_mma_wait(1, deps=(qk,))
-        p = gl.exp2(qk * qk_scale - lse[:, None])
-        if MASK_N or CAUSAL:
-            offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            if MASK_N:
-                p = gl.where(offs_n[None, :] < n_keys, p, 0.0)
-            if CAUSAL:
-                p = gl.where(offs_n[None, :] <= q_pos[:, None], p, 0.0)
-        dp = warpgroup_mma_wait(0, deps=(dp,))
-        mbarrier.arrive(v_empty.index(s), count=1)
-        ds = gl.convert_layout((p * (dp - delta[:, None])).to(q.dtype), op_layout)
-        dq = warpgroup_mma(ds, _mat(k_smem, s), dq, is_async=True)
-        dq = warpgroup_mma_wait(0, deps=(dq,))
-        mbarrier.arrive(k_empty.index(s), count=1)
-        c += 1
-    return dq, c
-
-
-@gluon.jit
-def _dq_consumer(q_smem, do_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty,
-                 Out, dQ, Lse, Delta, row0, m0, Lq, Lk, n_pre, T, n_cur, qk_scale, sm_scale,
-                 HALF: gl.constexpr, D: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                 STAGES: gl.constexpr):
-    s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
-    acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D, 16])
-    rows_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
-    tile_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    first = m0 + HALF * HALF_M
-    rows = first + gl.arange(0, HALF_M, layout=rows_layout)
-    q_pos = rows + (Lk - Lq)
-    lse = gl.load(Lse + row0 + rows, mask=rows < Lq, other=float("inf"))  # p = 0 on rows past Lq
-    # delta = rowsum(o * do), for this kernel and for dK/dV
-    t_rows = first + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, tile_layout))
-    t_cols = gl.arange(0, D, layout=gl.SliceLayout(0, tile_layout))
-    t_mask = (t_rows[:, None] < Lq) & (t_cols[None, :] < D)
-    t_offs = (row0 + t_rows.to(gl.int64))[:, None] * D + t_cols[None, :]
-    o = gl.load(Out + t_offs, mask=t_mask, other=0.0).to(gl.float32)
-    mbarrier.wait(q_ready.index(HALF), 0)
-    do = _mat(do_smem, HALF)
-    delta_t = gl.sum(o * do.load(tile_layout).to(gl.float32), 1)
-    gl.store(Delta + row0 + t_rows, delta_t, mask=t_rows < Lq)
-    delta = gl.convert_layout(delta_t, rows_layout)
-    q = _mat(q_smem, HALF)
-
-    full_pre = (n_pre // BLOCK_N) * BLOCK_N
-    full_tail = (T // BLOCK_N) * BLOCK_N
-    full_cur = ((first + (Lk - Lq) + 1) // BLOCK_N) * BLOCK_N
-    st = (gl.zeros([HALF_M, D], gl.float32, acc_layout), 0)
-    st = _dq_steps(st, q, do, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, lse, delta, 0, full_pre, n_pre,
-                   q_pos, qk_scale, False, False, HALF_M, BLOCK_N, STAGES, s_layout, acc_layout)
-    st = _dq_steps(st, q, do, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, lse, delta, full_pre, n_pre, n_pre,
-                   q_pos, qk_scale, True, False, HALF_M, BLOCK_N, STAGES, s_layout, acc_layout)
-    st = _dq_steps(st, q, do, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, lse, delta, 0, full_tail, T,
-                   q_pos, qk_scale, False, False, HALF_M, BLOCK_N, STAGES, s_layout, acc_layout)
-    st = _dq_steps(st, q, do, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, lse, delta, full_tail, T, T,
-                   q_pos, qk_scale, True, False, HALF_M, BLOCK_N, STAGES, s_layout, acc_layout)
-    st = _dq_steps(st, q, do, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, lse, delta, 0, full_cur, Lk,
-                   q_pos, qk_scale, False, False, HALF_M, BLOCK_N, STAGES, s_layout, acc_layout)
-    dq, c = _dq_steps(st, q, do, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, lse, delta, full_cur, n_cur, Lk,
-                      q_pos, qk_scale, True, True, HALF_M, BLOCK_N, STAGES, s_layout, acc_layout)
-
-    out_rows = first + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, acc_layout))
-    offs_d = gl.arange(0, D, layout=gl.SliceLayout(0, acc_layout))
-    offs = (row0 + out_rows.to(gl.int64))[:, None] * D + offs_d[None, :]
-    gl.store(dQ + offs, (dq * sm_scale).to(dQ.dtype.element_ty), mask=(out_rows[:, None] < Lq) & (offs_d[None, :] < D))
-
-
-@gluon.jit
-def _dq_ws_kernel(qd, dod, kd, vd, tkd, tvd, skd, svd, hkd, hvd, Slot, Out, dQ, Lse, Delta, qk_scale, sm_scale,
-                  H, GROUP, Lq, Lk, T, G, P,
-                  D: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-    bh, b, h, kvh, m0, slot, n_pre, n_cur = _query_block(Slot, H, GROUP, Lq, Lk, G, P, HALF_M)
-
-    dtype: gl.constexpr = qd.dtype
-    q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF_M, D], qd.layout)
-    do_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF_M, D], dod.layout)
-    k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, D], kd.layout)
-    v_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, D], vd.layout)
-    q_ready, k_ready, v_ready, k_empty, v_empty = _ring_barriers(STAGES)
-    fence_async_shared()
-
-    row0 = bh.to(gl.int64) * Lq
-    gl.warp_specialize(
-        [
-            (_dq_consumer, (q_smem, do_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty,
-                            Out, dQ, Lse, Delta, row0, m0, Lq, Lk, n_pre, T, n_cur, qk_scale, sm_scale,
-                            0, D, HALF_M, BLOCK_N, STAGES)),
-            (_dq_consumer, (q_smem, do_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty,
-                            Out, dQ, Lse, Delta, row0, m0, Lq, Lk, n_pre, T, n_cur, qk_scale, sm_scale,
-                            1, D, HALF_M, BLOCK_N, STAGES)),
-            (_producer, (qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, q_smem, k_smem, v_smem, q_ready, k_ready,
-                         v_ready, k_empty, v_empty, b, h, kvh, slot, m0, n_pre, T, n_cur, BLOCK_N, HALF_M, STAGES,
-                         dod, do_smem)),
-        ],
-        [4, 1],
-        [240, 24],
-    )
-
-
-def dq_launch_args(tensors, s, slots, out, do, lse, scale, block_n: int = DQ_BLOCK_N, stages: int = DQ_STAGES):
-    """``(grid, args, constexprs, (dq, delta))``: the dQ kernel's launch. ``lse``: the forward's;
-    ``delta`` (``rowsum(o * do)``, which dK/dV takes too) is written by the kernel. ``out`` must
-    be contiguous."""
-    q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v = tensors
-    B, H, Lq, D = s["B"], s["H"], s["Lq"], s["D_K"]
-    dq = torch.empty(B, H, Lq, D, dtype=q.dtype, device=q.device)
-    delta = torch.empty(B * H * Lq, dtype=torch.float32, device=q.device)
-    descs = [_tiles(q, HALF_M), _tiles(do, HALF_M)] + [
-        _tiles(t, block_n) for t in (k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v)]
-    args = [*descs, slots, out, dq, lse, delta, scale * _LOG2E, scale,
-            H, s["GROUP"], Lq, s["Lk"], s["T"], s["G"], s["P"]]
-    constexprs = dict(D=D, HALF_M=HALF_M, BLOCK_N=block_n, STAGES=stages)
-    return (triton.cdiv(Lq, BLOCK_M), B * H), args, constexprs, (dq, delta)
-
-
-def dq(tensors, s, slots, out, do, lse, scale, **variant):
-    """``(dq, lse, delta)`` as ``triton_attention._launch_dq`` gives them, from the forward's
-    log-sum-exp."""
-    out = out.contiguous()
-    grid, args, constexprs, (dq_, delta) = dq_launch_args(tensors, s, slots, out, do, lse, scale, **variant)
-    _dq_ws_kernel[grid](*args, **constexprs, num_warps=NUM_WARPS)
-    return dq_, lse, delta
+# the jit functions by the launch that builds their arguments (``launch_args``, ``dkdv_launch_args``),
+# for tools that compile one alone (``tests/test_gluon_attention.py``)
+KERNELS = {"forward": _fwd_ws_kernel, "dkdv": _dkdv_ws_kernel}

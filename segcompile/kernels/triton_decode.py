@@ -25,9 +25,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_attention import _INTERPRET, _LOG2E, _attend, _batch_and_kv_head, _blocks, _prefix, _strides
+from .problem import Problem
+from .triton_common import INTERPRET, LOG2E, attend, batch_and_kv_head, prefix, strides
 
-MAX_ROWS = 128  # GROUP * Lq rows a program holds, times the padded value dim, at most MAX_ROWS x 128
+MAX_ROWS = 128  # group * Lq rows a program holds, times the padded value dim, at most MAX_ROWS x 128
 MAX_QUERIES = 16  # more queries run in one pass (triton_attention.one_pass_forward)
 PROGRAMS_PER_SM = 4  # enough splits for this many programs a multiprocessor
 
@@ -48,8 +49,8 @@ def _span(acc, m_i, l_i, q, K, V, skn, svn, c0, c1, r0, r1, q_pos, qk_scale, CAU
     lo = tl.maximum(c0, r0) - r0
     hi = tl.minimum(c1, r1) - r0
     if hi > lo:
-        acc, m_i, l_i = _attend(acc, m_i, l_i, q, K, V, skn, svn, lo, hi, hi, q_pos, qk_scale, True, CAUSAL,
-                                BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION, True)
+        acc, m_i, l_i = attend(acc, m_i, l_i, q, K, V, skn, svn, lo, hi, hi, q_pos, qk_scale, True, CAUSAL,
+                               BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION, True)
     return acc, m_i, l_i
 
 
@@ -66,7 +67,7 @@ def _split_kernel(
 ):
     split = tl.program_id(0)
     bk = tl.program_id(1)
-    b, kvh = _batch_and_kv_head(bk, Hk)
+    b, kvh = batch_and_kv_head(bk, Hk)
     rows, row_ok, h, i = _group_rows(kvh, GROUP, Lq, ROWS)
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -77,8 +78,8 @@ def _split_kernel(
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     q_pos = i + (Lk - Lq)
 
-    pk, pv, n_pre, skn, svn = _prefix(SK, SV, HK, HV, Slot, b, kvh, s_skb, s_skh, s_svb, s_svh,
-                                      s_hkb, s_hkh, s_hvb, s_hvh, s_skn, s_svn, s_hkn, s_hvn, G, P)
+    pk, pv, n_pre, skn, svn = prefix(SK, SV, HK, HV, Slot, b, kvh, s_skb, s_skh, s_svb, s_svh,
+                                     s_hkb, s_hkh, s_hvb, s_hvh, s_skn, s_svn, s_hkn, s_hvn, G, P)
     c0 = split * split_len
     c1 = c0 + split_len
     acc, m_i, l_i = _span(acc, m_i, l_i, q, pk, pv, skn, svn, c0, c1, 0, n_pre, q_pos, qk_scale, False,
@@ -112,7 +113,7 @@ def _combine_kernel(Acc, Max, Sum, Out, Lse, s_ob, s_oh, s_om, H, Hk, GROUP, Lq,
     split's partial result, ``SPLITS_BLOCK`` splits a load: first the maximum over the splits, so
     that each split's weight is final when its part is added."""
     bk = tl.program_id(0)
-    b, kvh = _batch_and_kv_head(bk, Hk)
+    b, kvh = batch_and_kv_head(bk, Hk)
     rows, row_ok, h, i = _group_rows(kvh, GROUP, Lq, ROWS)
     offs_s = tl.arange(0, SPLITS_BLOCK)
     offs_dv = tl.program_id(1) * DV_BLOCK + tl.arange(0, DV_BLOCK)
@@ -138,31 +139,34 @@ def _combine_kernel(Acc, Max, Sum, Out, Lse, s_ob, s_oh, s_om, H, Hk, GROUP, Lq,
             tl.store(Lse + (b * H + h) * Lq + i, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
-def splits_keys(s: dict) -> bool:
-    """Whether the forward of shape ``s`` (``triton_attention._common``) runs split over the keys:
-    a few queries, whose rows for a whole GQA group fit one program."""
-    return 1 <= s["Lq"] <= MAX_QUERIES and _rows(s) * s["BLOCK_DV"] <= MAX_ROWS * 128
+def splits_keys(p: Problem) -> bool:
+    """Whether the forward of ``p`` runs split over the keys: a few queries, whose rows for a
+    whole GQA group fit one program."""
+    return 1 <= p.Lq <= MAX_QUERIES and _rows(p) * p.block_dv <= MAX_ROWS * 128
 
 
-def _rows(s: dict) -> int:
-    return max(16, triton.next_power_of_2(s["GROUP"] * s["Lq"]))
+def _rows(p: Problem) -> int:
+    return max(16, triton.next_power_of_2(p.group * p.Lq))
 
 
 @functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    if _INTERPRET or device.type != "cuda":
-        return 2  # the interpreter: a few splits, so that the tests cross split boundaries
+def multiprocessors(device: torch.device) -> int:
+    """The GPU's multiprocessors, which the splits are sized for (2 off CUDA and in the interpreter:
+    a few splits, so that the tests cross split boundaries)."""
+    if INTERPRET or device.type != "cuda":
+        return 2
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _split_len(s: dict, block_n: int, device: torch.device) -> tuple[int, int]:
-    """(splits, keys a split): about ``PROGRAMS_PER_SM`` programs a multiprocessor over the
-    longest key range, in whole key blocks."""
-    longest = max(s["P"], s["G"]) + s["T"] + s["Lk"]
-    wanted = triton.cdiv(PROGRAMS_PER_SM * _multiprocessors(device), s["B"] * s["Hk"])
+def split_len(p: Problem) -> tuple[int, int]:
+    """(splits, keys a split) of ``p``'s decode: about ``PROGRAMS_PER_SM`` programs a
+    multiprocessor over the longest key range, in whole key blocks of its "decode" tile."""
+    block_n = p.tile("decode")["BLOCK_N"]
+    longest = max(p.P, p.G) + p.T + p.Lk
+    wanted = triton.cdiv(PROGRAMS_PER_SM * multiprocessors(p.q.device), p.B * p.Hk)
     splits = max(1, min(triton.cdiv(longest, block_n), wanted))
-    split_len = triton.cdiv(triton.cdiv(longest, splits), block_n) * block_n
-    return triton.cdiv(longest, split_len), split_len
+    keys = triton.cdiv(triton.cdiv(longest, splits), block_n) * block_n
+    return triton.cdiv(longest, keys), keys
 
 
 def _combine_blocks(rows: int, block_dv: int) -> tuple[int, int]:
@@ -170,37 +174,36 @@ def _combine_blocks(rows: int, block_dv: int) -> tuple[int, int]:
     at 4 warps), over ``B * Hk * block_dv / columns`` programs. A merge of 64 splits by one
     program per KV head, a split at a time, took 47 us at B = 1 (H200), twice the split kernel.
     The interpreter takes small blocks, so that the tests cross both kinds of block boundary."""
-    if _INTERPRET:
+    if INTERPRET:
         return min(8, block_dv), 2
     columns = min(32, block_dv)
     return columns, max(1, min(16, 8192 // (rows * columns)))
 
 
-def split_keys_forward(tensors, s, meta, slots, scale, return_lse: bool):
+def split_keys_forward(p: Problem, scale: float, return_lse: bool):
     """``(out, lse)`` as ``triton_attention.one_pass_forward`` gives them, split over the keys."""
-    q_, k_, v_, tk, tv, sk, sv, hk_, hv = tensors
-    B, H, Hk, lq = s["B"], s["H"], s["Hk"], s["Lq"]
-    tile = _blocks("decode", s["D_K"], lq, s["TABLE"])
-    rows = _rows(s)
-    splits, split_len = _split_len(s, tile["BLOCK_N"], q_.device)
-    acc = torch.empty(B * Hk * splits * rows * s["BLOCK_DV"], dtype=torch.float32, device=q_.device)
-    running_max = torch.empty(B * Hk * splits * rows, dtype=torch.float32, device=q_.device)
+    B, H, Hk, lq = p.B, p.H, p.Hk, p.Lq
+    tile = p.tile("decode")
+    rows = _rows(p)
+    splits, keys = split_len(p)
+    acc = torch.empty(B * Hk * splits * rows * p.block_dv, dtype=torch.float32, device=p.q.device)
+    running_max = torch.empty(B * Hk * splits * rows, dtype=torch.float32, device=p.q.device)
     running_sum = torch.empty_like(running_max)
     warps = tile["num_warps"] if rows <= 32 else max(tile["num_warps"], 8)
     _split_kernel[(splits, B * Hk)](
-        q_, k_, v_, tk, tv, sk, sv, hk_, hv, slots, acc, running_max, running_sum, scale * _LOG2E,
-        *_strides(q_), *_strides(k_), *_strides(v_), *_strides(tk), *_strides(tv),
-        *_strides(sk), *_strides(sv), *_strides(hk_), *_strides(hv),
-        Hk, s["GROUP"], lq, s["Lk"], s["T"], s["G"], s["P"], split_len,
-        ROWS=rows, BLOCK_N=tile["BLOCK_N"], BLOCK_DK=s["BLOCK_DK"], BLOCK_DV=s["BLOCK_DV"], D_K=s["D_K"],
-        D_V=s["D_V"], num_warps=warps, num_stages=tile["num_stages"], **meta,
+        *p.tensors, p.slots, acc, running_max, running_sum, scale * LOG2E,
+        *strides(p.q), *strides(p.k), *strides(p.v), *strides(p.tail_k), *strides(p.tail_v),
+        *strides(p.sink_k), *strides(p.sink_v), *strides(p.hist_k), *strides(p.hist_v),
+        Hk, p.group, lq, p.Lk, p.T, p.G, p.P, keys,
+        ROWS=rows, BLOCK_N=tile["BLOCK_N"], BLOCK_DK=p.block_dk, BLOCK_DV=p.block_dv, D_K=p.D_K,
+        D_V=p.D_V, num_warps=warps, num_stages=tile["num_stages"], **p.dot_options(),
     )
-    out = torch.empty(B, H, lq, s["D_V"], dtype=q_.dtype, device=q_.device)
-    lse = torch.empty(B * H * lq if return_lse else 1, dtype=torch.float32, device=q_.device)
-    dv_block, splits_block = _combine_blocks(rows, s["BLOCK_DV"])
-    _combine_kernel[(B * Hk, s["BLOCK_DV"] // dv_block)](
-        acc, running_max, running_sum, out, lse, *_strides(out), H, Hk, s["GROUP"], lq, splits,
-        ROWS=rows, BLOCK_DV=s["BLOCK_DV"], D_V=s["D_V"], SPLITS_BLOCK=splits_block, DV_BLOCK=dv_block,
-        STORE_LSE=return_lse, num_warps=1 if _INTERPRET else 4,
+    out = torch.empty(B, H, lq, p.D_V, dtype=p.q.dtype, device=p.q.device)
+    lse = torch.empty(B * H * lq if return_lse else 1, dtype=torch.float32, device=p.q.device)
+    dv_block, splits_block = _combine_blocks(rows, p.block_dv)
+    _combine_kernel[(B * Hk, p.block_dv // dv_block)](
+        acc, running_max, running_sum, out, lse, *strides(out), H, Hk, p.group, lq, splits,
+        ROWS=rows, BLOCK_DV=p.block_dv, D_V=p.D_V, SPLITS_BLOCK=splits_block, DV_BLOCK=dv_block,
+        STORE_LSE=return_lse, num_warps=1 if INTERPRET else 4,
     )
     return out, lse

@@ -3,9 +3,9 @@
 Sets the node's ``impl`` argument, so the graph (and its dumps) say which kernel runs, and
 records the choice per layer in ``gm.meta[ir.IMPL]`` (``SegmentedModel`` shows it in
 its repr, and the choice is logged). ``auto`` gives segcompile's Triton kernels
-(``kernels/triton_attention.py``) on CUDA and the PyTorch reference (``kernels/reference.py``)
+(``kernels/dispatch.py`` picks which) on CUDA and the PyTorch reference (``kernels/reference.py``)
 elsewhere; ``transform(..., implementation=...)`` asks for one by name. Export lowers the nodes
-again, to ONNX operators (``kernels/export.py``).
+again, to ONNX operators (``deploy/lowering.py``).
 
 The Triton kernels are skipped (``auto``) or refused (asked for by name) where they would be
 wrong or cannot run: no triton installed, a head dimension above ``MAX_TRITON_HEAD_DIM``, fp64

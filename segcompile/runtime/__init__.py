@@ -1,10 +1,15 @@
-"""What runs the compiled program: the segment driver, exact TBPTT training, data parallelism.
+"""What runs the compiled program: the segment driver, exact TBPTT training, data parallelism
+(docs/design.md section 9).
 
-Imports point one way: ``driver`` (``SegmentedModel``) uses ``training`` and ``state``;
-``training`` uses ``state``; ``distributed`` wraps a ``SegmentedModel``. Nothing here imports
-the passes, the deployment code or the CLI.
+Imports point one way: ``driver`` (``SegmentedModel``) uses ``training``, ``state`` (the carried
+state and its buffers), ``wrapping`` (the "transform, then wrap" checks) and the step-graph
+``variants``; ``training`` drives the driver's loop (``SegmentedModel.segments``) without
+importing it; ``distributed`` wraps a ``SegmentedModel``. ``checkpoint`` stands alone. Nothing
+here imports the passes, the deployment code or the CLI.
 """
 
-from .driver import SegmentedModel, SegmentState
+from . import distributed
+from .driver import SegmentedModel, SegmentRun
+from .state import SegmentState
 
-__all__ = ["SegmentState", "SegmentedModel"]
+__all__ = ["SegmentRun", "SegmentState", "SegmentedModel", "distributed"]

@@ -64,7 +64,7 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 TRAINER_FILE = "trainer.json"
 FILES = (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, TRAINER_FILE)
-_ALIASES_KEY = "segcompile.aliases"  # safetensors metadata: {alias name: stored name}
+ALIASES_KEY = "segcompile.aliases"  # safetensors metadata: {alias name: stored name}
 SHARDED = "sharded"  # trainer.json "layout" of a checkpoint written by several ranks
 MODEL_DIR, OPTIMIZER_DIR = "model", "optimizer"
 
@@ -99,8 +99,8 @@ def save_checkpoint(
         trainer["optimizer"] = _save_optimizer(optimizer, tmp / OPTIMIZER_FILE)
         trainer["rng"] = _save_rng(generators, tmp / RNG_FILE)
         trainer["extra"] = extra
-        _write_json(tmp / TRAINER_FILE, trainer)
-        _fsync_dir(tmp)
+        write_json(tmp / TRAINER_FILE, trainer)
+        fsync_dir(tmp)
         _replace_dir(tmp, directory)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -158,13 +158,13 @@ def _save_model(model: torch.nn.Module, path: Path) -> None:
         seen[view] = name
         # clone: a view into a larger storage (or one overlapping another tensor) is stored on its own
         tensors[name] = tensor.to("cpu", copy=True).contiguous()
-    _write_safetensors(path, tensors, {_ALIASES_KEY: json.dumps(aliases, sort_keys=True)})
+    write_safetensors(path, tensors, {ALIASES_KEY: json.dumps(aliases, sort_keys=True)})
 
 
 def _read_model(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     _require(path)
     with safe_open(str(path), framework="pt") as f:
-        aliases = json.loads((f.metadata() or {}).get(_ALIASES_KEY, "{}"))
+        aliases = json.loads((f.metadata() or {}).get(ALIASES_KEY, "{}"))
     stored = load_file(str(path))
     state_dict = {**stored, **{alias: stored[kept] for alias, kept in aliases.items() if kept in stored}}
 
@@ -198,7 +198,7 @@ def _check_shapes(directory: Path, model: torch.nn.Module, want: dict[str, torch
 # ---- optimizer --------------------------------------------------------------------------------
 def _save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> dict[str, Any]:
     tensors, saved = _split_optimizer_state(optimizer.state_dict(), optimizer)
-    _write_safetensors(path, {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, {})
+    write_safetensors(path, {k: v.detach().to("cpu", copy=True).contiguous() for k, v in tensors.items()}, {})
     return saved
 
 
@@ -281,7 +281,7 @@ def _save_rng(generators: Mapping[str, torch.Generator], path: Path) -> dict[str
         if not isinstance(generator, torch.Generator):
             raise SegcompileError(f"generators[{name!r}] must be a torch.Generator, got {type(generator).__name__}")
         states[f"generator.{name}"] = generator.get_state()
-    _write_safetensors(path, {k: v.contiguous() for k, v in states.items()}, {})
+    write_safetensors(path, {k: v.contiguous() for k, v in states.items()}, {})
     return {"cuda_devices": cuda_devices, "generators": sorted(generators)}
 
 
@@ -331,9 +331,9 @@ def _save_sharded(directory: Path, model, optimizer, trainer: dict[str, Any], ex
             raise failure or SegcompileError(f"checkpoint {directory}: another rank failed to write its part")
         if rank == 0:
             trainer.update(layout=SHARDED, world_size=dist.get_world_size(), extra=extra)
-            _write_json(tmp / TRAINER_FILE, trainer)
+            write_json(tmp / TRAINER_FILE, trainer)
             for d in (tmp / MODEL_DIR, tmp / OPTIMIZER_DIR, tmp):
-                _fsync_dir(d)
+                fsync_dir(d)
             _replace_dir(tmp, directory)
         dist.barrier()  # no rank returns before the checkpoint is in place
     except BaseException:
@@ -429,6 +429,8 @@ def _require_dir(path: Path) -> Path:
 
 
 # ---- files ------------------------------------------------------------------------------------
+# Every file of a checkpoint is written by write_safetensors or write_json, and fsynced; the
+# directories by fsync_dir. Public so that a test can interrupt a save at any of them.
 def _read_trainer(directory: Path) -> dict[str, Any]:
     path = directory / TRAINER_FILE
     if not directory.is_dir():
@@ -458,12 +460,12 @@ def _require(path: Path) -> None:
         raise SegcompileError(f"checkpoint {path.parent} is incomplete: {path.name} is missing")
 
 
-def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     save_file(tensors, str(path), metadata=metadata or None)
     _fsync_file(path)
 
 
-def _write_json(path: Path, obj: Any) -> None:
+def write_json(path: Path, obj: Any) -> None:
     with open(path, "w", encoding="utf-8") as f:
         json.dump(obj, f, indent=1, sort_keys=True, allow_nan=False)
         f.write("\n")
@@ -488,7 +490,7 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     if os.name == "nt":  # directories cannot be opened for fsync on Windows
         return
     _fsync_file(path)
@@ -507,7 +509,7 @@ def _replace_dir(new: Path, target: Path) -> None:
         if old is not None:
             os.rename(old, target)
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

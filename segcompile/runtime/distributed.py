@@ -9,8 +9,8 @@
 **Order.** After capture the step graph runs in place of the model's modules: their ``forward`` is
 never called, so the module hooks that FSDP2 (all-gather, reshard, reduce-scatter) and DDP (arming
 its reducer) put on a wrapped model would never fire. ``transform`` therefore refuses a wrapped
-model (``WrappingError``), and the SegmentedModel is wrapped instead, by ``fsdp`` or ``ddp`` below,
-which decide when the engines communicate. The step graph reads the parameters as attributes of
+model (``WrappingError``; the checks are in ``runtime/wrapping.py``), and the SegmentedModel is
+wrapped instead, by ``fsdp`` or ``ddp`` below, which decide when the engines communicate. The step graph reads the parameters as attributes of
 its own submodules (named like the model's), so a wrapper that swaps those attributes (FSDP2)
 changes what the graph reads; the user's model keeps its original tensors, which are no longer
 trained: save and optimise ``seg``, and drop the model to free its copy.
@@ -68,12 +68,10 @@ import types
 import torch
 
 from ..errors import WrappingError
+from .driver import SegmentedModel
+from .wrapping import HOW_TO_WRAP, wrapped_parts
 
 _SYNC_METHOD = "_segcompile_sync_step"
-HOW_TO_WRAP = (
-    "transform the unwrapped model first, then wrap the SegmentedModel: seg = sc.transform(model, cfg); "
-    "seg = sc.distributed.fsdp(seg) (or sc.distributed.ddp(seg))"
-)
 
 
 def fsdp(seg, **fully_shard_kwargs):
@@ -90,7 +88,7 @@ def fsdp(seg, **fully_shard_kwargs):
     setattr(seg, _SYNC_METHOD, types.MethodType(_touch_every_parameter, seg))
     for method in (_SYNC_METHOD, "prefill", "decode"):
         register_fsdp_forward_method(seg, method)
-    seg._gradient_sync = _FSDPSync()
+    seg.gradient_sync = _FSDPSync()
     return seg
 
 
@@ -101,7 +99,7 @@ def ddp(seg, **ddp_kwargs):
     from torch.nn.parallel import DistributedDataParallel
 
     _check_wrappable(seg, "ddp")
-    seg._gradient_sync = _DDPSync(DistributedDataParallel(_EveryParameter(seg), **ddp_kwargs))
+    seg.gradient_sync = _DDPSync(DistributedDataParallel(_EveryParameter(seg), **ddp_kwargs))
     return seg
 
 
@@ -147,54 +145,13 @@ def _touch_every_parameter(module: torch.nn.Module) -> torch.Tensor:
 
 
 # ---- checks -----------------------------------------------------------------------------------
-def check_not_wrapped(model: torch.nn.Module) -> None:
-    """Refuse a model that FSDP, DDP or DTensor parallelism already wraps (``transform`` calls this)."""
-    found = _wrapped_parts(model)
-    if found:
-        raise WrappingError(
-            f"{type(model).__name__} is already wrapped for distributed training ({found}); segcompile runs "
-            f"its own segment-step graph in place of the modules' forward, so the wrapper's hooks would never "
-            f"fire: {HOW_TO_WRAP}"
-        )
-
-
-def check_sync_owner(seg) -> None:
-    """Refuse a SegmentedModel that was given to ``fully_shard`` directly instead of to ``fsdp``."""
-    if seg._gradient_sync is None and (found := _wrapped_parts(seg)):
-        raise WrappingError(
-            f"this SegmentedModel was wrapped by hand ({found}): its tbptt_backward would "
-            f"never synchronise the gradients; {HOW_TO_WRAP}"
-        )
-
-
 def _check_wrappable(seg, how: str) -> None:
-    from .driver import SegmentedModel
-
     if not isinstance(seg, SegmentedModel):
         raise WrappingError(f"sc.distributed.{how} takes a SegmentedModel, got a {type(seg).__name__}; {HOW_TO_WRAP}")
-    if seg._gradient_sync is not None or _wrapped_parts(seg):
+    if seg.gradient_sync is not None or wrapped_parts(seg):
         raise WrappingError(f"this SegmentedModel is already wrapped for distributed training; wrap it once, with {how}")
     if not torch.distributed.is_initialized():
         raise WrappingError(
             f"sc.distributed.{how}: no process group; call torch.distributed.init_process_group() first "
             "(torchrun sets the environment it reads)"
         )
-
-
-def _wrapped_parts(model: torch.nn.Module) -> str:
-    """A description of what wraps ``model`` or its submodules, or ``""``."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return ""  # nothing can be wrapped without a process group
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-    from torch.distributed.tensor import DTensor
-    from torch.nn.parallel import DistributedDataParallel
-
-    if isinstance(model, (DistributedDataParallel, torch.nn.DataParallel)):
-        return f"it is a {type(model).__name__}"
-    for name, module in model.named_modules():
-        if isinstance(module, (FSDPModule, FullyShardedDataParallel)):
-            return f"`{name or '<root>'}` is wrapped by {'fully_shard' if isinstance(module, FSDPModule) else 'FSDP'}"
-    for name, p in model.named_parameters():
-        if isinstance(p, DTensor):
-            return f"parameter `{name}` is a DTensor"
-    return ""

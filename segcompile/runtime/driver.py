@@ -1,15 +1,17 @@
 """``SegmentedModel``: the driver that runs the segment-step graph over a sequence.
 
 The step graph (built by the passes) processes up to one segment's worth of tokens given the
-carried state; the driver cuts the input at segment boundaries, feeds the state in, and at the
-end of every segment moves keys between the state's parts (docs/design.md section 1):
+carried state (``runtime/state.py``); the driver cuts the input at segment boundaries, feeds the
+state in, and at the end of every segment moves keys between the state's parts
+(docs/design.md sections 1 and 6):
 
     current (<= S) --> tail (last T of the segment) --> history (long-range KV heads only)
                                                     \\-> sinks (first G positions, all KV heads)
 
 A local KV head therefore holds at most G + T + S entries whatever the length; a long-range KV
 head keeps everything. The same loop serves ``forward`` (whole sequence), ``prefill`` and
-``decode`` (any number of tokens, usually one).
+``decode`` (any number of tokens, usually one); ``segments`` runs it one whole segment at a time
+for training (``runtime/training.py`` consumes it).
 """
 
 from __future__ import annotations
@@ -17,8 +19,9 @@ from __future__ import annotations
 import functools
 import inspect
 import warnings
-from collections.abc import Callable
-from dataclasses import dataclass, replace
+from collections.abc import Callable, Iterator
+from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 import torch.fx as fx
@@ -27,44 +30,38 @@ import torch.utils._pytree as pytree
 
 from ..config import SegmentConfig, segment_pieces
 from ..errors import SegcompileError
-from ..ir import STATE_NAMES, AttentionSite
+from ..ir import AttentionSite
 from .. import ir
+from . import training
+from .state import (
+    CARRIED_NAMES,
+    CONSTANT_NAMES,
+    LayerState,
+    SegmentState,
+    append_history,
+    carried_dtype,
+    compiled_layout,
+    empty_state,
+    layer_tensors,
+    reserve_history,
+    storage_id,
+    storages,
+)
+from .variants.keep_last_logits import keep_last_logits
+from .variants.release_tails import release_tails
+from .wrapping import check_sync_owner
 
 
-@dataclass(frozen=True)
-class LayerState:
-    """Carried K/V of one layer, each ``[B, heads, entries, head_dim]``."""
+class SegmentRun(NamedTuple):
+    """One segment of ``SegmentedModel.segments``, yielded once its step has run."""
 
-    sink_k: torch.Tensor
-    sink_v: torch.Tensor
-    hist_k: torch.Tensor  # long-range KV heads only
-    hist_v: torch.Tensor
-    tail_k: torch.Tensor
-    tail_v: torch.Tensor
-    current_k: torch.Tensor
-    current_v: torch.Tensor
-    # The buffers hist_k/v are views of (append-only, shared by every live segment graph)
-    hist_store_k: torch.Tensor | None = None
-    hist_store_v: torch.Tensor | None = None
-
-    def tensors(self) -> tuple[torch.Tensor, ...]:
-        return tuple(getattr(self, name) for name in STATE_NAMES)
-
-    def local_entries(self) -> dict[str, int]:
-        return {"sink": self.sink_k.shape[2], "tail": self.tail_k.shape[2], "current": self.current_k.shape[2]}
-
-
-@dataclass(frozen=True)
-class SegmentState:
-    """Everything a segmented model carries between calls: position, per-layer K/V, last logits."""
-
-    position: int
-    layers: tuple[LayerState, ...]
-    logits: torch.Tensor | None = None  # logits of the last token fed, [B, V]
-
-    @property
-    def batch_size(self) -> int:
-        return self.layers[0].tail_k.shape[0]
+    tokens: slice  # the segment's positions in input_ids
+    logits: torch.Tensor  # [B, tokens, V], in the step's autograd graph
+    # Empty unless ``segments`` was given ``tails``: every layer's tail_k, tail_v as the step read
+    # them, and the last T entries of every layer's K/V as the step returned them, which the next
+    # segment reads as its tail (the segment end passes them on detached)
+    tail_inputs: list[torch.Tensor]
+    tail_outputs: list[torch.Tensor]
 
 
 class SegmentedModel(torch.nn.Module):
@@ -84,7 +81,9 @@ class SegmentedModel(torch.nn.Module):
         # set by compile(): graph -> (its torch.compile'd callable, the unbacked sources for its calls)
         self._compiled: dict[fx.GraphModule, tuple[Callable, str]] = {}
         self._compile_options: dict = {}
-        self._gradient_sync = None  # set by segcompile.distributed.fsdp / ddp
+        # what synchronises the gradients at the end of tbptt_backward: set by
+        # segcompile.distributed.fsdp / ddp, None for a program that is not wrapped
+        self.gradient_sync = None
 
     # ---- public API -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, **kwargs):
@@ -105,15 +104,16 @@ class SegmentedModel(torch.nn.Module):
         outputs, _ = self._feed(self.initial_state(input_ids), input_ids, collect=True)
         return outputs
 
-    def prefill(self, input_ids: torch.Tensor, state: SegmentState | None = None) -> SegmentState:
+    def prefill(self, input_ids: torch.Tensor, state: SegmentState | None = None, *, free_tails: bool = True) -> SegmentState:
         """Run ``input_ids`` through the loop and return the state (``state.logits`` = last token's).
 
         Each step computes the logits of its last position only, the long-range history is
         allocated once for the whole prompt, and a step over a whole segment frees each layer's
         old tail once its layer has read it (``_step_releasing_tails``), except the tails of the
-        ``state`` passed in, which the caller may continue from again."""
+        ``state`` passed in, which the caller may continue from again. ``free_tails=False``:
+        free none (the same state to the bit, with every old tail alive until its step returns)."""
         state = state or self.initial_state(input_ids)
-        foreign = _storages([*_layer_tensors(state, _CARRIED), state.logits])
+        foreign = storages([*layer_tensors(state, CARRIED_NAMES), state.logits]) if free_tails else None
         state = reserve_history(state, state.position + input_ids.shape[1], token_major=bool(self._compiled))
         _, state = self._feed(state, input_ids, collect=False, foreign=foreign)
         return state
@@ -130,23 +130,56 @@ class SegmentedModel(torch.nn.Module):
         return _logits_of(outputs), state
 
     def initial_state(self, input_ids: torch.Tensor) -> SegmentState:
+        """The empty state a sequence of ``input_ids``' batch starts from."""
         self._check_ids(input_ids)
-        batch, device = input_ids.shape[0], input_ids.device
-        layers = []
-        for site in self.sites:
-            def empty(heads, dim, site=site):
-                return torch.empty(batch, heads, 0, dim, dtype=site.dtype, device=device)
+        return empty_state(self.sites, input_ids.shape[0], input_ids.device)
 
-            h, lr = site.num_kv_heads, len(site.long_range)
-            layers.append(
-                LayerState(
-                    empty(h, site.head_dim), empty(h, site.v_head_dim),
-                    empty(lr, site.head_dim), empty(lr, site.v_head_dim),
-                    empty(h, site.head_dim), empty(h, site.v_head_dim),
-                    empty(h, site.head_dim), empty(h, site.v_head_dim),
-                )
-            )
-        return SegmentState(0, tuple(layers))
+    def tbptt_backward(
+        self,
+        input_ids: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        reduction: str = "mean",
+        checkpoint: bool = False,
+    ):
+        """Exact truncated-BPTT gradients (``cfg.tbptt_k``) into the model's parameters' ``.grad``.
+
+        ``labels`` default to ``input_ids`` (position i predicts labels[i+1]; -100 is ignored);
+        ``reduction="mean"`` divides by the label tokens of the whole sequence (HF's causal-LM
+        loss), ``"sum"`` does not. Returns the loss. Keeps at most ``tbptt_k + 1`` segment graphs;
+        with ``checkpoint=True`` they hold only their inputs and recompute activations in backward.
+        Under ``torch.autocast`` the segment steps run in the autocast dtype. Wrapped by
+        ``segcompile.distributed``, the gradients are synchronised over the ranks once, after the
+        sequence's last backward. How: ``runtime/training.py``.
+        """
+        check_sync_owner(self)
+        if self.gradient_sync is None:
+            return training.tbptt_backward(self, input_ids, labels, reduction, checkpoint)
+        with self.gradient_sync.sequence(self):
+            return training.tbptt_backward(self, input_ids, labels, reduction, checkpoint)
+
+    def segments(
+        self,
+        input_ids: torch.Tensor,
+        *,
+        checkpoint: bool = False,
+        tails: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> Iterator[SegmentRun]:
+        """Run ``input_ids`` from the empty state, one step per segment, yielding each segment's
+        ``SegmentRun`` before the next step starts: the loop that training drives.
+
+        ``tails``: applied to every layer's carried ``tail_k`` and ``tail_v`` before the step that
+        reads them (TBPTT makes them autograd leaves, to collect the gradient that reaches them);
+        the runs then hold those tails and the step's own tail outputs. ``checkpoint``: as in
+        ``run_step``. Nothing of a run is kept here once the next one is asked for: a consumer
+        that drops it frees it. The long-range history has one buffer for the whole input."""
+        self._check_ids(input_ids)
+        # growing the history by copies would, at each growth, hold the old and the new buffer at
+        # once (2.5x the history) while the graphs of earlier segments keep views of the old
+        state = reserve_history(self.initial_state(input_ids), input_ids.shape[1])
+        for tokens in segment_pieces(0, input_ids.shape[1], self.cfg.segment_len):
+            run, state = self._run_segment(state, input_ids[:, tokens], tokens, checkpoint, tails)
+            yield run
+            del run
 
     def compile(self, **kwargs) -> SegmentedModel:
         """Run the segment step under ``torch.compile(**kwargs)`` (``backend``, ``mode``, ``options``...)
@@ -158,17 +191,18 @@ class SegmentedModel(torch.nn.Module):
         buffers (the history, the tail, the sinks), and so falls back to eager at its recompile
         limit. Here the carried tensors' lengths, and the token count of a prefill step, are
         unbacked (Dynamo neither specialises nor guards them), and every step gets the state in
-        one layout whatever its lengths, none of it a view: sinks, tail and history token-major
-        (``[entries, batch, kv_heads, head_dim]`` in memory, strides that do not depend on the
-        entries; the history buffer is token-major), the current segment contiguous. Decoding
-        then compiles one graph for prefill steps and one for one-token decode steps (two if the
-        first decode step starts a segment), however many tokens follow; another batch size,
-        dtype or grad mode compiles again. Every attention site keeps its ``impl``.
+        one layout whatever its lengths, none of it a view (``state.compiled_layout``;
+        docs/design.md section 6): sinks, tail and history token-major (``[entries, batch,
+        kv_heads, head_dim]`` in memory, strides that do not depend on the entries; the history
+        buffer is token-major), the current segment contiguous. Decoding then compiles one graph
+        for prefill steps and one for one-token decode steps (two if the first decode step starts
+        a segment), however many tokens follow; another batch size, dtype or grad mode compiles
+        again. Every attention site keeps its ``impl``.
 
         Compiles in place and returns ``self``; ``step_graph`` stays the uncompiled ``GraphModule``
         (what export, ``print(seg)`` and the pass pages show).
         """
-        graphs = [self.step_graph, self._prefill_graph()]
+        graphs = [self.step_graph, self.prefill_graph()]
         self._compiled = {}
         for graph in graphs:
             # Dynamo names the step's arguments L['<name>'] (torch.compiler.config.unbacked_sources)
@@ -179,6 +213,18 @@ class SegmentedModel(torch.nn.Module):
             self._compiled[graph] = (torch.compile(graph, **kwargs), ",".join(sources))
         self._compile_options = dict(kwargs)
         return self
+
+    def prefill_graph(self) -> fx.GraphModule:
+        """The step graph ``prefill`` runs: the ``keep_last_logits`` variant of ``step_graph``
+        (``runtime/variants/``), or ``step_graph`` itself when its output has no single logits
+        tensor. Built on first use."""
+        if self._last_logits_graph is None:
+            self._last_logits_graph = keep_last_logits(self.step_graph) or self.step_graph
+        return self._last_logits_graph
+
+    def logits_of(self, leaves: list) -> torch.Tensor:
+        """The logits among a step's flattened model outputs."""
+        return _logits_of(pytree.tree_unflatten(leaves, self.capture_info.out_spec))
 
     # ---- the loop ---------------------------------------------------------------------------
     def _feed(self, state: SegmentState, input_ids: torch.Tensor, collect: bool, foreign: set[int] | None = None):
@@ -198,14 +244,27 @@ class SegmentedModel(torch.nn.Module):
             return None, state
         return _join(pieces, self.capture_info.out_spec), state
 
+    def _run_segment(self, state: SegmentState, chunk: torch.Tensor, tokens: slice, checkpoint: bool, tails):
+        """One step of ``segments``: its run, and the state after it (the segment ended if whole)."""
+        tail_inputs = []
+        if tails is not None:
+            state = _with_tails(state, tails)
+            tail_inputs = layer_tensors(state, ("tail_k", "tail_v"))
+        leaves, state = self.run_step(state, chunk, checkpoint=checkpoint)
+        logits = self.logits_of(leaves)
+        del leaves  # the step's other outputs are not kept past the segment
+        run = SegmentRun(tokens, logits, tail_inputs, self._tail_outputs(state) if tails is not None else [])
+        return run, self._end_segment_if_full(state)
+
     def step(self, state: SegmentState, chunk: torch.Tensor, last_logits_only: bool = False) -> tuple[list, SegmentState]:
         """Run the step graph once on ``chunk`` (which must not cross a segment boundary), and
         move the segment into the carried state if ``chunk`` finished it. ``last_logits_only``:
         the logits leaf holds the last position's only."""
-        leaves, state = self.run_step(state, chunk, graph=self._prefill_graph() if last_logits_only else None)
-        if state.position % self.cfg.segment_len == 0:
-            state = self.end_segment(state)
-        return leaves, state
+        leaves, state = self.run_step(state, chunk, graph=self.prefill_graph() if last_logits_only else None)
+        return leaves, self._end_segment_if_full(state)
+
+    def _end_segment_if_full(self, state: SegmentState) -> SegmentState:
+        return self.end_segment(state) if self.cfg.offset_in_segment(state.position) == 0 else state
 
     def _can_release_tails(self, state: SegmentState, chunk: torch.Tensor, foreign: set[int]) -> bool:
         """Whether a prefill step over ``chunk`` may free ``state``'s tails once they are read.
@@ -217,17 +276,17 @@ class SegmentedModel(torch.nn.Module):
         sinks or history, which the next state may keep. The storage of an old tail is then the
         previous step's ``current`` buffer (a fresh concatenation; with T < S a copy of its last
         T entries), which only the old tail refers to."""
-        S = self.cfg.segment_len
-        if state.position % S or chunk.shape[1] != S or self._compiled or _builds_graph(self):
+        starts_segment = self.cfg.offset_in_segment(state.position) == 0
+        if not starts_segment or chunk.shape[1] != self.cfg.segment_len or self._compiled or _builds_graph(self):
             return False
-        kept = foreign | _storages(_layer_tensors(state, _CONSTANTS))
-        return all(t.numel() > 0 and _storage_id(t) not in kept for t in _layer_tensors(state, ("tail_k", "tail_v")))
+        kept = foreign | storages(layer_tensors(state, CONSTANT_NAMES))
+        return all(t.numel() > 0 and storage_id(t) not in kept for t in layer_tensors(state, ("tail_k", "tail_v")))
 
     def _step_releasing_tails(self, state: SegmentState, chunk: torch.Tensor) -> tuple[list, SegmentState]:
         """``step`` over a whole segment in a graph that frees every layer's old tail after its
-        layer's attention has read it (``passes/release_tails.py``). What ``end_segment`` does
-        with the old tails is done before the step (``_retire_tails``), the rest after it: a
-        freed tail is never read again."""
+        layer's attention has read it (``runtime/variants/release_tails.py``). What
+        ``end_segment`` does with the old tails is done before the step (``_retire_tails``), the
+        rest after it: a freed tail is never read again."""
         retired = self._retire_tails(state)
         leaves, state = self.run_step(state, chunk, graph=self._releasing_graph())
         return leaves, self.end_segment(state, retired=retired)
@@ -236,7 +295,7 @@ class SegmentedModel(torch.nn.Module):
         self, state: SegmentState, chunk: torch.Tensor, checkpoint: bool = False, graph: fx.GraphModule | None = None
     ) -> tuple[list, SegmentState]:
         """Run the step graph (or ``graph``, a variant of it) once; the new tokens' K/V are
-        appended to ``current``.
+        appended to ``current``. Every step of every entry point runs here.
 
         ``checkpoint``: keep no activations inside the segment; recompute them in backward.
         """
@@ -262,51 +321,19 @@ class SegmentedModel(torch.nn.Module):
         position = state.position + chunk.shape[1]
         return leaves, SegmentState(position, layers, self.logits_of(leaves)[:, -1])
 
-    def _prefill_graph(self) -> fx.GraphModule:
-        if self._last_logits_graph is None:
-            from .variants.keep_last_logits import keep_last_logits
-
-            self._last_logits_graph = keep_last_logits(self.step_graph) or self.step_graph
-        return self._last_logits_graph
-
     def _releasing_graph(self) -> fx.GraphModule:
         if self._releasing_tails_graph is None:
-            from .variants.release_tails import release_tails
-
-            self._releasing_tails_graph = release_tails(self._prefill_graph())
+            self._releasing_tails_graph = release_tails(self.prefill_graph())
         return self._releasing_tails_graph
 
-    def logits_of(self, leaves: list) -> torch.Tensor:
-        return _logits_of(pytree.tree_unflatten(leaves, self.capture_info.out_spec))
+    def _tail_outputs(self, state: SegmentState) -> list[torch.Tensor]:
+        """Every layer's last T entries of ``current`` (k, v), still in the step's graph."""
+        S, T = self.cfg.segment_len, self.cfg.tail_len
+        return [getattr(layer, f"current_{kv}")[:, :, S - T :] for layer in state.layers for kv in ("k", "v")]
 
-    def tbptt_backward(
-        self,
-        input_ids: torch.Tensor,
-        labels: torch.Tensor | None = None,
-        reduction: str = "mean",
-        checkpoint: bool = False,
-    ):
-        """Exact truncated-BPTT gradients (``cfg.tbptt_k``) into the model's parameters' ``.grad``.
-
-        ``labels`` default to ``input_ids`` (position i predicts labels[i+1]; -100 is ignored);
-        ``reduction="mean"`` divides by the label tokens of the whole sequence (HF's causal-LM
-        loss), ``"sum"`` does not. Returns the loss. Keeps at most ``tbptt_k + 1`` segment graphs;
-        with ``checkpoint=True`` they hold only their inputs and recompute activations in backward.
-        Under ``torch.autocast`` the segment steps run in the autocast dtype. Wrapped by
-        ``segcompile.distributed``, the gradients are synchronised over the ranks once, after the
-        sequence's last backward.
-        """
-        from .distributed import check_sync_owner
-        from .training import tbptt_backward
-
-        check_sync_owner(self)
-        if self._gradient_sync is None:
-            return tbptt_backward(self, input_ids, labels, reduction, checkpoint)
-        with self._gradient_sync.sequence(self):
-            return tbptt_backward(self, input_ids, labels, reduction, checkpoint)
-
+    # ---- the end of a segment ---------------------------------------------------------------
     def end_segment(self, state: SegmentState, retired: tuple[dict, ...] | None = None) -> SegmentState:
-        """Move a finished segment into tail, history and sinks (all detached).
+        """Move a finished segment into tail, history and sinks (all detached; docs/design.md section 6).
 
         ``retired``: per layer, the sinks and history the old tail has already moved into
         (``_retire_tails``, before a step that frees the old tails); only the segment's first
@@ -363,7 +390,7 @@ class SegmentedModel(torch.nn.Module):
         moved[f"sink_{kv}"] = sinks
         if site.long_range:
             index = _head_index(tuple(site.long_range), leaving.device)
-            store, history = _append_history(
+            store, history = append_history(
                 getattr(layer, f"hist_store_{kv}"), getattr(layer, f"hist_{kv}"),
                 leaving.index_select(1, index).to(constant), token_major=bool(self._compiled),
             )
@@ -409,143 +436,15 @@ class SegmentedModel(torch.nn.Module):
         return "\n".join(lines)
 
 
-
-
-HISTORY_GROWTH = 1.5  # capacity factor when the history buffer is full: amortised O(1) per token
-
-
-def carried_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
-    """The dtype sinks and history are kept in: under autocast, fp32 K/V (Llama's leave RoPE in
-    fp32) are stored in the autocast dtype, as the model's own SDPA would cast them, which halves
-    the memory that grows with the context. They are constants (no gradient), so nothing else
-    changes; the tail, which TBPTT differentiates through, keeps the run's dtype."""
-    if dtype == torch.float32 and torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return dtype
-
-
-def reserve_history(state: SegmentState, total_tokens: int, token_major: bool = False) -> SegmentState:
-    """Give every long-range history a buffer for ``total_tokens`` positions up front (prefill of
-    a known prompt), instead of growing it by ``HISTORY_GROWTH`` (which can leave half again the
-    needed memory allocated, and copies at every growth). ``token_major``: lay the buffer out
-    token-major (compiled steps, ``SegmentedModel.compile``)."""
-    layers = []
-    for layer in state.layers:
-        moved = {}
-        for kv in ("k", "v"):
-            store, history = getattr(layer, f"hist_store_{kv}"), getattr(layer, f"hist_{kv}")
-            if history.shape[1] == 0 or (store is not None and store.shape[2] >= total_tokens):
-                continue
-            dtype = carried_dtype(history.dtype, history.device.type)
-            fresh = _empty_entries(history, total_tokens, token_major, dtype)
-            fresh[:, :, : history.shape[2]] = history
-            moved[f"hist_store_{kv}"], moved[f"hist_{kv}"] = fresh, fresh[:, :, : history.shape[2]]
-        layers.append(replace(layer, **moved))
-    return replace(state, layers=tuple(layers))
-
-
-def _append_history(store: torch.Tensor | None, history: torch.Tensor, new: torch.Tensor, token_major: bool = False):
-    """Append ``new`` after ``history`` in an append-only buffer; return (buffer, view of the history).
-
-    Segment graphs kept for TBPTT save the history view they read; a fresh concatenation per
-    segment would give each its own copy. Appends land past the end of every view already
-    handed out, so they are written through ``.data`` (no autograd version bump: no saved
-    region changes). A full buffer is replaced by a larger one; old views keep the old one alive
-    only while a graph still holds them. A state whose view ends before what was already
-    appended (a branch) gets a copy. ``token_major``: a new buffer is laid out token-major.
-    """
-    length, need = history.shape[2], history.shape[2] + new.shape[2]
-    # Another state that shares this buffer (two decodes continued from one state) may already have
-    # appended past this view: writing here would change that state's history, so copy instead.
-    taken = getattr(store, "_segcompile_filled", length) > length if store is not None else False
-    if (store is None or taken or store.shape[2] < need or store.dtype != new.dtype
-            or store.shape[:2] != new.shape[:2]):
-        capacity = max(need, int(length * HISTORY_GROWTH))
-        fresh = _empty_entries(new, capacity, token_major)
-        fresh[:, :, :length] = history
-        store = fresh
-    store.data[:, :, length:need] = new
-    store._segcompile_filled = need
-    return store, store[:, :, :need]
-
-
-def _empty_entries(like: torch.Tensor, entries: int, token_major: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """An empty ``[B, heads, entries, head_dim]`` buffer like ``like``, token-major or contiguous."""
-    B, H, _, D = like.shape
-    if not token_major:
-        return like.new_empty(B, H, entries, D, dtype=dtype)
-    return torch.empty_strided((B, H, entries, D), _token_major_strides(like.shape), dtype=dtype or like.dtype, device=like.device)
-
-
-# ---- the layout compiled steps take (SegmentedModel.compile) --------------------------------------
-# Dynamo guards the sizes, strides and storage offset of every input. The lengths are unbacked (not
-# guarded); what is left must not change with them. Sinks, tail and history are token-major, whose
-# strides are products of batch, heads and head_dim only; the current segment is the step's own
-# output, contiguous, and an empty one has the strides a contiguous one of length 0 would have
-# (H*0*D, 0*D, D, 1), which satisfy the guards of a graph compiled on a longer one.
-
-
-def _token_major_strides(shape) -> tuple[int, int, int, int]:
-    B, H, _, D = shape
-    return (H * D, D, B * H * D, 1)
-
-
-def _contiguous_strides(shape) -> tuple[int, int, int, int]:
-    _, H, n, D = shape
-    return (H * n * D, n * D, D, 1)
-
-
-def _has_layout(t: torch.Tensor, strides) -> bool:
-    return t.stride() == strides and t.storage_offset() == 0
-
-
-def compiled_layout(state: SegmentState) -> SegmentState:
-    """``state`` with every carried tensor in the layout compiled steps take (``SegmentedModel.compile``).
-
-    Nothing is copied for a state a compiled step returned, except after a segment end: the new
-    tail and the sinks while they fill, T + G entries a layer, once. A history not yet token-major
-    (a state from before ``compile``) moves to a token-major buffer of the same capacity. Copies
-    are differentiable (a TBPTT tail leaf keeps its gradient)."""
-    layers = []
-    for layer in state.layers:
-        moved = {}
-        for kv in ("k", "v"):
-            for name, strides in ((f"sink_{kv}", _token_major_strides), (f"tail_{kv}", _token_major_strides),
-                                  (f"current_{kv}", _contiguous_strides)):
-                t = getattr(layer, name)
-                if not _has_layout(t, strides(t.shape)):
-                    moved[name] = torch.empty_strided(t.shape, strides(t.shape), dtype=t.dtype, device=t.device).copy_(t)
-            history, store = getattr(layer, f"hist_{kv}"), getattr(layer, f"hist_store_{kv}")
-            if not _has_layout(history, _token_major_strides(history.shape)):
-                fresh = _empty_entries(history, max(store.shape[2] if store is not None else 0, history.shape[2]), True)
-                fresh[:, :, : history.shape[2]] = history
-                moved[f"hist_store_{kv}"], moved[f"hist_{kv}"] = fresh, fresh[:, :, : history.shape[2]]
-        layers.append(replace(layer, **moved) if moved else layer)
-    return replace(state, layers=tuple(layers))
+def _with_tails(state: SegmentState, make: Callable[[torch.Tensor], torch.Tensor]) -> SegmentState:
+    layers = tuple(replace(layer, tail_k=make(layer.tail_k), tail_v=make(layer.tail_v)) for layer in state.layers)
+    return replace(state, layers=layers)
 
 
 def _call_compiled(step: Callable, unbacked_sources: str, *args):
     # the unbacked lengths, named by the step's arguments; in effect only while the step traces
     with torch.compiler.config.patch(unbacked_sources=unbacked_sources):
         return step(*args)
-
-
-# What a LayerState holds: all of it, and the constants (what the next state may keep as it is).
-_CONSTANTS = ("sink_k", "sink_v", "hist_k", "hist_v", "hist_store_k", "hist_store_v")
-_CARRIED = (*STATE_NAMES, "hist_store_k", "hist_store_v")
-
-
-def _layer_tensors(state: SegmentState, names: tuple[str, ...]) -> list[torch.Tensor | None]:
-    return [getattr(layer, name) for layer in state.layers for name in names]
-
-
-def _storage_id(t: torch.Tensor) -> int:
-    return t.untyped_storage().data_ptr()
-
-
-def _storages(tensors: list[torch.Tensor | None]) -> set[int]:
-    """The storages of ``tensors`` (an empty storage is no one's: nothing to free, no address)."""
-    return {_storage_id(t) for t in tensors if t is not None and t.untyped_storage().nbytes()}
 
 
 @functools.cache

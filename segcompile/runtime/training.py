@@ -15,18 +15,26 @@ The depths are kept apart because the same graph passes a depth-``d < K`` gradie
 stops a depth-``K`` one. At most K+1 segment graphs are alive; nothing is recomputed; history
 and sinks are constants. Parameter gradients accumulate into ``.grad`` through ordinary
 ``torch.autograd.backward`` calls, exactly as ``loss.backward()`` would for this objective.
+
+The loop is the driver's (``SegmentedModel.segments``): it runs each segment from the tails this
+module made autograd leaves, hands over the segment's logits and tail outputs, and ends the
+segment; what is kept of a segment, and for how long, is decided here.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from ..errors import SegcompileError
 from ..loss import IGNORE_INDEX, label_count, span_loss
-from .driver import reserve_history
+
+# The loss is taken over pieces of positions of about this many logits, so that its fp32 copies of
+# the logits exist for one piece at a time: at a 128K vocabulary, ~128 positions (rows of a
+# causal-LM loss are independent, so the gradient does not depend on it).
+LOSS_PIECE_ELEMENTS = 1 << 24
 
 
 @dataclass
@@ -38,7 +46,8 @@ class _LiveSegment:
 def tbptt_backward(
     seg, input_ids: torch.Tensor, labels: torch.Tensor | None = None, reduction: str = "mean", checkpoint: bool = False
 ):
-    """Accumulate the TBPTT gradient into the parameters' ``.grad``; return the (detached) loss."""
+    """Accumulate the TBPTT gradient of ``seg`` (a ``SegmentedModel``) into the parameters'
+    ``.grad``; return the (detached) loss. ``SegmentedModel.tbptt_backward`` documents the arguments."""
     if reduction not in ("mean", "sum"):
         raise SegcompileError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     labels = input_ids if labels is None else labels
@@ -57,33 +66,22 @@ def tbptt_backward(
 
 
 def _run_segments(seg, input_ids, labels, params, labelled, denominator, checkpoint: bool) -> torch.Tensor:
-    S, T, K = seg.cfg.segment_len, seg.cfg.tail_len, seg.cfg.tbptt_k
-    carries_gradient = K >= 1 and T > 0
-    # one history buffer for the whole sequence: growing it by copies would, at each growth, hold
-    # the old and the new buffer at once (2.5x the history) while live graphs keep views of the old
-    state = reserve_history(seg.initial_state(input_ids), input_ids.shape[1])
+    """Drive ``seg.segments`` over the sequence, backpropagating each segment's loss as soon as its
+    forward has run."""
+    K = seg.cfg.tbptt_k
+    carries_gradient = K >= 1 and seg.cfg.tail_len > 0
     # the K segments before the current one: the deeper passes of the current loss reach them
     live: deque[_LiveSegment] = deque(maxlen=K)
     total = torch.zeros((), dtype=torch.float64, device=input_ids.device)
-    for start in range(0, input_ids.shape[1], S):
-        chunk = input_ids[:, start : start + S]
-        tail_inputs: list[torch.Tensor] = []
-        if carries_gradient:
-            state, tail_inputs = _tails_as_leaves(state)
-        leaves, state = seg.run_step(state, chunk, checkpoint=checkpoint)
-        logits = seg.logits_of(leaves)
-        del leaves
-        segment = _LiveSegment(tail_inputs, _tail_outputs(state, S, T) if carries_gradient else [])
-        if state.position % S == 0:
-            state = seg.end_segment(state)
-
+    runs = seg.segments(input_ids, checkpoint=checkpoint, tails=_as_leaf if carries_gradient else None)
+    for tokens, logits, tail_inputs, tail_outputs in runs:
         # A segment without label tokens has l_s = 0: no gradient starts from it (its graph is
         # still kept, as later segments' losses reach it through their tails).
-        if labelled[start : start + S].any():
-            total += _backward_segment_loss(logits, labels, start, denominator, params, tail_inputs, live)
+        if labelled[tokens].any():
+            total += _backward_segment_loss(logits, labels, tokens.start, denominator, params, tail_inputs, live)
         del logits
         if carries_gradient:
-            live.append(segment)
+            live.append(_LiveSegment(tail_inputs, tail_outputs))
     return total
 
 
@@ -110,17 +108,15 @@ def _backward_through_older(live, grads, params) -> None:
         grads = _backward(older.tail_outputs, grads, params, older.tail_inputs if deeper else [], retain=deeper)
 
 
-def _loss_and_its_gradient(logits, labels, start: int, denominator, elements_per_piece: int = 1 << 24):
+def _loss_and_its_gradient(logits, labels, start: int, denominator):
     """The segment's loss (fp64, detached) and its gradient on ``logits``.
 
     The loss is differentiated on graphs of its own, freed at once: the segment's graph is kept
     for the deeper TBPTT passes and would otherwise keep the loss's fp32 log-softmax (positions x
-    vocabulary) alive with it. It is taken over pieces of positions, so that the fp32 copies of
-    the logits exist for one piece at a time (at a 128K vocabulary, ~128 positions; rows of a
-    causal-LM loss are independent, so the gradient is unchanged)."""
+    vocabulary) alive with it. It is taken over pieces of positions (``LOSS_PIECE_ELEMENTS``)."""
     grad = torch.empty_like(logits, requires_grad=False)
     loss = torch.zeros((), dtype=torch.float64, device=logits.device)
-    rows = max(1, elements_per_piece // max(1, logits.shape[0] * logits.shape[-1]))
+    rows = max(1, LOSS_PIECE_ELEMENTS // max(1, logits.shape[0] * logits.shape[-1]))
     for lo in range(0, logits.shape[1], rows):
         piece = logits[:, lo : lo + rows].detach().requires_grad_()
         piece_loss = span_loss(piece, labels, start + lo) / denominator
@@ -129,21 +125,9 @@ def _loss_and_its_gradient(logits, labels, start: int, denominator, elements_per
     return loss, grad
 
 
-def _tails_as_leaves(state):
-    leaves, layers = [], []
-    for layer in state.layers:
-        tail_k = layer.tail_k.detach().requires_grad_()
-        tail_v = layer.tail_v.detach().requires_grad_()
-        leaves += [tail_k, tail_v]
-        layers.append(replace(layer, tail_k=tail_k, tail_v=tail_v))
-    return replace(state, layers=tuple(layers)), leaves
-
-
-def _tail_outputs(state, S: int, T: int) -> list[torch.Tensor]:
-    outputs = []
-    for layer in state.layers:
-        outputs += [layer.current_k[:, :, S - T :], layer.current_v[:, :, S - T :]]
-    return outputs
+def _as_leaf(tail: torch.Tensor) -> torch.Tensor:
+    """A carried tail as an autograd leaf, so that the gradient reaching it can be passed on."""
+    return tail.detach().requires_grad_()
 
 
 def _backward(tensors, grads, params, tail_inputs, retain: bool):

@@ -1,0 +1,108 @@
+"""Which kernel runs a ``segment_attention`` call, and the entry points that run it
+(docs/design.md section 7).
+
+* Forward (``forward_kernel``): ``"split-keys"`` for a few queries (decode, ``triton_decode.py``);
+  ``"gluon-ws"``, the warp-specialised Hopper kernel of ``gluon_attention.py``, where it applies
+  and Gluon imports; ``"one-pass"`` (``triton_attention.one_pass_forward``) otherwise.
+* Backward: ``triton_attention.launch_dq`` always (dQ, or with the fused Hopper dK/dV only the
+  prefix keys' part of it), then the dK/dV kernel ``dkdv_kernel`` names: ``"gluon-ws+dq"``
+  (``gluon_attention.dkdv`` adding the tail's and current keys' part of dQ: five matrix
+  products a visible pair, not seven), ``"gluon-ws"`` (dK/dV alone) or ``"triton"``
+  (``triton_attention.launch_dkdv``).
+
+Each choice is logged at debug level on its first use.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+
+from . import triton_attention, triton_decode
+from .problem import Problem, prepare, usable
+from .triton_common import INTERPRET
+
+
+def segment_attention_forward(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale,
+                              return_lse: bool = False):
+    """Triton forward; same arguments and result as ``segment_attention_reference``. With
+    ``return_lse``: ``(out, lse)``, the log-sum-exp of every query row (base 2, of the scaled
+    scores; ``[B * H * Lq]`` fp32), which the backward then need not recompute."""
+    p = prepare(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
+    kernel = forward_kernel(p)
+    if kernel == "gluon-ws":
+        out, lse = gluon().forward(p, scale, return_lse)
+    elif kernel == "split-keys":
+        out, lse = triton_decode.split_keys_forward(p, scale, return_lse)
+    else:
+        out, lse = triton_attention.one_pass_forward(p, scale, return_lse)
+    return (out, lse) if return_lse else out
+
+
+def segment_attention_backward(grad_out, out, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v,
+                               long_range, scale, tail_needs_grad: bool = True, lse: torch.Tensor | None = None):
+    """Gradients ``(dq, dk, dv, dtail_k, dtail_v)`` of ``segment_attention``; the tail's are
+    ``None`` when ``tail_needs_grad`` is false (no work is done for them). ``lse``: the forward's
+    (``return_lse``); without it the dQ kernel recomputes it in a pass of its own."""
+    p = prepare(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
+    do = usable(grad_out)
+    tail_grads = tail_needs_grad and p.T > 0
+    kernel = dkdv_kernel(p, do, lse is not None, tail_grads)
+    fused = kernel == "gluon-ws+dq"
+    dq, lse, delta = triton_attention.launch_dq(p, usable(out), do, scale, lse, prefix_only=fused)
+    if kernel == "triton":
+        dk, dv, dtk, dtv = triton_attention.launch_dkdv(p, do, lse, delta, scale, tail_grads)
+    else:
+        dk, dv, dtk, dtv = gluon().dkdv(p, do, lse, delta, scale, tail_grads, dq=dq if fused else None)
+    # each gradient in its input's dtype (they differ from the kernels' where prepare widened one)
+    dtk, dtv = (None, None) if dtk is None else (dtk.to(tail_k.dtype), dtv.to(tail_v.dtype))
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dtk, dtv
+
+
+def forward_kernel(p: Problem) -> str:
+    """Which forward runs: ``"split-keys"``, ``"gluon-ws"`` or ``"one-pass"``."""
+    if triton_decode.splits_keys(p):
+        kernel = "split-keys"
+    elif gluon_applies(p):
+        kernel = "gluon-ws"
+    else:
+        kernel = "one-pass"
+    _log_kernel(kernel)
+    return kernel
+
+
+def dkdv_kernel(p: Problem, grad_out: torch.Tensor, lse_given: bool = False, tail_grads: bool = True) -> str:
+    """Which dK/dV kernel the backward runs. Where the Gluon kernels apply and the output
+    gradient has the inputs' dtype: ``"gluon-ws+dq"`` when the forward's log-sum-exp is given and
+    every tail key is differentiated (or there is no tail), else ``"gluon-ws"``. Elsewhere
+    ``"triton"``."""
+    if not (gluon_applies(p) and grad_out.dtype == p.q.dtype):
+        kernel = "triton"
+    elif lse_given and (tail_grads or p.T == 0):
+        kernel = "gluon-ws+dq"
+    else:
+        kernel = "gluon-ws"
+    _log_kernel(kernel, "dK/dV")
+    return kernel
+
+
+def gluon_applies(p: Problem) -> bool:
+    """Gluon imports, Triton is not interpreting, and ``gluon_attention.supported`` holds."""
+    return not INTERPRET and gluon() is not None and gluon().supported(p)
+
+
+@functools.cache
+def gluon():
+    """``gluon_attention``, or None where this Triton has no Gluon for Hopper."""
+    try:
+        from . import gluon_attention  # optional: Triton builds without Gluon's Hopper API lack it
+    except ImportError:
+        return None
+    return gluon_attention
+
+
+@functools.cache
+def _log_kernel(kernel: str, part: str = "forward") -> None:
+    logging.getLogger(__name__).debug("segment_attention %s runs the %s kernel", part, kernel)

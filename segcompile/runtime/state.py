@@ -1,0 +1,206 @@
+"""The carried state and its buffers (docs/design.md section 6).
+
+``SegmentState`` is what a ``SegmentedModel`` carries between calls: the position, one
+``LayerState`` per layer (the step graph's state inputs in ``ir.STATE_NAMES`` order) and the last
+token's logits. This module makes states and lays out their memory; moving a finished segment
+into tail, sinks and history is the driver's (``SegmentedModel.end_segment``):
+
+* the long-range history is an append-only buffer that every live segment graph shares
+  (``append_history``), sized up front when the input is known (``reserve_history``);
+* sinks and history are constants, kept in ``carried_dtype``;
+* compiled steps take every carried tensor in one layout whatever its length
+  (``compiled_layout``, for ``SegmentedModel.compile``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from ..ir import STATE_NAMES, AttentionSite
+
+HISTORY_GROWTH = 1.5  # capacity factor when the history buffer is full: amortised O(1) per token
+
+# What a LayerState holds: the constants (what the next state may keep as it is), and all of it.
+CONSTANT_NAMES = ("sink_k", "sink_v", "hist_k", "hist_v", "hist_store_k", "hist_store_v")
+CARRIED_NAMES = (*STATE_NAMES, "hist_store_k", "hist_store_v")
+
+
+@dataclass(frozen=True)
+class LayerState:
+    """Carried K/V of one layer, each ``[B, heads, entries, head_dim]``."""
+
+    sink_k: torch.Tensor
+    sink_v: torch.Tensor
+    hist_k: torch.Tensor  # long-range KV heads only
+    hist_v: torch.Tensor
+    tail_k: torch.Tensor
+    tail_v: torch.Tensor
+    current_k: torch.Tensor
+    current_v: torch.Tensor
+    # The buffers hist_k/v are views of (append-only, shared by every live segment graph)
+    hist_store_k: torch.Tensor | None = None
+    hist_store_v: torch.Tensor | None = None
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return tuple(getattr(self, name) for name in STATE_NAMES)
+
+    def local_entries(self) -> dict[str, int]:
+        return {"sink": self.sink_k.shape[2], "tail": self.tail_k.shape[2], "current": self.current_k.shape[2]}
+
+
+@dataclass(frozen=True)
+class SegmentState:
+    """Everything a segmented model carries between calls: position, per-layer K/V, last logits."""
+
+    position: int
+    layers: tuple[LayerState, ...]
+    logits: torch.Tensor | None = None  # logits of the last token fed, [B, V]
+
+    @property
+    def batch_size(self) -> int:
+        return self.layers[0].tail_k.shape[0]
+
+
+def empty_state(sites: list[AttentionSite], batch_size: int, device: torch.device) -> SegmentState:
+    """The state before the first token: every part of every layer empty, in the site's K/V dtype."""
+    def empty(site: AttentionSite, heads: int, dim: int) -> torch.Tensor:
+        return torch.empty(batch_size, heads, 0, dim, dtype=site.dtype, device=device)
+
+    layers = []
+    for site in sites:
+        h, lr = site.num_kv_heads, len(site.long_range)
+        layers.append(
+            LayerState(
+                empty(site, h, site.head_dim), empty(site, h, site.v_head_dim),
+                empty(site, lr, site.head_dim), empty(site, lr, site.v_head_dim),
+                empty(site, h, site.head_dim), empty(site, h, site.v_head_dim),
+                empty(site, h, site.head_dim), empty(site, h, site.v_head_dim),
+            )
+        )
+    return SegmentState(0, tuple(layers))
+
+
+def carried_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:
+    """The dtype sinks and history are kept in: under autocast, fp32 K/V (Llama's leave RoPE in
+    fp32) are stored in the autocast dtype, as the model's own SDPA would cast them, which halves
+    the memory that grows with the context. They are constants (no gradient), so nothing else
+    changes; the tail, which TBPTT differentiates through, keeps the run's dtype."""
+    if dtype == torch.float32 and torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    return dtype
+
+
+# ---- the long-range history: one append-only buffer a layer ----------------------------------------
+def reserve_history(state: SegmentState, total_tokens: int, token_major: bool = False) -> SegmentState:
+    """Give every long-range history a buffer for ``total_tokens`` positions up front (prefill of
+    a known prompt, TBPTT over a known sequence), instead of growing it by ``HISTORY_GROWTH``
+    (which can leave half again the needed memory allocated, and copies at every growth).
+    ``token_major``: lay the buffer out token-major (compiled steps, ``SegmentedModel.compile``)."""
+    layers = []
+    for layer in state.layers:
+        moved = {}
+        for kv in ("k", "v"):
+            store, history = getattr(layer, f"hist_store_{kv}"), getattr(layer, f"hist_{kv}")
+            if history.shape[1] == 0 or (store is not None and store.shape[2] >= total_tokens):
+                continue
+            dtype = carried_dtype(history.dtype, history.device.type)
+            fresh = empty_entries(history, total_tokens, token_major, dtype)
+            fresh[:, :, : history.shape[2]] = history
+            moved[f"hist_store_{kv}"], moved[f"hist_{kv}"] = fresh, fresh[:, :, : history.shape[2]]
+        layers.append(replace(layer, **moved))
+    return replace(state, layers=tuple(layers))
+
+
+def append_history(store: torch.Tensor | None, history: torch.Tensor, new: torch.Tensor, token_major: bool = False):
+    """Append ``new`` after ``history`` in an append-only buffer; return (buffer, view of the history).
+
+    Segment graphs kept for TBPTT save the history view they read; a fresh concatenation per
+    segment would give each its own copy. Appends land past the end of every view already
+    handed out, so they are written through ``.data`` (no autograd version bump: no saved
+    region changes). A full buffer is replaced by a larger one; old views keep the old one alive
+    only while a graph still holds them. A state whose view ends before what was already
+    appended (a branch) gets a copy. ``token_major``: a new buffer is laid out token-major.
+    """
+    length, need = history.shape[2], history.shape[2] + new.shape[2]
+    # Another state that shares this buffer (two decodes continued from one state) may already have
+    # appended past this view: writing here would change that state's history, so copy instead.
+    taken = getattr(store, "_segcompile_filled", length) > length if store is not None else False
+    if (store is None or taken or store.shape[2] < need or store.dtype != new.dtype
+            or store.shape[:2] != new.shape[:2]):
+        capacity = max(need, int(length * HISTORY_GROWTH))
+        fresh = empty_entries(new, capacity, token_major)
+        fresh[:, :, :length] = history
+        store = fresh
+    store.data[:, :, length:need] = new
+    store._segcompile_filled = need
+    return store, store[:, :, :need]
+
+
+def empty_entries(like: torch.Tensor, entries: int, token_major: bool, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """An empty ``[B, heads, entries, head_dim]`` buffer like ``like``, token-major or contiguous."""
+    B, H, _, D = like.shape
+    if not token_major:
+        return like.new_empty(B, H, entries, D, dtype=dtype)
+    return torch.empty_strided((B, H, entries, D), _token_major_strides(like.shape), dtype=dtype or like.dtype, device=like.device)
+
+
+# ---- the layout compiled steps take (SegmentedModel.compile) --------------------------------------
+# Dynamo guards the sizes, strides and storage offset of every input. The lengths are unbacked (not
+# guarded); what is left must not change with them. Sinks, tail and history are token-major, whose
+# strides are products of batch, heads and head_dim only; the current segment is the step's own
+# output, contiguous, and an empty one has the strides a contiguous one of length 0 would have
+# (H*0*D, 0*D, D, 1), which satisfy the guards of a graph compiled on a longer one.
+def compiled_layout(state: SegmentState) -> SegmentState:
+    """``state`` with every carried tensor in the layout compiled steps take (``SegmentedModel.compile``).
+
+    Nothing is copied for a state a compiled step returned, except after a segment end: the new
+    tail and the sinks while they fill, T + G entries a layer, once. A history not yet token-major
+    (a state from before ``compile``) moves to a token-major buffer of the same capacity. Copies
+    are differentiable (a TBPTT tail leaf keeps its gradient)."""
+    layers = []
+    for layer in state.layers:
+        moved = {}
+        for kv in ("k", "v"):
+            for name, strides in ((f"sink_{kv}", _token_major_strides), (f"tail_{kv}", _token_major_strides),
+                                  (f"current_{kv}", _contiguous_strides)):
+                t = getattr(layer, name)
+                if not _has_layout(t, strides(t.shape)):
+                    moved[name] = torch.empty_strided(t.shape, strides(t.shape), dtype=t.dtype, device=t.device).copy_(t)
+            history, store = getattr(layer, f"hist_{kv}"), getattr(layer, f"hist_store_{kv}")
+            if not _has_layout(history, _token_major_strides(history.shape)):
+                fresh = empty_entries(history, max(store.shape[2] if store is not None else 0, history.shape[2]), True)
+                fresh[:, :, : history.shape[2]] = history
+                moved[f"hist_store_{kv}"], moved[f"hist_{kv}"] = fresh, fresh[:, :, : history.shape[2]]
+        layers.append(replace(layer, **moved) if moved else layer)
+    return replace(state, layers=tuple(layers))
+
+
+def _token_major_strides(shape) -> tuple[int, int, int, int]:
+    B, H, _, D = shape
+    return (H * D, D, B * H * D, 1)
+
+
+def _contiguous_strides(shape) -> tuple[int, int, int, int]:
+    _, H, n, D = shape
+    return (H * n * D, n * D, D, 1)
+
+
+def _has_layout(t: torch.Tensor, strides) -> bool:
+    return t.stride() == strides and t.storage_offset() == 0
+
+
+# ---- which memory a state holds (what a prefill may free) ------------------------------------------
+def layer_tensors(state: SegmentState, names: tuple[str, ...]) -> list[torch.Tensor | None]:
+    """The tensors ``names`` (``CARRIED_NAMES``, ``CONSTANT_NAMES``...) of every layer of ``state``."""
+    return [getattr(layer, name) for layer in state.layers for name in names]
+
+
+def storage_id(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+def storages(tensors: list[torch.Tensor | None]) -> set[int]:
+    """The storages of ``tensors`` (an empty storage is no one's: nothing to free, no address)."""
+    return {storage_id(t) for t in tensors if t is not None and t.untyped_storage().nbytes()}
