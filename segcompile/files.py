@@ -1,37 +1,60 @@
-"""Atomic file writes: an interrupted write never leaves a file that looks valid."""
+"""Atomic file writes: an interrupted write never leaves a file that looks valid.
+
+Every file segcompile writes goes through ``atomic_path``: the content is written (and, for an
+exported program, checked) under a temporary name beside the target, flushed to disk, given the
+mode ``open()`` would give it, and renamed over the target only then.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``."""
-    return _atomic_write(path, text.encode("utf-8"))
+    return atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_bytes(path: str | os.PathLike, data) -> Path:
     """Write ``data`` (bytes, or any buffer such as a serialized TensorRT engine) like ``atomic_write_text``."""
-    return _atomic_write(path, memoryview(data))
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        f.write(memoryview(data))
+    return Path(path)
 
 
-def _atomic_write(path: str | os.PathLike, data) -> Path:
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary path beside ``path`` for the block to write, by any means (``onnx.save``, say),
+    and check; renamed over ``path`` when the block ends, removed when it raises.
+
+    The temporary file exists, empty, when the block starts. Its data reach the disk before the
+    rename, so that a crash leaves the old file or the new one, never a truncated new one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
+        yield tmp
+        _fsync(tmp)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
-    return path
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _umask() -> int:

@@ -21,8 +21,9 @@ from conftest import VOCAB, captured, max_abs, random_ids
 
 import segcompile as sc
 from segcompile.errors import SegcompileError
-from segcompile.deploy.onnx_export import example_inputs, export_onnx, state_specs, step_module
-from segcompile.deploy.runner import OnnxSegmentedModel
+from segcompile.deploy.onnx_export import example_inputs, export_onnx
+from segcompile.deploy.onnxruntime_backend import OnnxSegmentedModel
+from segcompile.deploy.step_module import state_specs, step_module
 
 S = 8
 TOL = 1e-4

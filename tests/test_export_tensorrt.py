@@ -139,7 +139,7 @@ def test_table_is_the_parsers_10_15_table():
     assert opsets == (9, 24)
     assert len(ops) == 200
     assert ops["MatMul"][:2] == (True, {"FP32", "FP16", "BF16"})
-    assert ops["CumSum"][1] == ops["Clip"][1] == {"FP32", "FP16", "BF16"}  # why kernels/export.py avoids them
+    assert ops["CumSum"][1] == ops["Clip"][1] == {"FP32", "FP16", "BF16"}  # why deploy/lowering.py avoids them
     assert not ops["Compress"][0]
 
 

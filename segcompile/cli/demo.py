@@ -201,7 +201,7 @@ def _export_check(seg, ids, generated, served, out: Path, stages: _Stages) -> Ch
     import torch
 
     from ..deploy.onnx_export import export_onnx
-    from ..deploy.runner import OnnxSegmentedModel
+    from ..deploy.onnxruntime_backend import OnnxSegmentedModel
 
     path = out / "model.onnx"
     with stages.run("export", "export to ONNX, run with onnxruntime") as st:

@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..deploy.format import INPUT_IDS, POSITION_OFFSET
+from ..deploy.tensorrt_common import missing_tensorrt
 from . import (
     HelpFormatter,
     UsageError,
@@ -76,8 +78,6 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"{', '.join(given)}: for --format tensorrt only",
                          hint="add --format tensorrt, or leave them out")
     if args.format == "tensorrt":
-        from ..deploy.tensorrt import missing_tensorrt
-
         problem = missing_tensorrt()
         if problem:
             raise UsageError(f"--format tensorrt: TensorRT does not import here ({problem})", hint=TENSORRT_HINT)
@@ -148,7 +148,7 @@ def _summary(console, summary, seg, cfg, seconds, engine=None) -> None:
     table.add_row("model", f"{seg.capture_info.model_class}, {len(seg.sites)} attention layers")
     table.add_row("segments", f"S={cfg.segment_len}  T={cfg.tail_len}  G={cfg.sink_tokens}; "
                   f"head plan {cfg.long_range.describe()}")
-    state_in = [v for v in summary.inputs if v[0] not in ("input_ids", "position_offset")]
+    state_in = [v for v in summary.inputs if v[0] not in (INPUT_IDS, POSITION_OFFSET)]
     table.add_row("inputs", ", ".join(f"{n} {t}{shape(s)}" for n, t, s in summary.inputs[:2])
                   + f", {len(state_in)} state buffers")
     for n, t, s in state_in[:4]:
@@ -169,7 +169,7 @@ def _summary(console, summary, seg, cfg, seconds, engine=None) -> None:
 
 def _profile_text(engine) -> str:
     """The engine's dynamic axes as ranges: batch, step and (with long-range heads) history."""
-    low, _, high = engine.profile["input_ids"]
+    low, _, high = engine.profile[INPUT_IDS]
     text = f"batch {low[0]}..{high[0]}, step {low[1]}..{high[1]}"
     hist = next((shapes for name, shapes in engine.profile.items() if name.endswith("_hist_k")), None)
     if hist is not None:

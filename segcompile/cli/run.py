@@ -1,9 +1,9 @@
 """``segcompile run``: prefill a prompt and decode greedily with an exported ONNX step program.
 
 Reads the prompt ids from a ``.npy`` file (integers, ``[tokens]`` or ``[batch, tokens]``; numpy
-reads it with ``allow_pickle=False``), runs ``segcompile.deploy.runner.OnnxSegmentedModel`` (CUDA
-provider when onnxruntime has it, CPU otherwise), prints the new ids and the speed, and writes
-them with ``--out``.
+reads it with ``allow_pickle=False``), runs ``segcompile.deploy.onnxruntime_backend.OnnxSegmentedModel``
+(CUDA provider when onnxruntime has it, CPU otherwise), prints the new ids and the speed, and
+writes them with ``--out`` (atomically).
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..files import atomic_write_bytes
 from . import HelpFormatter, UsageError, make_console, non_negative_int
 
 name = "run"
@@ -46,7 +47,7 @@ def validate(args: argparse.Namespace) -> None:
 def cmd(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from ..deploy.runner import OnnxSegmentedModel
+    from ..deploy.onnxruntime_backend import OnnxSegmentedModel
 
     console = make_console(args)
     try:
@@ -84,6 +85,7 @@ def cmd(args: argparse.Namespace) -> int:
 
 
 def _generate(console, model, ids, max_new_tokens: int):
+    """``model.generate(ids, max_new_tokens)`` with a progress bar (on a terminal)."""
     import numpy as np
     from rich.progress import (
         BarColumn,
@@ -97,32 +99,21 @@ def _generate(console, model, ids, max_new_tokens: int):
                         console=console, transient=True, disable=not console.is_terminal)
     with progress:
         task = progress.add_task("prefill", total=None)
-        state = model.prefill(ids)
-        progress.update(task, description="decode", total=max_new_tokens, completed=0)
         out = []
-        for i in range(max_new_tokens):
-            token = state.logits.argmax(-1).astype(np.int64)[:, None]
+        for token in model.greedy_tokens(ids, max_new_tokens):
+            if not out:  # the prompt is in: decoding starts
+                progress.update(task, description="decode", total=max_new_tokens, completed=0)
             out.append(token)
-            if i + 1 < max_new_tokens:
-                model.decode(state, token)
             progress.advance(task)
     return np.concatenate(out, axis=1) if out else np.zeros((ids.shape[0], 0), np.int64)
 
 
 def _save(path: str, array) -> None:
-    """``numpy.save`` to a temporary file beside ``path``, then rename it over ``path``."""
-    import os
-    import tempfile
+    """``numpy.save`` ``array`` to ``path``, atomically."""
+    import io
 
     import numpy as np
 
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.save(f, array, allow_pickle=False)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    data = io.BytesIO()
+    np.save(data, array, allow_pickle=False)
+    atomic_write_bytes(path, data.getbuffer())

@@ -23,9 +23,10 @@ control flow.
 Made of matmul, softmax, where, gather (index_select), concat and integer arithmetic only:
 ONNX MatMul/Softmax/Where/Gather/Concat, which onnxruntime runs and TensorRT's ONNX operator list
 has carried since long before 10.0 (the file has not been through TensorRT's parser yet: no
-TensorRT here; T = 0 gives zero-size slices, a case to check there). The opset-23 ``Attention`` operator would be one node per head group, but TensorRT's
-parser supports it only from 10.14 (its release notes) and it adds nothing we need (GQA is a
-broadcast here, the mask a [L, K] bool); the decomposition runs everywhere at opset 20.
+TensorRT here; T = 0 gives zero-size slices, a case to check there). The opset-23 ``Attention``
+operator would be one node per head group, but TensorRT's parser supports it only from 10.14
+(its release notes) and it adds nothing we need (GQA is a broadcast here, the mask a [L, K]
+bool); the decomposition runs everywhere at opset 20.
 
 The integer index math avoids three lowerings that the onnx-tensorrt operator table
 (``tests/data/onnx_tensorrt_operators.tsv``, checked by ``tests/test_export_tensorrt.py``) lists for

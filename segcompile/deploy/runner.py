@@ -1,232 +1,256 @@
-"""Run an exported segment-step program (``segcompile.deploy.onnx_export``) with onnxruntime.
+"""The runner of an exported segment-step program, over a backend that runs one step (docs/design.md section 8).
 
-``OnnxSegmentedModel(path)`` opens the file with the CUDA execution provider when onnxruntime has
-it, the CPU provider otherwise, and offers the driver's API on numpy arrays:
+``SegmentRunner(backend)`` offers the driver's API on the backend's arrays:
 
     state = model.prefill(prompt_ids)              # any length: cut at segment boundaries
     logits, state = model.decode(state, next_ids)  # [B, n, V]
     new_ids = model.generate(prompt_ids, max_new_tokens=64)   # greedy
 
-State lives in preallocated buffers bound with IO binding (on the GPU under CUDA): two sets of the
-per-layer buffers, the step reads one set and writes the other, then they swap. A state is
-therefore updated in place and belongs to one model: ``decode`` returns the same object. The
-long-range history is a capacity that grows (doubling, in whole segments) before a step that
-would need more; the local buffers never change size.
+The runner owns all that does not depend on the inference library: the state, the checks,
+cutting the input at segment boundaries, the growth of the history capacity, greedy decoding
+and the timings. A backend (``StepBackend``) loads the file and runs one step on its own arrays:
+``OnnxSegmentedModel`` (``deploy.onnxruntime_backend``: numpy, onnxruntime) and
+``TensorRTSegmentedModel`` (``deploy.tensorrt_backend``: torch CUDA tensors, a TensorRT engine)
+are this runner over one backend each.
 
-Checked before anything runs, each with a ``SegcompileError`` saying what to do: ids that are not
-an integer array ``[batch, tokens]`` or are outside the vocabulary, a step longer than S or
-crossing a segment boundary, a batch other than the state's, a state made by another exported
-file, and a file that is not a segcompile step program.
+State lives in preallocated buffers: two sets of the per-layer buffers, the step reads one set
+and writes the other, then they swap. A state is therefore updated in place and belongs to one
+model: ``decode`` returns the same object. The long-range history is a capacity that grows
+(doubling, in whole segments, up to the backend's limit) before a step that would need more; the
+local buffers never change size.
+
+Checked before anything runs, each with the backend's ``SegcompileError`` saying what to do: ids
+that are not an integer array ``[batch, tokens]`` or are outside the vocabulary, a step longer
+than S or crossing a segment boundary, a batch other than the state's or larger than the file
+was built for, a state made by another exported file, and (by the backend, when it loads) a file
+that is not a segcompile step program.
 """
 
 from __future__ import annotations
 
-import json
+import numbers
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Protocol
 
-import numpy as np
-
-from ..config import segment_pieces
+from ..config import offset_in_segment, segment_pieces, segment_start
 from ..errors import SegcompileError
+from .format import StepProgram
 
-FORMAT = "segcompile.onnx-step"
-FORMAT_VERSION = "1"
+
+class StepBackend(Protocol):
+    """An inference library running one exported step program; arrays are its own (numpy, torch)."""
+
+    path: Path  # the file loaded
+    noun: str  # what messages call that file: "file", "engine"
+    error: type[SegcompileError]  # what the runner raises for this backend's model
+    program: StepProgram  # read from the file's metadata, its format checked
+    metadata: dict[str, str]  # the file's metadata, as stored
+    max_batch: int | None  # the largest batch the file runs (None: any)
+    max_history: int | None  # the largest history capacity it runs (None: any)
+
+    def ids(self, ids: Any, what: str) -> Any:
+        """``ids`` as an int64 ``[batch, tokens]`` array of the backend's kind; ``error`` for anything
+        that is not an integer array (or tensor) of two dimensions."""
+
+    def zeros(self, name: str, shape: tuple[int, ...]) -> Any:
+        """A zero state buffer for input ``name``."""
+
+    def grown(self, name: str, buffer: Any, capacity: int) -> Any:
+        """A history buffer of ``capacity`` slots (axis 2) holding ``buffer`` in front, zeros after."""
+
+    def run(self, ids: Any, position: int, inputs: dict[str, Any], outputs: dict[str, Any]) -> Any:
+        """One step on ``ids [B, L]`` at absolute ``position``: reads the buffers ``inputs``, writes
+        the buffers ``outputs`` (same names); returns the logits ``[B, L or 1, V]``."""
+
+    def concat(self, pieces: list) -> Any:
+        """``pieces`` joined along axis 1."""
+
+    def next_token(self, logits: Any) -> Any:
+        """The argmax tokens of last-position ``logits [B, V]``, as int64 ``[B, 1]``."""
+
+    def no_tokens(self, batch: int) -> Any:
+        """An int64 ``[batch, 0]`` array."""
+
+    def synchronize(self) -> None:
+        """Return when the work queued so far is done (for the timings)."""
 
 
 @dataclass
-class OnnxState:
+class StepState:
     """Carried state of one sequence batch: position, the two buffer sets, last logits."""
 
     export_id: str
     batch_size: int
     position: int = 0
-    buffers: dict = field(default_factory=dict)  # name -> OrtValue (the set the next step reads)
-    spare: dict = field(default_factory=dict)  # name -> OrtValue (the set the next step writes)
+    buffers: dict = field(default_factory=dict)  # name -> buffer (the set the next step reads)
+    spare: dict = field(default_factory=dict)  # name -> buffer (the set the next step writes)
     history: int = 0  # capacity of the history buffers
-    logits: np.ndarray | None = None  # last token's logits [B, V]
+    logits: Any = None  # last token's logits [B, V]
 
 
-class OnnxSegmentedModel:
-    def __init__(self, path, providers: list[str] | None = None):
-        import onnxruntime as ort
+class SegmentRunner:
+    """Prefill, decode and greedy generation of an exported step program with one backend (module docstring)."""
 
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise SegcompileError(f"{path}: no such file")
-        available = ort.get_available_providers()
-        if providers is None:
-            providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        try:
-            self.session = ort.InferenceSession(str(self.path), options, providers=providers)
-        except Exception as e:  # onnxruntime's errors are its own types
-            raise SegcompileError(f"onnxruntime cannot load {path}: {' '.join(str(e).split())[:300]}") from e
-        meta = self.session.get_modelmeta().custom_metadata_map
-        if meta.get("segcompile.format") != FORMAT:
-            raise SegcompileError(f"{path} is not a segcompile segment-step ONNX file (run `segcompile export`)")
-        if meta.get("segcompile.format_version") != FORMAT_VERSION:
-            raise SegcompileError(
-                f"{path} has format version {meta.get('segcompile.format_version')}; this segcompile reads {FORMAT_VERSION}"
-            )
-        self.metadata = dict(meta)
-        self.export_id = meta["segcompile.export_id"]
-        self.segment_len = int(meta["segcompile.segment_len"])
-        self.tail_len = int(meta["segcompile.tail_len"])
-        self.sink_tokens = int(meta["segcompile.sink_tokens"])
-        self.plan = {int(k): v for k, v in json.loads(meta["segcompile.plan"]).items()}
-        self.model = json.loads(meta["segcompile.model"])
-        self.logits_mode = meta["segcompile.logits"]
-        self.state_specs = [tuple(s) for s in json.loads(meta["segcompile.state"])]
-        self.vocab_size = self.model.get("vocab_size")
-        try:
-            self.dtype = np.dtype(self.model["dtype"])
-        except TypeError:
-            raise SegcompileError(
-                f"{path} keeps its state in {self.model['dtype']}, which numpy (and so this runner) has no type "
-                "for; export the model in float32 or float16"
-            ) from None
-        self.providers = self.session.get_providers()
-        self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"
+    def __init__(self, backend: StepBackend):
+        self.backend = backend
+        self.path = backend.path
+        self.metadata = backend.metadata
+        program = backend.program
+        self.export_id = program.export_id
+        self.segment_len = program.segment_len
+        self.tail_len = program.tail_len
+        self.sink_tokens = program.sink_tokens
+        self.plan = program.plan
+        self.model = program.model
+        self.logits_mode = program.logits
+        self.state_specs = program.state_specs
+        self.vocab_size = program.vocab_size
+        self.max_batch = backend.max_batch
+        self.max_history = backend.max_history
         self.timings = {"prefill_s": 0.0, "prefill_tokens": 0, "decode_s": 0.0, "decode_tokens": 0}
 
     # ---- state ---------------------------------------------------------------------------------
-    def initial_state(self, batch_size: int) -> OnnxState:
-        if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-            raise SegcompileError(f"batch_size must be an int >= 1, got {batch_size!r}")
-        state = OnnxState(self.export_id, int(batch_size))
+    def initial_state(self, batch_size: int) -> StepState:
+        if not isinstance(batch_size, numbers.Integral) or batch_size < 1:
+            raise self.backend.error(f"batch_size must be an int >= 1, got {batch_size!r}")
+        if self.max_batch is not None and batch_size > self.max_batch:
+            raise self.backend.error(
+                f"{self.path.name} was built for batches of at most {self.max_batch}; build it again with a "
+                f"larger max_batch (`--max-batch {batch_size}`)"
+            )
+        state = StepState(self.export_id, int(batch_size), history=self.segment_len)
         for name, heads, dim, entries in self.state_specs:
-            shape = (batch_size, heads, entries if entries is not None else self.segment_len, dim)
-            state.buffers[name] = self._zeros(shape)
-            state.spare[name] = self._zeros(shape)
-        state.history = self.segment_len
+            shape = (state.batch_size, heads, entries if entries is not None else state.history, dim)
+            state.buffers[name] = self.backend.zeros(name, shape)
+            state.spare[name] = self.backend.zeros(name, shape)
         return state
 
-    def _zeros(self, shape):
-        import onnxruntime as ort
-
-        return ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype), self.device, 0)
-
-    def _grow_history(self, state: OnnxState, needed: int) -> None:
-        import onnxruntime as ort
-
+    def _grow_history(self, state: StepState, needed: int) -> None:
+        """Make the history capacity at least ``needed`` slots: double it, in whole segments."""
         S = self.segment_len
-        capacity = max(needed, 2 * state.history)
-        capacity = -(-capacity // S) * S
+        if self.max_history is not None and needed > self.max_history:
+            raise self.backend.error(
+                f"the context has reached {needed} history positions; {self.path.name} holds at most "
+                f"{self.max_history}: build it again with a larger max_context (`--max-context`)"
+            )
+        capacity = -(-max(needed, 2 * state.history) // S) * S
+        if self.max_history is not None:
+            capacity = min(capacity, self.max_history)
         for name, heads, dim, entries in self.state_specs:
-            if entries is not None:
-                continue
-            old = state.buffers[name].numpy()  # a copy to the host: growth is rare (doubling)
-            new = np.zeros((state.batch_size, heads, capacity, dim), self.dtype)
-            new[:, :, : old.shape[2]] = old
-            state.buffers[name] = ort.OrtValue.ortvalue_from_numpy(new, self.device, 0)
-            state.spare[name] = self._zeros(new.shape)
+            if entries is None:
+                state.buffers[name] = self.backend.grown(name, state.buffers[name], capacity)
+                state.spare[name] = self.backend.zeros(name, (state.batch_size, heads, capacity, dim))
         state.history = capacity
 
     # ---- running ------------------------------------------------------------------------------
-    def step(self, state: OnnxState, chunk) -> np.ndarray:
+    def step(self, state: StepState, chunk) -> Any:
         """Run one step on ``chunk [B, L]`` (L <= S tokens inside one segment); returns its logits."""
         self._check_state(state)
-        chunk = self._check_ids(chunk, "chunk")
+        return self._step(state, self._ids(chunk, "chunk"))
+
+    def prefill(self, input_ids, state: StepState | None = None) -> StepState:
+        """Feed ``input_ids [B, N]`` (any N), a segment at a time; ``state.logits`` = last token's."""
+        ids = self._ids(input_ids, "input_ids")
+        if state is None:
+            state = self.initial_state(ids.shape[0])
+        self._check_state(state)
+        start = time.perf_counter()
+        self._feed(state, ids)
+        self.backend.synchronize()
+        self.timings["prefill_s"] += time.perf_counter() - start
+        self.timings["prefill_tokens"] += ids.shape[0] * ids.shape[1]
+        return state
+
+    def decode(self, state: StepState, next_ids) -> tuple[Any, StepState]:
+        """Feed ``next_ids [B, n]`` after ``state``; returns their logits and the (same, updated) state."""
+        ids = self._ids(next_ids, "next_ids")
+        self._check_state(state)
+        if self.logits_mode != "all" and ids.shape[1] > 1:
+            # a "last" file gives one position per step: feed one token at a time
+            pieces = [self.decode(state, ids[:, i : i + 1])[0] for i in range(ids.shape[1])]
+            return self.backend.concat(pieces), state
+        start = time.perf_counter()
+        logits = self.backend.concat(self._feed(state, ids))
+        self.backend.synchronize()
+        self.timings["decode_s"] += time.perf_counter() - start
+        self.timings["decode_tokens"] += ids.shape[0] * ids.shape[1]
+        return logits, state
+
+    def greedy_tokens(self, prompt_ids, max_new_tokens: int) -> Iterator[Any]:
+        """Greedy decoding a token at a time, for callers that show progress: prefills
+        ``prompt_ids [B, N]``, then yields each of the ``max_new_tokens`` new tokens as ``[B, 1]``."""
+        yield from self._continue_greedily(self.prefill(prompt_ids), max_new_tokens)
+
+    def generate(self, prompt_ids, max_new_tokens: int) -> Any:
+        """Greedy decoding: the ``max_new_tokens`` tokens after ``prompt_ids [B, N]``, as ``[B, max_new_tokens]``
+        int64 (on the backend's device)."""
+        state = self.prefill(prompt_ids)
+        tokens = list(self._continue_greedily(state, max_new_tokens))
+        return self.backend.concat(tokens) if tokens else self.backend.no_tokens(state.batch_size)
+
+    def _continue_greedily(self, state: StepState, max_new_tokens: int) -> Iterator[Any]:
+        for i in range(max_new_tokens):
+            token = self.backend.next_token(state.logits)
+            yield token
+            if i + 1 < max_new_tokens:  # the last token's logits are not needed
+                self.decode(state, token)
+
+    def _feed(self, state: StepState, ids) -> list:
+        """Run ``ids`` (checked) a step per segment piece; the logits of each step."""
+        pieces = segment_pieces(state.position, ids.shape[1], self.segment_len)
+        return [self._step(state, ids[:, piece]) for piece in pieces]
+
+    def _step(self, state: StepState, ids) -> Any:
         S, T = self.segment_len, self.tail_len
-        n = chunk.shape[1]
-        if chunk.shape[0] != state.batch_size:
-            raise SegcompileError(
-                f"batch size {chunk.shape[0]} does not match the state's {state.batch_size}; "
+        n = ids.shape[1]
+        if ids.shape[0] != state.batch_size:
+            raise self.backend.error(
+                f"batch size {ids.shape[0]} does not match the state's {state.batch_size}; "
                 "decode with the batch the state was prefilled with"
             )
-        room = S - state.position % S
+        room = S - offset_in_segment(state.position, S)
         if n > room:
-            raise SegcompileError(
+            raise self.backend.error(
                 f"a step of {n} tokens at position {state.position} crosses a segment boundary (S={S}; "
                 f"{room} tokens left in this segment): feed at most S tokens per step, or use prefill/decode, "
                 "which cut the input at segment boundaries"
             )
-        start = state.position - state.position % S
-        if n == room and start + S - T > state.history:
-            self._grow_history(state, start + S - T)
-
-        binding = self.session.io_binding()
-        binding.bind_cpu_input("input_ids", chunk)
-        binding.bind_cpu_input("position_offset", np.array(state.position, dtype=np.int64))
-        for name, value in state.buffers.items():
-            binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits", self.device)
-        for name, value in state.spare.items():
-            binding.bind_ortvalue_output(f"{name}_out", value)
-        self.session.run_with_iobinding(binding)
-        logits = binding.get_outputs()[0].numpy()
+        # a step that ends its segment moves the segment's first S - T positions into the history
+        needed = segment_start(state.position, S) + S - T
+        if n == room and needed > state.history:
+            self._grow_history(state, needed)
+        logits = self.backend.run(ids, state.position, state.buffers, state.spare)
         state.buffers, state.spare = state.spare, state.buffers
         state.position += n
         state.logits = logits[:, -1]
         return logits
 
-    def prefill(self, input_ids, state: OnnxState | None = None) -> OnnxState:
-        """Feed ``input_ids [B, N]`` (any N), a segment at a time; ``state.logits`` = last token's."""
-        ids = self._check_ids(input_ids, "input_ids")
-        state = state if state is not None else self.initial_state(ids.shape[0])
-        start = time.perf_counter()
-        self._feed(state, ids, collect=False)
-        self.timings["prefill_s"] += time.perf_counter() - start
-        self.timings["prefill_tokens"] += ids.shape[0] * ids.shape[1]
-        return state
-
-    def decode(self, state: OnnxState, next_ids) -> tuple[np.ndarray, OnnxState]:
-        """Feed ``next_ids [B, n]`` after ``state``; returns their logits and the (same, updated) state."""
-        if self.logits_mode != "all" and np.asarray(next_ids).ndim == 2 and np.asarray(next_ids).shape[1] > 1:
-            # a "last" file gives one position per step: feed one token at a time
-            pieces = [self.decode(state, np.asarray(next_ids)[:, i : i + 1])[0] for i in range(np.asarray(next_ids).shape[1])]
-            return np.concatenate(pieces, axis=1), state
-        ids = self._check_ids(next_ids, "next_ids")
-        start = time.perf_counter()
-        logits = self._feed(state, ids, collect=True)
-        self.timings["decode_s"] += time.perf_counter() - start
-        self.timings["decode_tokens"] += ids.shape[0] * ids.shape[1]
-        return logits, state
-
-    def generate(self, prompt_ids, max_new_tokens: int) -> np.ndarray:
-        """Greedy decoding: the ``max_new_tokens`` tokens after ``prompt_ids [B, N]``, as ``[B, max_new_tokens]``."""
-        state = self.prefill(prompt_ids)
-        out = []
-        for i in range(max_new_tokens):
-            token = state.logits.argmax(-1).astype(np.int64)[:, None]
-            out.append(token)
-            if i + 1 < max_new_tokens:
-                self.decode(state, token)
-        return np.concatenate(out, axis=1) if out else np.zeros((state.batch_size, 0), np.int64)
-
-    def _feed(self, state: OnnxState, ids: np.ndarray, collect: bool):
-        pieces = [self.step(state, ids[:, piece]) for piece in segment_pieces(state.position, ids.shape[1], self.segment_len)]
-        return np.concatenate(pieces, axis=1) if collect else None
-
     # ---- checks -------------------------------------------------------------------------------
     def _check_state(self, state) -> None:
-        if not isinstance(state, OnnxState):
-            raise SegcompileError(f"state must be an OnnxState from this model's prefill, got {type(state).__name__}")
+        if not isinstance(state, StepState):
+            raise self.backend.error(
+                f"state must be a StepState from this model's prefill, got {type(state).__name__}"
+            )
         if state.export_id != self.export_id:
-            raise SegcompileError(
-                f"this state was made by another exported model (export id {state.export_id[:12]}, this file "
-                f"{self.export_id[:12]} = {self.path.name}); prefill with this model to get its state"
+            raise self.backend.error(
+                f"this state was made by another exported model (export id {state.export_id[:12]}, this "
+                f"{self.backend.noun} {self.export_id[:12]} = {self.path.name}); prefill with this model to get "
+                "its state"
             )
 
-    def _check_ids(self, ids, what: str) -> np.ndarray:
-        try:
-            import torch
-
-            if isinstance(ids, torch.Tensor):
-                ids = ids.detach().cpu().numpy()
-        except ImportError:
-            pass
-        if not isinstance(ids, np.ndarray):
-            raise SegcompileError(f"{what} must be an integer numpy array [batch, tokens], got a {type(ids).__name__}")
-        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
-            raise SegcompileError(f"{what} must be an integer array [batch, tokens], got {ids.dtype} of shape {ids.shape}")
+    def _ids(self, ids, what: str):
+        """``ids`` checked (integer ``[batch, tokens]``, not empty, inside the vocabulary) as the backend's
+        int64 array."""
+        ids = self.backend.ids(ids, what)
         if ids.shape[0] == 0 or ids.shape[1] == 0:
-            raise SegcompileError(f"{what} is empty (shape {ids.shape})")
-        if self.vocab_size is not None and (ids.min() < 0 or ids.max() >= self.vocab_size):
-            raise SegcompileError(
-                f"{what} holds ids outside the vocabulary [0, {self.vocab_size}): min {ids.min()}, max {ids.max()}"
-            )
-        return np.ascontiguousarray(ids, dtype=np.int64)
+            raise self.backend.error(f"{what} is empty (shape {tuple(ids.shape)})")
+        if self.vocab_size is not None:
+            low, high = int(ids.min()), int(ids.max())
+            if low < 0 or high >= self.vocab_size:
+                raise self.backend.error(
+                    f"{what} holds ids outside the vocabulary [0, {self.vocab_size}): min {low}, max {high}"
+                )
+        return ids
