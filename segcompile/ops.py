@@ -201,7 +201,7 @@ segment_attention_lse.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ``segcompile::release_storage``: frees a tensor's memory whatever still refers to it, as FSDP frees
-# unsharded parameters (``passes/release_tails.py`` puts it after the last reader of a prefill step's
+# unsharded parameters (``runtime/variants/release_tails.py`` puts it after the last reader of a prefill step's
 # old tails). A custom op with a mutable schema rather than a plain function: FX's dead-code
 # elimination, and any pass after it, see from the schema alone that the node, which has no users,
 # does something; and the graph names it as it names segment_attention. No fake implementation: the
