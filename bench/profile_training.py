@@ -1,0 +1,152 @@
+"""Where a TBPTT training step's time goes: one step under ``torch.profiler``, per segment.
+
+The model and regimes are ``bench_training.py``'s (443M Llama shape by default, bf16 autocast, K = 1,
+fraction(0.25), S = T = 2048). Reported, for one ``seg.tbptt_backward`` over --seq-len tokens and,
+as the floor, for one plain forward+backward of the model over one segment (--segment-len tokens,
+full causal attention, the same autocast):
+
+* wall time and GPU-busy time (the union of the kernels' intervals on the device), per segment;
+* kernel launches and host-device synchronisations (``cuda*Synchronize``, blocking ``cudaMemcpy``),
+  per segment;
+* the top operators by self device time and by self host time.
+
+    python bench/profile_training.py --seq-len 32768 [--compiled] [--trace trace.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import segcompile as sc
+
+from bench_training import build_model, sequence
+
+LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
+# .item(), .cpu() and data-dependent shapes end in one of these (a device-to-host copy waits on its stream)
+SYNCS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize", "cudaMemcpy")
+TOP = 15
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seq-len", type=int, default=32768)
+    p.add_argument("--segment-len", type=int, default=2048)
+    p.add_argument("--long-range", type=float, default=0.25)
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--intermediate", type=int, default=4096)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--checkpoint", action="store_true", help="tbptt_backward(checkpoint=True)")
+    p.add_argument("--compiled", action="store_true", help="profile after seg.compile()")
+    p.add_argument("--trace", type=Path, default=None, help="also write the Chrome trace of the TBPTT step")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    return p.parse_args(argv)
+
+
+def profiled(step, trace: Path | None = None) -> tuple[float, profile]:
+    """Run ``step`` once as a warm-up, then once under the profiler; its wall seconds and the profile."""
+    step()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    if trace is not None:
+        prof.export_chrome_trace(str(trace))
+    return wall, prof
+
+
+def summary(wall: float, prof: profile, units: int) -> dict:
+    """Totals of one profile, divided by ``units`` (segments) where it says per segment."""
+    events = prof.events()
+    kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy_us, end = 0.0, float("-inf")
+    for lo, hi in kernels:  # the union of the intervals: overlapping kernels count once
+        if hi > end:
+            busy_us += hi - max(lo, end)
+            end = hi
+    launches = sum(1 for e in events if e.name in LAUNCHES)
+    syncs = sum(1 for e in events if e.name in SYNCS)
+    averages = prof.key_averages()
+    by_device = sorted(averages, key=lambda a: a.self_device_time_total, reverse=True)[:TOP]
+    by_host = sorted(averages, key=lambda a: a.self_cpu_time_total, reverse=True)[:TOP]
+    return {
+        "units": units,
+        "wall_ms": wall * 1e3 / units,
+        "gpu_busy_ms": busy_us / 1e3 / units,
+        "gpu_busy_fraction": busy_us / 1e6 / wall,
+        "kernel_launches": launches / units,
+        "host_device_syncs": syncs / units,
+        "top_by_device_ms": [(a.key, a.self_device_time_total / 1e3 / units, a.count / units) for a in by_device],
+        "top_by_host_ms": [(a.key, a.self_cpu_time_total / 1e3 / units, a.count / units) for a in by_host],
+    }
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    args.seq_lens = [args.seq_len]
+    model = build_model(args)
+    cfg = sc.SegmentConfig(args.segment_len, long_range=sc.HeadPlan.fraction(args.long_range), tbptt_k=1)
+    model.eval()
+    seg = sc.transform(model, cfg)
+    if args.compiled:
+        seg.compile()
+    model.train()
+    ids = sequence(args.seq_len, args)
+    segments = cfg.num_segments(args.seq_len)
+
+    def tbptt_step():
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            seg.tbptt_backward(ids, checkpoint=args.checkpoint)
+        model.zero_grad(set_to_none=True)
+
+    def floor_step():  # the model's own forward+backward over one segment: what a segment cannot beat
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            model(input_ids=ids[:, : args.segment_len], labels=ids[:, : args.segment_len], use_cache=False).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    rows = {}
+    wall, prof = profiled(tbptt_step, args.trace)
+    rows["tbptt"] = summary(wall, prof, segments)
+    wall, prof = profiled(floor_step)
+    rows["plain_segment"] = summary(wall, prof, 1)
+
+    device = torch.cuda.get_device_name()
+    result = {
+        "device": device, "torch": torch.__version__, "command": "python " + " ".join(sys.argv),
+        "seq_len": args.seq_len, "segment_len": args.segment_len, "long_range_fraction": args.long_range,
+        "checkpoint": args.checkpoint, "compiled": args.compiled, "implementations": sorted(set(seg.implementations.values())),
+        "rows": rows,
+    }
+    print_table(result)
+    args.out.mkdir(parents=True, exist_ok=True)
+    name = "profile_training-" + device.replace(" ", "_") + ".json"
+    (args.out / name).write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {args.out / name}")
+
+
+def print_table(result) -> None:
+    print(f"\n{result['device']}, N={result['seq_len']}, S={result['segment_len']}, per segment:")
+    print(f"{'step':<14} | {'wall ms':>8} | {'GPU busy ms':>11} | {'busy':>5} | {'launches':>8} | {'syncs':>5}")
+    for name, r in result["rows"].items():
+        print(f"{name:<14} | {r['wall_ms']:8.1f} | {r['gpu_busy_ms']:11.1f} | {r['gpu_busy_fraction']:5.0%} | "
+              f"{r['kernel_launches']:8.0f} | {r['host_device_syncs']:5.1f}")
+    for name, r in result["rows"].items():
+        for order in ("top_by_device_ms", "top_by_host_ms"):
+            print(f"\n{name}: {order} (ms per segment, calls per segment)")
+            for key, ms, calls in r[order]:
+                print(f"  {ms:8.2f}  {calls:7.1f}  {key[:90]}")
+
+
+if __name__ == "__main__":
+    main()
