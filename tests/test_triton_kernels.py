@@ -26,8 +26,12 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 from segcompile.kernels import triton_attention, triton_decode  # noqa: E402
 from segcompile.kernels.dispatch import segment_attention_backward, segment_attention_forward  # noqa: E402
 from segcompile.kernels.problem import prepare  # noqa: E402
+from segcompile.testing.tolerances import tolerance  # noqa: E402
 
-FP32_RTOL = 1e-4
+FP32_RTOL = tolerance(torch.float32).relative
+# one bf16 op against its fp32 reference, not a model: a few bf16 units (8 mantissa bits) at most,
+# stricter than the table's bf16 row, which covers gradients through several layers
+BF16_OP_RTOL = 1e-2
 GRAD_NAMES = ("q", "k", "v", "tail_k", "tail_v")
 
 
@@ -240,7 +244,7 @@ def test_lowered_model_matches_the_oracle_forward_decode_and_tbptt_gradients():
     assert abs(loss.item() - want_loss.item()) <= 1e-5 * abs(want_loss.item())
     for name, p in model.named_parameters():
         w = want_grads[name]
-        assert relative_error(p.grad, w) <= 1e-4, name
+        assert relative_error(p.grad, w) <= FP32_RTOL, name
     model.zero_grad(set_to_none=True)
 
 
@@ -306,7 +310,7 @@ def test_tail_and_current_values_in_different_dtypes():
     grads = segment_attention_backward(grad_out, got, *args, [0], 0.25)
     for name, g, w, a in zip(GRAD_NAMES, grads, want_grads, args):
         assert g.dtype == a.dtype, name
-        assert relative_error(g, w) <= (1e-2 if a.dtype == torch.bfloat16 else FP32_RTOL), name
+        assert relative_error(g, w) <= (BF16_OP_RTOL if a.dtype == torch.bfloat16 else FP32_RTOL), name
 
 
 def test_token_major_constants_and_tail_as_compiled_steps_pass_them():
