@@ -7,7 +7,9 @@ One Llama-shaped model (random init from a config), bf16 autocast, AdamW, batch 
 * ``full``: ``model(ids, labels=ids).loss.backward()`` with the model's own SDPA attention;
 * ``full+ckpt``: the same with HF gradient checkpointing;
 * ``segcompile+ckpt``: segcompile with ``tbptt_backward(..., checkpoint=True)`` (each live segment
-  graph keeps only its inputs).
+  graph keeps only its inputs);
+* ``segcompile+compile``: segcompile after ``seg.compile()`` (the step under ``torch.compile``;
+  its first, timed-out warm-up step compiles).
 
 Memory is ``torch.cuda.max_memory_allocated`` over the timed steps; ``static`` is what is
 allocated between steps (weights, gradients, optimizer state). The state segcompile carries
@@ -49,7 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--intermediate", type=int, default=4096)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--iters", type=int, default=2)
-    p.add_argument("--regimes", nargs="+", default=["segcompile", "segcompile+ckpt", "full", "full+ckpt"])
+    p.add_argument("--regimes", nargs="+", default=["segcompile", "segcompile+ckpt", "full", "full+ckpt"],
+                   choices=["segcompile", "segcompile+ckpt", "segcompile+compile", "full", "full+ckpt"])
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--memory-snapshot", type=Path, default=None, metavar="FILE",
                    help="also record the allocator's history of one segcompile step at the largest N, write it to "
@@ -97,7 +100,8 @@ def sequence(n: int, args) -> torch.Tensor:
 
 
 def backward(regime, model, seg, ids) -> None:
-    """One forward and backward of ``regime`` on ``ids`` (bf16 autocast); gradients in ``.grad``."""
+    """One forward and backward of ``regime`` on ``ids`` (bf16 autocast); gradients in ``.grad``.
+    ``seg``: the SegmentedModel of the regime (compiled for ``segcompile+compile``)."""
     with torch.autocast("cuda", dtype=torch.bfloat16):
         if regime.startswith("segcompile"):
             seg.tbptt_backward(ids, checkpoint=regime == "segcompile+ckpt")
@@ -164,10 +168,11 @@ def main(argv=None):
     # The history is kept in the autocast dtype (bf16), though Llama's K/V leave RoPE in fp32.
     state_bytes_per_token = n_lr * 2 * head_dim * 2
 
+    compiled = sc.transform(model, cfg).compile() if "segcompile+compile" in args.regimes else None
     rows = []
     for n in args.seq_lens:
         for regime in args.regimes:
-            result = run_regime(regime, model, seg, n, args)
+            result = run_regime(regime, model, compiled if regime == "segcompile+compile" else seg, n, args)
             rows.append({"regime": regime, "seq_len": n, **result})
             print(json.dumps(rows[-1]), flush=True)
 
@@ -199,12 +204,12 @@ def main(argv=None):
 def print_table(result):
     print(f"\n{result['device']}, {result['model']['params'] / 1e6:.0f}M params, S={result['segment_len']}, "
           f"long-range fraction {result['long_range_fraction']}")
-    print(f"{'N':>7} | {'regime':<11} | {'peak GiB':>8} | {'above static':>12} | {'tokens/s':>9}")
+    print(f"{'N':>7} | {'regime':<18} | {'peak GiB':>8} | {'above static':>12} | {'tokens/s':>9}")
     for r in result["rows"]:
         if r.get("oom"):
-            print(f"{r['seq_len']:>7} | {r['regime']:<11} | {'OOM':>8} |")
+            print(f"{r['seq_len']:>7} | {r['regime']:<18} | {'OOM':>8} |")
             continue
-        print(f"{r['seq_len']:>7} | {r['regime']:<11} | {r['peak_gib']:8.2f} | {r['peak_above_static_gib']:12.2f} | "
+        print(f"{r['seq_len']:>7} | {r['regime']:<18} | {r['peak_gib']:8.2f} | {r['peak_above_static_gib']:12.2f} | "
               f"{r['tokens_per_s']:9.0f}")
     if result["segcompile_peak_slope_bytes_per_token"] is not None:
         print(f"segcompile peak grows {result['segcompile_peak_slope_bytes_per_token']:.0f} B/token; carried "

@@ -88,7 +88,23 @@ _lib.define(
 @torch.library.impl(_lib, "segment_attention", "CompositeImplicitAutograd")
 def _segment_attention(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale, impl):
     """Attention of the current segment's queries over [sinks or history | tail | current]."""
-    return segment_attention_lse(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale, impl)[0]
+    tensors = _autocast_inputs(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v)
+    return segment_attention_lse(*tensors, long_range, scale, impl)[0]
+
+
+def _autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Under autocast, the inputs in the autocast dtype, as autocast casts SDPA's: Llama's K leaves
+    RoPE in fp32, and a kernel handed fp32 K/V must read twice the bytes through narrower tiles
+    (and cannot use the Hopper kernels). The op decomposes into this cast and ``segment_attention_lse``
+    where it is traced, so a compiled step casts in its graph: inside compiled code the ambient
+    autocast state is no longer visible to the kernels, which would then multiply in fp32
+    (measured on an H200 at 8K: 20x slower attention under ``SegmentedModel.compile``). The casts
+    are differentiable: gradients reach the fp32 K and tail in their own dtype."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t for t in tensors)
 
 
 segment_attention = torch.ops.segcompile.segment_attention.default
