@@ -15,6 +15,8 @@ batches, by how many segments back the answer was). ``--resume`` continues from
 ones an uninterrupted run would have logged.
 
 Models are captured in eval mode (segcompile refuses attention dropout), so dropout is off.
+On one CUDA process the segment step runs under ``torch.compile`` (``seg.compile()``; ``--compile
+off`` for the eager step); the progress bar shows the loss and the training tokens a second.
 
 Under torchrun, ``--fsdp`` (FSDP2) or ``--ddp`` trains data parallel over sequences: every rank
 builds the same model (``--seed``), transforms it, wraps the SegmentedModel
@@ -71,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, parameters stay fp32")
     p.add_argument("--grad-checkpointing", action="store_true", help="recompute each segment's activations in backward")
+    p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
+                   help="run the segment step under torch.compile (seg.compile()); auto: on for one CUDA process "
+                        "(about 2x the eager step's tokens/s on an H200), off on the CPU and under --fsdp/--ddp")
     p.add_argument("--checkpoint-every", type=int, default=0, help="save every N steps (0: only at the end)")
     p.add_argument("--eval-batches", type=int, default=1, help="held-out batches evaluated at the end")
     p.add_argument("--out", type=Path, required=True)
@@ -172,6 +177,8 @@ def train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
         long_range=sc.HeadPlan.fraction(args.long_range), tbptt_k=args.tbptt_k,
     )
     seg = sc.transform(model, cfg)
+    if args.compile == "on" or (args.compile == "auto" and device.type == "cuda" and ranks == 1):
+        seg.compile()
     if args.fsdp:
         seg = sc.distributed.fsdp(seg)
     elif args.ddp:
@@ -210,7 +217,8 @@ def train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     losses = []
     started = time.perf_counter()
     log_file = open(losses_path, "a", encoding="utf-8") if lead else open(os.devnull, "w")  # noqa: SIM115
-    with _progress(args.quiet, args.steps, start) as advance, log_file as log:
+    tokens_per_step = args.batch_size * args.seq_len * ranks
+    with _progress(args.quiet, args.steps, start, tokens_per_step) as advance, log_file as log:
         for step in range(start, args.steps):
             ids, labels, _ = recall_task.batch(data, args.batch_size, args.seq_len, pairs=args.pairs, queries=args.queries, vocab=vocab)
             ids, labels = ids.to(device), labels.to(device)
@@ -284,10 +292,11 @@ def _read_lines(path: Path) -> list[str]:
 
 
 class _progress:
-    """A rich progress bar showing the loss; ``advance(loss)`` per step. Silent when ``quiet``."""
+    """A rich progress bar showing the loss and the training tokens a second (all ranks, over the
+    last step); ``advance(loss)`` per step. Silent when ``quiet``."""
 
-    def __init__(self, quiet: bool, total: int, done: int):
-        self.quiet, self.total, self.done = quiet, total, done
+    def __init__(self, quiet: bool, total: int, done: int, tokens_per_step: int):
+        self.quiet, self.total, self.done, self.tokens_per_step = quiet, total, done, tokens_per_step
 
     def __enter__(self):
         if self.quiet:
@@ -296,11 +305,20 @@ class _progress:
 
         self.bar = Progress(
             TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(),
+            TextColumn("{task.fields[speed]} tokens/s"), TimeElapsedColumn(), TimeRemainingColumn(),
         )
         self.bar.start()
-        task = self.bar.add_task("train", total=self.total, completed=self.done, loss="-")
-        return lambda loss: self.bar.update(task, advance=1, loss=f"{loss:.4f}")
+        task = self.bar.add_task("train", total=self.total, completed=self.done, loss="-", speed="-")
+        last = time.perf_counter()
+
+        def advance(loss: float) -> None:
+            nonlocal last
+            now = time.perf_counter()
+            speed = f"{self.tokens_per_step / max(now - last, 1e-9):,.0f}"
+            last = now
+            self.bar.update(task, advance=1, loss=f"{loss:.4f}", speed=speed)
+
+        return advance
 
     def __exit__(self, *exc):
         if not self.quiet:
@@ -314,7 +332,9 @@ def _summary(args, losses, evaluation, seconds, start) -> None:
 
     console = Console()
     if losses:
-        console.print(f"steps {start + 1}..{args.steps} in {seconds:.1f}s; loss {losses[0]:.4f} -> {losses[-1]:.4f}")
+        tokens = len(losses) * args.batch_size * args.seq_len * max(1, int(os.environ.get("WORLD_SIZE", 1)))
+        console.print(f"steps {start + 1}..{args.steps} in {seconds:.1f}s ({tokens / seconds:,.0f} tokens/s); "
+                      f"loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     if evaluation:
         table = Table(title=f"held-out accuracy, {evaluation['answers']} answers")
         table.add_column("segments back")

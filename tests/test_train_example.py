@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import importlib.util
+import re
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,9 @@ def test_trains_and_writes_its_files(tmp_path, capsys):
     ]
     evaluation = json.loads((out / "eval.json").read_text())
     assert 0 <= evaluation["accuracy"] <= 1 and evaluation["answers"] == 2 * 4
-    assert "held-out accuracy" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "held-out accuracy" in printed
+    assert re.search(r"steps 1\.\.3 in [0-9.]+s \([0-9,]+ tokens/s\)", printed), printed
 
 
 def test_resumed_run_logs_the_same_losses(tmp_path):
