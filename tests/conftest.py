@@ -16,7 +16,8 @@ if not torch.cuda.is_available():
 # The models here are tiny: splitting their products over threads costs more than it saves
 # (tests/test_training.py: 180 s with 2 threads on a 2-core machine, 77 s with one). Subprocesses
 # (the distributed tests' workers, the CLI) inherit the setting through the environment.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+if not os.environ.get("OMP_NUM_THREADS"):  # unset, or set to nothing
+    os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 import transformers  # noqa: E402

@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "export": "segcompile.cli.export",
     "run": "segcompile.cli.run",
     "heads": "segcompile.cli.heads",
+    "generate": "segcompile.cli.generate",
 }
 
 

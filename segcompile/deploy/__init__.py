@@ -2,7 +2,7 @@
 one runner that serves it with onnxruntime or TensorRT (docs/design.md section 8).
 
     lowering             step_attention: segment_attention over fixed-size buffers, in plain torch ops
-    step_module          the rewrite of the step graph to those buffers (a pass: what it matches and refuses)
+    step_module          runtime.variants.fixed_size_step with the ONNX lowering: the step graph over those buffers
     format               the file's input/output names and metadata keys; reading the metadata
     onnx_export          export_onnx: step_module -> torch.onnx -> checked file, written atomically
     tensorrt             build_engine: an engine and its JSON record from an exported file

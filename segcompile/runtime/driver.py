@@ -11,13 +11,15 @@ state in, and at the end of every segment moves keys between the state's parts
 A local KV head therefore holds at most G + T + S entries whatever the length; a long-range KV
 head keeps everything. The same loop serves ``forward`` (whole sequence), ``prefill`` and
 ``decode`` (any number of tokens, usually one); ``segments`` runs it one whole segment at a time
-for training (``runtime/training.py`` consumes it).
+for training (``runtime/training.py`` consumes it). ``generate`` is prefill and decode in
+``runtime/generation.py``'s loop.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
+import logging
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -32,7 +34,7 @@ from ..config import SegmentConfig, segment_pieces
 from ..errors import SegcompileError
 from ..ir import AttentionSite
 from .. import ir
-from . import training
+from . import generation, training
 from .state import (
     CARRIED_NAMES,
     CONSTANT_NAMES,
@@ -47,9 +49,12 @@ from .state import (
     storage_id,
     storages,
 )
+from .static_decode import StaticDecoder, StaticState
 from .variants.keep_last_logits import keep_last_logits
 from .variants.release_tails import release_tails
 from .wrapping import check_sync_owner
+
+log = logging.getLogger(__name__)
 
 
 class SegmentRun(NamedTuple):
@@ -84,6 +89,9 @@ class SegmentedModel(torch.nn.Module):
         # what synchronises the gradients at the end of tbptt_backward: set by
         # segcompile.distributed.fsdp / ddp, None for a program that is not wrapped
         self.gradient_sync = None
+        # set by enable_cuda_graphs(): decode runs the fixed-shape step (runtime/static_decode.py)
+        self._static: StaticDecoder | None = None
+        self.last_decode_path: str | None = None  # "eager", "compiled", "static" or "cuda-graph"
 
     # ---- public API -------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, **kwargs):
@@ -112,6 +120,8 @@ class SegmentedModel(torch.nn.Module):
         old tail once its layer has read it (``_step_releasing_tails``), except the tails of the
         ``state`` passed in, which the caller may continue from again. ``free_tails=False``:
         free none (the same state to the bit, with every old tail alive until its step returns)."""
+        if isinstance(state, StaticState):  # decoded with CUDA graphs: continue from a copy
+            state = state.to_segment_state()
         state = state or self.initial_state(input_ids)
         foreign = storages([*layer_tensors(state, CARRIED_NAMES), state.logits]) if free_tails else None
         state = reserve_history(state, state.position + input_ids.shape[1], token_major=bool(self._compiled))
@@ -126,8 +136,74 @@ class SegmentedModel(torch.nn.Module):
                 f"decode: batch size {next_ids.shape[0]} does not match the state's {state.batch_size}; "
                 "decode with the batch the state was prefilled with"
             )
+        if self._static is not None and not _builds_graph(self):
+            self._note_decode_path(self._static.path)
+            return self._static.decode(state, next_ids)
+        if isinstance(state, StaticState):  # CUDA graphs turned off, or autograd recording: eager from a copy
+            state = state.to_segment_state()
+        self._note_decode_path("compiled" if self._compiled else "eager")
         outputs, state = self._feed(state, next_ids, collect=True)
         return _logits_of(outputs), state
+
+    def enable_cuda_graphs(self, *, history_block: int | None = None, max_context: int | None = None,
+                           capture: bool | None = None) -> SegmentedModel:
+        """Decode one token a step through a program of fixed shapes, replayed from CUDA graphs
+        (``runtime/static_decode.py``; docs/design.md section 6). Returns ``self``.
+
+        Prefill is unchanged; the first ``decode`` after it copies the state into fixed buffers
+        (per batch size), and each token then replays a graph captured once per batch size and
+        history bucket (the history rounded up to ``history_block`` positions, default S). Off
+        CUDA the same program runs eagerly (on CUDA too with ``capture=False``: to tell a capture
+        problem from a program problem). ``max_context``: reserve the history for that many
+        positions at once (else it grows by half when full, which captures the graphs again).
+        The state is updated in place: only the state the last decode returned can be continued
+        (``state.to_segment_state()`` keeps a copy to branch from). With autograd recording,
+        decode runs eagerly. Calling it again frees the buffers and graphs; ``disable_cuda_graphs``
+        goes back to the eager step graph."""
+        self._static = StaticDecoder(self.step_graph, self.cfg, self.capture_info.device,
+                                     history_block=history_block, max_context=max_context, capture=capture)
+        return self
+
+    def disable_cuda_graphs(self) -> SegmentedModel:
+        """Decode with the step graph again (eager, or compiled after ``compile``); frees the static
+        buffers and graphs. A state from the static path is copied back on its next decode."""
+        self._static = None
+        return self
+
+    def _note_decode_path(self, path: str) -> None:
+        if path != self.last_decode_path:
+            log.debug("decode runs the %s path", path)
+        self.last_decode_path = path
+
+    def generate(
+        self,
+        input_ids,
+        max_new_tokens: int = 64,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | list[int] | None = None,
+        streamer=None,
+        **options,
+    ) -> torch.Tensor:
+        """Generate up to ``max_new_tokens`` after the prompts ``input_ids [B, N]`` (one length; a
+        list of prompts of one length works too); returns ``[B, N + new]``: each prompt followed
+        by its tokens, as transformers' ``generate``. ``prefill``, then one ``decode`` per token,
+        under ``torch.no_grad()``.
+
+        Greedy by default; ``do_sample=True`` samples after ``temperature``, ``top_k`` and
+        ``top_p`` (transformers' logits warpers), from ``generator=`` (a ``torch.Generator`` on the
+        model's device: the same seed gives the same tokens) or else the global RNG. Keyword
+        options: ``repetition_penalty``, ``stop_token_ids`` (stop like ``eos_token_id``, which
+        defaults to none: pass the tokenizer's), ``pad_token_id`` (what a stopped row gets while
+        others go on; default the first stop token), ``attention_mask`` (all ones: padding is an
+        error), ``logits_processor`` and ``stopping_criteria`` (transformers' lists, applied after
+        the built-in ones). ``streamer`` (``put``/``end``, as ``transformers.TextStreamer``) gets
+        the prompt, then each new token ``[B]``, then ``end()``. How: ``runtime/generation.py``."""
+        return generation.generate(
+            self, input_ids, max_new_tokens, do_sample, temperature, top_k, top_p, eos_token_id, streamer, **options
+        )
 
     def initial_state(self, input_ids: torch.Tensor) -> SegmentState:
         """The empty state a sequence of ``input_ids``' batch starts from."""
@@ -433,6 +509,10 @@ class SegmentedModel(torch.nn.Module):
         if self._compiled:
             options = ", ".join(f"{k}={v!r}" for k, v in self._compile_options.items())
             lines.append(f"step: torch.compile({options}), unbacked state lengths (SegmentedModel.compile)")
+        lines.append(self._static.describe() if self._static is not None else "decode: the step graph, eager" + (
+            " (compiled)" if self._compiled else ""))
+        if self.last_decode_path is not None:
+            lines.append(f"last decode ran: {self.last_decode_path}")
         return "\n".join(lines)
 
 

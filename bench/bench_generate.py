@@ -1,0 +1,351 @@
+"""Generation speed of a Llama-3-8B-shaped model after a long prompt: segcompile's decode (eager,
+CUDA graphs) vs transformers (SDPA with its full cache, static cache under torch.compile).
+
+Random bf16 weights from a config (hidden 4096, 32 layers, 32 heads, 8 KV heads, intermediate
+14336, vocab 128256; no download); segcompile with S = --segment-len, T = S, no sinks,
+fraction(--long-range). Per prompt length N, the prompt ends --boundary tokens before a segment
+boundary, so every decode run crosses a segment end. Per batch size B (the batch-1 prefill
+repeated B times: the decode work is that of B different prompts), greedy, under ``torch.no_grad()``:
+
+* ``seg-eager``: ``seg.decode(state, token)`` a token at a time (the step graph, Triton kernels);
+* ``seg-cuda-graph``: the same after ``seg.enable_cuda_graphs()`` (the fixed-shape step replayed
+  from CUDA graphs, ``segcompile/runtime/static_decode.py``);
+* ``hf-sdpa``: the model's own forward with a ``DynamicCache`` (the full cache), SDPA;
+* ``hf-static-compile``: transformers' fast path: a ``StaticCache`` and the one-token forward under
+  ``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA graphs by Inductor), as the
+  transformers documentation's static-cache example; the cache is prefilled eagerly, in chunks.
+
+Each path decodes --new-tokens tokens; ms per token is the wall time of all but the first
+(which pays for loading the state or the compile), divided by their number, with no host sync
+inside the loop; tokens/s = B * 1000 / ms. ``first_s`` is the first decode call (CUDA-graph
+capture, compile), ``warmup_s`` the run before the timed one (segcompile: the same tokens from
+the same state, so that every kernel compile and graph capture of the boundary is done before
+the timed run; transformers: its first three tokens). ``max_rel_error``: the CUDA-graph path's
+logits against the eager path's, fed the same tokens (``max |got - want| / max |want|`` per
+token, the worst token), across the segment end. A case that runs out of memory is reported as
+such.
+
+    python bench/bench_generate.py                                  # N = 32K, B = 1, every path
+    python bench/bench_generate.py --prompt-lens 131072 --paths seg-eager seg-cuda-graph hf-sdpa
+    python bench/bench_generate.py --batches 8 32 --paths seg-cuda-graph hf-sdpa
+    python bench/bench_generate.py --tiny                           # a small shape (CPU smoke run)
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import transformers
+
+import segcompile as sc
+from segcompile.runtime.state import reserve_history
+
+PATHS = ("seg-eager", "seg-cuda-graph", "hf-sdpa", "hf-static-compile")
+GiB = 1 << 30
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--prompt-lens", type=int, nargs="+", default=[32768])
+    p.add_argument("--batches", type=int, nargs="+", default=[1])
+    p.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS))
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--boundary", type=int, default=8, help="the prompt ends this many tokens before a segment boundary")
+    p.add_argument("--segment-len", type=int, default=4096)
+    p.add_argument("--long-range", type=float, default=0.25)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--tiny", action="store_true", help="a 2-layer model of hidden 256, S=64 (a smoke run, CPU or GPU)")
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    args = p.parse_args(argv)
+    if args.new_tokens <= args.boundary:
+        p.error(f"--new-tokens must exceed --boundary ({args.boundary}): the decode must cross a segment end")
+    if args.tiny:
+        args.segment_len = min(args.segment_len, 64)
+        args.prompt_lens = [min(n, 4 * args.segment_len) for n in args.prompt_lens]
+    return args
+
+
+def build_model(args, device) -> transformers.LlamaForCausalLM:
+    shape = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                 num_key_value_heads=8, num_hidden_layers=args.layers)
+    if args.tiny:
+        shape = dict(vocab_size=1024, hidden_size=256, intermediate_size=512, num_attention_heads=8,
+                     num_key_value_heads=4, num_hidden_layers=2)
+    config = transformers.LlamaConfig(**shape, max_position_embeddings=max(args.prompt_lens) + args.new_tokens + 64,
+                                      rope_theta=500000.0, attn_implementation="sdpa")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    torch.set_default_dtype(dtype)
+    with device:
+        model = transformers.LlamaForCausalLM(config)
+    torch.set_default_dtype(torch.float32)
+    return model.eval()
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+# ---- segcompile ---------------------------------------------------------------------------------
+def batched(state: sc.SegmentState, batch: int, total: int) -> sc.SegmentState:
+    """``state`` repeated ``batch`` times (fresh tensors), its history reserved for ``total`` positions."""
+    layers = tuple(
+        replace(layer, **{name: getattr(layer, name).repeat(batch, 1, 1, 1) for name in
+                          ("sink_k", "sink_v", "hist_k", "hist_v", "tail_k", "tail_v", "current_k", "current_v")},
+                hist_store_k=None, hist_store_v=None)
+        for layer in state.layers
+    )
+    repeated = sc.SegmentState(state.position, layers, state.logits.repeat(batch, 1))
+    return reserve_history(repeated, total)
+
+
+def seg_run(seg, state, steps: int, teacher=None, keep_logits=False) -> dict:
+    """Decode ``steps`` tokens from ``state``: greedy, or ``teacher [B, steps]``'s tokens."""
+    device = state.logits.device
+    token = state.logits.argmax(-1, keepdim=True)
+    tokens, logits, times = [], [], []
+    sync(device)
+    start = time.perf_counter()
+    for i in range(steps):
+        if teacher is not None:
+            token = teacher[:, i : i + 1]
+        tokens.append(token)
+        step_logits, state = seg.decode(state, token)
+        if keep_logits:
+            logits.append(step_logits[:, -1])
+        token = step_logits[:, -1].argmax(-1, keepdim=True)
+        if i == 0:
+            sync(device)
+            times.append(time.perf_counter())
+    sync(device)
+    end = time.perf_counter()
+    del state
+    return dict(tokens=torch.cat(tokens, dim=1), logits=logits, first_s=times[0] - start,
+                ms_per_token=(end - times[0]) * 1e3 / max(steps - 1, 1), total_s=end - start)
+
+
+def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    worst = 0.0
+    for g, w in zip(got, want):
+        scale = w.double().abs().max().clamp_min(1e-300)
+        worst = max(worst, ((g.double() - w.double()).abs().max() / scale).item())
+    return worst
+
+
+def segcompile_cases(args, seg, model, prompt_len, device) -> tuple[list[dict], list[dict]]:
+    """Rows of the segcompile paths at every batch size, and the CUDA-graph accuracy rows."""
+    rows, accuracy = [], []
+    n = prompt_len - args.boundary
+    total = n + args.new_tokens + args.segment_len
+    ids = torch.randint(0, model.config.vocab_size, (1, n), device=device)
+    sync(device)
+    start = time.perf_counter()
+    prompt_state = seg.prefill(ids)
+    sync(device)
+    prefill_s = time.perf_counter() - start
+    print(f"segcompile prefill of {n} tokens: {prefill_s:.1f} s", flush=True)
+    for batch in args.batches:
+        eager = None
+        for path in [p for p in args.paths if p.startswith("seg-")]:
+            row = dict(prompt_len=prompt_len, prompt_tokens=n, batch=batch, path=path, prefill_s=prefill_s)
+            try:
+                if path == "seg-cuda-graph":
+                    seg.enable_cuda_graphs()
+                else:
+                    seg.disable_cuda_graphs()
+                # the same tokens from the same state first: every kernel compile and graph capture on the way
+                warm = seg_run(seg, batched(prompt_state, batch, total), args.new_tokens)
+                row.update(first_s=warm["first_s"], warmup_s=warm["total_s"])
+                del warm
+                teacher = eager["tokens"] if eager is not None else None
+                run = seg_run(seg, batched(prompt_state, batch, total), args.new_tokens, teacher=teacher,
+                              keep_logits=path == "seg-eager" or eager is not None)
+                row.update(ms_per_token=run["ms_per_token"], tokens_per_s=batch * 1e3 / run["ms_per_token"],
+                           decode_path=seg.last_decode_path)
+                if path == "seg-eager":
+                    eager = run
+                elif eager is not None:
+                    error = relative_error(run["logits"], eager["logits"])
+                    row["max_rel_error"] = error
+                    accuracy.append(dict(prompt_len=prompt_len, batch=batch, tokens=args.new_tokens,
+                                         segment_end_after=args.boundary, max_rel_error=error))
+                del run
+            except torch.OutOfMemoryError:
+                row["oom"] = True
+            seg.disable_cuda_graphs()  # frees the static buffers and graphs
+            free(device)
+            rows.append(row)
+            print({k: v for k, v in row.items()}, flush=True)
+        del eager
+        free(device)
+    del prompt_state
+    free(device)
+    return rows, accuracy
+
+
+# ---- transformers -------------------------------------------------------------------------------
+def hf_prefill(model, ids, cache, chunk: int) -> torch.Tensor:
+    """Fill ``cache`` with ``ids`` a chunk at a time (a whole 128K prompt at once would build a
+    128K x 128K mask for the static cache); returns the last token's logits."""
+    for start in range(0, ids.shape[1], chunk):
+        end = min(start + chunk, ids.shape[1])
+        position = torch.arange(start, end, device=ids.device)
+        out = model(ids[:, start:end], past_key_values=cache, cache_position=position, use_cache=True, logits_to_keep=1)
+    return out.logits[:, -1]
+
+
+def hf_decode_one(model, token, cache_position, cache):
+    """One token through the model (what transformers' static-cache example compiles)."""
+    return model(token, past_key_values=cache, cache_position=cache_position, use_cache=True, return_dict=False)[0][:, -1]
+
+
+def hf_case(args, model, prompt_len, batch, path, device) -> dict:
+    n = prompt_len - args.boundary
+    row = dict(prompt_len=prompt_len, prompt_tokens=n, batch=batch, path=path)
+    warm = 3 if path == "hf-static-compile" else 1
+    try:
+        ids = torch.randint(0, model.config.vocab_size, (batch, n), device=device)
+        if path == "hf-sdpa":
+            cache = transformers.DynamicCache()
+            step = lambda token, position: hf_decode_one(model, token, position, cache)  # noqa: E731
+        else:
+            cache = transformers.StaticCache(config=model.config, max_cache_len=n + args.new_tokens + warm + 1)
+            compiled = torch.compile(hf_decode_one, mode="reduce-overhead", fullgraph=True)
+            step = lambda token, position: compiled(model, token, position, cache)  # noqa: E731
+        sync(device)
+        start = time.perf_counter()
+        logits = hf_prefill(model, ids, cache, args.segment_len)
+        sync(device)
+        row["prefill_s"] = time.perf_counter() - start
+        position = torch.tensor([n], device=device)
+        token = logits.argmax(-1, keepdim=True)
+        start = time.perf_counter()
+        for i in range(warm + args.new_tokens):
+            if i == warm:
+                sync(device)
+                timed = time.perf_counter()
+                row["warmup_s"] = timed - start
+            token = step(token.clone(), position).argmax(-1, keepdim=True)
+            position += 1
+            if i == 0:
+                sync(device)
+                row["first_s"] = time.perf_counter() - start
+        sync(device)
+        ms = (time.perf_counter() - timed) * 1e3 / args.new_tokens
+        row.update(ms_per_token=ms, tokens_per_s=batch * 1e3 / ms)
+    except torch.OutOfMemoryError:
+        row["oom"] = True
+    cache = step = compiled = None  # noqa: F841
+    free(device)
+    print(row, flush=True)
+    return row
+
+
+# ---- report --------------------------------------------------------------------------------------
+def report(args, rows, accuracy, meta, device):
+    name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
+    print(f"\n{name}; {'tiny' if args.tiny else 'Llama-3-8B'} shape, {meta['layers']} layers, {meta['dtype']}; "
+          f"S=T={args.segment_len}, fraction({args.long_range}); {args.new_tokens} new tokens, greedy")
+    print(f"{'prompt':>7} {'B':>3} {'path':18} {'ms/token':>9} {'tokens/s':>9} {'first s':>8} {'warm-up s':>10} "
+          f"{'vs hf-sdpa':>10} {'max rel err':>11}")
+    by = {(r["prompt_len"], r["batch"], r["path"]): r for r in rows}
+    for r in rows:
+        if r.get("oom"):
+            print(f"{r['prompt_len']:7} {r['batch']:3} {r['path']:18} {'out of memory':>9}")
+            continue
+        base = by.get((r["prompt_len"], r["batch"], "hf-sdpa"))
+        speedup = f"{base['ms_per_token'] / r['ms_per_token']:.2f}x" if base and not base.get("oom") else ""
+        error = f"{r['max_rel_error']:.2e}" if "max_rel_error" in r else ""
+        print(f"{r['prompt_len']:7} {r['batch']:3} {r['path']:18} {r['ms_per_token']:9.2f} {r['tokens_per_s']:9.1f} "
+              f"{r.get('first_s', float('nan')):8.2f} {r.get('warmup_s', float('nan')):10.2f} {speedup:>10} {error:>11}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    suffix = "-tiny" if args.tiny else ""
+    stem = args.out / f"bench_generate{suffix}-{name.replace(' ', '_')}"
+    merged = merge(stem.with_suffix(".json"), meta, rows, accuracy)
+    stem.with_suffix(".json").write_text(json.dumps(merged, indent=1))
+    plot(merged["rows"], stem.with_suffix(".png"), name)
+    print(f"wrote {stem}.json/.png")
+
+
+def merge(path: Path, meta: dict, rows: list[dict], accuracy: list[dict]) -> dict:
+    """This run's rows over those of earlier runs in ``path`` (same prompt, batch and path: this
+    run's win), so that runs of a subset each (a call's time limit) build one result file."""
+    old = json.loads(path.read_text()) if path.exists() else {"runs": [], "rows": [], "accuracy": []}
+    key = lambda r: (r["prompt_len"], r["batch"], r.get("path"))  # noqa: E731
+    mine = {key(r) for r in rows} | {key(r) for r in accuracy}
+    return dict(runs=[*old.get("runs", []), meta],
+                rows=[r for r in old["rows"] if key(r) not in mine] + rows,
+                accuracy=[r for r in old["accuracy"] if key(r) not in mine] + accuracy)
+
+
+def plot(rows: list[dict], path: Path, device: str) -> None:
+    """ms per token at batch 1 and tokens/s at every batch, per path and prompt length."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    done = [r for r in rows if not r.get("oom")]
+    prompts = sorted({r["prompt_len"] for r in done})
+    batches = sorted({r["batch"] for r in done})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5 * len(batches), 4), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        for i, name in enumerate(PATHS):
+            points = {r["prompt_len"]: r for r in done if r["batch"] == batch and r["path"] == name}
+            xs = [j + 0.2 * (i - 1.5) for j, n in enumerate(prompts) if n in points]
+            ys = [points[n]["ms_per_token" if batch == 1 else "tokens_per_s"] for n in prompts if n in points]
+            ax.bar(xs, ys, width=0.2, label=name)
+        ax.set_xticks(range(len(prompts)), [f"{n // 1024}K" for n in prompts])
+        ax.set(xlabel="prompt", ylabel="ms per token" if batch == 1 else "tokens/s", title=f"batch {batch}")
+        ax.grid(alpha=0.3, axis="y")
+    axes[0][0].legend()
+    fig.suptitle(f"generation after a long prompt, Llama-3-8B shape, bf16, {device}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = build_model(args, device)
+    cfg = sc.SegmentConfig(args.segment_len, long_range=sc.HeadPlan.fraction(args.long_range), tbptt_k=0)
+    start = time.perf_counter()
+    seg = sc.transform(model, cfg)
+    transform_s = time.perf_counter() - start
+    print(seg, f"\ntransform: {transform_s:.1f} s", flush=True)
+    rows, accuracy = [], []
+    hf_paths = [p for p in args.paths if p.startswith("hf-") and (device.type == "cuda" or p == "hf-sdpa")]
+    with torch.no_grad():
+        for prompt_len in args.prompt_lens:
+            seg_rows, seg_accuracy = segcompile_cases(args, seg, model, prompt_len, device)
+            rows += seg_rows
+            accuracy += seg_accuracy
+            for batch in args.batches:
+                rows += [hf_case(args, model, prompt_len, batch, path, device) for path in hf_paths]
+    meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
+                transformers=transformers.__version__, command="python " + " ".join(sys.argv), tiny=args.tiny,
+                layers=model.config.num_hidden_layers, dtype=str(model.dtype).removeprefix("torch."),
+                segment_len=args.segment_len, long_range=args.long_range, new_tokens=args.new_tokens,
+                boundary=args.boundary, transform_seconds=transform_s,
+                weights_gib=sum(p.numel() * p.element_size() for p in model.parameters()) / GiB)
+    report(args, rows, accuracy, meta, device)
+
+
+if __name__ == "__main__":
+    main()

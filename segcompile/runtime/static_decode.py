@@ -1,0 +1,345 @@
+"""Static decoding: one token at a time through a step of fixed shapes, replayed from CUDA graphs.
+
+``seg.enable_cuda_graphs()`` routes ``seg.decode`` here (docs/design.md section 6). Prefill stays
+the driver's; the first decode after it copies the ``SegmentState`` once into fixed buffers, and
+every token then runs ``variants/static_step.py``'s program over them:
+
+    per layer   local_k/v [Hkv, B, G + T + S, D]   sinks | tail | current segment, heads first
+                hist_k/v  [n_lr, B, capacity, D]   slot j = position j (long-range KV heads)
+    per batch   ids [B, 1], position [] (int64)    copied in before each token
+
+On CUDA each (history bucket, autocast state) of a batch size is captured once in a
+``torch.cuda.CUDAGraph`` (after warm-up runs on a side stream; every graph of a decoder shares one
+memory pool) and replayed for every token; elsewhere the same program runs eagerly, which is
+what the CPU tests compare with the driver's eager decode. A step reads the first ``bucket``
+history slots, the history rounded up to ``history_block`` (default S), so the program's shapes
+change only when the history passes a block: one graph per block reached, not per token.
+
+The segment end (docs/design.md section 6: current -> tail, sinks, history) is not in the
+captured program. It happens once every S tokens, between two replays, as a few copies a layer
+at offsets the host knows (``_end_segment``); the step itself then only appends its K/V, and no
+token pays for moving state it does not change (the exported program's ``where`` rewrites every
+buffer at every step). The history buffer grows (``HISTORY_GROWTH``, in whole blocks; or once, to
+``max_context``) before a segment end that would overflow it; growing moves it, so the graphs
+captured over the old one are dropped and captured again on use.
+
+State semantics: the buffers of a batch size hold one sequence batch, updated in place. Each
+decode returns a new ``StaticState`` (position, last logits) and makes the one it continued
+stale; decoding from a stale state raises. ``state.to_segment_state()`` copies the live state
+back to a ``SegmentState`` (to branch, to prefill more, to decode eagerly); decoding from a
+``SegmentState`` loads it into the buffers again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import fx
+
+from ..config import SegmentConfig, offset_in_segment, segment_start
+from ..errors import SegcompileError
+from .. import ir
+from ..ir import AttentionSite
+from .state import HISTORY_GROWTH, LayerState, SegmentState, carried_dtype
+from .variants.static_step import head_order, heads_first, model_order, static_step
+
+log = logging.getLogger(__name__)
+
+WARMUP_RUNS = 2  # eager runs on a side stream before a capture: cuBLAS picks and allocates its workspaces
+
+
+@dataclass(frozen=True, eq=False)
+class StaticState:
+    """A decode state held in a ``StaticDecoder``'s buffers: live until the next decode from it.
+
+    ``position``, ``logits`` (the last token's, ``[B, V]``) and ``batch_size`` read as a
+    ``SegmentState``'s; ``to_segment_state()`` copies the carried K/V out."""
+
+    position: int
+    logits: torch.Tensor
+    buffers: StaticBuffers
+
+    @property
+    def batch_size(self) -> int:
+        return self.buffers.batch_size
+
+    @property
+    def live(self) -> bool:
+        return self.buffers.live is self
+
+    def to_segment_state(self) -> SegmentState:
+        """The same state as a ``SegmentState`` (a copy: the driver's eager steps can continue it)."""
+        self.buffers.check_live(self)
+        return self.buffers.to_segment_state(self.position, self.logits)
+
+
+class StaticBuffers:
+    """The fixed-shape state of one batch size and the CUDA graphs captured over it."""
+
+    def __init__(self, decoder: StaticDecoder, batch_size: int, device: torch.device):
+        cfg = decoder.cfg
+        self.decoder = decoder
+        self.batch_size = batch_size
+        self.device = device
+        slots = cfg.sink_tokens + cfg.tail_len + cfg.segment_len
+        # normal tensors even when the first decode runs under torch.inference_mode: later
+        # decodes outside it write them in place
+        with torch.inference_mode(False):
+            self.local = [
+                {kv: torch.zeros(site.num_kv_heads, batch_size, slots, dim, dtype=site.dtype, device=device)
+                 for kv, dim in (("k", site.head_dim), ("v", site.v_head_dim))}
+                for site in decoder.sites
+            ]
+            self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
+            self.position = torch.zeros((), dtype=torch.long, device=device)
+        self.capacity: int | None = None  # history slots; None: no history buffer yet
+        self.history: list[dict[str, torch.Tensor]] = [{} for _ in decoder.sites]
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.live: StaticState | None = None
+
+    # ---- the history buffer ------------------------------------------------------------------
+    def reserve(self, slots: int) -> None:
+        """Make the history capacity at least ``slots`` (whole blocks; the old content kept).
+        A new buffer has a new address: the graphs captured over the old one are dropped."""
+        if self.capacity is not None and slots <= self.capacity:
+            return
+        block, held = self.decoder.history_block, self.capacity or 0
+        grown = max(slots, int(held * HISTORY_GROWTH), self.decoder.max_context or 0)
+        capacity = -(-grown // block) * block
+        with torch.inference_mode(False):
+            for site, old in zip(self.decoder.sites, self.history):
+                if not site.long_range:
+                    continue
+                for kv, dim in (("k", site.head_dim), ("v", site.v_head_dim)):
+                    fresh = torch.zeros(len(site.long_range), self.batch_size, capacity, dim, dtype=site.dtype,
+                                        device=self.device)
+                    if kv in old:
+                        fresh[:, :, :held] = old[kv]
+                    old[kv] = fresh
+        self.capacity = capacity
+        self.graphs.clear()
+
+    def inputs(self, bucket: int) -> list[torch.Tensor]:
+        """The program's buffer inputs for a step that reads ``bucket`` history slots."""
+        out = []
+        for site, local, history in zip(self.decoder.sites, self.local, self.history):
+            out += [local["k"], local["v"]]
+            if site.long_range:
+                out += [history["k"][:, :, :bucket], history["v"][:, :, :bucket]]
+        return out
+
+    # ---- moving state in and out -------------------------------------------------------------------
+    def load(self, state: SegmentState) -> None:
+        """Copy ``state`` into the buffers (docs/design.md section 8 gives each slot's position)."""
+        cfg = self.decoder.cfg
+        S, T, G = cfg.segment_len, cfg.tail_len, cfg.sink_tokens
+        a = segment_start(state.position, S)
+        start = a - T
+        self.reserve(max(self.decoder.bucket(state.position), start + S))
+        for site, layer, local, history in zip(self.decoder.sites, state.layers, self.local, self.history):
+            order = head_order(site)
+            _check_lengths(site, layer, state.position, cfg)
+            for kv in ("k", "v"):
+                buffer = local[kv]
+                sinks, tail, current = (getattr(layer, f"{part}_{kv}") for part in ("sink", "tail", "current"))
+                buffer[:, :, : sinks.shape[2]] = heads_first(sinks, order)
+                buffer[:, :, G + T - tail.shape[2] : G + T] = heads_first(tail, order)
+                buffer[:, :, G + T : G + T + current.shape[2]] = heads_first(current, order)
+                if site.long_range:
+                    hist = getattr(layer, f"hist_{kv}")
+                    history[kv][:, :, : hist.shape[2]] = hist.transpose(0, 1)
+
+    def to_segment_state(self, position: int, logits: torch.Tensor) -> SegmentState:
+        """The state at ``position`` as the driver holds it: sinks, tail, current, history cut to
+        their lengths, in the model's head order (copies)."""
+        cfg = self.decoder.cfg
+        S, T, G = cfg.segment_len, cfg.tail_len, cfg.sink_tokens
+        a = segment_start(position, S)
+        start = a - T
+        sinks, tail, current = min(G, max(start, 0)), (T if a > 0 else 0), position - a
+        layers = []
+        for site, local, history in zip(self.decoder.sites, self.local, self.history):
+            order = head_order(site)
+            parts = {}
+            for kv in ("k", "v"):
+                buffer = local[kv]
+
+                def cut(lo: int, hi: int) -> torch.Tensor:
+                    return model_order(buffer[:, :, lo:hi], order).transpose(0, 1).contiguous()
+
+                constant = carried_dtype(buffer.dtype, buffer.device.type)
+                parts[f"sink_{kv}"] = cut(0, sinks).to(constant)
+                parts[f"tail_{kv}"] = cut(G + T - tail, G + T)
+                parts[f"current_{kv}"] = cut(G + T, G + T + current)
+                if site.long_range:
+                    parts[f"hist_{kv}"] = history[kv][:, :, : max(start, 0)].transpose(0, 1).contiguous().to(constant)
+                else:
+                    parts[f"hist_{kv}"] = buffer.new_empty(self.batch_size, 0, 0, buffer.shape[3]).to(constant)
+            layers.append(LayerState(**parts))
+        return SegmentState(position, tuple(layers), logits)
+
+    def end_segment(self, position: int) -> None:
+        """Move the segment that ended at ``position`` into tail, sinks and history, in place
+        (``SegmentedModel.end_segment``'s move over the slots)."""
+        cfg = self.decoder.cfg
+        S, T, G = cfg.segment_len, cfg.tail_len, cfg.sink_tokens
+        start = position - S - T  # position of leaving[0]: the old tail, then the first S - T of the segment
+        self.reserve(start + S)
+        lo = max(start, 0)
+        sink_hi = min(G, start + S)
+        for site, local, history in zip(self.decoder.sites, self.local, self.history):
+            n_local = site.num_kv_heads - len(site.long_range)
+            for kv in ("k", "v"):
+                buffer = local[kv]
+                leaving = buffer[:, :, G : G + S]
+                if lo < sink_hi:
+                    buffer[:, :, lo:sink_hi] = leaving[:, :, lo - start : sink_hi - start]
+                if site.long_range:
+                    history[kv][:, :, lo : start + S] = leaving[n_local:, :, lo - start :]
+                if T:  # after the reads above: the tail slots are part of what leaves
+                    buffer[:, :, G : G + T] = buffer[:, :, G + S : G + S + T]
+
+    # ---- liveness ------------------------------------------------------------------------------------
+    def check_live(self, state: StaticState) -> None:
+        if self.live is not state:
+            raise SegcompileError(
+                f"this decode state (position {state.position}) was continued already: with CUDA graphs "
+                "(seg.enable_cuda_graphs) a batch's state lives in fixed buffers updated in place, and "
+                "only the state the last decode returned is live. Continue from that one, or call "
+                "state.to_segment_state() before decoding on, to keep a copy to branch from"
+            )
+
+
+class StaticDecoder:
+    """Decodes through ``static_step``'s program: buffers per batch size, CUDA graphs per
+    (batch size, history bucket) on CUDA, the same program eagerly elsewhere (module docstring)."""
+
+    def __init__(self, step_graph: fx.GraphModule, cfg: SegmentConfig, device: torch.device, *,
+                 history_block: int | None = None, max_context: int | None = None, capture: bool | None = None):
+        if history_block is not None and (not isinstance(history_block, int) or history_block < 1):
+            raise SegcompileError(f"history_block must be a positive int, got {history_block!r}")
+        if max_context is not None and (not isinstance(max_context, int) or max_context < 1):
+            raise SegcompileError(f"max_context must be a positive int, got {max_context!r}")
+        if capture and device.type != "cuda":
+            raise SegcompileError(f"CUDA graphs need a model captured on CUDA; this one runs on {device}")
+        self.cfg = cfg
+        self.device = device
+        self.sites: list[AttentionSite] = step_graph.meta[ir.SITES]
+        self.program = static_step(step_graph, cfg)
+        self.logits_leaf = self.program.meta[ir.EXPORT]["logits_leaf"]
+        self.history_block = history_block or cfg.segment_len
+        self.max_context = max_context
+        self.cuda_graphs = device.type == "cuda" if capture is None else capture
+        self.buffers: dict[int, StaticBuffers] = {}
+        self.pool = None  # the memory pool every graph of this decoder shares (they never run at once)
+        self.captures: list[dict] = []  # batch, bucket, seconds of each capture
+
+    @property
+    def path(self) -> str:
+        """``"cuda-graph"`` (replayed) or ``"static"`` (the same fixed-shape program, run eagerly)."""
+        return "cuda-graph" if self.cuda_graphs else "static"
+
+    def bucket(self, position: int) -> int:
+        """History slots a step at ``position`` reads: its valid history, rounded up to a block."""
+        cfg = self.cfg
+        valid = max(segment_start(position, cfg.segment_len) - cfg.tail_len, 0)
+        return -(-valid // self.history_block) * self.history_block
+
+    def decode(self, state: SegmentState | StaticState, next_ids: torch.Tensor) -> tuple[torch.Tensor, StaticState]:
+        """Feed ``next_ids [B, n]`` one token a step; returns their logits ``[B, n, V]`` and the new live state."""
+        with torch.no_grad():
+            buffers = self._buffers_for(state)
+            position, pieces = state.position, []
+            for i in range(next_ids.shape[1]):
+                pieces.append(self._token(buffers, position, next_ids[:, i : i + 1]))
+                position += 1
+                if offset_in_segment(position, self.cfg.segment_len) == 0:
+                    buffers.end_segment(position)
+        logits = pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=1)
+        buffers.live = StaticState(position, logits[:, -1], buffers)
+        return logits, buffers.live
+
+    def describe(self) -> str:
+        """One line for ``print(seg)``: the path and what was captured."""
+        block = f"history in blocks of {self.history_block} positions"
+        if not self.cuda_graphs:
+            why = "not on CUDA" if self.device.type != "cuda" else "capture=False"
+            return f"decode: fixed-shape step run eagerly (seg.enable_cuda_graphs, {why}), {block}"
+        graphs = sum(len(b.graphs) for b in self.buffers.values())
+        return (f"decode: CUDA graphs, one per batch size and history bucket (seg.enable_cuda_graphs), {block}; "
+                f"{graphs} held, {len(self.captures)} captured")
+
+    # ---- one token -------------------------------------------------------------------------------
+    def _buffers_for(self, state: SegmentState | StaticState) -> StaticBuffers:
+        """The buffers ``state`` is in, loaded if it is a ``SegmentState``; none of their states
+        is live while a decode runs (one that fails midway leaves no state to continue)."""
+        if isinstance(state, StaticState):
+            state.buffers.check_live(state)
+            if state.buffers.decoder is self:
+                state.buffers.live = None
+                return state.buffers
+            state = state.to_segment_state()  # made before enable_cuda_graphs was called again
+        buffers = self.buffers.get(state.batch_size)
+        if buffers is None:
+            buffers = self.buffers[state.batch_size] = StaticBuffers(self, state.batch_size, self.device)
+        buffers.live = None  # the state these buffers held is stale from here on
+        buffers.load(state)
+        return buffers
+
+    def _token(self, buffers: StaticBuffers, position: int, ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[B, 1, V]`` of one token at ``position`` (a copy: the graph's output is reused)."""
+        bucket = self.bucket(position)
+        buffers.reserve(bucket)
+        buffers.ids.copy_(ids)
+        buffers.position.fill_(position)
+        if not self.cuda_graphs:
+            return self._run(buffers, bucket).clone()
+        key = (bucket, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        if key not in buffers.graphs:
+            buffers.graphs[key] = self._capture(buffers, bucket)
+        graph, logits = buffers.graphs[key]
+        graph.replay()
+        return logits.clone()
+
+    def _run(self, buffers: StaticBuffers, bucket: int) -> torch.Tensor:
+        outputs = self.program(buffers.ids, buffers.position, *buffers.inputs(bucket))
+        return outputs[self.logits_leaf]
+
+    def _capture(self, buffers: StaticBuffers, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        """Capture the step over ``buffers`` reading ``bucket`` history slots. The warm-up runs and
+        the capture write this token's K/V into its slot, as the replay that follows will."""
+        begin = time.perf_counter()
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(WARMUP_RUNS):
+                self._run(buffers, bucket)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            logits = self._run(buffers, bucket)
+        self.pool = graph.pool()
+        seconds = time.perf_counter() - begin
+        self.captures.append({"batch": buffers.batch_size, "bucket": bucket, "seconds": seconds})
+        log.info("decode: captured a CUDA graph for batch %d, history bucket %d in %.2f s",
+                 buffers.batch_size, bucket, seconds)
+        return graph, logits
+
+
+def _check_lengths(site: AttentionSite, layer: LayerState, position: int, cfg: SegmentConfig) -> None:
+    """Refuse a state whose parts do not have the lengths the driver gives a state at ``position``."""
+    S, T, G = cfg.segment_len, cfg.tail_len, cfg.sink_tokens
+    a = segment_start(position, S)
+    start = a - T
+    want = {"sink": min(G, max(start, 0)), "tail": T if a > 0 else 0, "current": position - a}
+    got = layer.local_entries()
+    if site.long_range:
+        want["hist"], got["hist"] = max(start, 0), layer.hist_k.shape[2]
+    if got != want:
+        raise SegcompileError(
+            f"layer {site.layer}: a state at position {position} holds {got} entries where the driver's holds "
+            f"{want}; decode from a state this model's prefill or decode made"
+        )

@@ -1,0 +1,222 @@
+"""static_step: the decode step of static shapes that ``runtime/static_decode.py`` replays from CUDA graphs.
+
+A CUDA graph replays the kernels it captured with the arguments they had then: every shape is
+fixed and every value that changes between tokens must be read from device memory. The step
+graph is neither (its carried state grows, the kernels of ``segment_attention`` take lengths as
+Python ints), so the static decoder runs this variant: ``fixed_size_step`` (the rewrite the ONNX
+export uses too) with a lowering of ``segment_attention`` that
+
+* reads the position only from the ``position_offset`` tensor: which slots are valid, and where
+  this step's K/V go, follow from it (docs/design.md section 8 gives the slot arithmetic);
+* writes this step's K/V into the current-segment slots of the layer's buffers in place
+  (``index_copy_`` at a position computed on the device) and returns no state: the buffers are
+  the graph's inputs, the same memory at every replay;
+* reads every buffer where it lies, without a copy: the buffers are laid out heads first,
+  ``[Hkv, B, slots, D]``, local KV heads first, then the long-range ones in plan order, so that
+  each head class is one slice and its batched matrix products read K and V in place;
+* computes products in the K/V dtype with fp32 (fp64 for fp64 models) results, the softmax in
+  that wider type (16-bit probabilities for the second product, as FlashAttention does).
+
+Masks are additive ``0 / -inf`` biases ``[group * L, keys]`` made once per step (not per layer)
+from the position: ``slot_biases`` for the local buffer and the window (tail and current) that
+long-range heads see, ``history_bias`` for the history slots. The segment end (moving current to
+tail, sinks and history) is not in this program: it happens once every S tokens and is done by
+the decoder between two replays (``StaticDecoder``), with plain copies at Python offsets, instead
+of rewriting every buffer in every step as the exported program's ``where`` does.
+
+Matches and refuses what ``fixed_size_step`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from ... import ir
+from ...config import SegmentConfig
+from .fixed_size_step import fixed_size_step, getitem
+
+_NEG = float("-inf")
+
+
+def static_step(step_graph: fx.GraphModule, cfg: SegmentConfig) -> fx.GraphModule:
+    """A copy of ``step_graph`` over fixed-size buffers in the heads-first layout (module
+    docstring) that writes them in place; its outputs are the model's output leaves."""
+    return fixed_size_step(step_graph, cfg, _InPlaceLowering(), logits="all", class_name="StaticDecodeStep")
+
+
+def head_order(site: ir.AttentionSite) -> tuple[int, ...]:
+    """The KV heads of ``site`` in the order the static buffers hold them: local heads
+    ascending, then the long-range heads in plan order (the history's order)."""
+    long_range = tuple(site.long_range)
+    return tuple(h for h in range(site.num_kv_heads) if h not in set(long_range)) + long_range
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of scores and softmax for K/V of ``dtype``: fp32, or fp64 for fp64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+class _InPlaceLowering:
+    """``fixed_size_step``'s lowering for the static step: one ``static_attention`` per layer and
+    the masks each needs, made once per group size and shared by every layer."""
+
+    def __init__(self):
+        self.masks: dict[int, fx.Node] = {}  # group size -> slot_biases node
+        self.history: dict[int, fx.Node] = {}  # group size -> history_bias node
+
+    def __call__(self, graph, node, site, cfg, k, v, buffers, offset):
+        q = node.args[0]
+        group = site.num_heads // site.num_kv_heads
+        sizes = {"segment_len": cfg.segment_len, "tail_len": cfg.tail_len, "group": group,
+                 "dtype": compute_dtype(site.dtype)}
+        ids = next(iter(graph.find_nodes(op="placeholder", target="input_ids")))
+        with graph.inserting_before(node):
+            if group not in self.masks:
+                made = graph.call_function(slot_biases, (offset, ids), {**sizes, "sinks": cfg.sink_tokens})
+                self.masks[group] = made
+            biases = self.masks[group]
+            history = None
+            if site.long_range:
+                if group not in self.history:
+                    self.history[group] = graph.call_function(history_bias, (offset, ids, buffers["hist_k"]), sizes)
+                history = self.history[group]
+            slots, local, window = (graph.call_function(getitem, (biases, i)) for i in range(3))
+            args = (q, k, v, buffers["local_k"], buffers["local_v"], buffers.get("hist_k"), buffers.get("hist_v"),
+                    slots, local, window, history)
+            kwargs = {"order": head_order(site), "n_local": site.num_kv_heads - len(site.long_range),
+                      "sinks": cfg.sink_tokens, "scale": node.kwargs["scale"]}
+            out = graph.call_function(static_attention, args, kwargs)
+        return out, []
+
+
+# ---- masks, from the position alone ---------------------------------------------------------------
+def _query_positions(position_offset: torch.Tensor, input_ids: torch.Tensor, group: int) -> torch.Tensor:
+    """The position of each query row ``[group * L]``: rows are (query head of the group, token)."""
+    L = input_ids.shape[1]
+    rows = torch.arange(group * L, dtype=torch.long, device=position_offset.device)
+    return position_offset + torch.remainder(rows, L)
+
+
+def _bias(key_pos: torch.Tensor, q_pos: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[rows, keys]``: 0 where key ``k`` is visible to row ``r`` (0 <= key_pos[k] <= q_pos[r]), else -inf."""
+    visible = (key_pos >= 0).unsqueeze(0) & (key_pos.unsqueeze(0) <= q_pos.unsqueeze(1))
+    return torch.zeros(visible.shape, dtype=dtype, device=key_pos.device).masked_fill_(~visible, _NEG)
+
+
+def slot_biases(position_offset, input_ids, *, segment_len, tail_len, sinks, group, dtype):
+    """The local-buffer slots this step's K/V go to ``[L]``, and the masks of the local buffer
+    ``[group*L, G+T+S]`` (sinks, tail, current: what local heads see) and of its window
+    ``[group*L, T+S]`` (tail, current: what long-range heads see beside the history).
+
+    Sink slot m holds position m, valid once it has left the tail (m < a - T); tail slot m holds
+    position a - T + m (valid if >= 0); current slot m position a + m, visible to a query at p if
+    a + m <= p; ``a`` is the start of the segment holding ``position_offset``."""
+    S, T, G = segment_len, tail_len, sinks
+    device = position_offset.device
+    a = position_offset - torch.remainder(position_offset, S)
+    start = a - T
+    q_pos = _query_positions(position_offset, input_ids, group)
+    window = torch.cat([torch.arange(T, device=device) + start, torch.arange(S, device=device) + a])
+    g = torch.arange(G, device=device)
+    local = torch.cat([torch.where(g < start, g, -1), window])
+    slots = torch.remainder(position_offset, S) + (G + T) + torch.arange(input_ids.shape[1], device=device)
+    return slots, _bias(local, q_pos, dtype), _bias(window, q_pos, dtype)
+
+
+def history_bias(position_offset, input_ids, hist_k, *, segment_len, tail_len, group, dtype):
+    """The mask of the history slots ``[group*L, slots]``: slot j holds position j, valid if j < a - T."""
+    S, T = segment_len, tail_len
+    start = position_offset - torch.remainder(position_offset, S) - T
+    j = torch.arange(hist_k.shape[2], device=position_offset.device)
+    return _bias(torch.where(j < start, j, -1), _query_positions(position_offset, input_ids, group), dtype)
+
+
+# ---- attention over the buffers ---------------------------------------------------------------------
+def heads_first(x: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    """``x [B, Hkv, ...]`` as ``[Hkv, B, ...]`` with its heads in ``order`` (a view when the order
+    is the model's)."""
+    x = x.transpose(0, 1)
+    if list(order) == list(range(len(order))):
+        return x
+    return torch.cat([x[h : h + 1] for h in order])
+
+
+def model_order(x: torch.Tensor, order: tuple[int, ...]) -> torch.Tensor:
+    """Undo ``heads_first``'s reordering of dim 0 (the heads stay first)."""
+    return in_model_order([x], order)
+
+
+def in_model_order(parts: list[torch.Tensor], order: tuple[int, ...], per_head: int = 1) -> torch.Tensor:
+    """``parts`` joined along dim 0 (``per_head`` rows a head, heads in ``order``), with the heads
+    put back in the model's order: one concatenation."""
+    if list(order) == list(range(len(order))):
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+    rows = {}
+    for part in parts:
+        for i in range(part.shape[0] // per_head):
+            rows[order[len(rows)]] = part[i * per_head : (i + 1) * per_head]
+    return torch.cat([rows[h] for h in range(len(order))])
+
+
+def _in_place_products(a: torch.Tensor, b: torch.Tensor) -> bool:
+    # CUDA's cuBLAS takes 16-bit operands with an fp32 result (bmm's out_dtype): K and V are read
+    # where they lie, not converted to a wider copy first
+    return a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.float16, torch.bfloat16)
+
+
+def _scores(bias: torch.Tensor, q: torch.Tensor, keys: torch.Tensor, scale: float) -> torch.Tensor:
+    """``bias + scale * q @ keys^T`` in ``bias``' dtype: q ``[n, R, D]``, keys ``[n, K, D]``, bias
+    ``[R, K]``. (Not one ``baddbmm``: its ``out_dtype`` form takes no broadcast bias.)"""
+    if _in_place_products(q, keys):
+        products = torch.bmm(q, keys.transpose(1, 2), out_dtype=bias.dtype)
+    else:
+        products = torch.bmm(q.to(bias.dtype), keys.to(bias.dtype).transpose(1, 2))
+    return torch.add(bias, products, alpha=scale)
+
+
+def _weighted(p: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """``p @ values`` in ``p``'s dtype: p ``[n, R, K]`` probabilities, values ``[n, K, Dv]``."""
+    if values.is_cuda and values.dtype in (torch.float16, torch.bfloat16):
+        return torch.bmm(p.to(values.dtype), values, out_dtype=p.dtype)
+    return torch.bmm(p, values.to(p.dtype))
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    """``[h, B, ...]`` -> ``[h * B, ...]`` (a view for the buffers' slices: heads are outermost)."""
+    return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def static_attention(q, k, v, local_k, local_v, hist_k, hist_v, slots, local_bias, window_bias, hist_bias,
+                     *, order, n_local, sinks, scale):
+    """One layer's attention for ``L`` tokens inside one segment, writing their K/V into the buffers.
+
+    q ``[B, H, L, D]``; k, v ``[B, Hkv, L, D]`` this step's keys and values (model head order);
+    ``local_k/v [Hkv, B, G+T+S, D]`` and ``hist_k/v [n_lr, B, slots, D]`` (``None`` without
+    long-range heads) in the heads-first layout, heads in ``order`` (``head_order``);
+    ``slots`` (where this step's K/V go) and the biases from ``slot_biases`` and ``history_bias``.
+    Returns ``[B, H, L, Dv]`` in q's dtype.
+    """
+    B, H, L, D = q.shape
+    hkv = k.shape[1]
+    group = H // hkv
+    G = sinks
+    local_k.index_copy_(2, slots, heads_first(k, order).to(local_k.dtype))
+    local_v.index_copy_(2, slots, heads_first(v, order).to(local_v.dtype))
+
+    queries = _rows(heads_first(q.reshape(B, hkv, group * L, D), order))  # [Hkv * B, group * L, D]
+    split = n_local * B
+    outs = []
+    if n_local:
+        p = torch.softmax(_scores(local_bias, queries[:split], _rows(local_k[:n_local]), scale), dim=-1)
+        outs.append(_weighted(p, _rows(local_v[:n_local])))
+    if n_local < hkv:
+        q_lr = queries[split:]
+        window_k, window_v = _rows(local_k[n_local:, :, G:]), _rows(local_v[n_local:, :, G:])
+        history = hist_k.shape[2]
+        scores = torch.cat([_scores(hist_bias, q_lr, _rows(hist_k), scale),
+                            _scores(window_bias, q_lr, window_k, scale)], dim=-1)
+        p = torch.softmax(scores, dim=-1)
+        outs.append(_weighted(p[..., :history], _rows(hist_v)) + _weighted(p[..., history:], window_v))
+    out = in_model_order(outs, order, per_head=B).to(q.dtype)  # [Hkv * B, group * L, Dv]
+    return out.reshape(hkv, B, group, L, -1).transpose(0, 1).reshape(B, H, L, -1)

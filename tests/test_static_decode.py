@@ -1,0 +1,270 @@
+"""The static decode path (``seg.enable_cuda_graphs()``, runtime/static_decode.py) against the eager decode.
+
+On the CPU the fixed-shape step runs eagerly, without capture: every test here checks it token by
+token against ``seg.decode`` on the step graph (itself tested against the oracle), across several
+segment ends, within the fp32 table (fp64 where the arithmetic should agree to rounding). The
+capture and replay run only on CUDA (the last test).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from conftest import captured, random_ids
+
+import segcompile as sc
+from segcompile.errors import SegcompileError
+from segcompile.ops import segment_attention
+from segcompile.runtime.static_decode import StaticState
+from segcompile.runtime.variants.fixed_size_step import buffer_specs
+from segcompile.runtime.variants.static_step import static_step
+from segcompile.testing.tolerances import assert_close
+
+S = 8
+PLANS = {"none": sc.HeadPlan.none(), "fraction(0.5)": sc.HeadPlan.fraction(0.5), "all": sc.HeadPlan.all(),
+         "layer 1": sc.HeadPlan.layers([1])}
+
+
+def make(family="llama", plan="fraction(0.5)", tail=None, sinks=0, dtype=torch.float32):
+    _, graph = captured(family, dtype=dtype)
+    return sc.transform(graph, sc.SegmentConfig(S, tail_len=tail, sink_tokens=sinks, long_range=PLANS[plan]))
+
+
+def eager_tokens(seg, state, steps):
+    """Greedy tokens and their logits from the eager decode (the reference)."""
+    tokens, logits = [], []
+    for _ in range(steps):
+        token = state.logits.argmax(-1, keepdim=True)
+        step_logits, state = seg.decode(state, token)
+        tokens.append(token)
+        logits.append(step_logits)
+    return tokens, logits, state
+
+
+def check_static(seg, state, tokens, want, dtype=torch.float32, **options):
+    """Decode ``tokens`` from ``state`` on the static path; each token's logits equal ``want``'s."""
+    seg.enable_cuda_graphs(**options)
+    for i, (token, expected) in enumerate(zip(tokens, want)):
+        got, state = seg.decode(state, token)
+        assert_close(got, expected, dtype, what=f"token {i} at position {state.position - 1}")
+    assert seg.last_decode_path == "static"
+    return state
+
+
+@pytest.mark.parametrize(
+    "family,plan,tail,sinks,batch",
+    [
+        ("llama", "fraction(0.5)", None, 0, 2),  # GQA, one long-range KV head of two
+        ("llama", "none", 3, 2, 2),  # T < S, sinks
+        ("llama", "all", 0, 4, 1),  # T = 0, sinks with no local head
+        ("llama", "layer 1", 5, 3, 2),  # one layer long-range, the other local
+        ("qwen2", "fraction(0.5)", 3, 0, 2),
+        ("gpt2", "none", None, 4, 2),  # no GQA
+        ("gpt2", "all", 3, 2, 1),
+    ],
+)
+def test_static_decode_equals_eager_decode(family, plan, tail, sinks, batch):
+    seg = make(family, plan, tail, sinks)
+    with torch.no_grad():
+        state = seg.prefill(random_ids(batch, 2 * S + 3))
+        tokens, want, _ = eager_tokens(seg, state, 3 * S)  # three segment ends
+        check_static(seg, state, tokens, want)
+
+
+@pytest.mark.parametrize("prompt", [1, S - 1, S, 2 * S])
+def test_static_decode_from_any_position(prompt):
+    # the first segment (no tail, no history), its last token, a segment start, a later segment start
+    seg = make("llama", "fraction(0.5)", tail=5, sinks=2)
+    with torch.no_grad():
+        state = seg.prefill(random_ids(2, prompt))
+        tokens, want, _ = eager_tokens(seg, state, S + 2)
+        check_static(seg, state, tokens, want)
+
+
+def test_static_decode_in_fp64_agrees_to_rounding():
+    seg = make("llama", "fraction(0.5)", tail=3, sinks=2, dtype=torch.float64)
+    with torch.no_grad():
+        state = seg.prefill(random_ids(2, 2 * S + 3))
+        tokens, want, _ = eager_tokens(seg, state, 2 * S)
+        check_static(seg, state, tokens, want, dtype=torch.float64)
+
+
+def test_history_moves_to_the_next_bucket_and_grows():
+    # blocks of 4 positions: a new bucket (a new graph on CUDA) at every segment end; the buffer,
+    # sized when loaded for what the next segment end moves (positions < 16 + S - T = 21, in
+    # blocks: 24), grows by half (36, then 56) at the segment ends after
+    seg = make("llama", "all", tail=3)
+    with torch.no_grad():
+        state = seg.prefill(random_ids(2, 2 * S + 3))
+        tokens, want, _ = eager_tokens(seg, state, 3 * S)
+        seg.enable_cuda_graphs(history_block=4)
+        buckets, capacities = [], []
+        for token, expected in zip(tokens, want):
+            got, state = seg.decode(state, token)
+            assert_close(got, expected, torch.float32)
+            buckets.append(state.buffers.decoder.bucket(state.position))
+            capacities.append(state.buffers.capacity)
+    assert buckets == sorted(buckets) and len(set(buckets)) == 4
+    assert all(b % 4 == 0 for b in buckets)
+    assert sorted(set(capacities)) == [24, 36, 56]
+
+
+def test_max_context_reserves_the_history_once():
+    seg = make("llama", "fraction(0.5)")
+    with torch.no_grad():
+        state = seg.prefill(random_ids(1, 2 * S + 3))
+        tokens, want, _ = eager_tokens(seg, state, 3 * S)
+        state = check_static(seg, state, tokens, want, max_context=100)
+    assert state.buffers.capacity == 104  # 100 in whole blocks of S
+
+
+def test_several_tokens_in_one_decode_across_a_segment_end():
+    seg = make("llama", "fraction(0.5)", tail=3, sinks=2)
+    ids = random_ids(2, S + 4, seed=7)
+    with torch.no_grad():
+        state = seg.prefill(random_ids(2, S - 2))
+        want, _ = seg.decode(state, ids)
+        seg.enable_cuda_graphs()
+        got, static = seg.decode(state, ids)
+    assert isinstance(static, StaticState) and static.position == state.position + ids.shape[1]
+    assert_close(got, want, torch.float32)
+
+
+def test_state_converted_back_continues_eagerly():
+    seg = make("llama", "none", tail=3, sinks=2)
+    with torch.no_grad():
+        state = seg.prefill(random_ids(2, 2 * S + 3))
+        tokens, want, _ = eager_tokens(seg, state, 2 * S + 2)
+        static = check_static(seg, state, tokens[: S + 1], want[: S + 1])
+        back = static.to_segment_state()
+        seg.disable_cuda_graphs()
+        for i, (token, expected) in enumerate(zip(tokens[S + 1 :], want[S + 1 :])):
+            got, back = seg.decode(back, token)
+            assert_close(got, expected, torch.float32, what=f"eager token {i}")
+    assert seg.last_decode_path == "eager"
+
+
+def test_converted_state_has_the_driver_layout():
+    seg = make("llama", "fraction(0.5)", tail=3, sinks=2)
+    with torch.no_grad():
+        state = seg.prefill(random_ids(2, 2 * S + 3))
+        tokens, _, eager = eager_tokens(seg, state, S)
+        seg.enable_cuda_graphs()
+        for token in tokens:
+            _, static = seg.decode(state if token is tokens[0] else static, token)
+    back = static.to_segment_state()
+    assert back.position == eager.position
+    for mine, theirs in zip(back.layers, eager.layers):
+        for name in ("sink_k", "sink_v", "hist_k", "hist_v", "tail_k", "tail_v", "current_k", "current_v"):
+            assert_close(getattr(mine, name), getattr(theirs, name), torch.float32, what=name)
+
+
+def test_prefill_continues_from_a_static_state():
+    seg = make("llama", "fraction(0.5)")
+    more = random_ids(2, S + 3, seed=9)
+    with torch.no_grad():
+        state = seg.prefill(random_ids(2, 5))
+        tokens, _, eager = eager_tokens(seg, state, 4)
+        want = seg.prefill(more, state=eager).logits
+        seg.enable_cuda_graphs()
+        static = state
+        for token in tokens:
+            _, static = seg.decode(static, token)
+        got = seg.prefill(more, state=static).logits
+    assert_close(got, want, torch.float32)
+
+
+def test_only_the_latest_state_continues():
+    seg = make("llama", "fraction(0.5)").enable_cuda_graphs()
+    with torch.no_grad():
+        state = seg.prefill(random_ids(1, 5))
+        token = state.logits.argmax(-1, keepdim=True)
+        _, first = seg.decode(state, token)
+        _, second = seg.decode(first, token)
+        assert second.live and not first.live
+        with pytest.raises(SegcompileError, match="continued already"):
+            seg.decode(first, token)
+        with pytest.raises(SegcompileError, match="continued already"):
+            first.to_segment_state()
+        _, again = seg.decode(state, token)  # a SegmentState loads again: the older static state is stale
+        assert again.live and not second.live
+
+
+def test_a_state_of_an_earlier_enable_is_copied_over():
+    seg = make("llama", "fraction(0.5)", tail=3)
+    with torch.no_grad():
+        state = seg.prefill(random_ids(2, S + 3))
+        tokens, want, _ = eager_tokens(seg, state, S)
+        static = check_static(seg, state, tokens[:3], want[:3])
+        seg.enable_cuda_graphs()  # new buffers: the state's own are copied out, then in
+        for token, expected in zip(tokens[3:], want[3:]):
+            got, static = seg.decode(static, token)
+            assert_close(got, expected, torch.float32)
+
+
+def test_autograd_recording_decodes_eagerly():
+    seg = make("llama", "fraction(0.5)").enable_cuda_graphs()
+    with torch.no_grad():
+        state = seg.prefill(random_ids(1, 5))
+        _, static = seg.decode(state, state.logits.argmax(-1, keepdim=True))
+    logits, after = seg.decode(static, random_ids(1, 1))
+    assert seg.last_decode_path == "eager" and logits.requires_grad and isinstance(after, sc.SegmentState)
+
+
+def test_the_decode_path_shows_in_repr_and_log(caplog):
+    seg = make("llama", "fraction(0.5)")
+    assert "decode: the step graph, eager" in repr(seg)
+    seg.enable_cuda_graphs(history_block=16)
+    assert "decode: fixed-shape step run eagerly" in repr(seg) and "blocks of 16 positions" in repr(seg)
+    with torch.no_grad(), caplog.at_level(logging.DEBUG, logger="segcompile.runtime.driver"):
+        state = seg.prefill(random_ids(1, 5))
+        seg.decode(state, random_ids(1, 1))
+    assert "last decode ran: static" in repr(seg)
+    assert any("decode runs the static path" in r.getMessage() for r in caplog.records)
+
+
+def test_generate_on_the_static_path_gives_the_eager_tokens():
+    seg = make("llama", "fraction(0.5)", tail=3, sinks=2)
+    ids = random_ids(2, S + 3)
+    want = seg.generate(ids, max_new_tokens=2 * S)
+    got = seg.enable_cuda_graphs().generate(ids, max_new_tokens=2 * S)
+    assert torch.equal(got, want) and seg.last_decode_path == "static"
+
+
+def test_static_program_is_the_fixed_size_rewrite():
+    # the program the static decoder runs: the step graph over the export's buffers, no custom op
+    seg = make("llama", "fraction(0.5)", tail=3, sinks=2)
+    program = static_step(seg.step_graph, seg.cfg)
+    placeholders = [n.target for n in program.graph.find_nodes(op="placeholder")]
+    assert placeholders == ["input_ids", "position_offset"] + [name for name, *_ in buffer_specs(seg.sites, seg.cfg)]
+    assert not program.graph.find_nodes(op="call_function", target=segment_attention)
+    biases = [n for n in program.graph.nodes if n.op == "call_function" and n.target.__name__ == "slot_biases"]
+    assert len(biases) == 1  # the masks are made once per step, not once per layer
+
+
+def test_bad_options_are_refused():
+    seg = make()
+    with pytest.raises(SegcompileError, match="history_block"):
+        seg.enable_cuda_graphs(history_block=0)
+    with pytest.raises(SegcompileError, match="max_context"):
+        seg.enable_cuda_graphs(max_context=-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_replay_equals_eager_decode(dtype):
+    from segcompile.testing.models import tiny_model
+
+    model = tiny_model("llama", layers=2, dtype=dtype).cuda()
+    seg = sc.transform(model, sc.SegmentConfig(S, tail_len=3, sink_tokens=2, long_range=PLANS["fraction(0.5)"]))
+    with torch.no_grad():
+        state = seg.prefill(random_ids(2, 2 * S + 3).cuda())
+        tokens, want, _ = eager_tokens(seg, state, 3 * S)
+        seg.enable_cuda_graphs()
+        for token, expected in zip(tokens, want):
+            got, state = seg.decode(state, token)
+            assert_close(got, expected, dtype, measure="relative")
+    assert seg.last_decode_path == "cuda-graph"
+    assert "decode: CUDA graphs" in repr(seg)
