@@ -42,14 +42,7 @@ GiB = 1 << 30
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
-    p.add_argument("--segment-len", type=int, default=2048)
-    p.add_argument("--long-range", type=float, default=0.25)
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--intermediate", type=int, default=4096)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_model_args(p)
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--regimes", nargs="+", default=["segcompile", "segcompile+ckpt", "full", "full+ckpt"],
                    choices=["segcompile", "segcompile+ckpt", "segcompile+compile", "full", "full+ckpt"])
@@ -58,6 +51,18 @@ def parse_args(argv=None):
                    help="also record the allocator's history of one segcompile step at the largest N, write it to "
                         "FILE and print what is alive at its peak")
     return p.parse_args(argv)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model shape (443M Llama by default) and the segment settings, shared with profile_training.py."""
+    p.add_argument("--segment-len", type=int, default=2048)
+    p.add_argument("--long-range", type=float, default=0.25)
+    p.add_argument("--layers", type=int, default=24)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--intermediate", type=int, default=4096)
+    p.add_argument("--vocab", type=int, default=32000)
 
 
 def build_model(args) -> transformers.LlamaForCausalLM:

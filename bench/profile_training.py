@@ -26,7 +26,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import segcompile as sc
 
-from bench_training import build_model, sequence
+from bench_training import add_model_args, build_model, sequence
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
 # .item(), .cpu() and data-dependent shapes end in one of these (a device-to-host copy waits on its stream)
@@ -37,14 +37,7 @@ TOP = 15
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seq-len", type=int, default=32768)
-    p.add_argument("--segment-len", type=int, default=2048)
-    p.add_argument("--long-range", type=float, default=0.25)
-    p.add_argument("--layers", type=int, default=24)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=8)
-    p.add_argument("--intermediate", type=int, default=4096)
-    p.add_argument("--vocab", type=int, default=32000)
+    add_model_args(p)
     p.add_argument("--checkpoint", action="store_true", help="tbptt_backward(checkpoint=True)")
     p.add_argument("--compiled", action="store_true", help="profile after seg.compile()")
     p.add_argument("--trace", type=Path, default=None, help="also write the Chrome trace of the TBPTT step")

@@ -56,6 +56,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import SegcompileError
+from ..files import fsync_file
 
 FORMAT = "segcompile-checkpoint"
 VERSION = 1
@@ -462,7 +463,7 @@ def _require(path: Path) -> None:
 
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     save_file(tensors, str(path), metadata=metadata or None)
-    _fsync_file(path)
+    fsync_file(path)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -482,18 +483,10 @@ def _check_json(value: Any, what: str) -> None:
         ) from e
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def fsync_dir(path: Path) -> None:
     if os.name == "nt":  # directories cannot be opened for fsync on Windows
         return
-    _fsync_file(path)
+    fsync_file(path)
 
 
 def _replace_dir(new: Path, target: Path) -> None:
