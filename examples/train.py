@@ -12,7 +12,10 @@ AdamW step. ``--out`` receives ``losses.jsonl`` (one ``{"step", "loss"}`` line p
 ``--checkpoint-every`` steps and at the end, and ``eval.json`` (answer accuracy on held-out
 batches, by how many segments back the answer was). ``--resume`` continues from
 ``--out/checkpoint`` with the same data order, RNG and optimizer state, so the losses are the
-ones an uninterrupted run would have logged.
+ones an uninterrupted run would have logged. ``--steps`` is the total: a resume with ``--steps``
+below the checkpoint's step is refused (nothing is written); at the checkpoint's step it trains
+nothing, leaves the checkpoint as it is and evaluates. A damaged checkpoint (its manifest) is
+refused.
 
 Models are captured in eval mode (segcompile refuses attention dropout), so dropout is off.
 On one CUDA process the segment step runs under ``torch.compile`` (``seg.compile()``; ``--compile
@@ -194,14 +197,7 @@ def train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     losses_path, checkpoint_dir = args.out / "losses.jsonl", args.out / "checkpoint"
     start = 0
     if args.resume:
-        start, extra = load_checkpoint(checkpoint_dir, trained, optimizer, {"data": data})
-        saved = extra.get("config", {})
-        changed = {k: (saved.get(k), v) for k, v in run_config(args).items() if saved.get(k) != v}
-        if changed:
-            parser.error(
-                "--resume with other settings than the checkpoint's: "
-                + ", ".join(f"{k}={new!r} (checkpoint: {old!r})" for k, (old, new) in changed.items())
-            )
+        start = resume(parser, args, checkpoint_dir, trained, optimizer, data)
         # Drop lines logged after the checkpoint (an interrupted run may have gone further).
         kept = [line for line in _read_lines(losses_path) if json.loads(line)["step"] <= start]
         if lead:
@@ -239,7 +235,8 @@ def train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
             if args.checkpoint_every and (step + 1) % args.checkpoint_every == 0 and step + 1 < args.steps:
                 save(step + 1)
     seconds = time.perf_counter() - started
-    save(args.steps)
+    if args.steps > start or not args.resume:  # a resume at its checkpoint's step has nothing new to save
+        save(args.steps)
 
     evaluation = evaluate(seg, args, vocab, device, autocast)  # every rank: under FSDP a forward is collective
     if lead:
@@ -247,6 +244,32 @@ def train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     if not args.quiet:
         _summary(args, losses, evaluation, seconds, start)
     return {"losses": losses, "eval": evaluation, "start": start, "seconds": seconds}
+
+
+def resume(parser, args, checkpoint_dir: Path, trained, optimizer, data: torch.Generator) -> int:
+    """Load the checkpoint into ``trained``, ``optimizer`` and ``data``; return its step. Exits
+    (nothing written) when it is damaged, was made with other settings, or is past ``--steps``."""
+    try:
+        start, extra = load_checkpoint(checkpoint_dir, trained, optimizer, {"data": data})
+    except sc.SegcompileError as e:
+        parser.error(f"--resume: {e}")
+    saved = extra.get("config", {})
+    changed = {k: (saved.get(k), v) for k, v in run_config(args).items() if saved.get(k) != v}
+    if changed:
+        parser.error(
+            "--resume with other settings than the checkpoint's: "
+            + ", ".join(f"{k}={new!r} (checkpoint: {old!r})" for k, (old, new) in changed.items())
+        )
+    # Going on would save step start's weights as step --steps: a later resume would then
+    # train steps the weights have already seen, from the wrong place in the data stream.
+    if args.steps < start:
+        parser.error(
+            f"--resume: the checkpoint in {checkpoint_dir} is at step {start}, past --steps {args.steps}; "
+            f"--steps is the total to train to: pass --steps {start} or more, or start a new run in another --out"
+        )
+    if args.steps == start and not args.quiet:
+        print(f"{checkpoint_dir} is at step {start} already: nothing to train; evaluating")
+    return start
 
 
 @torch.no_grad()

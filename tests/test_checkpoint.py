@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import warnings
 from pathlib import Path
 
 import pytest
@@ -150,7 +153,7 @@ def _fail_on(monkeypatch, function: str, file: str | None = None):
 @pytest.mark.parametrize(
     "function,file",
     [("write_safetensors", ckpt.OPTIMIZER_FILE), ("write_safetensors", ckpt.RNG_FILE),
-     ("write_json", ckpt.TRAINER_FILE), ("fsync_dir", None)],
+     ("write_json", ckpt.TRAINER_FILE), ("write_json", ckpt.MANIFEST_FILE), ("fsync_dir", None)],
 )
 def test_interrupted_save_leaves_no_checkpoint(tmp_path, monkeypatch, function, file):
     model = make_model("plain", layers=1)
@@ -248,3 +251,156 @@ def test_extra_must_be_json(tmp_path):
     with pytest.raises(sc.SegcompileError, match=r"extra cannot be stored without pickle"):
         save_checkpoint(tmp_path / "ck", model, adamw(model), step=1, extra={"t": torch.zeros(1)})
     assert not (tmp_path / "ck").exists()
+
+
+# ---- damage: the manifest, unreadable files, impossible steps ------------------------------------
+def _saved(tmp_path):
+    """A checkpoint after one step (the optimizer has state), and a fresh model and optimizer to load it into."""
+    model = make_model("plain", layers=1)
+    optimizer = adamw(model)
+    plain_step(model, optimizer, torch.Generator().manual_seed(0))
+    save_checkpoint(tmp_path / "ck", model, optimizer, step=3, generators={"data": torch.Generator()})
+    fresh = make_model("plain", layers=1, seed=9)
+    return tmp_path / "ck", fresh, adamw(fresh)
+
+
+def _overwrite_tail(path: Path, n: int) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[:-n] + bytes(b ^ 0xFF for b in data[-n:]))  # every byte changed
+
+
+def _truncate(path: Path, n: int) -> None:
+    path.write_bytes(path.read_bytes()[:-n])
+
+
+def _edit_trainer(directory: Path, **fields) -> None:
+    """Change trainer.json and its manifest entry, as a deliberate edit of both would."""
+    trainer = json.loads((directory / ckpt.TRAINER_FILE).read_text())
+    (directory / ckpt.TRAINER_FILE).write_text(json.dumps({**trainer, **fields}))
+    manifest = json.loads((directory / ckpt.MANIFEST_FILE).read_text())
+    data = (directory / ckpt.TRAINER_FILE).read_bytes()
+    manifest["files"][ckpt.TRAINER_FILE] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    (directory / ckpt.MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def _as_version_1(directory: Path) -> None:
+    """What a save made before manifests left: no manifest.json, version 1."""
+    (directory / ckpt.MANIFEST_FILE).unlink()
+    trainer = json.loads((directory / ckpt.TRAINER_FILE).read_text())
+    (directory / ckpt.TRAINER_FILE).write_text(json.dumps({**trainer, "version": 1}))
+
+
+def test_manifest_lists_every_file(tmp_path):
+    directory, _, _ = _saved(tmp_path)
+    files = json.loads((directory / ckpt.MANIFEST_FILE).read_text())["files"]
+    assert sorted(files) == sorted(set(ckpt.FILES) - {ckpt.MANIFEST_FILE})
+    for name, entry in files.items():
+        data = (directory / name).read_bytes()
+        assert entry == {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+# The optimizer's moments with their last 1000 bytes overwritten loaded without complaint (the
+# next steps logged "loss is nan"); a truncated model file was a raw SafetensorError.
+@pytest.mark.parametrize(
+    "damage,match",
+    [
+        (lambda d: _overwrite_tail(d / ckpt.OPTIMIZER_FILE, 1000), r"optimizer\.safetensors does not match its SHA-256"),
+        (lambda d: _overwrite_tail(d / ckpt.RNG_FILE, 8), r"rng\.safetensors does not match its SHA-256"),
+        (lambda d: _truncate(d / ckpt.MODEL_FILE, 100), r"model\.safetensors has [0-9,]+ bytes, manifest\.json says"),
+        (lambda d: (d / ckpt.TRAINER_FILE).write_text((d / ckpt.TRAINER_FILE).read_text().replace('"step": 3', '"step": 30')),
+         r"trainer\.json has [0-9,]+ bytes"),
+        (lambda d: (d / ckpt.OPTIMIZER_FILE).unlink(), r"optimizer\.safetensors is missing"),
+        (lambda d: (d / "stray.safetensors").write_bytes((d / ckpt.RNG_FILE).read_bytes()), r"stray\.safetensors is not in manifest\.json"),
+    ],
+    ids=["optimizer-overwritten", "rng-overwritten", "model-truncated", "step-edited", "file-missing", "file-added"],
+)
+def test_damaged_checkpoint_is_refused_before_anything_changes(tmp_path, damage, match):
+    directory, fresh, optimizer = _saved(tmp_path)
+    damage(directory)
+    before = params_of(fresh)
+    with pytest.raises(sc.SegcompileError, match=rf"checkpoint .*ck is damaged: {match}.*restore it from a copy"):
+        load_checkpoint(directory, fresh, optimizer, {"data": torch.Generator()})
+    assert_bitwise_equal(params_of(fresh), before)
+    assert optimizer.state_dict()["state"] == {}
+
+
+def test_damaged_or_missing_manifest_is_refused(tmp_path):
+    directory, fresh, optimizer = _saved(tmp_path)
+    (directory / ckpt.MANIFEST_FILE).write_text('{"files": {"../../elsewhere": {"size": 1, "sha256": "00"}}}')
+    with pytest.raises(sc.SegcompileError, match=r"is damaged: manifest\.json has malformed entries \(\.\./\.\./elsewhere\)"):
+        load_checkpoint(directory, fresh, optimizer)
+    (directory / ckpt.MANIFEST_FILE).write_text("{not json")
+    with pytest.raises(sc.SegcompileError, match=r"is damaged: manifest\.json cannot be read"):
+        load_checkpoint(directory, fresh, optimizer)
+    (directory / ckpt.MANIFEST_FILE).unlink()
+    with pytest.raises(sc.SegcompileError, match=r"incomplete: manifest\.json is missing"):
+        load_checkpoint(directory, fresh, optimizer)
+
+
+def test_checkpoint_without_a_manifest_loads_with_a_warning(tmp_path):
+    directory, fresh, optimizer = _saved(tmp_path)
+    _as_version_1(directory)
+    with pytest.warns(UserWarning, match=r"has no manifest \(version 1\): damaged files cannot be detected"):
+        assert load_checkpoint(directory, fresh, optimizer, {"data": torch.Generator()})[0] == 3
+    assert optimizer.state_dict()["state"]  # the moments were restored
+
+
+@pytest.mark.parametrize("name", [ckpt.MODEL_FILE, ckpt.OPTIMIZER_FILE, ckpt.RNG_FILE])
+def test_unreadable_file_without_a_manifest_is_a_clear_error(tmp_path, name):
+    directory, fresh, optimizer = _saved(tmp_path)
+    _as_version_1(directory)
+    _truncate(directory / name, 100)
+    before = params_of(fresh)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no manifest: expected here
+        with pytest.raises(sc.SegcompileError, match=rf"checkpoint .*ck is damaged: {name} cannot be read \(SafetensorError"):
+            load_checkpoint(directory, fresh, optimizer, {"data": torch.Generator()})
+    assert_bitwise_equal(params_of(fresh), before)
+
+
+# A step edited to -5 (trainer.json and its manifest entry alike) trained and logged steps -4, -3, ...
+@pytest.mark.parametrize("step", [-5, 2.5, "3", True, None])
+def test_impossible_step_is_refused_on_load(tmp_path, step):
+    directory, fresh, optimizer = _saved(tmp_path)
+    _edit_trainer(directory, step=step)
+    with pytest.raises(sc.SegcompileError, match=rf"trainer\.json has step {re.escape(repr(step))}, not a whole number >= 0"):
+        load_checkpoint(directory, fresh, optimizer)
+
+
+def test_impossible_step_is_refused_on_save(tmp_path):
+    model = make_model("plain", layers=1)
+    for step in (-1, 2.5, True):
+        with pytest.raises(sc.SegcompileError, match=r"step must be a whole number >= 0"):
+            save_checkpoint(tmp_path / "ck", model, adamw(model), step=step)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_edited_trainer_fields_are_refused(tmp_path):
+    directory, fresh, optimizer = _saved(tmp_path)
+    _edit_trainer(directory, extra=[1, 2])
+    with pytest.raises(sc.SegcompileError, match=r"trainer\.json has no 'extra' object"):
+        load_checkpoint(directory, fresh, optimizer)
+
+
+@pytest.fixture
+def one_rank_group():
+    """A process group of one rank: checkpoints take the sharded (DCP) layout."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_damaged_sharded_checkpoint_is_refused(tmp_path, one_rank_group):
+    directory, fresh, optimizer = _saved(tmp_path)
+    files = json.loads((directory / ckpt.MANIFEST_FILE).read_text())["files"]
+    shards = sorted(name for name in files if name.startswith((ckpt.MODEL_DIR + "/", ckpt.OPTIMIZER_DIR + "/")))
+    assert shards and "rng.0.safetensors" in files and ckpt.TRAINER_FILE in files
+    assert load_checkpoint(directory, fresh, optimizer, {"data": torch.Generator()})[0] == 3
+
+    _overwrite_tail(directory / shards[-1], 1000)
+    with pytest.raises(sc.SegcompileError, match=rf"is damaged: {re.escape(shards[-1])} does not match its SHA-256"):
+        load_checkpoint(directory, fresh, optimizer, {"data": torch.Generator()})

@@ -8,6 +8,7 @@ A checkpoint is a directory:
     rng.safetensors        uint8 RNG states: ``torch.cpu``, ``torch.cuda.<i>``, ``generator.<name>``
     trainer.json           format and version, step, the optimizer's param_groups and non-tensor
                            state values, the caller's ``extra`` (JSON), and what the RNG file holds
+    manifest.json          every other file's size and SHA-256, written last
 
 Saving writes everything into a hidden temporary sibling directory, fsyncs every file and the
 directory, then renames it over the target (an existing checkpoint is renamed away first and
@@ -16,6 +17,14 @@ the target path, never a partial one; the temporary directory is removed on erro
 
 Loading checks that the checkpoint fits the model and the optimizer (names, shapes, parameter
 groups) before it changes anything, and raises ``SegcompileError`` when it does not.
+
+**Damage.** Loading first checks every file against the manifest (size, then SHA-256) and refuses
+a checkpoint whose bytes changed after the save (a truncated copy, an overwritten block, an
+edited ``trainer.json``) with a ``SegcompileError`` naming the file: a changed optimizer moment
+otherwise loads without complaint and the run goes on from wrong numbers. A file that cannot be
+parsed, and a ``trainer.json`` whose step is not a whole number >= 0, are refused too. Version 1
+checkpoints (written before manifests) still load, with a warning: only their structure can be
+checked.
 
 Resuming with the same data order, RNG and optimizer state gives the same losses as a run that
 was never interrupted, provided every random stream the loop draws from is either the global
@@ -33,6 +42,7 @@ torchrun, with ``segcompile.distributed``), every rank calls ``save_checkpoint``
                            ``state.<parameter name>.<name>``
     rng.<rank>.safetensors each rank's RNG streams (each rank draws its own data)
     trainer.json           as above, with ``"layout": "sharded"`` and the world size
+    manifest.json          as above, over every file of every rank (each rank hashes a share)
 
 No file holds pickle (DCP's default writer pickles its metadata; this one does not). Rank 0 makes
 the temporary directory, every rank writes its part into it, and rank 0 renames it after all
@@ -43,28 +53,34 @@ sharding the model has now.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import operator
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..errors import SegcompileError
 from ..files import fsync_file
 
 FORMAT = "segcompile-checkpoint"
-VERSION = 1
+VERSION = 2  # 2: with manifest.json
+UNCHECKED_VERSION = 1  # written before manifests: loaded, but its bytes cannot be checked
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 RNG_FILE = "rng.safetensors"
 TRAINER_FILE = "trainer.json"
-FILES = (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, TRAINER_FILE)
+MANIFEST_FILE = "manifest.json"
+FILES = (MODEL_FILE, OPTIMIZER_FILE, RNG_FILE, TRAINER_FILE, MANIFEST_FILE)
 ALIASES_KEY = "segcompile.aliases"  # safetensors metadata: {alias name: stored name}
 SHARDED = "sharded"  # trainer.json "layout" of a checkpoint written by several ranks
 MODEL_DIR, OPTIMIZER_DIR = "model", "optimizer"
@@ -88,7 +104,7 @@ def save_checkpoint(
     directory = Path(directory)
     generators = dict(generators or {})
     extra = dict(extra or {})
-    trainer: dict[str, Any] = {"format": FORMAT, "version": VERSION, "step": int(step)}
+    trainer: dict[str, Any] = {"format": FORMAT, "version": VERSION, "step": _checked_step(step)}
     _check_json(extra, "extra")
     if _distributed():
         return _save_sharded(directory, model, optimizer, trainer, extra, generators)
@@ -101,6 +117,7 @@ def save_checkpoint(
         trainer["rng"] = _save_rng(generators, tmp / RNG_FILE)
         trainer["extra"] = extra
         write_json(tmp / TRAINER_FILE, trainer)
+        _write_manifest(tmp, {name: _describe_file(tmp / name) for name in _files_under(tmp)})
         fsync_dir(tmp)
         _replace_dir(tmp, directory)
     except BaseException:
@@ -118,7 +135,8 @@ def load_checkpoint(
     """Restore ``model``, ``optimizer`` and the RNG states from ``directory``; return ``(step, extra)``.
 
     Every named generator in ``generators`` must be in the checkpoint; its state is set in place.
-    Nothing is modified unless the checkpoint fits the model and the optimizer.
+    Nothing is modified unless the checkpoint is intact (its manifest) and fits the model and the
+    optimizer.
     """
     directory = Path(directory)
     trainer = _read_trainer(directory)
@@ -128,6 +146,8 @@ def load_checkpoint(
             f"checkpoint {directory} was written by "
             + (f"{trainer.get('world_size')} ranks: load it under torchrun with as many" if sharded else "one process: load it without a process group")
         )
+    _verify_files(directory, trainer)
+    _check_trainer_fields(directory, trainer)
     if sharded:
         return _load_sharded(directory, trainer, model, optimizer, generators or {})
     state_dict = _read_model(directory / MODEL_FILE, model)
@@ -164,9 +184,10 @@ def _save_model(model: torch.nn.Module, path: Path) -> None:
 
 def _read_model(path: Path, model: torch.nn.Module) -> dict[str, torch.Tensor]:
     _require(path)
-    with safe_open(str(path), framework="pt") as f:
-        aliases = json.loads((f.metadata() or {}).get(ALIASES_KEY, "{}"))
-    stored = load_file(str(path))
+    with _unreadable_as_damage(path):
+        with safe_open(str(path), framework="pt") as f:
+            aliases = json.loads((f.metadata() or {}).get(ALIASES_KEY, "{}"))
+        stored = load_file(str(path))
     state_dict = {**stored, **{alias: stored[kept] for alias, kept in aliases.items() if kept in stored}}
 
     _check_shapes(path.parent, model, {n: t.shape for n, t in model.state_dict().items()}, {n: t.shape for n, t in state_dict.items()})
@@ -230,7 +251,8 @@ def _split_optimizer_state(sd: dict[str, Any], optimizer: torch.optim.Optimizer)
 
 def _read_optimizer(path: Path, saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     _require(path)
-    tensors = load_file(str(path))
+    with _unreadable_as_damage(path):
+        tensors = load_file(str(path))
     current = optimizer.state_dict()["param_groups"]
     _check_optimizer(path.parent, saved, current, optimizer)
     return _join_optimizer_state(tensors, saved, current, int)
@@ -297,7 +319,8 @@ def _set_rng(rng: dict[str, torch.Tensor], saved: dict[str, Any], generators: Ma
 
 def _read_rng(path: Path, saved: dict[str, Any], generators: Mapping[str, torch.Generator]) -> dict[str, torch.Tensor]:
     _require(path)
-    states = load_file(str(path))
+    with _unreadable_as_damage(path):
+        states = load_file(str(path))
     missing = sorted(name for name in generators if f"generator.{name}" not in states)
     if missing:
         raise SegcompileError(
@@ -330,9 +353,11 @@ def _save_sharded(directory: Path, model, optimizer, trainer: dict[str, Any], ex
             failure = e
         if not _all_ranks(failure is None):
             raise failure or SegcompileError(f"checkpoint {directory}: another rank failed to write its part")
+        described = _describe_files_collectively(tmp, rank)
         if rank == 0:
             trainer.update(layout=SHARDED, world_size=dist.get_world_size(), extra=extra)
             write_json(tmp / TRAINER_FILE, trainer)
+            _write_manifest(tmp, {**described, TRAINER_FILE: _describe_file(tmp / TRAINER_FILE)})
             for d in (tmp / MODEL_DIR, tmp / OPTIMIZER_DIR, tmp):
                 fsync_dir(d)
             _replace_dir(tmp, directory)
@@ -359,13 +384,13 @@ def _load_sharded(directory: Path, trainer: dict[str, Any], model, optimizer, ge
         )
     model_state = get_model_state_dict(model)
     model_reader = HuggingFaceStorageReader(str(_require_dir(directory / MODEL_DIR)))
-    _check_shapes(directory, model, {n: t.shape for n, t in model_state.items()}, _stored_shapes(model_reader))
+    _check_shapes(directory, model, {n: t.shape for n, t in model_state.items()}, _stored_shapes(model_reader, directory / MODEL_DIR))
     if optimizer is not None:
         _check_optimizer(directory, trainer["optimizer"], optimizer.state_dict()["param_groups"], optimizer)
         current = get_optimizer_state_dict(model, optimizer)  # makes the state entries a fresh optimizer lacks
         tensors, _ = _split_optimizer_state(current, optimizer)
         optimizer_reader = HuggingFaceStorageReader(str(_require_dir(directory / OPTIMIZER_DIR)))
-        _check_shapes(directory / OPTIMIZER_DIR, model, {n: t.shape for n, t in tensors.items()}, _stored_shapes(optimizer_reader))
+        _check_shapes(directory / OPTIMIZER_DIR, model, {n: t.shape for n, t in tensors.items()}, _stored_shapes(optimizer_reader, directory / OPTIMIZER_DIR))
     rng_path = directory / _rng_file(dist.get_rank())
     rng = _read_rng(rng_path, trainer["rng"], generators)
 
@@ -387,8 +412,9 @@ def _writer(path: Path):
     return HuggingFaceStorageWriter(str(path), save_distributed=True)
 
 
-def _stored_shapes(reader) -> dict[str, torch.Size]:
-    return {name: meta.size for name, meta in reader.read_metadata().state_dict_metadata.items()}
+def _stored_shapes(reader, directory: Path) -> dict[str, torch.Size]:
+    with _unreadable_as_damage(directory):
+        return {name: meta.size for name, meta in reader.read_metadata().state_dict_metadata.items()}
 
 
 def _shared_temporary_dir(directory: Path, rank: int) -> Path:
@@ -429,6 +455,153 @@ def _require_dir(path: Path) -> Path:
     return path
 
 
+# ---- manifest ---------------------------------------------------------------------------------
+# manifest.json: {"files": {relative path: {"size": bytes, "sha256": hex digest}}} for every file
+# but itself, written after all of them. Under a process group each rank hashes (and checks) a
+# share of the files, so that the time grows with the largest rank's share, not with the total.
+HASH_CHUNK_BYTES = 1 << 20
+
+
+def _describe_file(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return {"size": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
+def _write_manifest(directory: Path, files: dict[str, dict[str, Any]]) -> None:
+    write_json(directory / MANIFEST_FILE, {"files": dict(sorted(files.items()))})
+
+
+def _files_under(directory: Path) -> list[str]:
+    """Every file in ``directory`` and below but the manifest, as sorted relative POSIX paths."""
+    return sorted(
+        path.relative_to(directory).as_posix()
+        for path in directory.rglob("*")
+        if path.is_file() and path != directory / MANIFEST_FILE
+    )
+
+
+def _describe_files_collectively(directory: Path, rank: int) -> dict[str, dict[str, Any]]:
+    """Every rank calls this: rank 0 lists the files (all ranks have written theirs), each rank
+    hashes every world-size-th one, and every rank gets the whole description."""
+    import torch.distributed as dist
+
+    names = [_files_under(directory) if rank == 0 else None]
+    dist.broadcast_object_list(names, src=0)
+    mine: dict[str, dict[str, Any]] = {}
+    failure = None
+    try:
+        for name in names[0][rank :: dist.get_world_size()]:
+            mine[name] = _describe_file(directory / name)
+    except OSError as e:  # raised below on every rank: one rank raising alone would leave the others waiting
+        failure = f"rank {rank} could not read {e.filename}: {e.strerror}"
+    parts = _gathered((mine, failure))
+    failures = [f for _, f in parts if f]
+    if failures:
+        raise SegcompileError(f"checkpoint {directory}: cannot hash the files just written: {'; '.join(failures)}")
+    return {name: entry for part, _ in parts for name, entry in part.items()}
+
+
+def _verify_files(directory: Path, trainer: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose files differ from its manifest (every rank calls this under a
+    process group, and every rank raises the same error)."""
+    manifest = _read_manifest(directory, trainer)
+    if manifest is None:
+        return
+    rank, ranks = (torch.distributed.get_rank(), torch.distributed.get_world_size()) if _distributed() else (0, 1)
+    problems = _size_problems(directory, manifest)
+    to_hash = [name for name in sorted(manifest) if name not in problems]
+    for name in to_hash[rank::ranks]:
+        problem = _hash_problem(directory / name, manifest[name]["sha256"])
+        if problem:
+            problems[name] = f"{name} {problem}"
+    found = sorted(problems.values())
+    if ranks > 1:
+        found = sorted({p for part in _gathered(found) for p in part})
+    if found:
+        raise _damaged(directory, "; ".join(found) + ". Its files changed after the save (a truncated copy, a disk error, an edit)")
+
+
+def _size_problems(directory: Path, manifest: dict[str, dict[str, Any]]) -> dict[str, str]:
+    """{file: problem} for missing, truncated or extended files (cheap: nothing is read), and for
+    safetensors files the save did not write (DCP's reader reads every one in model/ and optimizer/)."""
+    problems = {}
+    for name, entry in manifest.items():
+        path = directory / name
+        if not path.is_file():
+            problems[name] = f"{name} is missing"
+        elif path.stat().st_size != entry["size"]:
+            problems[name] = f"{name} has {path.stat().st_size:,} bytes, {MANIFEST_FILE} says {entry['size']:,}"
+    for name in _files_under(directory):
+        if name.endswith(".safetensors") and name not in manifest:
+            problems[name] = f"{name} is not in {MANIFEST_FILE} (the save did not write it: remove it)"
+    return problems
+
+
+def _hash_problem(path: Path, sha256: str) -> str | None:
+    try:
+        if _describe_file(path)["sha256"] == sha256:
+            return None
+    except OSError as e:  # a problem, not a raise: under a process group the other ranks are waiting
+        return f"cannot be read ({e.strerror})"
+    return f"does not match its SHA-256 in {MANIFEST_FILE}"
+
+
+def _read_manifest(directory: Path, trainer: dict[str, Any]) -> dict[str, dict[str, Any]] | None:
+    if trainer["version"] == UNCHECKED_VERSION:
+        warnings.warn(
+            f"checkpoint {directory} has no manifest (version {UNCHECKED_VERSION}): damaged files cannot be "
+            "detected, only a wrong structure; the next save writes one",
+            stacklevel=4,  # load_checkpoint's caller
+        )
+        return None
+    path = directory / MANIFEST_FILE
+    _require(path)
+    try:
+        files = json.loads(path.read_text(encoding="utf-8"))["files"]
+        manifest = {name: {"size": entry["size"], "sha256": entry["sha256"]} for name, entry in files.items()}
+        bad = [n for n, e in manifest.items() if not _inside(n) or type(e["size"]) is not int or not isinstance(e["sha256"], str)]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise _damaged(directory, f"{MANIFEST_FILE} cannot be read ({type(e).__name__}: {e})") from e
+    if bad:
+        raise _damaged(directory, f"{MANIFEST_FILE} has malformed entries ({_few(bad)})")
+    if TRAINER_FILE not in manifest:  # every save lists it: an empty manifest would check nothing
+        raise _damaged(directory, f"{MANIFEST_FILE} does not list {TRAINER_FILE}")
+    return manifest
+
+
+def _inside(name: str) -> bool:
+    """A relative path that stays inside the checkpoint (the manifest names no other files)."""
+    parts = Path(name).parts
+    return bool(parts) and not Path(name).is_absolute() and ".." not in parts
+
+
+def _gathered(obj: Any) -> list[Any]:
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(parts, obj)
+    return parts
+
+
+@contextmanager
+def _unreadable_as_damage(path: Path) -> Iterator[None]:
+    """A safetensors file (or DCP folder of them) that does not parse is a damaged checkpoint,
+    not a traceback from the library (a version 1 checkpoint has no manifest to catch it first)."""
+    try:
+        yield
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise _damaged(path.parent, f"{path.name} cannot be read ({type(e).__name__}: {e})") from e
+
+
+def _damaged(directory: Path, problem: str) -> SegcompileError:
+    return SegcompileError(
+        f"checkpoint {directory} is damaged: {problem}; restore it from a copy, or resume from an earlier checkpoint"
+    )
+
+
 # ---- files ------------------------------------------------------------------------------------
 # Every file of a checkpoint is written by write_safetensors or write_json, and fsynced; the
 # directories by fsync_dir. Public so that a test can interrupt a save at any of them.
@@ -449,11 +622,41 @@ def _read_trainer(directory: Path) -> dict[str, Any]:
         raise SegcompileError(f"checkpoint {directory}: cannot read {TRAINER_FILE}: {e}") from e
     if trainer.get("format") != FORMAT:
         raise SegcompileError(f"{directory} is not a segcompile checkpoint ({TRAINER_FILE} format {trainer.get('format')!r})")
-    if trainer.get("version") != VERSION:
+    if trainer.get("version") not in (UNCHECKED_VERSION, VERSION):
         raise SegcompileError(
-            f"checkpoint {directory} has version {trainer.get('version')!r}; this segcompile reads version {VERSION}"
+            f"checkpoint {directory} has version {trainer.get('version')!r}; "
+            f"this segcompile reads versions {UNCHECKED_VERSION} and {VERSION}"
         )
     return trainer
+
+
+def _check_trainer_fields(directory: Path, trainer: dict[str, Any]) -> None:
+    """Refuse a ``trainer.json`` that parses but cannot be right: a loop resumed at step -5 (or
+    2.5) would log and schedule steps that never happened."""
+    step = trainer.get("step")
+    if type(step) is not int or step < 0:  # not isinstance: JSON true is a bool, and a bool is an int
+        raise SegcompileError(
+            f"checkpoint {directory}: {TRAINER_FILE} has step {step!r}, not a whole number >= 0; the file was "
+            "edited or damaged: restore it from a copy, or start a new run in another directory"
+        )
+    for key in ("optimizer", "rng", "extra"):
+        if not isinstance(trainer.get(key), dict):
+            raise SegcompileError(
+                f"checkpoint {directory}: {TRAINER_FILE} has no {key!r} object; the file was edited or damaged: "
+                "restore it from a copy, or start a new run in another directory"
+            )
+
+
+def _checked_step(step: Any) -> int:
+    if isinstance(step, bool):
+        step = None  # True is an int to Python; as a step it is a mistake
+    try:
+        value = operator.index(step)
+    except TypeError:
+        raise SegcompileError(f"save_checkpoint: step must be a whole number >= 0, got {step!r}") from None
+    if value < 0:
+        raise SegcompileError(f"save_checkpoint: step must be a whole number >= 0, got {value}")
+    return value
 
 
 def _require(path: Path) -> None:
