@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -9,7 +10,9 @@ import sys
 import types
 from pathlib import Path
 
+import numpy as np
 import pytest
+from conftest import make_model
 
 from segcompile.cli import UsageError, demo
 from segcompile.cli.main import COMMANDS, main
@@ -181,3 +184,99 @@ def test_entry_point_user_error_exit_status():
     assert done.returncode == 2
     assert done.stderr.startswith("error: tail_len must be an int")
     assert "Traceback" not in done.stderr
+
+
+# ---- output locations: checked before any work ----------------------------------------------------
+def _argv(command: str, out: Path, tmp_path: Path) -> list[str]:
+    """``command`` with ``--out out`` and whatever else it needs to pass its checks."""
+    if command == "run":
+        model, ids = tmp_path / "model.onnx", tmp_path / "ids.npy"
+        model.write_bytes(b"")  # validate checks that it exists; the command never gets to read it
+        np.save(ids, np.arange(8))
+        return ["run", str(model), "--prompt-ids", str(ids), "--out", str(out)]
+    return [command, "--out", str(out)]
+
+
+OUT_COMMANDS = ["export", "demo", "viz", "heads", "run"]
+
+
+@pytest.mark.parametrize("command", OUT_COMMANDS)
+def test_an_out_under_a_file_fails_before_any_work(command, tmp_path, capsys):
+    # a place nobody can write (root included): under a regular file. The export used to fail so
+    # only after its work (about 23 s), with a PermissionError traceback.
+    blocker = tmp_path / "notes.txt"
+    blocker.write_text("a file, not a folder")
+    out = blocker / "sub" / ("out" if command in ("demo", "viz") else "out.file")
+    assert main(_argv(command, out, tmp_path)) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no stage started
+    errors = _error_lines(captured.err)
+    assert len(errors) == 1 and f"--out {out}" in errors[0] and f"{blocker} is a file, not a folder" in errors[0]
+    assert "Traceback" not in captured.err and "hint:" in captured.err
+    assert blocker.read_text() == "a file, not a folder"
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0,
+                    reason="root writes in a read-only folder; the test above covers a place root cannot write")
+@pytest.mark.parametrize("command", OUT_COMMANDS)
+def test_an_out_in_a_read_only_folder_fails_before_any_work(command, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        out = locked / ("out" if command in ("demo", "viz") else "out.file")
+        assert main(_argv(command, out, tmp_path)) == 2
+        captured = capsys.readouterr()
+        assert captured.out == ""
+        assert f"cannot write in {locked}" in captured.err and "Traceback" not in captured.err
+    finally:
+        locked.chmod(0o755)
+
+
+def test_demo_in_a_folder_it_cannot_write(tmp_path, capsys, monkeypatch):
+    # the default --out, segcompile-out, is made in the current folder
+    blocker = tmp_path / "here"
+    blocker.write_text("")
+    monkeypatch.chdir(tmp_path)
+    assert main(["demo", "--out", "here/segcompile-out"]) == 2
+    err = capsys.readouterr().err
+    assert "--out here/segcompile-out: cannot create" in err and "Traceback" not in err
+
+
+def test_demo_refuses_a_passes_folder_of_other_files(tmp_path, capsys):
+    # OUT/passes is replaced as a whole: a folder holding other files is never deleted
+    passes = tmp_path / "passes"
+    passes.mkdir()
+    (passes / "mine.txt").write_text("keep")
+    assert main(["demo", *SMALL, "--out", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and "holds files that an earlier run did not write (mine.txt)" in captured.err
+    assert (passes / "mine.txt").read_text() == "keep"
+
+
+# ---- a damaged model folder -------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def truncated_model(tmp_path_factory) -> Path:
+    """A saved tiny Llama whose model.safetensors lost its second half (an interrupted copy)."""
+    folder = tmp_path_factory.mktemp("truncated")
+    make_model("llama", layers=1).save_pretrained(folder)
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    return folder
+
+
+@pytest.mark.parametrize("command", ["export", "viz", "heads", "generate"])
+def test_a_truncated_weights_file_is_named(command, truncated_model, tmp_path, capsys):
+    argv = [command, str(truncated_model), "--out", str(tmp_path / "out")]
+    if command == "generate":
+        np.save(tmp_path / "ids.npy", np.arange(8))
+        argv = [command, str(truncated_model), "--prompt-ids", str(tmp_path / "ids.npy")]
+    if command == "export":
+        argv[-1] += ".onnx"
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    errors = _error_lines(err)
+    assert len(errors) == 1, err
+    assert f"{truncated_model / 'model.safetensors'} is not a complete safetensors file" in errors[0]
+    assert "hint: the file is truncated or damaged" in err and "Traceback" not in err

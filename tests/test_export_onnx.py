@@ -246,6 +246,50 @@ def test_bad_inputs_are_clear_errors(exported):
         OnnxSegmentedModel(bare)
 
 
+def test_a_state_decoded_twice_is_an_error(exported):
+    # The buffers are updated in place: decoding the same state again would read what the first
+    # decode wrote (logits 0.022 off before this was checked). Each decode returns a new state.
+    seg, path = exported(*ONNX_CASES[0])
+    runner = OnnxSegmentedModel(path)
+    ids = random_ids(1, 2 * S + 3)
+    token = random_ids(1, 1, seed=7)
+    state = runner.prefill(ids.numpy())
+    first, after = runner.decode(state, token.numpy())
+    assert after is not state and state.stale and not after.stale
+    with pytest.raises(SegcompileError, match="(?i)continue from the state the last decode returned"):
+        runner.decode(state, token.numpy())
+    with pytest.raises(SegcompileError, match="was continued already"):
+        runner.prefill(token.numpy(), state)
+    with pytest.raises(SegcompileError, match="was continued already"):
+        runner.step(state, token.numpy())
+    with torch.no_grad():
+        want, _ = seg.decode(seg.prefill(ids), token)
+    assert max_abs(torch.from_numpy(first), want) < TOL
+    runner.decode(after, token.numpy())  # the state returned continues
+
+
+def test_a_copied_state_branches(exported):
+    _, path = exported(*ONNX_CASES[0])
+    runner = OnnxSegmentedModel(path)
+    state = runner.prefill(random_ids(2, 2 * S - 1).numpy())  # the next token ends a segment
+    branch = runner.copy_state(state)
+    tokens = random_ids(2, 3, seed=8).numpy()
+    first, _ = runner.decode(state, tokens)
+    again, moved = runner.decode(branch, tokens)
+    assert np.array_equal(first, again)
+    assert moved.position == 2 * S + 2
+
+
+def test_a_decode_refused_before_it_ran_leaves_the_state_live(exported):
+    _, path = exported(*ONNX_CASES[0])
+    runner = OnnxSegmentedModel(path)
+    state = runner.prefill(random_ids(2, S).numpy())
+    with pytest.raises(SegcompileError, match="batch size 1"):
+        runner.decode(state, random_ids(1, 1).numpy())
+    assert not state.stale
+    runner.decode(state, random_ids(2, 1).numpy())
+
+
 def test_cli_export_and_run(tmp_path, capsys, monkeypatch):
     from segcompile.cli.main import main
 

@@ -320,3 +320,45 @@ def test_viz_command_refuses_a_folder_that_is_not_a_model(tmp_path, capsys):
     (tmp_path / "config.json").write_text("{}")
     assert main(["viz", str(tmp_path), "--layers", "2"]) == 2
     assert "--layers applies to the built-in tiny Llama only" in capsys.readouterr().err
+
+
+# ---- partial output ----------------------------------------------------------------------------------
+def test_viz_with_a_plan_the_model_refuses_leaves_nothing(tmp_path, capsys, monkeypatch):
+    # the plan is refused by the third pass: the two dumps before it used to stay, without an index
+    monkeypatch.setenv("COLUMNS", "200")
+    plan = tmp_path / "heads.json"
+    sc.HeadPlan.from_dict({7: [0]}).save(plan)  # the tiny Llama has 2 layers
+    out = tmp_path / "pages"
+    argv = ["viz", "--layers", "2", "--segment-len", "32", "--out", str(out), "--no-color"]
+    assert main([*argv, "--long-range", str(plan)]) == 2
+    assert "layer 7" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heads.json"]  # no folder, no temporary one
+
+    assert main([*argv, "--long-range", "0.5"]) == 0  # an earlier output, then a refused run
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert main([*argv, "--long-range", str(plan)]) == 2
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["heads.json", "pages"]
+
+
+def test_dump_dir_is_written_whole_and_replaces_an_earlier_dump(tmp_path):
+    graph = captured("llama", "sdpa")[1]
+    out = tmp_path / "dumps"
+    with pytest.raises(sc.PlanError):
+        sc.transform(graph, sc.SegmentConfig(16, long_range=sc.HeadPlan.from_dict({7: [0]})), dump_dir=out)
+    assert not list(tmp_path.iterdir())
+    sc.transform(graph, sc.SegmentConfig(16), dump_dir=out)
+    (out / "09-gone.txt").write_text("from a pass list of an earlier version")
+    sc.transform(graph, sc.SegmentConfig(16, sink_tokens=2), dump_dir=out)
+    assert not (out / "09-gone.txt").exists() and "G = 2" in (out / "index.html").read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dumps"]
+
+
+def test_dump_dir_of_other_files_is_refused_before_the_passes(tmp_path, capsys):
+    (tmp_path / "thesis.tex").write_text("keep")
+    with pytest.raises(sc.SegcompileError, match=r"holds files that an earlier run did not write \(thesis.tex\)"):
+        sc.transform(captured("llama", "sdpa")[1], sc.SegmentConfig(16), dump_dir=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis.tex"]
+    assert main(["viz", "--layers", "1", "--out", str(tmp_path)]) == 2
+    captured_io = capsys.readouterr()
+    assert captured_io.out == "" and "thesis.tex" in captured_io.err  # before the model is built

@@ -17,8 +17,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import time
+from collections.abc import Callable
+from pathlib import Path
 
 from ..errors import SegcompileError
+from ..files import OutputPathError, check_writable
 
 
 class UsageError(SegcompileError):
@@ -27,6 +30,31 @@ class UsageError(SegcompileError):
     def __init__(self, message: str, hint: str | None = None):
         super().__init__(message)
         self.hint = hint
+
+
+# ---- output locations: checked in validate, before the work ---------------------------------
+def check_out_file(path: str, flag: str = "--out") -> None:
+    """UsageError unless the file ``path`` can be written: a file is created and removed in its
+    folder now, so that a read-only place fails in a second, not after the work."""
+    with _reported_as_usage(f"give {flag} a file in a folder you can write to"):
+        check_writable(Path(path).parent, f"{flag} {path}")
+
+
+def check_out_dir(path: str, check: Callable[[str, str], None], flag: str = "--out", hint: str | None = None) -> None:
+    """UsageError unless the folder ``path`` can take the output: ``check(path, what)`` raises
+    ``OutputPathError`` if not (``passes.manager.check_dump_dir`` for pass dumps, which replace
+    an earlier output; ``files.check_writable`` for a folder that is only written in)."""
+    hint = hint or f"give {flag} a new or empty folder, or an earlier output (it is replaced), in a place you can write to"
+    with _reported_as_usage(hint):
+        check(path, f"{flag} {path}")
+
+
+@contextlib.contextmanager
+def _reported_as_usage(hint: str):
+    try:
+        yield
+    except OutputPathError as e:
+        raise UsageError(str(e), hint=hint) from e
 
 
 # ---- argparse types: a bad value is an argparse error (exit 2, usage line) ------------------

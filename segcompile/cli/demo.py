@@ -1,7 +1,8 @@
 """``segcompile demo``: the whole pipeline on the built-in tiny model, checked as it goes.
 
 Stages: build the tiny Llama (``segcompile.testing.models``) -> ``transform`` (capture and the passes, the
-graph after each pass written to ``<out>/passes``) -> segmented forward over the sequence ->
+graph after each pass written to ``<out>/passes``, a folder renamed into place when complete; ``<out>``
+is checked writable before any work) -> segmented forward over the sequence ->
 prefill, one segment per call -> greedy decoding -> the oracle over the final sequence -> ONNX
 export of the segment-step program (``<out>/model.onnx``), prefilled and decoded with onnxruntime.
 
@@ -25,6 +26,7 @@ from . import (
     HelpFormatter,
     UsageError,
     add_segment_flags,
+    check_out_dir,
     check_plan_file,
     make_console,
     non_negative_int,
@@ -32,6 +34,8 @@ from . import (
     quiet,
     segment_config,
 )
+from ..files import check_writable
+from ..passes.manager import check_dump_dir
 
 name = "demo"
 help = "compile the built-in tiny Llama, check it against the oracle, prefill and decode"
@@ -63,7 +67,8 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     )
     run.add_argument("--batch", type=positive_int, default=1, help="sequences in the batch")
     run.add_argument("--no-export", action="store_true", help="skip the ONNX export and its onnxruntime run")
-    run.add_argument("--out", default="segcompile-out", help="output folder; the pass dumps go to OUT/passes")
+    run.add_argument("--out", default="segcompile-out",
+                     help="output folder; the pass dumps go to OUT/passes (replaced if it holds earlier dumps)")
     return parser
 
 
@@ -84,6 +89,9 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--out {args.out} exists and is not a folder", hint="name a folder (it is created if missing)"
         )
+    # OUT holds model.onnx (written atomically) and the pass dumps OUT/passes (a folder renamed into place)
+    check_out_dir(args.out, check_writable, hint="give --out a folder in a place you can write to")
+    check_out_dir(str(out / "passes"), check_dump_dir)
 
 
 # ---- what the demo measured ------------------------------------------------------------------

@@ -1,6 +1,8 @@
 """``segcompile export``: compile a model and write its segment-step program as an ONNX file or a TensorRT engine.
 
-Stages: load the model (a local Hugging Face folder, or the built-in tiny Llama) -> capture ->
+The folder of ``--out`` is checked writable first (a file created and removed there), so that a
+place the export cannot write fails at once, not after the work. Stages: load the model (a local
+Hugging Face folder, or the built-in tiny Llama) -> capture ->
 passes -> ONNX export (``segcompile.deploy.onnx_export``: fixed-size local state, dynamic history,
 checked with onnx.checker and shape inference, written atomically) -> with ``--format tensorrt``,
 an engine built from that file (``segcompile.deploy.tensorrt``; the ONNX file is a temporary
@@ -20,6 +22,7 @@ from . import (
     HelpFormatter,
     UsageError,
     add_segment_flags,
+    check_out_file,
     check_plan_file,
     make_console,
     positive_int,
@@ -88,6 +91,7 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError(f"--out {args.out} is a folder", hint=f"name the {suffix} file to write")
     check_model_args(args)
     check_plan_file(args)
+    check_out_file(args.out)  # the export takes seconds to minutes: a place it cannot write fails now
 
 
 def cmd(args: argparse.Namespace) -> int:

@@ -17,6 +17,7 @@ from . import (
     HelpFormatter,
     UsageError,
     add_segment_flags,
+    check_out_file,
     fraction,
     make_console,
     positive_int,
@@ -86,6 +87,7 @@ def validate(args: argparse.Namespace) -> None:
         raise UsageError("--steps, --lr and --sparsity apply to --method gate only", hint="add --method gate")
     if Path(args.out).is_dir():
         raise UsageError(f"--out {args.out} is a folder", hint="name the JSON file to write")
+    check_out_file(args.out)  # scoring takes minutes on a real model: a place it cannot write fails now
 
 
 def cmd(args: argparse.Namespace) -> int:

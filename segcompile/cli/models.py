@@ -121,12 +121,16 @@ def load_model(args: argparse.Namespace):
         return tiny_llama(num_layers=args.layers or DEFAULT_TINY_LAYERS)
     import transformers
 
+    from safetensors import SafetensorError
+
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()  # the command shows its own progress
     folder, source = _source(args.model_dir, {"use_safetensors": True})
+    if "gguf_file" not in source:
+        check_weight_files(Path(folder))
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=False, **source)
-    except (OSError, ValueError, ImportError) as e:
+    except (OSError, ValueError, ImportError, SafetensorError) as e:
         if "gguf_file" not in source:
             hint = ("the folder needs config.json and *.safetensors weights of a transformers causal LM "
                     "(models that need their own code are not loaded)")
@@ -136,6 +140,24 @@ def load_model(args: argparse.Namespace):
             hint = "transformers reads the GGUF files of the architectures it knows (none that needs its own code)"
         raise UsageError(f"could not load {args.model_dir}: {' '.join(str(e).split())[:300]}", hint=hint) from e
     return model.eval()
+
+
+def check_weight_files(folder: Path) -> None:
+    """UsageError naming the first ``*.safetensors`` file of ``folder`` whose header does not read
+    or does not cover the file (truncated, or not safetensors). Reads the headers only: cheap,
+    and it names the file where transformers' own error would not."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError) as e:
+            raise UsageError(
+                f"{path} is not a complete safetensors file ({' '.join(str(e).split())[:200]})",
+                hint="the file is truncated or damaged: copy or download it again, or save the model again "
+                "with save_pretrained()",
+            ) from e
 
 
 def load_tokenizer(args: argparse.Namespace):

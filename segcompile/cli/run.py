@@ -12,7 +12,7 @@ import argparse
 from pathlib import Path
 
 from ..files import atomic_write_bytes
-from . import HelpFormatter, UsageError, make_console, non_negative_int
+from . import HelpFormatter, UsageError, check_out_file, make_console, non_negative_int
 
 name = "run"
 help = "prefill a prompt and decode greedily with an exported ONNX file"
@@ -42,6 +42,10 @@ def validate(args: argparse.Namespace) -> None:
     if not Path(args.prompt_ids).is_file():
         raise UsageError(f"--prompt-ids {args.prompt_ids}: no such file",
                          hint="save the ids with numpy.save('ids.npy', ids)")
+    if args.out is not None:
+        if Path(args.out).is_dir():
+            raise UsageError(f"--out {args.out} is a folder", hint="name the .npy file to write")
+        check_out_file(args.out)
 
 
 def cmd(args: argparse.Namespace) -> int:

@@ -4,6 +4,11 @@ Stages: load the model (a local Hugging Face folder, or the built-in tiny Llama)
 (torch.export; the slow step, about 0.3-0.8 s per layer on a CPU) -> ``transform`` with
 ``dump_dir=OUT``, which runs the passes and writes, per pass, the text dump, the HTML page and
 the DOT graph, then ``OUT/index.html``. Prints a summary and the path of ``index.html``.
+
+OUT is checked before the model is loaded: it must be in a place that can be written, and
+missing, empty or an earlier output, which is replaced as a whole. The files are written to a
+temporary folder beside it, renamed to OUT when the last page is written: a plan the model
+refuses, or an interruption, leaves nothing.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from . import (
     HelpFormatter,
     UsageError,
     add_segment_flags,
+    check_out_dir,
     check_plan_file,
     make_console,
     segment_config,
@@ -22,6 +28,7 @@ from . import (
 )
 from .models import add_model_args, check_model_args, load_model, model_label
 from .. import ir
+from ..passes.manager import check_dump_dir
 
 name = "viz"
 help = "write pages that show what every compiler pass did to the model's graph"
@@ -41,7 +48,8 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     )
     add_model_args(parser)
     add_segment_flags(parser, segment_len=2048, sinks=0)
-    parser.add_argument("--out", default="viz", help="output folder (created if missing)")
+    parser.add_argument("--out", default="viz",
+                        help="output folder: created, or replaced if it holds an earlier output")
     return parser
 
 
@@ -51,6 +59,7 @@ def validate(args: argparse.Namespace) -> None:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {args.out} exists and is not a folder", hint="name a folder (it is created if missing)")
+    check_out_dir(args.out, check_dump_dir)  # before the model is loaded and captured
 
 
 def cmd(args: argparse.Namespace) -> int:

@@ -9,7 +9,9 @@ otherwise, and offers the driver's API on numpy arrays:
     new_ids = model.generate(prompt_ids, max_new_tokens=64)   # greedy
 
 The state buffers are OrtValues bound with IO binding (on the GPU under CUDA), so a step copies
-only the ids in and the logits out.
+only the ids in and the logits out. They are updated in place: each ``decode`` returns the state
+that continues the one it was given, which is stale from then on (decoding from it again raises
+a ``SegcompileError``); ``copy_state(state)`` keeps a copy to branch from (``deploy.runner``).
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ class OnnxRuntimeBackend:
 
     def zeros(self, name: str, shape: tuple[int, ...]):
         return self._on_device(np.zeros(shape, self.dtype))
+
+    def copy(self, buffer):
+        return self._on_device(np.array(buffer.numpy()))  # through the host: copies are for branching, rare
 
     def grown(self, name: str, buffer, capacity: int):
         old = buffer.numpy()  # a copy to the host: growth is rare (doubling)

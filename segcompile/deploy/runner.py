@@ -14,16 +14,25 @@ and the timings. A backend (``StepBackend``) loads the file and runs one step on
 are this runner over one backend each.
 
 State lives in preallocated buffers: two sets of the per-layer buffers, the step reads one set
-and writes the other, then they swap. A state is therefore updated in place and belongs to one
-model: ``decode`` returns the same object. The long-range history is a capacity that grows
+and writes the other, then they swap. The long-range history is a capacity that grows
 (doubling, in whole segments, up to the backend's limit) before a step that would need more; the
 local buffers never change size.
+
+State semantics (those of the PyTorch static decode, ``runtime.static_decode``): the buffers are
+updated in place, so a state can be continued once. ``decode(state, ids)`` and
+``prefill(ids, state)`` return a new ``StepState`` that takes the buffers over and make the one
+they continued stale; continuing a stale state raises the backend's ``SegcompileError`` (it
+would read buffers a later step has overwritten: a silently different answer).
+``copy_state(state)`` makes an independent copy, to branch from or to decode the same state
+twice. ``step(state, chunk)``, the low-level single step, advances the state it is given in
+place. A decode that fails before its first step leaves its state live; one that fails later
+leaves none (the buffers hold a part of it).
 
 Checked before anything runs, each with the backend's ``SegcompileError`` saying what to do: ids
 that are not an integer array ``[batch, tokens]`` or are outside the vocabulary, a step longer
 than S or crossing a segment boundary, a batch other than the state's or larger than the file
-was built for, a state made by another exported file, and (by the backend, when it loads) a file
-that is not a segcompile step program.
+was built for, a state made by another exported file or already continued, and (by the backend,
+when it loads) a file that is not a segcompile step program.
 """
 
 from __future__ import annotations
@@ -31,7 +40,8 @@ from __future__ import annotations
 import numbers
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -74,13 +84,18 @@ class StepBackend(Protocol):
     def no_tokens(self, batch: int) -> Any:
         """An int64 ``[batch, 0]`` array."""
 
+    def copy(self, buffer: Any) -> Any:
+        """A new state buffer holding what ``buffer`` holds."""
+
     def synchronize(self) -> None:
         """Return when the work queued so far is done (for the timings)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class StepState:
-    """Carried state of one sequence batch: position, the two buffer sets, last logits."""
+    """Carried state of one sequence batch: position, the two buffer sets, last logits.
+
+    Live until a ``decode`` or ``prefill`` continues it (module docstring): ``stale`` then."""
 
     export_id: str
     batch_size: int
@@ -89,6 +104,7 @@ class StepState:
     spare: dict = field(default_factory=dict)  # name -> buffer (the set the next step writes)
     history: int = 0  # capacity of the history buffers
     logits: Any = None  # last token's logits [B, V]
+    stale: bool = False  # continued by a decode or prefill: its buffers now hold a later state
 
 
 class SegmentRunner:
@@ -122,11 +138,20 @@ class SegmentRunner:
                 f"larger max_batch (`--max-batch {batch_size}`)"
             )
         state = StepState(self.export_id, int(batch_size), history=self.segment_len)
-        for name, heads, dim, entries in self.state_specs:
-            shape = (state.batch_size, heads, entries if entries is not None else state.history, dim)
-            state.buffers[name] = self.backend.zeros(name, shape)
-            state.spare[name] = self.backend.zeros(name, shape)
+        for name, *spec in self.state_specs:
+            state.buffers[name] = self.backend.zeros(name, _buffer_shape(state, *spec))
+            state.spare[name] = self.backend.zeros(name, _buffer_shape(state, *spec))
         return state
+
+    def copy_state(self, state: StepState) -> StepState:
+        """An independent copy of the live ``state``: continuing one leaves the other as it was
+        (to branch, or to decode the same state twice)."""
+        self._check_state(state)
+        copy = replace(state, buffers={}, spare={})
+        for name, *spec in self.state_specs:
+            copy.buffers[name] = self.backend.copy(state.buffers[name])
+            copy.spare[name] = self.backend.zeros(name, _buffer_shape(state, *spec))
+        return copy
 
     def _grow_history(self, state: StepState, needed: int) -> None:
         """Make the history capacity at least ``needed`` slots: double it, in whole segments."""
@@ -152,32 +177,36 @@ class SegmentRunner:
         return self._step(state, self._ids(chunk, "chunk"))
 
     def prefill(self, input_ids, state: StepState | None = None) -> StepState:
-        """Feed ``input_ids [B, N]`` (any N), a segment at a time; ``state.logits`` = last token's."""
+        """Feed ``input_ids [B, N]`` (any N), a segment at a time, after ``state`` (default: a new
+        one); returns the state after them (``.logits`` = the last token's). A ``state`` given is
+        stale from here on: continue from the one returned."""
         ids = self._ids(input_ids, "input_ids")
         if state is None:
             state = self.initial_state(ids.shape[0])
-        self._check_state(state)
         start = time.perf_counter()
-        self._feed(state, ids)
+        with self._continuing(state) as new:
+            self._feed(new, ids)
         self.backend.synchronize()
         self.timings["prefill_s"] += time.perf_counter() - start
         self.timings["prefill_tokens"] += ids.shape[0] * ids.shape[1]
-        return state
+        return new
 
     def decode(self, state: StepState, next_ids) -> tuple[Any, StepState]:
-        """Feed ``next_ids [B, n]`` after ``state``; returns their logits and the (same, updated) state."""
+        """Feed ``next_ids [B, n]`` after ``state``; returns their logits ``[B, n, V]`` and the new
+        state. ``state`` is stale from here on: continue from the one returned (or decode from a
+        ``copy_state`` of it)."""
         ids = self._ids(next_ids, "next_ids")
-        self._check_state(state)
-        if self.logits_mode != "all" and ids.shape[1] > 1:
-            # a "last" file gives one position per step: feed one token at a time
-            pieces = [self.decode(state, ids[:, i : i + 1])[0] for i in range(ids.shape[1])]
-            return self.backend.concat(pieces), state
         start = time.perf_counter()
-        logits = self.backend.concat(self._feed(state, ids))
+        with self._continuing(state) as new:
+            if self.logits_mode == "all":
+                pieces = self._feed(new, ids)
+            else:  # a "last" file gives one position per step: feed one token at a time
+                pieces = [self._step(new, ids[:, i : i + 1]) for i in range(ids.shape[1])]
+        logits = self.backend.concat(pieces)
         self.backend.synchronize()
         self.timings["decode_s"] += time.perf_counter() - start
         self.timings["decode_tokens"] += ids.shape[0] * ids.shape[1]
-        return logits, state
+        return logits, new
 
     def greedy_tokens(self, prompt_ids, max_new_tokens: int) -> Iterator[Any]:
         """Greedy decoding a token at a time, for callers that show progress: prefills
@@ -196,7 +225,21 @@ class SegmentRunner:
             token = self.backend.next_token(state.logits)
             yield token
             if i + 1 < max_new_tokens:  # the last token's logits are not needed
-                self.decode(state, token)
+                _, state = self.decode(state, token)
+
+    @contextmanager
+    def _continuing(self, state: StepState) -> Iterator[StepState]:
+        """The state that continues ``state`` (checked), taking its buffers over for the block to
+        feed; ``state`` is stale from here on. If the block raises before its first step, ``state``
+        stays live: its buffers are as they were (a history growth makes new ones)."""
+        self._check_state(state)
+        new = replace(state, buffers=dict(state.buffers), spare=dict(state.spare))
+        state.stale = True
+        try:
+            yield new
+        except BaseException:
+            state.stale = new.position != state.position
+            raise
 
     def _feed(self, state: StepState, ids) -> list:
         """Run ``ids`` (checked) a step per segment piece; the logits of each step."""
@@ -240,6 +283,12 @@ class SegmentRunner:
                 f"{self.backend.noun} {self.export_id[:12]} = {self.path.name}); prefill with this model to get "
                 "its state"
             )
+        if state.stale:
+            raise self.backend.error(
+                f"this state (position {state.position}) was continued already: a decode or prefill updates "
+                "the state's buffers in place and returns the state that continues it. Continue from the state "
+                "the last decode returned, or call copy_state(state) before decoding, to keep a copy to branch from"
+            )
 
     def _ids(self, ids, what: str):
         """``ids`` checked (integer ``[batch, tokens]``, not empty, inside the vocabulary) as the backend's
@@ -254,3 +303,8 @@ class SegmentRunner:
                     f"{what} holds ids outside the vocabulary [0, {self.vocab_size}): min {low}, max {high}"
                 )
         return ids
+
+
+def _buffer_shape(state: StepState, heads: int, dim: int, entries: int | None) -> tuple[int, ...]:
+    """``[B, heads, slots, dim]`` of one state buffer: ``entries`` slots (local), or the history capacity."""
+    return (state.batch_size, heads, entries if entries is not None else state.history, dim)

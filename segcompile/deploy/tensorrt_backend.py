@@ -5,10 +5,12 @@
 ``set_tensor_address``, ``execute_async_v3``).
 
 ``TensorRTSegmentedModel(engine_path)`` is the runner (``deploy.runner``) over
-``TensorRTBackend``: ``OnnxSegmentedModel``'s interface (``initial_state``, ``step``,
+``TensorRTBackend``: ``OnnxSegmentedModel``'s interface (``initial_state``, ``copy_state``, ``step``,
 ``prefill``, ``decode``, ``generate``) on torch CUDA tensors. The state buffers are CUDA tensors
 whose addresses the engine reads and writes; the history capacity grows up to the profile's H
-(``max_context``), and logits come back as CUDA tensors. Work is enqueued on a stream of the
+(``max_context``), and logits come back as CUDA tensors. As with onnxruntime, a state is updated
+in place: each ``decode`` returns the state that continues it and makes it stale, and
+``copy_state`` copies one to branch from (``deploy.runner``). Work is enqueued on a stream of the
 backend's own (TensorRT warns against the default stream) that waits for the caller's stream
 before each piece of work, and the caller's stream waits for it after.
 """
@@ -86,6 +88,10 @@ class TensorRTBackend:
     def zeros(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         with self._on_stream():
             return torch.zeros(shape, dtype=self.dtypes[name], device=self.device)
+
+    def copy(self, buffer: torch.Tensor) -> torch.Tensor:
+        with self._on_stream():
+            return buffer.clone()
 
     def grown(self, name: str, buffer: torch.Tensor, capacity: int) -> torch.Tensor:
         with self._on_stream():

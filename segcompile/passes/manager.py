@@ -12,11 +12,28 @@ from pathlib import Path
 import torch.fx as fx
 
 from .. import ir
-from ..files import atomic_write_text
+from ..files import atomic_dir, atomic_write_text, check_replaceable_dir
 
 log = logging.getLogger(__name__)
 
 Pass = Callable[[fx.GraphModule], fx.GraphModule]
+
+# What a dump folder holds: NN-<pass>.txt/.html/.dot/.svg, index.html, and the temporary files of
+# an atomic write that an interrupted run may have left. A folder of nothing else is an earlier
+# dump, which a new one replaces as a whole.
+DUMP_FILE = re.compile(r"\d{2,}-\w+\.(txt|html|dot|svg)|index\.html|\..+\.tmp")
+
+
+def is_dump_file(name: str) -> bool:
+    """Whether a file called ``name`` is one a pass dump writes (``DUMP_FILE``)."""
+    return DUMP_FILE.fullmatch(name) is not None
+
+
+def check_dump_dir(dump_dir: str | os.PathLike, what: str | None = None) -> None:
+    """Raise ``OutputPathError`` (a ``SegcompileError``) unless a dump can go to ``dump_dir``: a
+    place that can be written, missing, empty or holding an earlier dump. Cheap: for callers that
+    know the folder before the expensive work (capture)."""
+    check_replaceable_dir(dump_dir, is_dump_file, what)
 
 
 class PassManager:
@@ -27,6 +44,10 @@ class PassManager:
     keeps a ``networkx`` snapshot of the graph after each pass (``graphs``) and at the end writes
     the visualiser's pages there (``segcompile.viz``): ``index.html``, ``NN-<pass>.html``,
     ``NN-<pass>.dot``, and ``NN-<pass>.svg`` where Graphviz's ``dot`` is installed.
+    All of it is written to a temporary folder beside ``dump_dir``, renamed into place when the
+    last page is written (``files.atomic_dir``): a pass that raises (a plan the model refuses, say)
+    or an interruption leaves no folder of partial dumps. ``dump_dir`` must be missing, empty or
+    an earlier dump (``check_dump_dir``), which is replaced as a whole.
     Seconds per pass end up in ``timings`` and ``gm.meta[ir.PASS_TIMINGS]``; seconds
     spent on dumps, snapshots and pages in ``dump_seconds`` and ``gm.meta[ir.DUMP_SECONDS]``.
     """
@@ -34,12 +55,28 @@ class PassManager:
     def __init__(self, passes: Sequence[Pass], dump_dir: str | os.PathLike | None = None):
         self.passes = list(passes)
         self.dump_dir = Path(dump_dir) if dump_dir is not None else None
+        if self.dump_dir is not None:
+            check_dump_dir(self.dump_dir, f"dump_dir {self.dump_dir}")
         self.timings: dict[str, float] = {}
         self.graphs: list = []  # networkx.DiGraph snapshots, one per dump
         self.dump_seconds = 0.0
         self.index_html: Path | None = None
+        self._writing: Path | None = None  # the temporary folder the dumps go to while the passes run
 
     def __call__(self, gm: fx.GraphModule) -> fx.GraphModule:
+        if self.dump_dir is None:
+            return self._run(gm)
+        with atomic_dir(self.dump_dir, is_dump_file) as folder:
+            self._writing = folder
+            try:
+                gm = self._run(gm)
+                self._write_pages(gm)
+            finally:
+                self._writing = None
+        self.index_html = self.dump_dir / "index.html"
+        return gm
+
+    def _run(self, gm: fx.GraphModule) -> fx.GraphModule:
         self._dump(gm, 0, "capture", INPUT_GRAPH_DOC)
         for i, p in enumerate(self.passes, start=1):
             start = time.perf_counter()
@@ -48,22 +85,23 @@ class PassManager:
             log.debug("after %s:\n%s", p.__name__, gm.graph)
             self._dump(gm, i, p.__name__, _first_line(p.__doc__))
         gm.meta[ir.PASS_TIMINGS] = dict(self.timings)
-        if self.dump_dir is not None:
-            from ..viz import write_pages
-
-            start = time.perf_counter()
-            self.index_html = write_pages(self.graphs, self.dump_dir, self.timings)
-            self.dump_seconds += time.perf_counter() - start
-            gm.meta[ir.DUMP_SECONDS] = self.dump_seconds
         return gm
 
+    def _write_pages(self, gm: fx.GraphModule) -> None:
+        from ..viz import write_pages
+
+        start = time.perf_counter()
+        write_pages(self.graphs, self._writing, self.timings)
+        self.dump_seconds += time.perf_counter() - start
+        gm.meta[ir.DUMP_SECONDS] = self.dump_seconds
+
     def _dump(self, gm: fx.GraphModule, index: int, name: str, doc: str) -> None:
-        if self.dump_dir is None:
+        if self._writing is None:
             return
         from ..viz import graph_of
 
         start = time.perf_counter()
-        atomic_write_text(self.dump_dir / f"{index:02d}-{name}.txt", describe_graph(gm, name))
+        atomic_write_text(self._writing / f"{index:02d}-{name}.txt", describe_graph(gm, name))
         snapshot = graph_of(gm, name)
         snapshot.graph["doc"] = doc
         self.graphs.append(snapshot)

@@ -7,7 +7,9 @@ them, search by name, and a details panel (op, target, dtype and shape, module, 
 attention site and head plan, carried state). The graph travels inside the page as JSON and
 the inlined script (``assets.py``) draws it: nothing is fetched, the page works offline.
 
-Every file is written atomically. Measured on the built-in tiny Llama (bench/viz_pages.py, 2 CPU
+Every file is written atomically, and the pass manager (``passes.manager``) has them all
+written in a temporary folder that it renames into place once ``index.html`` is written, so that
+a run that fails or is interrupted leaves no pages. Measured on the built-in tiny Llama (bench/viz_pages.py, 2 CPU
 cores): the largest page is 0.12 MB at 4 layers and 0.65 MB at 32 layers (2,400 to 2,700 nodes a
 graph); all pages of the 32-layer model take 1.6 s.
 """
