@@ -1,7 +1,16 @@
 """segcompile: compile full-attention decoders into training-inference consistent segment loops."""
 
 from .config import SegmentConfig
-from .errors import CaptureError, ConfigError, PlanError, SegcompileError, UnsupportedAttentionError, WrappingError
+from .errors import (
+    CaptureError,
+    ConfigError,
+    InputError,
+    PlanError,
+    SegcompileError,
+    StateError,
+    UnsupportedAttentionError,
+    WrappingError,
+)
 from .frontend import capture
 from .heads import select_heads
 from .plan import HeadPlan
@@ -13,11 +22,13 @@ __all__ = [
     "CaptureError",
     "ConfigError",
     "HeadPlan",
+    "InputError",
     "PlanError",
     "SegcompileError",
     "SegmentConfig",
     "SegmentState",
     "SegmentedModel",
+    "StateError",
     "UnsupportedAttentionError",
     "WrappingError",
     "capture",

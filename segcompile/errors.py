@@ -28,3 +28,13 @@ class UnsupportedAttentionError(SegcompileError):
 class WrappingError(SegcompileError, TypeError):
     """A model wrapped by FSDP or DDP was given to ``transform``, or a SegmentedModel was wrapped
     other than by ``segcompile.distributed`` (docs/design.md section 2: the step graph runs, not the modules)."""
+
+
+class InputError(SegcompileError, ValueError):
+    """Token ids or labels given to a ``SegmentedModel`` (or the oracle) do not fit the model: not an
+    integer ``[batch, tokens]`` tensor, on another device, or outside the vocabulary."""
+
+
+class StateError(SegcompileError, ValueError):
+    """A decode state was made by another program (another model, segment sizes or head plan), or
+    was already continued where states are updated in place (``seg.enable_cuda_graphs``)."""

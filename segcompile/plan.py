@@ -59,7 +59,8 @@ class HeadPlan:
         """``round(f * total KV heads)`` long-range heads (at least one when f > 0), dealt
         round-robin over layers, lowest KV-head index first. Without a profile every head is
         as good as any other; ``select_heads`` makes an informed choice."""
-        if not isinstance(f, (int, float)) or not 0.0 <= float(f) <= 1.0 or math.isnan(f):
+        # a bool is an int to Python: fraction(True) would silently mean "every head"
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 <= float(f) <= 1.0 or math.isnan(f):
             raise PlanError(f"HeadPlan.fraction needs 0 <= f <= 1, got {f!r}")
         return cls("fraction", fraction_value=float(f))
 

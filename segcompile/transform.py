@@ -8,6 +8,7 @@ import torch
 import torch.fx as fx
 
 from .config import SegmentConfig
+from .errors import ConfigError
 from .runtime.wrapping import check_not_wrapped
 from .frontend import capture, copy_captured, is_captured
 from .passes import PASSES, PassManager
@@ -31,9 +32,17 @@ def transform(
     The model itself is not modified; the returned module shares its parameters. The program
     runs on the device the model was on when it was captured: move the model first. A model
     wrapped by FSDP or DDP is refused: wrap the result instead (``segcompile.distributed``).
+    A model in training mode with active dropout is refused (``CaptureError``): the traced graph
+    would keep dropout on for good, whatever ``seg.train()``/``seg.eval()`` say; call
+    ``model.eval()`` first (the program then runs without dropout, in training too).
     """
     check_not_wrapped(model)
     cfg = cfg if cfg is not None else SegmentConfig(segment_len=2048)
+    if not isinstance(cfg, SegmentConfig):
+        raise ConfigError(
+            f"transform takes a SegmentConfig as cfg, got {type(cfg).__name__} {cfg!r:.40}; "
+            "for example sc.SegmentConfig(segment_len=2048)"
+        )
     gm = copy_captured(model) if is_captured(model) else capture(model)
     gm.meta[ir.CONFIG] = cfg
     gm.meta[ir.IMPLEMENTATION] = implementation

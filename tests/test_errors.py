@@ -91,7 +91,7 @@ def test_config_errors_are_value_errors():
 
 
 # ---- HeadPlan construction ------------------------------------------------------------------
-@pytest.mark.parametrize("f", [1.5, -0.1, float("nan"), "0.5"])
+@pytest.mark.parametrize("f", [1.5, -0.1, float("nan"), "0.5", True])
 def test_fraction_out_of_range(f):
     with raises(sc.PlanError, r"HeadPlan\.fraction needs 0 <= f <= 1", re.escape(repr(f))):
         sc.HeadPlan.fraction(f)
@@ -440,3 +440,154 @@ def test_input_on_another_device(seg):
     ids = random_ids(2, 6).to("meta")
     with raises(sc.SegcompileError, r"input_ids are on meta but LlamaForCausalLM was captured on cpu", r"move the model first"):
         seg(ids)
+
+
+# ---- dropout outside attention, active at capture ----------------------------------------------------
+def gpt2_with_dropout(p: float):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(
+        vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=64, bos_token_id=0, eos_token_id=0,
+        resid_pdrop=p, embd_pdrop=p, attn_pdrop=0.0,
+    )
+    return transformers.GPT2LMHeadModel(config)
+
+
+@pytest.mark.parametrize("entry", ["transform", "capture"])
+def test_active_dropout_in_training_mode(entry):
+    # Captured in training mode, GPT-2's residual and embedding dropout would stay in the step graph:
+    # applied on every call, even after model.eval(); seg.eval().
+    model = gpt2_with_dropout(0.5).train()
+    with raises(
+        sc.CaptureError,
+        r"GPT2LMHeadModel is in training mode with active dropout in `transformer\.drop` \(Dropout, p=0\.5\)",
+        r"`transformer\.h\.0\.attn\.resid_dropout` \(Dropout, p=0\.5\)",
+        r"Call model\.eval\(\) first",
+    ):
+        sc.transform(model, cfg()) if entry == "transform" else sc.capture(model)
+
+
+def test_inactive_dropout_is_accepted():
+    # Control: the same model in eval mode, and in training mode with p = 0, compiles to the model's output.
+    ids = random_ids(1, 10)
+    for model in (gpt2_with_dropout(0.5).eval(), gpt2_with_dropout(0.0).train()):
+        seg = sc.transform(model, cfg())
+        with torch.no_grad():
+            torch.testing.assert_close(seg(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+# ---- ids outside the vocabulary, other integer dtypes, bad labels ----------------------------------------
+def call_with_ids(seg, llama, method: str, ids: torch.Tensor):
+    """Feed ``ids`` through one entry point (decode after a valid prefill)."""
+    model = llama[0]
+    if method == "forward":
+        return seg(ids)
+    if method == "prefill":
+        return seg.prefill(ids)
+    if method == "prefill-state":
+        return seg.prefill(ids, state=seg.prefill(random_ids(ids.shape[0], 3)))
+    if method == "decode":
+        return seg.decode(seg.prefill(random_ids(ids.shape[0], 3)), ids)
+    if method == "generate":
+        return seg.generate(ids, 2)
+    if method == "tbptt_backward":
+        return seg.tbptt_backward(ids)
+    if method == "oracle.forward":
+        return sc.oracle.forward(model, cfg(), ids)
+    return sc.oracle.gradients(model, cfg(), ids, random_ids(*ids.shape))
+
+
+ENTRY_POINTS = ["forward", "prefill", "prefill-state", "decode", "generate", "tbptt_backward", "oracle.forward",
+                "oracle.gradients"]
+
+
+@pytest.mark.parametrize("method", ENTRY_POINTS)
+@pytest.mark.parametrize("bad, shown", [(VOCAB, rf"max {VOCAB}"), (-1, r"min -1")], ids=["too-large", "negative"])
+def test_ids_outside_the_vocabulary(seg, llama, method, bad, shown):
+    ids = random_ids(2, 6)
+    ids[1, 4] = bad
+    with raises(
+        sc.SegcompileError,
+        rf"input_ids hold ids outside the vocabulary of LlamaForCausalLM \(ids 0\.\.{VOCAB - 1}\)",
+        shown,
+        rf"the first at \[1, 4\] is {bad}",
+        r"use the tokenizer made for this model",
+    ) as info:
+        with torch.no_grad() if method not in ("tbptt_backward", "oracle.gradients") else contextlib.nullcontext():
+            call_with_ids(seg, llama, method, ids)
+    assert isinstance(info.value, sc.errors.InputError)
+
+
+@pytest.mark.parametrize("method", ["forward", "decode", "tbptt_backward", "oracle.forward"])
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int16, torch.int32])
+def test_ids_of_any_integer_dtype_mean_the_same_tokens(seg, llama, method, dtype):
+    ids = random_ids(2, 6)
+    with torch.no_grad() if method != "tbptt_backward" else contextlib.nullcontext():
+        want = call_with_ids(seg, llama, method, ids)
+        seg.zero_grad(set_to_none=True)
+        got = call_with_ids(seg, llama, method, ids.to(dtype))
+        seg.zero_grad(set_to_none=True)
+    got, want = (x[0] if isinstance(x, tuple) else x for x in (got, want))  # decode: (logits, state)
+    torch.testing.assert_close(getattr(got, "logits", got), getattr(want, "logits", want), rtol=0, atol=0)
+
+
+def test_empty_batch(seg):
+    with raises(sc.SegcompileError, r"input_ids has no rows \(shape \(0, 4\)\)"):
+        seg(random_ids(1, 4)[:0])
+
+
+@pytest.mark.parametrize("where", ["seg", "oracle"])
+@pytest.mark.parametrize(
+    "value, pattern",
+    [(VOCAB, rf"labels hold values outside the {VOCAB} classes of LlamaForCausalLM's logits: min \d+, max {VOCAB}"),
+     (-5, r"labels hold values outside .* min -5, max \d+ \(besides -100\), the first at \[0, 2\] is -5")],
+    ids=["too-large", "negative"],
+)
+def test_labels_outside_the_classes(seg, llama, where, value, pattern):
+    ids = random_ids(2, 6)
+    labels = ids.clone()
+    labels[:, 0] = -100  # ignored positions are fine
+    labels[0, 2] = value
+    with raises(sc.SegcompileError, pattern, r"token ids, or -100 for a position without loss"):
+        if where == "seg":
+            seg.tbptt_backward(ids, labels)
+        else:
+            sc.oracle.gradients(llama[0], cfg(), ids, labels)
+    assert all(p.grad is None for p in seg.parameters())  # refused before any gradient
+
+
+@pytest.mark.parametrize("where", ["seg", "oracle"])
+def test_float_labels(seg, llama, where):
+    ids = random_ids(2, 6)
+    with raises(sc.SegcompileError, r"labels must be an integer tensor of token ids \(-100 to ignore a position\), "
+                                    r"got torch\.float32"):
+        if where == "seg":
+            seg.tbptt_backward(ids, ids.float())
+        else:
+            sc.oracle.gradients(llama[0], cfg(), ids, ids.float())
+
+
+def test_labels_of_another_integer_dtype_are_accepted(seg):
+    ids = random_ids(2, 6)
+    want = seg.tbptt_backward(ids, ids)
+    seg.zero_grad(set_to_none=True)
+    got = seg.tbptt_backward(ids, ids.to(torch.int32))
+    seg.zero_grad(set_to_none=True)
+    assert torch.equal(got, want)
+
+
+def test_generate_pad_outside_the_vocabulary(seg):
+    with raises(sc.SegcompileError, rf"generate: pad token {VOCAB} is outside the model's vocabulary", r"pad_token_id"):
+        seg.generate(random_ids(2, 4), 3, pad_token_id=VOCAB)
+
+
+def test_generate_checks_the_prompt_even_without_new_tokens(seg):
+    ids = random_ids(2, 4)
+    ids[0, 0] = VOCAB
+    with raises(sc.SegcompileError, r"input_ids hold ids outside the vocabulary"):
+        seg.generate(ids, 0)
+
+
+@pytest.mark.parametrize("config", [8, "not a config", {"segment_len": 8}])
+def test_transform_config_not_a_segment_config(llama, config):
+    with raises(sc.ConfigError, r"transform takes a SegmentConfig as cfg, got (int|str|dict)", r"sc\.SegmentConfig\("):
+        sc.transform(llama[1], config)

@@ -104,9 +104,9 @@ def test_one_decode_step_per_new_token_but_the_last(monkeypatch):
     fed = []
     decode = seg.decode
 
-    def counting(state, ids):
+    def counting(state, ids, **options):
         fed.append(tuple(ids.shape))
-        return decode(state, ids)
+        return decode(state, ids, **options)
 
     monkeypatch.setattr(seg, "decode", counting)
     seg.generate(random_ids(2, PROMPT), NEW)

@@ -12,6 +12,19 @@ Removed on the way, because they pin the graph to the example: the export guard 
 ``use_cache`` constant input and ``aten._assert_tensor_metadata`` checks (which name the device
 and the dtypes of the trace). In their place, every capture is checked against the model itself
 at a one-token and a three-token input.
+
+Dropout: the traced graph records each dropout call with the train flag the model had while it
+was traced, and a graph has no ``train()``/``eval()`` switch: a model captured in training mode
+would drop activations on every later call, ``seg.eval()`` or not. So a model whose dropout is
+active (training mode, ``p > 0``) is refused with a ``CaptureError`` that names the modules:
+call ``model.eval()`` first (training then runs without dropout, as every segcompile example
+does) or set those probabilities to 0. Dropout on attention probabilities is left to
+``find_attention``, which refuses it naming the attention layer; dropout with ``p = 0`` or in eval
+mode is the identity and is accepted.
+
+Recorded for the runtime (``CaptureInfo``): the vocabulary the ids index (the rows of the
+embedding ``input_ids`` feed, read from the graph; else the config's ``vocab_size``) and the
+logits' width (what labels index), so that bad ids and labels are refused before a step runs.
 """
 
 from __future__ import annotations
@@ -46,6 +59,8 @@ class CaptureInfo:
     model_config: Any = None
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     seconds: float = 0.0
+    vocab_size: int | None = None  # rows of the embedding input_ids index: ids must be below it
+    logits_size: int | None = None  # the logits' last dimension: labels must be below it
 
     def describe(self) -> str:
         return f"{self.model_class} traced with {self.method} in {self.seconds:.2f}s"
@@ -86,16 +101,20 @@ def capture(model: torch.nn.Module) -> fx.GraphModule:
     except Exception as e:  # noqa: BLE001 - every tracing failure becomes one clear error
         raise CaptureError(_explain_trace_failure(model, e)) from e
     gm = _flatten(ep.module())
-    _check_against_model(gm, model, kwargs)
+    _refuse_active_dropout(gm, name)
+    output = _check_against_model(gm, model, kwargs)
+    config = getattr(model, "config", None)
     gm.meta[ir.CAPTURE] = CaptureInfo(
         method=method,
         model_class=name,
         out_spec=ep.call_spec.out_spec,
         example_input_ids=ids,
         example_position_ids=pos,
-        model_config=getattr(model, "config", None),
+        model_config=config,
         device=device,
         seconds=time.perf_counter() - start,
+        vocab_size=_embedding_rows(gm) or _config_int(config, "vocab_size"),
+        logits_size=_logits_size(output) or _config_int(config, "vocab_size"),
     )
     return gm
 
@@ -127,8 +146,9 @@ def _export(model, kwargs, strict_dims: bool):
 CHECK_SHAPES = ((1, 1), (2, 3))
 
 
-def _check_against_model(gm: fx.GraphModule, model: torch.nn.Module, kwargs: dict[str, Any]) -> None:
+def _check_against_model(gm: fx.GraphModule, model: torch.nn.Module, kwargs: dict[str, Any]) -> Any:
     """The captured graph must compute what the model computes, at lengths other than the example's.
+    Returns the model's output at the last check (its logits give the output's width).
 
     fp32/fp64 models are compared elementwise. Half-precision ones by the relative error of the
     whole output: rounding differences (another attention kernel for another mask form, say) grow
@@ -142,7 +162,8 @@ def _check_against_model(gm: fx.GraphModule, model: torch.nn.Module, kwargs: dic
             ids = torch.randint(0, 2, (batch, length), device=device)
             pos = torch.arange(7, 7 + length, device=device)[None]
             with _same_random_numbers(device):  # dropout in training mode draws the same masks
-                want = torch.utils._pytree.tree_leaves(model(input_ids=ids, position_ids=pos, **extra))
+                output = model(input_ids=ids, position_ids=pos, **extra)
+            want = torch.utils._pytree.tree_leaves(output)
             with _same_random_numbers(device):
                 got = gm(ids, pos)
             for w, g in zip(want, got):
@@ -153,6 +174,97 @@ def _check_against_model(gm: fx.GraphModule, model: torch.nn.Module, kwargs: dic
                         f"length {length} (shapes {tuple(g.shape)} vs {tuple(w.shape)}, {error}): tracing "
                         "specialised something to the example input; report the model"
                     )
+    return output
+
+
+# ---- dropout: refused while active (module docstring) ----------------------------------------------
+aten = torch.ops.aten
+# every dropout op takes (input, p, train)
+DROPOUTS = tuple(
+    getattr(aten, name).default
+    for name in ("dropout", "dropout_", "native_dropout", "feature_dropout", "feature_dropout_", "alpha_dropout",
+                 "alpha_dropout_", "feature_alpha_dropout", "feature_alpha_dropout_")
+    if hasattr(aten, name)
+)
+# what attention-probability dropout reads, through casts (find_attention's pattern refuses it by layer)
+SOFTMAX = (aten.softmax.int, aten._softmax.default)
+CASTS = (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default)
+NAMED_MODULES = 3  # how many active dropout modules the error lists by name
+
+
+def _refuse_active_dropout(gm: fx.GraphModule, model_name: str) -> None:
+    """A ``CaptureError`` naming the modules whose dropout the trace recorded as active."""
+    active = []
+    for module in gm.modules():  # higher-order ops (autocast regions) keep their bodies in submodules
+        if isinstance(module, fx.GraphModule):
+            active += [node for node in module.graph.nodes if _is_active_dropout(node)]
+    if not active:
+        return
+    where = list(dict.fromkeys(_dropout_site(node) for node in active))
+    more = f" and {len(where) - NAMED_MODULES} more" if len(where) > NAMED_MODULES else ""
+    raise CaptureError(
+        f"{model_name} is in training mode with active dropout in {', '.join(where[:NAMED_MODULES])}{more}: the traced "
+        "graph would apply it on every call, since it has no train/eval switch (seg.eval() could not turn it off). "
+        "Call model.eval() first (training then runs without dropout), or set those dropout probabilities to 0"
+    )
+
+
+def _is_active_dropout(node: fx.Node) -> bool:
+    if node.op != "call_function" or node.target not in DROPOUTS or len(node.args) < 3:
+        return False
+    p, train = node.args[1], node.args[2]
+    return bool(train) and p != 0 and not _reads_softmax(node.args[0])
+
+
+def _reads_softmax(node) -> bool:
+    while isinstance(node, fx.Node) and node.target in CASTS:
+        node = node.args[0]
+    return isinstance(node, fx.Node) and node.target in SOFTMAX
+
+
+def _dropout_site(node: fx.Node) -> str:
+    """The innermost module whose forward called the dropout, as "`path` (Class, p=0.5)"."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return f"node `{node.name}` (p={node.args[1]})"
+    path, cls = list(stack.values())[-1]
+    cls = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+    return f"`{path or '<root>'}` ({cls.rsplit('.', 1)[-1]}, p={node.args[1]})"
+
+
+# ---- what ids and labels index (CaptureInfo.vocab_size, .logits_size) -------------------------------
+EMBEDDINGS = (aten.embedding.default,)
+# ops that pass token ids on unchanged in value (GPT-2 reshapes input_ids before its embedding)
+SAME_IDS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.clone.default,
+            aten.alias.default, aten.unsqueeze.default, aten.squeeze.dim, aten.flatten.using_ints,
+            aten.contiguous.default, *CASTS)
+
+
+def _embedding_rows(gm: fx.GraphModule) -> int | None:
+    """Rows of the embeddings ``input_ids`` index (the fewest, if several); ``None`` if it feeds none."""
+    frontier = [n for n in gm.graph.nodes if n.op == "placeholder" and n.target == "input_ids"]
+    rows = []
+    while frontier:
+        node = frontier.pop()
+        for user in node.users:
+            if user.target in EMBEDDINGS and len(user.args) > 1 and user.args[1] is node:
+                weight = user.args[0].meta.get("val") if isinstance(user.args[0], fx.Node) else None
+                if weight is not None and isinstance(weight.shape[0], int):
+                    rows.append(weight.shape[0])
+            elif user.target in SAME_IDS:
+                frontier.append(user)
+    return min(rows) if rows else None
+
+
+def _logits_size(output) -> int | None:
+    """The last dimension of a model output's logits (``output.logits``, or the output itself)."""
+    logits = output.logits if hasattr(output, "logits") else output
+    return logits.shape[-1] if isinstance(logits, torch.Tensor) and logits.dim() >= 1 else None
+
+
+def _config_int(config, name: str) -> int | None:
+    value = getattr(config, name, None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
 def outputs_agree(got: torch.Tensor, want: torch.Tensor, precise: bool) -> tuple[bool, str]:

@@ -21,6 +21,11 @@ The total gradient is the sum over ``s``. Queries always receive gradient.
 Attention calls are intercepted with a ``TorchFunctionMode`` on
 ``F.scaled_dot_product_attention`` (``sdpa_hook.run_per_layer_attention``, which head selection
 uses too); the n-th call of a forward is layer n. Run models in eval mode (no dropout).
+
+Inputs are checked as ``SegmentedModel`` checks them (``segcompile/inputs.py``): ids an integer
+``[batch, tokens]`` tensor on the model's device inside its vocabulary (the input embedding's
+rows, else ``config.vocab_size``), labels classes of its logits or -100; an ``InputError``
+otherwise, never an index error from inside the model.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ import torch
 
 from ..config import SegmentConfig
 from ..errors import SegcompileError
+from ..frontend import device_of
 from ..loss import label_count, span_loss
+from ..inputs import label_ids, token_ids
 from .sdpa_hook import kv_heads_per_layer, run_per_layer_attention
 
 
@@ -105,9 +112,36 @@ def _run(model, cfg: SegmentConfig, input_ids, live: Callable[[int], torch.Tenso
     return logits
 
 
+# ---- the inputs ----------------------------------------------------------------------------
+def _checked_ids(model: torch.nn.Module, input_ids) -> torch.Tensor:
+    return token_ids(input_ids, vocab_size=_vocabulary(model), device=device_of(model), owner=type(model).__name__)
+
+
+def _vocabulary(model: torch.nn.Module) -> int | None:
+    """Rows of the model's input embedding (transformers' ``get_input_embeddings``), else ``config.vocab_size``."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if isinstance(embedding, torch.nn.Embedding):
+        return embedding.num_embeddings
+    return _config_vocabulary(model)
+
+
+def _classes(model: torch.nn.Module) -> int | None:
+    """Width of the model's logits (its output embedding, else ``config.vocab_size``): what labels index."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, torch.nn.Linear):
+        return head.out_features
+    return _config_vocabulary(model)
+
+
+def _config_vocabulary(model: torch.nn.Module) -> int | None:
+    value = getattr(getattr(model, "config", None), "vocab_size", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 # ---- public --------------------------------------------------------------------------------
 def forward(model: torch.nn.Module, cfg: SegmentConfig, input_ids: torch.Tensor) -> torch.Tensor:
     """Logits ``[B, N, V]`` of the segmented model, computed densely."""
+    input_ids = _checked_ids(model, input_ids)
     with torch.no_grad():
         return _run(model, cfg, input_ids, lambda n: torch.ones(n, n, dtype=torch.bool))
 
@@ -126,6 +160,8 @@ def gradients(
     """
     if reduction not in ("mean", "sum"):
         raise SegcompileError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    input_ids = _checked_ids(model, input_ids)
+    labels = label_ids(labels, input_ids, _classes(model), type(model).__name__)
     n = input_ids.shape[1]
     S = cfg.segment_len
     denominator = max(label_count(labels), 1) if reduction == "mean" else 1

@@ -13,6 +13,23 @@ head keeps everything. The same loop serves ``forward`` (whole sequence), ``pref
 ``decode`` (any number of tokens, usually one); ``segments`` runs it one whole segment at a time
 for training (``runtime/training.py`` consumes it). ``generate`` is prefill and decode in
 ``runtime/generation.py``'s loop.
+
+State semantics. ``prefill`` and ``decode`` are functional: they return a new ``SegmentState``
+and never change the one passed in, which stays valid and can be continued again (to branch:
+two decodes from one state give two independent continuations; the history buffer they share
+is copied before one would write where the other reads, ``state.append_history``). The one
+exception is decoding through CUDA graphs (``enable_cuda_graphs``): the state lives in fixed
+buffers updated in place, so each decode makes the state it continued stale, and decoding from a
+stale state is a ``StateError`` (``state.to_segment_state()`` copies one out to branch from).
+A state belongs to the program that made it (``SegmentState.program_id``: the parameters, the
+segment sizes, the head plan, the K/V layout); another program's state is a ``StateError``,
+and a state of an equivalent program (another transform of the same model and config, another
+implementation or ``tbptt_k``, compiled or not) is accepted.
+
+Input checks (``segcompile/inputs.py``). Each call checks its ids once, before any step runs:
+an integer ``[batch, tokens]`` tensor (any integer dtype, converted to int64) on the captured
+device, inside the vocabulary (one min/max reduction, so one device sync per call on CUDA);
+``tbptt_backward`` checks its labels the same way.
 """
 
 from __future__ import annotations
@@ -31,17 +48,20 @@ import torch.utils.checkpoint
 import torch.utils._pytree as pytree
 
 from ..config import SegmentConfig, segment_pieces
-from ..errors import SegcompileError
+from ..errors import InputError, SegcompileError
 from ..ir import AttentionSite
 from .. import ir
 from . import generation, training
+from ..inputs import check_token_tensor, token_ids
 from .state import (
     CARRIED_NAMES,
     CONSTANT_NAMES,
     LayerState,
+    ProgramId,
     SegmentState,
     append_history,
     carried_dtype,
+    check_state_program,
     compiled_layout,
     empty_state,
     layer_tensors,
@@ -81,6 +101,10 @@ class SegmentedModel(torch.nn.Module):
         self.implementations: dict[int, str] = step_graph.meta[ir.IMPL]
         self._num_outputs = step_graph.meta[ir.NUM_MODEL_OUTPUTS]
         self.pass_timings: dict[str, float] = dict(step_graph.meta.get(ir.PASS_TIMINGS, {}))
+        # ids must be below this (the rows of the input embedding; None: unknown, not checked)
+        self.vocab_size: int | None = self.capture_info.vocab_size
+        # what every state this model makes carries, and what a state given to it must match
+        self.program_id = ProgramId.of(self.capture_info.model_class, step_graph.parameters(), self.sites, cfg)
         self._last_logits_graph: fx.GraphModule | None = None  # built on the first prefill
         self._releasing_tails_graph: fx.GraphModule | None = None  # the same, freeing the old tails
         # set by compile(): graph -> (its torch.compile'd callable, the unbacked sources for its calls)
@@ -101,7 +125,7 @@ class SegmentedModel(torch.nn.Module):
                 f"SegmentedModel.forward takes only input_ids; got {sorted(kwargs)}. Positions are "
                 "implicit and masks are the segment semantics (padding is not supported)"
             )
-        self._check_ids(input_ids)  # before anything reads input_ids.shape
+        input_ids = self._checked_ids(input_ids)  # before anything reads input_ids.shape
         if self.cfg.tbptt_k and input_ids.shape[1] > self.cfg.segment_len and _builds_graph(self):
             warnings.warn(
                 "gradients through SegmentedModel.forward carry no state across segments (tbptt_k=0 "
@@ -115,11 +139,20 @@ class SegmentedModel(torch.nn.Module):
     def prefill(self, input_ids: torch.Tensor, state: SegmentState | None = None, *, free_tails: bool = True) -> SegmentState:
         """Run ``input_ids`` through the loop and return the state (``state.logits`` = last token's).
 
+        ``state``: continue from it (a ``SegmentState``, or a ``StaticState`` from decoding with
+        CUDA graphs, copied out first) instead of the empty state; it must come from this model's
+        program (``SegmentState.program_id``, else a ``StateError``) and is not changed: the new
+        state is returned, and ``state`` can be continued again (module docstring).
+
         Each step computes the logits of its last position only, the long-range history is
         allocated once for the whole prompt, and a step over a whole segment frees each layer's
         old tail once its layer has read it (``_step_releasing_tails``), except the tails of the
         ``state`` passed in, which the caller may continue from again. ``free_tails=False``:
         free none (the same state to the bit, with every old tail alive until its step returns)."""
+        input_ids = self._checked_ids(input_ids)
+        if state is not None:
+            check_state_program(state, self.program_id, self.sites, self.cfg, "prefill")
+            self._check_batch(state, input_ids, "prefill")
         if isinstance(state, StaticState):  # decoded with CUDA graphs: continue from a copy
             state = state.to_segment_state()
         state = state or self.initial_state(input_ids)
@@ -128,14 +161,19 @@ class SegmentedModel(torch.nn.Module):
         _, state = self._feed(state, input_ids, collect=False, foreign=foreign)
         return state
 
-    def decode(self, state: SegmentState, next_ids: torch.Tensor) -> tuple[torch.Tensor, SegmentState]:
-        """Feed ``next_ids [B, n]`` after ``state``; returns their logits ``[B, n, V]`` and the new state."""
-        self._check_ids(next_ids)
-        if next_ids.shape[0] != state.batch_size:
-            raise SegcompileError(
-                f"decode: batch size {next_ids.shape[0]} does not match the state's {state.batch_size}; "
-                "decode with the batch the state was prefilled with"
-            )
+    def decode(self, state: SegmentState, next_ids: torch.Tensor, *,
+               check_ids: bool = True) -> tuple[torch.Tensor, SegmentState]:
+        """Feed ``next_ids [B, n]`` after ``state``; returns their logits ``[B, n, V]`` and the new state.
+
+        Functional: ``state`` is not changed and can be decoded from again (a branch), except on
+        the CUDA-graph path (``enable_cuda_graphs``), where the returned ``StaticState`` replaces
+        it in place and ``state`` becomes stale (module docstring). ``state`` must come from this
+        model's program (``SegmentState.program_id``), else a ``StateError`` says what differs.
+        ``check_ids=False`` skips the vocabulary check of ``next_ids`` (a min/max reduction, one
+        device sync on CUDA): for ids the model chose itself, as ``generate`` does."""
+        next_ids = self._checked_ids(next_ids, check_range=check_ids)
+        check_state_program(state, self.program_id, self.sites, self.cfg, "decode")
+        self._check_batch(state, next_ids, "decode")
         if self._static is not None and not _builds_graph(self):
             self._note_decode_path(self._static.path)
             return self._static.decode(state, next_ids)
@@ -144,6 +182,14 @@ class SegmentedModel(torch.nn.Module):
         self._note_decode_path("compiled" if self._compiled else "eager")
         outputs, state = self._feed(state, next_ids, collect=True)
         return _logits_of(outputs), state
+
+    @staticmethod
+    def _check_batch(state, ids: torch.Tensor, what: str) -> None:
+        if ids.shape[0] != state.batch_size:
+            raise InputError(
+                f"{what}: batch size {ids.shape[0]} does not match the state's {state.batch_size}; "
+                f"{what} with the batch the state was prefilled with"
+            )
 
     def enable_cuda_graphs(self, *, history_block: int | None = None, max_context: int | None = None,
                            capture: bool | None = None) -> SegmentedModel:
@@ -160,7 +206,7 @@ class SegmentedModel(torch.nn.Module):
         (``state.to_segment_state()`` keeps a copy to branch from). With autograd recording,
         decode runs eagerly. Calling it again frees the buffers and graphs; ``disable_cuda_graphs``
         goes back to the eager step graph."""
-        self._static = StaticDecoder(self.step_graph, self.cfg, self.capture_info.device,
+        self._static = StaticDecoder(self.step_graph, self.cfg, self.capture_info.device, self.program_id,
                                      history_block=history_block, max_context=max_context, capture=capture)
         return self
 
@@ -208,7 +254,7 @@ class SegmentedModel(torch.nn.Module):
     def initial_state(self, input_ids: torch.Tensor) -> SegmentState:
         """The empty state a sequence of ``input_ids``' batch starts from."""
         self._check_ids(input_ids)
-        return empty_state(self.sites, input_ids.shape[0], input_ids.device)
+        return empty_state(self.sites, input_ids.shape[0], input_ids.device, self.program_id)
 
     def tbptt_backward(
         self,
@@ -239,6 +285,7 @@ class SegmentedModel(torch.nn.Module):
         *,
         checkpoint: bool = False,
         tails: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        check_ids: bool = True,
     ) -> Iterator[SegmentRun]:
         """Run ``input_ids`` from the empty state, one step per segment, yielding each segment's
         ``SegmentRun`` before the next step starts: the loop that training drives.
@@ -247,8 +294,10 @@ class SegmentedModel(torch.nn.Module):
         reads them (TBPTT makes them autograd leaves, to collect the gradient that reaches them);
         the runs then hold those tails and the step's own tail outputs. ``checkpoint``: as in
         ``run_step``. Nothing of a run is kept here once the next one is asked for: a consumer
-        that drops it frees it. The long-range history has one buffer for the whole input."""
-        self._check_ids(input_ids)
+        that drops it frees it. The long-range history has one buffer for the whole input.
+        ``check_ids=False``: the caller checked ``input_ids`` against the vocabulary already
+        (``tbptt_backward``)."""
+        input_ids = self._checked_ids(input_ids, check_range=check_ids)
         # growing the history by copies would, at each growth, hold the old and the new buffer at
         # once (2.5x the history) while the graphs of earlier segments keep views of the old
         state = reserve_history(self.initial_state(input_ids), input_ids.shape[1])
@@ -305,8 +354,8 @@ class SegmentedModel(torch.nn.Module):
     # ---- the loop ---------------------------------------------------------------------------
     def _feed(self, state: SegmentState, input_ids: torch.Tensor, collect: bool, foreign: set[int] | None = None):
         """Run ``input_ids`` after ``state``, one step per piece of a segment. ``foreign`` (prefill):
-        the storages the caller holds; steps that may free the old tails then do."""
-        self._check_ids(input_ids)
+        the storages the caller holds; steps that may free the old tails then do. ``input_ids``
+        were checked by the caller (``_checked_ids``)."""
         pieces = []
         for piece in segment_pieces(state.position, input_ids.shape[1], self.cfg.segment_len):
             chunk = input_ids[:, piece]
@@ -395,7 +444,7 @@ class SegmentedModel(torch.nn.Module):
             for i, layer in enumerate(state.layers)
         )
         position = state.position + chunk.shape[1]
-        return leaves, SegmentState(position, layers, self.logits_of(leaves)[:, -1])
+        return leaves, SegmentState(position, layers, self.logits_of(leaves)[:, -1], self.program_id)
 
     def _releasing_graph(self) -> fx.GraphModule:
         if self._releasing_tails_graph is None:
@@ -474,20 +523,14 @@ class SegmentedModel(torch.nn.Module):
         return moved
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:
-        if not isinstance(input_ids, torch.Tensor):
-            raise SegcompileError(f"input_ids must be an integer tensor [batch, tokens], got a {type(input_ids).__name__}")
-        if input_ids.dim() != 2 or input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
-            raise SegcompileError(
-                f"input_ids must be an integer tensor [batch, tokens], got {input_ids.dtype} of shape {tuple(input_ids.shape)}"
-            )
-        if input_ids.shape[1] == 0:
-            raise SegcompileError("input_ids has no tokens")
-        captured_on = self.capture_info.device
-        if input_ids.device.type != captured_on.type:
-            raise SegcompileError(
-                f"input_ids are on {input_ids.device} but {self.capture_info.model_class} was captured on "
-                f"{captured_on}; the traced graph is device-specific: move the model first, then call transform"
-            )
+        """An integer ``[batch, tokens]`` tensor on the captured device type (no sync)."""
+        check_token_tensor(input_ids, self.capture_info.device, self.capture_info.model_class)
+
+    def _checked_ids(self, input_ids: torch.Tensor, check_range: bool = True) -> torch.Tensor:
+        """``input_ids`` checked (``_check_ids``; ``check_range``: inside the vocabulary, one
+        reduction) as int64: what every public entry point runs once, before its first step."""
+        return token_ids(input_ids, vocab_size=self.vocab_size, device=self.capture_info.device,
+                         owner=self.capture_info.model_class, check_range=check_range)
 
     # ---- display ----------------------------------------------------------------------------
     def __repr__(self) -> str:

@@ -36,6 +36,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from ..errors import SegcompileError
+from ..inputs import token_ids
 
 RAGGED_HINT = (
     "segcompile has no padding: every token takes its absolute position and a place in a segment "
@@ -67,9 +68,13 @@ def generate(
     returns ``[B, N + new]`` token ids, the prompt first. The module docstring says what each
     option does; ``SegmentedModel.generate`` documents them for users."""
     prompt = prompt_ids(input_ids, attention_mask, seg.capture_info.device)
+    # checked here too, not only by prefill: with max_new_tokens=0 no prefill runs
+    prompt = token_ids(prompt, vocab_size=seg.vocab_size, device=seg.capture_info.device,
+                       owner=seg.capture_info.model_class)
     check_options(max_new_tokens, do_sample, temperature, top_k, top_p, repetition_penalty, generator)
     stops = stop_tokens(eos_token_id, stop_token_ids)
     pad = pad_token_id if pad_token_id is not None else (stops[0] if stops else None)
+    check_pad(pad, seg.vocab_size)
     criteria = stopping(stops, stopping_criteria)
     if criteria and pad is None and prompt.shape[0] > 1:
         raise SegcompileError(
@@ -93,6 +98,9 @@ def _loop(seg, prompt, max_new_tokens, processors, criteria, pad, do_sample, gen
     if max_new_tokens > 0:
         state = seg.prefill(prompt)
         logits = state.logits  # the last prompt token's, [B, V]
+        # a chosen token indexes the logits, and the pad was checked: with logits no wider than
+        # the vocabulary, the decode steps need not check their ids (a device sync per token)
+        check_ids = seg.vocab_size is not None and logits.shape[-1] > seg.vocab_size
         unfinished = torch.ones(batch, dtype=torch.bool, device=prompt.device)
         for step in range(max_new_tokens):
             scores = processors(out[:, :length], logits.to(torch.float32, copy=True))
@@ -108,7 +116,7 @@ def _loop(seg, prompt, max_new_tokens, processors, criteria, pad, do_sample, gen
                 if not bool(unfinished.any()):
                     break
             if step + 1 < max_new_tokens:  # the last token's logits are never needed
-                step_logits, state = seg.decode(state, new[:, None])
+                step_logits, state = seg.decode(state, new[:, None], check_ids=check_ids)
                 logits = step_logits[:, -1]
     if streamer is not None:
         streamer.end()
@@ -188,6 +196,19 @@ def check_options(max_new_tokens, do_sample, temperature, top_k, top_p, repetiti
 
 def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def check_pad(pad: int | None, vocab_size: int | None) -> None:
+    """The pad token is fed to the model (a stopped row's next input): it must be in the vocabulary."""
+    if pad is None:
+        return
+    if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+        raise SegcompileError(f"generate: pad_token_id must be a token id (an int >= 0), got {pad!r}")
+    if vocab_size is not None and pad >= vocab_size:
+        raise SegcompileError(
+            f"generate: pad token {pad} is outside the model's vocabulary (ids 0..{vocab_size - 1}); a stopped row "
+            "is fed its pad token: pass a pad_token_id (or stop tokens) of this model's tokenizer"
+        )
 
 
 def stop_tokens(eos_token_id, stop_token_ids) -> list[int]:

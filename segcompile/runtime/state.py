@@ -1,9 +1,11 @@
 """The carried state and its buffers (docs/design.md section 6).
 
 ``SegmentState`` is what a ``SegmentedModel`` carries between calls: the position, one
-``LayerState`` per layer (the step graph's state inputs in ``ir.STATE_NAMES`` order) and the last
-token's logits. This module makes states and lays out their memory; moving a finished segment
-into tail, sinks and history is the driver's (``SegmentedModel.end_segment``):
+``LayerState`` per layer (the step graph's state inputs in ``ir.STATE_NAMES`` order), the last
+token's logits and the ``ProgramId`` of the program that made it (a state is only meaningful to
+that program: ``SegmentedModel`` refuses another's, ``check_state_program``). This module makes
+states, checks them and lays out their memory; moving a finished segment into tail, sinks and
+history is the driver's (``SegmentedModel.end_segment``):
 
 * the long-range history is an append-only buffer that every live segment graph shares
   (``append_history``), sized up front when the input is known (``reserve_history``);
@@ -14,10 +16,12 @@ into tail, sinks and history is the driver's (``SegmentedModel.end_segment``):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 
+from ..config import SegmentConfig, segment_start
+from ..errors import StateError
 from ..ir import STATE_NAMES, AttentionSite
 
 HISTORY_GROWTH = 1.5  # capacity factor when the history buffer is full: amortised O(1) per token
@@ -51,19 +55,78 @@ class LayerState:
 
 
 @dataclass(frozen=True)
+class ProgramId:
+    """The program a carried state belongs to: what its K/V mean (docs/design.md sections 1 and 6).
+
+    Two ``SegmentedModel``s take each other's states when these are equal: the same parameters
+    (the objects, not their values: two transforms of one model, or of one ``sc.capture``, share
+    them; a copy of the model, or another model of the same architecture, does not), the same
+    segment sizes and head plan, and the same K/V layout and dtype per layer. What does not change
+    what a state holds is left out: ``tbptt_k`` (gradients only), the attention implementation,
+    ``compile()`` and CUDA graphs (how a step runs). Parameters changed in place (an optimizer
+    step) keep their identity: a state made before the change stays accepted, and holds K/V of
+    the old weights."""
+
+    model: str  # the captured model's class
+    parameters: int  # hash of the identities of its parameters
+    segment_len: int
+    tail_len: int
+    sink_tokens: int
+    long_range: tuple[tuple[int, ...], ...]  # per layer, its long-range KV heads in plan order
+    layers: tuple[tuple[int, int, int, str], ...]  # per layer: KV heads, K and V head dims, K/V dtype
+
+    @classmethod
+    def of(cls, model: str, parameters, sites: list[AttentionSite], cfg: SegmentConfig) -> ProgramId:
+        """The id of the program that runs ``sites`` under ``cfg`` with ``parameters``."""
+        return cls(
+            model=model,
+            parameters=hash(tuple(id(p) for p in parameters)),
+            segment_len=cfg.segment_len,
+            tail_len=cfg.tail_len,
+            sink_tokens=cfg.sink_tokens,
+            long_range=tuple(tuple(site.long_range) for site in sites),
+            layers=tuple((site.num_kv_heads, site.head_dim, site.v_head_dim, str(site.dtype)) for site in sites),
+        )
+
+    def differences(self, other: ProgramId) -> list[str]:
+        """How ``other`` (where a state comes from) differs from this program, in words."""
+        said = []
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if mine == theirs:
+                continue
+            if f.name == "parameters":
+                said.append(f"the parameters of another {other.model} (a copy, or another model)")
+            elif f.name == "long_range":
+                said.append(f"long-range KV heads {_per_layer(theirs)} (this model: {_per_layer(mine)})")
+            elif f.name == "layers":
+                said.append("another K/V layout (KV heads, head dims or dtype per layer)")
+            else:
+                said.append(f"{f.name} {theirs} (this model: {mine})")
+        return said
+
+
+def _per_layer(heads: tuple[tuple[int, ...], ...]) -> dict[int, list[int]]:
+    return {layer: list(h) for layer, h in enumerate(heads)}
+
+
+@dataclass(frozen=True)
 class SegmentState:
-    """Everything a segmented model carries between calls: position, per-layer K/V, last logits."""
+    """Everything a segmented model carries between calls: position, per-layer K/V, last logits,
+    and the program that made it (``None``: a state put together by hand, checked by its shapes)."""
 
     position: int
     layers: tuple[LayerState, ...]
     logits: torch.Tensor | None = None  # logits of the last token fed, [B, V]
+    program_id: ProgramId | None = None
 
     @property
     def batch_size(self) -> int:
         return self.layers[0].tail_k.shape[0]
 
 
-def empty_state(sites: list[AttentionSite], batch_size: int, device: torch.device) -> SegmentState:
+def empty_state(sites: list[AttentionSite], batch_size: int, device: torch.device,
+                program_id: ProgramId | None = None) -> SegmentState:
     """The state before the first token: every part of every layer empty, in the site's K/V dtype."""
     def empty(site: AttentionSite, heads: int, dim: int) -> torch.Tensor:
         return torch.empty(batch_size, heads, 0, dim, dtype=site.dtype, device=device)
@@ -79,7 +142,67 @@ def empty_state(sites: list[AttentionSite], batch_size: int, device: torch.devic
                 empty(site, h, site.head_dim), empty(site, h, site.v_head_dim),
             )
         )
-    return SegmentState(0, tuple(layers))
+    return SegmentState(0, tuple(layers), program_id=program_id)
+
+
+# ---- whose state: the checks before a state is continued -------------------------------------------
+def check_state_program(state, program_id: ProgramId, sites: list[AttentionSite], cfg: SegmentConfig,
+                        what: str) -> None:
+    """Refuse a state another program made (``ProgramId``); check a hand-made one by its shapes.
+
+    ``state``: a ``SegmentState`` or a ``static_decode.StaticState`` (both carry ``program_id``).
+    A state of another segment length, tail, sinks or plan holds K/V in other places, and one of
+    other parameters holds other K/V: continuing it gives wrong logits, or a shape error deep in
+    a step, so it is refused up front, naming what differs."""
+    theirs = getattr(state, "program_id", _NOT_A_STATE)
+    if theirs is _NOT_A_STATE:
+        raise StateError(
+            f"{what}: state must be a SegmentState from this model's prefill or decode, got {type(state).__name__}"
+        )
+    if theirs is None:
+        check_state_layout(state, sites, cfg)
+    elif theirs is not program_id and theirs != program_id:
+        raise StateError(
+            f"{what}: this state was made by another program ({'; '.join(program_id.differences(theirs))}); a state "
+            f"holds K/V laid out for the model, segment sizes and head plan that made it: prefill with this model"
+        )
+
+
+_NOT_A_STATE = object()
+
+
+def check_state_layout(state: SegmentState, sites: list[AttentionSite], cfg: SegmentConfig) -> None:
+    """Refuse a state whose tensors do not have the shapes this program's state has at its
+    position (docs/design.md section 6): a state put together by hand, or loaded into the static
+    decode buffers."""
+    if isinstance(state.position, bool) or not isinstance(state.position, int) or state.position < 0:
+        raise StateError(f"a state's position must be an int >= 0, got {state.position!r}")
+    if len(state.layers) != len(sites):
+        raise StateError(
+            f"a state of {len(state.layers)} layers given to a model of {len(sites)}; decode from a state this "
+            "model's prefill or decode made"
+        )
+    want_length = state_lengths(state.position, cfg)
+    batch = state.batch_size
+    for site, layer in zip(sites, state.layers):
+        for part, heads in (("sink", site.num_kv_heads), ("hist", len(site.long_range)),
+                            ("tail", site.num_kv_heads), ("current", site.num_kv_heads)):
+            length = want_length[part] if part != "hist" or site.long_range else 0
+            for kv, dim in (("k", site.head_dim), ("v", site.v_head_dim)):
+                got, want = tuple(getattr(layer, f"{part}_{kv}").shape), (batch, heads, length, dim)
+                if got != want:
+                    raise StateError(
+                        f"layer {site.layer}: the state's {part}_{kv} has shape {got} where this model's state at "
+                        f"position {state.position} has {want}; decode from a state this model's prefill or decode made"
+                    )
+
+
+def state_lengths(position: int, cfg: SegmentConfig) -> dict[str, int]:
+    """Entries of each part of a layer's state at ``position`` (history: a long-range layer's)."""
+    S, T, G = cfg.segment_len, cfg.tail_len, cfg.sink_tokens
+    a = segment_start(position, S)
+    start = a - T
+    return {"sink": min(G, max(start, 0)), "hist": max(start, 0), "tail": T if a > 0 else 0, "current": position - a}
 
 
 def carried_dtype(dtype: torch.dtype, device_type: str) -> torch.dtype:

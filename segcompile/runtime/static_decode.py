@@ -27,7 +27,9 @@ State semantics: the buffers of a batch size hold one sequence batch, updated in
 decode returns a new ``StaticState`` (position, last logits) and makes the one it continued
 stale; decoding from a stale state raises. ``state.to_segment_state()`` copies the live state
 back to a ``SegmentState`` (to branch, to prefill more, to decode eagerly); decoding from a
-``SegmentState`` loads it into the buffers again.
+``SegmentState`` loads it into the buffers again (its shapes checked first). A ``StaticState``
+carries its decoder's ``program_id`` (the driver's), so the driver refuses one from another
+program as it refuses such a ``SegmentState``.
 """
 
 from __future__ import annotations
@@ -40,10 +42,10 @@ import torch
 from torch import fx
 
 from ..config import SegmentConfig, offset_in_segment, segment_start
-from ..errors import SegcompileError
+from ..errors import SegcompileError, StateError
 from .. import ir
 from ..ir import AttentionSite
-from .state import HISTORY_GROWTH, LayerState, SegmentState, carried_dtype
+from .state import HISTORY_GROWTH, LayerState, ProgramId, SegmentState, carried_dtype, check_state_layout
 from .variants.static_step import head_order, heads_first, model_order, static_step
 
 log = logging.getLogger(__name__)
@@ -65,6 +67,11 @@ class StaticState:
     @property
     def batch_size(self) -> int:
         return self.buffers.batch_size
+
+    @property
+    def program_id(self) -> ProgramId:
+        """The program whose buffers hold this state (``SegmentState.program_id``)."""
+        return self.buffers.decoder.program_id
 
     @property
     def live(self) -> bool:
@@ -138,10 +145,10 @@ class StaticBuffers:
         S, T, G = cfg.segment_len, cfg.tail_len, cfg.sink_tokens
         a = segment_start(state.position, S)
         start = a - T
+        check_state_layout(state, self.decoder.sites, cfg)  # before anything is written
         self.reserve(max(self.decoder.bucket(state.position), start + S))
         for site, layer, local, history in zip(self.decoder.sites, state.layers, self.local, self.history):
             order = head_order(site)
-            _check_lengths(site, layer, state.position, cfg)
             for kv in ("k", "v"):
                 buffer = local[kv]
                 sinks, tail, current = (getattr(layer, f"{part}_{kv}") for part in ("sink", "tail", "current"))
@@ -179,7 +186,7 @@ class StaticBuffers:
                 else:
                     parts[f"hist_{kv}"] = buffer.new_empty(self.batch_size, 0, 0, buffer.shape[3]).to(constant)
             layers.append(LayerState(**parts))
-        return SegmentState(position, tuple(layers), logits)
+        return SegmentState(position, tuple(layers), logits, self.decoder.program_id)
 
     def end_segment(self, position: int) -> None:
         """Move the segment that ended at ``position`` into tail, sinks and history, in place
@@ -205,7 +212,7 @@ class StaticBuffers:
     # ---- liveness ------------------------------------------------------------------------------------
     def check_live(self, state: StaticState) -> None:
         if self.live is not state:
-            raise SegcompileError(
+            raise StateError(
                 f"this decode state (position {state.position}) was continued already: with CUDA graphs "
                 "(seg.enable_cuda_graphs) a batch's state lives in fixed buffers updated in place, and "
                 "only the state the last decode returned is live. Continue from that one, or call "
@@ -217,7 +224,7 @@ class StaticDecoder:
     """Decodes through ``static_step``'s program: buffers per batch size, CUDA graphs per
     (batch size, history bucket) on CUDA, the same program eagerly elsewhere (module docstring)."""
 
-    def __init__(self, step_graph: fx.GraphModule, cfg: SegmentConfig, device: torch.device, *,
+    def __init__(self, step_graph: fx.GraphModule, cfg: SegmentConfig, device: torch.device, program_id: ProgramId, *,
                  history_block: int | None = None, max_context: int | None = None, capture: bool | None = None):
         if history_block is not None and (not isinstance(history_block, int) or history_block < 1):
             raise SegcompileError(f"history_block must be a positive int, got {history_block!r}")
@@ -227,6 +234,7 @@ class StaticDecoder:
             raise SegcompileError(f"CUDA graphs need a model captured on CUDA; this one runs on {device}")
         self.cfg = cfg
         self.device = device
+        self.program_id = program_id  # the driver's: states here belong to its program
         self.sites: list[AttentionSite] = step_graph.meta[ir.SITES]
         self.program = static_step(step_graph, cfg)
         self.logits_leaf = self.program.meta[ir.EXPORT]["logits_leaf"]
@@ -327,19 +335,3 @@ class StaticDecoder:
         log.info("decode: captured a CUDA graph for batch %d, history bucket %d in %.2f s",
                  buffers.batch_size, bucket, seconds)
         return graph, logits
-
-
-def _check_lengths(site: AttentionSite, layer: LayerState, position: int, cfg: SegmentConfig) -> None:
-    """Refuse a state whose parts do not have the lengths the driver gives a state at ``position``."""
-    S, T, G = cfg.segment_len, cfg.tail_len, cfg.sink_tokens
-    a = segment_start(position, S)
-    start = a - T
-    want = {"sink": min(G, max(start, 0)), "tail": T if a > 0 else 0, "current": position - a}
-    got = layer.local_entries()
-    if site.long_range:
-        want["hist"], got["hist"] = max(start, 0), layer.hist_k.shape[2]
-    if got != want:
-        raise SegcompileError(
-            f"layer {site.layer}: a state at position {position} holds {got} entries where the driver's holds "
-            f"{want}; decode from a state this model's prefill or decode made"
-        )

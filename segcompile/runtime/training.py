@@ -30,6 +30,7 @@ import torch
 
 from ..errors import SegcompileError
 from ..loss import IGNORE_INDEX, label_count, span_loss
+from ..inputs import label_ids, token_ids
 
 # The loss is taken over pieces of positions of about this many logits, so that its fp32 copies of
 # the logits exist for one piece at a time: at a 128K vocabulary, ~128 positions (rows of a
@@ -50,9 +51,7 @@ def tbptt_backward(
     ``.grad``; return the (detached) loss. ``SegmentedModel.tbptt_backward`` documents the arguments."""
     if reduction not in ("mean", "sum"):
         raise SegcompileError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
-    labels = input_ids if labels is None else labels
-    if labels.shape != input_ids.shape:
-        raise SegcompileError(f"labels {tuple(labels.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
+    input_ids, labels = _checked_inputs(seg, input_ids, labels)
     denominator = max(label_count(labels), 1) if reduction == "mean" else 1
     params = [p for p in seg.parameters() if p.requires_grad]
     # labelled[i]: position i has a label to predict (labels[i+1]); read once, not once per segment
@@ -65,6 +64,17 @@ def tbptt_backward(
     return total.cpu()
 
 
+def _checked_inputs(seg, input_ids, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """``input_ids`` and ``labels`` (default: the ids) checked as int64 before any segment runs
+    (``segcompile/inputs.py``: integer tensors of one shape, ids in the vocabulary, labels classes
+    of the logits or ``IGNORE_INDEX``): a bad label found by the loss would fail after some
+    gradients had accumulated, with torch's index error."""
+    info = seg.capture_info
+    input_ids = token_ids(input_ids, vocab_size=seg.vocab_size, device=info.device, owner=info.model_class)
+    labels = input_ids if labels is None else labels
+    return input_ids, label_ids(labels, input_ids, info.logits_size, info.model_class)
+
+
 def _run_segments(seg, input_ids, labels, params, labelled, denominator, checkpoint: bool) -> torch.Tensor:
     """Drive ``seg.segments`` over the sequence, backpropagating each segment's loss as soon as its
     forward has run."""
@@ -73,7 +83,8 @@ def _run_segments(seg, input_ids, labels, params, labelled, denominator, checkpo
     # the K segments before the current one: the deeper passes of the current loss reach them
     live: deque[_LiveSegment] = deque(maxlen=K)
     total = torch.zeros((), dtype=torch.float64, device=input_ids.device)
-    runs = seg.segments(input_ids, checkpoint=checkpoint, tails=_as_leaf if carries_gradient else None)
+    runs = seg.segments(input_ids, checkpoint=checkpoint, tails=_as_leaf if carries_gradient else None,
+                        check_ids=False)  # checked by _checked_inputs
     for tokens, logits, tail_inputs, tail_outputs in runs:
         # A segment without label tokens has l_s = 0: no gradient starts from it (its graph is
         # still kept, as later segments' losses reach it through their tails).
