@@ -198,12 +198,17 @@ def main(argv=None):
         "rows": rows,
     }
     print_table(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "bench_training-" + device.replace(" ", "_") + ".json"
-    (args.out / name).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out / name}")
+    write_result(result, "bench_training", args.out)
     if args.memory_snapshot is not None:  # after the result file: the recording is slow and optional
         snapshot_step(model, seg, max(args.seq_lens), args)
+
+
+def write_result(result: dict, script: str, out: Path) -> None:
+    """``out/<script>-<device>.json``, the file the bench README cites."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / (script + "-" + result["device"].replace(" ", "_") + ".json")
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {path}")
 
 
 def print_table(result):

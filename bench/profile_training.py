@@ -16,7 +16,6 @@ full causal attention, the same autocast):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import segcompile as sc
 
-from bench_training import add_model_args, build_model, sequence
+from bench_training import add_model_args, build_model, sequence, write_result
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
 # .item(), .cpu() and data-dependent shapes end in one of these (a device-to-host copy waits on its stream)
@@ -122,10 +121,7 @@ def main(argv=None):
         "rows": rows,
     }
     print_table(result)
-    args.out.mkdir(parents=True, exist_ok=True)
-    name = "profile_training-" + device.replace(" ", "_") + ".json"
-    (args.out / name).write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {args.out / name}")
+    write_result(result, "profile_training", args.out)
 
 
 def print_table(result) -> None:

@@ -47,3 +47,16 @@ def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
 @pytest.fixture(scope="session")
 def llama():
     return captured("llama")
+
+
+@pytest.fixture
+def one_rank_group():
+    """A gloo process group of one rank in this process (checkpoints then take the sharded layout;
+    wrapping checks see a process group)."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

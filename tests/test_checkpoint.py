@@ -382,18 +382,6 @@ def test_edited_trainer_fields_are_refused(tmp_path):
         load_checkpoint(directory, fresh, optimizer)
 
 
-@pytest.fixture
-def one_rank_group():
-    """A process group of one rank: checkpoints take the sharded (DCP) layout."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def test_damaged_sharded_checkpoint_is_refused(tmp_path, one_rank_group):
     directory, fresh, optimizer = _saved(tmp_path)
     files = json.loads((directory / ckpt.MANIFEST_FILE).read_text())["files"]

@@ -186,15 +186,6 @@ def test_sharded_checkpoint_resumes_bit_identically(run):
 
 
 # ---- the refused order (one process, a one-rank group) --------------------------------------------
-@pytest.fixture
-def one_rank_group():
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def test_wrapping_before_transform_is_refused(one_rank_group):
     from torch.distributed.fsdp import fully_shard
     from torch.nn.parallel import DistributedDataParallel
