@@ -73,6 +73,25 @@ def test_static_decode_equals_eager_decode(family, plan, tail, sinks, batch):
         check_static(seg, state, tokens, want)
 
 
+@pytest.mark.parametrize(
+    "family,plan,tail,sinks,prompt",
+    [
+        ("llama", "fraction(0.5)", None, 0, 2 * S + 3),  # GQA, one long-range KV head of two
+        ("llama", "none", 3, 2, S - 1),  # T < S, sinks; from the first segment's last token
+        ("llama", "all", 0, 4, 1),  # T = 0, sinks with no local head; from the first token
+        ("gpt2", "all", 3, 2, 2 * S),  # no GQA; from a segment start
+    ],
+)
+def test_static_decode_on_the_triton_kernel_equals_eager_decode(family, plan, tail, sinks, prompt):
+    # the kernel the CUDA path runs (here under the interpreter), lengths read from the position tensor
+    seg = make(family, plan, tail, sinks)
+    with torch.no_grad():
+        state = seg.prefill(random_ids(2, prompt))
+        tokens, want, _ = eager_tokens(seg, state, 2 * S + 1)  # two segment ends
+        check_static(seg, state, tokens, want, kernel=True, history_block=4)
+    assert "attention by the Triton kernel" in repr(seg)
+
+
 @pytest.mark.parametrize("prompt", [1, S - 1, S, 2 * S])
 def test_static_decode_from_any_position(prompt):
     # the first segment (no tail, no history), its last token, a segment start, a later segment start

@@ -17,7 +17,7 @@ import triton.language as tl
 
 from . import triton_common
 
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
 
 
 @dataclass(frozen=True, eq=False)
@@ -89,7 +89,7 @@ def prepare(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
         *tensors, slots=_slots(tuple(long_range), hk, q.device),
         B=B, H=H, Hk=hk, group=H // hk, Lq=lq, Lk=lk, **lengths, D_K=dk, D_V=dv,
         block_dk=triton_common.block_d(dk), block_dv=triton_common.block_d(dv), tile_table=_tile_table(dot, tensors),
-        dot=_TL_DTYPES[dot], precision="ieee" if dot == torch.float32 else "tf32",
+        dot=TL_DTYPES[dot], precision="ieee" if dot == torch.float32 else "tf32",
     )
 
 

@@ -25,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .problem import Problem
+from . import triton_common
+from .problem import TL_DTYPES, Problem, compute_dtype, usable
 from .triton_common import INTERPRET, LOG2E, attend, batch_and_kv_head, prefix, strides
 
 MAX_ROWS = 128  # group * Lq rows a program holds, times the padded value dim, at most MAX_ROWS x 128
@@ -139,6 +140,62 @@ def _combine_kernel(Acc, Max, Sum, Out, Lse, s_ob, s_oh, s_om, H, Hk, GROUP, Lq,
             tl.store(Lse + (b * H + h) * Lq + i, m_i + tl.math.log2(l_i), mask=row_ok)
 
 
+@triton.jit
+def _static_split_kernel(
+    Q, LK, LV, HK, HV, Position, BufferHead, Acc, Max, Sum, qk_scale,
+    s_qb, s_qh, s_qm, s_lkh, s_lkb, s_lkn, s_lvh, s_lvb, s_lvn, s_hkh, s_hkb, s_hkn, s_hvh, s_hvb, s_hvn,
+    Hk, GROUP, Lq, S, T, G, n_local, n_hist, split_len,
+    ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    D_K: tl.constexpr, D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """``_split_kernel`` over the static decoder's buffers (``static_decode_forward``): the
+    lengths of the prefix, tail and current ranges follow from the position, read from device
+    memory, so that one launch serves every token of a CUDA graph's replays."""
+    split = tl.program_id(0)
+    bk = tl.program_id(1)
+    b, kvh = batch_and_kv_head(bk, Hk)
+    rows, row_ok, h, i = _group_rows(kvh, GROUP, Lq, ROWS)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    q = tl.load(Q + b * s_qb + h[:, None] * s_qh + i[:, None] * s_qm + offs_dk[None, :],
+                mask=row_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0).to(DOT)
+    acc = tl.zeros([ROWS, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+
+    position = tl.load(Position)
+    offset = position % S  # of the first query in its segment
+    start = position - offset - T  # the tail's first position; sinks and history hold those before it
+    head = tl.load(BufferHead + kvh).to(tl.int64)  # this KV head's row in the buffers
+    lk = LK + head * s_lkh + b * s_lkb
+    lv = LV + head * s_lvh + b * s_lvb
+    if head < n_local:  # sinks: slot m holds position m
+        pk, pv, skn, svn = lk, lv, s_lkn, s_lvn
+        n_pre = tl.minimum(tl.maximum(start, 0), G)
+    else:  # history: slot j holds position j
+        pk = HK + (head - n_local) * s_hkh + b * s_hkb
+        pv = HV + (head - n_local) * s_hvh + b * s_hvb
+        skn, svn = s_hkn, s_hvn
+        n_pre = tl.minimum(tl.maximum(start, 0), n_hist)
+    tail_lo = tl.maximum(-start, 0)  # tail slot m holds position start + m: none before 0
+    n_tail = tl.maximum(T - tail_lo, 0)
+    c0 = split * split_len
+    c1 = c0 + split_len
+    acc, m_i, l_i = _span(acc, m_i, l_i, q, pk, pv, skn, svn, c0, c1, 0, n_pre, i, qk_scale, False,
+                          BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+    acc, m_i, l_i = _span(acc, m_i, l_i, q, lk + (G + tail_lo) * s_lkn, lv + (G + tail_lo) * s_lvn,
+                          s_lkn, s_lvn, c0, c1, n_pre, n_pre + n_tail, i, qk_scale, False,
+                          BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+    # current slot m holds position start + T + m; query i (at offset + i) sees m <= offset + i
+    acc, m_i, l_i = _span(acc, m_i, l_i, q, lk + (G + T) * s_lkn, lv + (G + T) * s_lvn,
+                          s_lkn, s_lvn, c0, c1, n_pre + n_tail, n_pre + n_tail + offset + Lq, offset + i, qk_scale,
+                          True, BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+
+    at = (bk.to(tl.int64) * tl.num_programs(0) + split) * ROWS + rows
+    tl.store(Acc + at[:, None] * BLOCK_DV + tl.arange(0, BLOCK_DV)[None, :], acc)
+    tl.store(Max + at, m_i)
+    tl.store(Sum + at, l_i)
+
+
 def splits_keys(p: Problem) -> bool:
     """Whether the forward of ``p`` runs split over the keys: a few queries, whose rows for a
     whole GQA group fit one program."""
@@ -207,3 +264,51 @@ def split_keys_forward(p: Problem, scale: float, return_lse: bool):
         STORE_LSE=return_lse, num_warps=1 if INTERPRET else 4,
     )
     return out, lse
+
+
+def static_decode_forward(q, local_k, local_v, hist_k, hist_v, position, buffer_head, *, n_local: int,
+                          segment_len: int, tail_len: int, sinks: int, scale: float) -> torch.Tensor:
+    """Attention of ``q [B, H, Lq, D]`` (the queries at ``position``, a one-element int64 device
+    tensor, and after it, inside one segment) over the static decoder's buffers, split over the keys.
+
+    ``local_k/v [Hkv, B, G + T + S, D]``: sinks, tail, current segment (this step's K/V already
+    written); ``hist_k/v [n_lr, B, slots, D]`` (or ``None``): slot j holds position j, the
+    long-range heads' history; ``buffer_head [Hkv]`` int32: model KV head c's row in the buffers,
+    local heads (rows below ``n_local``) read the sinks, long-range heads the history. Every
+    length comes from ``position`` on the device, never from the host: a CUDA graph of this call
+    replays for any position whose history fits ``hist_k``'s slots. Returns ``[B, H, Lq, Dv]``."""
+    B, H, lq, dk = q.shape
+    hk, dv = local_k.shape[0], local_v.shape[-1]
+    group = H // hk
+    if hist_k is None:  # no long-range head: the history branch is never taken
+        hist_k, hist_v = local_k, local_v
+    dot = compute_dtype(q)
+    table = "fp32" if dot == torch.float32 else ("wide" if local_k.element_size() > 2 else "16-bit")
+    tile = triton_common.tile("decode", dk, lq, table)
+    rows = max(16, triton.next_power_of_2(group * lq))
+    block_dk, block_dv = triton_common.block_d(dk), triton_common.block_d(dv)
+    longest = max(hist_k.shape[2], sinks) + tail_len + segment_len
+    wanted = triton.cdiv(PROGRAMS_PER_SM * multiprocessors(q.device), B * hk)
+    splits = max(1, min(triton.cdiv(longest, tile["BLOCK_N"]), wanted))
+    keys = triton.cdiv(triton.cdiv(longest, splits), tile["BLOCK_N"]) * tile["BLOCK_N"]
+    splits = triton.cdiv(longest, keys)
+    acc = torch.empty(B * hk * splits * rows * block_dv, dtype=torch.float32, device=q.device)
+    running_max = torch.empty(B * hk * splits * rows, dtype=torch.float32, device=q.device)
+    running_sum = torch.empty_like(running_max)
+    q = usable(q)
+    _static_split_kernel[(splits, B * hk)](
+        q, local_k, local_v, hist_k, hist_v, position, buffer_head, acc, running_max, running_sum, scale * LOG2E,
+        *strides(q), *strides(local_k), *strides(local_v), *strides(hist_k), *strides(hist_v),
+        hk, group, lq, segment_len, tail_len, sinks, n_local, hist_k.shape[2], keys,
+        ROWS=rows, BLOCK_N=tile["BLOCK_N"], BLOCK_DK=block_dk, BLOCK_DV=block_dv, D_K=dk, D_V=dv,
+        num_warps=tile["num_warps"], num_stages=tile["num_stages"], DOT=TL_DTYPES[dot],
+        PRECISION="ieee" if dot == torch.float32 else "tf32",
+    )
+    out = torch.empty(B, H, lq, dv, dtype=q.dtype, device=q.device)
+    dv_block, splits_block = _combine_blocks(rows, block_dv)
+    _combine_kernel[(B * hk, block_dv // dv_block)](
+        acc, running_max, running_sum, out, running_max, *strides(out), H, hk, group, lq, splits,
+        ROWS=rows, BLOCK_DV=block_dv, D_V=dv, SPLITS_BLOCK=splits_block, DV_BLOCK=dv_block,
+        STORE_LSE=False, num_warps=1 if INTERPRET else 4,
+    )
+    return out

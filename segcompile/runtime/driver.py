@@ -192,7 +192,7 @@ class SegmentedModel(torch.nn.Module):
             )
 
     def enable_cuda_graphs(self, *, history_block: int | None = None, max_context: int | None = None,
-                           capture: bool | None = None) -> SegmentedModel:
+                           capture: bool | None = None, kernel: bool | None = None) -> SegmentedModel:
         """Decode one token a step through a program of fixed shapes, replayed from CUDA graphs
         (``runtime/static_decode.py``; docs/design.md section 6). Returns ``self``.
 
@@ -205,9 +205,12 @@ class SegmentedModel(torch.nn.Module):
         The state is updated in place: only the state the last decode returned can be continued
         (``state.to_segment_state()`` keeps a copy to branch from). With autograd recording,
         decode runs eagerly. Calling it again frees the buffers and graphs; ``disable_cuda_graphs``
-        goes back to the eager step graph."""
+        goes back to the eager step graph. ``kernel``: attention by the Triton kernel that reads
+        the position from the device (default on CUDA) or by PyTorch products over masks (default
+        elsewhere)."""
         self._static = StaticDecoder(self.step_graph, self.cfg, self.capture_info.device, self.program_id,
-                                     history_block=history_block, max_context=max_context, capture=capture)
+                                     history_block=history_block, max_context=max_context, capture=capture,
+                                     kernel=kernel)
         return self
 
     def disable_cuda_graphs(self) -> SegmentedModel:

@@ -225,7 +225,8 @@ class StaticDecoder:
     (batch size, history bucket) on CUDA, the same program eagerly elsewhere (module docstring)."""
 
     def __init__(self, step_graph: fx.GraphModule, cfg: SegmentConfig, device: torch.device, program_id: ProgramId, *,
-                 history_block: int | None = None, max_context: int | None = None, capture: bool | None = None):
+                 history_block: int | None = None, max_context: int | None = None, capture: bool | None = None,
+                 kernel: bool | None = None):
         if history_block is not None and (not isinstance(history_block, int) or history_block < 1):
             raise SegcompileError(f"history_block must be a positive int, got {history_block!r}")
         if max_context is not None and (not isinstance(max_context, int) or max_context < 1):
@@ -236,7 +237,10 @@ class StaticDecoder:
         self.device = device
         self.program_id = program_id  # the driver's: states here belong to its program
         self.sites: list[AttentionSite] = step_graph.meta[ir.SITES]
-        self.program = static_step(step_graph, cfg)
+        # the Triton kernel reads the lengths from the device and only the keys a token sees; the
+        # PyTorch products read every slot of the buffers through masks (the CPU's path)
+        self.kernel = device.type == "cuda" if kernel is None else kernel
+        self.program = static_step(step_graph, cfg, kernel=self.kernel)
         self.logits_leaf = self.program.meta[ir.EXPORT]["logits_leaf"]
         self.history_block = history_block or cfg.segment_len
         self.max_context = max_context
@@ -272,7 +276,8 @@ class StaticDecoder:
 
     def describe(self) -> str:
         """One line for ``print(seg)``: the path and what was captured."""
-        block = f"history in blocks of {self.history_block} positions"
+        block = (f"history in blocks of {self.history_block} positions, "
+                 f"attention by {'the Triton kernel' if self.kernel else 'PyTorch products'}")
         if not self.cuda_graphs:
             why = "not on CUDA" if self.device.type != "cuda" else "capture=False"
             return f"decode: fixed-shape step run eagerly (seg.enable_cuda_graphs, {why}), {block}"
@@ -326,6 +331,10 @@ class StaticDecoder:
             for _ in range(WARMUP_RUNS):
                 self._run(buffers, bucket)
         torch.cuda.current_stream(self.device).wait_stream(side)
+        if not any(b.graphs for b in self.buffers.values()):
+            # every graph of the pool was dropped (the history moved): a pool that no graph holds
+            # cannot be captured into again, so start a new one
+            self.pool = None
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self.pool):
             logits = self._run(buffers, bucket)

@@ -29,6 +29,8 @@ Matches and refuses what ``fixed_size_step`` does.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import fx
 
@@ -39,10 +41,14 @@ from .fixed_size_step import fixed_size_step, getitem
 _NEG = float("-inf")
 
 
-def static_step(step_graph: fx.GraphModule, cfg: SegmentConfig) -> fx.GraphModule:
+def static_step(step_graph: fx.GraphModule, cfg: SegmentConfig, kernel: bool = False) -> fx.GraphModule:
     """A copy of ``step_graph`` over fixed-size buffers in the heads-first layout (module
-    docstring) that writes them in place; its outputs are the model's output leaves."""
-    return fixed_size_step(step_graph, cfg, _InPlaceLowering(), logits="all", class_name="StaticDecodeStep")
+    docstring) that writes them in place; its outputs are the model's output leaves. ``kernel``:
+    attention by the Triton kernel that reads the position from the device
+    (``static_attention_triton``; CUDA, or the CPU under ``TRITON_INTERPRET=1``), else by PyTorch
+    products over masks (``static_attention``)."""
+    lowering = _KernelLowering() if kernel else _InPlaceLowering()
+    return fixed_size_step(step_graph, cfg, lowering, logits="all", class_name="StaticDecodeStep")
 
 
 def head_order(site: ir.AttentionSite) -> tuple[int, ...]:
@@ -55,6 +61,15 @@ def head_order(site: ir.AttentionSite) -> tuple[int, ...]:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of scores and softmax for K/V of ``dtype``: fp32, or fp64 for fp64."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _input_ids(graph: fx.Graph) -> fx.Node:
+    return next(iter(graph.find_nodes(op="placeholder", target="input_ids")))
+
+
+def _common_kwargs(site: ir.AttentionSite, cfg: SegmentConfig, node: fx.Node) -> dict:
+    return {"order": head_order(site), "n_local": site.num_kv_heads - len(site.long_range),
+            "sinks": cfg.sink_tokens, "scale": node.kwargs["scale"]}
 
 
 class _InPlaceLowering:
@@ -70,7 +85,7 @@ class _InPlaceLowering:
         group = site.num_heads // site.num_kv_heads
         sizes = {"segment_len": cfg.segment_len, "tail_len": cfg.tail_len, "group": group,
                  "dtype": compute_dtype(site.dtype)}
-        ids = next(iter(graph.find_nodes(op="placeholder", target="input_ids")))
+        ids = _input_ids(graph)
         with graph.inserting_before(node):
             if group not in self.masks:
                 made = graph.call_function(slot_biases, (offset, ids), {**sizes, "sinks": cfg.sink_tokens})
@@ -84,9 +99,27 @@ class _InPlaceLowering:
             slots, local, window = (graph.call_function(getitem, (biases, i)) for i in range(3))
             args = (q, k, v, buffers["local_k"], buffers["local_v"], buffers.get("hist_k"), buffers.get("hist_v"),
                     slots, local, window, history)
-            kwargs = {"order": head_order(site), "n_local": site.num_kv_heads - len(site.long_range),
-                      "sinks": cfg.sink_tokens, "scale": node.kwargs["scale"]}
-            out = graph.call_function(static_attention, args, kwargs)
+            out = graph.call_function(static_attention, args, _common_kwargs(site, cfg, node))
+        return out, []
+
+
+class _KernelLowering:
+    """``fixed_size_step``'s lowering for the static step on the Triton kernel: one
+    ``static_attention_triton`` per layer; the slots this step writes, computed once per step."""
+
+    def __init__(self):
+        self.slots: fx.Node | None = None
+
+    def __call__(self, graph, node, site, cfg, k, v, buffers, offset):
+        with graph.inserting_before(node):
+            if self.slots is None:
+                self.slots = graph.call_function(write_slots, (offset, _input_ids(graph)),
+                                                 {"segment_len": cfg.segment_len, "tail_len": cfg.tail_len,
+                                                  "sinks": cfg.sink_tokens})
+            args = (node.args[0], k, v, buffers["local_k"], buffers["local_v"], buffers.get("hist_k"),
+                    buffers.get("hist_v"), self.slots, offset)
+            kwargs = {**_common_kwargs(site, cfg, node), "segment_len": cfg.segment_len, "tail_len": cfg.tail_len}
+            out = graph.call_function(static_attention_triton, args, kwargs)
         return out, []
 
 
@@ -120,8 +153,15 @@ def slot_biases(position_offset, input_ids, *, segment_len, tail_len, sinks, gro
     window = torch.cat([torch.arange(T, device=device) + start, torch.arange(S, device=device) + a])
     g = torch.arange(G, device=device)
     local = torch.cat([torch.where(g < start, g, -1), window])
-    slots = torch.remainder(position_offset, S) + (G + T) + torch.arange(input_ids.shape[1], device=device)
+    slots = write_slots(position_offset, input_ids, segment_len=S, tail_len=T, sinks=G)
     return slots, _bias(local, q_pos, dtype), _bias(window, q_pos, dtype)
+
+
+def write_slots(position_offset, input_ids, *, segment_len, tail_len, sinks):
+    """The local-buffer slots ``[L]`` this step's K/V go to: current slot m (after the sinks and
+    the tail) holds position a + m, ``a`` the start of the segment holding ``position_offset``."""
+    first = torch.remainder(position_offset, segment_len) + (sinks + tail_len)
+    return first + torch.arange(input_ids.shape[1], device=position_offset.device)
 
 
 def history_bias(position_offset, input_ids, hist_k, *, segment_len, tail_len, group, dtype):
@@ -220,3 +260,27 @@ def static_attention(q, k, v, local_k, local_v, hist_k, hist_v, slots, local_bia
         outs.append(_weighted(p[..., :history], _rows(hist_v)) + _weighted(p[..., history:], window_v))
     out = in_model_order(outs, order, per_head=B).to(q.dtype)  # [Hkv * B, group * L, Dv]
     return out.reshape(hkv, B, group, L, -1).transpose(0, 1).reshape(B, H, L, -1)
+
+
+def static_attention_triton(q, k, v, local_k, local_v, hist_k, hist_v, slots, position_offset,
+                            *, order, n_local, sinks, scale, segment_len, tail_len):
+    """``static_attention`` by the Triton kernel that reads every length from ``position_offset``
+    on the device (``kernels/triton_decode.py``, ``static_decode_forward``): no masks, and the
+    keys past the position are not read. Same arguments and result as ``static_attention``
+    but the biases."""
+    from ...kernels.triton_decode import static_decode_forward  # needs triton (and TRITON_INTERPRET set first)
+
+    local_k.index_copy_(2, slots, heads_first(k, order).to(local_k.dtype))
+    local_v.index_copy_(2, slots, heads_first(v, order).to(local_v.dtype))
+    return static_decode_forward(q, local_k, local_v, hist_k, hist_v, position_offset, buffer_rows(order, q.device),
+                                 n_local=n_local, segment_len=segment_len, tail_len=tail_len, sinks=sinks, scale=scale)
+
+
+@functools.cache
+def buffer_rows(order: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """int32 ``[Hkv]``: model KV head c's row in the heads-first buffers (the inverse of ``order``).
+    Cached: made once per device, before a capture (its first use is a warm-up run)."""
+    rows = torch.empty(len(order), dtype=torch.int32)
+    for row, head in enumerate(order):
+        rows[head] = row
+    return rows.to(device)
