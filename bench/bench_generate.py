@@ -10,6 +10,8 @@ repeated B times: the decode work is that of B different prompts), greedy, under
 * ``seg-eager``: ``seg.decode(state, token)`` a token at a time (the step graph, Triton kernels);
 * ``seg-cuda-graph``: the same after ``seg.enable_cuda_graphs()`` (the fixed-shape step replayed
   from CUDA graphs, ``segcompile/runtime/static_decode.py``);
+* ``seg-compiled-graph``: ``seg.enable_cuda_graphs(compile=True)``: the fixed-shape step under
+  ``torch.compile`` (Inductor), then captured; ``first_s`` includes the compile;
 * ``hf-sdpa``: the model's own forward with a ``DynamicCache`` (the full cache), SDPA;
 * ``hf-static-compile``: transformers' fast path: a ``StaticCache`` and the one-token forward under
   ``torch.compile(mode="reduce-overhead", fullgraph=True)`` (CUDA graphs by Inductor), as the
@@ -47,7 +49,7 @@ import transformers
 import segcompile as sc
 from segcompile.runtime.state import reserve_history
 
-PATHS = ("seg-eager", "seg-cuda-graph", "hf-sdpa", "hf-static-compile")
+PATHS = ("seg-eager", "seg-cuda-graph", "seg-compiled-graph", "hf-sdpa", "hf-static-compile")
 GiB = 1 << 30
 
 
@@ -163,8 +165,8 @@ def segcompile_cases(args, seg, model, prompt_len, device) -> tuple[list[dict], 
         for path in [p for p in args.paths if p.startswith("seg-")]:
             row = dict(prompt_len=prompt_len, prompt_tokens=n, batch=batch, path=path, prefill_s=prefill_s)
             try:
-                if path == "seg-cuda-graph":
-                    seg.enable_cuda_graphs()
+                if path != "seg-eager":
+                    seg.enable_cuda_graphs(compile=path == "seg-compiled-graph")
                 else:
                     seg.disable_cuda_graphs()
                 # the same tokens from the same state first: every kernel compile and graph capture on the way
@@ -308,9 +310,9 @@ def plot(rows: list[dict], path: Path, device: str) -> None:
     for ax, batch in zip(axes[0], batches):
         for i, name in enumerate(PATHS):
             points = {r["prompt_len"]: r for r in done if r["batch"] == batch and r["path"] == name}
-            xs = [j + 0.2 * (i - 1.5) for j, n in enumerate(prompts) if n in points]
+            xs = [j + 0.16 * (i - 2) for j, n in enumerate(prompts) if n in points]
             ys = [points[n]["ms_per_token" if batch == 1 else "tokens_per_s"] for n in prompts if n in points]
-            ax.bar(xs, ys, width=0.2, label=name)
+            ax.bar(xs, ys, width=0.16, label=name)
         ax.set_xticks(range(len(prompts)), [f"{n // 1024}K" for n in prompts])
         ax.set(xlabel="prompt", ylabel="ms per token" if batch == 1 else "tokens/s", title=f"batch {batch}")
         ax.grid(alpha=0.3, axis="y")

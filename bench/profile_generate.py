@@ -7,6 +7,7 @@ decodes --tokens tokens once as a warm-up and once under the profiler:
 * ``static``: the fixed-shape step of ``seg.enable_cuda_graphs(capture=False)``, run eagerly: the
   same kernels a CUDA-graph replay runs, one launch each, so the profile names them;
 * ``cuda-graph``: the replayed graphs (their GPU time is the floor the static step can reach);
+* ``compiled-graph``: the same step under ``torch.compile`` (Inductor), then captured;
 * ``eager``: the step graph, ``seg.decode`` as it runs without ``enable_cuda_graphs``.
 
 Reported per token: wall time, GPU-busy time, kernel launches, host-device synchronisations, the
@@ -32,7 +33,7 @@ from bench_generate import batched, build_model
 from bench_training import write_result
 from profile_training import summary
 
-PATHS = ("static", "cuda-graph", "eager")
+PATHS = ("static", "cuda-graph", "compiled-graph", "eager")
 HBM_BYTES_PER_S = 4.8e12  # H200
 
 
@@ -76,7 +77,8 @@ def main(argv=None):
         if path == "eager":
             seg.disable_cuda_graphs()
         else:
-            seg.enable_cuda_graphs(capture=path == "cuda-graph", max_context=n + 2 * args.segment_len)
+            seg.enable_cuda_graphs(capture=path != "static", compile=path == "compiled-graph",
+                                   max_context=n + 2 * args.segment_len)
         tokens = torch.randint(0, model.config.vocab_size, (1, args.tokens), device=device)
 
         def decode():

@@ -92,6 +92,20 @@ def test_static_decode_on_the_triton_kernel_equals_eager_decode(family, plan, ta
     assert "attention by the Triton kernel" in repr(seg)
 
 
+def test_compiled_static_step_equals_eager_decode_with_one_graph_for_every_bucket():
+    # the Triton kernel inside the compiled step (a custom op that writes the buffers); AOTAutograd
+    # (functionalisation of that write) without Inductor's code generation, which the GPU run covers
+    seg = make("llama", "fraction(0.5)", tail=3, sinks=2)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        state = seg.prefill(random_ids(2, S + 3))
+        tokens, want, _ = eager_tokens(seg, state, 3 * S)  # history buckets 0 (specialised), 4, 8, ...
+        before = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        check_static(seg, state, tokens, want, kernel=True, history_block=4, compile={"backend": "aot_eager"})
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] - before <= 2
+    assert "the step under torch.compile" in repr(seg)
+
+
 @pytest.mark.parametrize("prompt", [1, S - 1, S, 2 * S])
 def test_static_decode_from_any_position(prompt):
     # the first segment (no tail, no history), its last token, a segment start, a later segment start
@@ -269,6 +283,8 @@ def test_bad_options_are_refused():
         seg.enable_cuda_graphs(history_block=0)
     with pytest.raises(SegcompileError, match="max_context"):
         seg.enable_cuda_graphs(max_context=-1)
+    with pytest.raises(SegcompileError, match="compile must be"):
+        seg.enable_cuda_graphs(compile="inductor")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")

@@ -192,7 +192,8 @@ class SegmentedModel(torch.nn.Module):
             )
 
     def enable_cuda_graphs(self, *, history_block: int | None = None, max_context: int | None = None,
-                           capture: bool | None = None, kernel: bool | None = None) -> SegmentedModel:
+                           capture: bool | None = None, kernel: bool | None = None,
+                           compile: bool | dict = False) -> SegmentedModel:
         """Decode one token a step through a program of fixed shapes, replayed from CUDA graphs
         (``runtime/static_decode.py``; docs/design.md section 6). Returns ``self``.
 
@@ -207,10 +208,12 @@ class SegmentedModel(torch.nn.Module):
         decode runs eagerly. Calling it again frees the buffers and graphs; ``disable_cuda_graphs``
         goes back to the eager step graph. ``kernel``: attention by the Triton kernel that reads
         the position from the device (default on CUDA) or by PyTorch products over masks (default
-        elsewhere)."""
+        elsewhere). ``compile``: run the fixed-shape step under ``torch.compile`` (``True``, or a
+        dict of its options) before the capture, which fuses the elementwise work between the
+        layers' matrix products; one compile serves every history bucket."""
         self._static = StaticDecoder(self.step_graph, self.cfg, self.capture_info.device, self.program_id,
                                      history_block=history_block, max_context=max_context, capture=capture,
-                                     kernel=kernel)
+                                     kernel=kernel, compile=compile)
         return self
 
     def disable_cuda_graphs(self) -> SegmentedModel:

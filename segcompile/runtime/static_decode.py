@@ -138,6 +138,16 @@ class StaticBuffers:
                 out += [history["k"][:, :, :bucket], history["v"][:, :, :bucket]]
         return out
 
+    def history_inputs(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The history slices among ``inputs`` (``self.inputs``' result)."""
+        out, i = [], 0
+        for site in self.decoder.sites:
+            i += 2
+            if site.long_range:
+                out += inputs[i : i + 2]
+                i += 2
+        return out
+
     # ---- moving state in and out -------------------------------------------------------------------
     def load(self, state: SegmentState) -> None:
         """Copy ``state`` into the buffers (docs/design.md section 8 gives each slot's position)."""
@@ -226,11 +236,13 @@ class StaticDecoder:
 
     def __init__(self, step_graph: fx.GraphModule, cfg: SegmentConfig, device: torch.device, program_id: ProgramId, *,
                  history_block: int | None = None, max_context: int | None = None, capture: bool | None = None,
-                 kernel: bool | None = None):
+                 kernel: bool | None = None, compile: bool | dict = False):
         if history_block is not None and (not isinstance(history_block, int) or history_block < 1):
             raise SegcompileError(f"history_block must be a positive int, got {history_block!r}")
         if max_context is not None and (not isinstance(max_context, int) or max_context < 1):
             raise SegcompileError(f"max_context must be a positive int, got {max_context!r}")
+        if not isinstance(compile, (bool, dict)):
+            raise SegcompileError(f"compile must be True, False or a dict of torch.compile options, got {compile!r}")
         if capture and device.type != "cuda":
             raise SegcompileError(f"CUDA graphs need a model captured on CUDA; this one runs on {device}")
         self.cfg = cfg
@@ -241,6 +253,11 @@ class StaticDecoder:
         # PyTorch products read every slot of the buffers through masks (the CPU's path)
         self.kernel = device.type == "cuda" if kernel is None else kernel
         self.program = static_step(step_graph, cfg, kernel=self.kernel)
+        # compiled, the elementwise work between the layers' matrix products fuses into a few kernels
+        # (about 1,500 launches a token on the 8B shape, eager); the attention stays one custom op
+        options = {} if compile is True else compile
+        self.runner = torch.compile(self.program, **options) if options is not False else self.program
+        self.compiled = options is not False
         self.logits_leaf = self.program.meta[ir.EXPORT]["logits_leaf"]
         self.history_block = history_block or cfg.segment_len
         self.max_context = max_context
@@ -278,6 +295,8 @@ class StaticDecoder:
         """One line for ``print(seg)``: the path and what was captured."""
         block = (f"history in blocks of {self.history_block} positions, "
                  f"attention by {'the Triton kernel' if self.kernel else 'PyTorch products'}")
+        if self.compiled:
+            block += ", the step under torch.compile"
         if not self.cuda_graphs:
             why = "not on CUDA" if self.device.type != "cuda" else "capture=False"
             return f"decode: fixed-shape step run eagerly (seg.enable_cuda_graphs, {why}), {block}"
@@ -318,7 +337,11 @@ class StaticDecoder:
         return logits.clone()
 
     def _run(self, buffers: StaticBuffers, bucket: int) -> torch.Tensor:
-        outputs = self.program(buffers.ids, buffers.position, *buffers.inputs(bucket))
+        inputs = buffers.inputs(bucket)
+        if self.compiled:  # one compiled graph for every history bucket: its length is not specialised
+            for t in buffers.history_inputs(inputs):
+                torch._dynamo.maybe_mark_dynamic(t, 2)
+        outputs = self.runner(buffers.ids, buffers.position, *inputs)
         return outputs[self.logits_leaf]
 
     def _capture(self, buffers: StaticBuffers, bucket: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:

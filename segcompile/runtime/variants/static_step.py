@@ -267,13 +267,32 @@ def static_attention_triton(q, k, v, local_k, local_v, hist_k, hist_v, slots, po
     """``static_attention`` by the Triton kernel that reads every length from ``position_offset``
     on the device (``kernels/triton_decode.py``, ``static_decode_forward``): no masks, and the
     keys past the position are not read. Same arguments and result as ``static_attention``
-    but the biases."""
+    but the biases. One custom op (``segcompile::static_decode_attention``), so that
+    ``torch.compile`` keeps it whole and fuses what lies between the layers' attentions."""
+    return static_decode_attention(q, k, v, local_k, local_v, hist_k, hist_v, slots, position_offset, list(order),
+                                   n_local, sinks, scale, segment_len, tail_len)
+
+
+@torch.library.custom_op("segcompile::static_decode_attention", mutates_args=("local_k", "local_v"))
+def static_decode_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local_k: torch.Tensor, local_v: torch.Tensor,
+    hist_k: torch.Tensor | None, hist_v: torch.Tensor | None, slots: torch.Tensor, position_offset: torch.Tensor,
+    order: list[int], n_local: int, sinks: int, scale: float, segment_len: int, tail_len: int,
+) -> torch.Tensor:
+    """``static_attention_triton``'s work: this step's K/V into their slots, then the kernel."""
     from ...kernels.triton_decode import static_decode_forward  # needs triton (and TRITON_INTERPRET set first)
 
     local_k.index_copy_(2, slots, heads_first(k, order).to(local_k.dtype))
     local_v.index_copy_(2, slots, heads_first(v, order).to(local_v.dtype))
-    return static_decode_forward(q, local_k, local_v, hist_k, hist_v, position_offset, buffer_rows(order, q.device),
-                                 n_local=n_local, segment_len=segment_len, tail_len=tail_len, sinks=sinks, scale=scale)
+    rows = buffer_rows(tuple(order), q.device)
+    return static_decode_forward(q, local_k, local_v, hist_k, hist_v, position_offset, rows, n_local=n_local,
+                                 segment_len=segment_len, tail_len=tail_len, sinks=sinks, scale=scale)
+
+
+@static_decode_attention.register_fake
+def _(q, k, v, local_k, local_v, hist_k, hist_v, slots, position_offset, order, n_local, sinks, scale,
+      segment_len, tail_len):
+    return q.new_empty((*q.shape[:-1], local_v.shape[-1]))
 
 
 @functools.cache
