@@ -141,10 +141,16 @@ def seg_run(seg, state, steps: int, teacher=None, keep_logits=False) -> dict:
 
 
 def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """The worst token's ``max |got - want| / max |want|``; inf where either has a non-finite logit
+    (a NaN must not read as agreement)."""
+    if not got or len(got) != len(want):
+        raise ValueError(f"{len(got)} tokens' logits to compare with {len(want)}")
     worst = 0.0
     for g, w in zip(got, want):
-        scale = w.double().abs().max().clamp_min(1e-300)
-        worst = max(worst, ((g.double() - w.double()).abs().max() / scale).item())
+        g, w = g.double(), w.double()
+        if not (torch.isfinite(g).all() and torch.isfinite(w).all()):
+            return float("inf")
+        worst = max(worst, ((g - w).abs().max() / w.abs().max().clamp_min(1e-300)).item())
     return worst
 
 
@@ -159,11 +165,13 @@ def segcompile_cases(args, seg, model, prompt_len, device) -> tuple[list[dict], 
     prompt_state = seg.prefill(ids)
     sync(device)
     prefill_s = time.perf_counter() - start
-    print(f"segcompile prefill of {n} tokens: {prefill_s:.1f} s", flush=True)
+    finite = bool(torch.isfinite(prompt_state.logits).all())
+    print(f"segcompile prefill of {n} tokens: {prefill_s:.1f} s; last logits finite: {finite}", flush=True)
     for batch in args.batches:
         eager = None
         for path in [p for p in args.paths if p.startswith("seg-")]:
-            row = dict(prompt_len=prompt_len, prompt_tokens=n, batch=batch, path=path, prefill_s=prefill_s)
+            row = dict(prompt_len=prompt_len, prompt_tokens=n, batch=batch, path=path, prefill_s=prefill_s,
+                       prefill_logits_finite=finite)
             try:
                 if path != "seg-eager":
                     seg.enable_cuda_graphs(compile=path == "seg-compiled-graph")

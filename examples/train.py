@@ -125,14 +125,14 @@ def build_model(args, vocab_size: int) -> torch.nn.Module:
             max_position_embeddings=max(4096, args.seq_len),
         )
     else:
-        import transformers
+        from segcompile.pretrained import ModelSourceError, load_model
 
-        path = Path(args.model)
-        if not path.is_dir():
-            raise SystemExit(f"--model {args.model}: not 'tiny-llama', 'plain' or a local model directory")
-        model = transformers.AutoModelForCausalLM.from_pretrained(path, trust_remote_code=False, dtype=torch.float32)
+        try:  # a model folder, a .gguf file (or a folder holding one), or "smollm2"
+            model = load_model(args.model, dtype=torch.float32)
+        except ModelSourceError as e:
+            raise SystemExit(f"--model {args.model}: {e} (not 'tiny-llama' or 'plain' either)") from e
         if model.config.vocab_size < vocab_size:
-            raise SystemExit(f"{path}: vocabulary of {model.config.vocab_size} tokens; the recall task needs {vocab_size}")
+            raise SystemExit(f"{args.model}: vocabulary of {model.config.vocab_size} tokens; the recall task needs {vocab_size}")
     return model.float().eval()  # eval: segcompile captures without dropout
 
 

@@ -305,7 +305,7 @@ def test_viz_command_on_a_model_folder(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["viz", "no/such/model"], "MODEL_DIR no/such/model does not exist"),
+    (["viz", "no/such/model"], "MODEL no/such/model does not exist"),
     (["viz", "--long-range", "missing-plan.json"], "--long-range missing-plan.json: no such plan file"),
     (["viz", "--long-range", "1.5"], "must be a fraction in [0, 1] or a plan JSON file"),
 ])

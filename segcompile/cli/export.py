@@ -47,7 +47,7 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
         name,
         help=help,
         description=(
-            "Compile a causal LM (a local Hugging Face model folder, or the built-in tiny Llama) into the "
+            "Compile a causal LM (a local Hugging Face model folder, a .gguf file, smollm2, or the built-in tiny Llama) into the "
             "segment loop and write the program that runs once per segment or decode step as one ONNX file: "
             "segment token ids, position offset and the carried state in; logits and the new state out. "
             "The state of local heads has a fixed size, so one file serves any context length. "

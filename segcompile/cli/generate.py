@@ -51,7 +51,7 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
         ),
         formatter_class=HelpFormatter,
     )
-    model = add_model_args(parser, gguf=True)
+    model = add_model_args(parser)
     model.add_argument("--device", default=None, help="torch device to run on (default: cuda if available, else cpu)")
     model.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype (auto: as loaded)")
     model.add_argument("--cuda-graphs", action="store_true",
@@ -82,7 +82,7 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
 
 
 def validate(args: argparse.Namespace) -> None:
-    check_model_args(args, gguf=True)
+    check_model_args(args)
     check_plan_file(args)
     _check_prompt(args)
     given = [f"--{flag.replace('_', '-')}" for flag in SAMPLING_FLAGS if getattr(args, flag) is not None]

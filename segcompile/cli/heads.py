@@ -33,7 +33,7 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
         name,
         help=help,
         description=(
-            "Score every KV head of a causal LM (a local Hugging Face model folder, or the built-in tiny "
+            "Score every KV head of a causal LM (a local Hugging Face model folder, a .gguf file, smollm2, or the built-in tiny "
             "Llama) by how much it needs keys beyond a local window (sinks + tail + current segment), keep "
             "the best --budget fraction as long-range heads, and write the plan as JSON with the scores, "
             "the settings and a hash of the data, for `--long-range PLAN.json` and HeadPlan.load."

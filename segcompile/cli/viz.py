@@ -39,7 +39,7 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
         name,
         help=help,
         description=(
-            "Compile a causal LM (a local Hugging Face model folder, or the built-in tiny Llama) and write "
+            "Compile a causal LM (a local Hugging Face model folder, a .gguf file, smollm2, or the built-in tiny Llama) and write "
             "pages that show its graph after every pass: what each pass added, removed or rewired, the "
             "attention sites with their head plan, and the carried state of the segment-step graph. "
             "Open OUT/index.html in any browser; the pages need no network."
