@@ -83,10 +83,13 @@ class HeadPlan:
                 raise PlanError(
                     f"HeadPlan.from_dict needs a list of KV heads for layer {layer!r}, got {hs!r} (write [{hs!r}])"
                 )
-        heads = {
-            _as_index(layer, "layer"): tuple(sorted({_as_index(h, "KV head") for h in hs}))
-            for layer, hs in mapping.items()
-        }
+        heads: dict[int, tuple[int, ...]] = {}
+        for layer, hs in mapping.items():
+            index = _as_index(layer, "layer")
+            if index in heads:  # {1: [...], "1": [...]}: one would silently replace the other
+                raise PlanError(f"HeadPlan.from_dict names layer {index} twice (keys {index!r} and {str(index)!r}); "
+                                "give each layer once")
+            heads[index] = tuple(sorted({_as_index(h, "KV head") for h in hs}))
         return cls("explicit", heads=heads, **meta)
 
     # ---- resolution -----------------------------------------------------------------------

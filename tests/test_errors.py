@@ -112,6 +112,12 @@ def test_plan_bad_indices(make, what):
         make()
 
 
+def test_plan_naming_a_layer_twice_is_refused():
+    # {1: ..., "1": ...} (a plan edited by hand, or merged from JSON): one entry would replace the other
+    with raises(sc.PlanError, "layer 1 twice"):
+        sc.HeadPlan.from_dict({1: [0], "1": [1]})
+
+
 @pytest.mark.parametrize(
     "make",
     [lambda: sc.HeadPlan.layers(3), lambda: sc.HeadPlan.from_dict([0, 1]), lambda: sc.HeadPlan.from_dict({0: 1})],
