@@ -32,6 +32,7 @@ COMMANDS: dict[str, str] = {
     "run": "segcompile.cli.run",
     "heads": "segcompile.cli.heads",
     "generate": "segcompile.cli.generate",
+    "eval": "segcompile.cli.eval",
 }
 
 
