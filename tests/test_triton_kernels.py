@@ -149,6 +149,39 @@ def test_decode_split_over_the_keys_matches_the_reference(lq, monkeypatch):
         assert relative_error(g, w) <= FP32_RTOL, name
 
 
+@pytest.mark.parametrize("long_range", [(1,), ()], ids=["history", "no-history"])
+def test_static_decode_kernel_sums_as_the_eager_decode_does(long_range, monkeypatch):
+    """The static decoder's kernel (lengths and split length read from the position on the device,
+    over its heads-first buffers, whose capacity exceeds what the token sees) gives the split
+    kernel's result bit for bit: the same splits, summed in the same order. A CUDA graph's replay
+    then agrees with the eager decode beyond rounding, at any depth of the model."""
+    monkeypatch.setattr(triton_decode, "multiprocessors", lambda device: 2)
+    B, H, Hk, S, T, G, D = 2, 8, 2, 16, 8, 2, 16
+    a, offset = 3 * S, 5  # the token at a + offset; the tail holds [a - T, a), history [0, a - T)
+    P, lk = a - T, offset + 1
+    args = random_inputs(B, H, Hk, 1, lk, T, G, P, D, long_range, seed=7)
+    q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v = args
+    want = segment_attention_forward(*args, list(long_range), D ** -0.5)
+
+    order = tuple(h for h in range(Hk) if h not in long_range) + long_range  # local heads first
+    local = [torch.randn(Hk, B, G + T + S, D, device=DEVICE) for _ in range(2)]  # unread slots: noise
+    for buffer, sink, tail, current in zip(local, (sink_k, sink_v), (tail_k, tail_v), (k, v)):
+        for row, head in enumerate(order):
+            buffer[row, :, :G] = sink[:, head]
+            buffer[row, :, G : G + T] = tail[:, head]
+            buffer[row, :, G + T : G + T + lk] = current[:, head]
+    history = [None, None]
+    if long_range:
+        history = [torch.randn(len(long_range), B, P + 2 * S, D, device=DEVICE) for _ in range(2)]
+        for buffer, hist in zip(history, (hist_k, hist_v)):
+            buffer[:, :, :P] = hist.transpose(0, 1)
+    rows = torch.tensor([order.index(h) for h in range(Hk)], dtype=torch.int32, device=DEVICE)
+    position = torch.tensor(a + offset, device=DEVICE)
+    got = triton_decode.static_decode_forward(q, *local, *history, position, rows, n_local=Hk - len(long_range),
+                                              segment_len=S, tail_len=T, sinks=G, scale=D ** -0.5)
+    assert torch.equal(got, want)
+
+
 def test_no_tail_gradient_work_when_the_tail_is_detached():
     args = random_inputs(1, 4, 2, 16, 16, 16, 2, 10, 16, (0,), seed=3)
     want, grad_out, want_grads = reference_and_grads(args, (0,), 0.25, grad_out_seed=4)

@@ -144,13 +144,16 @@ def _combine_kernel(Acc, Max, Sum, Out, Lse, s_ob, s_oh, s_om, H, Hk, GROUP, Lq,
 def _static_split_kernel(
     Q, LK, LV, HK, HV, Position, BufferHead, Acc, Max, Sum, qk_scale,
     s_qb, s_qh, s_qm, s_lkh, s_lkb, s_lkn, s_lvh, s_lvb, s_lvn, s_hkh, s_hkb, s_hkn, s_hvh, s_hvb, s_hvn,
-    Hk, GROUP, Lq, S, T, G, n_local, n_hist, split_len,
+    Hk, GROUP, Lq, S, T, G, n_local, n_hist, wanted_splits,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-    D_K: tl.constexpr, D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    D_K: tl.constexpr, D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, HAS_HISTORY: tl.constexpr,
 ):
     """``_split_kernel`` over the static decoder's buffers (``static_decode_forward``): the
     lengths of the prefix, tail and current ranges follow from the position, read from device
-    memory, so that one launch serves every token of a CUDA graph's replays."""
+    memory, so that one launch serves every token of a CUDA graph's replays. So does the split
+    length: ``split_len``'s arithmetic over the keys this token sees (the eager decode's, so both
+    sum in the same order), over a grid sized for the longest; the programs past the last split
+    store empty partials."""
     split = tl.program_id(0)
     bk = tl.program_id(1)
     b, kvh = batch_and_kv_head(bk, Hk)
@@ -178,6 +181,15 @@ def _static_split_kernel(
         n_pre = tl.minimum(tl.maximum(start, 0), n_hist)
     tail_lo = tl.maximum(-start, 0)  # tail slot m holds position start + m: none before 0
     n_tail = tl.maximum(T - tail_lo, 0)
+    # split_len() of the eager decode: its prefix is the history's length if the layer has one,
+    # else the sinks'; its current range ends at the last query
+    if HAS_HISTORY:
+        longest_prefix = tl.maximum(start, 0)
+    else:
+        longest_prefix = tl.minimum(tl.maximum(start, 0), G)
+    longest = longest_prefix + n_tail + offset + Lq
+    splits = tl.maximum(1, tl.minimum(tl.cdiv(longest, BLOCK_N), wanted_splits))
+    split_len = tl.cdiv(tl.cdiv(longest, splits), BLOCK_N) * BLOCK_N
     c0 = split * split_len
     c1 = c0 + split_len
     acc, m_i, l_i = _span(acc, m_i, l_i, q, pk, pv, skn, svn, c0, c1, 0, n_pre, i, qk_scale, False,
@@ -287,11 +299,9 @@ def static_decode_forward(q, local_k, local_v, hist_k, hist_v, position, buffer_
     tile = triton_common.tile("decode", dk, lq, table)
     rows = max(16, triton.next_power_of_2(group * lq))
     block_dk, block_dv = triton_common.block_d(dk), triton_common.block_d(dv)
-    longest = max(hist_k.shape[2], sinks) + tail_len + segment_len
+    longest = max(hist_k.shape[2], sinks) + tail_len + segment_len  # what a replay may see at most
     wanted = triton.cdiv(PROGRAMS_PER_SM * multiprocessors(q.device), B * hk)
-    splits = max(1, min(triton.cdiv(longest, tile["BLOCK_N"]), wanted))
-    keys = triton.cdiv(triton.cdiv(longest, splits), tile["BLOCK_N"]) * tile["BLOCK_N"]
-    splits = triton.cdiv(longest, keys)
+    splits = max(1, min(triton.cdiv(longest, tile["BLOCK_N"]), wanted))  # the grid; the kernel uses a prefix
     acc = torch.empty(B * hk * splits * rows * block_dv, dtype=torch.float32, device=q.device)
     running_max = torch.empty(B * hk * splits * rows, dtype=torch.float32, device=q.device)
     running_sum = torch.empty_like(running_max)
@@ -299,10 +309,10 @@ def static_decode_forward(q, local_k, local_v, hist_k, hist_v, position, buffer_
     _static_split_kernel[(splits, B * hk)](
         q, local_k, local_v, hist_k, hist_v, position, buffer_head, acc, running_max, running_sum, scale * LOG2E,
         *strides(q), *strides(local_k), *strides(local_v), *strides(hist_k), *strides(hist_v),
-        hk, group, lq, segment_len, tail_len, sinks, n_local, hist_k.shape[2], keys,
+        hk, group, lq, segment_len, tail_len, sinks, n_local, hist_k.shape[2], wanted,
         ROWS=rows, BLOCK_N=tile["BLOCK_N"], BLOCK_DK=block_dk, BLOCK_DV=block_dv, D_K=dk, D_V=dv,
-        num_warps=tile["num_warps"], num_stages=tile["num_stages"], DOT=TL_DTYPES[dot],
-        PRECISION="ieee" if dot == torch.float32 else "tf32",
+        num_warps=tile["num_warps"] if rows <= 32 else max(tile["num_warps"], 8), num_stages=tile["num_stages"], DOT=TL_DTYPES[dot],
+        PRECISION="ieee" if dot == torch.float32 else "tf32", HAS_HISTORY=n_local < hk,
     )
     out = torch.empty(B, H, lq, dv, dtype=q.dtype, device=q.device)
     dv_block, splits_block = _combine_blocks(rows, block_dv)
