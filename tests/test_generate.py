@@ -411,6 +411,8 @@ def test_generate_command_refuses_what_it_cannot_run(model_dir, capsys):
 
     assert main(["generate", str(model_dir), "--prompt", "w10", "--do-sample", "--top-p", "0"]) == 2
     assert "--top-p 0 keeps no token" in capsys.readouterr().err
+    assert main(["generate", str(model_dir), "--prompt", "w10", "--compile"]) == 2
+    assert "--compile compiles the CUDA-graph decode step" in capsys.readouterr().err
     np.save(model_dir / "ids.npy", np.array([5, 6]))
     assert main(["generate", str(model_dir), "--prompt-ids", str(model_dir / "ids.npy"), "--chat"]) == 2
     assert "--chat applies to --prompt text" in capsys.readouterr().err
