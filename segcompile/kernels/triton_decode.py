@@ -241,12 +241,14 @@ def split_len(p: Problem) -> tuple[int, int]:
 def _combine_blocks(rows: int, block_dv: int) -> tuple[int, int]:
     """(value columns, splits) a combine program loads at once: about 8K fp32 a load (64 a thread
     at 4 warps), over ``B * Hk * block_dv / columns`` programs. A merge of 64 splits by one
-    program per KV head, a split at a time, took 47 us at B = 1 (H200), twice the split kernel.
+    program per KV head, a split at a time, took 47 us at B = 1 (H200), twice the split kernel;
+    32 columns and 16 splits a load, 16 us (32 programs at B = 1, Hk = 8, D = 128: the loop over
+    the splits is latency-bound), so 8 columns and up to 64 splits: 128 programs, two loads.
     The interpreter takes small blocks, so that the tests cross both kinds of block boundary."""
     if INTERPRET:
         return min(8, block_dv), 2
-    columns = min(32, block_dv)
-    return columns, max(1, min(16, 8192 // (rows * columns)))
+    columns = min(8, block_dv)
+    return columns, max(1, min(64, 8192 // (rows * columns)))
 
 
 def split_keys_forward(p: Problem, scale: float, return_lse: bool):
