@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from .errors import ConfigError
+from .kernels.history_format import HISTORY_DTYPES, HistoryGeometry, supported_history_dtypes
 from .plan import HeadPlan
 
 
@@ -17,6 +20,10 @@ class SegmentConfig:
     sink_tokens: G, first tokens of the sequence every head sees.
     long_range: which KV heads also see the whole history.
     tbptt_k: K, segments of recomputed (non-constant) tail a training step unrolls through.
+    history_dtype: the dtype the long-range history is stored in: ``None`` (the carried K/V
+        dtype, docs/design.md section 6) or ``torch.float8_e4m3fn``, fp8 values with one fp32
+        scale per block of positions (``kernels/history_format.py``), half the memory and bytes
+        read of a 16-bit history.
     """
 
     segment_len: int
@@ -24,6 +31,7 @@ class SegmentConfig:
     sink_tokens: int = 0
     long_range: HeadPlan = field(default_factory=lambda: HeadPlan.fraction(0.25))
     tbptt_k: int = 1
+    history_dtype: torch.dtype | None = None
 
     def __post_init__(self):
         if not _is_int(self.segment_len) or self.segment_len <= 0:
@@ -43,6 +51,17 @@ class SegmentConfig:
             raise ConfigError(
                 f"long_range must be a HeadPlan (e.g. HeadPlan.fraction(0.25)), got {type(self.long_range).__name__}"
             )
+        if self.history_dtype is not None and not (
+            isinstance(self.history_dtype, torch.dtype) and self.history_dtype in HISTORY_DTYPES
+        ):
+            raise ConfigError(
+                f"history_dtype {self.history_dtype!r} is not supported; the kernels read a history stored as "
+                f"{supported_history_dtypes()}"
+            )
+
+    def history_geometry(self) -> HistoryGeometry | None:
+        """Where a quantised history's scale blocks lie (``None`` when the history is not quantised)."""
+        return None if self.history_dtype is None else HistoryGeometry(self.segment_len, self.tail_len)
 
     # Segment geometry, shared by the oracle, the driver and the tests.
     def segment_start(self, position: int) -> int:

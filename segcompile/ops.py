@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import torch
 
+from .kernels.history_format import QuantizedHistory
 from .kernels.reference import segment_attention_reference
 
 Implementation = Callable[..., torch.Tensor]
@@ -99,12 +100,16 @@ def _autocast_inputs(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     where it is traced, so a compiled step casts in its graph: inside compiled code the ambient
     autocast state is no longer visible to the kernels, which would then multiply in fp32
     (measured on an H200 at 8K: 20x slower attention under ``SegmentedModel.compile``). The casts
-    are differentiable: gradients reach the fp32 K and tail in their own dtype."""
+    are differentiable: gradients reach the fp32 K and tail in their own dtype. A quantised
+    history (``SegmentConfig.history_dtype``) stays as it is stored: its reader scales it."""
     device = tensors[0].device.type
     if not torch.is_autocast_enabled(device):
         return tensors
     dtype = torch.get_autocast_dtype(device)
-    return tuple(t.to(dtype) if t.is_floating_point() and t.dtype != dtype else t for t in tensors)
+    return tuple(
+        t.to(dtype) if t.is_floating_point() and t.dtype != dtype and not isinstance(t, QuantizedHistory) else t
+        for t in tensors
+    )
 
 
 segment_attention = torch.ops.segcompile.segment_attention.default
@@ -206,7 +211,8 @@ def _input_grads(ctx, grad_out):
     # Recompute the forward of the chosen implementation and differentiate it.
     with torch.enable_grad():
         live = [t.detach().requires_grad_(needs) for t, needs in zip(saved[:_GRAD_INPUTS], ctx.needs_input_grad)]
-        constants = [t.detach() for t in saved[_GRAD_INPUTS:]]
+        # a quantised history is never differentiable, and detaching it would drop its scales
+        constants = [t if isinstance(t, QuantizedHistory) else t.detach() for t in saved[_GRAD_INPUTS:]]
         out = implementation(ctx.impl)(*live, *constants, ctx.long_range, ctx.scale)
         wanted = [t for t in live if t.requires_grad]
         got = iter(torch.autograd.grad(out, wanted, grad_out, allow_unused=True)) if wanted else iter(())

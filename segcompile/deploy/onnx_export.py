@@ -133,6 +133,9 @@ def metadata(seg: SegmentedModel, logits: str) -> dict[str, str]:
 # ---- export ---------------------------------------------------------------------------------------
 def export_onnx(seg: SegmentedModel, path: str | os.PathLike, *, logits: str = "last") -> ExportSummary:
     """Write ``seg``'s step program to ``path`` (atomically) and return what was written."""
+    if seg.cfg.history_dtype is not None:  # the program's inputs carry the history in the model's dtype
+        raise ExportError(f"export_onnx does not support history_dtype={seg.cfg.history_dtype} yet; export a "
+                          "program transformed with history_dtype=None (the same weights and plan)")
     import onnx
 
     path = Path(path)

@@ -10,7 +10,11 @@
   products a visible pair, not seven), ``"gluon-ws"`` (dK/dV alone) or ``"triton"``
   (``triton_attention.launch_dkdv``).
 
-Each choice is logged at debug level on its first use.
+A quantised history (``SegmentConfig.history_dtype``, ``history_format.py``): both Triton
+forwards read its fp8 values and scale them in registers; the Gluon kernels never run with one;
+the backward reads it dequantised to the sinks' dtype (a transient copy per call: history is a
+constant, and enters dQ only). Each choice is logged at debug level on
+its first use, naming the history's format.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import logging
 import torch
 
 from . import triton_attention, triton_decode
+from .history_format import QuantizedHistory, dequantized
 from .problem import Problem, prepare, usable
 from .triton_common import INTERPRET
 
@@ -45,7 +50,10 @@ def segment_attention_backward(grad_out, out, q, k, v, tail_k, tail_v, sink_k, s
                                long_range, scale, tail_needs_grad: bool = True, lse: torch.Tensor | None = None):
     """Gradients ``(dq, dk, dv, dtail_k, dtail_v)`` of ``segment_attention``; the tail's are
     ``None`` when ``tail_needs_grad`` is false (no work is done for them). ``lse``: the forward's
-    (``return_lse``); without it the dQ kernel recomputes it in a pass of its own."""
+    (``return_lse``); without it the dQ kernel recomputes it in a pass of its own. A quantised
+    history is read dequantised (the module docstring)."""
+    if isinstance(hist_k, QuantizedHistory):
+        hist_k, hist_v = dequantized(hist_k, sink_k.dtype), dequantized(hist_v, sink_v.dtype)
     p = prepare(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
     do = usable(grad_out)
     tail_grads = tail_needs_grad and p.T > 0
@@ -69,7 +77,7 @@ def forward_kernel(p: Problem) -> str:
         kernel = "gluon-ws"
     else:
         kernel = "one-pass"
-    _log_kernel(kernel)
+    _log_kernel(kernel, history="fp8 history scaled in registers" if p.hist_scaled else None)
     return kernel
 
 
@@ -89,8 +97,9 @@ def dkdv_kernel(p: Problem, grad_out: torch.Tensor, lse_given: bool = False, tai
 
 
 def gluon_applies(p: Problem) -> bool:
-    """Gluon imports, Triton is not interpreting, and ``gluon_attention.supported`` holds."""
-    return not INTERPRET and gluon() is not None and gluon().supported(p)
+    """Gluon imports, Triton is not interpreting, the history is not quantised, and
+    ``gluon_attention.supported`` holds."""
+    return not INTERPRET and not p.hist_scaled and gluon() is not None and gluon().supported(p)
 
 
 @functools.cache
@@ -104,5 +113,6 @@ def gluon():
 
 
 @functools.cache
-def _log_kernel(kernel: str, part: str = "forward") -> None:
-    logging.getLogger(__name__).debug("segment_attention %s runs the %s kernel", part, kernel)
+def _log_kernel(kernel: str, part: str = "forward", history: str | None = None) -> None:
+    over = f" ({history})" if history else ""
+    logging.getLogger(__name__).debug("segment_attention %s runs the %s kernel%s", part, kernel, over)

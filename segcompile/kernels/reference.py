@@ -5,7 +5,8 @@ queries are the last ``Lq`` tokens of the current segment, so query ``t`` sees c
 ``0 .. Lk - Lq + t``); ``tail_k/v [B, Hk, T', D]``; ``sink_k/v [B, Hk, G', D]`` (used by local
 heads); ``hist_k/v [B, len(long_range), P, D]`` (everything before the tail, sinks included, for
 the long-range KV heads in ``long_range`` order). Query head ``h`` belongs to KV head
-``h // (H // Hk)``. Computed in fp32 (or fp64), returned in ``q.dtype``.
+``h // (H // Hk)``. Computed in fp32 (or fp64), returned in ``q.dtype``. A quantised history
+(``history_format.QuantizedHistory``) is read dequantised, ``values.float() * scale``.
 """
 
 from __future__ import annotations
@@ -14,11 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from .history_format import dequantized
+
 
 def segment_attention_reference(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale):
     # The reference computes in fp32 whatever the caller's autocast says (SDPA is on CUDA
     # autocast's bf16 list); the result is returned in q's dtype.
     with torch.autocast(q.device.type, enabled=False):
+        compute = torch.promote_types(q.dtype, torch.float32)
+        hist_k, hist_v = dequantized(hist_k, compute), dequantized(hist_v, compute)
         return _reference(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale)
 
 

@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .problem import Problem
-from .triton_common import LOG2E, attend, batch_and_kv_head, prefix, strides
+from .triton_common import LOG2E, attend, batch_and_kv_head, history_rows, prefix, strides
 
 
 # ---- kernels ----------------------------------------------------------------------------------
@@ -60,8 +60,10 @@ def _fwd_kernel(
     s_hkb, s_hkh, s_hkn, s_hvb, s_hvh, s_hvn,
     s_ob, s_oh, s_om,
     H, GROUP, Lq, Lk, T, G, P,
+    HKS, HVS, s_ksb, s_ksh, s_vsb, s_vsh, SCALE_S, SCALE_T,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     D_K: tl.constexpr, D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, STORE_LSE: tl.constexpr,
+    HIST_SCALED: tl.constexpr = False, SCALE_BLOCK: tl.constexpr = 64,
 ):
     pid_m = _heaviest_first(tl.program_id(0), tl.num_programs(0))
     bh = tl.program_id(1)
@@ -80,10 +82,22 @@ def _fwd_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     q_pos = offs_m + (Lk - Lq)  # each query's index among the current keys
 
-    pk, pv, n_pre, skn, svn = prefix(SK, SV, HK, HV, Slot, b, kvh, s_skb, s_skh, s_svb, s_svh,
-                                     s_hkb, s_hkh, s_hvb, s_hvh, s_skn, s_svn, s_hkn, s_hvn, G, P)
-    acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, pk, pv, skn, svn, n_pre, q_pos, qk_scale,
-                                  BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+    if HIST_SCALED:  # a quantised history (fp8 values, per-block scales) and the sinks: two dtypes, two branches
+        long_range, hk, hv, ks, vs = history_rows(HK, HV, HKS, HVS, Slot, b, kvh, s_hkb, s_hkh, s_hvb, s_hvh,
+                                                  s_ksb, s_ksh, s_vsb, s_vsh)
+        if long_range:
+            acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, hk, hv, s_hkn, s_hvn, P, q_pos, qk_scale,
+                                          BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION,
+                                          ks, vs, SCALE_S, SCALE_T, True, SCALE_BLOCK)
+        else:
+            acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, SK + b * s_skb + kvh * s_skh, SV + b * s_svb + kvh * s_svh,
+                                          s_skn, s_svn, G, q_pos, qk_scale,
+                                          BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+    else:
+        pk, pv, n_pre, skn, svn = prefix(SK, SV, HK, HV, Slot, b, kvh, s_skb, s_skh, s_svb, s_svh,
+                                         s_hkb, s_hkh, s_hvb, s_hvh, s_skn, s_svn, s_hkn, s_hvn, G, P)
+        acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, pk, pv, skn, svn, n_pre, q_pos, qk_scale,
+                                      BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
     acc, m_i, l_i = _attend_range(acc, m_i, l_i, q, TK + b * s_tkb + kvh * s_tkh, TV + b * s_tvb + kvh * s_tvh,
                                   s_tkn, s_tvn, T, q_pos, qk_scale, BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
     # current segment: blocks every query of this block sees whole, then the diagonal blocks
@@ -107,13 +121,18 @@ def _fwd_kernel(
 @triton.jit
 def _attend_range(acc, m_i, l_i, q, K, V, skn, svn, n, q_pos, qk_scale,
                   BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                  D_K: tl.constexpr, D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """A range every query sees whole: full blocks unmasked, then the last partial block."""
+                  D_K: tl.constexpr, D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                  KS=None, VS=None, SCALE_S=1, SCALE_T=0, SCALED: tl.constexpr = False,
+                  SCALE_BLOCK: tl.constexpr = 64):
+    """A range every query sees whole: full blocks unmasked, then the last partial block
+    (``SCALED``...: a quantised history, ``triton_common.attend``)."""
     n_full = (n // BLOCK_N) * BLOCK_N
     acc, m_i, l_i = attend(acc, m_i, l_i, q, K, V, skn, svn, 0, n_full, n, q_pos, qk_scale,
-                           False, False, BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+                           False, False, BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION, False,
+                           KS, VS, SCALE_S, SCALE_T, SCALED, SCALE_BLOCK)
     acc, m_i, l_i = attend(acc, m_i, l_i, q, K, V, skn, svn, n_full, n, n, q_pos, qk_scale,
-                           True, False, BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+                           True, False, BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION, False,
+                           KS, VS, SCALE_S, SCALE_T, SCALED, SCALE_BLOCK)
     return acc, m_i, l_i
 
 
@@ -371,9 +390,9 @@ def one_pass_forward(p: Problem, scale: float, return_lse: bool):
         *p.tensors, p.slots, out, lse, scale * LOG2E,
         *strides(p.q), *strides(p.k), *strides(p.v), *strides(p.tail_k), *strides(p.tail_v),
         *strides(p.sink_k), *strides(p.sink_v), *strides(p.hist_k), *strides(p.hist_v), *strides(out),
-        p.H, p.group, p.Lq, p.Lk, p.T, p.G, p.P,
+        p.H, p.group, p.Lq, p.Lk, p.T, p.G, p.P, *p.history_scale_args(),
         BLOCK_DK=p.block_dk, BLOCK_DV=p.block_dv, D_K=p.D_K, D_V=p.D_V, STORE_LSE=return_lse,
-        **p.dot_options(), **blocks,
+        **p.dot_options(), **p.history_scale_options(), **blocks,
     )
     return out, lse
 
@@ -389,6 +408,9 @@ def launch_dq(p: Problem, o: torch.Tensor, do: torch.Tensor, scale: float, lse: 
     B, H, lq = p.B, p.H, p.Lq
     given = lse is not None
     assert given or not prefix_only, "prefix_only needs the forward's log-sum-exp"
+    if p.hist_scaled:  # the dQ kernel reads the prefix unscaled
+        raise ValueError("launch_dq takes a history in the sinks' dtype: dequantise a quantised one first "
+                         "(dispatch.segment_attention_backward does)")
     delta = torch.empty(B * H * lq, dtype=torch.float32, device=p.q.device)
     if prefix_only and p.G == 0 and (p.P == 0 or p.hist_k.shape[1] == 0):  # no prefix keys: dq starts at zero
         _delta_kernel[(triton.cdiv(lq, 64), B * H)](o, do, delta, *strides(o), *strides(do), H, lq,

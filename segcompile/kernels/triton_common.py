@@ -66,15 +66,32 @@ def batch_and_kv_head(bk, Hk):
 
 
 @triton.jit
+def scale_block_index(pos, S, T, BLOCK: tl.constexpr):
+    """The scale block of history position ``pos``: ``history_format.HistoryGeometry.block_index``
+    (each segment's first S - T positions, then its last T, cut into blocks of ``BLOCK``)."""
+    head = S - T
+    head_blocks = (head + BLOCK - 1) // BLOCK
+    per_segment = head_blocks + (T + BLOCK - 1) // BLOCK
+    offset = pos % S
+    inside = tl.where(offset < head, offset // BLOCK, head_blocks + (offset - head) // BLOCK)
+    return (pos // S) * per_segment + inside
+
+
+@triton.jit
 def attend(
     acc, m_i, l_i, q, K, V, stride_kn, stride_vn, lo, hi, n_keys, q_pos, qk_scale,
     MASK_N: tl.constexpr, CAUSAL: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, D_K: tl.constexpr, D_V: tl.constexpr,
     DOT: tl.constexpr, PRECISION: tl.constexpr, EMPTY_ROWS: tl.constexpr = False,
+    KS=None, VS=None, SCALE_S=1, SCALE_T=0, SCALED: tl.constexpr = False, SCALE_BLOCK: tl.constexpr = 64,
 ):
     """Online softmax of ``q`` over keys ``[lo, hi)`` of one range (keys ``K``, values ``V``).
     ``EMPTY_ROWS``: a row may see none of these keys (a split of the decode kernel past a query's
-    causal limit); its maximum stays -inf, and the exponentials are taken against 0 instead."""
+    causal limit); its maximum stays -inf, and the exponentials are taken against 0 instead.
+    ``SCALED``: K and V are a quantised history (key index = position) whose per-block scales
+    ``KS``, ``VS`` (one row of blocks) are applied in registers, to the scores and to the
+    probabilities: the fp8 values convert exactly to the product dtype, and the products see them
+    unrounded."""
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
     for start in range(lo, hi, BLOCK_N):
@@ -88,7 +105,13 @@ def attend(
         else:
             kt = tl.load(K + offs_n[None, :] * stride_kn + offs_dk[:, None], mask=offs_dk[:, None] < D_K, other=0.0)
             v = tl.load(V + offs_n[:, None] * stride_vn + offs_dv[None, :], mask=offs_dv[None, :] < D_V, other=0.0)
-        s = tl.dot(q, kt.to(DOT), input_precision=PRECISION) * qk_scale
+        if SCALED:
+            block = scale_block_index(offs_n, SCALE_S, SCALE_T, SCALE_BLOCK)
+            k_scale = tl.load(KS + block, mask=key_ok, other=0.0)
+            v_scale = tl.load(VS + block, mask=key_ok, other=0.0)
+            s = tl.dot(q, kt.to(DOT), input_precision=PRECISION) * (k_scale[None, :] * qk_scale)
+        else:
+            s = tl.dot(q, kt.to(DOT), input_precision=PRECISION) * qk_scale
         if MASK_N:
             s = tl.where(key_ok[None, :], s, float("-inf"))
         if CAUSAL:
@@ -98,9 +121,23 @@ def attend(
         alpha = tl.math.exp2(m_i - m_ref)
         p = tl.math.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
+        if SCALED:
+            pv = p * v_scale[None, :]
+        else:
+            pv = p
+        acc = acc * alpha[:, None] + tl.dot(pv.to(DOT), v.to(DOT), input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
+
+
+@triton.jit
+def history_rows(HK, HV, KS, VS, Slot, b, kvh, s_hkb, s_hkh, s_hvb, s_hvh, s_ksb, s_ksh, s_vsb, s_vsh):
+    """Whether KV head ``kvh`` is long-range, and the base pointers of its history and of its
+    history's scales (a quantised history: ``attend``'s ``SCALED``)."""
+    slot = tl.load(Slot + kvh)
+    row = tl.maximum(slot, 0).to(tl.int64)
+    return (slot >= 0, HK + b * s_hkb + row * s_hkh, HV + b * s_hvb + row * s_hvh,
+            KS + b * s_ksb + row * s_ksh, VS + b * s_vsb + row * s_vsh)
 
 
 @triton.jit

@@ -27,7 +27,7 @@ import triton.language as tl
 
 from . import triton_common
 from .problem import TL_DTYPES, Problem, compute_dtype, usable
-from .triton_common import INTERPRET, LOG2E, attend, batch_and_kv_head, prefix, strides
+from .triton_common import INTERPRET, LOG2E, attend, batch_and_kv_head, history_rows, prefix, strides
 
 MAX_ROWS = 128  # group * Lq rows a program holds, times the padded value dim, at most MAX_ROWS x 128
 MAX_QUERIES = 16  # more queries run in one pass (triton_attention.one_pass_forward)
@@ -45,13 +45,16 @@ def _group_rows(kvh, GROUP, Lq, ROWS: tl.constexpr):
 @triton.jit
 def _span(acc, m_i, l_i, q, K, V, skn, svn, c0, c1, r0, r1, q_pos, qk_scale, CAUSAL: tl.constexpr,
           BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, D_K: tl.constexpr,
-          D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr):
-    """The keys of range ``[r0, r1)`` (of the concatenated key range) inside split ``[c0, c1)``."""
+          D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+          KS=None, VS=None, SCALE_S=1, SCALE_T=0, SCALED: tl.constexpr = False, SCALE_BLOCK: tl.constexpr = 64):
+    """The keys of range ``[r0, r1)`` (of the concatenated key range) inside split ``[c0, c1)``
+    (``SCALED``...: a quantised history, ``triton_common.attend``)."""
     lo = tl.maximum(c0, r0) - r0
     hi = tl.minimum(c1, r1) - r0
     if hi > lo:
         acc, m_i, l_i = attend(acc, m_i, l_i, q, K, V, skn, svn, lo, hi, hi, q_pos, qk_scale, True, CAUSAL,
-                               BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION, True)
+                               BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION, True,
+                               KS, VS, SCALE_S, SCALE_T, SCALED, SCALE_BLOCK)
     return acc, m_i, l_i
 
 
@@ -63,8 +66,10 @@ def _split_kernel(
     s_skb, s_skh, s_skn, s_svb, s_svh, s_svn,
     s_hkb, s_hkh, s_hkn, s_hvb, s_hvh, s_hvn,
     Hk, GROUP, Lq, Lk, T, G, P, split_len,
+    HKS, HVS, s_ksb, s_ksh, s_vsb, s_vsh, SCALE_S, SCALE_T,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     D_K: tl.constexpr, D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+    HIST_SCALED: tl.constexpr = False, SCALE_BLOCK: tl.constexpr = 64,
 ):
     split = tl.program_id(0)
     bk = tl.program_id(1)
@@ -79,12 +84,25 @@ def _split_kernel(
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     q_pos = i + (Lk - Lq)
 
-    pk, pv, n_pre, skn, svn = prefix(SK, SV, HK, HV, Slot, b, kvh, s_skb, s_skh, s_svb, s_svh,
-                                     s_hkb, s_hkh, s_hvb, s_hvh, s_skn, s_svn, s_hkn, s_hvn, G, P)
     c0 = split * split_len
     c1 = c0 + split_len
-    acc, m_i, l_i = _span(acc, m_i, l_i, q, pk, pv, skn, svn, c0, c1, 0, n_pre, q_pos, qk_scale, False,
-                          BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+    if HIST_SCALED:  # a quantised history (fp8 values, per-block scales) and the sinks: two dtypes, two branches
+        long_range, hk, hv, ks, vs = history_rows(HK, HV, HKS, HVS, Slot, b, kvh, s_hkb, s_hkh, s_hvb, s_hvh,
+                                                  s_ksb, s_ksh, s_vsb, s_vsh)
+        if long_range:
+            acc, m_i, l_i = _span(acc, m_i, l_i, q, hk, hv, s_hkn, s_hvn, c0, c1, 0, P, q_pos, qk_scale, False,
+                                  BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION,
+                                  ks, vs, SCALE_S, SCALE_T, True, SCALE_BLOCK)
+        else:
+            acc, m_i, l_i = _span(acc, m_i, l_i, q, SK + b * s_skb + kvh * s_skh, SV + b * s_svb + kvh * s_svh,
+                                  s_skn, s_svn, c0, c1, 0, G, q_pos, qk_scale, False,
+                                  BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+        n_pre = tl.where(long_range, P, G)
+    else:
+        pk, pv, n_pre, skn, svn = prefix(SK, SV, HK, HV, Slot, b, kvh, s_skb, s_skh, s_svb, s_svh,
+                                         s_hkb, s_hkh, s_hvb, s_hvh, s_skn, s_svn, s_hkn, s_hvn, G, P)
+        acc, m_i, l_i = _span(acc, m_i, l_i, q, pk, pv, skn, svn, c0, c1, 0, n_pre, q_pos, qk_scale, False,
+                              BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
     acc, m_i, l_i = _span(acc, m_i, l_i, q, TK + b * s_tkb + kvh * s_tkh, TV + b * s_tvb + kvh * s_tvh,
                           s_tkn, s_tvn, c0, c1, n_pre, n_pre + T, q_pos, qk_scale, False,
                           BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
@@ -265,9 +283,9 @@ def split_keys_forward(p: Problem, scale: float, return_lse: bool):
         *p.tensors, p.slots, acc, running_max, running_sum, scale * LOG2E,
         *strides(p.q), *strides(p.k), *strides(p.v), *strides(p.tail_k), *strides(p.tail_v),
         *strides(p.sink_k), *strides(p.sink_v), *strides(p.hist_k), *strides(p.hist_v),
-        Hk, p.group, lq, p.Lk, p.T, p.G, p.P, keys,
+        Hk, p.group, lq, p.Lk, p.T, p.G, p.P, keys, *p.history_scale_args(),
         ROWS=rows, BLOCK_N=tile["BLOCK_N"], BLOCK_DK=p.block_dk, BLOCK_DV=p.block_dv, D_K=p.D_K,
-        D_V=p.D_V, num_warps=warps, num_stages=tile["num_stages"], **p.dot_options(),
+        D_V=p.D_V, num_warps=warps, num_stages=tile["num_stages"], **p.dot_options(), **p.history_scale_options(),
     )
     out = torch.empty(B, H, lq, p.D_V, dtype=p.q.dtype, device=p.q.device)
     lse = torch.empty(B * H * lq if return_lse else 1, dtype=torch.float32, device=p.q.device)

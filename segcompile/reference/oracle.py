@@ -18,6 +18,11 @@ carried state of segment ``s - K`` (its tail is a constant, as are history and s
 everywhere), and nothing earlier than ``s - K`` can reach ``l_s`` except through constants.
 The total gradient is the sum over ``s``. Queries always receive gradient.
 
+Quantised history (``cfg.history_dtype``): where a long-range head sees key ``j`` as history
+(``j < a - T``), it sees K/V[j] as the history stores them, ``history_format.round_trip`` of the
+layer's K/V (the format's blocks depend on positions alone, so quantising the whole sequence at
+once gives what the runtime stores segment by segment); everywhere else, the exact K/V.
+
 Attention calls are intercepted with a ``TorchFunctionMode`` on
 ``F.scaled_dot_product_attention`` (``sdpa_hook.run_per_layer_attention``, which head selection
 uses too); the n-th call of a forward is layer n. Run models in eval mode (no dropout).
@@ -40,6 +45,7 @@ from ..errors import SegcompileError
 from ..frontend import device_of
 from ..loss import label_count, span_loss
 from ..inputs import label_ids, token_ids
+from ..kernels.history_format import round_trip
 from .sdpa_hook import kv_heads_per_layer, run_per_layer_attention
 
 
@@ -58,6 +64,13 @@ def visibility(cfg: SegmentConfig, n: int, long_range: bool) -> torch.Tensor:
     return current | tail | sinks
 
 
+def history_keys(cfg: SegmentConfig, n: int) -> torch.Tensor:
+    """``[n, n]`` bool: the keys a long-range head's query at ``i`` sees as history (``j < a - T``)."""
+    i = torch.arange(n)[:, None]
+    j = torch.arange(n)[None, :]
+    return j < (i // cfg.segment_len) * cfg.segment_len - cfg.tail_len
+
+
 def live_keys(cfg: SegmentConfig, n: int, loss_segment: int) -> torch.Tensor:
     """``[n, n]`` bool: pairs through which ``l_{loss_segment}`` sends gradient into K/V[j]."""
     i = torch.arange(n)[:, None]
@@ -70,18 +83,24 @@ def live_keys(cfg: SegmentConfig, n: int, loss_segment: int) -> torch.Tensor:
 
 
 # ---- attention under the masks -------------------------------------------------------------
-def _masked_attention(q, k, v, attn_mask, scale, visible_by_kv_head, live):
-    """Dense attention, ``q [B,H,n,D]``, ``k/v [B,Hk,n,D]`` (Hk == H when repeated upstream)."""
+def _masked_attention(q, k, v, attn_mask, scale, visible_by_kv_head, live, stored=None):
+    """Dense attention, ``q [B,H,n,D]``, ``k/v [B,Hk,n,D]`` (Hk == H when repeated upstream).
+    ``stored``: ``(k, v, history_by_kv_head)``, the K/V as a quantised history stores them and,
+    per KV head, the keys read from it (``[n, n]`` bool, or None)."""
     H, n = q.shape[1], q.shape[2]
     group = H // len(visible_by_kv_head)
     visible = torch.stack([visible_by_kv_head[h // group] for h in range(H)])  # [H, n, n]
     if k.shape[1] != H:  # un-repeated GQA K/V (enable_gqa=True)
         k = k.repeat_interleave(H // k.shape[1], dim=1)
         v = v.repeat_interleave(H // v.shape[1], dim=1)
+    if stored is not None:  # stored K/V come one per KV head
+        stored = (stored[0].repeat_interleave(group, dim=1), stored[1].repeat_interleave(group, dim=1), stored[2])
     compute = torch.promote_types(q.dtype, torch.float32)
     q, k, v = q.to(compute), k.to(compute), v.to(compute)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = torch.where(live, q @ k.transpose(-1, -2), q @ k.detach().transpose(-1, -2)) * scale
+    if stored is not None:
+        return _with_stored_history(q, v, scores, attn_mask, visible, live, scale, stored, group, compute)
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             visible = visible & attn_mask[..., -n:, -n:]
@@ -90,6 +109,25 @@ def _masked_attention(q, k, v, attn_mask, scale, visible_by_kv_head, live):
     scores = scores.masked_fill(~visible, float("-inf"))
     p = torch.softmax(scores, dim=-1)
     return (p * live) @ v + (p * ~live) @ v.detach()
+
+
+def _with_stored_history(q, v, scores, attn_mask, visible, live, scale, stored, group, compute):
+    """``_masked_attention`` where the keys read from a quantised history take their stored K/V
+    (constants: history never carries gradient)."""
+    hist_k, hist_v, by_kv_head = stored
+    none = torch.zeros_like(visible[0])
+    history = torch.stack([none if by_kv_head[h // group] is None else by_kv_head[h // group]
+                           for h in range(q.shape[1])])
+    hist_k, hist_v = hist_k.to(compute).detach(), hist_v.to(compute).detach()
+    scores = torch.where(history, q @ hist_k.transpose(-1, -2) * scale, scores)
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            visible = visible & attn_mask[..., -q.shape[2]:, -q.shape[2]:]
+        else:
+            scores = scores + attn_mask[..., -q.shape[2]:, -q.shape[2]:].to(compute)
+    p = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+    exact = ~history
+    return (p * (live & exact)) @ v + (p * (~live & exact)) @ v.detach() + (p * history) @ hist_v
 
 
 def _run(model, cfg: SegmentConfig, input_ids, live: Callable[[int], torch.Tensor]) -> torch.Tensor:
@@ -103,13 +141,33 @@ def _run(model, cfg: SegmentConfig, input_ids, live: Callable[[int], torch.Tenso
         n = q.shape[2]
         masks = {flag: visibility(cfg, n, flag).to(q.device) for flag in (False, True)}
         by_kv_head = [masks[h in plan[layer]] for h in range(kv[layer])]
-        out = _masked_attention(q, args["key"], args["value"], args["attn_mask"], args["scale"], by_kv_head, live(n).to(q.device))
+        stored = _stored_history(cfg, args["key"], args["value"], plan[layer], kv[layer])
+        out = _masked_attention(q, args["key"], args["value"], args["attn_mask"], args["scale"], by_kv_head,
+                                live(n).to(q.device), stored)
         return out.to(q.dtype)
 
     logits, calls = run_per_layer_attention(model, input_ids, attend)
     if calls != len(kv):
         raise SegcompileError(f"oracle: saw {calls} attention calls, expected {len(kv)} (one per layer)")
     return logits
+
+
+def _stored_history(cfg: SegmentConfig, k, v, long_range, num_kv_heads: int):
+    """``_masked_attention``'s ``stored`` for a quantised history (``None`` without one, or
+    without long-range heads in this layer). K/V come un-repeated (``[B, Hk, n, D]``) or repeated
+    per query head; the stored values of a repeated head are its KV head's."""
+    if cfg.history_dtype is None or not long_range:
+        return None
+    n = k.shape[2]
+    if k.shape[1] != num_kv_heads:  # repeated upstream: one copy per KV head
+        step = k.shape[1] // num_kv_heads
+        k, v = k[:, ::step], v[:, ::step]
+    geometry = cfg.history_geometry()
+    keys = history_keys(cfg, n).to(k.device)
+    by_kv_head = [keys if h in long_range else None for h in range(num_kv_heads)]
+    # dequantised in fp32, as the kernels read it (not rounded back to the model's dtype)
+    stored_k, stored_v = (round_trip(t.detach().float(), geometry, cfg.history_dtype) for t in (k, v))
+    return stored_k, stored_v, by_kv_head
 
 
 # ---- the inputs ----------------------------------------------------------------------------

@@ -48,7 +48,7 @@ import torch.utils.checkpoint
 import torch.utils._pytree as pytree
 
 from ..config import SegmentConfig, segment_pieces
-from ..errors import InputError, SegcompileError
+from ..errors import ConfigError, InputError, SegcompileError
 from ..ir import AttentionSite
 from .. import ir
 from . import generation, training
@@ -211,6 +211,7 @@ class SegmentedModel(torch.nn.Module):
         elsewhere). ``compile``: run the fixed-shape step under ``torch.compile`` (``True``, or a
         dict of its options) before the capture, which fuses the elementwise work between the
         layers' matrix products; one compile serves every history bucket."""
+        self._refuse_quantized_history("enable_cuda_graphs")
         self._static = StaticDecoder(self.step_graph, self.cfg, self.capture_info.device, self.program_id,
                                      history_block=history_block, max_context=max_context, capture=capture,
                                      kernel=kernel, compile=compile)
@@ -221,6 +222,14 @@ class SegmentedModel(torch.nn.Module):
         buffers and graphs. A state from the static path is copied back on its next decode."""
         self._static = None
         return self
+
+    def _refuse_quantized_history(self, what: str) -> None:
+        # the fixed-buffer decoder and compiled steps take the history in the carried dtype only
+        if self.cfg.history_dtype is not None:
+            raise ConfigError(
+                f"{what}() does not support history_dtype={self.cfg.history_dtype} yet; decode with the "
+                "eager step (leave it off), or transform with history_dtype=None"
+            )
 
     def _note_decode_path(self, path: str) -> None:
         if path != self.last_decode_path:
@@ -333,6 +342,7 @@ class SegmentedModel(torch.nn.Module):
         Compiles in place and returns ``self``; ``step_graph`` stays the uncompiled ``GraphModule``
         (what export, ``print(seg)`` and the pass pages show).
         """
+        self._refuse_quantized_history("compile")
         graphs = [self.step_graph, self.prefill_graph()]
         self._compiled = {}
         for graph in graphs:
@@ -344,6 +354,22 @@ class SegmentedModel(torch.nn.Module):
             self._compiled[graph] = (torch.compile(graph, **kwargs), ",".join(sources))
         self._compile_options = dict(kwargs)
         return self
+
+    def use_step_graph(self, graph: fx.GraphModule) -> None:
+        """Run ``graph`` in place of ``step_graph`` from now on: a graph that computes the same
+        values from the same inputs (``runtime/variants/layer_units.py``, which
+        ``segcompile.distributed.fsdp`` shards layer by layer). The graphs derived from the old one
+        are derived again at once (and compiled again with the same options if the program was
+        compiled): prefill's hold the parameters too, and a wrapper that swaps parameters (FSDP2)
+        swaps them in every module that holds them when it is applied, not in a copy made later."""
+        compiled = bool(self._compiled)
+        self.step_graph = graph
+        self._last_logits_graph = None
+        self._releasing_tails_graph = None
+        self._compiled = {}
+        self._releasing_graph()  # builds prefill_graph() first
+        if compiled:
+            self.compile(**self._compile_options)
 
     def prefill_graph(self) -> fx.GraphModule:
         """The step graph ``prefill`` runs: the ``keep_last_logits`` variant of ``step_graph``
@@ -548,7 +574,8 @@ class SegmentedModel(torch.nn.Module):
         c = self.cfg
         lines = [
             f"model={self.capture_info.model_class}, segment_len={c.segment_len}, tail_len={c.tail_len}, "
-            f"sink_tokens={c.sink_tokens}, tbptt_k={c.tbptt_k}, long_range={c.long_range.describe()}",
+            f"sink_tokens={c.sink_tokens}, tbptt_k={c.tbptt_k}, long_range={c.long_range.describe()}"
+            + (f", history_dtype={c.history_dtype}" if c.history_dtype is not None else ""),
         ]
         for site in self.sites:
             lines.append(

@@ -9,7 +9,9 @@ history is the driver's (``SegmentedModel.end_segment``):
 
 * the long-range history is an append-only buffer that every live segment graph shares
   (``append_history``), sized up front when the input is known (``reserve_history``);
-* sinks and history are constants, kept in ``carried_dtype``;
+* sinks and history are constants, kept in ``carried_dtype``; with ``SegmentConfig.history_dtype``
+  the history is stored quantised instead (``kernels/history_format.py``: a ``QuantizedHistory``
+  view of an fp8 buffer and of a buffer of its scales, appended to and sized as above);
 * compiled steps take every carried tensor in one layout whatever its length
   (``compiled_layout``, for ``SegmentedModel.compile``).
 """
@@ -23,6 +25,12 @@ import torch
 from ..config import SegmentConfig, segment_start
 from ..errors import StateError
 from ..ir import STATE_NAMES, AttentionSite
+from ..kernels.history_format import (
+    HistoryGeometry,
+    QuantizedHistory,
+    empty_history,
+    quantize_history,
+)
 
 HISTORY_GROWTH = 1.5  # capacity factor when the history buffer is full: amortised O(1) per token
 
@@ -74,6 +82,7 @@ class ProgramId:
     sink_tokens: int
     long_range: tuple[tuple[int, ...], ...]  # per layer, its long-range KV heads in plan order
     layers: tuple[tuple[int, int, int, str], ...]  # per layer: KV heads, K and V head dims, K/V dtype
+    history_dtype: torch.dtype | None = None  # SegmentConfig.history_dtype: how the history is stored
 
     @classmethod
     def of(cls, model: str, parameters, sites: list[AttentionSite], cfg: SegmentConfig) -> ProgramId:
@@ -86,7 +95,12 @@ class ProgramId:
             sink_tokens=cfg.sink_tokens,
             long_range=tuple(tuple(site.long_range) for site in sites),
             layers=tuple((site.num_kv_heads, site.head_dim, site.v_head_dim, str(site.dtype)) for site in sites),
+            history_dtype=cfg.history_dtype,
         )
+
+    def history_geometry(self) -> HistoryGeometry | None:
+        """Where the scale blocks of this program's quantised history lie (``None``: not quantised)."""
+        return None if self.history_dtype is None else HistoryGeometry(self.segment_len, self.tail_len)
 
     def differences(self, other: ProgramId) -> list[str]:
         """How ``other`` (where a state comes from) differs from this program, in words."""
@@ -127,9 +141,17 @@ class SegmentState:
 
 def empty_state(sites: list[AttentionSite], batch_size: int, device: torch.device,
                 program_id: ProgramId | None = None) -> SegmentState:
-    """The state before the first token: every part of every layer empty, in the site's K/V dtype."""
+    """The state before the first token: every part of every layer empty, in the site's K/V dtype
+    (the history in ``program_id.history_dtype`` when the program quantises it)."""
     def empty(site: AttentionSite, heads: int, dim: int) -> torch.Tensor:
         return torch.empty(batch_size, heads, 0, dim, dtype=site.dtype, device=device)
+
+    geometry = program_id.history_geometry() if program_id is not None else None
+
+    def history(site: AttentionSite, heads: int, dim: int) -> torch.Tensor:
+        if geometry is None or not heads:
+            return empty(site, heads, dim)
+        return empty_history(batch_size, heads, dim, program_id.history_dtype, geometry, device)
 
     layers = []
     for site in sites:
@@ -137,7 +159,7 @@ def empty_state(sites: list[AttentionSite], batch_size: int, device: torch.devic
         layers.append(
             LayerState(
                 empty(site, h, site.head_dim), empty(site, h, site.v_head_dim),
-                empty(site, lr, site.head_dim), empty(site, lr, site.v_head_dim),
+                history(site, lr, site.head_dim), history(site, lr, site.v_head_dim),
                 empty(site, h, site.head_dim), empty(site, h, site.v_head_dim),
                 empty(site, h, site.head_dim), empty(site, h, site.v_head_dim),
             )
@@ -195,6 +217,13 @@ def check_state_layout(state: SegmentState, sites: list[AttentionSite], cfg: Seg
                         f"layer {site.layer}: the state's {part}_{kv} has shape {got} where this model's state at "
                         f"position {state.position} has {want}; decode from a state this model's prefill or decode made"
                     )
+                quantized = isinstance(getattr(layer, f"hist_{kv}"), QuantizedHistory)
+                if part == "hist" and heads and quantized != (cfg.history_dtype is not None):
+                    raise StateError(
+                        f"layer {site.layer}: the state's history is {'' if quantized else 'not '}quantised where this "
+                        f"model's history_dtype is {cfg.history_dtype}; decode from a state this model's prefill or "
+                        "decode made"
+                    )
 
 
 def state_lengths(position: int, cfg: SegmentConfig) -> dict[str, int]:
@@ -228,6 +257,9 @@ def reserve_history(state: SegmentState, total_tokens: int, token_major: bool = 
             store, history = getattr(layer, f"hist_store_{kv}"), getattr(layer, f"hist_{kv}")
             if history.shape[1] == 0 or (store is not None and store.shape[2] >= total_tokens):
                 continue
+            if isinstance(history, QuantizedHistory):
+                moved[f"hist_store_{kv}"], moved[f"hist_{kv}"] = _quantized_buffer(history, total_tokens, token_major)
+                continue
             dtype = carried_dtype(history.dtype, history.device.type)
             fresh = empty_entries(history, total_tokens, token_major, dtype)
             fresh[:, :, : history.shape[2]] = history
@@ -244,8 +276,12 @@ def append_history(store: torch.Tensor | None, history: torch.Tensor, new: torch
     handed out, so they are written through ``.data`` (no autograd version bump: no saved
     region changes). A full buffer is replaced by a larger one; old views keep the old one alive
     only while a graph still holds them. A state whose view ends before what was already
-    appended (a branch) gets a copy. ``token_major``: a new buffer is laid out token-major.
+    appended (a branch) gets a copy. ``token_major``: a new buffer is laid out token-major. A
+    ``QuantizedHistory`` gets ``new`` quantised (``kernels/history_format.py``), its values and
+    scales appended alike.
     """
+    if isinstance(history, QuantizedHistory):
+        return _append_quantized(store, history, new, token_major)
     length, need = history.shape[2], history.shape[2] + new.shape[2]
     # Another state that shares this buffer (two decodes continued from one state) may already have
     # appended past this view: writing here would change that state's history, so copy instead.
@@ -259,6 +295,36 @@ def append_history(store: torch.Tensor | None, history: torch.Tensor, new: torch
     store.data[:, :, length:need] = new
     store._segcompile_filled = need
     return store, store[:, :, :need]
+
+
+def _append_quantized(store: torch.Tensor | None, history: QuantizedHistory, new: torch.Tensor, token_major: bool):
+    """``append_history`` for a quantised history: ``store`` is its values' buffer, which carries
+    the buffer of its scales (``_segcompile_scales``). ``new`` starts where a piece of the format
+    starts (a segment's first S - T positions or its tail), so no block already written changes."""
+    length, need = history.shape[2], history.shape[2] + new.shape[2]
+    values, scales = quantize_history(new, length, history.geometry, history.dtype)
+    taken = getattr(store, "_segcompile_filled", length) > length if store is not None else False
+    if store is None or taken or store.shape[2] < need or store.shape[:2] != new.shape[:2]:
+        store, _ = _quantized_buffer(history, max(need, int(length * HISTORY_GROWTH)), token_major)
+    blocks, more = history.scales.shape[2], scales.shape[2]
+    store.data[:, :, length:need] = values
+    store._segcompile_scales.data[:, :, blocks : blocks + more] = scales
+    store._segcompile_filled = need
+    return store, QuantizedHistory.of(store[:, :, :need], store._segcompile_scales[:, :, : blocks + more],
+                                      history.geometry)
+
+
+def _quantized_buffer(history: QuantizedHistory, capacity: int, token_major: bool):
+    """(values buffer of ``capacity`` positions holding ``history``, the history as a view of it);
+    the buffer carries its scales' buffer as ``_segcompile_scales``."""
+    length, blocks = history.shape[2], history.scales.shape[2]
+    values = empty_entries(history.values(), capacity, token_major)
+    values[:, :, :length] = history.values()
+    scales = history.scales.new_empty(*history.shape[:2], history.geometry.num_blocks(capacity))
+    scales[:, :, :blocks] = history.scales
+    values._segcompile_scales = scales
+    values._segcompile_filled = length
+    return values, QuantizedHistory.of(values[:, :, :length], scales[:, :, :blocks], history.geometry)
 
 
 def empty_entries(like: torch.Tensor, entries: int, token_major: bool, dtype: torch.dtype | None = None) -> torch.Tensor:

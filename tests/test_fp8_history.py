@@ -1,0 +1,259 @@
+"""The long-range history stored in fp8 (``SegmentConfig(history_dtype=torch.float8_e4m3fn)``;
+docs/design.md section 6, "Quantised history").
+
+The format (``segcompile/kernels/history_format.py``): its round trip, one scale per block, blocks
+cut per piece of a segment. Then the quantised program, reference and Triton (the interpreter),
+against the oracle of the same config, which quantises the history the same way: forward
+logits, prefill then decode across segment ends, TBPTT gradients; fp32 within the fp32 row of
+``segcompile.testing.tolerances`` (1e-4), and each also shown to differ from the unquantised
+oracle by more than that, so that a path that ignored the quantisation would fail.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import captured, random_ids
+
+import segcompile as sc
+from segcompile.kernels.dispatch import segment_attention_backward, segment_attention_forward
+from segcompile.kernels.history_format import (
+    HISTORY_SCALE_BLOCK,
+    HistoryGeometry,
+    QuantizedHistory,
+    dequantize_history,
+    quantize_history,
+    round_trip,
+)
+from segcompile.kernels.reference import segment_attention_reference
+from segcompile.runtime.state import append_history
+from segcompile.testing.tolerances import tolerance
+
+FP8 = torch.float8_e4m3fn
+TOL = tolerance(torch.float32)
+S, T, G = 8, 3, 2
+N = 45  # 6 segments, the last one short; the history ends mid-block (the pieces are 5 and 3 long)
+
+
+def config(history_dtype=FP8, **kw) -> sc.SegmentConfig:
+    kw = {"segment_len": S, "tail_len": T, "sink_tokens": G, "long_range": sc.HeadPlan.fraction(0.5), **kw}
+    return sc.SegmentConfig(history_dtype=history_dtype, **kw)
+
+
+def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item()
+
+
+# ---- the format ---------------------------------------------------------------------------------
+def test_round_trip_within_fp8_rounding_and_scales_are_block_amax():
+    g = HistoryGeometry(segment_len=256, tail_len=256)  # pieces of 256: blocks [64 i, 64 i + 64)
+    x = torch.randn(2, 3, 256, 16, generator=torch.Generator().manual_seed(0))
+    values, scales = quantize_history(x, 0, g, FP8)
+    assert values.dtype == FP8 and scales.shape == (2, 3, 256 // HISTORY_SCALE_BLOCK)
+    blocks = x.reshape(2, 3, 4, HISTORY_SCALE_BLOCK * 16).abs().amax(-1)
+    assert torch.equal(scales, blocks / 448)
+    back = dequantize_history(values, scales, g)
+    # e4m3 keeps 3 mantissa bits: a rounding error of at most 1/16 of the value (normal range),
+    # and the block's largest value is stored exactly (448 * scale)
+    err = (back - x).abs()
+    assert (err <= x.abs() / 16 + scales.repeat_interleave(HISTORY_SCALE_BLOCK, 2)[..., None] * 2 ** -9).all()
+    assert err.max() > 0
+    largest = x.reshape(2, 3, 4, -1).abs().argmax(-1)[..., None]
+    assert torch.allclose(back.reshape(2, 3, 4, -1).gather(-1, largest), x.reshape(2, 3, 4, -1).gather(-1, largest),
+                          rtol=1e-6, atol=0)
+
+
+def test_a_large_value_changes_its_own_block_scale_only():
+    g = HistoryGeometry(segment_len=256, tail_len=256)
+    x = torch.randn(1, 2, 256, 8, generator=torch.Generator().manual_seed(1))
+    y = x.clone()
+    y[0, 1, 70, 3] = 1000.0  # block 1 of head 1
+    _, before = quantize_history(x, 0, g, FP8)
+    _, after = quantize_history(y, 0, g, FP8)
+    changed = (before != after).nonzero().tolist()
+    assert changed == [[0, 1, 1]]
+    assert after[0, 1, 1] == 1000.0 / 448
+
+
+def test_blocks_follow_the_pieces_of_each_segment():
+    # S = 100, T = 30: each segment's first 70 positions are blocks of 64 and 6, its tail one of 30
+    g = HistoryGeometry(segment_len=100, tail_len=30)
+    pos = torch.tensor([0, 63, 64, 69, 70, 99, 100, 164, 170, 199, 200])
+    assert g.block_index(pos).tolist() == [0, 0, 1, 1, 2, 2, 3, 4, 5, 5, 6]
+    assert [g.num_blocks(n) for n in (0, 1, 70, 100, 170)] == [0, 1, 2, 3, 5]
+    every = g.block_index(torch.arange(400))
+    assert all(g.num_blocks(n) == int(every[n - 1]) + 1 for n in range(1, 401))  # host arithmetic agrees
+
+
+def test_segment_by_segment_appends_store_what_quantising_at_once_gives():
+    """History length 170 = 1.7 segments: not a multiple of the block. Appends at every piece
+    boundary (as the driver's segment ends and released tails write them) leave every block
+    written once, equal to the quantisation of the whole."""
+    g = HistoryGeometry(segment_len=100, tail_len=30)
+    x = torch.randn(2, 2, 170, 8, generator=torch.Generator().manual_seed(2)) * torch.linspace(0.1, 10, 170)[:, None]
+    history = QuantizedHistory.of(torch.empty(2, 2, 0, 8, dtype=FP8), torch.empty(2, 2, 0), g)
+    store = None
+    seen = []
+    for lo, hi in ((0, 70), (70, 100), (100, 170)):
+        store, history = append_history(store, history, x[:, :, lo:hi])
+        seen.append(history)
+    assert isinstance(history, QuantizedHistory) and history.shape == (2, 2, 170, 8)
+    assert torch.equal(history.dequantized(), round_trip(x, g, FP8))
+    # a view handed out earlier still reads what it read
+    assert torch.equal(seen[0].dequantized(), round_trip(x[:, :, :70], g, FP8))
+
+
+def test_unsupported_history_dtype_names_the_supported_ones():
+    for dtype in (torch.float8_e5m2, torch.int8, torch.bfloat16, "fp8"):
+        with pytest.raises(sc.ConfigError, match=r"history_dtype .* not supported.*None \(the model's dtype\), "
+                                                 r"torch\.float8_e4m3fn"):
+            config(history_dtype=dtype)
+
+
+# ---- the kernels against the reference ---------------------------------------------------------
+@pytest.mark.parametrize("lq", [1, 3, 20])  # split-keys decode, and the one-pass forward
+def test_triton_forward_reads_the_quantised_history_as_the_reference(lq):
+    """Small scale blocks (4) so a key tile (16 in the interpreter) spans several, pieces of 5 and
+    3 positions, 37 history positions (not a multiple of the block)."""
+    gen = torch.Generator().manual_seed(3)
+    B, Hk, group, D, lk, P = 2, 3, 2, 16, 24, 37
+    r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    g = HistoryGeometry(segment_len=8, tail_len=3, block=4)
+    long_range = [2, 0]
+
+    def quantized(x):
+        return QuantizedHistory.of(*quantize_history(x, 0, g, FP8), g)
+
+    hist_k, hist_v = quantized(r(B, 2, P, D) * 3), quantized(r(B, 2, P, D))
+    args = (r(B, Hk * group, lq, D), r(B, Hk, lk, D), r(B, Hk, lk, D), r(B, Hk, 3, D), r(B, Hk, 3, D),
+            r(B, Hk, 2, D), r(B, Hk, 2, D))
+    got = segment_attention_forward(*args, hist_k, hist_v, long_range, 0.25)
+    want = segment_attention_reference(*args, hist_k, hist_v, long_range, 0.25)
+    exact = segment_attention_reference(*args, hist_k.dequantized(), hist_v.dequantized(), long_range, 0.25)
+    assert max_abs(want, exact) == 0  # the reference reads the history dequantised
+    assert max_abs(got, want) <= TOL.logits
+
+
+def test_triton_backward_with_a_quantised_history_equals_the_reference():
+    gen = torch.Generator().manual_seed(5)
+    r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    B, Hk, D, lq = 1, 2, 16, 8
+    g = HistoryGeometry(segment_len=8, tail_len=3, block=4)
+    hist_k, hist_v = (QuantizedHistory.of(*quantize_history(r(B, 1, 13, D), 0, g, FP8), g) for _ in range(2))
+    grads_of = [r(B, 2 * Hk, lq, D), r(B, Hk, lq, D), r(B, Hk, lq, D), r(B, Hk, 3, D), r(B, Hk, 3, D)]
+    sinks = (r(B, Hk, 2, D), r(B, Hk, 2, D))
+    live = [t.clone().requires_grad_() for t in grads_of]
+    out = segment_attention_reference(*live, *sinks, hist_k, hist_v, [1], 0.25)
+    grad_out = r(*out.shape)
+    want = torch.autograd.grad(out, live, grad_out)
+    got_out, lse = segment_attention_forward(*grads_of, *sinks, hist_k, hist_v, [1], 0.25, return_lse=True)
+    got = segment_attention_backward(grad_out, got_out, *grads_of, *sinks, hist_k, hist_v, [1], 0.25, lse=lse)
+    for g_got, g_want in zip(got, want):
+        assert max_abs(g_got, g_want) <= TOL.logits
+
+
+# ---- the program against the quantised oracle ---------------------------------------------------
+@pytest.fixture(scope="module")
+def llama32():
+    return captured("llama")
+
+
+@pytest.fixture(scope="module")
+def oracle_logits(llama32):
+    model, _ = llama32
+    ids = random_ids(2, N)
+    with torch.no_grad():
+        return ids, sc.oracle.forward(model, config(), ids), sc.oracle.forward(model, config(history_dtype=None), ids)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_forward_equals_the_quantised_oracle(llama32, oracle_logits, impl):
+    _, graph = llama32
+    ids, want, unquantised = oracle_logits
+    seg = sc.transform(graph, config(), implementation=impl)
+    with torch.no_grad():
+        got = seg(ids).logits
+    assert max_abs(got, want) <= TOL.logits
+    assert max_abs(got, unquantised) > 10 * TOL.logits  # the history really is stored in fp8
+    assert "history_dtype=torch.float8_e4m3fn" in repr(seg)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_prefill_then_decode_across_segment_ends_equals_the_quantised_oracle(llama32, oracle_logits, impl):
+    _, graph = llama32
+    ids, want, _ = oracle_logits
+    seg = sc.transform(graph, config(), implementation=impl)
+    with torch.no_grad():
+        state = seg.prefill(ids[:, :21])  # mid-segment; the history has 13 positions
+        hist = state.layers[0].hist_k
+        assert isinstance(hist, QuantizedHistory) and hist.dtype == FP8 and hist.shape[2] == 13
+        assert max_abs(state.logits, want[:, 20]) <= TOL.logits
+        logits = []
+        for i in range(21, N - 3):
+            step, state = seg.decode(state, ids[:, i : i + 1])
+            logits.append(step)
+        several, state = seg.decode(state, ids[:, N - 3 :])  # three tokens, crossing no boundary
+    got = torch.cat([*logits, several], dim=1)
+    assert max_abs(got, want[:, 21:]) <= TOL.logits
+
+
+def test_a_branch_keeps_its_own_quantised_history(llama32, oracle_logits):
+    _, graph = llama32
+    ids, want, _ = oracle_logits
+    seg = sc.transform(graph, config(), implementation="reference")
+    other = random_ids(2, 10, seed=9)
+    with torch.no_grad():
+        state = seg.prefill(ids[:, :14])
+        seg.decode(state, other)  # a branch crossing a segment end appends to the shared buffer
+        got, _ = seg.decode(state, ids[:, 14:24])
+    assert max_abs(got, want[:, 14:24]) <= TOL.logits
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_tbptt_gradients_equal_the_quantised_oracle(impl):
+    model, graph = captured("llama")
+    cfg = config(long_range=sc.HeadPlan.all(), tbptt_k=1)
+    ids = random_ids(1, 27, seed=4)
+    seg = sc.transform(graph, cfg, implementation=impl)
+    model.zero_grad(set_to_none=True)
+    loss = seg.tbptt_backward(ids, ids)
+    got = {name: p.grad.clone() for name, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    want_loss, want = sc.oracle.gradients(model, cfg, ids, ids)
+    _, unquantised = sc.oracle.gradients(model, config(history_dtype=None, long_range=sc.HeadPlan.all()), ids, ids)
+    assert abs(float(loss) - float(want_loss)) <= TOL.logits
+
+    def worst(reference):
+        return max(max_abs(got[n], reference[n]) / reference[n].abs().max().clamp_min(1e-30).item() for n in got)
+
+    assert worst(want) <= TOL.relative
+    assert worst(unquantised) > 10 * TOL.relative
+
+
+def test_paths_that_do_not_take_a_quantised_history_say_so(llama32, tmp_path):
+    from segcompile.deploy.onnx_export import export_onnx
+
+    _, graph = llama32
+    seg = sc.transform(graph, config())
+    with pytest.raises(sc.ConfigError, match="enable_cuda_graphs.*history_dtype"):
+        seg.enable_cuda_graphs()
+    with pytest.raises(sc.ConfigError, match="compile.*history_dtype"):
+        seg.compile()
+    with pytest.raises(sc.SegcompileError, match="export_onnx.*history_dtype"):  # it would export bf16 history
+        export_onnx(seg, tmp_path / "step.onnx")
+    assert not (tmp_path / "step.onnx").exists()
+
+
+
+def test_a_hand_made_state_with_an_unquantised_history_is_refused(llama32, oracle_logits):
+    _, graph = llama32
+    ids = oracle_logits[0]
+    seg = sc.transform(graph, config(long_range=sc.HeadPlan.all()), implementation="reference")
+    with torch.no_grad():
+        state = seg.prefill(ids[:, :20])
+    plain = tuple(replace(layer, hist_k=layer.hist_k.dequantized(), hist_v=layer.hist_v.dequantized())
+                  for layer in state.layers)
+    with pytest.raises(sc.StateError, match="history is not quantised"):
+        seg.decode(replace(state, layers=plain, program_id=None), ids[:, 20:21])
