@@ -1,10 +1,12 @@
 """Data-parallel training on the CPU: 2 processes, gloo (segcompile.distributed).
 
-DDP and FSDP2 gradients after one step equal the single-process ``tbptt_backward`` gradients of
-the global batch (fp32, max over parameters of max|g - g_ref| / max|g_ref| <= 1e-5; measured
-~2e-7: the two halves of the batch are summed in another order); FSDP2 communicates once per
-sequence; a sharded checkpoint resumes bit-identically; a model wrapped before ``transform`` is
-refused. One spawn of the two processes runs every distributed check (``run``, below), ~30 s.
+DDP and FSDP2 sharding the program as one unit (``per_layer=False``): gradients after one step
+equal the single-process ``tbptt_backward`` gradients of the global batch (fp32, max over
+parameters of max|g - g_ref| / max|g_ref| <= 1e-5; measured ~2e-7: the two halves of the batch are
+summed in another order), and the one unit communicates once per sequence. FSDP2 per layer (the
+default): a sharded checkpoint resumes bit-identically. A model wrapped before ``transform`` is
+refused. One spawn of the two processes runs every distributed check here (``run``, below), ~20 s;
+``test_distributed_layers.py`` checks the per-layer sharding itself on 2 and 4 processes.
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ def global_batch() -> torch.Tensor:
     return random_ids(GLOBAL_BATCH, N, seed=11)
 
 
-def spawn(fn, out: Path, timeout_s: float = SPAWN_TIMEOUT_S) -> None:
-    """Run ``fn(rank, out)`` in WORLD processes; raise if one fails (the others are then
+def spawn(fn, out: Path, timeout_s: float = SPAWN_TIMEOUT_S, world: int = WORLD, args: tuple = ()) -> None:
+    """Run ``fn(rank, out, *args)`` in ``world`` processes; raise if one fails (the others are then
     terminated) or if they have not all finished after ``timeout_s`` (then all are killed)."""
-    context = torch.multiprocessing.start_processes(fn, args=(str(out),), nprocs=WORLD, join=False, start_method="spawn")
+    context = torch.multiprocessing.start_processes(fn, args=(str(out), *args), nprocs=world, join=False,
+                                                    start_method="spawn")
     deadline = time.monotonic() + timeout_s
     try:
         while not context.join(timeout=1):
@@ -64,20 +67,25 @@ def _worker(rank: int, out: str) -> None:
         results = {}
         _, graph = _model_and_graph()
         ids = global_batch()[2 * rank : 2 * rank + 2]
-        for mode, wrap in (("ddp", sc.distributed.ddp), ("fsdp", sc.distributed.fsdp)):
+        for mode, wrap in (("ddp", sc.distributed.ddp), ("fsdp", _one_unit_fsdp)):
             seg = wrap(sc.transform(graph, CFG))
-            with _counting_collectives() as counts:
+            with counting_collectives() as counts:
                 loss = seg.tbptt_backward(ids)
-            grads = {name: _full(p.grad) for name, p in seg.named_parameters()}
+            grads = {name: full_tensor(p.grad) for name, p in seg.named_parameters()}
             results[mode] = {"loss": float(loss), **counts}
             if rank == 0:
                 save_file(grads, str(out / f"{mode}.safetensors"))
-            if mode == "fsdp":
-                results["resume"] = _checkpoint_round_trip(seg, graph, out / "checkpoint", rank)
+        per_layer = sc.distributed.fsdp(sc.transform(graph, CFG))
+        per_layer.tbptt_backward(ids)
+        results["resume"] = _checkpoint_round_trip(per_layer, graph, out / "checkpoint", rank)
         if rank == 0:
             (out / "results.json").write_text(json.dumps(results))
     finally:
         dist.destroy_process_group()
+
+
+def _one_unit_fsdp(seg):
+    return sc.distributed.fsdp(seg, per_layer=False)
 
 
 def _model_and_graph():
@@ -85,11 +93,11 @@ def _model_and_graph():
     return model, sc.capture(model)
 
 
-def _full(t: torch.Tensor) -> torch.Tensor:
+def full_tensor(t: torch.Tensor) -> torch.Tensor:
     return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().contiguous()
 
 
-class _counting_collectives:
+class counting_collectives:
     """Counts FSDP2's all-gathers and reduce-scatters (torch 2.13 issues them through these two)."""
 
     def __enter__(self):
@@ -167,7 +175,7 @@ def test_gradients_equal_single_process_on_the_global_batch(run, reference, mode
     assert abs(results[mode]["loss"] - want_loss) < 0.1
 
 
-def test_fsdp_gathers_and_reduces_once_per_sequence(run):
+def test_fsdp_as_one_unit_gathers_and_reduces_once_per_sequence(run):
     _, results = run
     # 5 segments with tbptt_k=2: 5 step-graph forwards and 12 backward calls (FSDP's own hooks on
     # each step all-gathered 14 times and lost the gradients: segcompile/runtime/distributed.py)

@@ -37,7 +37,8 @@ torchrun, with ``segcompile.distributed``), every rank calls ``save_checkpoint``
     model/                 torch.distributed.checkpoint (DCP) of ``get_model_state_dict(model)``:
                            one safetensors file per rank holding its shards, their offsets in the
                            file's metadata (DCP's HuggingFaceStorageWriter); a replicated tensor is
-                           written by one rank
+                           written by one rank; a tensor the model lists under several names
+                           (tied weights) is stored once, under its first name
     optimizer/             the same for every tensor of ``get_optimizer_state_dict``, named
                            ``state.<parameter name>.<name>``
     rng.<rank>.safetensors each rank's RNG streams (each rank draws its own data)
@@ -344,7 +345,7 @@ def _save_sharded(directory: Path, model, optimizer, trainer: dict[str, Any], ex
     try:
         tensors, trainer["optimizer"] = _split_optimizer_state(get_optimizer_state_dict(model, optimizer), optimizer)
         # Collective: a failure on any rank raises on every rank.
-        dcp.save(get_model_state_dict(model), storage_writer=_writer(tmp / MODEL_DIR))
+        dcp.save(_without_aliases(get_model_state_dict(model), model), storage_writer=_writer(tmp / MODEL_DIR))
         dcp.save(tensors, storage_writer=_writer(tmp / OPTIMIZER_DIR))
         failure = None
         try:
@@ -382,7 +383,7 @@ def _load_sharded(directory: Path, trainer: dict[str, Any], model, optimizer, ge
             f"checkpoint {directory} was written by {trainer['world_size']} ranks, this run has "
             f"{dist.get_world_size()}: resume with as many (each rank's data stream and RNG are in it)"
         )
-    model_state = get_model_state_dict(model)
+    model_state = _without_aliases(get_model_state_dict(model), model)
     model_reader = HuggingFaceStorageReader(str(_require_dir(directory / MODEL_DIR)))
     _check_shapes(directory, model, {n: t.shape for n, t in model_state.items()}, _stored_shapes(model_reader, directory / MODEL_DIR))
     if optimizer is not None:
@@ -396,13 +397,36 @@ def _load_sharded(directory: Path, trainer: dict[str, Any], model, optimizer, ge
 
     # Everything was checked: apply (DCP reads into the tensors of the state dicts, in place).
     dcp.load(model_state, storage_reader=model_reader)
-    set_model_state_dict(model, model_state)
+    aliases = _alias_names(model)
+    set_model_state_dict(model, {**model_state, **{alias: model_state[kept] for alias, kept in aliases.items()}})
     if optimizer is not None:
         dcp.load(tensors, storage_reader=optimizer_reader)
         state = _join_optimizer_state(tensors, trainer["optimizer"], current["param_groups"], str)
         set_optimizer_state_dict(model, optimizer, state)
     _set_rng(rng, trainer["rng"], generators)
     return trainer["step"], trainer["extra"]
+
+
+def _without_aliases(state: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """``state`` with every tensor once, under its first name: a safetensors file refuses a tensor
+    stored twice (tied weights; a SegmentedModel's step-graph variants, which share its parameters)."""
+    aliases = _alias_names(model)
+    return {name: tensor for name, tensor in state.items() if name not in aliases}
+
+
+def _alias_names(model) -> dict[str, str]:
+    """``{name: first name}`` of every parameter or buffer that ``model`` lists under more than one
+    name. From the module tree, not from the tensors' storage: the same on every rank, whatever
+    each rank's shard holds."""
+    first: dict[int, str] = {}
+    aliases = {}
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        if id(tensor) in first:
+            aliases[name] = first[id(tensor)]
+        else:
+            first[id(tensor)] = name
+    return aliases
 
 
 def _writer(path: Path):

@@ -53,7 +53,7 @@ def tbptt_backward(
         raise SegcompileError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
     input_ids, labels = _checked_inputs(seg, input_ids, labels)
     denominator = max(label_count(labels), 1) if reduction == "mean" else 1
-    params = [p for p in seg.parameters() if p.requires_grad]
+    params = _differentiated_parameters(seg)
     # labelled[i]: position i has a label to predict (labels[i+1]); read once, not once per segment
     labelled = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).cpu()
 
@@ -62,6 +62,16 @@ def tbptt_backward(
     with torch._functorch.config.patch(donated_buffer=False):
         total = _run_segments(seg, input_ids, labels, params, labelled, denominator, checkpoint)
     return total.cpu()
+
+
+def _differentiated_parameters(seg) -> list[torch.Tensor] | None:
+    """The parameters each backward accumulates into (its ``inputs``), or ``None``: every leaf it
+    reaches. ``None`` under a gradient sync whose hooks swap the parameters while the sequence runs
+    (FSDP2 sharded per layer: a layer's gathered tensors exist only while the layer runs), so that
+    no list made before the sequence names the tensors the step graphs read."""
+    if getattr(seg.gradient_sync, "swaps_parameters", False):
+        return None
+    return [p for p in seg.parameters() if p.requires_grad]
 
 
 def _checked_inputs(seg, input_ids, labels) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,10 +153,12 @@ def _as_leaf(tail: torch.Tensor) -> torch.Tensor:
 
 def _backward(tensors, grads, params, tail_inputs, retain: bool):
     """Backpropagate ``grads`` on ``tensors`` into the parameters (accumulating ``.grad``) and
-    return the gradient on ``tail_inputs`` (``None`` when not asked for)."""
+    return the gradient on ``tail_inputs`` (``None`` when not asked for). ``params`` ``None``:
+    into every leaf reached (``_differentiated_parameters``)."""
     for t in tail_inputs:
         t.grad = None
-    torch.autograd.backward(tensors, grads, retain_graph=retain, inputs=params + tail_inputs)
+    inputs = None if params is None else params + tail_inputs
+    torch.autograd.backward(tensors, grads, retain_graph=retain, inputs=inputs)
     if not tail_inputs:
         return None
     tail_grads = [t.grad if t.grad is not None else torch.zeros_like(t) for t in tail_inputs]
