@@ -5,11 +5,15 @@ Two methods score every KV head of every layer; the plan keeps the best ``budget
 * ``attention_mass``: run the original model on calibration sequences and score a KV head by the
   attention mass its queries (the whole GQA group, averaged) put on keys a local head could not
   see under the config (outside sinks + tail + current segment), averaged over the queries that
-  have such keys. A head that never looks past its local window scores 0.
+  have such keys, or only over the ``query_positions`` that have them (the rows that predict an
+  answer: most queries of real text spread their attention whatever the head, so the average
+  over every query hardly tells a retrieval head from another). A head that never looks past its
+  local window scores 0.
 * ``gate`` (DuoAttention-style): one trainable gate per KV head mixes the head's full-attention
   output with its local (sinks + tail + segment) output, ``g * full + (1 - g) * local`` with
   ``g = sigmoid(logit)``. The model is frozen; only the gates are trained (Adam) to make the gated
-  model's logits match the full model's, plus ``sparsity * mean(g)``. A head whose local output is
+  model's logits match the full model's (at every query that has keys beyond its window, or at
+  the ``query_positions`` among them), plus ``sparsity * mean(g)``. A head whose local output is
   as good as its full one loses its gate. Heads are ranked by gate logit (the same order as the
   gate value, without sigmoid's saturation ties).
 
@@ -22,7 +26,10 @@ Selection is deterministic: ``round(budget * total KV heads)`` heads (at least o
 budget > 0), highest score first, ties broken by (layer, KV head); with ``granularity="layer"``
 layers are scored by the sum of their heads' scores and ``round(budget * layers)`` whole layers
 are kept. Data comes from ``calibration_ids`` or, without them, from a seeded generator of
-synthetic retrieval sequences (key-value pairs among filler, questions at the end). The returned
+synthetic retrieval sequences (key-value pairs among filler, questions at the end).
+``text_retrieval_calibration`` builds calibration data for a model with a tokenizer: pass-key
+prompts whose filler is real text (the calibration split of ``segcompile.quality.texts``, never
+the held-out one) with the answer's rows as ``query_positions``. The returned
 plan records the scores, budget, granularity, S/T/G, seed, method parameters and a sha256 of
 every token the method saw, so the selection can be reproduced and checked.
 """
@@ -32,6 +39,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -51,7 +59,11 @@ GRANULARITIES = ("head", "layer")
 # side of 0.5 after 60 steps at lr 0.1. A random-init model has no head that needs its history:
 # on the 4-layer tiny Llama (S=32, 128 tokens) the gates stay within 0.64..0.90 and the order of
 # the top ones still changes between 50 and 200 steps, so its plan is as arbitrary as the model.
-# Real models need their own measurement (steps, lr, sparsity are arguments).
+# Real models need their own measurement (steps, lr, sparsity are arguments). On SmolLM2-135M
+# (bench/head_selection.py, S = T = 256, 4 sinks) 16 steps on 768-token pass-key prompts,
+# distilled at the answer rows only, took 67 s on 2 CPU cores and kept 1/3 of the KV heads that
+# retrieve as well as full attention at 2K and 4K; the same 16 steps on synthetic sequences,
+# distilled at every query, took 347 s and kept mostly early layers (half the keys found).
 GATE_STEPS = 100
 GATE_LR = 0.1
 GATE_SPARSITY = 0.05
@@ -103,6 +115,82 @@ def retrieval_ids(
     return ids
 
 
+# ---- pass-key prompts on real text -----------------------------------------------------------
+@dataclass(frozen=True)
+class RetrievalCalibration:
+    """Pass-key prompts of ``n`` tokens whose filler is real text, answer included, for
+    ``select_heads(model, c.ids, ..., query_positions=c.query_positions)``."""
+
+    ids: torch.Tensor  # [B, n] int64
+    query_positions: torch.Tensor  # [B, n] bool: the rows that predict the key's digits
+    key_positions: torch.Tensor  # [B, n] bool: the key's digits in the needle sentence
+    keys: tuple[str, ...]
+    needle_starts: tuple[int, ...]
+    documents: tuple[dict, ...]  # the filler texts: name, split, sha256
+
+    def describe(self) -> dict[str, Any]:
+        from .quality import passkey
+
+        return {"prompt": {"instruction": passkey.INSTRUCTION, "needle": passkey.NEEDLE,
+                           "question": passkey.QUESTION, "answer": passkey.ANSWER},
+                "shape": list(self.ids.shape), "keys": list(self.keys), "needle_starts": list(self.needle_starts),
+                "query_positions": int(self.query_positions.sum()), "key_positions": int(self.key_positions.sum()),
+                "filler_documents": list(self.documents)}
+
+
+def text_retrieval_calibration(tokenizer, n: int, samples: int, seed: int = 0, split: str = "calibration",
+                               depths: tuple[float, float] = (0.1, 0.9)) -> RetrievalCalibration:
+    """``samples`` pass-key prompts of exactly ``n`` tokens: the eval's instruction, then the first
+    tokens of one document of ``split`` (``segcompile.quality.texts``; the calibration split never
+    shares a text with the held-out one) with the needle sentence inserted at a depth drawn from
+    ``depths``, then the question and the answer. The query positions are the rows that predict
+    the answer's digit tokens (where a model must retrieve), the key positions the needle's digit
+    tokens (what it must retrieve). Keys and depths come from ``seed``."""
+    import random
+
+    from .quality import passkey, texts
+
+    sequences = texts.token_sequences(tokenizer, n, samples, split)
+    if len(sequences) < samples:
+        raise CalibrationError(f"only {len(sequences)} {split} documents have {n} tokens, {samples} asked for; "
+                               "use fewer samples or a shorter length")
+    instruction, question = texts.encode(tokenizer, passkey.INSTRUCTION), texts.encode(tokenizer, passkey.QUESTION)
+    rows, keys, starts = [], [], []
+    positions, needles = torch.zeros(samples, n, dtype=torch.bool), torch.zeros(samples, n, dtype=torch.bool)
+    for i, sequence in enumerate(sequences):
+        draw = random.Random(f"heads-calibration:{seed}:{n}:{i}")
+        key = str(draw.randint(10000, 99999))
+        needle = texts.encode(tokenizer, passkey.NEEDLE.format(key=key))
+        answer, digits = _answer_tokens(tokenizer, key, question)
+        room = n - len(instruction) - len(needle) - len(question) - len(answer)
+        if room < 1:
+            raise CalibrationError(f"pass-key prompts need more than {n - room} tokens with this tokenizer, got n={n}")
+        filler = sequence.ids[:room].tolist()
+        at = min(room, max(0, round(draw.uniform(*depths) * n) - len(instruction)))
+        rows.append(instruction + filler[:at] + needle + filler[at:] + question + answer)
+        first = n - len(answer)
+        positions[i, [first + j - 1 for j, digit in enumerate(digits) if digit]] = True
+        start = len(instruction) + at
+        needles[i, [start + j for j, t in enumerate(needle) if any(c.isdigit() for c in tokenizer.decode([t]))]] = True
+        keys.append(key)
+        starts.append(start)
+    return RetrievalCalibration(torch.tensor(rows, dtype=torch.long), positions, needles, tuple(keys), tuple(starts),
+                                tuple(s.describe() for s in sequences))
+
+
+def _answer_tokens(tokenizer, key: str, question: list[int]) -> tuple[list[int], list[bool]]:
+    """The answer's tokens as they follow the question, and which of them hold digits."""
+    from .quality import passkey, texts
+
+    together = texts.encode(tokenizer, passkey.QUESTION + passkey.ANSWER.format(key=key))
+    answer = (together[len(question):] if together[: len(question)] == question
+              else texts.encode(tokenizer, passkey.ANSWER.format(key=key)))
+    digits = [any(c.isdigit() for c in tokenizer.decode([t])) for t in answer]
+    if not any(digits):
+        raise CalibrationError(f"the tokenizer gives the answer {key!r} no token with a digit")
+    return answer, digits
+
+
 # ---- public --------------------------------------------------------------------------------
 def select_heads(
     model: torch.nn.Module,
@@ -120,6 +208,8 @@ def select_heads(
     lr: float = GATE_LR,
     sparsity: float = GATE_SPARSITY,
     progress: Callable[[int, int], None] | None = None,
+    query_positions: torch.Tensor | Any | None = None,
+    key_positions: torch.Tensor | Any | None = None,
 ) -> HeadPlan:
     """Score every KV head of ``model`` and return the plan keeping the best ``budget`` fraction.
 
@@ -133,6 +223,11 @@ def select_heads(
     batch_size: sequences per forward (attention_mass) or per training step (gate).
     steps, lr, sparsity: the gate's Adam steps, learning rate and weight of ``mean(gate)``.
     progress: called as ``progress(done, total)`` after every batch or step.
+    query_positions: ``[B, n]`` (or ``[n]``, the same for every row) bool, the query rows that
+        score (attention_mass) or that the gates are distilled on (gate), e.g. the rows that
+        predict an answer; needs ``calibration_ids``. Default: every query.
+    key_positions: ``[B, n]`` (or ``[n]``) bool, attention_mass only: count only the mass put on
+        these keys beyond the window (e.g. the key a prompt asks for), not on every key beyond it.
     """
     _check_choice(method, METHODS, "method")
     _check_choice(granularity, GRANULARITIES, "granularity")
@@ -150,14 +245,19 @@ def select_heads(
     vocab = _vocab_size(model)
     device = device_of(model)
     ids = _calibration(calibration_ids, vocab)
+    positions = _query_positions(query_positions, ids)
+    labelled = _query_positions(key_positions, ids, "key_positions")
+    if labelled is not None and method != "attention_mass":
+        raise PlanError("key_positions apply to method='attention_mass' only (the gate is distilled on the logits)")
     n = ids.shape[1] if ids is not None else (seq_len or (4 * cfg.segment_len if cfg is not None else 256))
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise CalibrationError(f"seq_len must be an int >= 1, got {seq_len!r}")
     if cfg is None:
         cfg = SegmentConfig(segment_len=max(1, n // 4))
     _check_length(cfg, n)
+    _check_positions_see_beyond(positions, cfg, n)
 
-    data = _Data(ids, vocab, n, samples, batch_size, seed)
+    data = _Data(ids, positions, labelled, vocab, n, samples, batch_size, seed)
     was_training = model.training
     model.eval()
     try:
@@ -188,6 +288,26 @@ def select_heads(
     return HeadPlan.from_dict(chosen, method=method, fingerprint=fingerprint, extra=extra)
 
 
+def plan_at_budget(plan: HeadPlan, budget: float) -> HeadPlan:
+    """The plan ``select_heads`` returns at another ``budget`` from the same scores (no rescoring:
+    the scores, and for the gate its logits, are in ``plan.extra``)."""
+    if plan.method not in METHODS or "scores" not in plan.extra:
+        raise PlanError(f"plan_at_budget needs a plan made by select_heads (with its scores), got a {plan.kind} plan "
+                        f"of method {plan.method!r}")
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0.0 <= float(budget) <= 1.0:
+        raise PlanError(f"budget must be a fraction of KV heads in [0, 1] (e.g. 0.25), got {budget!r}")
+    extra = dict(plan.extra)
+    scores = [extra["scores"][str(l)] for l in range(len(extra["scores"]))]
+    logits = extra.get("params", {}).get("gate_logits")
+    ranking = [logits[str(l)] for l in range(len(scores))] if plan.method == "gate" else scores
+    kv = [len(row) for row in scores]
+    chosen, layer_scores = _choose(scores, ranking, kv, budget, extra["granularity"])
+    extra.update(budget=float(budget), selected=sum(len(h) for h in chosen.values()))
+    if extra["granularity"] == "layer":
+        extra["layer_scores"] = [float(s) for s in layer_scores]
+    return HeadPlan.from_dict(chosen, method=plan.method, fingerprint=plan.fingerprint, extra=extra)
+
+
 # ---- selection -----------------------------------------------------------------------------
 def _count(budget: float, total: int) -> int:
     want = round(budget * total)
@@ -209,10 +329,11 @@ def _choose(scores, ranking, kv: list[int], budget: float, granularity: str):
 
 # ---- data ----------------------------------------------------------------------------------
 class _Data:
-    """Batches of calibration ids, or seeded synthetic retrieval batches; hashes what it hands out."""
+    """Batches ``(ids, query_positions or None)`` of calibration ids, or seeded synthetic retrieval
+    batches; hashes what it hands out."""
 
-    def __init__(self, ids, vocab: int, n: int, samples: int, batch_size: int, seed: int):
-        self.ids, self.vocab, self.n = ids, vocab, n
+    def __init__(self, ids, positions, keys, vocab: int, n: int, samples: int, batch_size: int, seed: int):
+        self.ids, self.positions, self.keys, self.vocab, self.n = ids, positions, keys, vocab, n
         self.samples, self.batch_size, self.seed = samples, batch_size, seed
         self.generator = torch.Generator().manual_seed(seed)
         self.hash = hashlib.sha256()
@@ -221,25 +342,35 @@ class _Data:
     def fixed(self):
         """The whole calibration set (or ``samples`` synthetic sequences), in batches."""
         ids = self.ids if self.ids is not None else retrieval_ids(self.generator, self.samples, self.n, self.vocab)
-        return [self._seen(ids[i : i + self.batch_size]) for i in range(0, ids.shape[0], self.batch_size)]
+        batches = [slice(i, i + self.batch_size) for i in range(0, ids.shape[0], self.batch_size)]
+        return [(*self._seen(ids[b], self._rows(b)), None if self.keys is None else self.keys[b]) for b in batches]
 
     def step(self, t: int) -> torch.Tensor:
         """The batch of training step ``t``: calibration rows in turn, or a fresh synthetic batch."""
         if self.ids is None:
-            return self._seen(retrieval_ids(self.generator, self.batch_size, self.n, self.vocab))
+            return self._seen(retrieval_ids(self.generator, self.batch_size, self.n, self.vocab), None)
         rows = torch.arange(t * self.batch_size, (t + 1) * self.batch_size) % self.ids.shape[0]
-        return self._seen(self.ids[rows])
+        return self._seen(self.ids[rows], self._rows(rows))
 
-    def _seen(self, ids: torch.Tensor) -> torch.Tensor:
+    def _rows(self, rows) -> torch.Tensor | None:
+        return None if self.positions is None else self.positions[rows]
+
+    def _seen(self, ids: torch.Tensor, positions: torch.Tensor | None):
         self.hash.update(ids.to(torch.int64).contiguous().numpy().astype("<i8").tobytes())
+        if positions is not None:
+            self.hash.update(positions.numpy().tobytes())
+        if self.keys is not None:
+            self.hash.update(self.keys.numpy().tobytes())
         self.sequences += ids.shape[0]
-        return ids
+        return ids, positions
 
     def describe(self) -> dict[str, Any]:
         base = {"sequences_seen": self.sequences, "seq_len": self.n, "sha256": self.hash.hexdigest()}
         if self.ids is not None:
             whole = hashlib.sha256(self.ids.numpy().astype("<i8").tobytes()).hexdigest()
-            return {"source": "calibration", "shape": list(self.ids.shape), "calibration_sha256": whole, **base}
+            rows = {f"{what}_positions": int(marked.sum())
+                    for what, marked in (("query", self.positions), ("key", self.keys)) if marked is not None}
+            return {"source": "calibration", "shape": list(self.ids.shape), "calibration_sha256": whole, **rows, **base}
         return {"source": "synthetic_retrieval", "vocab_size": self.vocab, "samples": self.samples,
                 "batch_size": self.batch_size, **base}
 
@@ -267,6 +398,45 @@ def _calibration(ids, vocab: int) -> torch.Tensor | None:
             f"calibration ids must lie in [0, {vocab}) (the model's vocabulary), got ids in [{low}, {high}]"
         )
     return ids
+
+
+def _query_positions(positions, ids: torch.Tensor | None, what: str = "query_positions") -> torch.Tensor | None:
+    """``[B, n]`` bool on the CPU, checked against the calibration ids (``[n]`` applies to every row)."""
+    if positions is None:
+        return None
+    if ids is None:
+        raise CalibrationError(f"{what} mark positions of calibration_ids; pass calibration_ids with them "
+                               "(synthetic data has its own questions)")
+    try:
+        positions = torch.as_tensor(positions).detach().to("cpu")
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise CalibrationError(f"{what} must be a bool tensor or array [B, n], got {type(positions).__name__}: "
+                               f"{e}") from None
+    if positions.dtype != torch.bool:
+        whole = not (positions.dtype.is_floating_point or positions.dtype.is_complex)
+        if not whole or not bool(((positions == 0) | (positions == 1)).all()):
+            raise CalibrationError(f"{what} must be bool (or 0/1 integers), got dtype {positions.dtype}")
+        positions = positions.bool()
+    if positions.dim() == 1:
+        positions = positions[None].expand(ids.shape[0], -1)
+    if tuple(positions.shape) != tuple(ids.shape):
+        raise CalibrationError(f"{what} must have the calibration ids' shape {list(ids.shape)} (or "
+                               f"[{ids.shape[1]}]), got {list(positions.shape)}")
+    return positions.contiguous()
+
+
+def _check_positions_see_beyond(positions: torch.Tensor | None, cfg: SegmentConfig, n: int) -> None:
+    """Refuse query positions of which none has a key beyond its local window: they score nothing."""
+    if positions is None:
+        return
+    _, beyond = _masks(cfg, n, "cpu")
+    if not bool((positions & beyond.any(dim=-1)).any()):
+        raise CalibrationError(
+            f"none of the {int(positions.sum())} query positions (over {positions.shape[0]} sequences) has a key "
+            "beyond its local window "
+            f"(segment_len={cfg.segment_len}, tail_len={cfg.tail_len}, sink_tokens={cfg.sink_tokens}), so they "
+            "cannot tell heads apart; mark later positions (the answer of a long prompt) or use a smaller segment_len"
+        )
 
 
 def _check_length(cfg: SegmentConfig, n: int) -> None:
@@ -324,44 +494,68 @@ def _group_mean(per_query_head: torch.Tensor, kv_heads: int) -> torch.Tensor:
 
 # ---- attention_mass ------------------------------------------------------------------------
 def _attention_mass(model, cfg, kv, data: _Data, device, progress) -> list[list[float]]:
+    """Per KV head: the mean, over the scored queries, of the mass put beyond the local window."""
     totals = [torch.zeros(h, dtype=torch.float64) for h in kv]
-    count = 0
+    queries = [0] * len(kv)
     batches = data.fixed()
+    positions = keys = None  # the query and key positions of the batch running
 
     def on_call(layer, a, sdpa):
         q, k = a["query"], a["key"]
-        B, H, n = q.shape[0], q.shape[1], q.shape[2]
+        H, n = q.shape[1], q.shape[2]
         if k.shape[1] != H:  # un-repeated GQA K/V (enable_gqa=True)
             k = k.repeat_interleave(H // k.shape[1], dim=1)
-        local, beyond = _masks(cfg, n, q.device)
-        causal = visibility(cfg, n, True).to(q.device)
-        scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
-        rows = max(1, MASS_BLOCK_ELEMENTS // max(1, B * H * n))
-        mass = torch.zeros(H, dtype=torch.float64, device=q.device)
-        for r in range(0, n, rows):
-            qs = q[:, :, r : r + rows].float()
-            scores = qs @ k.float().transpose(-1, -2) * scale
-            visible = causal[r : r + rows]
-            mask = a["attn_mask"]
-            if mask is not None:
-                mask = mask[..., -n:, -n:][..., r : r + rows, :]
-                if mask.dtype == torch.bool:
-                    visible = visible & mask
-                else:
-                    scores = scores + mask.float()
-            p = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
-            mass += (p * beyond[r : r + rows]).sum(dim=(-1, -2)).sum(dim=0).double()
-        queries = int(beyond.any(dim=-1).sum()) * B  # queries that have keys beyond their window
-        totals[layer] += _group_mean(mass.cpu() / queries, kv[layer]) * B
+        _, beyond = _masks(cfg, n, q.device)
+        scored = _scored_rows(beyond, positions)
+        for b in range(q.shape[0]):
+            rows = scored[b].nonzero().flatten()
+            counted = beyond if keys is None else beyond & keys[b][None, :]
+            totals[layer] += _group_mean(_mass_beyond(a, q, k, b, rows, cfg, counted).cpu(), kv[layer])
+            queries[layer] += rows.numel()
         return sdpa()
 
     with torch.no_grad():
-        for i, ids in enumerate(batches):
+        for i, (ids, positions, keys) in enumerate(batches):
+            positions = None if positions is None else positions.to(device)
+            keys = None if keys is None else keys.to(device)
             _run(model, ids.to(device), kv, on_call)
-            count += ids.shape[0]
             if progress is not None:
                 progress(i + 1, len(batches))
-    return [(t / count).tolist() for t in totals]
+    return [(t / max(1, q)).tolist() for t, q in zip(totals, queries)]
+
+
+def _scored_rows(beyond: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """``[B or 1, n]`` bool: the queries that score, those with keys beyond their window (among
+    ``positions`` when given)."""
+    has_beyond = beyond.any(dim=-1)[None]
+    return has_beyond if positions is None else has_beyond & positions
+
+
+def _mass_beyond(a, q, k, b: int, rows: torch.Tensor, cfg, beyond: torch.Tensor) -> torch.Tensor:
+    """``[H]`` float64: the attention mass batch row ``b``'s queries at ``rows`` put on the keys
+    ``beyond`` ``[n, n]`` marks, summed over those queries (dense probabilities, in blocks of rows)."""
+    H, n = q.shape[1], q.shape[2]
+    causal = visibility(cfg, n, True).to(q.device)
+    scale = a["scale"] if a["scale"] is not None else 1.0 / math.sqrt(q.shape[-1])
+    mask = a["attn_mask"]
+    if mask is not None:
+        mask = mask[..., -n:, -n:]
+        mask = mask[b] if mask.dim() == 4 and mask.shape[0] > 1 else mask.reshape(-1, n, n)
+    block = max(1, MASS_BLOCK_ELEMENTS // max(1, H * n))
+    mass = torch.zeros(H, dtype=torch.float64, device=q.device)
+    keys = k[b].float().transpose(-1, -2)
+    for r in range(0, rows.numel(), block):
+        picked = rows[r : r + block]
+        scores = q[b][:, picked].float() @ keys * scale  # [H, r, n]
+        visible = causal[picked]
+        if mask is not None:
+            if mask.dtype == torch.bool:
+                visible = visible & mask[:, picked]
+            else:
+                scores = scores + mask[:, picked].float()
+        p = torch.softmax(scores.masked_fill(~visible, float("-inf")), dim=-1)
+        mass += (p * beyond[picked]).sum(dim=(-1, -2)).double()
+    return mass
 
 
 # ---- gate ----------------------------------------------------------------------------------
@@ -389,17 +583,19 @@ def _gate(model, cfg, kv, data: _Data, device, steps, lr, sparsity, progress):
         g = torch.sigmoid(gates[layer]).repeat_interleave(H // kv[layer]).to(full.dtype)[None, :, None, None]
         return g * full + (1 - g) * short
 
-    _, beyond = _masks(cfg, data.n, "cpu")
-    rows = beyond.any(dim=-1).nonzero().flatten().to(device)  # positions where local and full can differ
+    _, beyond = _masks(cfg, data.n, device)
     for p in frozen:
         p.requires_grad_(False)
     try:
         for t in range(steps):
-            ids = data.step(t).to(device)
+            ids, positions = data.step(t)
+            ids = ids.to(device)
+            # the rows where local and full attention can differ (among the query positions)
+            rows = _scored_rows(beyond, None if positions is None else positions.to(device)).expand(ids.shape[0], -1)
             with torch.no_grad():
                 with sdpa_attention(model):
-                    target = model_logits(model, ids).index_select(1, rows).float()
-            gated = _run(model, ids, kv, on_call).index_select(1, rows).float()
+                    target = model_logits(model, ids)[rows].float()
+            gated = _run(model, ids, kv, on_call)[rows].float()
             distill = (gated - target).pow(2).mean() / target.var().clamp(min=1e-12)
             penalty = torch.sigmoid(torch.cat(gates)).mean()
             loss = distill + sparsity * penalty

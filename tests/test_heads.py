@@ -14,7 +14,7 @@ from torch import nn
 
 import segcompile as sc
 from segcompile.cli.main import main
-from segcompile.heads import CalibrationError, retrieval_ids
+from segcompile.heads import CalibrationError, plan_at_budget, retrieval_ids, text_retrieval_calibration
 from segcompile.plan import model_fingerprint
 from segcompile.testing.tolerances import tolerance
 
@@ -285,3 +285,163 @@ def test_cli_user_errors(flags, message, tmp_path, capsys):
     assert main(["heads", "--layers", "1", *flags, "--out", str(tmp_path / "h.json")]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "h.json").exists()
+
+
+# ---- scoring the positions that matter ------------------------------------------------------------
+MARK, NEEDLE = 0, 1  # the question token, and the token it retrieves
+PLANTED_N = 64
+
+
+class PlantedRetrievalDecoder(nn.Module):
+    """One layer, two KV heads (one query head each), attention set by hand.
+
+    KV head 0 spreads its attention evenly over every key it can see, so any late query puts most
+    of its mass beyond a local window. KV head 1 looks at the last few keys, except at a query
+    holding ``MARK``, which attends to the ``NEEDLE`` token wherever it is: a retrieval head that
+    looks far back at the question only.
+    """
+
+    SLOPE, PULL = 2.0, 400.0  # PULL outweighs SLOPE * position for every n <= 64
+
+    def __init__(self, seed: int = 0):
+        super().__init__()
+        self.config = SimpleNamespace(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2, vocab_size=V)
+        g = torch.Generator().manual_seed(seed)
+        hidden = V + 2  # one-hot token, a constant 1, the position
+        self.q = torch.zeros(hidden, 2, 2)
+        self.k = torch.zeros(hidden, 2, 2)
+        self.q[MARK, 1, 0] = self.PULL
+        self.q[V, 1, 1] = 1.0
+        self.k[NEEDLE, 1, 0] = 1.0
+        self.k[V + 1, 1, 1] = self.SLOPE
+        self.v = torch.zeros(hidden, 2, HEAD_DIM)
+        self.v[:V] = torch.randn(V, 2, HEAD_DIM, generator=g)
+        self.out = nn.Parameter(torch.randn(2 * HEAD_DIM, V, generator=g))
+
+    def forward(self, input_ids, position_ids=None):
+        B, n = input_ids.shape
+        x = torch.cat([F.one_hot(input_ids, V).float(), torch.ones(B, n, 1), torch.arange(n).float().expand(B, n)[..., None]],
+                      dim=-1)
+        q, k, v = (torch.einsum("bnx,xhd->bhnd", x, w) for w in (self.q, self.k, self.v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+        return y.transpose(1, 2).reshape(B, n, -1) @ self.out
+
+
+def planted_prompts(batch: int = 4, seed: int = 2):
+    """``(ids, query_positions, key_positions)``: filler tokens (never MARK or NEEDLE), one NEEDLE in
+    the first quarter, MARK at the last position (the question)."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(2, V, (batch, PLANTED_N), generator=g)
+    needles = torch.randint(2, PLANTED_N // 4, (batch,), generator=g)
+    ids[torch.arange(batch), needles] = NEEDLE
+    ids[:, -1] = MARK
+    queries = torch.zeros(batch, PLANTED_N, dtype=torch.bool)
+    queries[:, -1] = True
+    return ids, queries, ids == NEEDLE
+
+
+def test_every_query_ranks_the_spread_head_first_the_question_ranks_the_retrieval_head_first():
+    model, (ids, queries, keys) = PlantedRetrievalDecoder(), planted_prompts()
+    every = sc.select_heads(model, ids, 0.5, "attention_mass", CFG)
+    assert heads_of(every) == {0: [0]}, every.extra["scores"]  # what the average over every query picks
+    at_question = sc.select_heads(model, ids, 0.5, "attention_mass", CFG, query_positions=queries)
+    assert heads_of(at_question) == {0: [1]}, at_question.extra["scores"]
+    spread, retrieval = at_question.extra["scores"]["0"]
+    assert retrieval > 0.99 and spread < 0.9  # the spread head still reaches past the window: 40 of 64 keys
+    on_needle = sc.select_heads(model, ids, 0.5, "attention_mass", CFG, query_positions=queries, key_positions=keys)
+    spread, retrieval = on_needle.extra["scores"]["0"]
+    assert retrieval > 0.99 and spread < 1 / 32  # the spread head gives the needle 1 / 64 of its mass
+    assert on_needle.extra["data"]["query_positions"] == 4 and on_needle.extra["data"]["key_positions"] == 4
+
+
+def test_gate_distilled_at_the_question_keeps_the_retrieval_head():
+    model, (ids, queries, _) = PlantedRetrievalDecoder(), planted_prompts()
+    plan = sc.select_heads(model, ids, 0.5, "gate", CFG, query_positions=queries, steps=60)
+    assert heads_of(plan) == {0: [1]}, plan.extra["scores"]
+    dropped, kept = plan.extra["scores"]["0"]
+    assert kept > 0.95 and dropped < kept - 0.1  # the spread head's output differs too, so its gate falls less
+
+
+def test_plan_at_budget_equals_scoring_again():
+    model, ids = HandSetDecoder(FAR), calibration()
+    for method in ("attention_mass", "gate"):
+        half = sc.select_heads(model, ids, 0.5, method, CFG, steps=20)
+        for budget in (1 / 6, 2 / 3):
+            again = sc.select_heads(model, ids, budget, method, CFG, steps=20)
+            assert plan_at_budget(half, budget) == again, (method, budget)
+    with pytest.raises(sc.PlanError, match="needs a plan made by select_heads"):
+        plan_at_budget(sc.HeadPlan.fraction(0.5), 0.25)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(calibration_ids=None, query_positions=torch.ones(N, dtype=torch.bool)), "pass calibration_ids with them"),
+    (dict(query_positions=torch.ones(2, N, dtype=torch.bool)), r"must have the calibration ids' shape \[4, 64\]"),
+    (dict(query_positions=torch.full((N,), 0.5)), "must be bool"),
+    (dict(query_positions=torch.arange(N) < 16), r"none of the 64 query positions \(over 4 sequences\) has a key beyond its local window"),
+])
+def test_bad_positions_are_clear_errors(kwargs, message):
+    with pytest.raises(CalibrationError, match=message):
+        sc.select_heads(HandSetDecoder(FAR), **{"calibration_ids": calibration(), "budget": 0.5, "cfg": CFG, **kwargs})
+
+
+def test_key_positions_are_for_attention_mass_only():
+    with pytest.raises(sc.PlanError, match="key_positions apply to method='attention_mass' only"):
+        sc.select_heads(HandSetDecoder(FAR), calibration(), 0.5, "gate", CFG, key_positions=torch.ones(N, dtype=bool))
+
+
+def test_text_retrieval_calibration_asks_for_the_key_it_hides():
+    from segcompile.quality import ByteTokenizer
+
+    tokenizer = ByteTokenizer()
+    data = text_retrieval_calibration(tokenizer, 600, 3, seed=4)
+    assert data.ids.shape == (3, 600) and data.query_positions.shape == (3, 600)
+    again = text_retrieval_calibration(tokenizer, 600, 3, seed=4)
+    assert torch.equal(data.ids, again.ids) and data.keys == again.keys
+    for row, rows, keys, key, start in zip(data.ids, data.query_positions, data.key_positions, data.keys,
+                                           data.needle_starts):
+        text = tokenizer.decode(row.tolist())
+        assert text.endswith(f"The pass key is {key}")  # the prompt ends on its answer
+        predicted = tokenizer.decode(row[rows.nonzero().flatten() + 1].tolist())
+        assert predicted == key  # the query rows are the ones that predict the key's digits
+        assert tokenizer.decode(row[keys].tolist()) == key * 2  # the needle states it twice
+        assert tokenizer.decode(row[start : start + 20].tolist()) == " The pass key is " + key[:3]
+        assert 0.1 * 600 - 200 <= start <= 0.9 * 600
+    assert all(d["split"] == "calibration" for d in data.describe()["filler_documents"])
+
+
+@pytest.mark.parametrize("method", ["attention_mass", "gate"])
+def test_cli_scores_passkey_prompts_on_real_text(method, tmp_path, capsys):
+    out = tmp_path / "heads.json"
+    rc = main(["heads", "--layers", "2", "--method", method, "--data", "passkey-text", "--segment-len", "32",
+               "--seq-len", "400", "--samples", "2", *(["--steps", "2"] if method == "gate" else []),
+               "--out", str(out), "--no-color"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    data = json.loads(out.read_text())["extra"]["data"]
+    assert data["source"] == "calibration" and data["shape"] == [2, 400]
+    assert data["query_positions"] == 10  # five digits a prompt, ByteTokenizer: one token each
+    assert data.get("key_positions") == (20 if method == "attention_mass" else None)  # the needle states it twice
+    assert "10 query positions" in printed
+
+
+def test_cli_reads_query_positions(tmp_path, capsys):
+    ids, rows = tmp_path / "ids.npy", tmp_path / "rows.npy"
+    np.save(ids, random_ids(2, 48).numpy())
+    np.save(rows, np.arange(48) >= 40)
+    out = tmp_path / "heads.json"
+    assert main(["heads", "--layers", "1", "--segment-len", "8", "--calibration-ids", str(ids),
+                 "--query-positions", str(rows), "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["extra"]["data"]["query_positions"] == 16
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--query-positions", "rows.npy"], "error: --query-positions marks positions of --calibration-ids"),
+    (["--data", "passkey-text", "--calibration-ids", "ids.npy"], "are two sources of data"),
+    (["--method", "gate", "--calibration-ids", "ids.npy", "--key-positions", "ids.npy"],
+     "--key-positions applies to --method attention_mass only"),
+])
+def test_cli_position_errors(flags, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    np.save(tmp_path / "ids.npy", random_ids(1, 48).numpy())
+    assert main(["heads", "--layers", "1", *flags, "--out", str(tmp_path / "h.json")]) == 2
+    assert message in capsys.readouterr().err

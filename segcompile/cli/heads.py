@@ -2,7 +2,10 @@
 
 Stages: load the model (a local Hugging Face folder, or the built-in tiny Llama) -> score every
 KV head with ``select_heads`` (attention mass on calibration data, or trained gates), under a
-progress bar -> write the plan JSON (atomically). Prints the selected heads per layer with their
+progress bar -> write the plan JSON (atomically). The data: synthetic retrieval sequences, token
+ids from a file (with the query and key positions that score, optionally), or ``--data
+passkey-text``: pass-key prompts on real text, scored at the rows that predict the answer
+(``heads.text_retrieval_calibration``). Prints the selected heads per layer with their
 scores. ``segcompile viz/demo --long-range heads.json`` and
 ``SegmentConfig(long_range=HeadPlan.load(...))`` read the file.
 """
@@ -22,9 +25,10 @@ from . import (
     make_console,
     positive_int,
 )
-from .models import add_model_args, check_model_args, load_model, model_label
+from .models import add_model_args, check_model_args, load_model, load_tokenizer, model_label
 
 name = "heads"
+DATA = ("synthetic", "passkey-text")
 help = "choose the long-range KV heads of a model from data and write a head-plan JSON file"
 
 
@@ -54,12 +58,23 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     select.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     data = parser.add_argument_group("data")
     data.add_argument(
-        "--calibration-ids", metavar="IDS.npy", default=None,
-        help="token ids [B, n] or [n] as a .npy integer array (default: synthetic retrieval sequences)",
+        "--data", choices=DATA, default="synthetic",
+        help="synthetic retrieval sequences (random tokens, every query scored), or pass-key prompts whose filler "
+             "is real text (the calibration split of the eval texts), scored at the rows that predict the answer; "
+             "attention_mass then counts the mass on the needle's digits only",
     )
+    data.add_argument(
+        "--calibration-ids", metavar="IDS.npy", default=None,
+        help="token ids [B, n] or [n] as a .npy integer array (instead of --data)",
+    )
+    data.add_argument("--query-positions", metavar="POS.npy", default=None,
+                      help="with --calibration-ids: bool [B, n] or [n], the query rows that score")
+    data.add_argument("--key-positions", metavar="POS.npy", default=None,
+                      help="with --calibration-ids, attention_mass: bool [B, n] or [n], the keys whose mass counts")
     data.add_argument("--seq-len", type=positive_int, default=None,
-                      help="tokens per synthetic sequence (default: 4 x --segment-len)")
-    data.add_argument("--samples", type=positive_int, default=8, help="synthetic sequences scored by attention_mass")
+                      help="tokens per synthetic sequence or pass-key prompt (default: 4 x --segment-len)")
+    data.add_argument("--samples", type=positive_int, default=8,
+                      help="synthetic sequences scored by attention_mass, or pass-key prompts")
     data.add_argument("--batch-size", type=positive_int, default=1, help="sequences per forward or gate step")
     gate = parser.add_argument_group("gate")
     gate.add_argument("--steps", type=positive_int, default=None, help="Adam steps of the gates (default: 100)")
@@ -76,7 +91,16 @@ def validate(args: argparse.Namespace) -> None:
             hint="use --budget for the fraction of KV heads to keep",
         )
     check_model_args(args)
+    for flag, path in (("--query-positions", args.query_positions), ("--key-positions", args.key_positions)):
+        if path is not None and args.calibration_ids is None:
+            raise UsageError(f"{flag} marks positions of --calibration-ids", hint="give --calibration-ids too")
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"{flag} {path}: no such file", hint="give a .npy array of bools")
+    if args.key_positions is not None and args.method != "attention_mass":
+        raise UsageError("--key-positions applies to --method attention_mass only", hint="leave it out")
     if args.calibration_ids is not None:
+        if args.data != "synthetic":
+            raise UsageError(f"--data {args.data} and --calibration-ids are two sources of data", hint="give one")
         if not Path(args.calibration_ids).is_file():
             raise UsageError(f"--calibration-ids {args.calibration_ids}: no such file",
                              hint="give a .npy file of integer token ids, or leave it out for synthetic data")
@@ -97,11 +121,15 @@ def cmd(args: argparse.Namespace) -> int:
 
     cfg = sc.SegmentConfig(segment_len=args.segment_len, tail_len=args.tail_len, sink_tokens=args.sinks)
     console = make_console(args)
-    ids = _calibration(args.calibration_ids)
+    ids, positions = (_npy(args.calibration_ids, "--calibration-ids"), {"query_positions": args.query_positions,
+                                                                         "key_positions": args.key_positions})
+    positions = {k: _npy(path, "--" + k.replace("_", "-")) for k, path in positions.items() if path is not None}
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     start = time.perf_counter()
     model = load_model(args).to(device)
+    if args.data == "passkey-text":
+        ids, positions = _passkey_text(args, cfg)
     console.print(f"[1/3] {model_label(args):<56} {time.perf_counter() - start:6.2f} s", markup=False, soft_wrap=True)
 
     options = {k: getattr(args, k) for k in ("steps", "lr", "sparsity") if getattr(args, k) is not None}
@@ -110,7 +138,8 @@ def cmd(args: argparse.Namespace) -> int:
     with _progress(console, f"[2/3] score KV heads ({label})") as update:
         plan = sc.select_heads(
             model, ids, args.budget, args.method, cfg, granularity=args.granularity, seed=args.seed,
-            seq_len=args.seq_len, samples=args.samples, batch_size=args.batch_size, progress=update, **options,
+            seq_len=None if ids is not None else args.seq_len, samples=args.samples, batch_size=args.batch_size,
+            progress=update, **positions, **options,
         )
     console.print(f"[2/3] score KV heads ({label})".ljust(62) + f" {time.perf_counter() - start:6.2f} s",
                   markup=False, soft_wrap=True)
@@ -120,7 +149,7 @@ def cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def _calibration(path: str | None):
+def _npy(path: str | None, flag: str):
     if path is None:
         return None
     import numpy as np
@@ -128,8 +157,26 @@ def _calibration(path: str | None):
     try:
         return np.load(path, allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise UsageError(f"--calibration-ids {path}: not a .npy array ({' '.join(str(e).split())[:200]})",
-                         hint="save the ids with numpy.save(path, ids), an integer array [B, n] or [n]") from e
+        raise UsageError(f"{flag} {path}: not a .npy array ({' '.join(str(e).split())[:200]})",
+                         hint="save it with numpy.save(path, array): ids an integer array [B, n] or [n], "
+                              "positions a bool one") from e
+
+
+def _passkey_text(args: argparse.Namespace, cfg):
+    """Pass-key prompts on real text (the model's tokenizer; UTF-8 bytes for the tiny Llama), and the
+    positions that score: the answer's rows, and for attention_mass the needle's digits."""
+    from ..heads import text_retrieval_calibration
+    from ..quality import ByteTokenizer
+
+    tokenizer = load_tokenizer(args) if args.model_dir is not None else ByteTokenizer()
+    if tokenizer is None:
+        raise UsageError(f"--data passkey-text: {args.model_dir} has no tokenizer to write the prompts with",
+                         hint="save the tokenizer beside the model, or use --data synthetic")
+    data = text_retrieval_calibration(tokenizer, args.seq_len or 4 * cfg.segment_len, args.samples, seed=args.seed)
+    positions = {"query_positions": data.query_positions}
+    if args.method == "attention_mass":
+        positions["key_positions"] = data.key_positions
+    return data.ids, positions
 
 
 class _progress:
@@ -181,6 +228,8 @@ def _summary(console, plan) -> None:
     data = extra["data"]
     source = (f"calibration ids {data['shape']}" if data["source"] == "calibration"
               else f"{data['sequences_seen']} synthetic retrieval sequences of {data['seq_len']} tokens")
+    if "query_positions" in data:
+        source += f", {data['query_positions']} query positions"
     console.print(
         f"{extra['selected']} of {extra['total_kv_heads']} KV heads long-range (budget {extra['budget']:g}); "
         f"data: {source}, sha256 {data['sha256'][:12]}",
