@@ -3,6 +3,8 @@ and the texts, so that a measurement can be read, repeated and checked on its ow
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import importlib.metadata
 import platform
 from collections.abc import Mapping, Sequence
@@ -25,7 +27,8 @@ def describe_model(model, tokenizer, source: str) -> dict:
         "kv_heads": getattr(config, "num_key_value_heads", None),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "parameters": sum(p.numel() for p in model.parameters()),
-        "tokenizer": str(getattr(tokenizer, "name_or_path", type(tokenizer).__name__)),
+        # the folder's name, not its path: result files are shared and committed
+        "tokenizer": Path(str(getattr(tokenizer, "name_or_path", "") or type(tokenizer).__name__)).name,
     }
 
 
