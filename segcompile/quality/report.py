@@ -3,11 +3,10 @@ and the texts, so that a measurement can be read, repeated and checked on its ow
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import importlib.metadata
 import platform
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import torch
 
