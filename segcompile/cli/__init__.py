@@ -127,6 +127,53 @@ def stage(console, stages: list[str], index: int, seconds: dict[str, float], lab
     console.print(f"{prefix} {label:<56} {seconds[stages[index]]:6.2f} s", markup=False, soft_wrap=True)
 
 
+class ProgressBar:
+    """A bar (only on a terminal) over work counted in items, as ``with ProgressBar(...) as bar``:
+    ``update(done, total)`` where the work reports its own count (``select_heads``' progress),
+    ``step(done, total)`` to advance one item of a ``total`` given up front (the counts the
+    callback passes are then one plan's of several), ``describe`` to change its text."""
+
+    def __init__(self, console, label: str = "", total: int | None = None):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=console, transient=True, disable=not console.is_terminal)
+        self.task = self.bar.add_task(label, total=total, start=total is not None)
+
+    def __enter__(self) -> ProgressBar:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+    def describe(self, text: str) -> None:
+        self.bar.update(self.task, description=text)
+
+    def update(self, done: int, total: int) -> None:
+        self.bar.start_task(self.task)
+        self.bar.update(self.task, completed=done, total=total)
+
+    def step(self, done: int, total: int) -> None:
+        self.bar.advance(self.task)
+
+
+def torch_device(name: str | None):
+    """The torch device ``--device NAME`` names (default: CUDA if there is one, else the CPU);
+    a UsageError for a name torch does not know or a CUDA device this torch lacks."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name}: not a torch device", hint="use cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: this torch has no CUDA device", hint="leave out --device to run on the CPU")
+    return device
+
+
 def quiet(fn, *args, **kwargs):
     """Run ``fn`` with torch.onnx's progress lines (printed to stdout), its logging and Python
     warnings silenced: the exporter's chatter would break the command's own display."""

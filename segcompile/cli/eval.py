@@ -28,6 +28,7 @@ from pathlib import Path
 from ..files import atomic_write_text
 from . import (
     HelpFormatter,
+    ProgressBar,
     UsageError,
     add_segment_flags,
     check_out_file,
@@ -35,6 +36,7 @@ from . import (
     make_console,
     positive_int,
     stage,
+    torch_device,
 )
 from .models import DEFAULT_TINY_LAYERS, add_model_args, check_model_args, load_model, load_tokenizer, model_label
 
@@ -170,7 +172,7 @@ def cmd(args: argparse.Namespace) -> int:
 
     configs = {plan.label: _config(args, plan) for plan in args.long_range}  # bad S/T/G or plan file: exit 2 now
     console = make_console(args)
-    device = _device(args.device)
+    device = torch_device(args.device)
     if args.plot is not None and not plot.available():
         console.print(f"--plot {args.plot}: matplotlib is not installed (pip install matplotlib), so no plot "
                       "will be drawn", markup=False, soft_wrap=True)
@@ -222,19 +224,6 @@ def _config(args: argparse.Namespace, plan: PlanSpec):
 def _tail_len(args: argparse.Namespace) -> int:
     return args.segment_len if args.tail_len is None else args.tail_len
 
-
-def _device(name: str | None):
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name}: not a torch device", hint="use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: this torch has no CUDA device", hint="leave out --device to run on the CPU")
-    return device
 
 
 def _model_name(args: argparse.Namespace) -> str:
@@ -292,7 +281,7 @@ def _run_plans(args, configs, model, graph, data, tokenizer, console):
     timings: dict[str, dict] = {}
     programs: dict[str, object] = {}
     total = len(configs) * sum(len(items) for items in data.values())
-    with _Progress(console, total) as progress:
+    with ProgressBar(console, total=total) as progress:
         for label, cfg in configs.items():
             start = time.perf_counter()
             program = model if cfg is None else sc.transform(graph, cfg)
@@ -317,31 +306,6 @@ def _measure(args, program, items, tokenizer, progress):
     if args.task == "ppl":
         return quality.measure_perplexity(program, items, args.segment_len, progress)
     return quality.measure_passkey(program, items, tokenizer, args.generate, progress)
-
-
-class _Progress:
-    """One progress bar over every plan and item (only on a terminal); ``step`` is the
-    ``progress(done, total)`` callback the measures call after each item."""
-
-    def __init__(self, console, total: int):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            console=console, transient=True, disable=not console.is_terminal)
-        self.task = self.bar.add_task("", total=total)
-
-    def __enter__(self):
-        self.bar.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
-
-    def describe(self, text: str) -> None:
-        self.bar.update(self.task, description=text)
-
-    def step(self, done: int, total: int) -> None:
-        self.bar.advance(self.task)
 
 
 # ---- output -------------------------------------------------------------------------------------

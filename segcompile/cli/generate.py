@@ -30,6 +30,7 @@ from . import (
     positive_int,
     segment_config,
     stage,
+    torch_device,
 )
 from .models import add_model_args, check_model_args, has_tokenizer, load_model, load_tokenizer, model_label
 
@@ -124,7 +125,7 @@ def cmd(args: argparse.Namespace) -> int:
 
     cfg = segment_config(args)  # bad S/T/G or plan: ConfigError/PlanError (exit 2) before any work
     console = make_console(args)
-    device = _device(args.device)
+    device = torch_device(args.device)
     stages = ["load model", "capture", "passes"]
     seconds: dict[str, float] = {}
     label = model_label(args) + (" and its tokenizer" if args.model_dir is not None else "")
@@ -158,19 +159,6 @@ def cmd(args: argparse.Namespace) -> int:
 
 
 # ---- model and prompt ---------------------------------------------------------------------------
-def _device(name: str | None):
-    import torch
-
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device {name}: not a torch device", hint="use cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: this torch has no CUDA device", hint="leave out --device to run on the CPU")
-    return device
-
 
 def _on(model, device, dtype: str):
     import torch

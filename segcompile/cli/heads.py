@@ -18,6 +18,7 @@ from pathlib import Path
 
 from . import (
     HelpFormatter,
+    ProgressBar,
     UsageError,
     add_segment_flags,
     check_out_file,
@@ -135,11 +136,11 @@ def cmd(args: argparse.Namespace) -> int:
     options = {k: getattr(args, k) for k in ("steps", "lr", "sparsity") if getattr(args, k) is not None}
     label = f"{args.method}, S={cfg.segment_len} T={cfg.tail_len} G={cfg.sink_tokens}"
     start = time.perf_counter()
-    with _progress(console, f"[2/3] score KV heads ({label})") as update:
+    with ProgressBar(console, f"[2/3] score KV heads ({label})") as bar:
         plan = sc.select_heads(
             model, ids, args.budget, args.method, cfg, granularity=args.granularity, seed=args.seed,
             seq_len=None if ids is not None else args.seq_len, samples=args.samples, batch_size=args.batch_size,
-            progress=update, **positions, **options,
+            progress=bar.update, **positions, **options,
         )
     console.print(f"[2/3] score KV heads ({label})".ljust(62) + f" {time.perf_counter() - start:6.2f} s",
                   markup=False, soft_wrap=True)
@@ -177,35 +178,6 @@ def _passkey_text(args: argparse.Namespace, cfg):
     if args.method == "attention_mass":
         positions["key_positions"] = data.key_positions
     return data.ids, positions
-
-
-class _progress:
-    """A progress bar (only on a terminal) that ``select_heads`` advances as ``update(done, total)``."""
-
-    def __init__(self, console, label: str):
-        from rich.progress import (
-            BarColumn,
-            MofNCompleteColumn,
-            Progress,
-            TextColumn,
-            TimeElapsedColumn,
-        )
-
-        self.bar = Progress(TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                            console=console, transient=True, disable=not console.is_terminal)
-        self.task = None
-
-    def __enter__(self):
-        self.bar.__enter__()
-        return self.update
-
-    def update(self, done: int, total: int) -> None:
-        if self.task is None:
-            self.task = self.bar.add_task("", total=total)
-        self.bar.update(self.task, completed=done, total=total)
-
-    def __exit__(self, *exc):
-        return self.bar.__exit__(*exc)
 
 
 def _summary(console, plan) -> None:
