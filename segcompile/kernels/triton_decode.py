@@ -43,6 +43,30 @@ def _group_rows(kvh, GROUP, Lq, ROWS: tl.constexpr):
 
 
 @triton.jit
+def _group_queries(Q, b, kvh, s_qb, s_qh, s_qm, GROUP, Lq, ROWS: tl.constexpr, BLOCK_DK: tl.constexpr,
+                   BLOCK_DV: tl.constexpr, D_K: tl.constexpr, DOT: tl.constexpr):
+    """A split program's start: its rows (``_group_rows``), their queries in the product dtype,
+    and the empty online-softmax state."""
+    rows, row_ok, h, i = _group_rows(kvh, GROUP, Lq, ROWS)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    q = tl.load(Q + b * s_qb + h[:, None] * s_qh + i[:, None] * s_qm + offs_dk[None, :],
+                mask=row_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0).to(DOT)
+    acc = tl.zeros([ROWS, BLOCK_DV], dtype=tl.float32)
+    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    return rows, i, q, acc, m_i, l_i
+
+
+@triton.jit
+def _store_split(Acc, Max, Sum, bk, split, rows, acc, m_i, l_i, ROWS: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """A split's unnormalised output and running max and sum, where ``_combine_kernel`` reads them."""
+    at = (bk.to(tl.int64) * tl.num_programs(0) + split) * ROWS + rows
+    tl.store(Acc + at[:, None] * BLOCK_DV + tl.arange(0, BLOCK_DV)[None, :], acc)
+    tl.store(Max + at, m_i)
+    tl.store(Sum + at, l_i)
+
+
+@triton.jit
 def _span(acc, m_i, l_i, q, K, V, skn, svn, c0, c1, r0, r1, q_pos, qk_scale, CAUSAL: tl.constexpr,
           BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr, D_K: tl.constexpr,
           D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
@@ -74,14 +98,8 @@ def _split_kernel(
     split = tl.program_id(0)
     bk = tl.program_id(1)
     b, kvh = batch_and_kv_head(bk, Hk)
-    rows, row_ok, h, i = _group_rows(kvh, GROUP, Lq, ROWS)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * s_qb + h[:, None] * s_qh + i[:, None] * s_qm + offs_dk[None, :],
-                mask=row_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0).to(DOT)
-    acc = tl.zeros([ROWS, BLOCK_DV], dtype=tl.float32)
-    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    rows, i, q, acc, m_i, l_i = _group_queries(Q, b, kvh, s_qb, s_qh, s_qm, GROUP, Lq, ROWS, BLOCK_DK, BLOCK_DV,
+                                               D_K, DOT)
     q_pos = i + (Lk - Lq)
 
     c0 = split * split_len
@@ -110,10 +128,7 @@ def _split_kernel(
                           s_kn, s_vn, c0, c1, n_pre + T, n_pre + T + Lk, q_pos, qk_scale, True,
                           BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
 
-    at = (bk.to(tl.int64) * tl.num_programs(0) + split) * ROWS + rows
-    tl.store(Acc + at[:, None] * BLOCK_DV + offs_dv[None, :], acc)
-    tl.store(Max + at, m_i)
-    tl.store(Sum + at, l_i)
+    _store_split(Acc, Max, Sum, bk, split, rows, acc, m_i, l_i, ROWS, BLOCK_DV)
 
 
 @triton.jit
@@ -175,13 +190,8 @@ def _static_split_kernel(
     split = tl.program_id(0)
     bk = tl.program_id(1)
     b, kvh = batch_and_kv_head(bk, Hk)
-    rows, row_ok, h, i = _group_rows(kvh, GROUP, Lq, ROWS)
-    offs_dk = tl.arange(0, BLOCK_DK)
-    q = tl.load(Q + b * s_qb + h[:, None] * s_qh + i[:, None] * s_qm + offs_dk[None, :],
-                mask=row_ok[:, None] & (offs_dk[None, :] < D_K), other=0.0).to(DOT)
-    acc = tl.zeros([ROWS, BLOCK_DV], dtype=tl.float32)
-    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    rows, i, q, acc, m_i, l_i = _group_queries(Q, b, kvh, s_qb, s_qh, s_qm, GROUP, Lq, ROWS, BLOCK_DK, BLOCK_DV,
+                                               D_K, DOT)
 
     position = tl.load(Position)
     offset = position % S  # of the first query in its segment
@@ -220,10 +230,7 @@ def _static_split_kernel(
                           s_lkn, s_lvn, c0, c1, n_pre + n_tail, n_pre + n_tail + offset + Lq, offset + i, qk_scale,
                           True, BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
 
-    at = (bk.to(tl.int64) * tl.num_programs(0) + split) * ROWS + rows
-    tl.store(Acc + at[:, None] * BLOCK_DV + tl.arange(0, BLOCK_DV)[None, :], acc)
-    tl.store(Max + at, m_i)
-    tl.store(Sum + at, l_i)
+    _store_split(Acc, Max, Sum, bk, split, rows, acc, m_i, l_i, ROWS, BLOCK_DV)
 
 
 def splits_keys(p: Problem) -> bool:
