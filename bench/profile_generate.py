@@ -31,7 +31,7 @@ import segcompile as sc
 
 from bench_generate import batched, build_model
 from bench_training import write_result
-from profile_training import summary
+from profile_training import print_profiles, summary
 
 PATHS = ("static", "cuda-graph", "compiled-graph", "eager")
 HBM_BYTES_PER_S = 4.8e12  # H200
@@ -114,15 +114,7 @@ def main(argv=None):
 def print_table(result) -> None:
     print(f"\n{result['device']}, after {result['prompt_len']} tokens, S={result['segment_len']}, per token "
           f"(bandwidth floor {result['floor_ms_per_token']:.2f} ms: {result['floor_bytes_per_token'] / 1e9:.2f} GB):")
-    print(f"{'path':<11} | {'wall ms':>8} | {'GPU busy ms':>11} | {'busy':>5} | {'launches':>8} | {'syncs':>5}")
-    for name, r in result["rows"].items():
-        print(f"{name:<11} | {r['wall_ms']:8.2f} | {r['gpu_busy_ms']:11.2f} | {r['gpu_busy_fraction']:5.0%} | "
-              f"{r['kernel_launches']:8.0f} | {r['host_device_syncs']:5.1f}")
-    for name, r in result["rows"].items():
-        for order in ("top_by_device_ms", "top_by_host_ms"):
-            print(f"\n{name}: {order} (ms per token, calls per token)")
-            for key, ms, calls in r[order]:
-                print(f"  {ms:8.3f}  {calls:7.1f}  {key[:90]}")
+    print_profiles(result["rows"], "path", "token", digits=2)
 
 
 if __name__ == "__main__":

@@ -126,15 +126,22 @@ def main(argv=None):
 
 def print_table(result) -> None:
     print(f"\n{result['device']}, N={result['seq_len']}, S={result['segment_len']}, per segment:")
-    print(f"{'step':<14} | {'wall ms':>8} | {'GPU busy ms':>11} | {'busy':>5} | {'launches':>8} | {'syncs':>5}")
-    for name, r in result["rows"].items():
-        print(f"{name:<14} | {r['wall_ms']:8.1f} | {r['gpu_busy_ms']:11.1f} | {r['gpu_busy_fraction']:5.0%} | "
-              f"{r['kernel_launches']:8.0f} | {r['host_device_syncs']:5.1f}")
-    for name, r in result["rows"].items():
+    print_profiles(result["rows"], "step", "segment", digits=1)
+
+
+def print_profiles(rows: dict[str, dict], what: str, unit: str, digits: int) -> None:
+    """``summary`` rows as a table (``what``: the first column's title; times per ``unit``), then
+    each row's top operators by device and by host time."""
+    width = max(len(what), *map(len, rows))
+    print(f"{what:<{width}} | {'wall ms':>8} | {'GPU busy ms':>11} | {'busy':>5} | {'launches':>8} | {'syncs':>5}")
+    for name, r in rows.items():
+        print(f"{name:<{width}} | {r['wall_ms']:8.{digits}f} | {r['gpu_busy_ms']:11.{digits}f} | "
+              f"{r['gpu_busy_fraction']:5.0%} | {r['kernel_launches']:8.0f} | {r['host_device_syncs']:5.1f}")
+    for name, r in rows.items():
         for order in ("top_by_device_ms", "top_by_host_ms"):
-            print(f"\n{name}: {order} (ms per segment, calls per segment)")
+            print(f"\n{name}: {order} (ms per {unit}, calls per {unit})")
             for key, ms, calls in r[order]:
-                print(f"  {ms:8.2f}  {calls:7.1f}  {key[:90]}")
+                print(f"  {ms:8.{digits + 1}f}  {calls:7.1f}  {key[:90]}")
 
 
 if __name__ == "__main__":
