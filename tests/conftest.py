@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import importlib.util
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,6 +40,16 @@ def captured(family: str, impl: str = "sdpa", layers: int = 2, dtype=torch.float
 
     model = make_model(family, impl, layers, dtype)
     return model, sc.capture(model)
+
+
+def load_script(folder: str, name: str):
+    """``folder/name.py`` of the repository (``bench``, ``examples``: folders of scripts, not
+    packages) as a module."""
+    path = Path(__file__).resolve().parents[1] / folder / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "tbptt_regimes.py"
+from conftest import load_script
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("tbptt_regimes", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench", "tbptt_regimes")
 
 
 def test_quick_run_writes_all_four_regimes(tmp_path, capsys):

@@ -2,21 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch.distributed as dist
 
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_distributed.py"
+from conftest import load_script
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("bench_distributed", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench", "bench_distributed")
 
 
 @pytest.mark.parametrize("flags,wrap", [(["--gathered"], "fsdp-per-layer-sequence"), (["--wrap", "ddp"], "ddp")])

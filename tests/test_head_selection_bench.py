@@ -3,9 +3,6 @@ segment loop (faster on the CPU): it must compute what the oracle defines."""
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,17 +10,11 @@ import segcompile as sc
 from segcompile import quality
 from segcompile.testing.tolerances import assert_close
 
-from conftest import make_model, random_ids
-
-BENCH = Path(__file__).resolve().parents[1] / "bench" / "head_selection.py"
-
+from conftest import load_script, make_model, random_ids
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("head_selection", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench", "head_selection")
 
 
 @pytest.mark.parametrize("cfg", [

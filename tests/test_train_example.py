@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 import shutil
@@ -11,17 +10,10 @@ from pathlib import Path
 
 import pytest
 
-
-def _load_example(name: str):
-    """The example script as a module (examples/ is not a package: the scripts run as files)."""
-    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_script
 
 
-train = _load_example("train")
+train = load_script("examples", "train")
 
 SMALL = [
     "--model", "tiny-llama", "--layers", "1", "--seq-len", "64", "--segment-len", "16", "--pairs", "6",
