@@ -19,7 +19,9 @@ repeated B times: the decode work is that of B different prompts), greedy, under
 
 Each path decodes --new-tokens tokens; ms per token is the wall time of all but the first
 (which pays for loading the state or the compile), divided by their number, with no host sync
-inside the loop; tokens/s = B * 1000 / ms. ``first_s`` is the first decode call (CUDA-graph
+inside the loop; tokens/s = B * 1000 / ms. The segcompile paths also report ``steady_ms_per_token``:
+the tokens after the segment end (the 32-token run has one segment end where a generation has one
+in S tokens). ``first_s`` is the first decode call (CUDA-graph
 capture, compile), ``warmup_s`` the run before the timed one (segcompile: the same tokens from
 the same state, so that every kernel compile and graph capture of the boundary is done before
 the timed run; transformers: its first three tokens). ``max_rel_error``: the CUDA-graph path's
@@ -115,8 +117,11 @@ def batched(state: sc.SegmentState, batch: int, total: int) -> sc.SegmentState:
     return reserve_history(repeated, total)
 
 
-def seg_run(seg, state, steps: int, teacher=None, keep_logits=False) -> dict:
-    """Decode ``steps`` tokens from ``state``: greedy, or ``teacher [B, steps]``'s tokens."""
+def seg_run(seg, state, steps: int, teacher=None, keep_logits=False, steady_from: int | None = None) -> dict:
+    """Decode ``steps`` tokens from ``state``: greedy, or ``teacher [B, steps]``'s tokens. Timed
+    from the end of the first token (kernels compiled, state loaded) to the last; with
+    ``steady_from``, also from the end of that token on (after the segment end: tokens that move
+    no state, what almost every token of a long generation is)."""
     device = state.logits.device
     token = state.logits.argmax(-1, keepdim=True)
     tokens, logits, times = [], [], []
@@ -130,14 +135,17 @@ def seg_run(seg, state, steps: int, teacher=None, keep_logits=False) -> dict:
         if keep_logits:
             logits.append(step_logits[:, -1])
         token = step_logits[:, -1].argmax(-1, keepdim=True)
-        if i == 0:
+        if i == 0 or i == steady_from:
             sync(device)
             times.append(time.perf_counter())
     sync(device)
     end = time.perf_counter()
     del state
-    return dict(tokens=torch.cat(tokens, dim=1), logits=logits, first_s=times[0] - start,
-                ms_per_token=(end - times[0]) * 1e3 / max(steps - 1, 1), total_s=end - start)
+    out = dict(tokens=torch.cat(tokens, dim=1), logits=logits, first_s=times[0] - start,
+               ms_per_token=(end - times[0]) * 1e3 / max(steps - 1, 1), total_s=end - start)
+    if steady_from:
+        out["steady_ms_per_token"] = (end - times[-1]) * 1e3 / (steps - 1 - steady_from)
+    return out
 
 
 def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
@@ -183,9 +191,9 @@ def segcompile_cases(args, seg, model, prompt_len, device) -> tuple[list[dict], 
                 del warm
                 teacher = eager["tokens"] if eager is not None else None
                 run = seg_run(seg, batched(prompt_state, batch, total), args.new_tokens, teacher=teacher,
-                              keep_logits=path == "seg-eager" or eager is not None)
+                              keep_logits=path == "seg-eager" or eager is not None, steady_from=args.boundary)
                 row.update(ms_per_token=run["ms_per_token"], tokens_per_s=batch * 1e3 / run["ms_per_token"],
-                           decode_path=seg.last_decode_path)
+                           steady_ms_per_token=run["steady_ms_per_token"], decode_path=seg.last_decode_path)
                 if path == "seg-eager":
                     eager = run
                 elif eager is not None:
@@ -270,7 +278,7 @@ def report(args, rows, accuracy, meta, device):
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     print(f"\n{name}; {'tiny' if args.tiny else 'Llama-3-8B'} shape, {meta['layers']} layers, {meta['dtype']}; "
           f"S=T={args.segment_len}, fraction({args.long_range}); {args.new_tokens} new tokens, greedy")
-    print(f"{'prompt':>7} {'B':>3} {'path':18} {'ms/token':>9} {'tokens/s':>9} {'first s':>8} {'warm-up s':>10} "
+    print(f"{'prompt':>7} {'B':>3} {'path':18} {'ms/token':>9} {'steady':>7} {'tokens/s':>9} {'first s':>8} {'warm-up s':>10} "
           f"{'vs hf-sdpa':>10} {'max rel err':>11}")
     by = {(r["prompt_len"], r["batch"], r["path"]): r for r in rows}
     for r in rows:
@@ -280,7 +288,8 @@ def report(args, rows, accuracy, meta, device):
         base = by.get((r["prompt_len"], r["batch"], "hf-sdpa"))
         speedup = f"{base['ms_per_token'] / r['ms_per_token']:.2f}x" if base and not base.get("oom") else ""
         error = f"{r['max_rel_error']:.2e}" if "max_rel_error" in r else ""
-        print(f"{r['prompt_len']:7} {r['batch']:3} {r['path']:18} {r['ms_per_token']:9.2f} {r['tokens_per_s']:9.1f} "
+        steady = f"{r['steady_ms_per_token']:7.2f}" if "steady_ms_per_token" in r else " " * 7
+        print(f"{r['prompt_len']:7} {r['batch']:3} {r['path']:18} {r['ms_per_token']:9.2f} {steady} {r['tokens_per_s']:9.1f} "
               f"{r.get('first_s', float('nan')):8.2f} {r.get('warmup_s', float('nan')):10.2f} {speedup:>10} {error:>11}")
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "-tiny" if args.tiny else ""

@@ -19,6 +19,7 @@ from segcompile.errors import SegcompileError
 from segcompile.ops import segment_attention
 from segcompile.runtime.static_decode import StaticState
 from segcompile.runtime.variants.fixed_size_step import buffer_specs
+from segcompile.runtime.variants.fused_projections import FUSED
 from segcompile.runtime.variants.static_step import static_step
 from segcompile.testing.tolerances import assert_close
 
@@ -275,6 +276,38 @@ def test_static_program_is_the_fixed_size_rewrite():
     assert not program.graph.find_nodes(op="call_function", target=segment_attention)
     biases = [n for n in program.graph.nodes if n.op == "call_function" and n.target.__name__ == "slot_biases"]
     assert len(biases) == 1  # the masks are made once per step, not once per layer
+
+
+def test_sibling_projections_are_one_product():
+    # the query, key and value projections read one input: one product over their weights stacked
+    seg = make("llama", "fraction(0.5)")
+    program = static_step(seg.step_graph, seg.cfg)
+    sources = [[tuple(t.shape) for t in tensors] for _, tensors, _ in program.meta[FUSED]]
+    site = seg.sites[0]
+    hidden, kv = site.num_heads * site.head_dim, site.num_kv_heads * site.head_dim
+    assert sources.count([(hidden, hidden), (kv, hidden), (kv, hidden)]) == len(seg.sites)
+    linear = torch.ops.aten.linear.default
+    products = program.graph.find_nodes(op="call_function", target=linear)
+    original = seg.step_graph.graph.find_nodes(op="call_function", target=linear)
+    assert len(products) == len(original) - sum(len(s) - 1 for s in sources)
+
+
+def test_weights_changed_in_place_reach_the_fused_products():
+    # an optimizer step between two decodes changes the weights in place: the static path must
+    # not go on serving its stacked copy of the old ones
+    static, eager = (make("llama", "fraction(0.5)", tail=3, sinks=2) for _ in range(2))
+    ids = random_ids(2, S + 3)
+    static.enable_cuda_graphs()
+    with torch.no_grad():
+        static.decode(static.prefill(ids), ids[:, :1])  # the stacked weights are copied here
+        for seg in (static, eager):
+            for p in seg.step_graph.parameters():
+                p.mul_(1.5)
+        tokens, want, _ = eager_tokens(eager, eager.prefill(ids), S)
+        state = static.prefill(ids)
+        for i, (token, expected) in enumerate(zip(tokens, want)):  # the decoder made before the change
+            got, state = static.decode(state, token)
+            assert_close(got, expected, torch.float32, what=f"token {i}")
 
 
 def test_bad_options_are_refused():

@@ -208,8 +208,8 @@ class SegmentedModel(torch.nn.Module):
         decode runs eagerly. Calling it again frees the buffers and graphs; ``disable_cuda_graphs``
         goes back to the eager step graph. ``kernel``: attention by the Triton kernel that reads
         the position from the device (default on CUDA) or by PyTorch products over masks (default
-        elsewhere). ``compile``: run the fixed-shape step under ``torch.compile`` (``True``, or a
-        dict of its options) before the capture, which fuses the elementwise work between the
+        elsewhere). ``compile``: run the fixed-shape step under ``torch.compile`` (``True``: with
+        Inductor rounding as the eager step does; or a dict of its arguments) before the capture, which fuses the elementwise work between the
         layers' matrix products; one compile serves every history bucket."""
         self._refuse_quantized_history("enable_cuda_graphs")
         self._static = StaticDecoder(self.step_graph, self.cfg, self.capture_info.device, self.program_id,

@@ -46,10 +46,15 @@ from ..errors import SegcompileError, StateError
 from .. import ir
 from ..ir import AttentionSite
 from .state import HISTORY_GROWTH, LayerState, ProgramId, SegmentState, carried_dtype, check_state_layout
+from .variants.fused_projections import refresh_fused_projections
 from .variants.static_step import head_order, heads_first, model_order, static_step
 
 log = logging.getLogger(__name__)
 
+# Inductor rounds to the model's 16-bit dtype wherever the eager step does (by default a fused
+# kernel keeps fp32 between ops): the compiled step's logits then stay within bf16 tolerance of
+# the eager decode's instead of drifting layer by layer
+COMPILE_OPTIONS = {"options": {"emulate_precision_casts": True}}
 WARMUP_RUNS = 2  # eager runs on a side stream before a capture: cuBLAS picks and allocates its workspaces
 
 
@@ -255,7 +260,7 @@ class StaticDecoder:
         self.program = static_step(step_graph, cfg, kernel=self.kernel)
         # compiled, the elementwise work between the layers' matrix products fuses into a few kernels
         # (about 1,500 launches a token on the 8B shape, eager); the attention stays one custom op
-        options = {} if compile is True else compile
+        options = dict(COMPILE_OPTIONS) if compile is True else compile
         self.runner = torch.compile(self.program, **options) if options is not False else self.program
         self.compiled = options is not False
         self.logits_leaf = self.program.meta[ir.EXPORT]["logits_leaf"]
@@ -280,6 +285,7 @@ class StaticDecoder:
     def decode(self, state: SegmentState | StaticState, next_ids: torch.Tensor) -> tuple[torch.Tensor, StaticState]:
         """Feed ``next_ids [B, n]`` one token a step; returns their logits ``[B, n, V]`` and the new live state."""
         with torch.no_grad():
+            refresh_fused_projections(self.program)  # weights changed in place since (a training step)
             buffers = self._buffers_for(state)
             position, pieces = state.position, []
             for i in range(next_ids.shape[1]):

@@ -14,6 +14,8 @@ export uses too) with a lowering of ``segment_attention`` that
 * reads every buffer where it lies, without a copy: the buffers are laid out heads first,
   ``[Hkv, B, slots, D]``, local KV heads first, then the long-range ones in plan order, so that
   each head class is one slice and its batched matrix products read K and V in place;
+* reads the small projections of one input (query, key, value) as one matrix product
+  (``fuse_projections``: at batch 1 small products do not reach the memory bandwidth);
 * computes products in the K/V dtype with fp32 (fp64 for fp64 models) results, the softmax in
   that wider type (16-bit probabilities for the second product, as FlashAttention does).
 
@@ -37,6 +39,7 @@ from torch import fx
 from ... import ir
 from ...config import SegmentConfig
 from .fixed_size_step import fixed_size_step, getitem
+from .fused_projections import fuse_projections
 
 _NEG = float("-inf")
 
@@ -48,7 +51,8 @@ def static_step(step_graph: fx.GraphModule, cfg: SegmentConfig, kernel: bool = F
     (``static_attention_triton``; CUDA, or the CPU under ``TRITON_INTERPRET=1``), else by PyTorch
     products over masks (``static_attention``)."""
     lowering = _KernelLowering() if kernel else _InPlaceLowering()
-    return fixed_size_step(step_graph, cfg, lowering, logits="all", class_name="StaticDecodeStep")
+    gm = fixed_size_step(step_graph, cfg, lowering, logits="all", class_name="StaticDecodeStep")
+    return fuse_projections(gm)
 
 
 def head_order(site: ir.AttentionSite) -> tuple[int, ...]:

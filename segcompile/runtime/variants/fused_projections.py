@@ -1,0 +1,108 @@
+"""fuse_projections: one matrix product for the small projections that read the same input.
+
+A decode step at batch 1 runs matrix-vector products, bound by reading the weights. A large one
+reads them near the memory bandwidth; a small one does not: on an H200 (Llama-3-8B shape,
+``bench/profile_generate.py``) the 117 MB MLP products ran at about 3.8 TB/s, the 32 MB query
+projection at 3.0 and the 8 MB key and value projections at 1.6, each with a split-K reduction
+kernel of its own. Reading the query, key and value weights as one ``[q + k + v, hidden]``
+matrix makes one product of 48 MB out of five kernels.
+
+Matches ``aten.linear`` nodes that read the same input node, whose weights are ``get_attr``
+nodes of one dtype, device and in-features, all with a ``get_attr`` bias or none, and whose
+weights together hold at most ``max_bytes`` (larger products gain nothing and would cost their
+size again in memory).
+
+Produces one ``aten.linear`` over a weight (and bias) concatenated along the out-features, held
+by the graph module as a buffer (``fused_projection_<i>``, a copy: the model's parameters are
+left as they are), and ``aten.split_with_sizes`` whose pieces replace the original products.
+``gm.meta[FUSED]`` lists each buffer's name and sources; ``refresh_fused_projections(gm)``
+copies the sources again when any of them changed in place since (an optimizer step between
+two decodes), so the copy never serves stale weights.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+from torch import fx
+
+FUSED = "segcompile.fused_projections"  # [(buffer name, [source tensors], [their versions when copied])]
+MAX_BYTES = 64 << 20  # the q, k and v weights of an 8B model (48 MiB) fuse; its 117 MB MLP products do not
+
+_LINEAR = torch.ops.aten.linear.default
+
+
+def fuse_projections(gm: fx.GraphModule, max_bytes: int = MAX_BYTES) -> fx.GraphModule:
+    """``gm`` with every group of small sibling projections read as one product (module docstring); in place."""
+    fused = []
+    for group in _sibling_groups(gm, max_bytes):
+        fused.append(_fuse(gm, group, f"fused_projection_{len(fused)}"))
+    gm.meta[FUSED] = fused
+    if fused:
+        gm.graph.lint()
+        gm.recompile()
+    return gm
+
+
+def refresh_fused_projections(gm: fx.GraphModule) -> None:
+    """Copy the fused weights from their sources again if any source changed in place."""
+    for i, (name, sources, versions) in enumerate(gm.meta.get(FUSED, ())):
+        now = [t._version for t in sources]
+        if now != versions:
+            with torch.no_grad():
+                torch.cat(sources, dim=0, out=getattr(gm, name))
+            gm.meta[FUSED][i] = (name, sources, now)
+
+
+def _sibling_groups(gm: fx.GraphModule, max_bytes: int) -> list[list[fx.Node]]:
+    by_input: dict[tuple, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target is not _LINEAR:
+            continue
+        weight, bias = node.args[1], node.args[2] if len(node.args) > 2 else None
+        if not _is_attr(weight) or not (bias is None or _is_attr(bias)):
+            continue
+        w = _attr(gm, weight)
+        key = (node.args[0], w.dtype, w.device, w.shape[1], bias is None)
+        by_input.setdefault(key, []).append(node)
+    groups = []
+    for nodes in by_input.values():
+        size = sum(_attr(gm, n.args[1]).nbytes for n in nodes)
+        if len(nodes) > 1 and size <= max_bytes:
+            groups.append(nodes)
+    return groups
+
+
+def _fuse(gm: fx.GraphModule, group: list[fx.Node], name: str) -> tuple[str, list[torch.Tensor], list[int]]:
+    weights = [_attr(gm, n.args[1]) for n in group]
+    biases = [_attr(gm, n.args[2]) for n in group] if len(group[0].args) > 2 and group[0].args[2] is not None else []
+    with torch.no_grad():
+        gm.register_buffer(name, torch.cat(weights, dim=0), persistent=False)
+        if biases:
+            gm.register_buffer(name + "_bias", torch.cat(biases, dim=0), persistent=False)
+    sizes = [w.shape[0] for w in weights]
+    graph, first = gm.graph, group[0]
+    with graph.inserting_before(first):
+        args = [first.args[0], graph.get_attr(name)] + ([graph.get_attr(name + "_bias")] if biases else [])
+        product = graph.call_function(_LINEAR, tuple(args))
+        pieces = graph.call_function(torch.ops.aten.split_with_sizes.default, (product, sizes, -1))
+        for i, node in enumerate(group):
+            piece = graph.call_function(operator.getitem, (pieces, i))
+            piece.meta.update(node.meta)
+            node.replace_all_uses_with(piece)
+    for node in group:
+        graph.erase_node(node)
+    sources = weights + biases
+    return name, sources, [t._version for t in sources]
+
+
+def _is_attr(node) -> bool:
+    return isinstance(node, fx.Node) and node.op == "get_attr"
+
+
+def _attr(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
+    value = gm
+    for part in node.target.split("."):
+        value = getattr(value, part)
+    return value
