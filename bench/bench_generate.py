@@ -7,7 +7,8 @@ fraction(--long-range). Per prompt length N, the prompt ends --boundary tokens b
 boundary, so every decode run crosses a segment end. Per batch size B (the batch-1 prefill
 repeated B times: the decode work is that of B different prompts), greedy, under ``torch.no_grad()``:
 
-* ``seg-eager``: ``seg.decode(state, token)`` a token at a time (the step graph, Triton kernels);
+* ``seg-eager``: ``seg.decode(state, token, check_ids=False)`` a token at a time (the step graph,
+  Triton kernels; no vocabulary check of the model's own tokens, a device sync, as ``seg.generate``);
 * ``seg-cuda-graph``: the same after ``seg.enable_cuda_graphs()`` (the fixed-shape step replayed
   from CUDA graphs, ``segcompile/runtime/static_decode.py``);
 * ``seg-compiled-graph``: ``seg.enable_cuda_graphs(compile=True)``: the fixed-shape step under
@@ -131,7 +132,7 @@ def seg_run(seg, state, steps: int, teacher=None, keep_logits=False, steady_from
         if teacher is not None:
             token = teacher[:, i : i + 1]
         tokens.append(token)
-        step_logits, state = seg.decode(state, token)
+        step_logits, state = seg.decode(state, token, check_ids=False)
         if keep_logits:
             logits.append(step_logits[:, -1])
         token = step_logits[:, -1].argmax(-1, keepdim=True)
