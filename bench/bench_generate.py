@@ -27,7 +27,8 @@ capture, compile), ``warmup_s`` the run before the timed one (segcompile: the sa
 the same state, so that every kernel compile and graph capture of the boundary is done before
 the timed run; transformers: its first three tokens). ``max_rel_error``: the CUDA-graph path's
 logits against the eager path's, fed the same tokens (``max |got - want| / max |want|`` per
-token, the worst token), across the segment end. A case that runs out of memory is reported as
+token, the worst token), across the segment end; with ``--fp32-reference`` also every path's
+against a float32 copy of the model fed the same tokens (what bf16 rounding alone moves). A case that runs out of memory is reported as
 such.
 
     python bench/bench_generate.py                                  # N = 32K, B = 1, every path
@@ -39,6 +40,7 @@ such.
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import json
 import sys
@@ -67,6 +69,9 @@ def parse_args(argv=None):
     p.add_argument("--long-range", type=float, default=0.25)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--tiny", action="store_true", help="a 2-layer model of hidden 256, S=64 (a smoke run, CPU or GPU)")
+    p.add_argument("--fp32-reference", action="store_true",
+                   help="also decode the eager path's tokens with a float32 copy of the model (batch 1) and report every "
+                        "path's logits against it: how far bf16 arithmetic alone moves them, the scale agreement is judged on")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
     if args.new_tokens <= args.boundary:
@@ -106,8 +111,9 @@ def free(device) -> None:
 
 
 # ---- segcompile ---------------------------------------------------------------------------------
-def batched(state: sc.SegmentState, batch: int, total: int) -> sc.SegmentState:
-    """``state`` repeated ``batch`` times (fresh tensors), its history reserved for ``total`` positions."""
+def batched(state: sc.SegmentState, batch: int, total: int | None) -> sc.SegmentState:
+    """``state`` repeated ``batch`` times (fresh tensors), its history reserved for ``total``
+    positions (``None``: not reserved; the CUDA-graph paths copy it into buffers of their own)."""
     layers = tuple(
         replace(layer, **{name: getattr(layer, name).repeat(batch, 1, 1, 1) for name in
                           ("sink_k", "sink_v", "hist_k", "hist_v", "tail_k", "tail_v", "current_k", "current_v")},
@@ -115,7 +121,7 @@ def batched(state: sc.SegmentState, batch: int, total: int) -> sc.SegmentState:
         for layer in state.layers
     )
     repeated = sc.SegmentState(state.position, layers, state.logits.repeat(batch, 1))
-    return reserve_history(repeated, total)
+    return repeated if total is None else reserve_history(repeated, total)
 
 
 def seg_run(seg, state, steps: int, teacher=None, keep_logits=False, steady_from: int | None = None) -> dict:
@@ -176,6 +182,7 @@ def segcompile_cases(args, seg, model, prompt_len, device) -> tuple[list[dict], 
     prefill_s = time.perf_counter() - start
     finite = bool(torch.isfinite(prompt_state.logits).all())
     print(f"segcompile prefill of {n} tokens: {prefill_s:.1f} s; last logits finite: {finite}", flush=True)
+    kept = {}  # path: its batch-1 logits, for the fp32 reference
     for batch in args.batches:
         eager = None
         for path in [p for p in args.paths if p.startswith("seg-")]:
@@ -183,15 +190,16 @@ def segcompile_cases(args, seg, model, prompt_len, device) -> tuple[list[dict], 
                        prefill_logits_finite=finite)
             try:
                 if path != "seg-eager":
-                    seg.enable_cuda_graphs(compile=path == "seg-compiled-graph")
+                    seg.enable_cuda_graphs(compile=path == "seg-compiled-graph", max_context=total)
                 else:
                     seg.disable_cuda_graphs()
                 # the same tokens from the same state first: every kernel compile and graph capture on the way
-                warm = seg_run(seg, batched(prompt_state, batch, total), args.new_tokens)
+                reserve = total if path == "seg-eager" else None
+                warm = seg_run(seg, batched(prompt_state, batch, reserve), args.new_tokens)
                 row.update(first_s=warm["first_s"], warmup_s=warm["total_s"])
                 del warm
                 teacher = eager["tokens"] if eager is not None else None
-                run = seg_run(seg, batched(prompt_state, batch, total), args.new_tokens, teacher=teacher,
+                run = seg_run(seg, batched(prompt_state, batch, reserve), args.new_tokens, teacher=teacher,
                               keep_logits=path == "seg-eager" or eager is not None, steady_from=args.boundary)
                 row.update(ms_per_token=run["ms_per_token"], tokens_per_s=batch * 1e3 / run["ms_per_token"],
                            steady_ms_per_token=run["steady_ms_per_token"], decode_path=seg.last_decode_path)
@@ -200,8 +208,10 @@ def segcompile_cases(args, seg, model, prompt_len, device) -> tuple[list[dict], 
                 elif eager is not None:
                     error = relative_error(run["logits"], eager["logits"])
                     row["max_rel_error"] = error
-                    accuracy.append(dict(prompt_len=prompt_len, batch=batch, tokens=args.new_tokens,
-                                         segment_end_after=args.boundary, max_rel_error=error))
+                    accuracy.append(dict(prompt_len=prompt_len, batch=batch, path=path, against="seg-eager",
+                                         tokens=args.new_tokens, segment_end_after=args.boundary, max_rel_error=error))
+                if run["logits"] and batch == 1:
+                    kept[path] = run["logits"]
                 del run
             except torch.OutOfMemoryError:
                 row["oom"] = True
@@ -209,11 +219,31 @@ def segcompile_cases(args, seg, model, prompt_len, device) -> tuple[list[dict], 
             free(device)
             rows.append(row)
             print({k: v for k, v in row.items()}, flush=True)
+        if eager is not None and batch == 1 and args.fp32_reference:
+            reference = fp32_reference(args, model, ids, eager["tokens"], total)
+            for path, logits in kept.items():
+                error = relative_error(logits, reference)
+                print(f"{path} against the fp32 model: {error:.2e}", flush=True)
+                accuracy.append(dict(prompt_len=prompt_len, batch=batch, path=path, against="float32 model",
+                                     tokens=args.new_tokens, segment_end_after=args.boundary, max_rel_error=error))
         del eager
         free(device)
     del prompt_state
     free(device)
     return rows, accuracy
+
+
+def fp32_reference(args, model, ids, tokens, total) -> list[torch.Tensor]:
+    """The logits of ``tokens`` after ``ids`` from a float32 copy of ``model`` (eager decode):
+    every bf16 path differs from these by its rounding alone."""
+    model32 = copy.deepcopy(model).float()
+    seg32 = sc.transform(model32, sc.SegmentConfig(args.segment_len, long_range=sc.HeadPlan.fraction(args.long_range),
+                                                   tbptt_k=0))
+    state = reserve_history(seg32.prefill(ids), total)
+    logits = seg_run(seg32, state, tokens.shape[1], teacher=tokens, keep_logits=True)["logits"]
+    del model32, seg32, state
+    free(ids.device)
+    return logits
 
 
 # ---- transformers -------------------------------------------------------------------------------
@@ -305,11 +335,11 @@ def merge(path: Path, meta: dict, rows: list[dict], accuracy: list[dict]) -> dic
     """This run's rows over those of earlier runs in ``path`` (same prompt, batch and path: this
     run's win), so that runs of a subset each (a call's time limit) build one result file."""
     old = json.loads(path.read_text()) if path.exists() else {"runs": [], "rows": [], "accuracy": []}
-    key = lambda r: (r["prompt_len"], r["batch"], r.get("path"))  # noqa: E731
-    mine = {key(r) for r in rows} | {key(r) for r in accuracy}
+    key = lambda r: (r["prompt_len"], r["batch"], r.get("path"), r.get("against"))  # noqa: E731
+    rows_mine, accuracy_mine = {key(r) for r in rows}, {key(r) for r in accuracy}
     return dict(runs=[*old.get("runs", []), meta],
-                rows=[r for r in old["rows"] if key(r) not in mine] + rows,
-                accuracy=[r for r in old["accuracy"] if key(r) not in mine] + accuracy)
+                rows=[r for r in old["rows"] if key(r) not in rows_mine] + rows,
+                accuracy=[r for r in old["accuracy"] if key(r) not in accuracy_mine and r.get("path")] + accuracy)
 
 
 def plot(rows: list[dict], path: Path, device: str) -> None:
