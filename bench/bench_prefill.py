@@ -5,7 +5,10 @@ Random bf16 weights from a config (hidden 4096, 32 layers, 32 heads, 8 KV heads,
 
 * ``segcompile``: ``seg.prefill(ids)`` with S = --segment-len, T = S, no sinks and
   fraction(--long-range) long-range KV heads (Triton kernels); the state it returns (tail,
-  current and long-range history per layer) is what a decode would continue from;
+  current and long-range history per layer) is what a decode would continue from. The history
+  is stored in the model's dtype, or with ``--history-dtype fp8`` in fp8 (e4m3, a scale per 64
+  positions: ``SegmentConfig.history_dtype``); ``history GiB`` is what the returned state's
+  long-range history takes (values and scales);
 * ``sdpa``: ``model(ids, use_cache=True, logits_to_keep=1)``, the model's own full attention;
 * ``chunked``: HF chunked prefill, ``--chunk`` tokens at a time into one ``DynamicCache`` (the
   full cache), ``logits_to_keep=1``.
@@ -17,6 +20,10 @@ allocations) of three segments and a short one: the kernels see every case the t
 do (no tail; a tail without history; a tail and history; a short last segment).
 
     python bench/bench_prefill.py --seq-lens 32768 65536 131072
+    python bench/bench_prefill.py --regimes segcompile --history-dtype fp8
+
+The result file is merged, not replaced: a row is keyed by (N, regime, history dtype), and a run
+replaces only the rows it measured, so fp8 and model-dtype rows stand side by side.
     python bench/bench_prefill.py --regimes segcompile --seq-lens 131072 --memory-snapshot OUT/prefill.pickle
 """
 
@@ -33,10 +40,13 @@ import torch
 import transformers
 
 import segcompile as sc
+from segcompile.kernels.history_format import history_bytes
 
 import memory_trace  # noqa: E402
 
 GiB = 1 << 30
+# --history-dtype words and the SegmentConfig.history_dtype each means
+HISTORY_DTYPES = {"model": None, "fp8": torch.float8_e4m3fn}
 
 
 def parse_args(argv=None):
@@ -47,6 +57,8 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=4096)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--regimes", nargs="+", default=["segcompile", "sdpa", "chunked"])
+    p.add_argument("--history-dtype", choices=list(HISTORY_DTYPES), default="model",
+                   help="how segcompile stores the long-range history: the model's dtype (bf16) or fp8")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--memory-snapshot", type=Path, default=None, metavar="FILE",
                    help="also record the allocator's history of segcompile's prefill at the largest N and write it "
@@ -79,27 +91,64 @@ def chunked_prefill(model, ids, chunk):
     return cache
 
 
-def measure(fn) -> dict:
-    gc.collect()
-    torch.cuda.empty_cache()
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
+def measure(fn, keep=None) -> dict:
+    """Time and memory of ``fn()``, the state or cache it returns alive while the peak is read.
+    ``keep(result)``: more fields of the row, from the result (``history_gib``). Off CUDA the
+    memory fields are None (the CPU smoke runs)."""
+    cuda = torch.cuda.is_available()
+    free_memory()
+    before = torch.cuda.memory_allocated() if cuda else 0
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
-    kept = fn()  # the state / cache stays alive while the peak is read
-    torch.cuda.synchronize()
+    kept = fn()
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() - before
-    kept_bytes = torch.cuda.memory_allocated() - before
+    row = dict(seconds=seconds, peak_gib=None, kept_gib=None)
+    if cuda:
+        row.update(peak_gib=(torch.cuda.max_memory_allocated() - before) / GiB,
+                   kept_gib=(torch.cuda.memory_allocated() - before) / GiB)
+    row.update(keep(kept) if keep is not None else {})
     del kept
-    return dict(seconds=seconds, peak_gib=peak / GiB, kept_gib=kept_bytes / GiB)
+    return row
+
+
+def free_memory() -> None:
+    """Collect what is unreachable and return the allocator's cached blocks (after an OOM too)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+
+
+def history_gib(state) -> dict:
+    """The bytes of a state's long-range history (values and scales), in GiB."""
+    total = sum(history_bytes(getattr(layer, f"hist_{kv}")) for layer in state.layers for kv in ("k", "v"))
+    return dict(history_gib=total / GiB)
+
+
+def row_key(row: dict) -> tuple:
+    """What a row measured: rows of older files, which predate --history-dtype, are "model"."""
+    return row["n"], row["regime"], row.get("history_dtype", "model")
+
+
+def merge_rows(old: list[dict], new: list[dict]) -> list[dict]:
+    """``old`` without the rows ``new`` measures again, then ``new``; ordered by N, then regime
+    (segcompile, sdpa, chunked) and history dtype."""
+    replaced = {row_key(r) for r in new}
+    rows = [r for r in old if row_key(r) not in replaced] + list(new)
+    order = ("segcompile", "sdpa", "chunked")
+    return sorted(rows, key=lambda r: (r["n"], order.index(r["regime"]) if r["regime"] in order else len(order),
+                                       r["regime"], row_key(r)[2]))
 
 
 def main(argv=None):
     args = parse_args(argv)
     model = build_model(args)
     weights = torch.cuda.memory_allocated()
-    cfg = sc.SegmentConfig(args.segment_len, long_range=sc.HeadPlan.fraction(args.long_range), tbptt_k=0)
+    cfg = sc.SegmentConfig(args.segment_len, long_range=sc.HeadPlan.fraction(args.long_range), tbptt_k=0,
+                           history_dtype=HISTORY_DTYPES[args.history_dtype])
     start = time.perf_counter()
     seg = sc.transform(model, cfg)
     transform_s = time.perf_counter() - start
@@ -117,10 +166,14 @@ def main(argv=None):
         for n in args.seq_lens:
             ids = torch.randint(0, 128256, (1, n), device="cuda")
             for name in args.regimes:
+                dtype = args.history_dtype if name == "segcompile" else "model"
                 try:
-                    row = dict(n=n, regime=name, **measure(lambda: runs[name](ids)))
+                    keep = history_gib if name == "segcompile" else None
+                    row = dict(n=n, regime=name, history_dtype=dtype, **measure(lambda: runs[name](ids), keep))
                 except torch.OutOfMemoryError:
-                    row = dict(n=n, regime=name, seconds=None, peak_gib=None, kept_gib=None, oom=True)
+                    row = dict(n=n, regime=name, history_dtype=dtype, seconds=None, peak_gib=None, kept_gib=None,
+                               oom=True)
+                    free_memory()
                 rows.append(row)
                 print(row, flush=True)
     report(args, rows, weights, transform_s, seg)
@@ -131,29 +184,61 @@ def main(argv=None):
 
 def report(args, rows, weights, transform_s, seg):
     device = torch.cuda.get_device_name()
-    by = {(r["n"], r["regime"]): r for r in rows}
-    print(f"\n{device}; Llama-3-8B shape, {args.layers} layers, bf16, weights {weights / GiB:.1f} GiB; "
-          f"S={args.segment_len}, fraction({args.long_range}) long-range KV heads")
-    print(f"{'N':>7} {'regime':11} {'peak GiB':>9} {'kept GiB':>9} {'seconds':>8} {'sdpa/this mem':>14} {'sdpa/this time':>15}")
-    for r in rows:
-        base = by.get((r["n"], "sdpa"))
-        if r.get("oom"):
-            print(f"{r['n']:7} {r['regime']:11} {'OOM':>9}")
-            continue
-        mem = f"{base['peak_gib'] / r['peak_gib']:.2f}x" if base and base.get("peak_gib") else ""
-        tim = f"{base['seconds'] / r['seconds']:.2f}x" if base and base.get("seconds") else ""
-        r["sdpa_over_this_memory"] = base["peak_gib"] / r["peak_gib"] if base and base.get("peak_gib") else None
-        r["sdpa_over_this_time"] = base["seconds"] / r["seconds"] if base and base.get("seconds") else None
-        print(f"{r['n']:7} {r['regime']:11} {r['peak_gib']:9.2f} {r['kept_gib']:9.2f} {r['seconds']:8.2f} {mem:>14} {tim:>15}")
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"bench_prefill-{device.replace(' ', '_')}"
     meta = dict(device=device, torch=torch.__version__, transformers=transformers.__version__, command=" ".join(sys.argv),
                 weights_gib=weights / GiB, transform_seconds=transform_s, segment_len=args.segment_len,
-                long_range=args.long_range, chunk=args.chunk, layers=args.layers,
+                long_range=args.long_range, chunk=args.chunk, layers=args.layers, history_dtype=args.history_dtype,
                 implementations=sorted(set(seg.implementations.values())))
-    stem.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    plot(rows, stem.with_suffix(".png"), device)
+    document = merged_document(stem.with_suffix(".json"), meta, rows)
+    print(f"\n{device}; Llama-3-8B shape, {args.layers} layers, bf16, weights {weights / GiB:.1f} GiB; "
+          f"S={args.segment_len}, fraction({args.long_range}) long-range KV heads")
+    print_table(document["rows"])
+    stem.with_suffix(".json").write_text(json.dumps(document, indent=1))
+    plot(document["rows"], stem.with_suffix(".png"), device)
     print(f"wrote {stem}.json/.png")
+
+
+def merged_document(path: Path, meta: dict, rows: list[dict]) -> dict:
+    """The result file's new content: this run's rows merged into the file's (``merge_rows``),
+    ``meta`` this run's, with every command whose rows the file still holds (``commands``)."""
+    old = json.loads(path.read_text()) if path.is_file() else dict(meta={}, rows=[])
+    merged = merge_rows(old["rows"], rows)
+    earlier = old["meta"].get("commands", [old["meta"]["command"]] if "command" in old["meta"] else [])
+    kept_old = len(merged) > len(rows)
+    meta = dict(meta, commands=[*(earlier if kept_old else []), meta["command"]])
+    add_ratios(merged)
+    return dict(meta=meta, rows=merged)
+
+
+def add_ratios(rows: list[dict]) -> None:
+    """Each row's SDPA-over-this memory and time (None without an SDPA row of its N)."""
+    sdpa = {r["n"]: r for r in rows if r["regime"] == "sdpa" and not failed(r)}
+    for r in rows:
+        base = sdpa.get(r["n"])
+        ok = base is not None and not failed(r)
+        r["sdpa_over_this_memory"] = base["peak_gib"] / r["peak_gib"] if ok and base["peak_gib"] and r["peak_gib"] else None
+        r["sdpa_over_this_time"] = base["seconds"] / r["seconds"] if ok and r["seconds"] else None
+
+
+def failed(row: dict) -> bool:
+    """A row without a measurement: out of memory (``oom``), or a ``status`` other than "ok"
+    (bench_million.py's rows: "oom", "stopped", "skipped")."""
+    return bool(row.get("oom")) or row.get("status", "ok") != "ok"
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"{'N':>7} {'regime':11} {'history':>7} {'peak GiB':>9} {'kept GiB':>9} {'history GiB':>11} {'seconds':>8} "
+          f"{'sdpa/this mem':>14} {'sdpa/this time':>15}")
+    for r in rows:
+        head = f"{r['n']:7} {r['regime']:11} {r.get('history_dtype', 'model'):>7}"
+        if r.get("oom"):
+            print(f"{head} {'OOM':>9}")
+            continue
+        hist = f"{r['history_gib']:11.2f}" if r.get("history_gib") is not None else f"{'':11}"
+        mem = f"{r['sdpa_over_this_memory']:.2f}x" if r.get("sdpa_over_this_memory") else ""
+        tim = f"{r['sdpa_over_this_time']:.2f}x" if r.get("sdpa_over_this_time") else ""
+        print(f"{head} {r['peak_gib']:9.2f} {r['kept_gib']:9.2f} {hist} {r['seconds']:8.2f} {mem:>14} {tim:>15}")
 
 
 def plot(rows, path, device):
@@ -165,10 +250,11 @@ def plot(rows, path, device):
     except ImportError:
         return
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    for regime in sorted({r["regime"] for r in rows}):
-        pts = [r for r in rows if r["regime"] == regime and not r.get("oom")]
-        a.plot([r["n"] / 1024 for r in pts], [r["peak_gib"] for r in pts], "o-", label=regime)
-        b.plot([r["n"] / 1024 for r in pts], [r["seconds"] for r in pts], "o-", label=regime)
+    for regime, dtype in sorted({(r["regime"], r.get("history_dtype", "model")) for r in rows}):
+        pts = [r for r in rows if (r["regime"], r.get("history_dtype", "model")) == (regime, dtype) and not r.get("oom")]
+        label = f"{regime} ({dtype} history)" if regime == "segcompile" else regime
+        a.plot([r["n"] / 1024 for r in pts], [r["peak_gib"] for r in pts], "o-", label=label)
+        b.plot([r["n"] / 1024 for r in pts], [r["seconds"] for r in pts], "o-", label=label)
     a.set(xlabel="prompt length (K tokens)", ylabel="peak GiB above the weights", title="prefill memory")
     b.set(xlabel="prompt length (K tokens)", ylabel="seconds", title="prefill time")
     for ax in (a, b):

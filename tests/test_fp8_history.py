@@ -26,6 +26,7 @@ from segcompile.kernels.history_format import (
     dequantize_history,
     quantize_history,
     round_trip,
+    round_trip_segment_end,
 )
 from segcompile.kernels.reference import segment_attention_reference
 from segcompile.runtime.state import append_history
@@ -232,19 +233,13 @@ def test_tbptt_gradients_equal_the_quantised_oracle(impl):
     assert worst(unquantised) > 10 * TOL.relative
 
 
-def test_paths_that_do_not_take_a_quantised_history_say_so(llama32, tmp_path):
-    from segcompile.deploy.onnx_export import export_onnx
-
+def test_paths_that_do_not_take_a_quantised_history_say_so(llama32):
     _, graph = llama32
     seg = sc.transform(graph, config())
     with pytest.raises(sc.ConfigError, match="enable_cuda_graphs.*history_dtype"):
         seg.enable_cuda_graphs()
     with pytest.raises(sc.ConfigError, match="compile.*history_dtype"):
         seg.compile()
-    with pytest.raises(sc.SegcompileError, match="export_onnx.*history_dtype"):  # it would export bf16 history
-        export_onnx(seg, tmp_path / "step.onnx")
-    assert not (tmp_path / "step.onnx").exists()
-
 
 
 def test_a_hand_made_state_with_an_unquantised_history_is_refused(llama32, oracle_logits):
@@ -257,3 +252,124 @@ def test_a_hand_made_state_with_an_unquantised_history_is_refused(llama32, oracl
                   for layer in state.layers)
     with pytest.raises(sc.StateError, match="history is not quantised"):
         seg.decode(replace(state, layers=plain, program_id=None), ids[:, 20:21])
+
+
+# ---- ONNX export: the history buffers in the model's dtype, holding the fp8 values ---------------
+def test_segment_end_round_trip_is_the_appended_history():
+    """What the export writes at a segment end equals what ``append_history`` stores, read back,
+    at any segment: pieces of 80 and 144 positions (two blocks each, the second short)."""
+    g = HistoryGeometry(segment_len=224, tail_len=144)
+    x = torch.randn(2, 3, 3 * 224, 16, generator=torch.Generator().manual_seed(4))
+    whole = round_trip(x, g, FP8)
+    for segment in (1, 2):  # leaving = the tail of segment - 1, then the head of segment
+        start = segment * 224 - 144
+        leaving = x[:, :, start : start + 224]
+        assert torch.equal(round_trip_segment_end(leaving, g, FP8), whole[:, :, start : start + 224])
+
+
+def _run_steps(module, seg, ids, history):
+    """The ONNX runner's loop over ``step_module(logits="all")`` in PyTorch: the logits of every
+    position."""
+    from segcompile.deploy.onnx_export import example_inputs
+
+    buffers, position, logits = list(example_inputs(seg, batch=ids.shape[0], history=history))[2:], 0, []
+    while position < ids.shape[1]:
+        take = min(seg.cfg.segment_len - position % seg.cfg.segment_len, ids.shape[1] - position)
+        out = module(ids[:, position : position + take], torch.tensor(position), *buffers)
+        buffers, position = list(out[1:]), position + take
+        logits.append(out[0])
+    return torch.cat(logits, dim=1)
+
+
+def test_step_module_with_fp8_history_equals_segmented_model(llama32):
+    """Several scale blocks per piece (S = 224, T = 144: pieces of 80 and 144) in the fixed-size
+    step program, against SegmentedModel with the fp8 history and without it."""
+    from segcompile.deploy.step_module import step_module
+
+    _, graph = llama32
+    ids = random_ids(1, 3 * 224 + 5)
+    cfg = config(segment_len=224, tail_len=144)
+    seg, plain = sc.transform(graph, cfg), sc.transform(graph, replace(cfg, history_dtype=None))
+    with torch.no_grad():
+        got = _run_steps(step_module(seg, logits="all"), seg, ids, history=4 * 224)
+        want, unquantised = seg(ids).logits, plain(ids).logits
+    assert max_abs(got, want) <= TOL.logits
+    # the history is long beside the tiny model's rounding: the unquantised logits move by ~4e-4
+    assert max_abs(got, unquantised) > 2 * TOL.logits
+
+
+def test_onnx_export_with_fp8_history_runs_as_segmented_model(llama32, tmp_path):
+    """The onnxruntime runner against SegmentedModel with the fp8 history: prefill 5 segments and 3
+    tokens, then 2 S greedy tokens, logits within the fp32 tolerance; the unquantised program is
+    further away than that, so the rounding is in the file."""
+    import onnx
+
+    from segcompile.deploy.onnx_export import HISTORY_DTYPE_KEY, export_onnx
+    from segcompile.deploy.onnxruntime_backend import OnnxSegmentedModel
+
+    _, graph = llama32
+    seg, plain = sc.transform(graph, config()), sc.transform(graph, config(history_dtype=None))
+    summary = export_onnx(seg, tmp_path / "step.onnx")
+    assert summary.metadata[HISTORY_DTYPE_KEY] == "float8_e4m3fn"
+    hist_inputs = [(dtype, shape) for name, dtype, shape in summary.inputs if "_hist_" in name]
+    assert hist_inputs and all(dtype == "float" for dtype, _ in hist_inputs)  # the model's dtype, fp32
+    casts = [a.i for n in onnx.load(tmp_path / "step.onnx").graph.node if n.op_type == "Cast" for a in n.attribute]
+    assert onnx.TensorProto.FLOAT8E4M3FN in casts
+    runner = OnnxSegmentedModel(tmp_path / "step.onnx")
+    ids = random_ids(2, 5 * S + 3)
+    with torch.no_grad():
+        want, reference = seg.prefill(ids), plain.prefill(ids)
+        state = runner.prefill(ids.numpy())
+        diffs, unquantised = [max_abs(torch.from_numpy(state.logits), want.logits)], []
+        for _ in range(2 * S):
+            token = want.logits.argmax(-1, keepdim=True)
+            logits, want = seg.decode(want, token)
+            other, reference = plain.decode(reference, token)
+            got, state = runner.decode(state, token.numpy())
+            diffs.append(max_abs(torch.from_numpy(got), logits))
+            unquantised.append(max_abs(torch.from_numpy(got), other))
+    assert max(diffs) <= TOL.logits, diffs
+    assert max(unquantised) > 2 * TOL.logits  # ~9e-4: without the rounding the file would be within 1e-6
+
+
+def _float8_probe(op: str, inputs: list[str], **attributes) -> bool:
+    """Whether onnxruntime's CPU provider runs ``op`` on float8 e4m3 tensors at the export's opset:
+    a graph of float inputs cast to float8 (``f8``), int64 zeros (``int``) or bools (``bool``), the
+    op, and its output cast back to float."""
+    import numpy as np
+    import onnxruntime
+    from onnx import TensorProto, helper
+
+    from segcompile.deploy.onnx_export import OPSET
+
+    kinds = {"f8": TensorProto.FLOAT, "int": TensorProto.INT64, "bool": TensorProto.BOOL}
+    nodes, names, feeds, graph_inputs = [], [], {}, []
+    for i, kind in enumerate(inputs):
+        graph_inputs.append(helper.make_tensor_value_info(f"x{i}", kinds[kind], [2, 2] if kind != "int" else [1]))
+        feeds[f"x{i}"] = {"f8": np.ones((2, 2), np.float32), "int": np.zeros(1, np.int64),
+                          "bool": np.ones((2, 2), bool)}[kind]
+        if kind == "f8":
+            nodes.append(helper.make_node("Cast", [f"x{i}"], [f"c{i}"], to=TensorProto.FLOAT8E4M3FN))
+        names.append(f"c{i}" if kind == "f8" else f"x{i}")
+    nodes += [helper.make_node(op, names, ["y"], **attributes),
+              helper.make_node("Cast", ["y"], ["z"], to=TensorProto.FLOAT)]
+    output = helper.make_tensor_value_info("z", TensorProto.FLOAT, None)
+    graph = helper.make_graph(nodes, "probe", graph_inputs, [output])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    try:
+        session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        session.run(None, feeds)
+    except Exception:  # onnxruntime raises its own types: an invalid graph, or no kernel for the type
+        return False
+    return True
+
+
+def test_onnxruntime_runs_float8_in_casts_only():
+    """Why the export keeps its history in the model's dtype (``deploy/onnx_export.py``): float8
+    values reach onnxruntime only through Cast, not the ops that read a history."""
+    assert _float8_probe("Identity", ["f8"])  # Cast to float8 and back: runs
+    assert not _float8_probe("Reshape", ["f8", "int"])
+    assert not _float8_probe("Concat", ["f8", "f8"], axis=0)
+    assert not _float8_probe("Gather", ["f8", "int"], axis=0)
+    assert not _float8_probe("Where", ["bool", "f8", "f8"])
+    assert not _float8_probe("MatMul", ["f8", "f8"])

@@ -218,7 +218,8 @@ def test_eval_ppl_writes_the_table_and_result_file(tmp_path, capsys, monkeypatch
     result = json.loads(out.read_text())
     assert result["task"] == "ppl" and result["command"].startswith("segcompile eval --task ppl --layers 2")
     assert result["model"]["class"] == "LlamaForCausalLM" and result["device"]["device"] == "cpu"
-    assert result["config"] == {"segment_len": S, "tail_len": T, "sink_tokens": G, "lengths": [N], "seed": 0}
+    assert result["config"] == {"segment_len": S, "tail_len": T, "sink_tokens": G, "lengths": [N], "seed": 0,
+                                "history_dtypes": ["model"]}
     used = result["texts"]["sequences"][str(N)]
     heldout = {d.name for d in documents("heldout")}
     assert len(used) == 2 and all(t["name"] in heldout and t["tokens_used"] == N for t in used)
@@ -228,6 +229,34 @@ def test_eval_ppl_writes_the_table_and_result_file(tmp_path, capsys, monkeypatch
         assert result["results"]["none"][str(N)]["bands"][band]["tokens"] == 2 * counts[band]
         assert every["bands"][band]["mean_nll"] == pytest.approx(full["bands"][band]["mean_nll"], abs=FP32.logits)
     assert result["plans"]["none"]["long_range_share"] == "0/4"
+
+
+def test_eval_runs_each_plan_per_history_dtype_as_the_oracle_of_its_config(tmp_path, capsys, llama, sequences):
+    out = tmp_path / "ppl.json"
+    rc = main(["eval", "--task", "ppl", "--lengths", str(N), "--long-range", "full", "0.5",
+               "--history-dtype", "model", "fp8", "--sequences", "2", "--out", str(out), *TINY])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    result = json.loads(out.read_text())
+    assert list(result["results"]) == ["full", "fraction(0.5)", "fraction(0.5) fp8"]  # full: once, no history
+    assert "--history-dtype model fp8" in result["command"]
+    assert result["plans"]["fraction(0.5)"]["history_dtype"] == "model"
+    assert result["plans"]["fraction(0.5) fp8"]["history_dtype"] == "float8_e4m3fn"
+    assert any(line.split()[:3] == ["fraction(0.5)", "fp8", str(N)] for line in printed.splitlines()), printed
+    model, _ = llama
+    total = {}
+    for label, dtype in (("fraction(0.5)", None), ("fraction(0.5) fp8", torch.float8_e4m3fn)):
+        cfg = sc.SegmentConfig(segment_len=S, tail_len=T, sink_tokens=G, long_range=sc.HeadPlan.fraction(0.5),
+                               history_dtype=dtype)
+        total[label] = 0.0
+        for s in sequences:  # the eval's sequences: the first 2 held-out documents of N tokens
+            logprobs = torch.log_softmax(sc.oracle.forward(model, cfg, s.ids[None])[0, :-1].double(), -1)
+            total[label] += -logprobs.gather(-1, s.ids[1:, None]).sum().item()
+        got = result["results"][label][str(N)]["overall"]["nll"]
+        assert got == pytest.approx(total[label], abs=2 * (N - 1) * FP32.logits), label
+    # the two histories give different numbers: the fp8 row is not the model-dtype row again
+    fp8, unquantised = (result["results"][k][str(N)]["overall"]["nll"] for k in ("fraction(0.5) fp8", "fraction(0.5)"))
+    assert abs(fp8 - unquantised) > 2 * (N - 1) * FP32.logits
 
 
 def test_eval_passkey_writes_accuracy_by_length_and_depth(tmp_path, capsys):

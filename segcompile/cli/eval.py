@@ -6,8 +6,10 @@ distance band (``segment 0``, ``1 back``, ``2+ back``). ``--task passkey``: pass
 length and depth, scored by teacher forcing (and with ``--generate`` by greedy generation).
 
 Every ``--long-range`` PLAN is one program: ``full`` (the model itself), ``none``, ``all``,
-``fraction(X)`` (or a bare X), ``layers(0,1,5-9)``, or a head-plan JSON file. The model is
-captured once and transformed once per plan. Stages: load the model and its tokenizer
+``fraction(X)`` (or a bare X), ``layers(0,1,5-9)``, or a head-plan JSON file. With
+``--history-dtype model fp8`` every segmented plan runs twice, its long-range history stored in
+the model's dtype and in fp8 (``SegmentConfig.history_dtype``; the fp8 row's label ends in
+``fp8``). The model is captured once and transformed once per program. Stages: load the model and its tokenizer
 (``segcompile.pretrained``, through ``cli/models.py``; without MODEL the built-in tiny Llama,
 whose tokens are UTF-8 bytes) -> the texts or prompts -> capture -> per plan: transform, then
 every length, under a progress bar. Prints one table, writes a JSON result file (the texts
@@ -45,6 +47,8 @@ help = "measure perplexity by distance band or passkey retrieval, segmented agai
 
 TASKS = ("ppl", "passkey")
 DEFAULT_PLANS = ["full", "none", "fraction(0.25)", "all"]
+# --history-dtype words: None keeps the history in the model's dtype
+HISTORY_DTYPE_WORDS = ("model", "fp8")
 PLAN_HINT = "a PLAN is full, none, all, fraction(X) or X in [0, 1], layers(0,1,5-9), or a head-plan JSON file"
 
 
@@ -113,6 +117,9 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     parser.add_argument("--long-range", type=plan_spec, nargs="+", default=None,
                         metavar="PLAN", help=f"the programs to compare, one table row each; {PLAN_HINT} "
                         f"(default: {' '.join(DEFAULT_PLANS)})")
+    parser.add_argument("--history-dtype", choices=HISTORY_DTYPE_WORDS, nargs="+", default=["model"],
+                        help="how the long-range history is stored: in the model's dtype, or fp8 (e4m3, a scale "
+                        "per 64 positions); several: every segmented plan runs once per dtype")
     ppl = parser.add_argument_group("ppl")
     ppl.add_argument("--sequences", type=positive_int, default=None,
                      help="held-out documents per length, one sequence each (default: 4)")
@@ -134,6 +141,7 @@ def validate(args: argparse.Namespace) -> None:
     check_model_args(args)
     args.lengths = sorted(set(args.lengths))  # the table's columns and the result's keys, in order
     args.long_range = args.long_range or [plan_spec(p) for p in DEFAULT_PLANS]
+    args.history_dtype = list(dict.fromkeys(args.history_dtype))  # once each, in the order given
     _check_plans(args.long_range)
     if args.task == "ppl" and min(args.lengths) < 2:
         raise UsageError("--lengths: a perplexity sequence needs at least 2 tokens", hint="use lengths such as 2048")
@@ -170,7 +178,7 @@ def cmd(args: argparse.Namespace) -> int:
 
     from ..quality import plot
 
-    configs = {plan.label: _config(args, plan) for plan in args.long_range}  # bad S/T/G or plan file: exit 2 now
+    configs = _configs(args)  # bad S/T/G or plan file: exit 2 now
     console = make_console(args)
     device = torch_device(args.device)
     if args.plot is not None and not plot.available():
@@ -203,7 +211,29 @@ def cmd(args: argparse.Namespace) -> int:
 
 
 # ---- plans, model, data -------------------------------------------------------------------------
-def _config(args: argparse.Namespace, plan: PlanSpec):
+def _configs(args: argparse.Namespace) -> dict:
+    """Every program by its row label: each plan once per ``--history-dtype`` (``full``, the model
+    itself, has no segment history: once)."""
+    configs = {}
+    for plan in args.long_range:
+        for word in args.history_dtype if plan.kind != "full" else ["model"]:
+            configs[program_label(plan.label, word)] = _config(args, plan, word)
+    return configs
+
+
+def program_label(plan_label: str, history_dtype: str) -> str:
+    """A table row's label: the plan's, with `` fp8`` when its history is stored in fp8."""
+    return plan_label if history_dtype == "model" else f"{plan_label} {history_dtype}"
+
+
+def history_dtype_of(word: str):
+    """The ``SegmentConfig.history_dtype`` a ``--history-dtype`` word means."""
+    import torch
+
+    return {"model": None, "fp8": torch.float8_e4m3fn}[word]
+
+
+def _config(args: argparse.Namespace, plan: PlanSpec, history_dtype: str = "model"):
     """The SegmentConfig of a plan (None for ``full``: the model itself runs)."""
     import segcompile as sc
 
@@ -218,7 +248,7 @@ def _config(args: argparse.Namespace, plan: PlanSpec):
         "file": lambda: sc.HeadPlan.load(plan.path),
     }[plan.kind]()
     return sc.SegmentConfig(segment_len=args.segment_len, tail_len=args.tail_len, sink_tokens=args.sinks,
-                            long_range=head_plan)
+                            long_range=head_plan, history_dtype=history_dtype_of(history_dtype))
 
 
 def _tail_len(args: argparse.Namespace) -> int:
@@ -372,7 +402,7 @@ def _result_document(args, configs, programs, model, tokenizer, device, data, re
         "command": command_line(args),
         "model": report.describe_model(model, tokenizer, source),
         "config": {"segment_len": args.segment_len, "tail_len": _tail_len(args), "sink_tokens": args.sinks,
-                   "lengths": args.lengths, "seed": args.seed},
+                   "lengths": args.lengths, "seed": args.seed, "history_dtypes": args.history_dtype},
         "plans": {label: report.describe_program(programs[label]) for label in configs},
         "device": report.describe_device(device),
         "texts": texts,
@@ -389,7 +419,8 @@ def command_line(args: argparse.Namespace) -> str:
         words += ["--layers", str(args.layers)]
     words += ["--lengths", *map(str, args.lengths), "--segment-len", str(args.segment_len),
               "--tail-len", str(_tail_len(args)), "--sinks", str(args.sinks),
-              "--long-range", *(p.path if p.kind == "file" else p.label for p in args.long_range)]
+              "--long-range", *(p.path if p.kind == "file" else p.label for p in args.long_range),
+              "--history-dtype", *args.history_dtype]
     if args.task == "ppl":
         words += ["--sequences", str(args.sequences or 4), "--split", args.split or "heldout"]
     else:

@@ -20,6 +20,14 @@ finishes its segment (tail = last T of the segment, sinks = first G positions, w
 window is appended to the long-range history), selected with ``where`` so that the graph has no
 control flow.
 
+A quantised history (``history_dtype``, ``SegmentConfig.history_dtype``) stays in the model's
+dtype in the buffers, but what enters it is rounded as the runtime stores it: quantised to
+``history_dtype`` with the runtime's per-block scales and read back
+(``history_format.round_trip_segment_end``: an amax per block, a divide, a Cast to float8 and
+back, a multiply), so the buffers hold exactly the values ``SegmentedModel`` attends to. Only
+such a program has the ops this adds (ONNX ReduceMax, ScatterElements with a max reduction, Clip
+on floats, Cast to FLOAT8E4M3FN); none of them has been through TensorRT's parser.
+
 Made of matmul, softmax, where, gather (index_select), concat and integer arithmetic only:
 ONNX MatMul/Softmax/Where/Gather/Concat, which onnxruntime runs and TensorRT's ONNX operator list
 has carried since long before 10.0 (the file has not been through TensorRT's parser yet: no
@@ -39,6 +47,8 @@ FP32/FP16/BF16), clamping is ``where`` (Clip: FP32/FP16/BF16), and the segment s
 from __future__ import annotations
 
 import torch
+
+from ..kernels.history_format import HistoryGeometry, round_trip_segment_end
 
 _NEG = float("-inf")
 
@@ -68,12 +78,14 @@ def _attend(q, keys, values, key_pos, q_pos, scale):
 
 
 def step_attention(q, k, v, local_k, local_v, hist_k, hist_v, position_offset, *, segment_len, tail_len, sinks,
-                   long_range, scale):
+                   long_range, scale, history_dtype=None):
     """Attention of one step (``L`` tokens inside one segment) and the updated state buffers.
 
     q ``[B, H, L, D]``; k, v ``[B, Hkv, L, D]`` (this step's keys and values); local/hist as in the
     module docstring (``hist_k/v`` None when the layer has no long-range head); ``position_offset``
-    a 0-d int64 tensor. Returns ``(out [B, H, L, Dv], local_k, local_v, hist_k, hist_v)``.
+    a 0-d int64 tensor; ``history_dtype``: the dtype the runtime stores the history in (None: the
+    buffers' own), whose rounding the positions entering the history get (module docstring).
+    Returns ``(out [B, H, L, Dv], local_k, local_v, hist_k, hist_v)``.
     """
     S, T, G = segment_len, tail_len, sinks
     B, H, L, D = q.shape
@@ -141,6 +153,8 @@ def step_attention(q, k, v, local_k, local_v, hist_k, hist_v, position_offset, *
             j = _positions(hist, hist.shape[2])
             into = (j >= start) & (j < start + S)
             moved = leaving.index_select(1, torch.tensor(lr, device=dev))
+            if history_dtype is not None:  # scales per long-range head: after the head selection, as stored
+                moved = round_trip_segment_end(moved, HistoryGeometry(S, T), history_dtype)
             moved = moved.index_select(2, _clamp(j - start, 0, S - 1))
             new_state.append(torch.where(ended & into[:, None], moved, hist))
         else:

@@ -30,6 +30,18 @@ remains; the file is checked with ``onnx.checker`` and shape inference before it
 place. ``metadata_props`` record the format and its version (``ir.FORMAT_KEY``,
 ``ir.FORMAT_VERSION_KEY``), the segment sizes, the plan per layer and the model's fingerprint
 (the keys of ``deploy.format``) so that a runtime can check what it is fed.
+
+A quantised history (``SegmentConfig.history_dtype=torch.float8_e4m3fn``). The ``hist`` inputs
+and outputs stay in the model's dtype; what a segment end writes into them is quantised with the
+runtime's per-block scales and read back (``deploy.lowering``), so the file computes what
+``SegmentedModel`` with the fp8 history computes, and a runner feeds it as any other file
+(``HISTORY_DTYPE_KEY`` in the metadata names the rounding). onnxruntime's own float8 storage is
+not used: at the file's opset (20) ONNX's Gather, Concat, Where and MatMul, which the step reads
+and writes its history with, take no float8 tensors, and onnxruntime (1.32, CPU) runs float8 in
+Cast but not even in Reshape (``tests/test_fp8_history.py`` checks both). A float8 history input
+would be cast whole to the model's dtype at every step, beside a second input of scales per layer:
+the buffer's memory would halve, but each step would read and write the whole history in the
+model's dtype besides.
 """
 
 from __future__ import annotations
@@ -65,6 +77,8 @@ from .format import (
 from .step_module import ExportError, state_specs, step_module
 
 OPSET = 20  # plain MatMul/Softmax attention; see deploy/lowering.py for why not opset 23's Attention
+# the dtype whose rounding the history buffers' values carry (absent: none, the model's dtype)
+HISTORY_DTYPE_KEY = "segcompile.history_dtype"
 EXAMPLE_BATCH = 2  # >= 2 so that export keeps batch and step dynamic (0/1 sizes specialise)
 
 
@@ -127,15 +141,13 @@ def metadata(seg: SegmentedModel, logits: str) -> dict[str, str]:
         MODEL_KEY: json.dumps(fingerprint),
         LOGITS_KEY: logits,
         STATE_KEY: json.dumps([[n, h, d, e] for n, h, d, e in state_specs(seg)]),
+        **({HISTORY_DTYPE_KEY: str(cfg.history_dtype).removeprefix("torch.")} if cfg.history_dtype is not None else {}),
     }
 
 
 # ---- export ---------------------------------------------------------------------------------------
 def export_onnx(seg: SegmentedModel, path: str | os.PathLike, *, logits: str = "last") -> ExportSummary:
     """Write ``seg``'s step program to ``path`` (atomically) and return what was written."""
-    if seg.cfg.history_dtype is not None:  # the program's inputs carry the history in the model's dtype
-        raise ExportError(f"export_onnx does not support history_dtype={seg.cfg.history_dtype} yet; export a "
-                          "program transformed with history_dtype=None (the same weights and plan)")
     import onnx
 
     path = Path(path)

@@ -9,7 +9,9 @@ ops: the attention math and, when the step ends its segment, the state move, sel
 returned as outputs. The buffers are ``[B, Hkv, G + T + S, D]`` per layer (``layer{l}_local_k/v``)
 and ``[B, n_lr, history, D]`` for layers with long-range KV heads (``layer{l}_hist_k/v``), heads
 in the model's order; ``deploy.lowering`` says which slot holds what. With ``logits="last"`` the
-logits are the step's last position only (``keep_last_logits``).
+logits are the step's last position only (``keep_last_logits``). A program with a quantised
+history (``SegmentConfig.history_dtype``) keeps its history buffers in the model's dtype, holding
+the values the quantised history reads back (``deploy.lowering``).
 
 Refuses with ``ExportError`` whatever ``fixed_size_step`` refuses.
 """
@@ -49,7 +51,7 @@ def _lower_attention(graph: fx.Graph, node: fx.Node, site: ir.AttentionSite, cfg
     q = node.args[0]
     args = (q, k, v, buffers["local_k"], buffers["local_v"], buffers.get("hist_k"), buffers.get("hist_v"), offset)
     kwargs = {"segment_len": cfg.segment_len, "tail_len": cfg.tail_len, "sinks": cfg.sink_tokens,
-              "long_range": tuple(site.long_range), "scale": node.kwargs["scale"]}
+              "long_range": tuple(site.long_range), "scale": node.kwargs["scale"], "history_dtype": cfg.history_dtype}
     with graph.inserting_before(node):
         step = graph.call_function(step_attention, args, kwargs)
         items = [graph.call_function(getitem, (step, i)) for i in range(5)]

@@ -153,3 +153,25 @@ def dequantized(hist: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     if hist.dtype in HISTORY_DTYPES:
         raise TypeError(f"a {hist.dtype} history without its scales: pass the QuantizedHistory the state holds")
     return hist
+
+
+def history_bytes(hist: torch.Tensor) -> int:
+    """The bytes the positions of ``hist`` take as stored: values and scales of a
+    ``QuantizedHistory``, the elements of a plain one (not the spare capacity of its buffer)."""
+    if isinstance(hist, QuantizedHistory):
+        return hist.values().numel() * hist.element_size() + hist.scales.numel() * hist.scales.element_size()
+    return hist.numel() * hist.element_size()
+
+
+def round_trip_segment_end(leaving: torch.Tensor, geometry: HistoryGeometry, dtype: torch.dtype) -> torch.Tensor:
+    """What a segment end moves into the history, ``leaving [B, heads, S, D]`` (the previous
+    segment's tail, T positions, then the segment's first S - T), as a history stored in ``dtype``
+    reads it back, in ``leaving``'s dtype: the blocks and scales ``append_history`` gives those
+    positions (``quantize_history``), for a program whose history buffer holds the model's dtype
+    (the ONNX export, ``deploy/lowering.py``). The block layout repeats every segment, so the
+    pieces are placed where segment 0's tail starts; the result does not depend on the position."""
+    start = geometry.segment_len - geometry.tail_len
+    values, scales = quantize_history(leaving, start, geometry, dtype)
+    positions = torch.arange(start, start + leaving.shape[2], device=leaving.device)
+    ids = geometry.block_index(positions) - geometry.num_blocks(start)
+    return (values.float() * scales[:, :, ids, None]).to(leaving.dtype)

@@ -42,6 +42,9 @@ def describe_program(program) -> dict:
         "plan": program.cfg.long_range.describe(),
         "long_range_kv_heads": {str(site.layer): list(site.long_range) for site in program.sites if site.long_range},
         "long_range_share": f"{long_range}/{total}",
+        # how the long-range history is stored: "model" (the model's dtype) or the quantised dtype
+        "history_dtype": ("model" if program.cfg.history_dtype is None
+                          else str(program.cfg.history_dtype).removeprefix("torch.")),
         "implementations": sorted(set(program.implementations.values())),
     }
 

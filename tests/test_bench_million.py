@@ -1,0 +1,108 @@
+"""``bench/bench_million.py`` (a million-token prefill with an fp8 history, then greedy decoding)
+and the result files it shares with ``bench/bench_prefill.py``, smoked on the CPU with ``--tiny``:
+the rows, the history's bytes, the greedy tokens against the oracle's, a time limit, an
+out-of-memory error, and rows of two runs merged."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import load_script
+
+import segcompile as sc
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+
+
+@pytest.fixture(scope="module")
+def million():
+    sys.path.insert(0, str(BENCH))  # bench_million imports bench_prefill, which imports memory_trace
+    try:
+        yield load_script("bench", "bench_million")
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def rows_of(out: Path) -> dict:
+    document = json.loads((out / "bench_million-tiny-cpu.json").read_text())
+    return {(r["regime"], r["history_dtype"]): r for r in document["rows"]}
+
+
+def oracle_greedy(cfg: sc.SegmentConfig, ids: torch.Tensor, new_tokens: int) -> list[int]:
+    """Greedy tokens after ``ids`` by the dense oracle of ``cfg``, one whole forward per token."""
+    from segcompile.testing.models import tiny_llama
+
+    model = tiny_llama(num_layers=2).eval()
+    tokens = []
+    for _ in range(new_tokens):
+        nxt = sc.oracle.forward(model, cfg, ids)[:, -1].argmax(-1, keepdim=True)
+        tokens.append(nxt.item())
+        ids = torch.cat([ids, nxt], dim=1)
+    return tokens
+
+
+def test_tiny_run_rows_history_bytes_and_greedy_tokens(million, tmp_path, capsys):
+    new_tokens = 4
+    million.main(["--tiny", "--new-tokens", str(new_tokens), "--out", str(tmp_path)])
+    rows = rows_of(tmp_path)
+    assert set(rows) == {("segcompile", "fp8"), ("segcompile", "model"), ("sdpa", "model"), ("chunked", "model")}
+    assert all(r["status"] == "ok" for r in rows.values())
+    args = million.parse_args(["--tiny"])
+    # 144 tokens, S = T = 32: the history holds positions [0, 96) of 1 long-range KV head (of 2) in
+    # each of 2 layers, head_dim 16; fp8 values plus a 4-byte scale per 64-position block cut per
+    # segment piece (3 blocks), against fp32 values
+    positions, pieces, long_range_rows = 96, 3, 2 * 2 * 1  # layers x (K, V) x long-range heads
+    fp8_bytes = long_range_rows * (positions * 16 * 1 + pieces * 4)
+    fp32_bytes = long_range_rows * positions * 16 * 4
+    assert rows["segcompile", "fp8"]["history_gib"] * million.GiB == fp8_bytes
+    assert rows["segcompile", "model"]["history_gib"] * million.GiB == fp32_bytes
+    ids = torch.randint(0, 256, (1, args.seq_len), generator=million.seeded(torch.device("cpu")))
+    for word, dtype in (("fp8", torch.float8_e4m3fn), ("model", None)):
+        cfg = sc.SegmentConfig(args.segment_len, long_range=sc.HeadPlan.fraction(args.long_range),
+                               history_dtype=dtype)
+        assert rows["segcompile", word]["tokens"] == oracle_greedy(cfg, ids, new_tokens), word
+    out = capsys.readouterr().out
+    assert "segcompile fp8 history: 64/144 tokens" in out and "segcompile fp8 history: 144/144 tokens" in out
+    assert "sdpa: layer 1/2" in out
+
+
+def test_time_limit_stops_the_baselines_and_records_how_far(million, tmp_path):
+    million.main(["--tiny", "--new-tokens", "1", "--regimes", "sdpa", "chunked", "--baseline-limit-s", "0",
+                  "--out", str(tmp_path)])
+    rows = rows_of(tmp_path)
+    assert rows["sdpa", "model"]["status"] == "stopped" and rows["sdpa", "model"]["reached"] == "0 of 2 layers"
+    assert rows["chunked", "model"]["status"] == "stopped"
+    assert rows["chunked", "model"]["reached"] == "32 of 144 tokens"  # the first chunk ran, then the limit
+
+
+def test_out_of_memory_is_a_row_and_the_run_goes_on(million):
+    def too_big():
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    row = million.attempt(too_big, weights=0)
+    assert row["status"] == "oom" and row["seconds"] >= 0
+    assert million.attempt(lambda: dict(seconds=1.0), weights=0)["status"] == "ok"
+
+
+def test_runs_merge_by_regime_and_history_dtype(million, tmp_path):
+    common = ["--tiny", "--new-tokens", "1", "--regimes", "segcompile", "--out", str(tmp_path)]
+    million.main([*common, "--history-dtypes", "model"])
+    first = rows_of(tmp_path)["segcompile", "model"]
+    million.main([*common, "--history-dtypes", "fp8"])
+    rows = rows_of(tmp_path)
+    assert set(rows) == {("segcompile", "fp8"), ("segcompile", "model")}
+    assert rows["segcompile", "model"] == first  # the fp8 run kept the model-dtype row as it was
+
+
+def test_merge_rows_replaces_only_what_a_run_measured(million):
+    prefill = million.bench_prefill
+    old = [dict(n=1, regime="segcompile", seconds=1.0), dict(n=1, regime="sdpa", seconds=2.0)]  # files before fp8
+    new = [dict(n=1, regime="segcompile", history_dtype="fp8", seconds=3.0),
+           dict(n=1, regime="sdpa", history_dtype="model", seconds=4.0)]
+    merged = prefill.merge_rows(old, new)
+    assert [(r["regime"], r.get("history_dtype", "model"), r["seconds"]) for r in merged] == [
+        ("segcompile", "fp8", 3.0), ("segcompile", "model", 1.0), ("sdpa", "model", 4.0)]
