@@ -58,7 +58,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         fsync_file(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the mode open() would
+        os.chmod(tmp, default_file_mode())  # mkstemp makes 0600; give the file the mode open() would
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -168,6 +168,11 @@ def _nearest_existing(path: Path) -> Path:
     while not path.exists() and path != path.parent:
         path = path.parent
     return path
+
+
+def default_file_mode() -> int:
+    """The mode ``open()`` gives a new file under this process's umask."""
+    return 0o666 & ~_umask()
 
 
 def _umask() -> int:

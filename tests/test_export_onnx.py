@@ -21,6 +21,7 @@ from conftest import VOCAB, captured, max_abs, random_ids
 
 import segcompile as sc
 from segcompile.errors import SegcompileError
+from segcompile.deploy import onnx_export
 from segcompile.deploy.onnx_export import example_inputs, export_onnx
 from segcompile.deploy.onnxruntime_backend import OnnxSegmentedModel
 from segcompile.deploy.step_module import state_specs, step_module
@@ -201,6 +202,23 @@ def test_onnx_fp16(tmp_path):
         ref = seg.prefill(ids)
     assert state.logits.dtype == np.float16
     assert max_abs(torch.from_numpy(state.logits), ref.logits) < 1e-3  # logits ~0.3: a few fp16 ulps
+
+
+def test_weights_past_the_protobuf_limit_go_to_a_data_file(tmp_path, monkeypatch):
+    # an 8B-shaped model's weights pass protobuf's 2 GiB: they go to PATH.data, which the file
+    # names by its final name (the limit is lowered here so that a tiny model takes that path)
+    monkeypatch.setattr(onnx_export, "PROTOBUF_LIMIT", onnx_export.GRAPH_ROOM + 1)
+    _, graph = captured("llama")
+    seg = sc.transform(graph, sc.SegmentConfig(segment_len=S, sink_tokens=2, long_range=PLANS["fraction(0.5)"]))
+    path = tmp_path / "big.onnx"
+    export_onnx(seg, path)
+    data = tmp_path / ("big.onnx" + onnx_export.WEIGHTS_SUFFIX)
+    assert data.stat().st_size > 0 and data.stat().st_mode == path.stat().st_mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", data.name]
+    ids = random_ids(2, 2 * S + 3)
+    state = OnnxSegmentedModel(path).prefill(ids.numpy())
+    with torch.no_grad():
+        assert max_abs(torch.from_numpy(state.logits), seg.prefill(ids).logits) < TOL
 
 
 def test_one_file_serves_any_length(exported):

@@ -56,7 +56,7 @@ from typing import Any
 import torch
 
 from .. import ir
-from ..files import atomic_path
+from ..files import atomic_path, default_file_mode
 from ..runtime import SegmentedModel
 from .format import (
     EXPORT_ID_KEY,
@@ -80,6 +80,9 @@ OPSET = 20  # plain MatMul/Softmax attention; see deploy/lowering.py for why not
 # the dtype whose rounding the history buffers' values carry (absent: none, the model's dtype)
 HISTORY_DTYPE_KEY = "segcompile.history_dtype"
 EXAMPLE_BATCH = 2  # >= 2 so that export keeps batch and step dynamic (0/1 sizes specialise)
+PROTOBUF_LIMIT = 2**31 - 1  # bytes: the most one ModelProto serialises to
+GRAPH_ROOM = 256 << 20  # bytes kept for the graph itself when the weights alone are measured
+WEIGHTS_SUFFIX = ".data"  # a file whose weights pass the limit keeps them in PATH.data beside it
 
 
 @dataclass(frozen=True)
@@ -182,11 +185,28 @@ def export_onnx(seg: SegmentedModel, path: str | os.PathLike, *, logits: str = "
         raise ExportError(f"the exported graph has nodes in custom domains {sorted(domains)}; onnxruntime cannot run them")
 
     with atomic_path(path) as tmp:
-        onnx.save_model(proto, str(tmp))
+        _save(proto, tmp, path)
         onnx.checker.check_model(str(tmp), full_check=True)  # full_check runs strict shape inference too
         _check_shapes(tmp)
     return ExportSummary(path, path.stat().st_size, OPSET, _values(proto.graph.input), _values(proto.graph.output),
                          {p.key: p.value for p in proto.metadata_props})
+
+
+def _save(proto, tmp: Path, path: Path) -> None:
+    """``proto`` to ``tmp`` (renamed to ``path`` afterwards), its weights to ``path`` +
+    ``WEIGHTS_SUFFIX`` when the whole would pass protobuf's 2 GiB (an 8B-shaped model's embeddings
+    alone do). The file names the data file by its final name, so the rename keeps the pair valid;
+    the data file itself is written in place, not atomically."""
+    import onnx
+
+    if sum(len(t.raw_data) for t in proto.graph.initializer) < PROTOBUF_LIMIT - GRAPH_ROOM:
+        onnx.save_model(proto, str(tmp))
+        return
+    data = path.with_name(path.name + WEIGHTS_SUFFIX)
+    data.unlink(missing_ok=True)  # onnx appends to an existing data file
+    onnx.save_model(proto, str(tmp), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=data.name, size_threshold=1024)
+    os.chmod(data, default_file_mode())  # onnx writes it 0600: readable by whoever may read the model
 
 
 def _check_shapes(path: Path) -> None:
