@@ -304,7 +304,8 @@ def test_onnx_export_with_fp8_history_runs_as_segmented_model(llama32, tmp_path)
     further away than that, so the rounding is in the file."""
     import onnx
 
-    from segcompile.deploy.onnx_export import HISTORY_DTYPE_KEY, export_onnx
+    from segcompile.deploy.format import HISTORY_DTYPE_KEY
+    from segcompile.deploy.onnx_export import export_onnx
     from segcompile.deploy.onnxruntime_backend import OnnxSegmentedModel
 
     _, graph = llama32

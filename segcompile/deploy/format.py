@@ -36,6 +36,7 @@ PLAN_DESCRIPTION_KEY = "segcompile.plan_description"  # the HeadPlan, in words
 MODEL_KEY = "segcompile.model"  # JSON fingerprint: architecture, layers, heads, head_dim, vocab_size, dtype
 LOGITS_KEY = "segcompile.logits"  # "last" (logits of a step's last position) or "all"
 STATE_KEY = "segcompile.state"  # JSON [[name, kv_heads, head_dim, entries or null for history], ...]
+HISTORY_DTYPE_KEY = "segcompile.history_dtype"  # the rounding the history buffers' values carry (absent: none)
 
 
 @dataclass(frozen=True)

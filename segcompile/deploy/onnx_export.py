@@ -60,6 +60,7 @@ from ..files import atomic_path, default_file_mode
 from ..runtime import SegmentedModel
 from .format import (
     EXPORT_ID_KEY,
+    HISTORY_DTYPE_KEY,
     INPUT_IDS,
     LOGITS,
     LOGITS_KEY,
@@ -77,8 +78,6 @@ from .format import (
 from .step_module import ExportError, state_specs, step_module
 
 OPSET = 20  # plain MatMul/Softmax attention; see deploy/lowering.py for why not opset 23's Attention
-# the dtype whose rounding the history buffers' values carry (absent: none, the model's dtype)
-HISTORY_DTYPE_KEY = "segcompile.history_dtype"
 EXAMPLE_BATCH = 2  # >= 2 so that export keeps batch and step dynamic (0/1 sizes specialise)
 PROTOBUF_LIMIT = 2**31 - 1  # bytes: the most one ModelProto serialises to
 GRAPH_ROOM = 256 << 20  # bytes kept for the graph itself when the weights alone are measured

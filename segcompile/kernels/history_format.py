@@ -21,7 +21,8 @@ positions ``[64 i, 64 i + 64)``.
 
 Why 64: the key block of the decode kernels and of the 64-wide forward tiles (the 128-wide
 forward tile reads two scales a tile), so a tile reads one or two scales per key range; 4 bytes
-a 64-position block is 1/16 of a byte per stored value at ``D = 64``, 1/32 at ``D = 128``.
+a 64-position block of ``D`` values a position is 1/16 of a byte a position, 1/1024 of a byte per
+stored value at ``D = 64``, 1/2048 at ``D = 128``.
 
 ``QuantizedHistory`` carries the values, their scales and the block geometry as one tensor (the
 values, fp8, ``[B, n_long_range, P, D]``) through the step graph to ``segment_attention``, whose
