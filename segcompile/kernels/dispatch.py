@@ -11,7 +11,9 @@
   (``triton_attention.launch_dkdv``).
 
 A quantised history (``SegmentConfig.history_dtype``, ``history_format.py``): both Triton
-forwards read its fp8 values and scale them in registers; the Gluon kernels never run with one;
+forwards read its fp8 values and scale them in registers; where the Gluon forward applies to the
+problem, a prefill's call dequantises the layer's history into a transient copy and runs it
+(faster than scaling in the one-pass kernel; decode's split-keys kernel keeps reading fp8);
 the backward reads it dequantised to the sinks' dtype (a transient copy per call: history is a
 constant, and enters dQ only). Each choice is logged at debug level on
 its first use, naming the history's format.
@@ -36,6 +38,8 @@ def segment_attention_forward(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, h
     ``return_lse``: ``(out, lse)``, the log-sum-exp of every query row (base 2, of the scaled
     scores; ``[B * H * Lq]`` fp32), which the backward then need not recompute."""
     p = prepare(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
+    if p.hist_scaled and not triton_decode.splits_keys(p):
+        p = _dequantized_for_gluon(p, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
     kernel = forward_kernel(p)
     if kernel == "gluon-ws":
         out, lse = gluon().forward(p, scale, return_lse)
@@ -44,6 +48,22 @@ def segment_attention_forward(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, h
     else:
         out, lse = triton_attention.one_pass_forward(p, scale, return_lse)
     return (out, lse) if return_lse else out
+
+
+def _dequantized_for_gluon(p: Problem, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range) -> Problem:
+    """The problem over the history dequantised to the sinks' dtype where the Gluon forward then
+    applies, else ``p``. That kernel has no fp8 history, and the one-pass kernel that scales it in
+    registers ran a 128K prefill of the 8B shape 3x slower than the bf16 history on an H200 (bench/
+    README.md, prefill); a segment's many queries amortise one transient copy of the layer's
+    history (what decode, which reads each key once, cannot)."""
+    if gluon() is None or INTERPRET:
+        return p
+    wide = prepare(q, k, v, tail_k, tail_v, sink_k, sink_v, dequantized(hist_k, sink_k.dtype),
+                   dequantized(hist_v, sink_v.dtype), long_range)
+    if not gluon_applies(wide):
+        return p
+    _log_kernel("gluon-ws", history="fp8 history dequantised for the call")
+    return wide
 
 
 def segment_attention_backward(grad_out, out, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v,
