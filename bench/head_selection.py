@@ -20,7 +20,9 @@ Plans, per budget (fraction of the 90 KV heads; 1/3 is one head per layer on ave
 
 and ``full`` (the model itself) and ``none``. A method scores once; the plan of each budget comes
 from the same scores (``heads.plan_at_budget``). Plan files go to ``results/plans/`` and are
-reused when present, so a rerun does not score again.
+reused when present, so a rerun does not score again; a method scores only when one of its plans
+is measured. ``--plans-dir`` names another folder (e.g. a GPU run with more gate steps, whose
+plans must not be the CPU's).
 
 Evaluation runs the segment semantics as a masked forward of the model (``MaskedSegmentProgram``:
 every attention call of layer l splits its heads into long-range ones, full causal attention,
@@ -35,7 +37,11 @@ SegmentedModel's prefill + decode). ``--check K`` runs the last K plans' first p
     PYTHONPATH=. python bench/head_selection.py --lengths 4096 --trials 8 --plans full none '1/3 *'
 
 Results accumulate in ``results/head_selection-<device>.json``: a row (plan, task, length) already
-there is skipped (``--redo`` to measure again). Prints one table of everything in the file.
+there with as many trials (perplexity: sequences) is skipped (``--redo`` to measure again), and the
+file is saved after every row; ``--minutes M`` starts no new row after M minutes. Prints one table
+of everything in the file and draws ``results/head_selection-<device>.png`` (passkey accuracy by
+length, perplexity by band relative to full attention; needs matplotlib); ``--report-only`` does
+only that.
 """
 
 from __future__ import annotations
@@ -97,8 +103,8 @@ class MaskedSegmentProgram(torch.nn.Module):
         for heads, attend in ((list(long), self._causal), (local, self._local)):
             if not heads:
                 continue
-            q_rows = torch.tensor([h * group + i for h in heads for i in range(group)])
-            kv_rows = q_rows if k.shape[1] == q.shape[1] else torch.tensor(heads)
+            q_rows = torch.tensor([h * group + i for h in heads for i in range(group)], device=q.device)
+            kv_rows = q_rows if k.shape[1] == q.shape[1] else torch.tensor(heads, device=q.device)
             out[:, q_rows] = attend(q[:, q_rows], k[:, kv_rows], v[:, kv_rows], a)
         return out
 
@@ -114,7 +120,8 @@ class MaskedSegmentProgram(torch.nn.Module):
         for start in range(0, n, S):
             stop = min(n, start + S)
             window = max(0, start - T)
-            keys = torch.cat([torch.arange(min(G, window)), torch.arange(window, stop)])
+            keys = torch.cat([torch.arange(min(G, window), device=q.device),
+                              torch.arange(window, stop, device=q.device)])
             mask = _segment_mask(start, stop, keys)
             out[:, :, start:stop] = F.scaled_dot_product_attention(
                 q[:, :, start:stop], k[:, :, keys], v[:, :, keys], attn_mask=mask, scale=a["scale"],
@@ -125,7 +132,7 @@ class MaskedSegmentProgram(torch.nn.Module):
 def _segment_mask(start: int, stop: int, keys: torch.Tensor) -> torch.Tensor:
     """Queries ``start..stop`` see every key before the segment (sinks and tail) and the causal part
     of their own segment."""
-    return keys[None, :] <= torch.arange(start, stop)[:, None]
+    return keys[None, :] <= torch.arange(start, stop, device=keys.device)[:, None]
 
 
 # ---- plans ------------------------------------------------------------------------------------------
@@ -133,24 +140,30 @@ def budget_label(budget: float) -> str:
     return str(Fraction(budget).limit_denominator(12))
 
 
-def make_plans(model, tokenizer, budgets, args, log) -> dict[str, dict]:
-    """``{label: {"plan": HeadPlan | None, "file", "seconds", ...}}`` for every plan of the table."""
+def make_plans(model, tokenizer, budgets, args, log, wanted=lambda label: True) -> dict[str, dict]:
+    """``{label: {"plan": HeadPlan | None, "file"}}`` for every plan of the table that is
+    ``wanted`` or already saved in ``args.plans_dir`` (a method scores only for a wanted plan)."""
     kv = kv_heads_per_layer(model)
+    folder = Path(args.plans_dir)
     plans = {"full": {"plan": None, "file": None}, "none": {"plan": sc.HeadPlan.none(), "file": None}}
     cfg = sc.SegmentConfig(**CFG)
     scored = {}  # method -> plan at the first budget (its scores serve every budget)
+
+    def add(label, make):
+        path = _plan_path(folder, label)
+        if wanted(label) or path.is_file():
+            plans[label] = _plan_file(path, make)
+
     for budget in budgets:
         prefix = budget_label(budget)
         layers = round(budget * len(kv))
-        plans[f"{prefix} first-layers"] = _plan_file(
-            f"{prefix} first-layers", lambda: sc.HeadPlan.from_dict(
-                {l: range(kv[l]) for l in range(layers)}, method="first_layers", extra={"budget": budget}))
+        add(f"{prefix} first-layers", lambda: sc.HeadPlan.from_dict(
+            {l: range(kv[l]) for l in range(layers)}, method="first_layers", extra={"budget": budget}))
         for seed in RANDOM_SEEDS:
-            plans[f"{prefix} random-s{seed}"] = _plan_file(f"{prefix} random-s{seed}",
-                                                           lambda seed=seed: _random_plan(kv, budget, seed))
+            add(f"{prefix} random-s{seed}", lambda seed=seed: _random_plan(kv, budget, seed))
         for method, score in _methods(model, tokenizer, cfg, args, log).items():
             def select(method=method, score=score):
-                saved = [_plan_path(f"{budget_label(b)} {method}") for b in budgets]
+                saved = [_plan_path(folder, f"{budget_label(b)} {method}") for b in budgets]
                 if method not in scored and any(path.is_file() for path in saved):  # scored by an earlier run
                     plan = sc.HeadPlan.load(next(path for path in saved if path.is_file()))
                     scored[method] = (plan, plan.extra.get("scoring_seconds"))
@@ -163,22 +176,29 @@ def make_plans(model, tokenizer, budgets, args, log) -> dict[str, dict]:
                 plan = plan_at_budget(first, budget)
                 return sc.HeadPlan.from_dict(plan.heads, method=plan.method, fingerprint=plan.fingerprint,
                                              extra={**plan.extra, "bench_method": method, "scoring_seconds": seconds})
-            plans[f"{prefix} {method}"] = _plan_file(f"{prefix} {method}", select)
+            add(f"{prefix} {method}", select)
     return plans
 
 
-def _plan_path(label: str) -> Path:
-    return RESULTS / "plans" / (label.replace("/", "_").replace(" ", "-") + ".json")
+def _plan_path(folder: Path, label: str) -> Path:
+    return folder / (label.replace("/", "_").replace(" ", "-") + ".json")
 
 
-def _plan_file(label: str, make) -> dict:
-    path = _plan_path(label)
+def _plan_file(path: Path, make) -> dict:
+    """The plan saved at ``path``, or ``make()``'s, saved there."""
     if path.is_file():
-        return {"plan": sc.HeadPlan.load(path), "file": str(path.relative_to(RESULTS.parent.parent))}
+        return {"plan": sc.HeadPlan.load(path), "file": _shown(path)}
     plan = make()
     path.parent.mkdir(parents=True, exist_ok=True)
     plan.save(path)
-    return {"plan": plan, "file": str(path.relative_to(RESULTS.parent.parent))}
+    return {"plan": plan, "file": _shown(path)}
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it lies in it (result files stay portable)."""
+    root = RESULTS.parent.parent
+    resolved = path.resolve()
+    return str(resolved.relative_to(root)) if resolved.is_relative_to(root) else str(path)
 
 
 def _random_plan(kv, budget: float, seed: int) -> sc.HeadPlan:
@@ -262,8 +282,9 @@ def run(args) -> dict:
 
     model, tokenizer = load_pretrained(MODEL)
     model = model.to(args.device).eval()
-    plans = make_plans(model, tokenizer, args.budgets, args, log)
-    chosen = {label: p for label, p in plans.items() if any(fnmatch.fnmatch(label, g) for g in args.plans)}
+    wanted = lambda label: any(fnmatch.fnmatch(label, g) for g in args.plans)  # noqa: E731
+    plans = make_plans(model, tokenizer, args.budgets, args, log, wanted)
+    chosen = {label: p for label, p in plans.items() if wanted(label)}
     document.update(_header(args, model, tokenizer, plans))
 
     prompts = quality.passkey_prompts(tokenizer, args.lengths, args.trials, args.seed)
@@ -280,12 +301,16 @@ def run(args) -> dict:
 
     # length by length, every plan at one length before the next: a run cut short has whole columns
     programs = {label: program_for(model, entry["plan"]) for label, entry in chosen.items()}
+    began = time.perf_counter()
     for n in args.lengths:
         for label, program in programs.items():
             key = f"{label}|passkey|{n}"
-            if key not in rows or args.redo:
+            if args.redo or not _measured(rows.get(key), args.trials):
+                if _out_of_time(began, args, log):
+                    return document
                 start = time.perf_counter()
-                result = quality.measure_passkey(program, [p for p in prompts if p.length == n])
+                result = quality.measure_passkey(program, [p for p in prompts if p.length == n],
+                                                 progress=_progress(f"{label} passkey {n}", start, log))
                 rows[key] = {"plan": label, "task": "passkey", "length": n, "trials": args.trials,
                              "seconds": time.perf_counter() - start, **result.to_json()}
                 log(f"{label:<24} passkey {n}: {rows[key]['overall']['correct']}/{args.trials} "
@@ -296,15 +321,41 @@ def run(args) -> dict:
         document.setdefault("texts", {})[str(n)] = report.describe_perplexity_texts({n: texts}, "heldout")
         for label, program in programs.items():
             key = f"{label}|ppl|{n}"
-            if key not in rows or args.redo:
+            if args.redo or not _measured(rows.get(key), len(texts)):
+                if _out_of_time(began, args, log):
+                    return document
                 start = time.perf_counter()
-                result = quality.measure_perplexity(program, texts, CFG["segment_len"])
+                result = quality.measure_perplexity(program, texts, CFG["segment_len"],
+                                                    progress=_progress(f"{label} ppl {n}", start, log))
                 rows[key] = {"plan": label, "task": "ppl", "length": n, "seconds": time.perf_counter() - start,
                              **result.to_json()}
                 log(f"{label:<24} ppl {n}: {rows[key]['bands']['2+ back']['perplexity']:.3f} at 2+ back "
                     f"({rows[key]['seconds']:.0f} s)")
                 _save(out, document)
     return document
+
+
+def _measured(row: dict | None, count: int) -> bool:
+    """Whether ``row`` is in the file with as many passkey trials (or perplexity sequences) as this
+    run asks for: a row of another count is measured again, under the same key."""
+    if row is None:
+        return False
+    measured = row["overall"]["trials"] if row["task"] == "passkey" else len(row["sequences"])
+    return measured == count
+
+
+def _out_of_time(began: float, args, log) -> bool:
+    """``--minutes`` spent: no new row starts (the rows measured so far are saved)."""
+    if args.minutes is None or time.perf_counter() - began < 60 * args.minutes:
+        return False
+    log(f"stopping: {args.minutes} minutes spent, the rows left are not measured")
+    return True
+
+
+def _progress(what: str, start: float, log):
+    def progress(done, total):
+        log(f"  {what}: {done}/{total} ({time.perf_counter() - start:.0f} s)")
+    return progress
 
 
 def _header(args, model, tokenizer, plans) -> dict:
@@ -330,8 +381,22 @@ def _plan_summary(plan: sc.HeadPlan, kv: list[int]) -> dict:
 
 def _commands(args) -> list[str]:
     previous = json.loads(Path(args.out).read_text()).get("commands", []) if Path(args.out).is_file() else []
-    this = shlex.join(["python", "bench/head_selection.py", *sys.argv[1:]])
+    this = shlex.join(["python", "bench/head_selection.py", *_without_minutes(sys.argv[1:])])
     return previous + ([this] if this not in previous else [])
+
+
+def _without_minutes(argv: list[str]) -> list[str]:
+    """The command line less ``--minutes``: a time limit changes which rows one run measures, not
+    what a row is, so the recorded commands stay the ones that reproduce the rows."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--minutes":
+            skip = True
+        elif not arg.startswith("--minutes="):
+            kept.append(arg)
+    return kept
 
 
 def _save(out: Path, document: dict) -> None:
@@ -367,6 +432,110 @@ def print_table(document: dict) -> None:
         print("| " + " | ".join(cells) + " |")
 
 
+# ---- the plot ----------------------------------------------------------------------------------------
+BANDS = ("segment 0", "1 back", "2+ back")
+BASELINES = {"full": "black", "none": "grey", "first-layers": "tab:brown", "random": "tab:olive"}
+METHOD_COLOURS = {"mass-synthetic": "tab:cyan", "gate-synthetic": "tab:purple", "mass-answer": "tab:blue",
+                  "mass-answer-key": "tab:green", "gate-answer": "tab:red"}
+
+
+def plot(document: dict, path: Path) -> None:
+    """Passkey accuracy by length (top) and perplexity by distance band (bottom), one column per
+    budget; the random plans are drawn as their mean with the range of the seeds."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install matplotlib)")
+        return
+    rows = document["rows"]
+    budgets = sorted({label.split()[0] for label in document["plans"] if " " in label}, key=Fraction)
+    fig, axes = plt.subplots(2, len(budgets), figsize=(6.5 * len(budgets), 8.5), squeeze=False)
+    for column, budget in enumerate(budgets):
+        series = _series(document, budget)
+        _plot_passkey(axes[0][column], rows, series, budget)
+        _plot_ppl(axes[1][column], rows, series, budget)
+    model, device = document["model"], document["device"]
+    fig.suptitle(f"{model['source']} ({model['class']}, {model['layers']} layers x {model['kv_heads']} KV heads); "
+                 f"S = T = {CFG['segment_len']}, {CFG['sink_tokens']} sinks; {device['device']} ({device['name']})",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
+def _series(document: dict, budget: str) -> list[tuple[str, list[str], str]]:
+    """``(name, plan labels, colour)`` for every line of one budget's panels: the plans of a line are
+    averaged (the random seeds)."""
+    seeds = [f"{budget} random-s{s}" for s in RANDOM_SEEDS]
+    lines = [("full", ["full"], BASELINES["full"]), ("none", ["none"], BASELINES["none"]),
+             ("first layers", [f"{budget} first-layers"], BASELINES["first-layers"]),
+             (f"random ({len(seeds)} seeds)", seeds, BASELINES["random"])]
+    lines += [(method, [f"{budget} {method}"], colour) for method, colour in METHOD_COLOURS.items()]
+    return [line for line in lines if any(label in document["plans"] for label in line[1])]
+
+
+def _mean_and_range(values: list[float | None]) -> tuple[float, float, float]:
+    known = [v for v in values if v is not None]
+    if not known:
+        return (float("nan"),) * 3
+    return sum(known) / len(known), min(known), max(known)
+
+
+def _plot_passkey(ax, rows, series, budget) -> None:
+    lengths = sorted({r["length"] for r in rows.values() if r["task"] == "passkey"})
+    for index, (name, labels, colour) in enumerate(series):
+        nudge = 2 ** (0.025 * (index - len(series) / 2))  # lines on the same accuracy stay visible side by side
+        points = []
+        for n in lengths:
+            found = [rows[k]["overall"]["accuracy"] for k in (f"{l}|passkey|{n}" for l in labels) if k in rows]
+            if len(found) == len(labels):  # a line's point needs every plan of it measured
+                points.append((n * nudge, *_mean_and_range(found)))
+        if not points:
+            continue
+        x = [p[0] for p in points]
+        ax.plot(x, [p[1] for p in points], marker="o", color=colour, label=name,
+                linestyle="--" if name in ("full", "none") else "-")
+        if len(labels) > 1:
+            ax.fill_between(x, [p[2] for p in points], [p[3] for p in points], color=colour, alpha=0.2)
+    trials = sorted({r["overall"]["trials"] for r in rows.values() if r["task"] == "passkey"})
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(lengths, [f"{n // 1024}K" for n in lengths])
+    ax.set_ylim(-0.04, 1.04)
+    ax.set_xlabel("passkey prompt length (tokens)")
+    ax.set_ylabel(f"passkey accuracy ({'/'.join(map(str, trials))} trials per point)")
+    ax.set_title(f"passkey retrieval, long-range budget {budget} of the KV heads", fontsize=10)
+    ax.legend(fontsize=7, loc="center left")
+
+
+def _plot_ppl(ax, rows, series, budget) -> None:
+    lengths = sorted({r["length"] for r in rows.values() if r["task"] == "ppl"})
+    ticks = [(n, band) for n in lengths for band in BANDS]
+    x_of = {tick: i + len(BANDS) * 0.5 * (i // len(BANDS)) for i, tick in enumerate(ticks)}  # a gap between lengths
+    for name, labels, colour in series:
+        for n in lengths:
+            found = [rows[k]["bands"] for k in (f"{l}|ppl|{n}" for l in labels) if k in rows]
+            full = rows.get(f"full|ppl|{n}")
+            if len(found) != len(labels) or not found or full is None:
+                continue
+            # relative to full attention in the same band: the bands' own perplexities differ far more
+            # (the first segment has the least context) than the plans do
+            stats = [_mean_and_range([b[band]["perplexity"] / full["bands"][band]["perplexity"] for b in found])
+                     for band in BANDS]
+            x = [x_of[(n, band)] for band in BANDS]
+            ax.plot(x, [s[0] for s in stats], marker="o", color=colour, label=name if n == lengths[0] else None,
+                    linestyle="--" if name in ("full", "none") else "-")
+            if len(labels) > 1:
+                ax.fill_between(x, [s[1] for s in stats], [s[2] for s in stats], color=colour, alpha=0.2)
+    ax.set_xticks([x_of[t] for t in ticks], [f"{band}\n{n // 1024}K" for n, band in ticks], fontsize=8)
+    ax.set_ylabel("perplexity / full attention's (held-out text)")
+    ax.set_title(f"perplexity by distance band (S = {CFG['segment_len']}), budget {budget}", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+
+
 def _ppl(score: dict) -> str:
     return "-" if score["perplexity"] is None else f"{score['perplexity']:.2f}"
 
@@ -388,11 +557,18 @@ def main(argv=None) -> int:
     parser.add_argument("--check", type=int, default=0, help="plans checked against sc.transform on one prompt")
     parser.add_argument("--seed", type=int, default=0, help="seed of the pass keys")
     parser.add_argument("--redo", action="store_true", help="measure rows already in the result file again")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="start no new row after this many minutes of measuring (the rows done are saved)")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--report-only", action="store_true",
+                        help="measure nothing: print the table and draw the plot of the result file")
+    parser.add_argument("--plans-dir", default=str(RESULTS / "plans"),
+                        help="where plans are saved and reused from (another folder scores the methods again)")
     args = parser.parse_args(argv)
     args.out = args.out or str(RESULTS / f"head_selection-{_device_name(args.device)}.json")
-    document = run(args)
+    document = json.loads(Path(args.out).read_text()) if args.report_only else run(args)
     print_table(document)
+    plot(document, Path(args.out).with_suffix(".png"))
     return 0
 
 
