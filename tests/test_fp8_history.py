@@ -137,6 +137,25 @@ def test_triton_forward_reads_the_quantised_history_as_the_reference(lq):
     assert max_abs(got, want) <= TOL.logits
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the Gluon forward runs on a Hopper GPU")
+@pytest.mark.parametrize("lq", [1, 512])  # decode reads fp8 (split keys); a segment runs Gluon on a dequantised copy
+def test_bf16_forward_on_cuda_reads_the_quantised_history_as_the_reference(lq):
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    r = lambda *shape: torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    B, Hk, group, D, P = 1, 4, 4, 128, 1536
+    g = HistoryGeometry(segment_len=512, tail_len=512, block=64)
+
+    def quantized(x):
+        return QuantizedHistory.of(*quantize_history(x, 0, g, FP8), g)
+
+    hist_k, hist_v = quantized(r(B, 2, P, D) * 3), quantized(r(B, 2, P, D))
+    args = (r(B, Hk * group, lq, D), r(B, Hk, lq, D), r(B, Hk, lq, D), r(B, Hk, 512, D), r(B, Hk, 512, D),
+            r(B, Hk, 4, D), r(B, Hk, 4, D))
+    got = segment_attention_forward(*args, hist_k, hist_v, [1, 3], D ** -0.5)
+    want = segment_attention_reference(*[a.float() for a in args], hist_k, hist_v, [1, 3], D ** -0.5)
+    assert max_abs(got, want) <= tolerance(torch.bfloat16).logits
+
+
 def test_triton_backward_with_a_quantised_history_equals_the_reference():
     gen = torch.Generator().manual_seed(5)
     r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
