@@ -11,7 +11,6 @@ import copy
 import functools
 import json
 import math
-import os
 
 import pytest
 import torch
@@ -19,7 +18,7 @@ import torch
 from segcompile import pretrained
 from segcompile.testing.tolerances import tolerance
 
-from conftest import load_script
+from conftest import load_script, require_smollm2
 
 FP32 = tolerance(torch.float32).relative
 TINY_STEPS = 2
@@ -84,13 +83,7 @@ def tiny_runs(bench, tmp_path_factory):
     """The documents after the first invocation (stopped) and the second (complete). The model is
     dequantised once and copied into each invocation (a fresh object each time, as a new process
     would load), which saves a GGUF load."""
-    try:
-        pretrained.smollm2_gguf()
-        pretrained.check_gguf_packages(pretrained.SMOLLM2)
-    except pretrained.MissingPackageError as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI installs the real model, but: {e}")
-        pytest.skip(str(e))
+    require_smollm2()
     folder = tmp_path_factory.mktemp("consistency")
     argv = ["--tiny", "--device", "cpu", "--out", str(folder / "result.json"), "--state-dir", str(folder / "state")]
     patch = pytest.MonkeyPatch()

