@@ -27,7 +27,7 @@ import operator
 import torch
 from torch import fx
 
-FUSED = "segcompile.fused_projections"  # [(buffer name, [source tensors], [their versions when copied])]
+FUSED = "segcompile.fused_projections"  # per stacked buffer: (its name, [source tensors], [their versions when copied])
 MAX_BYTES = 64 << 20  # the q, k and v weights of an 8B model (48 MiB) fuse; its 117 MB MLP products do not
 
 _LINEAR = torch.ops.aten.linear.default
@@ -36,8 +36,8 @@ _LINEAR = torch.ops.aten.linear.default
 def fuse_projections(gm: fx.GraphModule, max_bytes: int = MAX_BYTES) -> fx.GraphModule:
     """``gm`` with every group of small sibling projections read as one product (module docstring); in place."""
     fused = []
-    for group in _sibling_groups(gm, max_bytes):
-        fused.append(_fuse(gm, group, f"fused_projection_{len(fused)}"))
+    for i, group in enumerate(_sibling_groups(gm, max_bytes)):
+        fused += _fuse(gm, group, f"fused_projection_{i}")
     gm.meta[FUSED] = fused
     if fused:
         gm.graph.lint()
@@ -74,27 +74,25 @@ def _sibling_groups(gm: fx.GraphModule, max_bytes: int) -> list[list[fx.Node]]:
     return groups
 
 
-def _fuse(gm: fx.GraphModule, group: list[fx.Node], name: str) -> tuple[str, list[torch.Tensor], list[int]]:
+def _fuse(gm: fx.GraphModule, group: list[fx.Node], name: str) -> list[tuple[str, list[torch.Tensor], list[int]]]:
+    """One product for ``group``; its ``FUSED`` records: the stacked weight's, and the bias's if any."""
     weights = [_attr(gm, n.args[1]) for n in group]
     biases = [_attr(gm, n.args[2]) for n in group] if len(group[0].args) > 2 and group[0].args[2] is not None else []
+    stacked = [(name, weights)] + ([(name + "_bias", biases)] if biases else [])
     with torch.no_grad():
-        gm.register_buffer(name, torch.cat(weights, dim=0), persistent=False)
-        if biases:
-            gm.register_buffer(name + "_bias", torch.cat(biases, dim=0), persistent=False)
-    sizes = [w.shape[0] for w in weights]
+        for buffer, sources in stacked:
+            gm.register_buffer(buffer, torch.cat(sources, dim=0), persistent=False)
     graph, first = gm.graph, group[0]
     with graph.inserting_before(first):
-        args = [first.args[0], graph.get_attr(name)] + ([graph.get_attr(name + "_bias")] if biases else [])
-        product = graph.call_function(_LINEAR, tuple(args))
-        pieces = graph.call_function(torch.ops.aten.split_with_sizes.default, (product, sizes, -1))
+        product = graph.call_function(_LINEAR, (first.args[0], *(graph.get_attr(buffer) for buffer, _ in stacked)))
+        pieces = graph.call_function(torch.ops.aten.split_with_sizes.default, (product, [w.shape[0] for w in weights], -1))
         for i, node in enumerate(group):
             piece = graph.call_function(operator.getitem, (pieces, i))
             piece.meta.update(node.meta)
             node.replace_all_uses_with(piece)
     for node in group:
         graph.erase_node(node)
-    sources = weights + biases
-    return name, sources, [t._version for t in sources]
+    return [(buffer, sources, [t._version for t in sources]) for buffer, sources in stacked]
 
 
 def _is_attr(node) -> bool:
@@ -102,7 +100,4 @@ def _is_attr(node) -> bool:
 
 
 def _attr(gm: fx.GraphModule, node: fx.Node) -> torch.Tensor:
-    value = gm
-    for part in node.target.split("."):
-        value = getattr(value, part)
-    return value
+    return operator.attrgetter(node.target)(gm)
