@@ -133,9 +133,12 @@ def quantize_history(x: torch.Tensor, start: int, geometry: HistoryGeometry,
 
 
 def dequantize_history(values: torch.Tensor, scales: torch.Tensor, geometry: HistoryGeometry,
-                       dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``values.float() * scale`` of every position, in ``dtype``."""
-    ids = geometry.block_index(torch.arange(values.shape[2], device=values.device))
+                       dtype: torch.dtype = torch.float32, start: int = 0) -> torch.Tensor:
+    """``values.float() * scale`` of every position, in ``dtype``: ``values`` hold positions
+    ``[start, start + n)`` and ``scales`` the blocks from the one holding ``start``, as
+    ``quantize_history`` returns them."""
+    positions = torch.arange(start, start + values.shape[2], device=values.device)
+    ids = geometry.block_index(positions) - geometry.num_blocks(start)
     return (values.float() * scales[:, :, ids, None]).to(dtype)
 
 
@@ -173,6 +176,4 @@ def round_trip_segment_end(leaving: torch.Tensor, geometry: HistoryGeometry, dty
     pieces are placed where segment 0's tail starts; the result does not depend on the position."""
     start = geometry.segment_len - geometry.tail_len
     values, scales = quantize_history(leaving, start, geometry, dtype)
-    positions = torch.arange(start, start + leaving.shape[2], device=leaving.device)
-    ids = geometry.block_index(positions) - geometry.num_blocks(start)
-    return (values.float() * scales[:, :, ids, None]).to(leaving.dtype)
+    return dequantize_history(values, scales, geometry, leaving.dtype, start)
