@@ -47,7 +47,6 @@ from .runner import SegmentRunner
 
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
-PROVIDERS = (CUDA, CPU)  # in order of preference
 DEVICES = {"cuda": CUDA, "cpu": CPU}
 # TF32 would round fp32 products to 10 mantissa bits (onnxruntime enables it by default)
 CUDA_OPTIONS = {"use_tf32": "0"}
