@@ -31,7 +31,6 @@ The CUDA provider needs onnxruntime-gpu first on ``sys.path`` (``bench/onnxrunti
 from __future__ import annotations
 
 import argparse
-import gc
 import sys
 import tempfile
 import time
@@ -50,7 +49,7 @@ from segcompile.testing.tolerances import max_abs_error, relative_error, toleran
 
 sys.path.insert(0, str(Path(__file__).parent))  # the other benches, run as scripts or loaded
 
-from bench_generate import build_model, seg_run  # noqa: E402
+from bench_generate import build_model, free, seg_run, sync  # noqa: E402
 from bench_training import write_result  # noqa: E402
 
 MODELS = ("tiny", "8b")
@@ -116,11 +115,6 @@ class Graphs:
 
 
 # ---- one case ---------------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def timed(device, fn):
     """``(fn(), seconds)``, the device synchronised on both sides."""
     sync(device)
@@ -228,12 +222,6 @@ def cases(args) -> list[tuple[str, torch.dtype, str]]:
     """Every (model, dtype, plan) asked for; per model the plans in turn, each in every dtype, so
     that a run cut short by its budget has covered plans in both dtypes first."""
     return [(m, DTYPES[d], p) for m in args.models for p in args.plans for d in args.dtypes]
-
-
-def free(device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
 
 
 def run_all(args, device) -> list[dict]:
