@@ -210,7 +210,7 @@ def segcompile_cases(args, seg, model, prompt_len, device) -> tuple[list[dict], 
                     row["max_rel_error"] = error
                     accuracy.append(dict(prompt_len=prompt_len, batch=batch, path=path, against="seg-eager",
                                          tokens=args.new_tokens, segment_end_after=args.boundary, max_rel_error=error))
-                if run["logits"] and batch == 1:
+                if args.fp32_reference and batch == 1:
                     kept[path] = run["logits"]
                 del run
             except torch.OutOfMemoryError:
@@ -220,7 +220,7 @@ def segcompile_cases(args, seg, model, prompt_len, device) -> tuple[list[dict], 
             rows.append(row)
             print({k: v for k, v in row.items()}, flush=True)
         if eager is not None and batch == 1 and args.fp32_reference:
-            reference = fp32_reference(args, model, ids, eager["tokens"], total)
+            reference = fp32_reference(seg.cfg, model, ids, eager["tokens"], total)
             for path, logits in kept.items():
                 error = relative_error(logits, reference)
                 print(f"{path} against the fp32 model: {error:.2e}", flush=True)
@@ -233,12 +233,11 @@ def segcompile_cases(args, seg, model, prompt_len, device) -> tuple[list[dict], 
     return rows, accuracy
 
 
-def fp32_reference(args, model, ids, tokens, total) -> list[torch.Tensor]:
-    """The logits of ``tokens`` after ``ids`` from a float32 copy of ``model`` (eager decode):
-    every bf16 path differs from these by its rounding alone."""
+def fp32_reference(cfg: sc.SegmentConfig, model, ids, tokens, total) -> list[torch.Tensor]:
+    """The logits of ``tokens`` after ``ids`` from a float32 copy of ``model`` transformed with
+    ``cfg`` (eager decode): every bf16 path differs from these by its rounding alone."""
     model32 = copy.deepcopy(model).float()
-    seg32 = sc.transform(model32, sc.SegmentConfig(args.segment_len, long_range=sc.HeadPlan.fraction(args.long_range),
-                                                   tbptt_k=0))
+    seg32 = sc.transform(model32, cfg)
     state = reserve_history(seg32.prefill(ids), total)
     logits = seg_run(seg32, state, tokens.shape[1], teacher=tokens, keep_logits=True)["logits"]
     del model32, seg32, state
