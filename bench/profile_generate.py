@@ -82,21 +82,19 @@ def main(argv=None):
                                    max_context=n + 2 * args.segment_len)
         tokens = torch.randint(0, model.config.vocab_size, (1, args.tokens), device=device)
 
-        def decode(state, first: int):
+        def decode(state, steps: range):
             with torch.no_grad():
-                for i in range(first, args.tokens):
+                for i in steps:
                     _, state = seg.decode(state, tokens[:, i : i + 1], check_ids=False)
             return state
 
-        decode(batched(prompt, 1, n + 2 * args.segment_len), 0)  # kernels compiled, graphs captured
+        decode(batched(prompt, 1, n + 2 * args.segment_len), range(args.tokens))  # kernels compiled, graphs captured
         # the first token loads the prompt's state into the path's buffers (once per generation): not profiled
-        state = batched(prompt, 1, n + 2 * args.segment_len)
-        with torch.no_grad():
-            _, state = seg.decode(state, tokens[:, :1])
+        state = decode(batched(prompt, 1, n + 2 * args.segment_len), range(1))
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             start = time.perf_counter()
-            decode(state, 1)
+            decode(state, range(1, args.tokens))
             torch.cuda.synchronize()
             wall = time.perf_counter() - start
         if args.trace is not None and path == "static":
