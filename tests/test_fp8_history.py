@@ -28,6 +28,7 @@ from segcompile.kernels.history_format import (
     round_trip,
     round_trip_segment_end,
 )
+from segcompile.kernels import triton_history
 from segcompile.kernels.reference import segment_attention_reference
 from segcompile.runtime.state import append_history
 from segcompile.testing.tolerances import tolerance
@@ -135,6 +136,26 @@ def test_triton_forward_reads_the_quantised_history_as_the_reference(lq):
     exact = segment_attention_reference(*args, hist_k.dequantized(), hist_v.dequantized(), long_range, 0.25)
     assert max_abs(want, exact) == 0  # the reference reads the history dequantised
     assert max_abs(got, want) <= TOL.logits
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("segment_len, tail_len, length", [(8, 3, 45), (128, 128, 200), (8, 8, 0)])
+def test_dequantize_kernel_equals_the_reference(dtype, segment_len, tail_len, length):
+    """The one-pass dequantisation (``triton_history.py``) against ``dequantize_history``, bit for
+    bit, on a history that is a view into a larger buffer (as the state keeps it) and ends mid-block."""
+    g = HistoryGeometry(segment_len=segment_len, tail_len=tail_len, block=4 if segment_len == 8 else 64)
+    x = torch.randn(2, 3, length, 16, generator=torch.Generator().manual_seed(length)) * 5
+    values, scales = quantize_history(x, 0, g, FP8)
+    buffer = torch.zeros(2, 3, length + 7, 16, dtype=FP8)
+    buffer[:, :, :length] = values
+    hist = QuantizedHistory.of(buffer[:, :, :length], scales, g)
+    got = triton_history.dequantize(hist, dtype)
+    want = hist.dequantized(dtype)
+    assert got.dtype == dtype and got.shape == want.shape
+    if dtype == torch.float32 or got.is_cuda:
+        assert torch.equal(got, want)
+    else:  # the interpreter rounds fp32 to bf16 toward zero, the GPU and PyTorch to nearest: one ulp
+        assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 ** -7).all()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Gluon forward runs on a Hopper GPU")

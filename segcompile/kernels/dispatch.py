@@ -26,7 +26,7 @@ import logging
 
 import torch
 
-from . import triton_attention, triton_decode
+from . import triton_attention, triton_decode, triton_history
 from .history_format import QuantizedHistory, dequantized
 from .problem import Problem, prepare, usable
 from .triton_common import INTERPRET
@@ -58,12 +58,19 @@ def _dequantized_for_gluon(p: Problem, q, k, v, tail_k, tail_v, sink_k, sink_v, 
     history (what decode, which reads each key once, cannot)."""
     if gluon() is None or INTERPRET:
         return p
-    wide = prepare(q, k, v, tail_k, tail_v, sink_k, sink_v, dequantized(hist_k, sink_k.dtype),
-                   dequantized(hist_v, sink_v.dtype), long_range)
+    wide = prepare(q, k, v, tail_k, tail_v, sink_k, sink_v, _widened(hist_k, sink_k.dtype),
+                   _widened(hist_v, sink_v.dtype), long_range)
     if not gluon_applies(wide):
         return p
     _log_kernel("gluon-ws", history="fp8 history dequantised for the call")
     return wide
+
+
+def _widened(hist: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``dequantized(hist, dtype)``, by the one-pass kernel (``triton_history.py``) on a GPU."""
+    if isinstance(hist, QuantizedHistory) and hist.is_cuda and not INTERPRET:
+        return triton_history.dequantize(hist, dtype)
+    return dequantized(hist, dtype)
 
 
 def segment_attention_backward(grad_out, out, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v,
@@ -72,8 +79,7 @@ def segment_attention_backward(grad_out, out, q, k, v, tail_k, tail_v, sink_k, s
     ``None`` when ``tail_needs_grad`` is false (no work is done for them). ``lse``: the forward's
     (``return_lse``); without it the dQ kernel recomputes it in a pass of its own. A quantised
     history is read dequantised (the module docstring)."""
-    if isinstance(hist_k, QuantizedHistory):
-        hist_k, hist_v = dequantized(hist_k, sink_k.dtype), dequantized(hist_v, sink_v.dtype)
+    hist_k, hist_v = _widened(hist_k, sink_k.dtype), _widened(hist_v, sink_v.dtype)
     p = prepare(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
     do = usable(grad_out)
     tail_grads = tail_needs_grad and p.T > 0
