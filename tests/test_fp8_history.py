@@ -34,6 +34,7 @@ from segcompile.runtime.state import append_history
 from segcompile.testing.tolerances import tolerance
 
 FP8 = torch.float8_e4m3fn
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel tests: the GPU, or Triton's interpreter
 TOL = tolerance(torch.float32)
 S, T, G = 8, 3, 2
 N = 45  # 6 segments, the last one short; the history ends mid-block (the pieces are 5 and 3 long)
@@ -139,14 +140,30 @@ def test_triton_forward_reads_the_quantised_history_as_the_reference(lq):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("start, length", [(0, 45), (16, 13), (40, 8), (0, 0)])
+def test_quantize_kernel_equals_the_reference(dtype, start, length):
+    """The one-pass quantisation (``triton_history.py``) against ``quantize_history``, bit for bit:
+    pieces of both kinds (a segment's first S - T positions, its tail), a block ``x`` fills in part,
+    an input in the model's dtype, a strided input."""
+    g = HistoryGeometry(segment_len=S, tail_len=T, block=4)
+    x = torch.randn(2, 3, length, 32, generator=torch.Generator().manual_seed(start + length)) * 7
+    x = x.to(device=DEVICE, dtype=dtype)[..., ::2]
+    values, scales = triton_history.quantize(x, start, g, FP8)
+    want_values, want_scales = quantize_history(x, start, g, FP8)
+    assert values.dtype == FP8 and scales.shape == want_scales.shape
+    assert torch.equal(scales, want_scales)
+    assert torch.equal(values.float(), want_values.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("segment_len, tail_len, length", [(8, 3, 45), (128, 128, 200), (8, 8, 0)])
 def test_dequantize_kernel_equals_the_reference(dtype, segment_len, tail_len, length):
     """The one-pass dequantisation (``triton_history.py``) against ``dequantize_history``, bit for
     bit, on a history that is a view into a larger buffer (as the state keeps it) and ends mid-block."""
     g = HistoryGeometry(segment_len=segment_len, tail_len=tail_len, block=4 if segment_len == 8 else 64)
-    x = torch.randn(2, 3, length, 16, generator=torch.Generator().manual_seed(length)) * 5
+    x = torch.randn(2, 3, length, 16, generator=torch.Generator().manual_seed(length)).to(DEVICE) * 5
     values, scales = quantize_history(x, 0, g, FP8)
-    buffer = torch.zeros(2, 3, length + 7, 16, dtype=FP8)
+    buffer = torch.zeros(2, 3, length + 7, 16, dtype=FP8, device=DEVICE)
     buffer[:, :, :length] = values
     hist = QuantizedHistory.of(buffer[:, :, :length], scales, g)
     got = triton_history.dequantize(hist, dtype)

@@ -14,6 +14,8 @@ A quantised history (``SegmentConfig.history_dtype``, ``history_format.py``): bo
 forwards read its fp8 values and scale them in registers; where the Gluon forward applies to the
 problem, a prefill's call dequantises the layer's history into a transient copy and runs it
 (faster than scaling in the one-pass kernel; decode's split-keys kernel keeps reading fp8);
+on a GPU, the quantisation at a segment end and that copy are single Triton kernels
+(``triton_history.py``);
 the backward reads it dequantised to the sinks' dtype (a transient copy per call: history is a
 constant, and enters dQ only). Each choice is logged at debug level on
 its first use, naming the history's format.
@@ -27,7 +29,7 @@ import logging
 import torch
 
 from . import triton_attention, triton_decode, triton_history
-from .history_format import QuantizedHistory, dequantized
+from .history_format import HistoryGeometry, QuantizedHistory, dequantized, quantize_history
 from .problem import Problem, prepare, usable
 from .triton_common import INTERPRET
 
@@ -64,6 +66,15 @@ def _dequantized_for_gluon(p: Problem, q, k, v, tail_k, tail_v, sink_k, sink_v, 
         return p
     _log_kernel("gluon-ws", history="fp8 history dequantised for the call")
     return wide
+
+
+def quantized_history(x: torch.Tensor, start: int, geometry: HistoryGeometry,
+                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``history_format.quantize_history``, by the one-pass kernel (``triton_history.py``) on a GPU:
+    what a segment end appends to a quantised history."""
+    if x.is_cuda and not INTERPRET:
+        return triton_history.quantize(x, start, geometry, dtype)
+    return quantize_history(x, start, geometry, dtype)
 
 
 def _widened(hist: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -1,12 +1,15 @@
-"""Dequantising a stored long-range history in one pass (``history_format.dequantize_history`` is
-its reference, and ``tests/test_fp8_history.py`` compares the two).
+"""Quantising and dequantising a long-range history in one pass each (``history_format``'s
+``quantize_history`` and ``dequantize_history`` are their references, and
+``tests/test_fp8_history.py`` compares them).
 
 Where a segment's forward runs the Gluon kernel on an fp8 history, each call first widens the
 layer's history into a transient copy (``dispatch._dequantized_for_gluon``). The reference does it
 in five PyTorch operations through fp32 temporaries, about 19 bytes of traffic per stored value;
 this kernel reads the value and its block's scale and writes the result, 3 bytes at bf16. At a
 128K prefill of the 8B shape that copy was the whole difference between the fp8 and the bf16
-history's wall time (bench/README.md, prefill).
+history's wall time (bench/README.md, prefill). Quantising what a segment end moves into the
+history takes the reference about ten small operations; here it is one launch, a program per
+scale block.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .history_format import QuantizedHistory
+from .history_format import HISTORY_DTYPES, HistoryGeometry, QuantizedHistory
 from .problem import TL_DTYPES
 from .triton_common import scale_block_index
 
@@ -62,3 +65,76 @@ def dequantize(hist: QuantizedHistory, dtype: torch.dtype) -> torch.Tensor:
         D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=BLOCK_P, SCALE_BLOCK=geometry.block, OUT_DTYPE=TL_DTYPES[dtype],
     )
     return out
+
+
+@triton.jit
+def _block_range(block, S, T, BLOCK: tl.constexpr):
+    """The positions ``[start, end)`` of scale block ``block``: ``scale_block_index`` inverted."""
+    head = S - T
+    head_blocks = (head + BLOCK - 1) // BLOCK
+    per_segment = head_blocks + (T + BLOCK - 1) // BLOCK
+    segment, inside = block // per_segment, block % per_segment
+    in_head = inside < head_blocks
+    start = segment * S + tl.where(in_head, inside * BLOCK, head + (inside - head_blocks) * BLOCK)
+    end = tl.minimum(start + BLOCK, segment * S + tl.where(in_head, head, S))
+    return start, end
+
+
+@triton.jit
+def _on_e4m3_grid(y):
+    """``y`` (fp32, finite, within +-448) rounded to the nearest e4m3 value, ties to even, in fp32
+    arithmetic: the cast that follows is then exact. Triton's interpreter rounds its own cast to
+    fp8 wrongly (127 to 64, 100 to 104), so the tests on the CPU could not check it otherwise; on
+    the GPU the hardware's cast gives the same values."""
+    exponent = (y.to(tl.int32, bitcast=True) >> 23) & 0xFF
+    exponent = tl.maximum(exponent, 127 - 6)  # below 2^-6 the subnormals, all 2^-9 apart
+    step = ((exponent - 3) << 23).to(tl.float32, bitcast=True)  # 3 mantissa bits: 2^(e - 3) apart
+    q = y / step  # a power of two: exact, and |q| < 16
+    rounded = (q + 12582912.0) - 12582912.0  # 1.5 * 2^23: fp32 addition rounds q to an integer, ties to even
+    return rounded * step
+
+
+@triton.jit
+def _quantize_kernel(
+    X, V, SC, first, lo, hi, S, T, largest,
+    stride_xb, stride_xh, stride_xp, stride_vb, stride_vh, stride_vp, stride_sb, stride_sh,
+    D: tl.constexpr, BLOCK_D: tl.constexpr, SCALE_BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr,
+):
+    """One program per (scale block, head, batch row): the block's amax, its scale, its values."""
+    j, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    start, end = _block_range(first + j, S, T, SCALE_BLOCK)
+    pos = start + tl.arange(0, SCALE_BLOCK)
+    d = tl.arange(0, BLOCK_D)
+    rows = (pos < end) & (pos >= lo) & (pos < hi)  # the block's positions that ``x`` holds
+    mask = rows[:, None] & (d < D)[None, :]
+    x = tl.load(X + b * stride_xb + h * stride_xh + (pos - lo)[:, None] * stride_xp + d[None, :],
+                mask=mask, other=0.0).to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
+    scale = tl.where(amax > 0, tl.math.div_rn(amax, largest), 1.0)  # IEEE division, as PyTorch's
+    values = _on_e4m3_grid(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -largest), largest)).to(OUT_DTYPE)
+    tl.store(V + b * stride_vb + h * stride_vh + (pos - lo)[:, None] * stride_vp + d[None, :], values, mask=mask)
+    tl.store(SC + b * stride_sb + h * stride_sh + j, scale)
+
+
+def quantize(x: torch.Tensor, start: int, geometry: HistoryGeometry,
+             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_history(x, start, geometry, dtype)`` in one kernel: ``(values, scales)``."""
+    B, H, n, D = x.shape
+    first = geometry.num_blocks(start)
+    blocks = geometry.num_blocks(start + n) - first
+    values = torch.empty(B, H, n, D, dtype=dtype, device=x.device)
+    scales = torch.empty(B, H, blocks, dtype=torch.float32, device=x.device)
+    if blocks == 0:
+        return values, scales
+    if x.stride(3) != 1:
+        x = x.contiguous()
+    _quantize_kernel[(blocks, H, B)](
+        x.detach(), values, scales, first, start, start + n, geometry.segment_len, geometry.tail_len,
+        HISTORY_DTYPES[dtype], x.stride(0), x.stride(1), x.stride(2), values.stride(0), values.stride(1),
+        values.stride(2), scales.stride(0), scales.stride(1),
+        D=D, BLOCK_D=triton.next_power_of_2(D), SCALE_BLOCK=geometry.block, OUT_DTYPE=_TL_HISTORY[dtype],
+    )
+    return values, scales
+
+
+_TL_HISTORY = {torch.float8_e4m3fn: tl.float8e4nv}

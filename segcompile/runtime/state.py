@@ -25,12 +25,8 @@ import torch
 from ..config import SegmentConfig, segment_start
 from ..errors import StateError
 from ..ir import STATE_NAMES, AttentionSite
-from ..kernels.history_format import (
-    HistoryGeometry,
-    QuantizedHistory,
-    empty_history,
-    quantize_history,
-)
+from ..kernels.dispatch import quantized_history
+from ..kernels.history_format import HistoryGeometry, QuantizedHistory, empty_history
 
 HISTORY_GROWTH = 1.5  # capacity factor when the history buffer is full: amortised O(1) per token
 
@@ -302,7 +298,7 @@ def _append_quantized(store: torch.Tensor | None, history: QuantizedHistory, new
     the buffer of its scales (``_segcompile_scales``). ``new`` starts where a piece of the format
     starts (a segment's first S - T positions or its tail), so no block already written changes."""
     length, need = history.shape[2], history.shape[2] + new.shape[2]
-    values, scales = quantize_history(new, length, history.geometry, history.dtype)
+    values, scales = quantized_history(new, length, history.geometry, history.dtype)
     taken = getattr(store, "_segcompile_filled", length) > length if store is not None else False
     if store is None or taken or store.shape[2] < need or store.shape[:2] != new.shape[:2]:
         store, _ = _quantized_buffer(history, max(need, int(length * HISTORY_GROWTH)), token_major)
