@@ -5,7 +5,9 @@ all use.
 
 Format. A long-range layer's history ``[B, n_long_range, P, D]`` is stored as ``HISTORY_DTYPES``
 values (fp8 e4m3) with one fp32 scale per (batch row, long-range KV head, block): ``scale =
-amax / FP8_MAX`` over the block's values (1 for an all-zero block), ``value =
+amax * (1 / FP8_MAX)`` over the block's values (1 for an all-zero block; the reciprocal rounded
+to fp32 once: PyTorch's CUDA kernels divide by a scalar so, its CPU kernels exactly, and the
+product is what both and the Triton kernel compute alike), ``value =
 round_to_nearest(x / scale)`` in fp32, saturated to the format's range; reading gives
 ``value.float() * scale``.
 
@@ -127,7 +129,7 @@ def quantize_history(x: torch.Tensor, start: int, geometry: HistoryGeometry,
     blocks = geometry.num_blocks(start + n) - first
     row_max = x.detach().abs().amax(-1).float()
     amax = row_max.new_zeros(B, H, blocks).scatter_reduce(2, ids.expand(B, H, n), row_max, "amax")
-    scales = torch.where(amax > 0, amax / largest, torch.ones_like(amax))
+    scales = torch.where(amax > 0, amax * (1 / largest), torch.ones_like(amax))
     values = (x.detach().float() / scales[:, :, ids, None]).clamp(-largest, largest).to(dtype)
     return values, scales
 

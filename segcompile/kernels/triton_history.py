@@ -96,7 +96,7 @@ def _on_e4m3_grid(y):
 
 @triton.jit
 def _quantize_kernel(
-    X, V, SC, first, lo, hi, S, T, largest,
+    X, V, SC, first, lo, hi, S, T, largest, inv_largest,
     stride_xb, stride_xh, stride_xp, stride_vb, stride_vh, stride_vp, stride_sb, stride_sh,
     D: tl.constexpr, BLOCK_D: tl.constexpr, SCALE_BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr,
 ):
@@ -110,7 +110,7 @@ def _quantize_kernel(
     x = tl.load(X + b * stride_xb + h * stride_xh + (pos - lo)[:, None] * stride_xp + d[None, :],
                 mask=mask, other=0.0).to(tl.float32)
     amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
-    scale = tl.where(amax > 0, tl.math.div_rn(amax, largest), 1.0)  # IEEE division, as PyTorch's
+    scale = tl.where(amax > 0, amax * inv_largest, 1.0)
     values = _on_e4m3_grid(tl.minimum(tl.maximum(tl.math.div_rn(x, scale), -largest), largest)).to(OUT_DTYPE)
     tl.store(V + b * stride_vb + h * stride_vh + (pos - lo)[:, None] * stride_vp + d[None, :], values, mask=mask)
     tl.store(SC + b * stride_sb + h * stride_sh + j, scale)
@@ -130,7 +130,7 @@ def quantize(x: torch.Tensor, start: int, geometry: HistoryGeometry,
         x = x.contiguous()
     _quantize_kernel[(blocks, H, B)](
         x.detach(), values, scales, first, start, start + n, geometry.segment_len, geometry.tail_len,
-        HISTORY_DTYPES[dtype], x.stride(0), x.stride(1), x.stride(2), values.stride(0), values.stride(1),
+        HISTORY_DTYPES[dtype], 1 / HISTORY_DTYPES[dtype], x.stride(0), x.stride(1), x.stride(2), values.stride(0), values.stride(1),
         values.stride(2), scales.stride(0), scales.stride(1),
         D=D, BLOCK_D=triton.next_power_of_2(D), SCALE_BLOCK=geometry.block, OUT_DTYPE=_TL_HISTORY[dtype],
     )
