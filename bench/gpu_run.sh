@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU benchmark and check, one after the other, each under its own time limit, on one GPU.
-#   bash bench/gpu_run.sh OUT_DIR [STEP ...]     steps: check smoke tune kernel profile decode generate prefill million onnx training regimes regimes8
+#   bash bench/gpu_run.sh OUT_DIR [STEP ...]     steps: check smoke tune kernel profile decode generate prefill profileprefill million onnx training regimes regimes8
 # Logs and result files land in OUT_DIR (results also in bench/results/). A step that fails or runs
 # out of time is reported and the next one runs.
 set -uo pipefail
@@ -32,6 +32,7 @@ for step in "${steps[@]}"; do
         decode) run decode 120 python bench/bench_decode.py ;;
         generate) run generate 560 python bench/bench_generate.py ;;
         prefill) run prefill 170 python bench/bench_prefill.py ;;
+        profileprefill) run profileprefill 200 python bench/profile_prefill.py ;;
         million) run million 560 python bench/bench_million.py ;;
         onnx) run onnx 400 python bench/bench_onnx_gpu.py ;;  # onnxruntime-gpu first: bench/onnxruntime_gpu.sh
         training) run training 270 python bench/bench_training.py --seq-lens 8192 16384 32768 65536 ;;
