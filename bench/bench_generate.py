@@ -11,6 +11,8 @@ repeated B times: the decode work is that of B different prompts), greedy, under
   Triton kernels; no vocabulary check of the model's own tokens, a device sync, as ``seg.generate``);
 * ``seg-cuda-graph``: the same after ``seg.enable_cuda_graphs()`` (the fixed-shape step replayed
   from CUDA graphs, ``segcompile/runtime/static_decode.py``);
+* ``seg-static``: ``seg.enable_cuda_graphs(capture=False)``: the fixed-shape step that the graphs
+  replay, run eagerly (the program without the capture: slow, a reference for the two below);
 * ``seg-compiled-graph``: ``seg.enable_cuda_graphs(compile=True)``: the fixed-shape step under
   ``torch.compile`` (Inductor), then captured; ``first_s`` includes the compile;
 * ``hf-sdpa``: the model's own forward with a ``DynamicCache`` (the full cache), SDPA;
@@ -54,7 +56,8 @@ import transformers
 import segcompile as sc
 from segcompile.runtime.state import reserve_history
 
-PATHS = ("seg-eager", "seg-cuda-graph", "seg-compiled-graph", "hf-sdpa", "hf-static-compile")
+PATHS = ("seg-eager", "seg-static", "seg-cuda-graph", "seg-compiled-graph", "hf-sdpa", "hf-static-compile")
+REFERENCE_PATHS = ("seg-eager", "seg-static")  # the paths whose logits the others are compared with
 GiB = 1 << 30
 
 
@@ -184,13 +187,14 @@ def segcompile_cases(args, seg, model, prompt_len, device) -> tuple[list[dict], 
     print(f"segcompile prefill of {n} tokens: {prefill_s:.1f} s; last logits finite: {finite}", flush=True)
     kept = {}  # path: its batch-1 logits, for the fp32 reference
     for batch in args.batches:
-        eager = None
+        references = {}  # REFERENCE_PATHS that ran: their batch run
         for path in [p for p in args.paths if p.startswith("seg-")]:
             row = dict(prompt_len=prompt_len, prompt_tokens=n, batch=batch, path=path, prefill_s=prefill_s,
                        prefill_logits_finite=finite)
             try:
                 if path != "seg-eager":
-                    seg.enable_cuda_graphs(compile=path == "seg-compiled-graph", max_context=total)
+                    seg.enable_cuda_graphs(compile=path == "seg-compiled-graph", capture=False if path == "seg-static" else None,
+                                           max_context=total)
                 else:
                     seg.disable_cuda_graphs()
                 # the same tokens from the same state first: every kernel compile and graph capture on the way
@@ -198,18 +202,20 @@ def segcompile_cases(args, seg, model, prompt_len, device) -> tuple[list[dict], 
                 warm = seg_run(seg, batched(prompt_state, batch, reserve), args.new_tokens)
                 row.update(first_s=warm["first_s"], warmup_s=warm["total_s"])
                 del warm
+                eager = references.get("seg-eager")
                 teacher = eager["tokens"] if eager is not None else None
                 run = seg_run(seg, batched(prompt_state, batch, reserve), args.new_tokens, teacher=teacher,
-                              keep_logits=path == "seg-eager" or eager is not None, steady_from=args.boundary)
+                              keep_logits=path in REFERENCE_PATHS or bool(references), steady_from=args.boundary)
                 row.update(ms_per_token=run["ms_per_token"], tokens_per_s=batch * 1e3 / run["ms_per_token"],
                            steady_ms_per_token=run["steady_ms_per_token"], decode_path=seg.last_decode_path)
-                if path == "seg-eager":
-                    eager = run
-                elif eager is not None:
-                    error = relative_error(run["logits"], eager["logits"])
-                    row["max_rel_error"] = error
-                    accuracy.append(dict(prompt_len=prompt_len, batch=batch, path=path, against="seg-eager",
+                for against, reference in references.items():
+                    error = relative_error(run["logits"], reference["logits"])
+                    if against == "seg-eager":
+                        row["max_rel_error"] = error
+                    accuracy.append(dict(prompt_len=prompt_len, batch=batch, path=path, against=against,
                                          tokens=args.new_tokens, segment_end_after=args.boundary, max_rel_error=error))
+                if path in REFERENCE_PATHS:
+                    references[path] = run
                 if args.fp32_reference and batch == 1:
                     kept[path] = run["logits"]
                 del run
@@ -219,6 +225,7 @@ def segcompile_cases(args, seg, model, prompt_len, device) -> tuple[list[dict], 
             free(device)
             rows.append(row)
             print({k: v for k, v in row.items()}, flush=True)
+        eager = references.get("seg-eager")
         if eager is not None and batch == 1 and args.fp32_reference:
             reference = fp32_reference(seg.cfg, model, ids, eager["tokens"], total)
             for path, logits in kept.items():
@@ -226,7 +233,7 @@ def segcompile_cases(args, seg, model, prompt_len, device) -> tuple[list[dict], 
                 print(f"{path} against the fp32 model: {error:.2e}", flush=True)
                 accuracy.append(dict(prompt_len=prompt_len, batch=batch, path=path, against="float32 model",
                                      tokens=args.new_tokens, segment_end_after=args.boundary, max_rel_error=error))
-        del eager
+        del eager, references
         free(device)
     del prompt_state
     free(device)
@@ -321,6 +328,10 @@ def report(args, rows, accuracy, meta, device):
         steady = f"{r['steady_ms_per_token']:7.2f}" if "steady_ms_per_token" in r else " " * 7
         print(f"{r['prompt_len']:7} {r['batch']:3} {r['path']:18} {r['ms_per_token']:9.2f} {steady} {r['tokens_per_s']:9.1f} "
               f"{r.get('first_s', float('nan')):8.2f} {r.get('warmup_s', float('nan')):10.2f} {speedup:>10} {error:>11}")
+    if accuracy:
+        print("\nlogits agreement (the worst token's max |got - want| / max |want|, across the segment end):")
+        for a in accuracy:
+            print(f"{a['prompt_len']:7} {a['batch']:3} {a['path']:18} against {a['against']:15} {a['max_rel_error']:.2e}")
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = "-tiny" if args.tiny else ""
     stem = args.out / f"bench_generate{suffix}-{name.replace(' ', '_')}"
