@@ -37,6 +37,8 @@ such.
     python bench/bench_generate.py --prompt-lens 131072 --paths seg-eager seg-cuda-graph hf-sdpa
     python bench/bench_generate.py --batches 8 32 --paths seg-cuda-graph hf-sdpa
     python bench/bench_generate.py --tiny                           # a small shape (CPU smoke run)
+    python bench/bench_generate.py --model smollm2 --paths seg-eager seg-static seg-cuda-graph seg-compiled-graph
+                                                                    # agreement on trained weights (SmolLM2-135M)
 """
 
 from __future__ import annotations
@@ -72,6 +74,10 @@ def parse_args(argv=None):
     p.add_argument("--long-range", type=float, default=0.25)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--tiny", action="store_true", help="a 2-layer model of hidden 256, S=64 (a smoke run, CPU or GPU)")
+    p.add_argument("--model", default=None, metavar="SOURCE",
+                   help="a pretrained model instead of the random 8B shape: 'smollm2', a .gguf file or a Hugging Face "
+                        "folder (segcompile.pretrained), in bf16 on a GPU; where agreement is the question, trained "
+                        "weights rather than random ones")
     p.add_argument("--fp32-reference", action="store_true",
                    help="also decode the eager path's tokens with a float32 copy of the model (batch 1) and report every "
                         "path's logits against it: how far bf16 arithmetic alone moves them, the scale agreement is judged on")
@@ -85,7 +91,12 @@ def parse_args(argv=None):
     return args
 
 
-def build_model(args, device) -> transformers.LlamaForCausalLM:
+def build_model(args, device) -> transformers.PreTrainedModel:
+    if getattr(args, "model", None):
+        from segcompile.pretrained import load_model
+
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        return load_model(args.model, dtype=dtype).to(device)
     shape = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
                  num_key_value_heads=8, num_hidden_layers=args.layers)
     if args.tiny:
@@ -243,7 +254,12 @@ def segcompile_cases(args, seg, model, prompt_len, device) -> tuple[list[dict], 
 def fp32_reference(cfg: sc.SegmentConfig, model, ids, tokens, total) -> list[torch.Tensor]:
     """The logits of ``tokens`` after ``ids`` from a float32 copy of ``model`` transformed with
     ``cfg`` (eager decode): every bf16 path differs from these by its rounding alone."""
-    model32 = copy.deepcopy(model).float()
+    model32 = copy.deepcopy(model)
+    # tensor by tensor: transformers refuses .float() on a model loaded from a (dequantised) GGUF file
+    for t in [*model32.parameters(), *model32.buffers()]:
+        if t.is_floating_point():
+            t.data = t.data.float()
+    model32.config.torch_dtype = torch.float32
     seg32 = sc.transform(model32, cfg)
     state = reserve_history(seg32.prefill(ids), total)
     logits = seg_run(seg32, state, tokens.shape[1], teacher=tokens, keep_logits=True)["logits"]
@@ -313,7 +329,7 @@ def hf_case(args, model, prompt_len, batch, path, device) -> dict:
 # ---- report --------------------------------------------------------------------------------------
 def report(args, rows, accuracy, meta, device):
     name = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    print(f"\n{name}; {'tiny' if args.tiny else 'Llama-3-8B'} shape, {meta['layers']} layers, {meta['dtype']}; "
+    print(f"\n{name}; {model_name(args)}, {meta['layers']} layers, {meta['dtype']}; "
           f"S=T={args.segment_len}, fraction({args.long_range}); {args.new_tokens} new tokens, greedy")
     print(f"{'prompt':>7} {'B':>3} {'path':18} {'ms/token':>9} {'steady':>7} {'tokens/s':>9} {'first s':>8} {'warm-up s':>10} "
           f"{'vs hf-sdpa':>10} {'max rel err':>11}")
@@ -333,11 +349,11 @@ def report(args, rows, accuracy, meta, device):
         for a in accuracy:
             print(f"{a['prompt_len']:7} {a['batch']:3} {a['path']:18} against {a['against']:15} {a['max_rel_error']:.2e}")
     args.out.mkdir(parents=True, exist_ok=True)
-    suffix = "-tiny" if args.tiny else ""
+    suffix = f"-{Path(args.model).stem}" if args.model else "-tiny" if args.tiny else ""
     stem = args.out / f"bench_generate{suffix}-{name.replace(' ', '_')}"
     merged = merge(stem.with_suffix(".json"), meta, rows, accuracy)
     stem.with_suffix(".json").write_text(json.dumps(merged, indent=1))
-    plot(merged["rows"], stem.with_suffix(".png"), name)
+    plot(merged["rows"], stem.with_suffix(".png"), name, f"{model_name(args)}, {meta['dtype']}")
     print(f"wrote {stem}.json/.png")
 
 
@@ -352,7 +368,7 @@ def merge(path: Path, meta: dict, rows: list[dict], accuracy: list[dict]) -> dic
                 accuracy=[r for r in old["accuracy"] if key(r) not in accuracy_mine and r.get("path")] + accuracy)
 
 
-def plot(rows: list[dict], path: Path, device: str) -> None:
+def plot(rows: list[dict], path: Path, device: str, title: str) -> None:
     """ms per token at batch 1 and tokens/s at every batch, per path and prompt length."""
     try:
         import matplotlib
@@ -368,16 +384,21 @@ def plot(rows: list[dict], path: Path, device: str) -> None:
     for ax, batch in zip(axes[0], batches):
         for i, name in enumerate(PATHS):
             points = {r["prompt_len"]: r for r in done if r["batch"] == batch and r["path"] == name}
-            xs = [j + 0.16 * (i - 2) for j, n in enumerate(prompts) if n in points]
+            width = 0.8 / len(PATHS)
+            xs = [j + width * (i - (len(PATHS) - 1) / 2) for j, n in enumerate(prompts) if n in points]
             ys = [points[n]["ms_per_token" if batch == 1 else "tokens_per_s"] for n in prompts if n in points]
-            ax.bar(xs, ys, width=0.16, label=name)
+            ax.bar(xs, ys, width=width, label=name)
         ax.set_xticks(range(len(prompts)), [f"{n // 1024}K" for n in prompts])
         ax.set(xlabel="prompt", ylabel="ms per token" if batch == 1 else "tokens/s", title=f"batch {batch}")
         ax.grid(alpha=0.3, axis="y")
     axes[0][0].legend()
-    fig.suptitle(f"generation after a long prompt, Llama-3-8B shape, bf16, {device}")
+    fig.suptitle(f"generation after a long prompt, {title}, {device}")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+
+
+def model_name(args) -> str:
+    return f"{args.model} (pretrained)" if args.model else "tiny shape" if args.tiny else "Llama-3-8B shape"
 
 
 def main(argv=None):
@@ -400,6 +421,7 @@ def main(argv=None):
                 rows += [hf_case(args, model, prompt_len, batch, path, device) for path in hf_paths]
     meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
                 transformers=transformers.__version__, command="python " + " ".join(sys.argv), tiny=args.tiny,
+                model=model_name(args),
                 layers=model.config.num_hidden_layers, dtype=str(model.dtype).removeprefix("torch."),
                 segment_len=args.segment_len, long_range=args.long_range, new_tokens=args.new_tokens,
                 boundary=args.boundary, transform_seconds=transform_s,
