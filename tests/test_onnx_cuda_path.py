@@ -110,6 +110,18 @@ def test_cli_names_the_provider(onnx_file, tmp_path, capsys, monkeypatch):
     assert "runs on CPUExecutionProvider (cpu)" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(not HAS_CUDA_PROVIDER, reason="needs onnxruntime-gpu and a GPU")
+def test_cli_runs_on_the_cuda_provider_as_on_the_cpu(onnx_file, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    assert _run(onnx_file, tmp_path, "--device", "cpu") == 0
+    on_cpu = capsys.readouterr().out
+    assert _run(onnx_file, tmp_path, "--device", "cuda") == 0
+    on_cuda = capsys.readouterr().out
+    assert "runs on CUDAExecutionProvider (cuda)" in on_cuda
+    ids = [line for line in on_cpu.splitlines() if "new ids" in line]
+    assert ids and ids == [line for line in on_cuda.splitlines() if "new ids" in line]  # the same greedy tokens
+
+
 @pytest.mark.skipif(HAS_CUDA_PROVIDER, reason="this onnxruntime has the CUDA provider")
 def test_cli_device_cuda_without_the_provider(onnx_file, tmp_path, capsys):
     assert _run(onnx_file, tmp_path, "--device", "cuda") == 2
