@@ -17,8 +17,8 @@ problem, a prefill's call dequantises the layer's history into a transient copy 
 on a GPU, the quantisation at a segment end and that copy are single Triton kernels
 (``triton_history.py``);
 the backward reads it dequantised to the sinks' dtype (a transient copy per call: history is a
-constant, and enters dQ only). Each choice is logged at debug level on
-its first use, naming the history's format.
+constant, and enters dQ only). Each call's choice is logged at debug level, naming the history's
+format.
 """
 
 from __future__ import annotations
