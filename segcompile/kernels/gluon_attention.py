@@ -27,6 +27,8 @@ score mask (forward) or the masked store (dK/dV) removes them.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 from triton.experimental import gluon
@@ -333,8 +335,15 @@ def _tiles(t: torch.Tensor, block_rows: int, block_cols: int | None = None) -> T
         if t.shape[i] == 1:
             strides[i] = strides[i + 1] * t.shape[i + 1]
     block = [1, 1, block_rows, block_cols or t.shape[-1]]
-    layout = gl.NVMMASharedLayout.get_default_for(block, _GL_TILE_DTYPES[t.dtype])
-    return TensorDescriptor(t, list(t.shape), strides, block, layout)
+    return TensorDescriptor(t, list(t.shape), strides, block, _shared_layout(tuple(block), t.dtype))
+
+
+@functools.cache
+def _shared_layout(block: tuple[int, ...], dtype: torch.dtype) -> gl.NVMMASharedLayout:
+    """The shared-memory layout of a ``block`` of ``dtype``: a function of the two alone, cached
+    because building it is most of a descriptor's host time (a launch builds about ten, and a
+    training step launches these kernels three times a layer a segment)."""
+    return gl.NVMMASharedLayout.get_default_for(list(block), _GL_TILE_DTYPES[dtype])
 
 
 def launch_args(p: Problem, scale: float, return_lse: bool, pingpong: bool = False):
