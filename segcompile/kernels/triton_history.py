@@ -6,8 +6,8 @@ Where a segment's forward runs the Gluon kernel on an fp8 history, each call fir
 layer's history into a transient copy (``dispatch._dequantized_for_gluon``). The reference does it
 in five PyTorch operations through fp32 temporaries, about 19 bytes of traffic per stored value;
 this kernel reads the value and its block's scale and writes the result, 3 bytes at bf16. At a
-128K prefill of the 8B shape that copy was the whole difference between the fp8 and the bf16
-history's wall time (bench/README.md, prefill). Quantising what a segment end moves into the
+128K prefill of the 8B shape (bench/README.md, prefill) the fp8 history's prefill took 1.12x the
+bf16 one's time with the reference's copy, 1.05x with this kernel's. Quantising what a segment end moves into the
 history takes the reference about ten small operations; here it is one launch, a program per
 scale block.
 """
