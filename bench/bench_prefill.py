@@ -40,13 +40,14 @@ import torch
 import transformers
 
 import segcompile as sc
+from segcompile.cli.eval import HISTORY_DTYPE_WORDS, history_dtype_of
 from segcompile.kernels.history_format import history_bytes
 
 import memory_trace  # noqa: E402
 
 GiB = 1 << 30
-# --history-dtype words and the SegmentConfig.history_dtype each means
-HISTORY_DTYPES = {"model": None, "fp8": torch.float8_e4m3fn}
+# --history-dtype words (segcompile eval's) and the SegmentConfig.history_dtype each means
+HISTORY_DTYPES = {word: history_dtype_of(word) for word in HISTORY_DTYPE_WORDS}
 
 
 def parse_args(argv=None):

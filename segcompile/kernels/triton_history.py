@@ -7,9 +7,9 @@ layer's history into a transient copy (``dispatch._dequantized_for_gluon``). The
 in five PyTorch operations through fp32 temporaries, about 19 bytes of traffic per stored value;
 this kernel reads the value and its block's scale and writes the result, 3 bytes at bf16. At a
 128K prefill of the 8B shape (bench/README.md, prefill) the fp8 history's prefill took 1.12x the
-bf16 one's time with the reference's copy, 1.05x with this kernel's. Quantising what a segment end moves into the
-history takes the reference about ten small operations; here it is one launch, a program per
-scale block.
+bf16 one's time with the reference's copy, 1.05x with this kernel's. Quantising what a segment
+end moves into the history takes the reference about ten small operations; here it is one
+launch, a program per scale block.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .history_format import HISTORY_DTYPES, HistoryGeometry, QuantizedHistory
-from .problem import TL_DTYPES
+from .problem import TL_DTYPES, usable, usable_scales
 from .triton_common import scale_block_index
 
 BLOCK_P = 64
@@ -53,10 +53,7 @@ def dequantize(hist: QuantizedHistory, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(B, H, P, D, dtype=dtype, device=values.device)
     if out.numel() == 0:
         return out
-    if values.stride(3) != 1:
-        values = values.contiguous()
-    if scales.stride(2) != 1:
-        scales = scales.contiguous()
+    values, scales = usable(values), usable_scales(scales)
     grid = (triton.cdiv(P, BLOCK_P), H, B)
     _dequantize_kernel[grid](
         values, scales, out, P, geometry.segment_len, geometry.tail_len,
@@ -126,8 +123,7 @@ def quantize(x: torch.Tensor, start: int, geometry: HistoryGeometry,
     scales = torch.empty(B, H, blocks, dtype=torch.float32, device=x.device)
     if blocks == 0:
         return values, scales
-    if x.stride(3) != 1:
-        x = x.contiguous()
+    x = usable(x)
     _quantize_kernel[(blocks, H, B)](
         x.detach(), values, scales, first, start, start + n, geometry.segment_len, geometry.tail_len,
         HISTORY_DTYPES[dtype], 1 / HISTORY_DTYPES[dtype], x.stride(0), x.stride(1), x.stride(2), values.stride(0), values.stride(1),
