@@ -269,6 +269,14 @@ def print_table(result: dict) -> None:
     print("error: fp32 max |onnx - torch| over the logits; fp16 the worst token's max |onnx - torch| / max |torch|")
 
 
+def onnxruntime_build(ort) -> str:
+    """The distribution the imported ``onnxruntime`` module ``ort`` comes from (``onnxruntime-gpu``
+    or the CPU ``onnxruntime``: both install that package), by the metadata folder beside it."""
+    site = Path(ort.__file__).parent.parent
+    names = sorted(p.name.split("-")[0].replace("_", "-") for p in site.glob("onnxruntime*.dist-info"))
+    return ", ".join(names) or "unknown"
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     device = torch.device(args.device)
@@ -277,11 +285,11 @@ def main(argv=None) -> dict:
 
     if args.device == "cuda" and hasattr(ort, "preload_dlls"):
         ort.preload_dlls()  # the CUDA libraries torch has not loaded yet, from the nvidia-* packages
-    print(f"onnxruntime {ort.__version__} from {ort.__file__}; providers {ort.get_available_providers()}", flush=True)
+    print(f"onnxruntime {ort.__version__} ({onnxruntime_build(ort)}); providers {ort.get_available_providers()}", flush=True)
     rows = run_all(args, device)
     result = dict(
         device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-        torch=torch.__version__, onnxruntime=ort.__version__, onnxruntime_file=ort.__file__,
+        torch=torch.__version__, onnxruntime=ort.__version__, onnxruntime_build=onnxruntime_build(ort),
         onnxruntime_providers=ort.get_available_providers(), command="python " + " ".join(sys.argv),
         layers_8b=args.layers, segments=args.segments, boundary=args.boundary, new_tokens=args.new_tokens,
         batch=args.batch, budget_s=args.budget_s, rows=rows,
