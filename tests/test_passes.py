@@ -194,16 +194,22 @@ def _rope_in_fp32_region(self, x, position_ids):
     return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
 
 
-def test_autocast_disabled_regions_survive_capture():
-    # Traced without autocast, the model's autocast-disabled region vanishes from the graph, and a
-    # user's bf16 autocast then runs RoPE's matmul in bf16: past position 256 the angles round
-    # (seen on CUDA with transformers 5.17: SmolLM2 segmented lost a nat of loss per token).
+def _model_with_rope_region():
     model = make_model("llama")
+    model.config.max_position_embeddings = 8192  # RoPE has no table: the check's far positions are in range
     rotary = model.model.rotary_emb
     rotary.forward = _rope_in_fp32_region.__get__(rotary)
     with torch.no_grad():  # sharp attention, as a trained model's: a random one barely feels a wrong rotation
         for layer in model.model.layers:
             layer.self_attn.q_proj.weight.mul_(16), layer.self_attn.k_proj.weight.mul_(16)
+    return model
+
+
+def test_autocast_disabled_regions_survive_capture():
+    # Traced without autocast, the model's autocast-disabled region vanishes from the graph, and a
+    # user's bf16 autocast then runs RoPE's matmul in bf16: past position 256 the angles round
+    # (seen on CUDA with transformers 5.17: SmolLM2 segmented lost a nat of loss per token).
+    model = _model_with_rope_region()
     seg = sc.transform(model, sc.SegmentConfig(64, long_range=sc.HeadPlan.all()))
     regions = [
         n.args[:3]
@@ -219,6 +225,18 @@ def test_autocast_disabled_regions_survive_capture():
     assert max_abs(got, want) <= tolerance(torch.bfloat16).logits
     with torch.no_grad():
         assert max_abs(seg(ids).logits, model(ids, use_cache=False).logits) <= FP32_ATOL  # and a no-op without autocast
+
+
+def test_capture_refuses_a_graph_that_lost_an_autocast_region(monkeypatch):
+    # Whatever loses a region (here: capture without the fix that keeps transformers' helper
+    # recording it), the check under autocast far into the sequence names the problem.
+    import sys
+    import contextlib
+
+    monkeypatch.setattr(sys.modules["segcompile.frontend.capture"], "regions_recorded", contextlib.nullcontext)
+    model = _model_with_rope_region()
+    with pytest.raises(sc.CaptureError, match=r"under torch.autocast\(bfloat16\).*positions 4103\.\.4105"):
+        sc.capture(model)
 
 
 def test_repeat_kv_is_looked_through_with_no_op_slices():
@@ -252,4 +270,8 @@ def test_capture_check_tolerates_half_precision_rounding_but_not_a_wrong_graph()
     assert not outputs_agree(want.flip(1).to(torch.bfloat16), want, precise=False)[0]  # specialised to the example
     assert not outputs_agree(rounded, want, precise=True)[0]
     assert outputs_agree(want + 1e-7, want, precise=True)[0]
+    assert outputs_agree(want * (1 + 2e-5), want, precise=True)[0]  # fp32 GEMMs of another algorithm, 30 layers deep
+    one_row_wrong = want.clone()
+    one_row_wrong[1, 2] = torch.randn(50, dtype=torch.float64)
+    assert not outputs_agree(one_row_wrong, want, precise=True)[0]
     assert not outputs_agree(want[:, :2], want, precise=False)[0]
