@@ -21,6 +21,7 @@ do (no tail; a tail without history; a tail and history; a short last segment).
 
     python bench/bench_prefill.py --seq-lens 32768 65536 131072
     python bench/bench_prefill.py --regimes segcompile --history-dtype fp8
+    python bench/bench_prefill.py --regimes segcompile --seq-lens 131072 --history-dtype model fp8 --repeats 3
 
 The result file is merged, not replaced: a row is keyed by (N, regime, history dtype), and a run
 replaces only the rows it measured, so fp8 and model-dtype rows stand side by side.
@@ -58,8 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=4096)
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--regimes", nargs="+", default=["segcompile", "sdpa", "chunked"])
-    p.add_argument("--history-dtype", choices=list(HISTORY_DTYPES), default="model",
-                   help="how segcompile stores the long-range history: the model's dtype (bf16) or fp8")
+    p.add_argument("--history-dtype", choices=list(HISTORY_DTYPES), nargs="+", default=["model"],
+                   help="how segcompile stores the long-range history: the model's dtype (bf16) or fp8; "
+                        "several: each is a segcompile row of its own, measured in the same process")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="time each prefill this many times (after the warm-up); the row keeps the fastest")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--memory-snapshot", type=Path, default=None, metavar="FILE",
                    help="also record the allocator's history of segcompile's prefill at the largest N and write it "
@@ -148,39 +152,51 @@ def main(argv=None):
     args = parse_args(argv)
     model = build_model(args)
     weights = torch.cuda.memory_allocated()
-    cfg = sc.SegmentConfig(args.segment_len, long_range=sc.HeadPlan.fraction(args.long_range), tbptt_k=0,
-                           history_dtype=HISTORY_DTYPES[args.history_dtype])
-    start = time.perf_counter()
-    seg = sc.transform(model, cfg)
-    transform_s = time.perf_counter() - start
-    print(seg, f"\ntransform: {transform_s:.1f} s", flush=True)
-    runs = {
-        "segcompile": lambda ids: seg.prefill(ids),
-        "sdpa": lambda ids: sdpa_prefill(model, ids),
-        "chunked": lambda ids: chunked_prefill(model, ids, args.chunk),
-    }
+    segs, transform_s = {}, {}
+    for word in args.history_dtype:
+        cfg = sc.SegmentConfig(args.segment_len, long_range=sc.HeadPlan.fraction(args.long_range), tbptt_k=0,
+                               history_dtype=HISTORY_DTYPES[word])
+        start = time.perf_counter()
+        segs[word] = sc.transform(model, cfg)
+        transform_s[word] = time.perf_counter() - start
+        print(segs[word], f"\ntransform: {transform_s[word]:.1f} s", flush=True)
+    # (regime, history dtype) -> a prefill; each history dtype of segcompile is a regime of its own
+    runs = {("segcompile", word): (lambda seg: lambda ids: seg.prefill(ids))(seg) for word, seg in segs.items()}
+    runs.update({
+        ("sdpa", "model"): lambda ids: sdpa_prefill(model, ids),
+        ("chunked", "model"): lambda ids: chunked_prefill(model, ids, args.chunk),
+    })
+    runs = {key: run for key, run in runs.items() if key[0] in args.regimes}
     rows = []
     with torch.no_grad():
         warm = torch.randint(0, 128256, (1, 3 * args.segment_len + 5), device="cuda")
-        for name in args.regimes:
-            runs[name](warm)
+        for run in runs.values():
+            run(warm)
         for n in args.seq_lens:
             ids = torch.randint(0, 128256, (1, n), device="cuda")
-            for name in args.regimes:
-                dtype = args.history_dtype if name == "segcompile" else "model"
-                try:
-                    keep = history_gib if name == "segcompile" else None
-                    row = dict(n=n, regime=name, history_dtype=dtype, **measure(lambda: runs[name](ids), keep))
-                except torch.OutOfMemoryError:
-                    row = dict(n=n, regime=name, history_dtype=dtype, seconds=None, peak_gib=None, kept_gib=None,
-                               oom=True)
-                    free_memory()
+            for (name, dtype), run in runs.items():
+                keep = history_gib if name == "segcompile" else None
+                row = dict(n=n, regime=name, history_dtype=dtype, **timed(lambda: run(ids), keep, args.repeats))
                 rows.append(row)
                 print(row, flush=True)
+    seg = next(iter(segs.values()))
     report(args, rows, weights, transform_s, seg)
     if args.memory_snapshot is not None:  # after the result files: the recording is slow and optional
         with torch.no_grad():
             memory_trace.record(lambda: seg.prefill(ids), args.memory_snapshot)
+
+
+def timed(fn, keep, repeats: int) -> dict:
+    """``measure(fn, keep)`` ``repeats`` times: the first run's memory, the fastest run's time
+    (``seconds``) and every run's (``seconds_each``); an OOM row where the first run ran out of
+    memory."""
+    try:
+        runs = [measure(fn, keep) for _ in range(repeats)]
+    except torch.OutOfMemoryError:
+        free_memory()
+        return dict(seconds=None, peak_gib=None, kept_gib=None, oom=True)
+    seconds_each = [r["seconds"] for r in runs]
+    return dict(runs[0], seconds=min(seconds_each), seconds_each=seconds_each)
 
 
 def report(args, rows, weights, transform_s, seg):

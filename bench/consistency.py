@@ -55,20 +55,17 @@ their sum is ``device_seconds_total``. The settings that define the experiment m
 saved ones (``--restart`` discards them); ``--max-minutes``, ``--stop-after-steps`` and the paths
 may change between invocations.
 
-**Budget (one H200, estimated before any GPU run).** Per step of one 8K-token sequence, bf16, the
-step graph eager: full attention ~0.15 s (the 443M model's full step at 8K took 0.12 s; SmolLM2 has
-more, smaller layers, so it is launch bound); segmented, 8 segments of 1024 at ~0.12 s per segment
-forward+backward (the 443M model's segment step, 24 layers, took ~0.14 s with K = 1; SmolLM2 has 30
-thinner layers) plus ~0.04 s per deeper TBPTT pass: K = 0 ~1.0 s, K = 1 ~1.3 s, K = 2 ~1.6 s. One
-step of all four runs: ~4.1 s; two seeds: ~8.2 s. Defaults: 80 steps -> ~650 s of training. Held-out
-points: 4 sequences x (full ~0.05 s + segmented ~0.35 s) every 10 steps, 8 per run -> ~100 s.
-Evaluations: 12 regimes x (10 sequences of perplexity + 16 passkey prompts) at ~0.3 s per segmented
-sequence -> ~120 s. Per invocation ~60 s of start-up (imports, dequantising the GGUF file, capture,
-tokenizing, Triton's first compiles) and ~15 s per checkpoint saved and loaded; three invocations
--> ~220 s. Total ~1,100 s = ~18 min, under the 25 minutes with ~25% margin. The script prints the
-measured seconds per step of every run and the training time left at those speeds: if the first
-runs are much slower than assumed, start again with fewer ``--steps`` (``--restart``: the steps
-set the learning-rate schedule, so every run must have the same).
+**Budget (one H200, measured in a first invocation that ran the seed-0 runs full, K = 1 and
+K = 0 before the RoPE fix of capture; speeds do not depend on it).** Per step of one 8K-token
+sequence, bf16 autocast, the step graph eager: full attention 0.12 s (68,900 tokens/s, peak
+13.4 GiB); segmented, 8 segments of 1024: K = 0 1.44 s, K = 1 2.00 s (4,100 tokens/s, peak
+5.0 GiB), K = 2 ~2.2 s: the 30 thin layers make each segment launch-bound (bench/README.md, the
+training profile). Per seed at 80 steps: ~470 s of training, ~80 s of held-out points (8 a run, ~2.5 s each),
+~60 s of final evaluations; two seeds ~1,220 s, the pretrained evaluations ~30 s, and ~50 s of
+start-up per invocation (imports, dequantising the GGUF file, capture, tokenizing, Triton's first
+compiles) with ~5 s per checkpoint saved: ~24 minutes, in three invocations
+(--max-minutes 9), just under the 25 minutes. The script prints the measured seconds per step of every run and the
+training time left at those speeds.
 """
 
 from __future__ import annotations

@@ -148,7 +148,7 @@ def _export(model, kwargs, strict_dims: bool):
 # prefill under bf16 autocast far into a sequence, where bf16 rounds positions to multiples of 32:
 # a region in which the model turns autocast off (RoPE angles) and the trace lost computes them
 # there in bf16, and the rotations come out wrong (autocast_regions.py).
-# (Not past the model's own position table: learned position embeddings end there.)
+# (Not past the model's position table, where positions index one, or its config's limit.)
 CHECK_SHAPES = ((1, 1, 7), (2, 3, 7))
 AUTOCAST_CHECK = (2, 3, 4096 + 7)
 POSITION_LIMITS = ("max_position_embeddings", "n_positions")
@@ -165,7 +165,8 @@ def _check_against_model(gm: fx.GraphModule, model: torch.nn.Module, kwargs: dic
     if precise:
         batch, length, first = AUTOCAST_CHECK
         config = getattr(model, "config", None)
-        limits = [n for n in (_config_int(config, name) for name in POSITION_LIMITS) if n is not None]
+        limits = [_embedding_rows(gm, "position_ids"), *(_config_int(config, name) for name in POSITION_LIMITS)]
+        limits = [n for n in limits if n is not None]
         _compare(gm, model, extra, (batch, length, min([first, *(n - length for n in limits)])), precise=False,
                  autocast=True)
     return outputs[-1]
@@ -267,9 +268,9 @@ SAME_IDS = (aten.view.default, aten.reshape.default, aten._unsafe_view.default, 
             aten.contiguous.default, *CASTS)
 
 
-def _embedding_rows(gm: fx.GraphModule) -> int | None:
-    """Rows of the embeddings ``input_ids`` index (the fewest, if several); ``None`` if it feeds none."""
-    frontier = [n for n in gm.graph.nodes if n.op == "placeholder" and n.target == "input_ids"]
+def _embedding_rows(gm: fx.GraphModule, placeholder: str = "input_ids") -> int | None:
+    """Rows of the embeddings ``placeholder`` indexes (the fewest, if several); ``None`` if it feeds none."""
+    frontier = [n for n in gm.graph.nodes if n.op == "placeholder" and n.target == placeholder]
     rows = []
     while frontier:
         node = frontier.pop()
