@@ -315,10 +315,15 @@ def supported(p: Problem) -> bool:
     (tile table "16-bit"), equal head dims of 64 or 128, more queries than a decode step."""
     q = p.q
     return (
-        q.is_cuda and torch.cuda.get_device_capability(q.device)[0] == 9 and q.dtype in _GL_DTYPES
+        runs_on(q.device) and q.dtype in _GL_DTYPES
         and all(t.dtype == q.dtype for t in p.tensors)
         and p.tile_table == "16-bit" and p.D_K == p.D_V and p.D_K in (64, 128) and p.Lq > 16
     )
+
+
+def runs_on(device: torch.device) -> bool:
+    """A Hopper GPU (compute capability 9.x): the warp-specialised kernels need its TMA and wgmma."""
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
 def _tiles(t: torch.Tensor, block_rows: int, block_cols: int | None = None) -> TensorDescriptor:
