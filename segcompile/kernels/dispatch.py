@@ -60,7 +60,8 @@ def _dequantized_for_gluon(p: Problem, q, k, v, tail_k, tail_v, sink_k, sink_v, 
     registers ran a 128K prefill of the 8B shape 3x slower than the bf16 history on an H200 (bench/
     README.md, prefill); a segment's many queries amortise one transient copy of the layer's
     history (what decode, which reads each key once, cannot)."""
-    if gluon() is None or INTERPRET or not gluon().runs_on(q.device) or q.dtype not in HALF_DTYPES or sink_k.dtype != q.dtype:
+    if (gluon() is None or INTERPRET or not gluon().runs_on(q.device)
+            or q.dtype not in HALF_DTYPES or sink_k.dtype != q.dtype):
         return p  # the Gluon forward could not run on the copy either: make none
     wide = prepare(q, k, v, tail_k, tail_v, sink_k, sink_v, _widened(hist_k, sink_k.dtype),
                    _widened(hist_v, sink_v.dtype), long_range)
