@@ -51,13 +51,18 @@ GiB = 1 << 30
 HISTORY_DTYPES = {word: history_dtype_of(word) for word in HISTORY_DTYPE_WORDS}
 
 
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model's depth and the segment settings, shared with profile_prefill.py."""
+    p.add_argument("--segment-len", type=int, default=4096)
+    p.add_argument("--long-range", type=float, default=0.25)
+    p.add_argument("--layers", type=int, default=32)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seq-lens", type=int, nargs="+", default=[32768, 65536, 131072])
-    p.add_argument("--segment-len", type=int, default=4096)
-    p.add_argument("--long-range", type=float, default=0.25)
+    add_model_args(p)
     p.add_argument("--chunk", type=int, default=4096)
-    p.add_argument("--layers", type=int, default=32)
     p.add_argument("--regimes", nargs="+", default=["segcompile", "sdpa", "chunked"])
     p.add_argument("--history-dtype", choices=list(HISTORY_DTYPES), nargs="+", default=["model"],
                    help="how segcompile stores the long-range history: the model's dtype (bf16) or fp8; "
@@ -161,7 +166,7 @@ def main(argv=None):
         transform_s[word] = time.perf_counter() - start
         print(segs[word], f"\ntransform: {transform_s[word]:.1f} s", flush=True)
     # (regime, history dtype) -> a prefill; each history dtype of segcompile is a regime of its own
-    runs = {("segcompile", word): (lambda seg: lambda ids: seg.prefill(ids))(seg) for word, seg in segs.items()}
+    runs = {("segcompile", word): seg.prefill for word, seg in segs.items()}
     runs.update({
         ("sdpa", "model"): lambda ids: sdpa_prefill(model, ids),
         ("chunked", "model"): lambda ids: chunked_prefill(model, ids, args.chunk),

@@ -24,7 +24,7 @@ import torch
 
 import segcompile as sc
 
-from bench_prefill import HISTORY_DTYPES, build_model
+from bench_prefill import HISTORY_DTYPES, add_model_args, build_model
 from bench_training import write_result
 from profile_training import print_profiles, profiled, summary
 
@@ -32,9 +32,7 @@ from profile_training import print_profiles, profiled, summary
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seq-len", type=int, default=131072)
-    p.add_argument("--segment-len", type=int, default=4096)
-    p.add_argument("--long-range", type=float, default=0.25)
-    p.add_argument("--layers", type=int, default=32)
+    add_model_args(p)
     p.add_argument("--history-dtypes", nargs="+", choices=list(HISTORY_DTYPES), default=["model", "fp8"])
     p.add_argument("--trace", type=Path, default=None, help="also write the Chrome trace of the last dtype's prefill")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")

@@ -33,8 +33,6 @@ from .history_format import HistoryGeometry, QuantizedHistory, dequantized, quan
 from .problem import Problem, prepare, usable
 from .triton_common import INTERPRET
 
-HALF_DTYPES = (torch.float16, torch.bfloat16)
-
 
 def segment_attention_forward(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range, scale,
                               return_lse: bool = False):
@@ -61,7 +59,7 @@ def _dequantized_for_gluon(p: Problem, q, k, v, tail_k, tail_v, sink_k, sink_v, 
     README.md, prefill); a segment's many queries amortise one transient copy of the layer's
     history (what decode, which reads each key once, cannot)."""
     if (gluon() is None or INTERPRET or not gluon().runs_on(q.device)
-            or q.dtype not in HALF_DTYPES or sink_k.dtype != q.dtype):
+            or not gluon().takes(q.dtype) or sink_k.dtype != q.dtype):
         return p  # the Gluon forward could not run on the copy either: make none
     wide = prepare(q, k, v, tail_k, tail_v, sink_k, sink_v, _widened(hist_k, sink_k.dtype),
                    _widened(hist_v, sink_v.dtype), long_range)

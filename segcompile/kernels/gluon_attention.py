@@ -315,10 +315,15 @@ def supported(p: Problem) -> bool:
     (tile table "16-bit"), equal head dims of 64 or 128, more queries than a decode step."""
     q = p.q
     return (
-        runs_on(q.device) and q.dtype in _GL_DTYPES
+        runs_on(q.device) and takes(q.dtype)
         and all(t.dtype == q.dtype for t in p.tensors)
         and p.tile_table == "16-bit" and p.D_K == p.D_V and p.D_K in (64, 128) and p.Lq > 16
     )
+
+
+def takes(dtype: torch.dtype) -> bool:
+    """Inputs of ``dtype`` can be the kernels' (fp16 or bf16; every input in the one dtype)."""
+    return dtype in _GL_DTYPES
 
 
 def runs_on(device: torch.device) -> bool:
