@@ -55,17 +55,16 @@ their sum is ``device_seconds_total``. The settings that define the experiment m
 saved ones (``--restart`` discards them); ``--max-minutes``, ``--stop-after-steps`` and the paths
 may change between invocations.
 
-**Budget (one H200, measured in a first invocation that ran the seed-0 runs full, K = 1 and
-K = 0 before the RoPE fix of capture; speeds do not depend on it).** Per step of one 8K-token
-sequence, bf16 autocast, the step graph eager: full attention 0.12 s (68,900 tokens/s, peak
-13.4 GiB); segmented, 8 segments of 1024: K = 0 1.44 s, K = 1 2.00 s (4,100 tokens/s, peak
-5.0 GiB), K = 2 ~2.2 s: the 30 thin layers make each segment launch-bound (bench/README.md, the
-training profile). Per seed at 80 steps: ~470 s of training, ~80 s of held-out points (8 a run, ~2.5 s each),
-~60 s of final evaluations; two seeds ~1,220 s, the pretrained evaluations ~30 s, and ~50 s of
-start-up per invocation (imports, dequantising the GGUF file, capture, tokenizing, Triton's first
-compiles) with ~5 s per checkpoint saved: ~24 minutes, in three invocations
-(--max-minutes 9), just under the 25 minutes. The script prints the measured seconds per step of every run and the
-training time left at those speeds.
+**Budget (one H200, the whole experiment, results/consistency-NVIDIA_H200.json).** Per step of
+one 8K-token sequence, bf16 autocast, the step graph eager: full attention 0.11 s (~70,000
+tokens/s, peak 13.4 GiB); segmented, 8 segments of 1024: K = 0 1.4 s, K = 1 2.2 s (3,700-3,800
+tokens/s, peak 5.0 GiB), K = 2 2.7 s: the 30 thin layers make each segment launch-bound
+(bench/README.md, the training profile). Per seed at 80 steps ~620 s of training, ~2 s a held-out
+point after the first (16 s: Triton's first compiles), ~10 s a final evaluation; in all 1,455 s
+(24.3 minutes) in three invocations of --max-minutes 8.8, 9.3 and 7.6, ~50 s of start-up each
+(imports, dequantising the GGUF file, capture, tokenizing) and ~5 s per checkpoint saved: under the
+25 minutes. The script prints the measured seconds per step of every run and the training time
+left at those speeds.
 """
 
 from __future__ import annotations
@@ -665,19 +664,25 @@ def start_invocation(document: dict, argv: list[str]) -> None:
     command = shlex.join(["python", "bench/consistency.py", *_defining_arguments(argv)])
     if command not in document["commands"]:
         document["commands"].append(command)
-    document["invocations"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S"), "argv": argv, "seconds": 0.0})
+    # where an invocation writes is that machine's business, not the experiment's: its paths stay out
+    document["invocations"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                                    "argv": _without_options(argv, {"--out", "--state-dir"}), "seconds": 0.0})
 
 
 def _defining_arguments(argv: list[str]) -> list[str]:
     """The command line less the options that only decide where one invocation stops or writes."""
-    dropped = {"--max-minutes", "--stop-after-steps", "--out", "--state-dir"}
+    return [arg for arg in _without_options(argv, {"--max-minutes", "--stop-after-steps", "--out", "--state-dir"})
+            if arg != "--restart"]
+
+
+def _without_options(argv: list[str], dropped: set[str]) -> list[str]:
     kept, skip = [], False
     for arg in argv:
         if skip:
             skip = False
         elif arg in dropped:
             skip = True
-        elif arg.split("=")[0] not in dropped and arg != "--restart":
+        elif arg.split("=")[0] not in dropped:
             kept.append(arg)
     return kept
 
