@@ -22,7 +22,10 @@ forward+backward beyond what was held before it, from the profiler's memory even
     python bench/tbptt_regimes.py --quick          # CPU smoke test, well under a minute
 
 Writes ``results/tbptt_regimes-<device>.json`` (config, per-regime accuracy by distance, memory,
-time, the command line) and a plot beside it when matplotlib is installed. ``--save-models DIR``
+time, the command line) and a plot beside it when matplotlib is installed. ``--eval-every N`` also
+evaluates every regime on the held-out set every N steps (full->seg through a program transformed
+before training, which reads the weights as they change): ``accuracy_curve`` per regime and a
+second panel, accuracy against steps; that time is not counted as training time. ``--save-models DIR``
 also writes every trained model (``full.safetensors``, ``seg_k1.safetensors``, ...) and the run's
 settings, which ``bench/head_plans.py`` evaluates under other head plans.
 
@@ -145,6 +148,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="fp32 (TF32 matmuls on CUDA) or bf16 autocast; why fp32 is the default: see the note above MiB")
     p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(REGIMES))
     p.add_argument("--log-every", type=int, default=None, help="print the loss every N steps (default steps / 10)")
+    p.add_argument("--eval-every", type=int, default=None,
+                   help="also evaluate on the held-out set every N steps: accuracy against steps (not counted in train time)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; --quick and --cpu-defaults: 1)")
     p.add_argument("--save-models", type=Path, default=None,
                    help="write each trained model's weights (<regime>.safetensors) and the run's settings (run.json) to this folder")
@@ -226,13 +231,18 @@ def lr_lambda(args):
     return at
 
 
-def train(name: str, model, backward, args, device) -> dict:
-    """Train ``model`` for ``args.steps`` steps; ``backward(ids, labels)`` accumulates gradients and returns the loss."""
+def train(name: str, model, backward, args, device, probes: dict | None = None, eval_set=None) -> dict:
+    """Train ``model`` for ``args.steps`` steps; ``backward(ids, labels)`` accumulates gradients and returns the loss.
+    With ``--eval-every``, ``probes`` (regime -> logits of ids) are evaluated on ``eval_set`` every so many
+    steps: ``accuracy_curves`` (regime -> [step, accuracy, by segments back]), their time left out of the
+    training time."""
     data = torch.Generator().manual_seed(args.seed)  # the same batches for every regime
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(args))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     curve, window, cpu_peak = [], [], None
+    probes = probes if args.eval_every else {}
+    accuracy_curves, probing = {regime: [] for regime in probes}, 0.0
     _sync(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -253,11 +263,19 @@ def train(name: str, model, backward, args, device) -> dict:
         if (step + 1) % args.log_every == 0 or step + 1 == args.steps:
             curve.append([step + 1, sum(window) / len(window)])
             window = []
-            print(f"  {name:<9} step {step + 1:>5}/{args.steps}  loss {curve[-1][1]:.4f}  {time.perf_counter() - start:6.1f}s", flush=True)
+            print(f"  {name:<9} step {step + 1:>5}/{args.steps}  loss {curve[-1][1]:.4f}  {time.perf_counter() - start - probing:6.1f}s", flush=True)
+        if args.eval_every and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
+            began = time.perf_counter()
+            for regime, logits_of in probes.items():
+                e = evaluate(logits_of, eval_set, args, device)
+                accuracy_curves[regime].append([step + 1, e["accuracy"], e["accuracy_by_segments_back"]])
+                print(f"  {regime:<9} step {step + 1:>5}: held-out accuracy {e['accuracy']:.3f}", flush=True)
+            probing += time.perf_counter() - began
     _sync(device)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - probing
     peak = torch.cuda.max_memory_allocated(device) / MiB if device.type == "cuda" else cpu_peak
-    return {"train_seconds": seconds, "train_step_ms": 1000 * seconds / max(1, args.steps), "train_peak_mib": peak, "loss_curve": curve}
+    trained = {"train_seconds": seconds, "train_step_ms": 1000 * seconds / max(1, args.steps), "train_peak_mib": peak, "loss_curve": curve}
+    return trained, accuracy_curves
 
 
 def _cpu_step_peak(step):
@@ -348,21 +366,25 @@ def run(args, argv) -> dict:
     results: dict[str, dict] = {}
     if "full" in args.regimes:
         model = build_model(args, vocab.size, device)
-        trained = train("full", model, full_backward(model), args, device)
-        results["full"] = {**trained, **evaluate(lambda ids: model(input_ids=ids, use_cache=False).logits, eval_set, args, device)}
-        save_model(model, "full", args, vocab)
-        if "full->seg" in args.regimes:
+        probes = {"full": lambda ids: model(input_ids=ids, use_cache=False).logits}
+        if "full->seg" in args.regimes:  # the program shares the model's parameters: it sees every update
             seg = sc.transform(model, segment_config(args, 1))
-            results["full->seg"] = {**trained, "shares_training_with": "full", **evaluate(lambda ids: seg(ids).logits, eval_set, args, device)}
-        del model
+            probes["full->seg"] = lambda ids: seg(ids).logits
+        trained, curves = train("full", model, full_backward(model), args, device, probes, eval_set)
+        for name, logits_of in probes.items():
+            results[name] = {**trained, **({"shares_training_with": "full"} if name != "full" else {}),
+                             **evaluate(logits_of, eval_set, args, device), **_accuracy_curve(curves, name)}
+        save_model(model, "full", args, vocab)
+        del model, probes
     for k in (1, 0):
         name = f"seg k={k}"
         if name not in args.regimes:
             continue
         model = build_model(args, vocab.size, device)
         seg = sc.transform(model, segment_config(args, k))
-        trained = train(name, model, seg.tbptt_backward, args, device)
-        results[name] = {**trained, **evaluate(lambda ids: seg(ids).logits, eval_set, args, device)}
+        probes = {name: lambda ids: seg(ids).logits}
+        trained, curves = train(name, model, seg.tbptt_backward, args, device, probes, eval_set)
+        results[name] = {**trained, **evaluate(probes[name], eval_set, args, device), **_accuracy_curve(curves, name)}
         save_model(model, name, args, vocab)
         del model, seg
 
@@ -389,6 +411,11 @@ def run(args, argv) -> dict:
     print(f"wrote {args.out / f'{stem}.json'}")
     plot(report, args.out / f"{stem}.png")
     return report
+
+
+def _accuracy_curve(curves: dict, name: str) -> dict:
+    """``{"accuracy_curve": [[step, accuracy, by segments back], ...]}`` where --eval-every made one."""
+    return {"accuracy_curve": curves[name]} if curves.get(name) else {}
 
 
 def config_of(args) -> dict:
@@ -455,7 +482,9 @@ def plot(report, path: Path) -> None:
     except ImportError:
         print("matplotlib is not installed: no plot (pip install matplotlib)")
         return
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    curves = {name: r["accuracy_curve"] for name, r in report["regimes"].items() if r.get("accuracy_curve")}
+    fig, axes = plt.subplots(1, 2 if curves else 1, figsize=(13 if curves else 7, 4.5), squeeze=False)
+    ax = axes[0][0]
     for name, r in report["regimes"].items():
         points = sorted((int(b), a) for b, a in r["accuracy_by_segments_back"].items())
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{name} (all {r['accuracy']:.2f})")
@@ -466,6 +495,16 @@ def plot(report, path: Path) -> None:
     ax.set_ylim(-0.02, 1.02)
     ax.set_title(f"recall, N={c['seq_len']}, {c['layers']} layers x {c['hidden']}, {c['steps']} steps ({report['device']})", fontsize=9)
     ax.legend(fontsize=8)
+    if curves:
+        ax = axes[0][1]
+        for name, curve in curves.items():
+            ax.plot([p[0] for p in curve], [p[1] for p in curve], marker=".", label=name)
+        ax.axhline(report["chance_accuracy"], color="grey", linestyle="--", linewidth=1, label="chance")
+        ax.set_xlabel("training step")
+        ax.set_ylabel("held-out answer accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_title("accuracy against steps", fontsize=9)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -28,3 +28,40 @@ def test_quick_run_writes_all_four_regimes(tmp_path, capsys):
     assert report["command"].endswith("--quick --out " + str(tmp_path))
     out = capsys.readouterr().out
     assert "answer accuracy by segments back" in out and "seg k=0" in out
+
+
+def test_accuracy_against_steps_is_recorded_for_every_regime(tmp_path):
+    bench = load_bench()
+    report = bench.main(["--quick", "--eval-every", "10", "--out", str(tmp_path)])
+    steps = report["config"]["steps"]
+    for name, r in report["regimes"].items():
+        curve = r["accuracy_curve"]
+        assert [p[0] for p in curve] == list(range(10, steps + 1, 10)), name
+        assert curve[-1][1] == r["accuracy"] and curve[-1][2] == r["accuracy_by_segments_back"], name  # the last point is the final model
+    assert (tmp_path / "tbptt_regimes-quick-cpu.png").exists()
+
+
+def test_the_full_to_segmented_probe_sees_every_update():
+    """full->seg is transformed before the full regime trains and evaluated along the way: it must
+    read the weights as they are, not as they were when it was captured."""
+    import torch
+
+    import segcompile as sc
+    from segcompile.testing import recall_task
+
+    bench = load_bench()
+    args = bench.parse_args(["--quick"])
+    args.steps = 3
+    vocab = bench.vocab_of(args)
+    model = bench.build_model(args, vocab.size, torch.device("cpu"))
+    early = sc.transform(model, bench.segment_config(args, 1))
+    ids, _, _ = recall_task.batch(torch.Generator().manual_seed(5), 2, args.seq_len, pairs=args.pairs,
+                                  queries=args.queries, vocab=vocab)
+    with torch.no_grad():
+        before = early(ids).logits
+    bench.train("full", model, bench.full_backward(model), args, torch.device("cpu"))
+    with torch.no_grad():
+        after = early(ids).logits
+        fresh = sc.transform(model, bench.segment_config(args, 1))(ids).logits
+    assert (after - before).abs().max() > 1e-3  # training moved the weights it reads
+    torch.testing.assert_close(after, fresh, rtol=1e-5, atol=1e-5)
