@@ -43,6 +43,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 16384, 32768, 65536])
     add_model_args(p)
+    add_compile_args(p)
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--regimes", nargs="+", default=["segcompile", "segcompile+ckpt", "full", "full+ckpt"],
                    choices=["segcompile", "segcompile+ckpt", "segcompile+compile", "full", "full+ckpt"])
@@ -51,6 +52,17 @@ def parse_args(argv=None):
                    help="also record the allocator's history of one segcompile step at the largest N, write it to "
                         "FILE and print what is alive at its peak")
     return p.parse_args(argv)
+
+
+def add_compile_args(p: argparse.ArgumentParser) -> None:
+    """How ``seg.compile()`` compiles (``segcompile+compile``; profile_training.py's ``--compiled``)."""
+    p.add_argument("--compile-mode", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile's mode for seg.compile() (default: torch's default)")
+
+
+def compile_options(args) -> dict:
+    return {"mode": args.compile_mode} if args.compile_mode else {}
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -173,7 +185,7 @@ def main(argv=None):
     # The history is kept in the autocast dtype (bf16), though Llama's K/V leave RoPE in fp32.
     state_bytes_per_token = n_lr * 2 * head_dim * 2
 
-    compiled = sc.transform(model, cfg).compile() if "segcompile+compile" in args.regimes else None
+    compiled = sc.transform(model, cfg).compile(**compile_options(args)) if "segcompile+compile" in args.regimes else None
     rows = []
     for n in args.seq_lens:
         for regime in args.regimes:
@@ -191,7 +203,7 @@ def main(argv=None):
         "model": {"params": params, "layers": args.layers, "hidden": args.hidden, "heads": args.heads,
                   "kv_heads": args.kv_heads, "intermediate": args.intermediate, "vocab": args.vocab},
         "segment_len": args.segment_len, "long_range_fraction": args.long_range,
-        "long_range_kv_heads_total": n_lr, "transform_s": transform_s,
+        "compile_options": compile_options(args), "long_range_kv_heads_total": n_lr, "transform_s": transform_s,
         "implementations": sorted(set(seg.implementations.values())),
         "carried_state_bytes_per_token": state_bytes_per_token,
         "segcompile_peak_slope_bytes_per_token": slope,

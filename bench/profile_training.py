@@ -25,7 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import segcompile as sc
 
-from bench_training import add_model_args, build_model, sequence, write_result
+from bench_training import add_compile_args, add_model_args, build_model, compile_options, sequence, write_result
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
 # .item(), .cpu() and data-dependent shapes end in one of these (a device-to-host copy waits on its stream)
@@ -39,6 +39,7 @@ def parse_args(argv=None):
     add_model_args(p)
     p.add_argument("--checkpoint", action="store_true", help="tbptt_backward(checkpoint=True)")
     p.add_argument("--compiled", action="store_true", help="profile after seg.compile()")
+    add_compile_args(p)
     p.add_argument("--trace", type=Path, default=None, help="also write the Chrome trace of the TBPTT step")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     return p.parse_args(argv)
@@ -92,7 +93,7 @@ def main(argv=None):
     model.eval()
     seg = sc.transform(model, cfg)
     if args.compiled:
-        seg.compile()
+        seg.compile(**compile_options(args))
     model.train()
     ids = sequence(args.seq_len, args)
     segments = cfg.num_segments(args.seq_len)
@@ -117,7 +118,8 @@ def main(argv=None):
     result = {
         "device": device, "torch": torch.__version__, "command": "python " + " ".join(sys.argv),
         "seq_len": args.seq_len, "segment_len": args.segment_len, "long_range_fraction": args.long_range,
-        "checkpoint": args.checkpoint, "compiled": args.compiled, "implementations": sorted(set(seg.implementations.values())),
+        "checkpoint": args.checkpoint, "compiled": args.compiled,
+        "compile_options": compile_options(args) if args.compiled else None, "implementations": sorted(set(seg.implementations.values())),
         "rows": rows,
     }
     print_table(result)
