@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 from conftest import load_script
@@ -38,7 +39,8 @@ def test_accuracy_against_steps_is_recorded_for_every_regime(tmp_path):
         curve = r["accuracy_curve"]
         assert [p[0] for p in curve] == list(range(10, steps + 1, 10)), name
         assert curve[-1][1] == r["accuracy"] and curve[-1][2] == r["accuracy_by_segments_back"], name  # the last point is the final model
-    assert (tmp_path / "tbptt_regimes-quick-cpu.png").exists()
+    if importlib.util.find_spec("matplotlib") is not None:  # the plot is optional, as the script says
+        assert (tmp_path / "tbptt_regimes-quick-cpu.png").exists()
 
 
 def test_the_full_to_segmented_probe_sees_every_update():
