@@ -81,6 +81,7 @@ import argparse
 import contextlib
 import json
 import math
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -390,7 +391,7 @@ def run(args, argv) -> dict:
 
     report = {
         "benchmark": "tbptt_regimes",
-        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "command": recorded_command(argv if argv is not None else sys.argv[1:]),
         "device": device_name,
         "torch": torch.__version__,
         "tf32_matmuls": bool(device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32),
@@ -416,6 +417,20 @@ def run(args, argv) -> dict:
 def _accuracy_curve(curves: dict, name: str) -> dict:
     """``{"accuracy_curve": [[step, accuracy, by segments back], ...]}`` where --eval-every made one."""
     return {"accuracy_curve": curves[name]} if curves.get(name) else {}
+
+
+def recorded_command(argv: list[str]) -> str:
+    """The command line that reruns this experiment, quoted for a shell, less ``--out`` (where one
+    run wrote is that machine's business)."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--out":
+            skip = True
+        elif not arg.startswith("--out="):
+            kept.append(arg)
+    return shlex.join(["python", "bench/tbptt_regimes.py", *kept])
 
 
 def config_of(args) -> dict:
