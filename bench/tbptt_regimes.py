@@ -53,6 +53,9 @@ ln(16) at ~500 steps and is at loss 0.04 by step 800. Result (``results/tbptt_re
 accuracy at 0 / 1 / 2 / 3 segments back: full 1.00 / 1.00 / 1.00 / 1.00; full->seg 1.00 / 0.87 /
 0.34 / 0.35; seg k=1 0.93 / 0.93 / 0.76 / 0.24; seg k=0 0.24 / 0.30 / 0.14 / 0.14. Answers 2-3
 segments back are beyond every local head's window (S + T = 128 tokens).
+1200 steps stop seg k=1 on its way up: with ``--steps 6000`` (the schedule stretched) it reaches
+0.996 (full 1.000, full->seg 0.606, seg k=0 0.969; ``results/tbptt_regimes-cpu-6000steps.json``,
+accuracy against steps with ``--eval-every 500``, bench/README.md).
 
 How the CPU settings were found (full attention first, then the segmented regimes):
 
