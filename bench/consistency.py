@@ -59,7 +59,7 @@ may change between invocations.
 one 8K-token sequence, bf16 autocast, the step graph eager: full attention 0.11 s (~70,000
 tokens/s, peak 13.4 GiB); segmented, 8 segments of 1024: K = 0 1.4 s, K = 1 2.2 s (3,700-3,800
 tokens/s, peak 5.0 GiB), K = 2 2.7 s: the 30 thin layers make each segment launch-bound
-(bench/README.md, the training profile). Per seed at 80 steps ~620 s of training, ~2 s a held-out
+(bench/README.md, the training profile). Per seed at 80 steps ~525 s of training, ~2 s a held-out
 point after the first (16 s: Triton's first compiles), ~10 s a final evaluation; in all 1,455 s
 (24.3 minutes) in three invocations of --max-minutes 8.8, 9.3 and 7.6, ~50 s of start-up each
 (imports, dequantising the GGUF file, capture, tokenizing) and ~5 s per checkpoint saved: under the
