@@ -666,25 +666,13 @@ def start_invocation(document: dict, argv: list[str]) -> None:
         document["commands"].append(command)
     # where an invocation writes is that machine's business, not the experiment's: its paths stay out
     document["invocations"].append({"started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                    "argv": _without_options(argv, {"--out", "--state-dir"}), "seconds": 0.0})
+                                    "argv": report.without_options(argv, {"--out", "--state-dir"}), "seconds": 0.0})
 
 
 def _defining_arguments(argv: list[str]) -> list[str]:
     """The command line less the options that only decide where one invocation stops or writes."""
-    return [arg for arg in _without_options(argv, {"--max-minutes", "--stop-after-steps", "--out", "--state-dir"})
+    return [arg for arg in report.without_options(argv, {"--max-minutes", "--stop-after-steps", "--out", "--state-dir"})
             if arg != "--restart"]
-
-
-def _without_options(argv: list[str], dropped: set[str]) -> list[str]:
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg in dropped:
-            skip = True
-        elif arg.split("=")[0] not in dropped:
-            kept.append(arg)
-    return kept
 
 
 def describe(document: dict, settings, model, tokenizer, plan, windows, eval_set, device) -> None:

@@ -381,22 +381,8 @@ def _plan_summary(plan: sc.HeadPlan, kv: list[int]) -> dict:
 
 def _commands(args) -> list[str]:
     previous = json.loads(Path(args.out).read_text()).get("commands", []) if Path(args.out).is_file() else []
-    this = shlex.join(["python", "bench/head_selection.py", *_without_minutes(sys.argv[1:])])
+    this = shlex.join(["python", "bench/head_selection.py", *report.without_options(sys.argv[1:], {"--minutes"})])
     return previous + ([this] if this not in previous else [])
-
-
-def _without_minutes(argv: list[str]) -> list[str]:
-    """The command line less ``--minutes``: a time limit changes which rows one run measures, not
-    what a row is, so the recorded commands stay the ones that reproduce the rows."""
-    kept, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == "--minutes":
-            skip = True
-        elif not arg.startswith("--minutes="):
-            kept.append(arg)
-    return kept
 
 
 def _save(out: Path, document: dict) -> None:

@@ -3,11 +3,15 @@ segment loop (faster on the CPU): it must compute what the oracle defines."""
 
 from __future__ import annotations
 
+import argparse
+import sys
+
 import pytest
 import torch
 
 import segcompile as sc
 from segcompile import quality
+from segcompile.quality import report
 from segcompile.testing.tolerances import assert_close
 
 from conftest import load_script, make_model, random_ids
@@ -47,15 +51,17 @@ def test_a_row_of_another_trial_count_is_measured_again(bench):
     assert bench._measured(ppl, 4) and not bench._measured(ppl, 2)
 
 
-def test_recorded_commands_leave_out_the_time_limit(bench):
+def test_recorded_commands_leave_out_the_time_limit(bench, tmp_path, monkeypatch):
     argv = ["--minutes", "30", "--lengths", "8192", "--minutes=5", "--plans", "1/3 *"]
-    assert bench._without_minutes(argv) == ["--lengths", "8192", "--plans", "1/3 *"]
+    assert report.without_options(argv, {"--minutes"}) == ["--lengths", "8192", "--plans", "1/3 *"]
+    monkeypatch.setattr(sys, "argv", ["bench/head_selection.py", *argv])
+    assert bench._commands(argparse.Namespace(out=tmp_path / "none.json")) == [
+        "python bench/head_selection.py --lengths 8192 --plans '1/3 *'"]
 
 
 def test_only_the_wanted_plans_are_made(bench, tmp_path):
     """A method scores only for a plan the run measures (``tokenizer=None``: scoring any method
     would fail); plans already saved are loaded whether wanted or not."""
-    import argparse
     import fnmatch
 
     model = make_model("llama")

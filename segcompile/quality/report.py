@@ -76,6 +76,21 @@ def describe_passkey_texts() -> dict:
             "question": passkey.QUESTION, "answer": passkey.ANSWER, "depths": list(passkey.DEPTH_RANGE)}
 
 
+def without_options(argv: Sequence[str], options: set[str]) -> list[str]:
+    """A command line less ``options`` (each taking one value, as ``--opt V`` or ``--opt=V``): the
+    ones that decide where or for how long one run works, not what its result is, so that a
+    result records the command that reproduces it and no path of the machine it ran on."""
+    kept, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in options:
+            skip = True
+        elif arg.split("=")[0] not in options:
+            kept.append(arg)
+    return kept
+
+
 def _version() -> str:
     try:
         return importlib.metadata.version("segcompile")
