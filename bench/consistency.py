@@ -661,7 +661,7 @@ def open_document(settings: dict, paths: dict, restart: bool) -> dict:
 
 
 def start_invocation(document: dict, argv: list[str]) -> None:
-    command = shlex.join(["python", "bench/consistency.py", *_defining_arguments(argv)])
+    command = shlex.join(["python", "bench/consistency.py", *defining_arguments(argv)])
     if command not in document["commands"]:
         document["commands"].append(command)
     # where an invocation writes is that machine's business, not the experiment's: its paths stay out
@@ -669,7 +669,7 @@ def start_invocation(document: dict, argv: list[str]) -> None:
                                     "argv": report.without_options(argv, {"--out", "--state-dir"}), "seconds": 0.0})
 
 
-def _defining_arguments(argv: list[str]) -> list[str]:
+def defining_arguments(argv: list[str]) -> list[str]:
     """The command line less the options that only decide where one invocation stops or writes."""
     return [arg for arg in report.without_options(argv, {"--max-minutes", "--stop-after-steps", "--out", "--state-dir"})
             if arg != "--restart"]

@@ -359,7 +359,7 @@ def _progress(what: str, start: float, log):
 
 
 def _header(args, model, tokenizer, plans) -> dict:
-    commands = _commands(args)
+    commands = recorded_commands(args)
     return {
         "format": FORMAT, "commands": commands,
         "model": report.describe_model(model, tokenizer, MODEL),
@@ -379,7 +379,7 @@ def _plan_summary(plan: sc.HeadPlan, kv: list[int]) -> dict:
             "data": plan.extra.get("data"), "scoring_seconds": plan.extra.get("scoring_seconds")}
 
 
-def _commands(args) -> list[str]:
+def recorded_commands(args) -> list[str]:
     previous = json.loads(Path(args.out).read_text()).get("commands", []) if Path(args.out).is_file() else []
     this = shlex.join(["python", "bench/head_selection.py", *report.without_options(sys.argv[1:], {"--minutes"})])
     return previous + ([this] if this not in previous else [])

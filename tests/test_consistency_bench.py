@@ -69,7 +69,7 @@ def test_the_learning_rate_warms_up_then_decays_to_a_tenth(bench):
 
 def test_recorded_commands_leave_out_where_an_invocation_stops_and_writes(bench):
     argv = ["--tiny", "--max-minutes", "9", "--out=x.json", "--state-dir", "s", "--steps", "5", "--restart"]
-    assert bench._defining_arguments(argv) == ["--tiny", "--steps", "5"]
+    assert bench.defining_arguments(argv) == ["--tiny", "--steps", "5"]
     document = {"commands": [], "invocations": []}
     bench.start_invocation(document, argv)
     assert document["commands"] == ["python bench/consistency.py --tiny --steps 5"]

@@ -55,7 +55,7 @@ def test_recorded_commands_leave_out_the_time_limit(bench, tmp_path, monkeypatch
     argv = ["--minutes", "30", "--lengths", "8192", "--minutes=5", "--plans", "1/3 *"]
     assert report.without_options(argv, {"--minutes"}) == ["--lengths", "8192", "--plans", "1/3 *"]
     monkeypatch.setattr(sys, "argv", ["bench/head_selection.py", *argv])
-    assert bench._commands(argparse.Namespace(out=tmp_path / "none.json")) == [
+    assert bench.recorded_commands(argparse.Namespace(out=tmp_path / "none.json")) == [
         "python bench/head_selection.py --lengths 8192 --plans '1/3 *'"]
 
 
