@@ -110,3 +110,26 @@ def test_compiled_step_trains():
     seg.tbptt_backward(ids)
     for name, p in seg.named_parameters():
         assert (p.grad - want[name]).abs().max() <= 1e-5 * want[name].abs().max(), name
+
+
+def test_compiled_for_cuda_graphs_trains_with_a_bounded_number_of_graphs():
+    # mode="reduce-overhead" (CUDA graphs on a GPU, none on the CPU): the carried lengths are backed
+    # dynamic sizes, as CUDA graphs need; Dynamo still compiles a bounded number of graphs over a
+    # sequence (lengths 0 and 1, then the rest), and the gradients are eager's
+    _, graph = captured("llama", layers=1)
+    seg = sc.transform(graph, TRAIN_CFG)
+    ids = random_ids(2, 7 * TRAIN_CFG.segment_len, seed=7)
+    seg.tbptt_backward(ids)
+    want = {name: p.grad.clone() for name, p in seg.named_parameters()}
+    seg.zero_grad(set_to_none=True)
+    seg.compile(mode="reduce-overhead")
+    assert "backed (CUDA graphs" in repr(seg)
+    torch._dynamo.utils.counters.clear()
+    seg.tbptt_backward(ids)
+    first = graphs()
+    seg.zero_grad(set_to_none=True)
+    seg.tbptt_backward(ids)
+    assert first == graphs() <= 3, (first, graphs())
+    for name, p in seg.named_parameters():
+        assert (p.grad - want[name]).abs().max() <= 1e-5 * want[name].abs().max(), name
+

@@ -108,7 +108,7 @@ class SegmentedModel(torch.nn.Module):
         self._last_logits_graph: fx.GraphModule | None = None  # built on the first prefill
         self._releasing_tails_graph: fx.GraphModule | None = None  # the same, freeing the old tails
         # set by compile(): graph -> (its torch.compile'd callable, the unbacked sources for its calls)
-        self._compiled: dict[fx.GraphModule, tuple[Callable, str]] = {}
+        self._compiled: dict[fx.GraphModule, tuple[Callable, dict[str, str]]] = {}
         self._compile_options: dict = {}
         # what synchronises the gradients at the end of tbptt_backward: set by
         # segcompile.distributed.fsdp / ddp, None for a program that is not wrapped
@@ -339,19 +339,28 @@ class SegmentedModel(torch.nn.Module):
         a segment), however many tokens follow; another batch size, dtype or grad mode compiles
         again. Every attention site keeps its ``impl``.
 
+        With CUDA graphs (``mode="reduce-overhead"`` or ``"max-autotune"``, or Inductor's
+        ``triton.cudagraphs`` option) the lengths are backed dynamic sizes instead: Inductor captures
+        no graph with an unbacked size. Dynamo then compiles one graph for the lengths 0 and 1 and
+        one for the others, and Inductor's CUDA-graph trees record one graph per distinct set of
+        lengths: the segments of a training sequence once each, replayed by every later sequence of
+        the same length (``tbptt_backward``'s fast path). Decoding records a graph per token that
+        way: decode with ``seg.generate``, whose static step is captured once.
+
         Compiles in place and returns ``self``; ``step_graph`` stays the uncompiled ``GraphModule``
         (what export, ``print(seg)`` and the pass pages show).
         """
         self._refuse_quantized_history("compile")
         graphs = [self.step_graph, self.prefill_graph()]
+        # Dynamo names the step's arguments L['<name>'] (torch.compiler.config's *_sources)
+        lengths = "dynamic_sources" if captures_cuda_graphs(kwargs) else "unbacked_sources"
         self._compiled = {}
         for graph in graphs:
-            # Dynamo names the step's arguments L['<name>'] (torch.compiler.config.unbacked_sources)
             names = list(inspect.signature(graph.forward).parameters)  # input_ids, position_offset, state...
             sources = [f"L['{name}']:2" for name in names[2:]]
             if graph is not self.step_graph:  # prefill: any prompt length, 1 included, in one graph
                 sources.append(f"L['{names[0]}']:1")
-            self._compiled[graph] = (torch.compile(graph, **kwargs), ",".join(sources))
+            self._compiled[graph] = (torch.compile(graph, **kwargs), {lengths: ",".join(sources)})
         self._compile_options = dict(kwargs)
         return self
 
@@ -584,7 +593,8 @@ class SegmentedModel(torch.nn.Module):
             )
         if self._compiled:
             options = ", ".join(f"{k}={v!r}" for k, v in self._compile_options.items())
-            lines.append(f"step: torch.compile({options}), unbacked state lengths (SegmentedModel.compile)")
+            lengths = "backed (CUDA graphs: one a set of lengths)" if captures_cuda_graphs(self._compile_options) else "unbacked"
+            lines.append(f"step: torch.compile({options}), {lengths} state lengths (SegmentedModel.compile)")
         lines.append(self._static.describe() if self._static is not None else "decode: the step graph, eager" + (
             " (compiled)" if self._compiled else ""))
         if self.last_decode_path is not None:
@@ -597,10 +607,16 @@ def _with_tails(state: SegmentState, make: Callable[[torch.Tensor], torch.Tensor
     return replace(state, layers=layers)
 
 
-def _call_compiled(step: Callable, unbacked_sources: str, *args):
-    # the unbacked lengths, named by the step's arguments; in effect only while the step traces
-    with torch.compiler.config.patch(unbacked_sources=unbacked_sources):
+def _call_compiled(step: Callable, lengths: dict[str, str], *args):
+    # the dynamic lengths, named by the step's arguments; in effect only while the step traces
+    with torch.compiler.config.patch(**lengths):
         return step(*args)
+
+
+def captures_cuda_graphs(compile_options: dict) -> bool:
+    """Whether ``torch.compile(**compile_options)`` has Inductor capture CUDA graphs."""
+    inductor = compile_options.get("options") or {}
+    return compile_options.get("mode") in ("reduce-overhead", "max-autotune") or bool(inductor.get("triton.cudagraphs"))
 
 
 @functools.cache
