@@ -89,8 +89,9 @@ def build_model(args) -> transformers.LlamaForCausalLM:
     return model
 
 
-def measure(step, n_tokens: int, iters: int) -> dict:
-    step()  # warm-up: allocates gradients and optimizer state, autotunes
+def measure(step, n_tokens: int, iters: int, warmup: int = 1) -> dict:
+    for _ in range(warmup):  # allocates gradients and optimizer state, autotunes (and records CUDA graphs)
+        step()
     torch.cuda.synchronize()
     static = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -139,7 +140,8 @@ def run_regime(regime, model, seg, n, args) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     try:
-        return measure(step, n, args.iters)
+        # CUDA-graph trees run a function eagerly once, record it the next time, then replay it
+        return measure(step, n, args.iters, warmup=2 if seg.uses_cuda_graphs else 1)
     except torch.OutOfMemoryError:
         return {"oom": True}
     finally:

@@ -116,7 +116,7 @@ def prepare(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
     v, tail_v = _same_dtype(v, tail_v)
     tensors = [usable(t) for t in (q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v)]
     return Problem(
-        *tensors, slots=_slots(tuple(long_range), hk, q.device),
+        *tensors, slots=slot_table(tuple(long_range), hk, q.device),
         B=B, H=H, Hk=hk, group=H // hk, Lq=lq, Lk=lk, **lengths, D_K=dk, D_V=dv,
         block_dk=triton_common.block_d(dk), block_dv=triton_common.block_d(dv), tile_table=_tile_table(dot, tensors),
         dot=TL_DTYPES[dot], precision="ieee" if dot == torch.float32 else "tf32", **quantized,
@@ -158,8 +158,11 @@ def usable(t: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def _slots(long_range: tuple[int, ...], num_kv_heads: int, device: torch.device) -> torch.Tensor:
-    """``slot[c]``: the row of KV head ``c`` in the history tensors, -1 for a local head."""
+def slot_table(long_range: tuple[int, ...], num_kv_heads: int, device: torch.device) -> torch.Tensor:
+    """``slot[c]``: the row of KV head ``c`` in the history tensors, -1 for a local head. Made once
+    a device: ``SegmentedModel`` makes its sites' tables before a compiled step first runs, since a
+    table first made inside a CUDA graph's warm-up run would live on in that graph's memory pool,
+    which Inductor's CUDA-graph trees refuse."""
     slot = torch.full((num_kv_heads,), -1, dtype=torch.int32)
     for i, c in enumerate(long_range):
         slot[c] = i

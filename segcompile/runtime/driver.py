@@ -50,6 +50,7 @@ import torch.utils._pytree as pytree
 from ..config import SegmentConfig, segment_pieces
 from ..errors import ConfigError, InputError, SegcompileError
 from ..ir import AttentionSite
+from ..kernels.problem import slot_table
 from .. import ir
 from . import generation, training
 from ..inputs import check_token_tensor, token_ids
@@ -364,6 +365,11 @@ class SegmentedModel(torch.nn.Module):
         self._compile_options = dict(kwargs)
         return self
 
+    @property
+    def uses_cuda_graphs(self) -> bool:
+        """Whether the compiled steps capture CUDA graphs (``compile`` with such options)."""
+        return bool(self._compiled) and captures_cuda_graphs(self._compile_options)
+
     def use_step_graph(self, graph: fx.GraphModule) -> None:
         """Run ``graph`` in place of ``step_graph`` from now on: a graph that computes the same
         values from the same inputs (``runtime/variants/layer_units.py``, which
@@ -470,6 +476,8 @@ class SegmentedModel(torch.nn.Module):
         if compiled is not None:
             state = compiled_layout(state)
             chunk = chunk.clone()  # not a view of the caller's ids (their offset and base would be guarded)
+            for site in self.sites:  # made here, outside any CUDA graph's memory pool (slot_table says why)
+                slot_table(tuple(site.long_range), site.num_kv_heads, chunk.device)
         offset = torch.tensor(state.position, dtype=torch.long, device=chunk.device)
         flat = [t for layer in state.layers for t in layer.tensors()]
         if compiled is not None:

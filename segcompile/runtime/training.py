@@ -54,6 +54,8 @@ def tbptt_backward(
     input_ids, labels = _checked_inputs(seg, input_ids, labels)
     denominator = max(label_count(labels), 1) if reduction == "mean" else 1
     params = _differentiated_parameters(seg)
+    if seg.uses_cuda_graphs:
+        _one_graph_generation(params)
     # labelled[i]: position i has a label to predict (labels[i+1]); read once, not once per segment
     labelled = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).cpu()
 
@@ -72,6 +74,23 @@ def _differentiated_parameters(seg) -> list[torch.Tensor] | None:
     if getattr(seg.gradient_sync, "swaps_parameters", False):
         return None
     return [p for p in seg.parameters() if p.requires_grad]
+
+
+def _one_graph_generation(params: list[torch.Tensor] | None) -> None:
+    """Make the sequence one generation of Inductor's CUDA-graph trees, and keep the parameters'
+    gradients out of the graphs' memory.
+
+    The trees start a generation, and invalidate the outputs of the one before, at a compiled
+    call that follows a backward; here every segment's forward does, while the deeper TBPTT passes
+    still need the graphs of the segments before it. Once ``cudagraph_mark_step_begin`` has been
+    called, a generation starts only at that call (for every compiled function of the process):
+    here, once a sequence. A parameter without a gradient would take the first backward's output,
+    a tensor of a graph's memory, as its ``.grad`` (the next sequence would overwrite it): it gets
+    zeros first, which the backward passes accumulate into."""
+    torch.compiler.cudagraph_mark_step_begin()
+    for p in params or ():
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 def _checked_inputs(seg, input_ids, labels) -> tuple[torch.Tensor, torch.Tensor]:
