@@ -33,6 +33,7 @@ import torch
 import transformers
 
 import segcompile as sc
+from segcompile.quality import report
 
 import memory_trace  # noqa: E402
 
@@ -201,7 +202,7 @@ def main(argv=None):
     result = {
         "device": device,
         "torch": torch.__version__,
-        "command": "python " + " ".join(sys.argv),
+        "command": report.recorded_command("bench/bench_training.py", sys.argv[1:], {"--out", "--memory-snapshot"}),
         "model": {"params": params, "layers": args.layers, "hidden": args.hidden, "heads": args.heads,
                   "kv_heads": args.kv_heads, "intermediate": args.intermediate, "vocab": args.vocab},
         "segment_len": args.segment_len, "long_range_fraction": args.long_range,

@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import shlex
 import sys
 import time
 from fractions import Fraction
@@ -381,7 +380,7 @@ def _plan_summary(plan: sc.HeadPlan, kv: list[int]) -> dict:
 
 def recorded_commands(args) -> list[str]:
     previous = json.loads(Path(args.out).read_text()).get("commands", []) if Path(args.out).is_file() else []
-    this = shlex.join(["python", "bench/head_selection.py", *report.without_options(sys.argv[1:], {"--minutes"})])
+    this = report.recorded_command("bench/head_selection.py", sys.argv[1:], {"--minutes"})
     return previous + ([this] if this not in previous else [])
 
 

@@ -24,6 +24,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 import segcompile as sc
+from segcompile.quality import report
 
 from bench_training import add_compile_args, add_model_args, build_model, compile_options, sequence, write_result
 
@@ -118,7 +119,8 @@ def main(argv=None):
 
     device = torch.cuda.get_device_name()
     result = {
-        "device": device, "torch": torch.__version__, "command": "python " + " ".join(sys.argv),
+        "device": device, "torch": torch.__version__,
+        "command": report.recorded_command("bench/profile_training.py", sys.argv[1:], {"--out", "--trace"}),
         "seq_len": args.seq_len, "segment_len": args.segment_len, "long_range_fraction": args.long_range,
         "checkpoint": args.checkpoint, "compiled": args.compiled,
         "compile_options": compile_options(args) if args.compiled else None, "implementations": sorted(set(seg.implementations.values())),

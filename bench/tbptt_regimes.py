@@ -84,7 +84,6 @@ import argparse
 import contextlib
 import json
 import math
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -97,7 +96,7 @@ import segcompile as sc  # noqa: E402
 from segcompile.testing import recall_task  # noqa: E402
 from segcompile.files import atomic_write_text  # noqa: E402
 from segcompile.loss import label_count, span_loss  # noqa: E402
-from segcompile.quality.report import without_options  # noqa: E402
+from segcompile.quality import report as quality_report  # noqa: E402
 
 REGIMES = ("full", "full->seg", "seg k=1", "seg k=0")
 EVAL_SEED_OFFSET = 1_000_003  # the held-out set never overlaps the training stream's seed
@@ -426,7 +425,7 @@ def _accuracy_curve(curves: dict, name: str) -> dict:
 def recorded_command(argv: list[str]) -> str:
     """The command line that reruns this experiment, quoted for a shell, less ``--out`` (where one
     run wrote is that machine's business)."""
-    return shlex.join(["python", "bench/tbptt_regimes.py", *without_options(argv, {"--out"})])
+    return quality_report.recorded_command("bench/tbptt_regimes.py", argv, {"--out"})
 
 
 def config_of(args) -> dict:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+import shlex
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -89,6 +90,11 @@ def without_options(argv: Sequence[str], options: set[str]) -> list[str]:
         elif arg.split("=")[0] not in options:
             kept.append(arg)
     return kept
+
+
+def recorded_command(script: str, argv: Sequence[str], run_only: set[str]) -> str:
+    """``python script argv...`` quoted for a shell, less the ``run_only`` options (``without_options``)."""
+    return shlex.join(["python", script, *without_options(argv, run_only)])
 
 
 def _version() -> str:

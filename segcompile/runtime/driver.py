@@ -344,9 +344,10 @@ class SegmentedModel(torch.nn.Module):
         ``triton.cudagraphs`` option) the lengths are backed dynamic sizes instead: Inductor captures
         no graph with an unbacked size. Dynamo then compiles one graph for the lengths 0 and 1 and
         one for the others, and Inductor's CUDA-graph trees record one graph per distinct set of
-        lengths: the segments of a training sequence once each, replayed by every later sequence of
-        the same length (``tbptt_backward``'s fast path). Decoding records a graph per token that
-        way: decode with ``seg.generate``, whose static step is captured once.
+        lengths: the segments of a training sequence once each, meant to be replayed by every later
+        sequence of the same length (``tbptt_backward`` makes each sequence one generation of the
+        graph trees; bench/README.md, training, says what an H200 measured). Decoding records a
+        graph per token that way: decode with ``seg.generate``, whose static step is captured once.
 
         Compiles in place and returns ``self``; ``step_graph`` stays the uncompiled ``GraphModule``
         (what export, ``print(seg)`` and the pass pages show).
