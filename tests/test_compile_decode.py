@@ -133,3 +133,17 @@ def test_compiled_for_cuda_graphs_trains_with_a_bounded_number_of_graphs():
     for name, p in seg.named_parameters():
         assert (p.grad - want[name]).abs().max() <= 1e-5 * want[name].abs().max(), name
 
+
+
+def test_compiled_training_reserves_each_history_buffer_once(monkeypatch):
+    # segments() reserves the whole sequence's history in the compiled (token-major) layout, so the
+    # first compiled step does not move it into a second buffer of the same size
+    import segcompile.runtime.state as state_module
+
+    made = []
+    real = state_module.empty_entries
+    monkeypatch.setattr(state_module, "empty_entries", lambda *a, **k: made.append(a[1]) or real(*a, **k))
+    _, graph = captured("llama", layers=1)
+    seg = sc.transform(graph, TRAIN_CFG).compile(backend="eager")
+    seg.tbptt_backward(random_ids(2, 5 * TRAIN_CFG.segment_len, seed=5))
+    assert len(made) == 2, made  # the layer's K and V history buffers, once each

@@ -316,7 +316,7 @@ class SegmentedModel(torch.nn.Module):
         input_ids = self._checked_ids(input_ids, check_range=check_ids)
         # growing the history by copies would, at each growth, hold the old and the new buffer at
         # once (2.5x the history) while the graphs of earlier segments keep views of the old
-        state = reserve_history(self.initial_state(input_ids), input_ids.shape[1])
+        state = reserve_history(self.initial_state(input_ids), input_ids.shape[1], token_major=bool(self._compiled))
         for tokens in segment_pieces(0, input_ids.shape[1], self.cfg.segment_len):
             run, state = self._run_segment(state, input_ids[:, tokens], tokens, checkpoint, tails)
             yield run
