@@ -479,7 +479,9 @@ class SegmentedModel(torch.nn.Module):
             chunk = chunk.clone()  # not a view of the caller's ids (their offset and base would be guarded)
             for site in self.sites:  # made here, outside any CUDA graph's memory pool (slot_table says why)
                 slot_table(tuple(site.long_range), site.num_kv_heads, chunk.device)
-        offset = torch.tensor(state.position, dtype=torch.long, device=chunk.device)
+        # filled on the device: torch.tensor(position, device=...) copies from pageable host memory,
+        # a blocking cudaMemcpy a step (bench/profile_training.py counts them as synchronisations)
+        offset = torch.full((), state.position, dtype=torch.long, device=chunk.device)
         flat = [t for layer in state.layers for t in layer.tensors()]
         if compiled is not None:
             flat = [t.detach() if t._base is not None and not t.requires_grad else t for t in flat]
