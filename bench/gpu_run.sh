@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU benchmark and check, one after the other, each under its own time limit, on one GPU.
 #   bash bench/gpu_run.sh OUT_DIR [STEP ...]     steps: check smoke tune kernel profile decode generate agreement agreement-smollm2 prefill prefillfp8
-#                                                profileprefill million onnx training profiletraining trainingcg regimes regimes8 consistency
+#                                                profileprefill million onnx training profiletraining trainingcg trainingall
+#                                                training256k training1p5b regimes regimes8 consistency
 # Logs and result files land in OUT_DIR (results also in bench/results/). A step that fails or runs
 # out of time is reported and the next one runs.
 set -uo pipefail
@@ -46,6 +47,12 @@ for step in "${steps[@]}"; do
         profiletraining) run profiletraining 400 python bench/profile_training.py --seq-len 32768 --compiled ;;
         trainingcg) run trainingcg 500 python bench/bench_training.py --seq-lens 32768 --iters 2 \
             --regimes segcompile+compile full+ckpt --compile-mode reduce-overhead --out "$out/trainingcg" ;;  # CUDA graphs under seg.compile()
+        trainingall) run trainingall 590 python bench/bench_training.py --seq-lens 8192 32768 131072 \
+            --regimes segcompile+compile segcompile full full+ckpt --out "$out/trainingall" ;;  # issue acceptance, part 1
+        training256k) run training256k 590 python bench/bench_training.py --seq-lens 262144 \
+            --regimes segcompile+compile segcompile full full+ckpt --out "$out/training256k" ;;  # part 2
+        training1p5b) run training1p5b 590 python bench/bench_training.py --seq-lens 65536 --hidden 2048 --heads 16 \
+            --kv-heads 8 --intermediate 8192 --regimes segcompile+compile full+ckpt --out "$out/training1p5b" ;;
         regimes) run regimes 200 python bench/tbptt_regimes.py --cpu-defaults --device cuda ;;
         regimes8) run regimes8 170 python bench/tbptt_regimes.py --cpu-defaults --device cuda --seq-len 512 \
             --pairs 24 --queries 16 --num-keys 32 --num-values 512 --out "$out/regimes8" ;;
