@@ -108,7 +108,7 @@ class SegmentedModel(torch.nn.Module):
         self.program_id = ProgramId.of(self.capture_info.model_class, step_graph.parameters(), self.sites, cfg)
         self._last_logits_graph: fx.GraphModule | None = None  # built on the first prefill
         self._releasing_tails_graph: fx.GraphModule | None = None  # the same, freeing the old tails
-        # set by compile(): graph -> (its torch.compile'd callable, the unbacked sources for its calls)
+        # set by compile(): graph -> (its torch.compile'd callable, the config naming its dynamic lengths)
         self._compiled: dict[fx.GraphModule, tuple[Callable, dict[str, str]]] = {}
         self._compile_options: dict = {}
         # what synchronises the gradients at the end of tbptt_backward: set by
