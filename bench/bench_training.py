@@ -60,10 +60,25 @@ def add_compile_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile-mode", default=None,
                    choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
                    help="torch.compile's mode for seg.compile() (default: torch's default)")
+    p.add_argument("--inductor-option", action="append", default=[], metavar="NAME=VALUE",
+                   help="an Inductor option for seg.compile(), e.g. cpp_wrapper=true (repeatable)")
 
 
 def compile_options(args) -> dict:
+    """``seg.compile``'s keyword arguments from ``add_compile_args``'s options."""
+    if args.compile_mode and args.inductor_option:  # torch.compile takes one or the other
+        raise SystemExit("--compile-mode and --inductor-option: give one (CUDA graphs as an option: "
+                         "--inductor-option triton.cudagraphs=true)")
+    if args.inductor_option:
+        return {"options": dict(_inductor_option(text) for text in args.inductor_option)}
     return {"mode": args.compile_mode} if args.compile_mode else {}
+
+
+def _inductor_option(text: str) -> tuple[str, object]:
+    name, sep, value = text.partition("=")
+    if not sep:
+        raise SystemExit(f"--inductor-option {text!r}: expected NAME=VALUE")
+    return name, json.loads(value.lower()) if value.lower() in ("true", "false") or value.isdigit() else value
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -1,0 +1,34 @@
+"""bench/bench_training.py's command line: how it asks seg.compile for a mode or Inductor options
+(the benchmark itself needs a GPU)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import load_script
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench_training imports memory_trace
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_script("bench", "bench_training")
+
+
+def test_compile_options_from_the_command_line(bench):
+    assert bench.compile_options(bench.parse_args([])) == {}
+    assert bench.compile_options(bench.parse_args(["--compile-mode", "reduce-overhead"])) == {"mode": "reduce-overhead"}
+    args = bench.parse_args(["--inductor-option", "cpp_wrapper=true", "--inductor-option", "triton.cudagraphs=true",
+                             "--inductor-option", "triton.cudagraph_unexpected_rerecord_limit=2"])
+    assert bench.compile_options(args) == {"options": {"cpp_wrapper": True, "triton.cudagraphs": True,
+                                                       "triton.cudagraph_unexpected_rerecord_limit": 2}}
+
+
+def test_a_mode_and_inductor_options_together_are_refused(bench):
+    # torch.compile takes one or the other
+    with pytest.raises(SystemExit, match="give one"):
+        bench.compile_options(bench.parse_args(["--compile-mode", "reduce-overhead", "--inductor-option", "cpp_wrapper=true"]))
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        bench.compile_options(bench.parse_args(["--inductor-option", "cpp_wrapper"]))
