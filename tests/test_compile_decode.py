@@ -147,3 +147,25 @@ def test_compiled_training_reserves_each_history_buffer_once(monkeypatch):
     seg = sc.transform(graph, TRAIN_CFG).compile(backend="eager")
     seg.tbptt_backward(random_ids(2, 5 * TRAIN_CFG.segment_len, seed=5))
     assert len(made) == 2, made  # the layer's K and V history buffers, once each
+
+
+def test_compiled_training_tail_leaves_do_not_alias_the_step_outputs():
+    # Under CUDA graphs (Inductor's graph trees) a replayed step returns the same output tensors
+    # every time, and they keep their autograd graph after its last backward. A tail leaf that
+    # aliased the previous segment's K/V output would keep that output alive through the graph of
+    # the segment that read it, which the trees take for a change and record the step again
+    # (measured on an H200: every segment from the fourth on, every step). Compiled, the leaves are
+    # the compiled layout's own copies.
+    _, graph = captured("llama", layers=1)
+    cfg = sc.SegmentConfig(4, tail_len=4, sink_tokens=1, long_range=sc.HeadPlan.fraction(0.5), tbptt_k=1)
+    seg = sc.transform(graph, cfg).compile(backend="eager")
+    ids = random_ids(1, 5 * cfg.segment_len, seed=6)
+    earlier_outputs: set[int] = set()
+    checked = 0
+    for run in seg.segments(ids, tails=lambda t: t.detach().requires_grad_()):
+        for leaf in run.tail_inputs:
+            if leaf.numel():
+                assert leaf.untyped_storage().data_ptr() not in earlier_outputs
+                checked += 1
+        earlier_outputs |= {t.untyped_storage().data_ptr() for t in run.tail_outputs if t.numel()}
+    assert checked == 4 * 2 * 1  # segments 2..5, K and V, one layer

@@ -421,6 +421,13 @@ class SegmentedModel(torch.nn.Module):
         """One step of ``segments``: its run, and the state after it (the segment ended if whole)."""
         tail_inputs = []
         if tails is not None:
+            if self._compiled:
+                # the leaves are then the compiled layout's own copies: a leaf that aliased the
+                # previous step's output would keep that output alive as long as the graph that
+                # read the leaf exists, and under CUDA graphs the replayed outputs keep their
+                # graphs (Inductor's graph trees then see an output alive that died when they
+                # recorded, and record the step again)
+                state = compiled_layout(state)
             state = _with_tails(state, tails)
             tail_inputs = layer_tensors(state, ("tail_k", "tail_v"))
         leaves, state = self.run_step(state, chunk, checkpoint=checkpoint)
