@@ -12,6 +12,8 @@ shift
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 steps=("$@")
+# the training steps' compile mode for segcompile+compile, e.g. TRAINING_COMPILE_MODE=reduce-overhead (CUDA graphs)
+compile_mode=${TRAINING_COMPILE_MODE:+--compile-mode $TRAINING_COMPILE_MODE}
 [ ${#steps[@]} -eq 0 ] && steps=(check smoke kernel decode prefill training regimes regimes8)
 
 run() {  # name, seconds, command...
@@ -48,11 +50,11 @@ for step in "${steps[@]}"; do
         trainingcg) run trainingcg 500 python bench/bench_training.py --seq-lens 32768 --iters 2 \
             --regimes segcompile+compile full+ckpt --compile-mode reduce-overhead --out "$out/trainingcg" ;;  # CUDA graphs under seg.compile()
         trainingall) run trainingall 590 python bench/bench_training.py --seq-lens 8192 32768 131072 \
-            --regimes segcompile+compile segcompile full full+ckpt --out "$out/trainingall" ;;  # issue acceptance, part 1
+            --regimes segcompile+compile segcompile full full+ckpt $compile_mode --out "$out/trainingall" ;;  # issue acceptance, part 1
         training256k) run training256k 590 python bench/bench_training.py --seq-lens 262144 \
-            --regimes segcompile+compile segcompile full full+ckpt --out "$out/training256k" ;;  # part 2
+            --regimes segcompile+compile segcompile full full+ckpt $compile_mode --out "$out/training256k" ;;  # part 2
         training1p5b) run training1p5b 590 python bench/bench_training.py --seq-lens 65536 --hidden 2048 --heads 16 \
-            --kv-heads 8 --intermediate 8192 --regimes segcompile+compile full+ckpt --out "$out/training1p5b" ;;
+            --kv-heads 8 --intermediate 8192 --regimes segcompile+compile full+ckpt $compile_mode --out "$out/training1p5b" ;;
         regimes) run regimes 200 python bench/tbptt_regimes.py --cpu-defaults --device cuda ;;
         regimes8) run regimes8 170 python bench/tbptt_regimes.py --cpu-defaults --device cuda --seq-len 512 \
             --pairs 24 --queries 16 --num-keys 32 --num-values 512 --out "$out/regimes8" ;;
