@@ -346,8 +346,11 @@ class SegmentedModel(torch.nn.Module):
         one for the others, and Inductor's CUDA-graph trees record one graph per distinct set of
         lengths: the segments of a training sequence once each, meant to be replayed by every later
         sequence of the same length (``tbptt_backward`` makes each sequence one generation of the
-        graph trees; bench/README.md, training, says what an H200 measured). Decoding records a
-        graph per token that way: decode with ``seg.generate``, whose static step is captured once.
+        graph trees; bench/README.md, training, says what an H200 measured). Only training is
+        arranged for the trees: ``forward``, ``prefill`` and ``decode`` run the same compiled steps,
+        their outputs follow the trees' rules (a later compiled call may overwrite them: clone
+        what you keep), and decoding records a graph per token: decode with ``seg.generate`` and
+        ``enable_cuda_graphs``, whose static step is captured once.
 
         Compiles in place and returns ``self``; ``step_graph`` stays the uncompiled ``GraphModule``
         (what export, ``print(seg)`` and the pass pages show).
