@@ -134,6 +134,7 @@ class SegmentedModel(torch.nn.Module):
                 "seg.tbptt_backward(input_ids, labels), or run the forward under torch.no_grad()",
                 stacklevel=2,
             )
+        self._start_graph_generation()
         outputs, _ = self._feed(self.initial_state(input_ids), input_ids, collect=True)
         return outputs
 
@@ -156,6 +157,8 @@ class SegmentedModel(torch.nn.Module):
             self._check_batch(state, input_ids, "prefill")
         if isinstance(state, StaticState):  # decoded with CUDA graphs: continue from a copy
             state = state.to_segment_state()
+        if state is None:  # a state passed in may hold outputs of the generation it was made in
+            self._start_graph_generation()
         state = state or self.initial_state(input_ids)
         foreign = storages([*layer_tensors(state, CARRIED_NAMES), state.logits]) if free_tails else None
         state = reserve_history(state, state.position + input_ids.shape[1], token_major=bool(self._compiled))
@@ -346,11 +349,11 @@ class SegmentedModel(torch.nn.Module):
         one for the others, and Inductor's CUDA-graph trees record one graph per distinct set of
         lengths: the segments of a training sequence once each, meant to be replayed by every later
         sequence of the same length (``tbptt_backward`` makes each sequence one generation of the
-        graph trees; bench/README.md, training, says what an H200 measured). Only training is
-        arranged for the trees: ``forward``, ``prefill`` and ``decode`` run the same compiled steps,
-        their outputs follow the trees' rules (a later compiled call may overwrite them: clone
-        what you keep), and decoding records a graph per token: decode with ``seg.generate`` and
-        ``enable_cuda_graphs``, whose static step is captured once.
+        graph trees; bench/README.md, training, says what an H200 measured). ``forward``, and
+        ``prefill`` from the empty state, are one generation a call too: their outputs may be
+        overwritten by the next such call (clone what you keep). ``decode`` continues the
+        generation of the prefill it follows and records a graph per token: decode with
+        ``seg.generate`` and ``enable_cuda_graphs``, whose static step is captured once.
 
         Compiles in place and returns ``self``; ``step_graph`` stays the uncompiled ``GraphModule``
         (what export, ``print(seg)`` and the pass pages show).
@@ -368,6 +371,13 @@ class SegmentedModel(torch.nn.Module):
             self._compiled[graph] = (torch.compile(graph, **kwargs), {lengths: ",".join(sources)})
         self._compile_options = dict(kwargs)
         return self
+
+    def _start_graph_generation(self) -> None:
+        """Under CUDA graphs, start a generation of Inductor's graph trees (``compile``): a call
+        that starts from the empty state is one generation, and the outputs of the one before may
+        be overwritten from then on."""
+        if self.uses_cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
 
     @property
     def uses_cuda_graphs(self) -> bool:

@@ -55,7 +55,7 @@ def tbptt_backward(
     denominator = max(label_count(labels), 1) if reduction == "mean" else 1
     params = _differentiated_parameters(seg)
     if seg.uses_cuda_graphs:
-        _one_graph_generation(params)
+        _one_graph_generation(seg, params)
     # labelled[i]: position i has a label to predict (labels[i+1]); read once, not once per segment
     labelled = (labels[:, 1:] != IGNORE_INDEX).any(dim=0).cpu()
 
@@ -76,7 +76,7 @@ def _differentiated_parameters(seg) -> list[torch.Tensor] | None:
     return [p for p in seg.parameters() if p.requires_grad]
 
 
-def _one_graph_generation(params: list[torch.Tensor] | None) -> None:
+def _one_graph_generation(seg, params: list[torch.Tensor] | None) -> None:
     """Make the sequence one generation of Inductor's CUDA-graph trees, and keep the parameters'
     gradients out of the graphs' memory.
 
@@ -87,7 +87,7 @@ def _one_graph_generation(params: list[torch.Tensor] | None) -> None:
     here, once a sequence. A parameter without a gradient would take the first backward's output,
     a tensor of a graph's memory, as its ``.grad`` (the next sequence would overwrite it): it gets
     zeros first, which the backward passes accumulate into."""
-    torch.compiler.cudagraph_mark_step_begin()
+    seg._start_graph_generation()
     for p in params or ():
         if p.grad is None:
             p.grad = torch.zeros_like(p)
