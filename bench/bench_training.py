@@ -111,7 +111,7 @@ def measure(step, n_tokens: int, iters: int, warmup: int = 1) -> dict:
     torch.cuda.synchronize()
     static = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    recordings = _cuda_graph_recordings()
+    recordings = cuda_graph_recordings()
     times = []
     for _ in range(iters):
         start = time.perf_counter()
@@ -127,11 +127,11 @@ def measure(step, n_tokens: int, iters: int, warmup: int = 1) -> dict:
         "step_s": seconds,
         "tokens_per_s": n_tokens / seconds,
         # a timed step that records CUDA graphs again measures the recording, not the replay
-        "cuda_graphs_recorded_while_timed": _cuda_graph_recordings() > recordings,
+        "cuda_graphs_recorded_while_timed": cuda_graph_recordings() > recordings,
     }
 
 
-def _cuda_graph_recordings() -> int:
+def cuda_graph_recordings() -> int:
     # Inductor counts the inputs of every CUDA graph it records; the count moves only when one is recorded
     return torch._dynamo.utils.counters["inductor"]["cudagraph_recorded_non_static_inputs"]
 

@@ -4,8 +4,9 @@ every step equal the eager step's, and after the recording steps no step records
 The tiny Llama (4 layers, head dim 16; Triton kernels on a GPU), S = T = 16, fraction(0.5), K = 1,
 a 128-token sequence (8 segments: the re-recording that an aliasing tail leaf caused began at the
 fourth). The same parameters every step (no optimizer step), so each step's gradients are compared
-with one eager reference: relative error ``max|got - want| / max|want|`` over all parameters,
-within 1e-4 (fp32; the compiled step fuses differently). The trees run a function eagerly once,
+with one eager reference: the largest relative error ``max|got - want| / max|want|`` of any
+parameter's gradient (``segcompile.testing.tolerances.relative_error``), within 1e-4 (fp32; the
+compiled step fuses differently). The trees run a function eagerly once,
 record it the next time, then replay it: steps 3 on must record nothing (Inductor's count of
 recorded graph inputs does not move).
 
@@ -23,6 +24,9 @@ import torch
 
 import segcompile as sc
 from segcompile.testing.models import random_ids, tiny_llama
+from segcompile.testing.tolerances import relative_error
+
+from bench_training import cuda_graph_recordings
 
 TOLERANCE = 1e-4
 STEPS = 5
@@ -42,13 +46,8 @@ def gradients(seg, ids) -> dict[str, torch.Tensor]:
     return {name: p.grad.detach().clone() for name, p in seg.named_parameters() if p.grad is not None}
 
 
-def relative_error(got: dict, want: dict) -> float:
-    worst = max(w.abs().max().item() for w in want.values())
-    return max((got[n] - want[n]).abs().max().item() for n in want) / worst
-
-
-def recordings() -> int:
-    return torch._dynamo.utils.counters["inductor"]["cudagraph_recorded_non_static_inputs"]
+def worst_relative_error(got: dict, want: dict) -> float:
+    return max(relative_error(got[name], want[name]) for name in want)
 
 
 def check(device: str) -> dict:
@@ -60,9 +59,10 @@ def check(device: str) -> dict:
     seg.compile(mode="reduce-overhead")
     steps = []
     for step in range(STEPS):
-        before = recordings()
+        before = cuda_graph_recordings()
         got = gradients(seg, ids)
-        steps.append({"step": step, "relative_error": relative_error(got, want), "recorded": recordings() > before})
+        steps.append({"step": step, "relative_error": worst_relative_error(got, want),
+                      "recorded": cuda_graph_recordings() > before})
         print(json.dumps(steps[-1]), flush=True)
     replayed = [s for s in steps if s["step"] >= RECORDING_STEPS]
     ok = all(s["relative_error"] <= TOLERANCE for s in steps) and not any(s["recorded"] for s in replayed)

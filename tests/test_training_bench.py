@@ -9,12 +9,16 @@ from pathlib import Path
 import pytest
 from conftest import load_script
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench_training imports memory_trace
+BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    return load_script("bench", "bench_training")
+    sys.path.insert(0, str(BENCH))  # bench_training imports memory_trace
+    try:
+        yield load_script("bench", "bench_training")
+    finally:
+        sys.path.remove(str(BENCH))
 
 
 def test_compile_options_from_the_command_line(bench):
