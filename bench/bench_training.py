@@ -131,6 +131,12 @@ def measure(step, n_tokens: int, iters: int, warmup: int = 1) -> dict:
     }
 
 
+def warmup_steps(seg) -> int:
+    """Untimed steps before a measurement: CUDA-graph trees run a function eagerly once, record it
+    the next time, then replay it."""
+    return 2 if seg.uses_cuda_graphs else 1
+
+
 def cuda_graph_recordings() -> int:
     # Inductor counts the inputs of every CUDA graph it records; the count moves only when one is recorded
     return torch._dynamo.utils.counters["inductor"]["cudagraph_recorded_non_static_inputs"]
@@ -164,8 +170,7 @@ def run_regime(regime, model, seg, n, args) -> dict:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     try:
-        # CUDA-graph trees run a function eagerly once, record it the next time, then replay it
-        return measure(step, n, args.iters, warmup=2 if seg.uses_cuda_graphs else 1)
+        return measure(step, n, args.iters, warmup=warmup_steps(seg))
     except torch.OutOfMemoryError:
         return {"oom": True}
     finally:

@@ -26,7 +26,8 @@ from torch.profiler import ProfilerActivity, profile
 import segcompile as sc
 from segcompile.quality import report
 
-from bench_training import add_compile_args, add_model_args, build_model, compile_options, sequence, write_result
+from bench_training import (add_compile_args, add_model_args, build_model, compile_options, sequence, warmup_steps,
+                            write_result)
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
 # .item(), .cpu() and data-dependent shapes end in one of these (a device-to-host copy waits on its stream)
@@ -111,8 +112,7 @@ def main(argv=None):
         model.zero_grad(set_to_none=True)
 
     rows = {}
-    # CUDA-graph trees run a function eagerly once, record it the next time, then replay it
-    wall, prof = profiled(tbptt_step, args.trace, warmup=2 if seg.uses_cuda_graphs else 1)
+    wall, prof = profiled(tbptt_step, args.trace, warmup=warmup_steps(seg))
     rows["tbptt"] = summary(wall, prof, segments)
     wall, prof = profiled(floor_step)
     rows["plain_segment"] = summary(wall, prof, 1)
