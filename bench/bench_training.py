@@ -22,6 +22,7 @@ segcompile's peak against N and prints both slopes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -34,6 +35,7 @@ import transformers
 
 import segcompile as sc
 from segcompile.quality import report
+from segcompile.runtime.collector import compilation_events
 
 import memory_trace  # noqa: E402
 
@@ -113,11 +115,12 @@ def measure(step, n_tokens: int, iters: int, warmup: int = 1) -> dict:
     torch.cuda.reset_peak_memory_stats()
     recordings = cuda_graph_recordings()
     times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - start)
+    with collector_pauses() as pauses:
+        for _ in range(iters):
+            start = time.perf_counter()
+            step()
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated()
     seconds = statistics.median(times)
     return {
@@ -128,6 +131,8 @@ def measure(step, n_tokens: int, iters: int, warmup: int = 1) -> dict:
         "tokens_per_s": n_tokens / seconds,
         # a timed step that records CUDA graphs again measures the recording, not the replay
         "cuda_graphs_recorded_while_timed": cuda_graph_recordings() > recordings,
+        # Python's garbage collector, which stops everything: a full collection after a compile walks millions of objects
+        "gc_pause_s_per_step": sum(pauses) / iters,
     }
 
 
@@ -138,8 +143,25 @@ def warmup_steps(seg) -> int:
 
 
 def cuda_graph_recordings() -> int:
-    # Inductor counts the inputs of every CUDA graph it records; the count moves only when one is recorded
-    return torch._dynamo.utils.counters["inductor"]["cudagraph_recorded_non_static_inputs"]
+    return compilation_events()[1]
+
+
+@contextlib.contextmanager
+def collector_pauses():
+    """The seconds each garbage collection took while the block ran (a list, filled as they end)."""
+    pauses, started = [], []
+
+    def note(phase, info):
+        if phase == "start":
+            started.append(time.perf_counter())
+        elif started:
+            pauses.append(time.perf_counter() - started.pop())
+
+    gc.callbacks.append(note)
+    try:
+        yield pauses
+    finally:
+        gc.callbacks.remove(note)
 
 
 def sequence(n: int, args) -> torch.Tensor:
@@ -257,14 +279,14 @@ def write_result(result: dict, script: str, out: Path) -> None:
 def print_table(result):
     print(f"\n{result['device']}, {result['model']['params'] / 1e6:.0f}M params, S={result['segment_len']}, "
           f"long-range fraction {result['long_range_fraction']}")
-    print(f"{'N':>7} | {'regime':<18} | {'peak GiB':>8} | {'above static':>12} | {'tokens/s':>9}")
+    print(f"{'N':>7} | {'regime':<18} | {'peak GiB':>8} | {'above static':>12} | {'tokens/s':>9} | {'GC s/step':>9}")
     for r in result["rows"]:
         if r.get("oom"):
             print(f"{r['seq_len']:>7} | {r['regime']:<18} | {'OOM':>8} |")
             continue
         rerecorded = "  (CUDA graphs recorded while timed)" if r.get("cuda_graphs_recorded_while_timed") else ""
         print(f"{r['seq_len']:>7} | {r['regime']:<18} | {r['peak_gib']:8.2f} | {r['peak_above_static_gib']:12.2f} | "
-              f"{r['tokens_per_s']:9.0f}{rerecorded}")
+              f"{r['tokens_per_s']:9.0f} | {r.get('gc_pause_s_per_step', 0):9.3f}{rerecorded}")
     if result["segcompile_peak_slope_bytes_per_token"] is not None:
         print(f"segcompile peak grows {result['segcompile_peak_slope_bytes_per_token']:.0f} B/token; carried "
               f"long-range KV is {result['carried_state_bytes_per_token']} B/token")
