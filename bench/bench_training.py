@@ -35,7 +35,6 @@ import transformers
 
 import segcompile as sc
 from segcompile.quality import report
-from segcompile.runtime.collector import compilation_events
 
 import memory_trace  # noqa: E402
 
@@ -51,6 +50,8 @@ def parse_args(argv=None):
     p.add_argument("--regimes", nargs="+", default=["segcompile", "segcompile+ckpt", "full", "full+ckpt"],
                    choices=["segcompile", "segcompile+ckpt", "segcompile+compile", "full", "full+ckpt"])
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    p.add_argument("--gc-freeze", action="store_true",
+                   help="measure each regime a second time with Python's garbage collector frozen (gc.freeze)")
     p.add_argument("--memory-snapshot", type=Path, default=None, metavar="FILE",
                    help="also record the allocator's history of one segcompile step at the largest N, write it to "
                         "FILE and print what is alive at its peak")
@@ -108,8 +109,11 @@ def build_model(args) -> transformers.LlamaForCausalLM:
 
 
 def measure(step, n_tokens: int, iters: int, warmup: int = 1) -> dict:
-    for _ in range(warmup):  # allocates gradients and optimizer state, autotunes (and records CUDA graphs)
+    for i in range(warmup):  # allocates gradients and optimizer state, autotunes (and records CUDA graphs)
+        start = time.perf_counter()
         step()
+        torch.cuda.synchronize()
+        progress(f"warm-up step {i + 1}/{warmup}: {time.perf_counter() - start:.2f} s")
     torch.cuda.synchronize()
     static = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -121,6 +125,7 @@ def measure(step, n_tokens: int, iters: int, warmup: int = 1) -> dict:
             step()
             torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
+            progress(f"timed step {len(times)}/{iters}: {times[-1]:.2f} s")
     peak = torch.cuda.max_memory_allocated()
     seconds = statistics.median(times)
     return {
@@ -136,6 +141,11 @@ def measure(step, n_tokens: int, iters: int, warmup: int = 1) -> dict:
     }
 
 
+def progress(line: str) -> None:
+    # a run cut short by its time limit still says how far it got
+    print("  " + line, file=sys.stderr, flush=True)
+
+
 def warmup_steps(seg) -> int:
     """Untimed steps before a measurement: CUDA-graph trees run a function eagerly once, record it
     the next time, then replay it."""
@@ -143,7 +153,8 @@ def warmup_steps(seg) -> int:
 
 
 def cuda_graph_recordings() -> int:
-    return compilation_events()[1]
+    # Inductor counts the inputs of every CUDA graph it records; the count moves only when one is recorded
+    return torch._dynamo.utils.counters["inductor"]["cudagraph_recorded_non_static_inputs"]
 
 
 @contextlib.contextmanager
@@ -191,8 +202,12 @@ def run_regime(regime, model, seg, n, args) -> dict:
     if regime == "full+ckpt":
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    progress(f"{regime} at {n} tokens")
     try:
-        return measure(step, n, args.iters, warmup=warmup_steps(seg))
+        row = measure(step, n, args.iters, warmup=warmup_steps(seg))
+        if args.gc_freeze:
+            row["gc_frozen"] = measure_gc_frozen(step, n, args.iters)
+        return row
     except torch.OutOfMemoryError:
         return {"oom": True}
     finally:
@@ -201,6 +216,18 @@ def run_regime(regime, model, seg, n, args) -> dict:
         del optimizer
         gc.collect()
         torch.cuda.empty_cache()
+
+
+def measure_gc_frozen(step, n_tokens: int, iters: int) -> dict:
+    """``measure`` again once every live object is in the collector's permanent generation
+    (``gc.freeze``, what serving engines do after their warm-up): full collections then skip what
+    compiling made. Unfrozen afterwards, so that the next regime starts as this one did."""
+    gc.collect()
+    gc.freeze()
+    try:
+        return measure(step, n_tokens, iters)
+    finally:
+        gc.unfreeze()
 
 
 def snapshot_step(model, seg, n, args) -> None:
@@ -287,6 +314,10 @@ def print_table(result):
         rerecorded = "  (CUDA graphs recorded while timed)" if r.get("cuda_graphs_recorded_while_timed") else ""
         print(f"{r['seq_len']:>7} | {r['regime']:<18} | {r['peak_gib']:8.2f} | {r['peak_above_static_gib']:12.2f} | "
               f"{r['tokens_per_s']:9.0f} | {r.get('gc_pause_s_per_step', 0):9.3f}{rerecorded}")
+        if "gc_frozen" in r:
+            f = r["gc_frozen"]
+            print(f"{'':>7} | {'  gc frozen':<18} | {f['peak_gib']:8.2f} | {f['peak_above_static_gib']:12.2f} | "
+                  f"{f['tokens_per_s']:9.0f} | {f['gc_pause_s_per_step']:9.3f}")
     if result["segcompile_peak_slope_bytes_per_token"] is not None:
         print(f"segcompile peak grows {result['segcompile_peak_slope_bytes_per_token']:.0f} B/token; carried "
               f"long-range KV is {result['carried_state_bytes_per_token']} B/token")

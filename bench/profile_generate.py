@@ -31,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 import segcompile as sc
 
 from bench_generate import batched, build_model
-from bench_training import write_result
+from bench_training import collector_pauses, write_result
 from profile_training import print_profiles, summary
 
 PATHS = ("static", "cuda-graph", "compiled-graph", "eager")
@@ -92,14 +92,14 @@ def main(argv=None):
         # the first token loads the prompt's state into the path's buffers (once per generation): not profiled
         state = decode(batched(prompt, 1, n + 2 * args.segment_len), range(1))
         torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, collector_pauses() as pauses:
             start = time.perf_counter()
             decode(state, range(1, args.tokens))
             torch.cuda.synchronize()
             wall = time.perf_counter() - start
         if args.trace is not None and path == "static":
             prof.export_chrome_trace(str(args.trace))
-        rows[path] = summary(wall, prof, args.tokens - 1)
+        rows[path] = summary(wall, prof, args.tokens - 1, pauses)
         rows[path]["decode_path"] = seg.last_decode_path
         print(path, {k: v for k, v in rows[path].items() if not k.startswith("top")}, flush=True)
     seg.disable_cuda_graphs()

@@ -56,8 +56,8 @@ def main(argv=None):
             with torch.no_grad():
                 seg.prefill(ids)
 
-        wall, prof = profiled(prefill, args.trace if name == args.history_dtypes[-1] else None)
-        rows[f"{name} history"] = summary(wall, prof, segments)
+        wall, prof, pauses = profiled(prefill, args.trace if name == args.history_dtypes[-1] else None)
+        rows[f"{name} history"] = summary(wall, prof, segments, pauses)
         print(name, {k: v for k, v in rows[f"{name} history"].items() if not k.startswith("top")}, flush=True)
         del seg, prof
         torch.cuda.empty_cache()

@@ -8,7 +8,9 @@ full causal attention, the same autocast):
 * wall time and GPU-busy time (the union of the kernels' intervals on the device), per segment;
 * kernel launches and host-device synchronisations (``cuda*Synchronize``, blocking ``cudaMemcpy``),
   per segment;
-* the top operators by self device time and by self host time.
+* the top operators by self device time and by self host time;
+* the time Python's garbage collector stopped the step, and the longest intervals the GPU sat idle
+  with the host operator that spans each (a stall outside any operator shows as its caller).
 
     python bench/profile_training.py --seq-len 32768 [--compiled] [--trace trace.json]
 """
@@ -26,8 +28,8 @@ from torch.profiler import ProfilerActivity, profile
 import segcompile as sc
 from segcompile.quality import report
 
-from bench_training import (add_compile_args, add_model_args, build_model, compile_options, sequence, warmup_steps,
-                            write_result)
+from bench_training import (add_compile_args, add_model_args, build_model, collector_pauses, compile_options, sequence,
+                            warmup_steps, write_result)
 
 LAUNCHES = ("cudaLaunchKernel", "cuLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernelEx")
 # .item(), .cpu() and data-dependent shapes end in one of these (a device-to-host copy waits on its stream)
@@ -47,28 +49,31 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def profiled(step, trace: Path | None = None, warmup: int = 1) -> tuple[float, profile]:
-    """Run ``step`` ``warmup`` times, then once under the profiler; its wall seconds and the profile."""
+def profiled(step, trace: Path | None = None, warmup: int = 1) -> tuple[float, profile, list[float]]:
+    """Run ``step`` ``warmup`` times, then once under the profiler; its wall seconds, the profile,
+    and the seconds of each garbage collection in it (the profiler does not see them)."""
     for _ in range(warmup):
         step()
     torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, collector_pauses() as pauses:
         start = time.perf_counter()
         step()
         torch.cuda.synchronize()
         wall = time.perf_counter() - start
     if trace is not None:
         prof.export_chrome_trace(str(trace))
-    return wall, prof
+    return wall, prof, pauses
 
 
-def summary(wall: float, prof: profile, units: int) -> dict:
+def summary(wall: float, prof: profile, units: int, gc_pauses: list[float] | None = None) -> dict:
     """Totals of one profile, divided by ``units`` (segments) where it says per segment."""
     events = prof.events()
     kernels = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
-    busy_us, end = 0.0, float("-inf")
+    busy_us, end, idle = 0.0, float("-inf"), []
     for lo, hi in kernels:  # the union of the intervals: overlapping kernels count once
         if hi > end:
+            if end > float("-inf") and lo > end:
+                idle.append((lo - end, end, lo))
             busy_us += hi - max(lo, end)
             end = hi
     launches = sum(1 for e in events if e.name in LAUNCHES)
@@ -85,7 +90,21 @@ def summary(wall: float, prof: profile, units: int) -> dict:
         "host_device_syncs": syncs / units,
         "top_by_device_ms": [(a.key, a.self_device_time_total / 1e3 / units, a.count / units) for a in by_device],
         "top_by_host_ms": [(a.key, a.self_cpu_time_total / 1e3 / units, a.count / units) for a in by_host],
+        "gc_pause_ms": None if gc_pauses is None else sum(gc_pauses) * 1e3 / units,
+        "longest_gpu_idle": longest_idle(events, idle),
     }
+
+
+def longest_idle(events, idle: list[tuple[float, float, float]], count: int = 3) -> list[tuple[float, str]]:
+    """The ``count`` longest intervals with no kernel on the device (ms, whole step), each with the
+    innermost host operator that spans it: what the host was doing while the GPU waited."""
+    host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]
+    found = []
+    for us, lo, hi in sorted(idle, reverse=True)[:count]:
+        spans = [e for e in host if e.time_range.start <= lo and e.time_range.end >= hi]
+        inner = min(spans, key=lambda e: e.time_range.end - e.time_range.start, default=None)
+        found.append((us / 1e3, inner.name if inner is not None else "(no host operator)"))
+    return found
 
 
 def main(argv=None):
@@ -112,10 +131,10 @@ def main(argv=None):
         model.zero_grad(set_to_none=True)
 
     rows = {}
-    wall, prof = profiled(tbptt_step, args.trace, warmup=warmup_steps(seg))
-    rows["tbptt"] = summary(wall, prof, segments)
-    wall, prof = profiled(floor_step)
-    rows["plain_segment"] = summary(wall, prof, 1)
+    wall, prof, pauses = profiled(tbptt_step, args.trace, warmup=warmup_steps(seg))
+    rows["tbptt"] = summary(wall, prof, segments, pauses)
+    wall, prof, pauses = profiled(floor_step)
+    rows["plain_segment"] = summary(wall, prof, 1, pauses)
 
     device = torch.cuda.get_device_name()
     result = {
@@ -143,6 +162,11 @@ def print_profiles(rows: dict[str, dict], what: str, unit: str, digits: int) -> 
     for name, r in rows.items():
         print(f"{name:<{width}} | {r['wall_ms']:8.{digits}f} | {r['gpu_busy_ms']:11.{digits}f} | "
               f"{r['gpu_busy_fraction']:5.0%} | {r['kernel_launches']:8.0f} | {r['host_device_syncs']:5.1f}")
+    for name, r in rows.items():
+        if r.get("gc_pause_ms") is not None:
+            print(f"{name}: garbage collection {r['gc_pause_ms']:.{digits}f} ms per {unit}")
+        for ms, op in r.get("longest_gpu_idle", []):
+            print(f"{name}: GPU idle {ms:.{digits}f} ms (whole step) inside {op[:80]}")
     for name, r in rows.items():
         for order in ("top_by_device_ms", "top_by_host_ms"):
             print(f"\n{name}: {order} (ms per {unit}, calls per {unit})")

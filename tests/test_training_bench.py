@@ -36,3 +36,14 @@ def test_a_mode_and_inductor_options_together_are_refused(bench):
         bench.compile_options(bench.parse_args(["--compile-mode", "reduce-overhead", "--inductor-option", "cpp_wrapper=true"]))
     with pytest.raises(SystemExit, match="NAME=VALUE"):
         bench.compile_options(bench.parse_args(["--inductor-option", "cpp_wrapper"]))
+
+
+def test_collector_pauses_times_each_collection_while_the_block_runs(bench):
+    import gc
+
+    with bench.collector_pauses() as pauses:
+        gc.collect()
+        gc.collect(1)
+    gc.collect()  # after the block: not counted
+    assert len(pauses) == 2 and all(0 <= p < 60 for p in pauses)
+    assert bench.parse_args(["--gc-freeze"]).gc_freeze and not bench.parse_args([]).gc_freeze

@@ -53,7 +53,6 @@ from ..ir import AttentionSite
 from ..kernels.problem import slot_table
 from .. import ir
 from . import generation, training
-from .collector import after_compiling
 from ..inputs import check_token_tensor, token_ids
 from .state import (
     CARRIED_NAMES,
@@ -120,7 +119,6 @@ class SegmentedModel(torch.nn.Module):
         self.last_decode_path: str | None = None  # "eager", "compiled", "static" or "cuda-graph"
 
     # ---- public API -------------------------------------------------------------------------
-    @after_compiling
     def forward(self, input_ids: torch.Tensor, **kwargs):
         """Segmented forward over the whole sequence; returns the model's own output type."""
         if kwargs:
@@ -140,7 +138,6 @@ class SegmentedModel(torch.nn.Module):
         outputs, _ = self._feed(self.initial_state(input_ids), input_ids, collect=True)
         return outputs
 
-    @after_compiling
     def prefill(self, input_ids: torch.Tensor, state: SegmentState | None = None, *, free_tails: bool = True) -> SegmentState:
         """Run ``input_ids`` through the loop and return the state (``state.logits`` = last token's).
 
@@ -168,7 +165,6 @@ class SegmentedModel(torch.nn.Module):
         _, state = self._feed(state, input_ids, collect=False, foreign=foreign)
         return state
 
-    @after_compiling
     def decode(self, state: SegmentState, next_ids: torch.Tensor, *,
                check_ids: bool = True) -> tuple[torch.Tensor, SegmentState]:
         """Feed ``next_ids [B, n]`` after ``state``; returns their logits ``[B, n, V]`` and the new state.
@@ -279,7 +275,6 @@ class SegmentedModel(torch.nn.Module):
         self._check_ids(input_ids)
         return empty_state(self.sites, input_ids.shape[0], input_ids.device, self.program_id)
 
-    @after_compiling
     def tbptt_backward(
         self,
         input_ids: torch.Tensor,
