@@ -170,6 +170,42 @@ def test_gradients_accumulate_like_backward():
         assert max_abs(got[name], want_a[name] + want_b[name]) <= 1e-12, name
 
 
+def test_no_automatic_collection_runs_inside_a_step_and_one_young_collection_after():
+    # a full collection inside a step walks every object compiling left alive (bench/README.md,
+    # training); with the thresholds at 1 the collector would otherwise run at every allocation
+    import gc
+    import sys
+
+    model, graph = captured("llama", dtype=torch.float64)
+    seg = sc.transform(graph, sc.SegmentConfig(S, long_range=sc.HeadPlan.fraction(0.5), tbptt_k=1))
+    ids = random_ids(1, N, seed=5)
+    collections, inside = [], []
+
+    def note(phase, info):
+        if phase == "start":
+            collections.append(info["generation"])
+            frame = sys._getframe()
+            while frame is not None and frame.f_code.co_name != "_run_segments":  # the segment loop
+                frame = frame.f_back
+            inside.append(frame is not None)
+
+    thresholds = gc.get_threshold()
+    gc.set_threshold(1, 1, 1)
+    gc.callbacks.append(note)
+    try:
+        seg.tbptt_backward(ids)
+        assert not any(inside) and collections[:1] == [1] and gc.isenabled()  # the step's own, then as usual
+        collections.clear()
+        gc.disable()  # the caller's choice stands: no collection, and still off after
+        seg.tbptt_backward(ids)
+        assert collections == [] and not gc.isenabled()
+    finally:
+        gc.enable()
+        gc.callbacks.remove(note)
+        gc.set_threshold(*thresholds)
+        model.zero_grad(set_to_none=True)
+
+
 def test_tbptt_k_changes_the_gradient():
     # The grid above would also pass if every K gave the same gradient and the oracle ignored K:
     # show that K = 0, 1, 2 really are different objectives on this input.
