@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU benchmark and check, one after the other, each under its own time limit, on one GPU.
 #   bash bench/gpu_run.sh OUT_DIR [STEP ...]     steps: check smoke tune kernel profile decode generate agreement agreement-smollm2 prefill prefillfp8
-#                                                profileprefill million onnx training profiletraining checkcg trainingcg trainingcg8k trainingall
+#                                                profileprefill million onnx training profiletraining checkcg trainingcg trainingcg8k trainingall trainexample
 #                                                training256k training1p5b regimes regimes8 consistency
 # Logs and result files land in OUT_DIR (results also in bench/results/). A step that fails or runs
 # out of time is reported and the next one runs.
@@ -58,6 +58,10 @@ for step in "${steps[@]}"; do
             --regimes segcompile+compile segcompile full full+ckpt $compile_mode --out "$out/training256k" ;;  # part 2
         training1p5b) run training1p5b 590 python bench/bench_training.py --seq-lens 65536 --hidden 2048 --heads 16 \
             --kv-heads 8 --intermediate 8192 --regimes segcompile+compile full+ckpt $compile_mode --out "$out/training1p5b" ;;
+        trainexample) for mode in default reduce-overhead; do  # examples/train.py compiled both ways: loss, accuracy, tokens/s
+                run "train-$mode" 280 python examples/train.py --out "$out/train-$mode" --steps 300 --compile on \
+                    --compile-mode "$mode" --dtype bf16
+            done ;;
         regimes) run regimes 200 python bench/tbptt_regimes.py --cpu-defaults --device cuda ;;
         regimes8) run regimes8 170 python bench/tbptt_regimes.py --cpu-defaults --device cuda --seq-len 512 \
             --pairs 24 --queries 16 --num-keys 32 --num-values 512 --out "$out/regimes8" ;;

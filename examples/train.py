@@ -79,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", choices=["auto", "on", "off"], default="auto",
                    help="run the segment step under torch.compile (seg.compile()); auto: on for one CUDA process "
                         "(about 2x the eager step's tokens/s on an H200), off on the CPU and under --fsdp/--ddp")
+    p.add_argument("--compile-mode", choices=["default", "reduce-overhead"], default="default",
+                   help="torch.compile's mode when compiling: reduce-overhead replays CUDA graphs (1.46x the default "
+                        "mode's tokens/s for a 443M model at 32K on an H200, bench/README.md; the first two steps "
+                        "record them)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="save every N steps (0: only at the end)")
     p.add_argument("--eval-batches", type=int, default=1, help="held-out batches evaluated at the end")
     p.add_argument("--out", type=Path, required=True)
@@ -181,7 +185,7 @@ def train(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
     )
     seg = sc.transform(model, cfg)
     if args.compile == "on" or (args.compile == "auto" and device.type == "cuda" and ranks == 1):
-        seg.compile()
+        seg.compile(**({} if args.compile_mode == "default" else {"mode": args.compile_mode}))
     if args.fsdp:
         seg = sc.distributed.fsdp(seg)
     elif args.ddp:
