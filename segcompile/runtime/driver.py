@@ -290,7 +290,9 @@ class SegmentedModel(torch.nn.Module):
         with ``checkpoint=True`` they hold only their inputs and recompute activations in backward.
         Under ``torch.autocast`` the segment steps run in the autocast dtype. Wrapped by
         ``segcompile.distributed``, the gradients are synchronised over the ranks once, after the
-        sequence's last backward. How: ``runtime/training.py``.
+        sequence's last backward. Python's garbage collector does not run by itself while the
+        segments run; the young generations are collected once after them (unless the caller turned
+        the collector off). How: ``runtime/training.py``.
         """
         check_sync_owner(self)
         if self.gradient_sync is None:
