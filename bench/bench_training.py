@@ -205,6 +205,8 @@ def run_regime(regime, model, seg, n, args) -> dict:
     progress(f"{regime} at {n} tokens")
     try:
         row = measure(step, n, args.iters, warmup=warmup_steps(seg))
+        progress(f"{regime} at {n} tokens: {row['tokens_per_s']:.0f} tokens/s, peak {row['peak_gib']:.2f} GiB, "
+                 f"GC {row['gc_pause_s_per_step']:.3f} s a step")
         if args.gc_freeze:
             row["gc_frozen"] = measure_gc_frozen(step, n, args.iters)
         return row
