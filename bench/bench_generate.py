@@ -126,10 +126,15 @@ def free(device) -> None:
 
 # ---- segcompile ---------------------------------------------------------------------------------
 def batched(state: sc.SegmentState, batch: int, total: int | None) -> sc.SegmentState:
-    """``state`` repeated ``batch`` times (fresh tensors), its history reserved for ``total``
-    positions (``None``: not reserved; the CUDA-graph paths copy it into buffers of their own)."""
+    """``state`` repeated ``batch`` times, as fresh tensors with the history reserved for ``total``
+    positions (the eager path decodes into them), or, for ``total=None``, as views that take no
+    memory (the CUDA-graph paths copy the state into buffers of their own: at batch 32 after 32K a
+    repeated copy of the state, 47 GiB, beside those buffers ran the H200 out of memory)."""
+    def repeat(t: torch.Tensor) -> torch.Tensor:
+        return t.repeat(batch, 1, 1, 1) if total is not None else t.expand(batch, -1, -1, -1)
+
     layers = tuple(
-        replace(layer, **{name: getattr(layer, name).repeat(batch, 1, 1, 1) for name in
+        replace(layer, **{name: repeat(getattr(layer, name)) for name in
                           ("sink_k", "sink_v", "hist_k", "hist_v", "tail_k", "tail_v", "current_k", "current_v")},
                 hist_store_k=None, hist_store_v=None)
         for layer in state.layers

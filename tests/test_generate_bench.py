@@ -12,7 +12,7 @@ from conftest import load_script
 def test_tiny_run_reports_agreement_against_both_references(tmp_path, capsys):
     bench = load_script("bench", "bench_generate")
     bench.main(["--tiny", "--paths", "seg-eager", "seg-static", "seg-cuda-graph", "--new-tokens", "12",
-                "--out", str(tmp_path)])
+                "--batches", "1", "3", "--out", str(tmp_path)])
     report = json.loads((tmp_path / "bench_generate-tiny-cpu.json").read_text())
     agreement = {(a["path"], a["against"]): a["max_rel_error"] for a in report["accuracy"]}
     assert set(agreement) == {("seg-static", "seg-eager"), ("seg-cuda-graph", "seg-eager"),
