@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU benchmark and check, one after the other, each under its own time limit, on one GPU.
-#   bash bench/gpu_run.sh OUT_DIR [STEP ...]     steps: check smoke tune kernel profile decode generate agreement agreement-smollm2 prefill prefillfp8
+#   bash bench/gpu_run.sh OUT_DIR [STEP ...]     steps: check smoke tune kernel profile decode generate generatebatch agreement agreement-smollm2 prefill prefillfp8
 #                                                profileprefill million onnx training profiletraining checkcg trainingcg trainingcg8k trainingall trainexample
 #                                                training256k training1p5b regimes regimes8 consistency
 # Logs and result files land in OUT_DIR (results also in bench/results/). A step that fails or runs
@@ -35,6 +35,8 @@ for step in "${steps[@]}"; do
         profile) run profile 150 python bench/profile_kernels.py ;;
         decode) run decode 120 python bench/bench_decode.py ;;
         generate) run generate 560 python bench/bench_generate.py ;;
+        generatebatch) run generatebatch 560 python bench/bench_generate.py --prompt-lens 32768 --batches 8 32 \
+            --paths seg-compiled-graph hf-sdpa --out "$out/generatebatch" ;;  # tokens/s at batch 8 and 32 against HF
         agreement) run agreement 400 python bench/bench_generate.py \
             --paths seg-eager seg-static seg-cuda-graph seg-compiled-graph --fp32-reference ;;
         agreement-smollm2) run agreement-smollm2 300 python bench/bench_generate.py --model smollm2 \
