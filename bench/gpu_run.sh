@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU benchmark and check, one after the other, each under its own time limit, on one GPU.
 #   bash bench/gpu_run.sh OUT_DIR [STEP ...]     steps: check smoke tune kernel profile decode generate generatebatch agreement agreement-smollm2 prefill prefillfp8
-#                                                profileprefill million onnx training profiletraining checkcg trainingcg trainingcg8k trainingall trainexample
-#                                                training256k training1p5b regimes regimes8 consistency
+#                                                profileprefill million onnx training profiletraining checkcg trainingcg traininglong trainexample
+#                                                training1p5b regimes regimes8 consistency
 # Logs and result files land in OUT_DIR (results also in bench/results/). A step that fails or runs
 # out of time is reported and the next one runs.
 set -uo pipefail
@@ -12,8 +12,6 @@ shift
 mkdir -p "$out"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 steps=("$@")
-# the training steps' compile mode for segcompile+compile, e.g. TRAINING_COMPILE_MODE=reduce-overhead (CUDA graphs)
-compile_mode=${TRAINING_COMPILE_MODE:+--compile-mode $TRAINING_COMPILE_MODE}
 [ ${#steps[@]} -eq 0 ] && steps=(check smoke kernel decode prefill training regimes regimes8)
 
 run() {  # name, seconds, command...
@@ -50,16 +48,12 @@ for step in "${steps[@]}"; do
         training) run training 270 python bench/bench_training.py --seq-lens 8192 16384 32768 65536 ;;
         profiletraining) run profiletraining 400 python bench/profile_training.py --seq-len 32768 --compiled ;;
         checkcg) run checkcg 240 python bench/check_training_cuda_graphs.py ;;  # TBPTT under CUDA graphs: gradients, no re-recording
-        trainingcg) run trainingcg 570 python bench/bench_training.py --seq-lens 32768 --iters 3 --gc-freeze \
-            --regimes segcompile+compile full+ckpt --compile-mode reduce-overhead --out "$out/trainingcg" ;;  # CUDA graphs under seg.compile()
-        trainingcg8k) run trainingcg8k 400 python bench/bench_training.py --seq-lens 8192 --iters 3 --gc-freeze \
-            --regimes segcompile+compile full+ckpt --compile-mode reduce-overhead --out "$out/trainingcg8k" ;;
-        trainingall) run trainingall 590 python bench/bench_training.py --seq-lens 8192 32768 131072 \
-            --regimes segcompile+compile segcompile full full+ckpt $compile_mode --out "$out/trainingall" ;;  # issue acceptance, part 1
-        training256k) run training256k 590 python bench/bench_training.py --seq-lens 262144 \
-            --regimes segcompile+compile segcompile full full+ckpt $compile_mode --out "$out/training256k" ;;  # part 2
+        trainingcg) run trainingcg 575 python bench/bench_training.py --seq-lens 8192 32768 --iters 3 --gc-freeze \
+            --regimes segcompile+compile full+ckpt --compile-mode reduce-overhead --out "$out/trainingcg" ;;  # the speed targets, CUDA graphs
+        traininglong) run traininglong 590 python bench/bench_training.py --seq-lens 131072 262144 \
+            --regimes segcompile full full+ckpt --out "$out/traininglong" ;;  # 128K and 256K: peak slope, the peers (no compile)
         training1p5b) run training1p5b 590 python bench/bench_training.py --seq-lens 65536 --hidden 2048 --heads 16 \
-            --kv-heads 8 --intermediate 8192 --regimes segcompile+compile full+ckpt $compile_mode --out "$out/training1p5b" ;;
+            --kv-heads 8 --intermediate 8192 --regimes segcompile full+ckpt --out "$out/training1p5b" ;;
         trainexample) for mode in default reduce-overhead; do  # examples/train.py compiled both ways: loss, accuracy, tokens/s
                 run "train-$mode" 280 python examples/train.py --out "$out/train-$mode" --steps 300 --compile on \
                     --compile-mode "$mode" --dtype bf16
