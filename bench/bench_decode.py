@@ -34,6 +34,7 @@ from segcompile.kernels import triton_attention as ta
 from segcompile.kernels.dispatch import segment_attention_forward
 from segcompile.kernels.problem import prepare
 from segcompile.kernels.reference import segment_attention_reference
+from segcompile.quality import report
 
 
 def parse_args(argv=None):
@@ -134,7 +135,8 @@ def main(argv=None):
               f"{same['sdpa']['us'] / r['us']:7.2f}x {same['sdpa']['us_graph'] / r['us_graph']:12.2f}x")
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"bench_decode-{device.replace(' ', '_')}.json"
-    meta = dict(device=device, torch=torch.__version__, triton=triton.__version__, command="python " + " ".join(sys.argv),
+    meta = dict(device=device, torch=torch.__version__, triton=triton.__version__,
+                command=report.recorded_command("bench/bench_decode.py", sys.argv[1:], {"--out"}),
                 heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim, segment_len=args.segment_len,
                 sinks=args.sinks, long_range_kv_heads=args.long_range, dtype="bfloat16")
     path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))

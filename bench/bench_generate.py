@@ -56,6 +56,7 @@ import torch
 import transformers
 
 import segcompile as sc
+from segcompile.quality.report import recorded_command
 from segcompile.runtime.state import reserve_history
 
 PATHS = ("seg-eager", "seg-static", "seg-cuda-graph", "seg-compiled-graph", "hf-sdpa", "hf-static-compile")
@@ -130,11 +131,11 @@ def batched(state: sc.SegmentState, batch: int, total: int | None) -> sc.Segment
     positions (the eager path decodes into them), or, for ``total=None``, as views that take no
     memory (the CUDA-graph paths copy the state into buffers of their own: at batch 32 after 32K a
     repeated copy of the state, 47 GiB, beside those buffers ran the H200 out of memory)."""
-    def repeat(t: torch.Tensor) -> torch.Tensor:
+    def batch_of(t: torch.Tensor) -> torch.Tensor:
         return t.repeat(batch, 1, 1, 1) if total is not None else t.expand(batch, -1, -1, -1)
 
     layers = tuple(
-        replace(layer, **{name: repeat(getattr(layer, name)) for name in
+        replace(layer, **{name: batch_of(getattr(layer, name)) for name in
                           ("sink_k", "sink_v", "hist_k", "hist_v", "tail_k", "tail_v", "current_k", "current_v")},
                 hist_store_k=None, hist_store_v=None)
         for layer in state.layers
@@ -425,7 +426,8 @@ def main(argv=None):
             for batch in args.batches:
                 rows += [hf_case(args, model, prompt_len, batch, path, device) for path in hf_paths]
     meta = dict(device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu", torch=torch.__version__,
-                transformers=transformers.__version__, command="python " + " ".join(sys.argv), tiny=args.tiny,
+                transformers=transformers.__version__, tiny=args.tiny,
+                command=recorded_command("bench/bench_generate.py", sys.argv[1:], {"--out"}),
                 model=model_name(args),
                 layers=model.config.num_hidden_layers, dtype=str(model.dtype).removeprefix("torch."),
                 segment_len=args.segment_len, long_range=args.long_range, new_tokens=args.new_tokens,

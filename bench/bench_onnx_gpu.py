@@ -44,6 +44,7 @@ import torch  # before onnxruntime: the CUDA provider uses the CUDA libraries to
 import segcompile as sc
 from segcompile.deploy.onnx_export import export_onnx
 from segcompile.deploy.onnxruntime_backend import OnnxSegmentedModel
+from segcompile.quality import report
 from segcompile.testing.models import tiny_model
 from segcompile.testing.tolerances import max_abs_error, relative_error, tolerance
 
@@ -290,7 +291,8 @@ def main(argv=None) -> dict:
     result = dict(
         device=torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         torch=torch.__version__, onnxruntime=ort.__version__, onnxruntime_build=onnxruntime_build(ort),
-        onnxruntime_providers=ort.get_available_providers(), command="python " + " ".join(sys.argv),
+        onnxruntime_providers=ort.get_available_providers(),
+        command=report.recorded_command("bench/bench_onnx_gpu.py", sys.argv[1:], {"--out"}),
         layers_8b=args.layers, segments=args.segments, boundary=args.boundary, new_tokens=args.new_tokens,
         batch=args.batch, budget_s=args.budget_s, rows=rows,
     )

@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 import segcompile as sc
+from segcompile.quality import report
 
 from bench_generate import batched, build_model
-from bench_training import collector_pauses, write_result
-from profile_training import print_profiles, summary
+from bench_training import write_result
+from profile_training import print_profiles, profiled, summary
 
 PATHS = ("static", "cuda-graph", "compiled-graph", "eager")
 HBM_BYTES_PER_S = 4.8e12  # H200
@@ -91,21 +90,16 @@ def main(argv=None):
         decode(batched(prompt, 1, n + 2 * args.segment_len), range(args.tokens))  # kernels compiled, graphs captured
         # the first token loads the prompt's state into the path's buffers (once per generation): not profiled
         state = decode(batched(prompt, 1, n + 2 * args.segment_len), range(1))
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof, collector_pauses() as pauses:
-            start = time.perf_counter()
-            decode(state, range(1, args.tokens))
-            torch.cuda.synchronize()
-            wall = time.perf_counter() - start
-        if args.trace is not None and path == "static":
-            prof.export_chrome_trace(str(args.trace))
+        wall, prof, pauses = profiled(lambda: decode(state, range(1, args.tokens)),
+                                     args.trace if path == "static" else None, warmup=0)
         rows[path] = summary(wall, prof, args.tokens - 1, pauses)
         rows[path]["decode_path"] = seg.last_decode_path
         print(path, {k: v for k, v in rows[path].items() if not k.startswith("top")}, flush=True)
     seg.disable_cuda_graphs()
     floor = floor_bytes(model, seg, n)
     result = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "command": "python " + " ".join(sys.argv),
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "command": report.recorded_command("bench/profile_generate.py", sys.argv[1:], {"--out", "--trace"}),
         "prompt_len": n, "segment_len": args.segment_len, "long_range_fraction": args.long_range,
         "layers": args.layers, "floor_bytes_per_token": floor, "floor_ms_per_token": floor / HBM_BYTES_PER_S * 1e3,
         "rows": rows,

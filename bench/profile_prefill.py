@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 import segcompile as sc
+from segcompile.quality import report
 
 from bench_prefill import HISTORY_DTYPES, add_model_args, build_model
 from bench_training import write_result
@@ -62,7 +63,8 @@ def main(argv=None):
         del seg, prof
         torch.cuda.empty_cache()
     result = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__, "command": "python " + " ".join(sys.argv),
+        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
+        "command": report.recorded_command("bench/profile_prefill.py", sys.argv[1:], {"--out", "--trace"}),
         "seq_len": args.seq_len, "segment_len": args.segment_len, "long_range_fraction": args.long_range,
         "layers": args.layers, "rows": rows,
     }
