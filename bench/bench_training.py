@@ -34,6 +34,7 @@ import torch
 import transformers
 
 import segcompile as sc
+from segcompile.files import atomic_write_text
 from segcompile.quality import report
 
 import memory_trace  # noqa: E402
@@ -109,11 +110,13 @@ def build_model(args) -> transformers.LlamaForCausalLM:
 
 
 def measure(step, n_tokens: int, iters: int, warmup: int = 1) -> dict:
+    warmup_times = []
     for i in range(warmup):  # allocates gradients and optimizer state, autotunes (and records CUDA graphs)
         start = time.perf_counter()
         step()
         torch.cuda.synchronize()
-        progress(f"warm-up step {i + 1}/{warmup}: {time.perf_counter() - start:.2f} s")
+        warmup_times.append(time.perf_counter() - start)
+        progress(f"warm-up step {i + 1}/{warmup}: {warmup_times[-1]:.2f} s")
     torch.cuda.synchronize()
     static = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -134,6 +137,8 @@ def measure(step, n_tokens: int, iters: int, warmup: int = 1) -> dict:
         "peak_above_static_gib": (peak - static) / GiB,
         "step_s": seconds,
         "tokens_per_s": n_tokens / seconds,
+        # what a user waits before the first fast step: compiling and recording CUDA graphs happen here
+        "warmup_s": warmup_times,
         # a timed step that records CUDA graphs again measures the recording, not the replay
         "cuda_graphs_recorded_while_timed": cuda_graph_recordings() > recordings,
         # Python's garbage collector, which stops everything: a full collection after a compile walks millions of objects
@@ -268,18 +273,8 @@ def main(argv=None):
     state_bytes_per_token = n_lr * 2 * head_dim * 2
 
     compiled = sc.transform(model, cfg).compile(**compile_options(args)) if "segcompile+compile" in args.regimes else None
-    rows = []
-    for n in args.seq_lens:
-        for regime in args.regimes:
-            result = run_regime(regime, model, compiled if regime == "segcompile+compile" else seg, n, args)
-            rows.append({"regime": regime, "seq_len": n, **result})
-            print(json.dumps(rows[-1]), flush=True)
-
-    seg_points = [(r["seq_len"], r["peak_gib"]) for r in rows if r["regime"] == "segcompile" and "oom" not in r]
-    slope = fit_slope(seg_points) if len(seg_points) >= 2 else None
-    device = torch.cuda.get_device_name()
     result = {
-        "device": device,
+        "device": torch.cuda.get_device_name(),
         "torch": torch.__version__,
         "command": report.recorded_command("bench/bench_training.py", sys.argv[1:], {"--out", "--memory-snapshot"}),
         "model": {"params": params, "layers": args.layers, "hidden": args.hidden, "heads": args.heads,
@@ -288,21 +283,35 @@ def main(argv=None):
         "compile_options": compile_options(args), "long_range_kv_heads_total": n_lr, "transform_s": transform_s,
         "implementations": sorted(set(seg.implementations.values())),
         "carried_state_bytes_per_token": state_bytes_per_token,
-        "segcompile_peak_slope_bytes_per_token": slope,
-        "rows": rows,
+        "segcompile_peak_slope_bytes_per_token": None,
+        "complete": False,
+        "rows": [],
     }
+    rows = result["rows"]
+    for n in args.seq_lens:
+        for regime in args.regimes:
+            row = run_regime(regime, model, compiled if regime == "segcompile+compile" else seg, n, args)
+            rows.append({"regime": regime, "seq_len": n, **row})
+            print(json.dumps(rows[-1]), flush=True)
+            # rewritten after every row: a run cut off by its time limit keeps what it measured
+            write_result(result, "bench_training", args.out, quiet=True)
+
+    seg_points = [(r["seq_len"], r["peak_gib"]) for r in rows if r["regime"] == "segcompile" and "oom" not in r]
+    result["segcompile_peak_slope_bytes_per_token"] = fit_slope(seg_points) if len(seg_points) >= 2 else None
+    result["complete"] = True
     print_table(result)
     write_result(result, "bench_training", args.out)
     if args.memory_snapshot is not None:  # after the result file: the recording is slow and optional
         snapshot_step(model, seg, max(args.seq_lens), args)
 
 
-def write_result(result: dict, script: str, out: Path) -> None:
+def write_result(result: dict, script: str, out: Path, quiet: bool = False) -> None:
     """``out/<script>-<device>.json``, the file the bench README cites."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / (script + "-" + result["device"].replace(" ", "_") + ".json")
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
+    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    if not quiet:
+        print(f"wrote {path}")
 
 
 def print_table(result):

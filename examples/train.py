@@ -80,9 +80,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="run the segment step under torch.compile (seg.compile()); auto: on for one CUDA process "
                         "(about 2x the eager step's tokens/s on an H200), off on the CPU and under --fsdp/--ddp")
     p.add_argument("--compile-mode", choices=["default", "reduce-overhead"], default="default",
-                   help="torch.compile's mode when compiling: reduce-overhead replays CUDA graphs (1.46x the default "
-                        "mode's tokens/s for a 443M model at 32K on an H200, bench/README.md; the first two steps "
-                        "record them)")
+                   help="torch.compile's mode when compiling. reduce-overhead replays CUDA graphs: the fast path "
+                        "for large models at long lengths (a 443M model at 32K on an H200: 1.10x full attention "
+                        "with checkpointing; the first two steps record them, minutes), but 0.24x the default "
+                        "mode's tokens/s for the built-in 2-layer model (bench/README.md, training)")
     p.add_argument("--checkpoint-every", type=int, default=0, help="save every N steps (0: only at the end)")
     p.add_argument("--eval-batches", type=int, default=1, help="held-out batches evaluated at the end")
     p.add_argument("--out", type=Path, required=True)
