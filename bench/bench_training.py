@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import gc
 import json
+import pstats
 import statistics
 import sys
 import time
@@ -53,6 +55,9 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--gc-freeze", action="store_true",
                    help="measure each regime a second time with Python's garbage collector frozen (gc.freeze)")
+    p.add_argument("--profile-warmup", action="store_true",
+                   help="run the warm-up steps under cProfile; each row then lists the host functions that took "
+                        "the most time (compiling, recording CUDA graphs)")
     p.add_argument("--memory-snapshot", type=Path, default=None, metavar="FILE",
                    help="also record the allocator's history of one segcompile step at the largest N, write it to "
                         "FILE and print what is alive at its peak")
@@ -109,14 +114,18 @@ def build_model(args) -> transformers.LlamaForCausalLM:
     return model
 
 
-def measure(step, n_tokens: int, iters: int, warmup: int = 1) -> dict:
-    warmup_times = []
+def measure(step, n_tokens: int, iters: int, warmup: int = 1, profile_warmup: bool = False) -> dict:
+    warmup_times, warmup_profiles = [], []
     for i in range(warmup):  # allocates gradients and optimizer state, autotunes (and records CUDA graphs)
+        profiler = cProfile.Profile() if profile_warmup else contextlib.nullcontext()
         start = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
+        with profiler:
+            step()
+            torch.cuda.synchronize()
         warmup_times.append(time.perf_counter() - start)
         progress(f"warm-up step {i + 1}/{warmup}: {warmup_times[-1]:.2f} s")
+        if profile_warmup:
+            warmup_profiles.append(heaviest_functions(profiler))
     torch.cuda.synchronize()
     static = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
@@ -139,11 +148,22 @@ def measure(step, n_tokens: int, iters: int, warmup: int = 1) -> dict:
         "tokens_per_s": n_tokens / seconds,
         # what a user waits before the first fast step: compiling and recording CUDA graphs happen here
         "warmup_s": warmup_times,
+        **({"warmup_host_profile": warmup_profiles} if profile_warmup else {}),
         # a timed step that records CUDA graphs again measures the recording, not the replay
         "cuda_graphs_recorded_while_timed": cuda_graph_recordings() > recordings,
         # Python's garbage collector, which stops everything: a full collection after a compile walks millions of objects
         "gc_pause_s_per_step": sum(pauses) / iters,
     }
+
+
+def heaviest_functions(profiler: cProfile.Profile, top: int = 25) -> dict:
+    """The ``top`` functions of a cProfile run by their own time and by the time under them:
+    ``{"self": [...], "cumulative": [...]}``, each ``{"function", "calls", "self_s", "cumulative_s"}``."""
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (primitive calls, calls, self, cumulative, callers)}
+    rows = [{"function": f"{Path(file).name}:{line}({name})", "calls": calls, "self_s": round(own, 3),
+             "cumulative_s": round(cum, 3)} for (file, line, name), (_, calls, own, cum, _) in stats.items()]
+    return {order: sorted(rows, key=lambda r: -r[key])[:top] for order, key in
+            (("self", "self_s"), ("cumulative", "cumulative_s"))}
 
 
 def progress(line: str) -> None:
@@ -209,7 +229,7 @@ def run_regime(regime, model, seg, n, args) -> dict:
     model.train()
     progress(f"{regime} at {n} tokens")
     try:
-        row = measure(step, n, args.iters, warmup=warmup_steps(seg))
+        row = measure(step, n, args.iters, warmup=warmup_steps(seg), profile_warmup=args.profile_warmup)
         progress(f"{regime} at {n} tokens: {row['tokens_per_s']:.0f} tokens/s, peak {row['peak_gib']:.2f} GiB, "
                  f"GC {row['gc_pause_s_per_step']:.3f} s a step")
         if args.gc_freeze:

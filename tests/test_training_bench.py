@@ -47,3 +47,26 @@ def test_collector_pauses_times_each_collection_while_the_block_runs(bench):
     gc.collect()  # after the block: not counted
     assert len(pauses) == 2 and all(0 <= p < 60 for p in pauses)
     assert bench.parse_args(["--gc-freeze"]).gc_freeze and not bench.parse_args([]).gc_freeze
+
+
+def test_heaviest_functions_names_where_a_profiled_run_spent_its_time(bench):
+    import cProfile
+    import time
+
+    def slow():
+        time.sleep(0.05)
+
+    def quick():
+        return sum(range(10))
+
+    with cProfile.Profile() as profiler:
+        slow()
+        for _ in range(3):
+            quick()
+    heaviest = bench.heaviest_functions(profiler, top=3)
+    assert set(heaviest) == {"self", "cumulative"} and all(len(rows) <= 3 for rows in heaviest.values())
+    (slow_row,) = [r for r in heaviest["cumulative"] if "(slow)" in r["function"]]  # among the top 3
+    assert slow_row["calls"] == 1 and slow_row["cumulative_s"] >= 0.04
+    assert "sleep" in heaviest["self"][0]["function"]  # its own time, not slow()'s
+    assert not any("(quick)" in r["function"] for r in heaviest["cumulative"][:2])
+    assert bench.parse_args(["--profile-warmup"]).profile_warmup and not bench.parse_args([]).profile_warmup
