@@ -126,6 +126,8 @@ def measure(step, n_tokens: int, iters: int, warmup: int = 1, profile_warmup: bo
         progress(f"warm-up step {i + 1}/{warmup}: {warmup_times[-1]:.2f} s")
         if profile_warmup:
             warmup_profiles.append(heaviest_functions(profiler))
+            for row in warmup_profiles[-1]["cumulative"][:15]:  # now, in case the run is cut off before its file
+                progress(f"    {row['cumulative_s']:9.2f} s {row['calls']:9d} calls  {row['function']}")
     torch.cuda.synchronize()
     static = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()
