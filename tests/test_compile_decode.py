@@ -112,6 +112,19 @@ def test_compiled_step_trains():
         assert (p.grad - want[name]).abs().max() <= 1e-5 * want[name].abs().max(), name
 
 
+def test_compiling_for_cuda_graphs_says_that_the_first_calls_record(caplog):
+    # the first two calls at each length compile and record, minutes for long sequences: say so
+    _, graph = captured("llama", layers=1)
+    def said(**options) -> str:
+        caplog.clear()
+        with caplog.at_level("INFO", logger="segcompile.runtime.driver"):
+            sc.transform(graph, TRAIN_CFG).compile(**options)
+        return " ".join(r.getMessage() for r in caplog.records if r.name == "segcompile.runtime.driver")
+
+    assert said(backend="eager") == ""
+    assert "record" in said(mode="reduce-overhead") and "minutes" in said(mode="reduce-overhead")
+
+
 def test_compiled_for_cuda_graphs_trains_with_a_bounded_number_of_graphs():
     # mode="reduce-overhead" (CUDA graphs on a GPU, none on the CPU): the carried lengths are backed
     # dynamic sizes, as CUDA graphs need; Dynamo still compiles a bounded number of graphs over a

@@ -351,7 +351,9 @@ class SegmentedModel(torch.nn.Module):
         one for the others, and Inductor's CUDA-graph trees record one graph per distinct set of
         lengths: the segments of a training sequence once each, meant to be replayed by every later
         sequence of the same length (``tbptt_backward`` makes each sequence one generation of the
-        graph trees; bench/README.md, training, says what an H200 measured). ``forward``, and
+        graph trees; bench/README.md, training, says what an H200 measured). The first two
+        sequences of each length compile, then record: minutes for long ones (32K tokens of a 443M
+        model on an H200: 158 s and 340 s, then 0.86 s a step). ``forward``, and
         ``prefill`` from the empty state, are one generation a call too: their outputs may be
         overwritten by the next such call (clone what you keep). ``decode`` continues the
         generation of the prefill it follows and records a graph per token: decode with
@@ -372,6 +374,9 @@ class SegmentedModel(torch.nn.Module):
                 sources.append(f"L['{names[0]}']:1")
             self._compiled[graph] = (torch.compile(graph, **kwargs), {lengths: ",".join(sources)})
         self._compile_options = dict(kwargs)
+        if self.uses_cuda_graphs:
+            log.info("compiled with CUDA graphs: the first two calls at each sequence length compile and record "
+                     "(three graphs a segment in tbptt_backward), which takes minutes for long sequences")
         return self
 
     def _start_graph_generation(self) -> None:
