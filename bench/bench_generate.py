@@ -189,6 +189,31 @@ def relative_error(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
     return worst
 
 
+def ulps_at_largest(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """The worst token's ``max |got - want|`` in units in the last place of ``got``'s dtype at
+    that token's largest ``|want|``: what a relative error means for logits stored in 16 bits
+    (one bf16 unit is 0.4-0.8% of the value it sits at)."""
+    worst = 0.0
+    for g, w in zip(got, want):
+        top = w.double().abs().max().clamp_min(1e-300)
+        unit = torch.finfo(g.dtype).eps * 2.0 ** torch.floor(torch.log2(top))
+        worst = max(worst, ((g.double() - w.double()).abs().max() / unit).item())
+    return worst
+
+
+def same_greedy_tokens(got: list[torch.Tensor], want: list[torch.Tensor]) -> float:
+    """The fraction of (token, sequence) pairs whose argmax agrees: whether greedy decoding would
+    pick the same tokens."""
+    same = [(g.argmax(-1) == w.argmax(-1)).double().mean().item() for g, w in zip(got, want)]
+    return sum(same) / len(same)
+
+
+def agreement(got: list[torch.Tensor], want: list[torch.Tensor]) -> dict:
+    """The measures of ``got``'s logits against ``want``'s that a result row records."""
+    return dict(max_rel_error=relative_error(got, want), ulps_at_largest=ulps_at_largest(got, want),
+                same_greedy_tokens=same_greedy_tokens(got, want))
+
+
 def segcompile_cases(args, seg, model, prompt_len, device) -> tuple[list[dict], list[dict]]:
     """Rows of the segcompile paths at every batch size, and the CUDA-graph accuracy rows."""
     rows, accuracy = [], []
@@ -226,11 +251,11 @@ def segcompile_cases(args, seg, model, prompt_len, device) -> tuple[list[dict], 
                 row.update(ms_per_token=run["ms_per_token"], tokens_per_s=batch * 1e3 / run["ms_per_token"],
                            steady_ms_per_token=run["steady_ms_per_token"], decode_path=seg.last_decode_path)
                 for against, reference in references.items():
-                    error = relative_error(run["logits"], reference["logits"])
+                    measures = agreement(run["logits"], reference["logits"])
                     if against == "seg-eager":
-                        row["max_rel_error"] = error
+                        row["max_rel_error"] = measures["max_rel_error"]
                     accuracy.append(dict(prompt_len=prompt_len, batch=batch, path=path, against=against,
-                                         tokens=args.new_tokens, segment_end_after=args.boundary, max_rel_error=error))
+                                         tokens=args.new_tokens, segment_end_after=args.boundary, **measures))
                 if path in REFERENCE_PATHS:
                     references[path] = run
                 if args.fp32_reference and batch == 1:
@@ -246,10 +271,10 @@ def segcompile_cases(args, seg, model, prompt_len, device) -> tuple[list[dict], 
         if eager is not None and batch == 1 and args.fp32_reference:
             reference = fp32_reference(seg.cfg, model, ids, eager["tokens"], total)
             for path, logits in kept.items():
-                error = relative_error(logits, reference)
-                print(f"{path} against the fp32 model: {error:.2e}", flush=True)
+                measures = agreement(logits, reference)
+                print(f"{path} against the fp32 model: {measures['max_rel_error']:.2e}", flush=True)
                 accuracy.append(dict(prompt_len=prompt_len, batch=batch, path=path, against="float32 model",
-                                     tokens=args.new_tokens, segment_end_after=args.boundary, max_rel_error=error))
+                                     tokens=args.new_tokens, segment_end_after=args.boundary, **measures))
         del eager, references
         free(device)
     del prompt_state
@@ -351,9 +376,12 @@ def report(args, rows, accuracy, meta, device):
         print(f"{r['prompt_len']:7} {r['batch']:3} {r['path']:18} {r['ms_per_token']:9.2f} {steady} {r['tokens_per_s']:9.1f} "
               f"{r.get('first_s', float('nan')):8.2f} {r.get('warmup_s', float('nan')):10.2f} {speedup:>10} {error:>11}")
     if accuracy:
-        print("\nlogits agreement (the worst token's max |got - want| / max |want|, across the segment end):")
+        print("\nlogits agreement across the segment end: the worst token's max |got - want| / max |want|, the same in"
+              "\nunits in the last place at its largest logit, and the tokens whose greedy choice agrees:")
         for a in accuracy:
-            print(f"{a['prompt_len']:7} {a['batch']:3} {a['path']:18} against {a['against']:15} {a['max_rel_error']:.2e}")
+            extra = (f" {a['ulps_at_largest']:6.1f} ulp {a['same_greedy_tokens']:7.1%}"
+                     if "ulps_at_largest" in a else "")
+            print(f"{a['prompt_len']:7} {a['batch']:3} {a['path']:18} against {a['against']:15} {a['max_rel_error']:.2e}{extra}")
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = f"-{Path(args.model).stem}" if args.model else "-tiny" if args.tiny else ""
     stem = args.out / f"bench_generate{suffix}-{name.replace(' ', '_')}"

@@ -21,3 +21,19 @@ def test_tiny_run_reports_agreement_against_both_references(tmp_path, capsys):
     assert agreement[("seg-static", "seg-eager")] <= 1e-5  # fp32 (the fused projections may round otherwise)
     assert {r["decode_path"] for r in report["rows"]} == {"eager", "static"}
     assert "against seg-static" in capsys.readouterr().out
+
+
+def test_agreement_measures_units_in_the_last_place_and_greedy_choices():
+    import torch
+
+    bench = load_script("bench", "bench_generate")
+    want = [torch.tensor([[3.3125, -1.0, 0.5]], dtype=torch.bfloat16),
+            torch.tensor([[0.25, 1.5, 1.4921875]], dtype=torch.bfloat16)]
+    # token 1: 4 bf16 units (2^-6 each at 3.3125) on its largest logit; token 2: 2 units (2^-7 at
+    # its largest, 1.5) on another logit, which overtakes the largest
+    got = [torch.tensor([[3.3125 + 0.0625, -1.0, 0.5]], dtype=torch.bfloat16),
+           torch.tensor([[0.25, 1.5, 1.5078125]], dtype=torch.bfloat16)]
+    measures = bench.agreement(got, want)
+    assert measures["ulps_at_largest"] == 4.0
+    assert measures["same_greedy_tokens"] == 0.5
+    assert abs(measures["max_rel_error"] - 0.0625 / 3.3125) < 1e-12
