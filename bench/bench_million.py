@@ -7,8 +7,10 @@ prompt of ``--seq-len`` tokens (default 1,048,576), under ``torch.no_grad()``:
 * ``segcompile``: ``seg.prefill(ids)`` with S = T = ``--segment-len`` (4096), no sinks,
   fraction(``--long-range``) (0.25) long-range KV heads, the history stored in fp8 (e4m3, a
   scale per 64 positions; ``SegmentConfig.history_dtype``), then ``--new-tokens`` (64) greedy
-  tokens by ``seg.decode``, one token a call (the eager step: the CUDA-graph decoder does not
-  take an fp8 history). The same with the history in the model's dtype (bf16: 32 KiB a token,
+  tokens by ``seg.decode``, one token a call, on the CUDA-graph decoder (``--decode
+  cuda-graphs``, the default: ``seg.enable_cuda_graphs(max_context=...)``, its buffers holding
+  the fp8 history and scales; off CUDA the same fixed-shape program run eagerly) or the eager step
+  (``--decode eager``). The same with the history in the model's dtype (bf16: 32 KiB a token,
   32 GiB at 1M) when the time left allows it (below);
 * ``sdpa``: ``model(ids, use_cache=True, logits_to_keep=1)``, the model's own full attention
   (at 1M its activations and cache do not fit: the row says OOM);
@@ -69,6 +71,8 @@ def parse_args(argv=None):
     p.add_argument("--segment-len", type=int, default=None, help="S = T (default 4096; --tiny: 32)")
     p.add_argument("--long-range", type=float, default=None, help="fraction of KV heads (default 0.25; --tiny: 0.5)")
     p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens decoded after the prompt")
+    p.add_argument("--decode", choices=("cuda-graphs", "eager"), default="cuda-graphs",
+                   help="decode on seg.enable_cuda_graphs() (a copy of the state in its buffers) or the eager step")
     p.add_argument("--chunk", type=int, default=None, help="HF chunked prefill's chunk (default 4096; --tiny: 32)")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(REGIMES))
@@ -209,8 +213,9 @@ def attempt(run: Callable[[], dict], weights: int) -> dict:
 
 
 # ---- the regimes ---------------------------------------------------------------------------------
-def segcompile_run(seg, ids: torch.Tensor, new_tokens: int, every: int, weights: int) -> dict:
-    """Prefill ``ids``, then ``new_tokens`` greedy tokens one ``seg.decode`` at a time."""
+def segcompile_run(seg, ids: torch.Tensor, new_tokens: int, every: int, weights: int, decode: str) -> dict:
+    """Prefill ``ids``, then ``new_tokens`` greedy tokens one ``seg.decode`` at a time, on the
+    ``decode`` path ("cuda-graphs" or "eager")."""
     progress = Progress(f"segcompile {history_word(seg)} history", every, ids.shape[1])
     start = time.perf_counter()
     with segment_progress(seg, progress):
@@ -222,9 +227,14 @@ def segcompile_run(seg, ids: torch.Tensor, new_tokens: int, every: int, weights:
     row = dict(seconds=prefill_s, tokens_per_s=ids.shape[1] / prefill_s, prefill_peak_gib=peak_above(weights),
                state_gib=(allocated() - weights) / GiB if torch.cuda.is_available() else None,
                **bench_prefill.history_gib(state))
-    tokens, times = greedy_decode(seg, state, new_tokens)
-    row.update(decode_first_ms=times[0] * 1e3,
-               decode_ms_per_token=1e3 * sum(times[1:]) / max(len(times) - 1, 1), tokens=tokens)
+    if decode == "cuda-graphs":  # room for every decoded token: the buffers never grow
+        seg.enable_cuda_graphs(max_context=ids.shape[1] + new_tokens + seg.cfg.segment_len)
+    try:
+        tokens, times = greedy_decode(seg, state, new_tokens)
+        row.update(decode_first_ms=times[0] * 1e3, decode_path=seg.last_decode_path,
+                   decode_ms_per_token=1e3 * sum(times[1:]) / max(len(times) - 1, 1), tokens=tokens)
+    finally:
+        seg.disable_cuda_graphs()  # frees the buffers (a second copy of the state) and graphs
     return row
 
 
@@ -310,7 +320,7 @@ def main(argv=None):
                 row.update(status="skipped", reason=skip)
             elif regime == "segcompile":
                 row.update(attempt(lambda: segcompile_run(programs[word], ids, args.new_tokens,
-                                                          args.progress_every, weights), weights))
+                                                          args.progress_every, weights, args.decode), weights))
             elif regime == "sdpa":
                 row.update(attempt(lambda: sdpa_run(model, ids, deadline(clock, args.baseline_limit_s)), weights))
             else:
@@ -386,7 +396,7 @@ def summary(row: dict) -> str:
     text = f"{head}: {row['seconds']:.1f} s ({row['tokens_per_s']:,.0f} tokens/s), peak {gib(row['peak_gib'])}"
     if "decode_ms_per_token" in row:
         text += (f", history {row['history_gib']:.2f} GiB, decode {row['decode_ms_per_token']:.2f} ms/token "
-                 f"(first {row['decode_first_ms']:.0f} ms)")
+                 f"(first {row['decode_first_ms']:.0f} ms, {row.get('decode_path', 'eager')})")
     return text
 
 

@@ -51,6 +51,7 @@ def test_tiny_run_rows_history_bytes_and_greedy_tokens(million, tmp_path, capsys
     rows = rows_of(tmp_path)
     assert set(rows) == {("segcompile", "fp8"), ("segcompile", "model"), ("sdpa", "model"), ("chunked", "model")}
     assert all(r["status"] == "ok" for r in rows.values())
+    assert rows["segcompile", "fp8"]["decode_path"] == "static"  # the CUDA-graph decoder's program, off CUDA
     args = million.parse_args(["--tiny"])
     # 144 tokens, S = T = 32: the history holds positions [0, 96) of 1 long-range KV head (of 2) in
     # each of 2 layers, head_dim 16; fp8 values plus a 4-byte scale per 64-position block cut per
@@ -68,6 +69,16 @@ def test_tiny_run_rows_history_bytes_and_greedy_tokens(million, tmp_path, capsys
     out = capsys.readouterr().out
     assert "segcompile fp8 history: 64/144 tokens" in out and "segcompile fp8 history: 144/144 tokens" in out
     assert "sdpa: layer 1/2" in out
+
+
+def test_eager_decode_chooses_the_same_tokens(million, tmp_path):
+    million.main(["--tiny", "--new-tokens", "4", "--regimes", "segcompile", "--history-dtypes", "fp8",
+                  "--decode", "eager", "--out", str(tmp_path / "eager")])
+    million.main(["--tiny", "--new-tokens", "4", "--regimes", "segcompile", "--history-dtypes", "fp8",
+                  "--out", str(tmp_path / "graphs")])
+    eager, graphs = rows_of(tmp_path / "eager")["segcompile", "fp8"], rows_of(tmp_path / "graphs")["segcompile", "fp8"]
+    assert (eager["decode_path"], graphs["decode_path"]) == ("eager", "static")
+    assert eager["tokens"] == graphs["tokens"]
 
 
 def test_time_limit_stops_the_baselines_and_records_how_far(million, tmp_path):

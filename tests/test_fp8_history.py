@@ -290,11 +290,44 @@ def test_tbptt_gradients_equal_the_quantised_oracle(impl):
     assert worst(unquantised) > 10 * TOL.relative
 
 
+@pytest.mark.parametrize("kernel", [False, True])
+def test_fixed_shape_decode_on_an_fp8_history_equals_the_quantised_oracle(llama32, oracle_logits, kernel):
+    # the CUDA-graph decoder's program (run eagerly off CUDA): fp8 history buffers and their scales,
+    # quantised at each segment end as the eager decode's are; PyTorch products (kernel=False) or
+    # the split-keys kernel scaling in registers (kernel=True, the interpreter off CUDA)
+    _, graph = llama32
+    ids, want, unquantised = oracle_logits
+    seg = sc.transform(graph, config(), implementation="triton" if kernel else "reference")
+    seg.enable_cuda_graphs(kernel=kernel, history_block=4)
+    with torch.no_grad():
+        state = seg.prefill(ids[:, :21])
+        logits = []
+        for i in range(21, N):  # three segment ends
+            step, state = seg.decode(state, ids[:, i : i + 1])
+            logits.append(step)
+    assert seg.last_decode_path == "static"
+    got = torch.cat(logits, dim=1)
+    assert max_abs(got, want[:, 21:]) <= TOL.logits
+    assert max_abs(got, unquantised[:, 21:]) > 5 * TOL.logits  # 8.5e-4: the history really is fp8
+    back = state.to_segment_state()  # the buffers' fp8 history, as the eager decode keeps it
+    hist = back.layers[0].hist_k
+    assert isinstance(hist, QuantizedHistory) and hist.dtype == FP8 and hist.shape[2] == 40 - T
+    eager = sc.transform(graph, config(), implementation="reference")
+    with torch.no_grad():
+        want_state = eager.prefill(ids[:, :N])
+    # the same blocks and scales as the prefill's quantisation (its K were computed a segment at a
+    # time, not a token: equal up to fp32 rounding)
+    expected = want_state.layers[0].hist_k
+    assert hist.scales.shape == expected.scales.shape
+    assert torch.allclose(hist.scales, expected.scales, rtol=1e-5, atol=0)
+    assert max_abs(hist.dequantized(), expected.dequantized()) <= 1e-5
+
+
 def test_paths_that_do_not_take_a_quantised_history_say_so(llama32):
     _, graph = llama32
     seg = sc.transform(graph, config())
     with pytest.raises(sc.ConfigError, match="enable_cuda_graphs.*history_dtype"):
-        seg.enable_cuda_graphs()
+        seg.enable_cuda_graphs(compile=True)
     with pytest.raises(sc.ConfigError, match="compile.*history_dtype"):
         seg.compile()
 

@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from . import triton_common
-from .problem import TL_DTYPES, Problem, compute_dtype, usable
+from .history_format import QuantizedHistory
+from .problem import TL_DTYPES, Problem, compute_dtype, usable, usable_scales
 from .triton_common import INTERPRET, LOG2E, attend, batch_and_kv_head, history_rows, prefix, strides
 
 MAX_ROWS = 128  # group * Lq rows a program holds, times the padded value dim, at most MAX_ROWS x 128
@@ -178,15 +179,18 @@ def _static_split_kernel(
     Q, LK, LV, HK, HV, Position, BufferHead, Acc, Max, Sum, qk_scale,
     s_qb, s_qh, s_qm, s_lkh, s_lkb, s_lkn, s_lvh, s_lvb, s_lvn, s_hkh, s_hkb, s_hkn, s_hvh, s_hvb, s_hvn,
     Hk, GROUP, Lq, S, T, G, n_local, n_hist, wanted_splits,
+    HKS, HVS, s_ksh, s_ksb, s_vsh, s_vsb,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     D_K: tl.constexpr, D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, HAS_HISTORY: tl.constexpr,
+    HIST_SCALED: tl.constexpr = False, SCALE_BLOCK: tl.constexpr = 64,
 ):
     """``_split_kernel`` over the static decoder's buffers (``static_decode_forward``): the
     lengths of the prefix, tail and current ranges follow from the position, read from device
     memory, so that one launch serves every token of a CUDA graph's replays. So does the split
     length: ``split_len``'s arithmetic over the keys this token sees (the eager decode's, so both
     sum in the same order), over a grid sized for the longest; the programs past the last split
-    store empty partials."""
+    store empty partials. ``HIST_SCALED``: the history is quantised (fp8 values, scales
+    ``[n_lr, B, blocks]``), scaled in registers as in ``_split_kernel``."""
     split = tl.program_id(0)
     bk = tl.program_id(1)
     b, kvh = batch_and_kv_head(bk, Hk)
@@ -199,14 +203,8 @@ def _static_split_kernel(
     head = tl.load(BufferHead + kvh).to(tl.int64)  # this KV head's row in the buffers
     lk = LK + head * s_lkh + b * s_lkb
     lv = LV + head * s_lvh + b * s_lvb
-    if head < n_local:  # sinks: slot m holds position m
-        pk, pv, skn, svn = lk, lv, s_lkn, s_lvn
-        n_pre = tl.minimum(tl.maximum(start, 0), G)
-    else:  # history: slot j holds position j
-        pk = HK + (head - n_local) * s_hkh + b * s_hkb
-        pv = HV + (head - n_local) * s_hvh + b * s_hvb
-        skn, svn = s_hkn, s_hvn
-        n_pre = tl.minimum(tl.maximum(start, 0), n_hist)
+    # sinks: slot m holds position m; history: slot j holds position j
+    n_pre = tl.where(head < n_local, tl.minimum(tl.maximum(start, 0), G), tl.minimum(tl.maximum(start, 0), n_hist))
     tail_lo = tl.maximum(-start, 0)  # tail slot m holds position start + m: none before 0
     n_tail = tl.maximum(T - tail_lo, 0)
     # split_len() of the eager decode: its prefix is the history's length if the layer has one,
@@ -220,8 +218,23 @@ def _static_split_kernel(
     split_len = tl.cdiv(tl.cdiv(longest, splits), BLOCK_N) * BLOCK_N
     c0 = split * split_len
     c1 = c0 + split_len
-    acc, m_i, l_i = _span(acc, m_i, l_i, q, pk, pv, skn, svn, c0, c1, 0, n_pre, i, qk_scale, False,
-                          BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+    row = tl.maximum(head - n_local, 0)  # the head's row in the history buffers
+    if HIST_SCALED:  # fp8 history and 16-bit sinks: pointers of two dtypes, two branches
+        if head < n_local:
+            acc, m_i, l_i = _span(acc, m_i, l_i, q, lk, lv, s_lkn, s_lvn, c0, c1, 0, n_pre, i, qk_scale, False,
+                                  BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
+        else:
+            acc, m_i, l_i = _span(acc, m_i, l_i, q, HK + row * s_hkh + b * s_hkb, HV + row * s_hvh + b * s_hvb,
+                                  s_hkn, s_hvn, c0, c1, 0, n_pre, i, qk_scale, False,
+                                  BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION,
+                                  HKS + row * s_ksh + b * s_ksb, HVS + row * s_vsh + b * s_vsb, S, T, True, SCALE_BLOCK)
+    else:
+        if head < n_local:
+            pk, pv, skn, svn = lk, lv, s_lkn, s_lvn
+        else:
+            pk, pv, skn, svn = HK + row * s_hkh + b * s_hkb, HV + row * s_hvh + b * s_hvb, s_hkn, s_hvn
+        acc, m_i, l_i = _span(acc, m_i, l_i, q, pk, pv, skn, svn, c0, c1, 0, n_pre, i, qk_scale, False,
+                              BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
     acc, m_i, l_i = _span(acc, m_i, l_i, q, lk + (G + tail_lo) * s_lkn, lv + (G + tail_lo) * s_lvn,
                           s_lkn, s_lvn, c0, c1, n_pre, n_pre + n_tail, i, qk_scale, False,
                           BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
@@ -305,6 +318,13 @@ def split_keys_forward(p: Problem, scale: float, return_lse: bool):
     return out, lse
 
 
+@functools.cache
+def _no_scales(device: torch.device) -> torch.Tensor:
+    """The scales argument of an unquantised history, never read. Made once per device (before a
+    CUDA-graph capture, in its warm-up runs): no allocation or fill in every replayed step."""
+    return torch.ones(1, 1, 1, device=device)
+
+
 def static_decode_forward(q, local_k, local_v, hist_k, hist_v, position, buffer_head, *, n_local: int,
                           segment_len: int, tail_len: int, sinks: int, scale: float) -> torch.Tensor:
     """Attention of ``q [B, H, Lq, D]`` (the queries at ``position``, a one-element int64 device
@@ -315,12 +335,22 @@ def static_decode_forward(q, local_k, local_v, hist_k, hist_v, position, buffer_
     long-range heads' history; ``buffer_head [Hkv]`` int32: model KV head c's row in the buffers,
     local heads (rows below ``n_local``) read the sinks, long-range heads the history. Every
     length comes from ``position`` on the device, never from the host: a CUDA graph of this call
-    replays for any position whose history fits ``hist_k``'s slots. Returns ``[B, H, Lq, Dv]``."""
+    replays for any position whose history fits ``hist_k``'s slots. A quantised history
+    (``QuantizedHistory`` over ``[n_lr, B, slots, D]`` values, scales ``[n_lr, B, blocks]``) is
+    scaled in registers. Returns ``[B, H, Lq, Dv]``."""
     B, H, lq, dk = q.shape
     hk, dv = local_k.shape[0], local_v.shape[-1]
     group = H // hk
     if hist_k is None:  # no long-range head: the history branch is never taken
         hist_k, hist_v = local_k, local_v
+    scaled = isinstance(hist_k, QuantizedHistory)
+    if scaled:
+        k_scales, v_scales = usable_scales(hist_k.scales), usable_scales(hist_v.scales)
+        block = hist_k.geometry.block
+        hist_k, hist_v = hist_k.values(), hist_v.values()
+    else:
+        k_scales = v_scales = _no_scales(q.device)
+        block = 64
     dot = compute_dtype(q)
     table = "fp32" if dot == torch.float32 else ("wide" if local_k.element_size() > 2 else "16-bit")
     tile = triton_common.tile("decode", dk, lq, table)
@@ -337,7 +367,8 @@ def static_decode_forward(q, local_k, local_v, hist_k, hist_v, position, buffer_
         q, local_k, local_v, hist_k, hist_v, position, buffer_head, acc, running_max, running_sum, scale * LOG2E,
         *strides(q), *strides(local_k), *strides(local_v), *strides(hist_k), *strides(hist_v),
         hk, group, lq, segment_len, tail_len, sinks, n_local, hist_k.shape[2], wanted,
-        ROWS=rows, BLOCK_N=tile["BLOCK_N"], BLOCK_DK=block_dk, BLOCK_DV=block_dv, D_K=dk, D_V=dv,
+        k_scales, v_scales, k_scales.stride(0), k_scales.stride(1), v_scales.stride(0), v_scales.stride(1),
+        HIST_SCALED=scaled, SCALE_BLOCK=block, ROWS=rows, BLOCK_N=tile["BLOCK_N"], BLOCK_DK=block_dk, BLOCK_DV=block_dv, D_K=dk, D_V=dv,
         num_warps=tile["num_warps"] if rows <= 32 else max(tile["num_warps"], 8), num_stages=tile["num_stages"], DOT=TL_DTYPES[dot],
         PRECISION="ieee" if dot == torch.float32 else "tf32", HAS_HISTORY=n_local < hk,
     )

@@ -215,7 +215,8 @@ class SegmentedModel(torch.nn.Module):
         elsewhere). ``compile``: run the fixed-shape step under ``torch.compile`` (``True``: with
         Inductor rounding as the eager step does; or a dict of its arguments) before the capture, which fuses the elementwise work between the
         layers' matrix products; one compile serves every history bucket."""
-        self._refuse_quantized_history("enable_cuda_graphs")
+        if compile is not False:
+            self._refuse_quantized_history("enable_cuda_graphs(compile=...)")
         self._static = StaticDecoder(self.step_graph, self.cfg, self.capture_info.device, self.program_id,
                                      history_block=history_block, max_context=max_context, capture=capture,
                                      kernel=kernel, compile=compile)
@@ -228,11 +229,12 @@ class SegmentedModel(torch.nn.Module):
         return self
 
     def _refuse_quantized_history(self, what: str) -> None:
-        # the fixed-buffer decoder and compiled steps take the history in the carried dtype only
+        # compiled steps take the history in the carried dtype only (Dynamo does not trace the
+        # QuantizedHistory subclass that carries the scales)
         if self.cfg.history_dtype is not None:
             raise ConfigError(
-                f"{what}() does not support history_dtype={self.cfg.history_dtype} yet; decode with the "
-                "eager step (leave it off), or transform with history_dtype=None"
+                f"{what} does not support history_dtype={self.cfg.history_dtype} yet; decode with "
+                "seg.enable_cuda_graphs() (no compile) or the eager step, or transform with history_dtype=None"
             )
 
     def _note_decode_path(self, path: str) -> None:
@@ -362,7 +364,7 @@ class SegmentedModel(torch.nn.Module):
         Compiles in place and returns ``self``; ``step_graph`` stays the uncompiled ``GraphModule``
         (what export, ``print(seg)`` and the pass pages show).
         """
-        self._refuse_quantized_history("compile")
+        self._refuse_quantized_history("compile()")
         graphs = [self.step_graph, self.prefill_graph()]
         # Dynamo names the step's arguments L['<name>'] (torch.compiler.config's *_sources)
         lengths = "dynamic_sources" if captures_cuda_graphs(kwargs) else "unbacked_sources"

@@ -45,6 +45,8 @@ from ..config import SegmentConfig, offset_in_segment, segment_start
 from ..errors import SegcompileError, StateError
 from .. import ir
 from ..ir import AttentionSite
+from ..kernels.dispatch import quantized_history
+from ..kernels.history_format import HistoryGeometry, QuantizedHistory
 from .state import HISTORY_GROWTH, LayerState, ProgramId, SegmentState, carried_dtype, check_state_layout
 from .variants.fused_projections import refresh_fused_projections
 from .variants.static_step import head_order, heads_first, model_order, static_step
@@ -108,7 +110,10 @@ class StaticBuffers:
             self.ids = torch.zeros(batch_size, 1, dtype=torch.long, device=device)
             self.position = torch.zeros((), dtype=torch.long, device=device)
         self.capacity: int | None = None  # history slots; None: no history buffer yet
+        # per layer "k", "v": the history's values; quantised (SegmentConfig.history_dtype), also
+        # "k_scales", "v_scales" [n_lr, B, blocks] fp32, in history_format's block layout
         self.history: list[dict[str, torch.Tensor]] = [{} for _ in decoder.sites]
+        self.geometry = decoder.geometry
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.live: StaticState | None = None
 
@@ -121,16 +126,23 @@ class StaticBuffers:
         block, held = self.decoder.history_block, self.capacity or 0
         grown = max(slots, int(held * HISTORY_GROWTH), self.decoder.max_context or 0)
         capacity = -(-grown // block) * block
+        dtype = self.decoder.cfg.history_dtype
         with torch.inference_mode(False):
             for site, old in zip(self.decoder.sites, self.history):
                 if not site.long_range:
                     continue
                 for kv, dim in (("k", site.head_dim), ("v", site.v_head_dim)):
-                    fresh = torch.zeros(len(site.long_range), self.batch_size, capacity, dim, dtype=site.dtype,
+                    fresh = torch.zeros(len(site.long_range), self.batch_size, capacity, dim, dtype=dtype or site.dtype,
                                         device=self.device)
                     if kv in old:
                         fresh[:, :, :held] = old[kv]
                     old[kv] = fresh
+                    if self.geometry is not None:
+                        scales = torch.ones(*fresh.shape[:2], self.geometry.num_blocks(capacity), device=self.device)
+                        if held:
+                            blocks = self.geometry.num_blocks(held)
+                            scales[:, :, :blocks] = old[f"{kv}_scales"][:, :, :blocks]
+                        old[f"{kv}_scales"] = scales
         self.capacity = capacity
         self.graphs.clear()
 
@@ -140,8 +152,16 @@ class StaticBuffers:
         for site, local, history in zip(self.decoder.sites, self.local, self.history):
             out += [local["k"], local["v"]]
             if site.long_range:
-                out += [history["k"][:, :, :bucket], history["v"][:, :, :bucket]]
+                out += [self._history_slots(history, kv, bucket) for kv in ("k", "v")]
         return out
+
+    def _history_slots(self, history: dict[str, torch.Tensor], kv: str, slots: int) -> torch.Tensor:
+        """The first ``slots`` history slots of ``kv``: a view, or a ``QuantizedHistory`` of views."""
+        values = history[kv][:, :, :slots]
+        if self.geometry is None:
+            return values
+        return QuantizedHistory.of(values, history[f"{kv}_scales"][:, :, : self.geometry.num_blocks(slots)],
+                                   self.geometry)
 
     def history_inputs(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
         """The history slices among ``inputs`` (``self.inputs``' result)."""
@@ -172,6 +192,10 @@ class StaticBuffers:
                 buffer[:, :, G + T : G + T + current.shape[2]] = heads_first(current, order)
                 if site.long_range:
                     hist = getattr(layer, f"hist_{kv}")
+                    if isinstance(hist, QuantizedHistory):
+                        scales = hist.scales
+                        history[f"{kv}_scales"][:, :, : scales.shape[2]] = scales.transpose(0, 1)
+                        hist = hist.values()
                     history[kv][:, :, : hist.shape[2]] = hist.transpose(0, 1)
 
     def to_segment_state(self, position: int, logits: torch.Tensor) -> SegmentState:
@@ -196,7 +220,11 @@ class StaticBuffers:
                 parts[f"sink_{kv}"] = cut(0, sinks).to(constant)
                 parts[f"tail_{kv}"] = cut(G + T - tail, G + T)
                 parts[f"current_{kv}"] = cut(G + T, G + T + current)
-                if site.long_range:
+                if site.long_range and self.geometry is not None:
+                    kept = self._history_slots(history, kv, max(start, 0))
+                    parts[f"hist_{kv}"] = QuantizedHistory.of(kept.values().transpose(0, 1).contiguous(),
+                                                              kept.scales.transpose(0, 1).contiguous(), self.geometry)
+                elif site.long_range:
                     parts[f"hist_{kv}"] = history[kv][:, :, : max(start, 0)].transpose(0, 1).contiguous().to(constant)
                 else:
                     parts[f"hist_{kv}"] = buffer.new_empty(self.batch_size, 0, 0, buffer.shape[3]).to(constant)
@@ -220,9 +248,20 @@ class StaticBuffers:
                 if lo < sink_hi:
                     buffer[:, :, lo:sink_hi] = leaving[:, :, lo - start : sink_hi - start]
                 if site.long_range:
-                    history[kv][:, :, lo : start + S] = leaving[n_local:, :, lo - start :]
+                    self._append_history(history, kv, leaving[n_local:, :, lo - start :], lo)
                 if T:  # after the reads above: the tail slots are part of what leaves
                     buffer[:, :, G : G + T] = buffer[:, :, G + S : G + S + T]
+
+    def _append_history(self, history: dict[str, torch.Tensor], kv: str, new: torch.Tensor, at: int) -> None:
+        """Write ``new [n_lr, B, n, D]`` into history slots ``[at, at + n)``; quantised as the eager
+        decode's segment end quantises it (``at`` starts a piece of the block layout)."""
+        if self.geometry is None:
+            history[kv][:, :, at : at + new.shape[2]] = new
+            return
+        values, scales = quantized_history(new, at, self.geometry, self.decoder.cfg.history_dtype)
+        history[kv][:, :, at : at + new.shape[2]] = values
+        first = self.geometry.num_blocks(at)
+        history[f"{kv}_scales"][:, :, first : first + scales.shape[2]] = scales
 
     # ---- liveness ------------------------------------------------------------------------------------
     def check_live(self, state: StaticState) -> None:
@@ -254,6 +293,8 @@ class StaticDecoder:
         self.device = device
         self.program_id = program_id  # the driver's: states here belong to its program
         self.sites: list[AttentionSite] = step_graph.meta[ir.SITES]
+        # how a quantised history's scales are laid out (None: the history is stored unquantised)
+        self.geometry = None if cfg.history_dtype is None else HistoryGeometry(cfg.segment_len, cfg.tail_len)
         # the Triton kernel reads the lengths from the device and only the keys a token sees; the
         # PyTorch products read every slot of the buffers through masks (the CPU's path)
         self.kernel = device.type == "cuda" if kernel is None else kernel

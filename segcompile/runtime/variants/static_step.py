@@ -38,6 +38,7 @@ from torch import fx
 
 from ... import ir
 from ...config import SegmentConfig
+from ...kernels.history_format import dequantized
 from .fixed_size_step import fixed_size_step, getitem
 from .fused_projections import fuse_projections
 
@@ -237,7 +238,8 @@ def static_attention(q, k, v, local_k, local_v, hist_k, hist_v, slots, local_bia
 
     q ``[B, H, L, D]``; k, v ``[B, Hkv, L, D]`` this step's keys and values (model head order);
     ``local_k/v [Hkv, B, G+T+S, D]`` and ``hist_k/v [n_lr, B, slots, D]`` (``None`` without
-    long-range heads) in the heads-first layout, heads in ``order`` (``head_order``);
+    long-range heads; or ``QuantizedHistory`` over such values) in the heads-first layout, heads
+    in ``order`` (``head_order``);
     ``slots`` (where this step's K/V go) and the biases from ``slot_biases`` and ``history_bias``.
     Returns ``[B, H, L, Dv]`` in q's dtype.
     """
@@ -256,6 +258,8 @@ def static_attention(q, k, v, local_k, local_v, hist_k, hist_v, slots, local_bia
         outs.append(_weighted(p, _rows(local_v[:n_local])))
     if n_local < hkv:
         q_lr = queries[split:]
+        # a quantised history read as the eager reference reads it: values times scales, in fp32
+        hist_k, hist_v = dequantized(hist_k, hist_bias.dtype), dequantized(hist_v, hist_bias.dtype)
         window_k, window_v = _rows(local_k[n_local:, :, G:]), _rows(local_v[n_local:, :, G:])
         history = hist_k.shape[2]
         scores = torch.cat([_scores(hist_bias, q_lr, _rows(hist_k), scale),
