@@ -8,6 +8,10 @@ every token then runs ``variants/static_step.py``'s program over them:
                 hist_k/v  [n_lr, B, capacity, D]   slot j = position j (long-range KV heads)
     per batch   ids [B, 1], position [] (int64)    copied in before each token
 
+With ``SegmentConfig.history_dtype`` the history buffers hold its fp8 values, beside scale buffers
+``[n_lr, B, blocks]`` in ``kernels/history_format.py``'s block layout; a segment end quantises
+what it moves in as the eager decode does, and the step reads a ``QuantizedHistory`` over both.
+
 On CUDA each (history bucket, autocast state) of a batch size is captured once in a
 ``torch.cuda.CUDAGraph`` (after warm-up runs on a side stream; every graph of a decoder shares one
 memory pool) and replayed for every token; elsewhere the same program runs eagerly, which is
