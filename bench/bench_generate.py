@@ -57,6 +57,7 @@ import transformers
 
 import segcompile as sc
 from segcompile.quality.report import recorded_command
+from segcompile.kernels.history_format import QuantizedHistory
 from segcompile.runtime.state import reserve_history
 
 PATHS = ("seg-eager", "seg-static", "seg-cuda-graph", "seg-compiled-graph", "hf-sdpa", "hf-static-compile")
@@ -82,8 +83,14 @@ def parse_args(argv=None):
     p.add_argument("--fp32-reference", action="store_true",
                    help="also decode the eager path's tokens with a float32 copy of the model (batch 1) and report every "
                         "path's logits against it: how far bf16 arithmetic alone moves them, the scale agreement is judged on")
+    p.add_argument("--history-dtype", choices=("model", "fp8"), default="model",
+                   help="the long-range history in the model's dtype or in fp8 (SegmentConfig.history_dtype); "
+                        "fp8 results go to their own file (bench_generate-fp8-history-...)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
+    if args.history_dtype == "fp8" and "seg-compiled-graph" in args.paths:
+        p.error("seg-compiled-graph does not take an fp8 history (enable_cuda_graphs(compile=True) refuses it): "
+                "name the other paths with --paths")
     if args.new_tokens <= args.boundary:
         p.error(f"--new-tokens must exceed --boundary ({args.boundary}): the decode must cross a segment end")
     if args.tiny:
@@ -132,7 +139,9 @@ def batched(state: sc.SegmentState, batch: int, total: int | None) -> sc.Segment
     memory (the CUDA-graph paths copy the state into buffers of their own: at batch 32 after 32K a
     repeated copy of the state, 47 GiB, beside those buffers ran the H200 out of memory)."""
     def batch_of(t: torch.Tensor) -> torch.Tensor:
-        return t.repeat(batch, 1, 1, 1) if total is not None else t.expand(batch, -1, -1, -1)
+        if isinstance(t, QuantizedHistory):  # values and scales alike
+            return QuantizedHistory.of(batch_of(t.values()), batch_of(t.scales), t.geometry)
+        return t.repeat(batch, *[1] * (t.dim() - 1)) if total is not None else t.expand(batch, *[-1] * (t.dim() - 1))
 
     layers = tuple(
         replace(layer, **{name: batch_of(getattr(layer, name)) for name in
@@ -384,6 +393,7 @@ def report(args, rows, accuracy, meta, device):
             print(f"{a['prompt_len']:7} {a['batch']:3} {a['path']:18} against {a['against']:15} {a['max_rel_error']:.2e}{extra}")
     args.out.mkdir(parents=True, exist_ok=True)
     suffix = f"-{Path(args.model).stem}" if args.model else "-tiny" if args.tiny else ""
+    suffix += "-fp8-history" if args.history_dtype == "fp8" else ""
     stem = args.out / f"bench_generate{suffix}-{name.replace(' ', '_')}"
     merged = merge(stem.with_suffix(".json"), meta, rows, accuracy)
     stem.with_suffix(".json").write_text(json.dumps(merged, indent=1))
@@ -439,7 +449,8 @@ def main(argv=None):
     args = parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = build_model(args, device)
-    cfg = sc.SegmentConfig(args.segment_len, long_range=sc.HeadPlan.fraction(args.long_range), tbptt_k=0)
+    cfg = sc.SegmentConfig(args.segment_len, long_range=sc.HeadPlan.fraction(args.long_range), tbptt_k=0,
+                           history_dtype=torch.float8_e4m3fn if args.history_dtype == "fp8" else None)
     start = time.perf_counter()
     seg = sc.transform(model, cfg)
     transform_s = time.perf_counter() - start
@@ -459,7 +470,7 @@ def main(argv=None):
                 model=model_name(args),
                 layers=model.config.num_hidden_layers, dtype=str(model.dtype).removeprefix("torch."),
                 segment_len=args.segment_len, long_range=args.long_range, new_tokens=args.new_tokens,
-                boundary=args.boundary, transform_seconds=transform_s,
+                boundary=args.boundary, history_dtype=args.history_dtype, transform_seconds=transform_s,
                 weights_gib=sum(p.numel() * p.element_size() for p in model.parameters()) / GiB)
     report(args, rows, accuracy, meta, device)
 

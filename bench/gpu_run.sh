@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU benchmark and check, one after the other, each under its own time limit, on one GPU.
-#   bash bench/gpu_run.sh OUT_DIR [STEP ...]     steps: check smoke tune kernel profile decode generate generatebatch agreement agreement-smollm2 prefill prefillfp8
+#   bash bench/gpu_run.sh OUT_DIR [STEP ...]     steps: check smoke tune kernel profile decode generate generatebatch generatefp8 agreement agreement-smollm2 prefill prefillfp8
 #                                                profileprefill million onnx training profiletraining checkcg trainingcg trainingcg8k trainingwarmup traininglong trainexample
 #                                                training1p5b regimes regimes8 consistency
 # Logs and result files land in OUT_DIR (results also in bench/results/). A step that fails or runs
@@ -35,6 +35,8 @@ for step in "${steps[@]}"; do
         generate) run generate 560 python bench/bench_generate.py ;;
         generatebatch) run generatebatch 560 python bench/bench_generate.py --prompt-lens 32768 --batches 8 32 \
             --paths seg-compiled-graph hf-sdpa --out "$out/generatebatch" ;;  # tokens/s at batch 8 and 32 against HF
+        generatefp8) run generatefp8 400 python bench/bench_generate.py --prompt-lens 32768 131072 --history-dtype fp8 \
+            --paths seg-eager seg-cuda-graph ;;  # the CUDA-graph decoder over an fp8 history
         agreement) run agreement 400 python bench/bench_generate.py \
             --paths seg-eager seg-static seg-cuda-graph seg-compiled-graph --fp32-reference ;;
         agreement-smollm2) run agreement-smollm2 300 python bench/bench_generate.py --model smollm2 \
