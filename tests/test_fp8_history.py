@@ -306,6 +306,7 @@ def test_fixed_shape_decode_on_an_fp8_history_equals_the_quantised_oracle(llama3
             step, state = seg.decode(state, ids[:, i : i + 1])
             logits.append(step)
     assert seg.last_decode_path == "static"
+    assert "the history in float8_e4m3fn with per-block scales" in repr(seg)
     got = torch.cat(logits, dim=1)
     assert max_abs(got, want[:, 21:]) <= TOL.logits
     assert max_abs(got, unquantised[:, 21:]) > 5 * TOL.logits  # 8.5e-4: the history really is fp8

@@ -346,6 +346,8 @@ class StaticDecoder:
         """One line for ``print(seg)``: the path and what was captured."""
         block = (f"history in blocks of {self.history_block} positions, "
                  f"attention by {'the Triton kernel' if self.kernel else 'PyTorch products'}")
+        if self.geometry is not None:
+            block += f", the history in {str(self.cfg.history_dtype).removeprefix('torch.')} with per-block scales"
         if self.compiled:
             block += ", the step under torch.compile"
         if not self.cuda_graphs:
