@@ -88,9 +88,6 @@ def parse_args(argv=None):
                         "fp8 results go to their own file (bench_generate-fp8-history-...)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
-    if args.history_dtype == "fp8" and "seg-compiled-graph" in args.paths:
-        p.error("seg-compiled-graph does not take an fp8 history (enable_cuda_graphs(compile=True) refuses it): "
-                "name the other paths with --paths")
     if args.new_tokens <= args.boundary:
         p.error(f"--new-tokens must exceed --boundary ({args.boundary}): the decode must cross a segment end")
     if args.tiny:

@@ -36,7 +36,7 @@ for step in "${steps[@]}"; do
         generatebatch) run generatebatch 560 python bench/bench_generate.py --prompt-lens 32768 --batches 8 32 \
             --paths seg-compiled-graph hf-sdpa --out "$out/generatebatch" ;;  # tokens/s at batch 8 and 32 against HF
         generatefp8) run generatefp8 400 python bench/bench_generate.py --prompt-lens 32768 131072 --history-dtype fp8 \
-            --paths seg-eager seg-cuda-graph ;;  # the CUDA-graph decoder over an fp8 history
+            --paths seg-eager seg-cuda-graph seg-compiled-graph ;;  # the CUDA-graph decoder over an fp8 history
         agreement) run agreement 400 python bench/bench_generate.py \
             --paths seg-eager seg-static seg-cuda-graph seg-compiled-graph --fp32-reference ;;
         agreement-smollm2) run agreement-smollm2 300 python bench/bench_generate.py --model smollm2 \

@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from . import triton_common
-from .history_format import QuantizedHistory
+from .history_format import HISTORY_SCALE_BLOCK
 from .problem import TL_DTYPES, Problem, compute_dtype, usable, usable_scales
 from .triton_common import INTERPRET, LOG2E, attend, batch_and_kv_head, history_rows, prefix, strides
 
@@ -326,7 +326,8 @@ def _no_scales(device: torch.device) -> torch.Tensor:
 
 
 def static_decode_forward(q, local_k, local_v, hist_k, hist_v, position, buffer_head, *, n_local: int,
-                          segment_len: int, tail_len: int, sinks: int, scale: float) -> torch.Tensor:
+                          segment_len: int, tail_len: int, sinks: int, scale: float,
+                          hist_scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Attention of ``q [B, H, Lq, D]`` (the queries at ``position``, a one-element int64 device
     tensor, and after it, inside one segment) over the static decoder's buffers, split over the keys.
 
@@ -335,22 +336,16 @@ def static_decode_forward(q, local_k, local_v, hist_k, hist_v, position, buffer_
     long-range heads' history; ``buffer_head [Hkv]`` int32: model KV head c's row in the buffers,
     local heads (rows below ``n_local``) read the sinks, long-range heads the history. Every
     length comes from ``position`` on the device, never from the host: a CUDA graph of this call
-    replays for any position whose history fits ``hist_k``'s slots. A quantised history
-    (``QuantizedHistory`` over ``[n_lr, B, slots, D]`` values, scales ``[n_lr, B, blocks]``) is
-    scaled in registers. Returns ``[B, H, Lq, Dv]``."""
+    replays for any position whose history fits ``hist_k``'s slots. A quantised history: fp8
+    ``hist_k/v`` and ``hist_scales`` (K's and V's, ``[n_lr, B, blocks]`` fp32, the blocks of
+    ``HistoryGeometry(segment_len, tail_len)``), scaled in registers. Returns ``[B, H, Lq, Dv]``."""
     B, H, lq, dk = q.shape
     hk, dv = local_k.shape[0], local_v.shape[-1]
     group = H // hk
     if hist_k is None:  # no long-range head: the history branch is never taken
         hist_k, hist_v = local_k, local_v
-    scaled = isinstance(hist_k, QuantizedHistory)
-    if scaled:
-        k_scales, v_scales = usable_scales(hist_k.scales), usable_scales(hist_v.scales)
-        block = hist_k.geometry.block
-        hist_k, hist_v = hist_k.values(), hist_v.values()
-    else:
-        k_scales = v_scales = _no_scales(q.device)
-        block = 64
+    scaled = hist_scales is not None
+    k_scales, v_scales = map(usable_scales, hist_scales) if scaled else (_no_scales(q.device),) * 2
     dot = compute_dtype(q)
     table = "fp32" if dot == torch.float32 else ("wide" if local_k.element_size() > 2 else "16-bit")
     tile = triton_common.tile("decode", dk, lq, table)
@@ -368,7 +363,7 @@ def static_decode_forward(q, local_k, local_v, hist_k, hist_v, position, buffer_
         *strides(q), *strides(local_k), *strides(local_v), *strides(hist_k), *strides(hist_v),
         hk, group, lq, segment_len, tail_len, sinks, n_local, hist_k.shape[2], wanted,
         k_scales, v_scales, k_scales.stride(0), k_scales.stride(1), v_scales.stride(0), v_scales.stride(1),
-        HIST_SCALED=scaled, SCALE_BLOCK=block, ROWS=rows, BLOCK_N=tile["BLOCK_N"], BLOCK_DK=block_dk, BLOCK_DV=block_dv, D_K=dk, D_V=dv,
+        HIST_SCALED=scaled, SCALE_BLOCK=HISTORY_SCALE_BLOCK, ROWS=rows, BLOCK_N=tile["BLOCK_N"], BLOCK_DK=block_dk, BLOCK_DV=block_dv, D_K=dk, D_V=dv,
         num_warps=tile["num_warps"] if rows <= 32 else max(tile["num_warps"], 8), num_stages=tile["num_stages"], DOT=TL_DTYPES[dot],
         PRECISION="ieee" if dot == torch.float32 else "tf32", HAS_HISTORY=n_local < hk,
     )

@@ -215,8 +215,6 @@ class SegmentedModel(torch.nn.Module):
         elsewhere). ``compile``: run the fixed-shape step under ``torch.compile`` (``True``: with
         Inductor rounding as the eager step does; or a dict of its arguments) before the capture, which fuses the elementwise work between the
         layers' matrix products; one compile serves every history bucket."""
-        if compile is not False:
-            self._refuse_quantized_history("enable_cuda_graphs(compile=...)")
         self._static = StaticDecoder(self.step_graph, self.cfg, self.capture_info.device, self.program_id,
                                      history_block=history_block, max_context=max_context, capture=capture,
                                      kernel=kernel, compile=compile)
@@ -229,12 +227,12 @@ class SegmentedModel(torch.nn.Module):
         return self
 
     def _refuse_quantized_history(self, what: str) -> None:
-        # compiled steps take the history in the carried dtype only (Dynamo does not trace the
-        # QuantizedHistory subclass that carries the scales)
+        # the compiled step graph takes the history in the carried dtype only (Dynamo does not
+        # trace the QuantizedHistory subclass that carries the scales through it)
         if self.cfg.history_dtype is not None:
             raise ConfigError(
-                f"{what} does not support history_dtype={self.cfg.history_dtype} yet; decode with "
-                "seg.enable_cuda_graphs() (no compile) or the eager step, or transform with history_dtype=None"
+                f"{what} does not support history_dtype={self.cfg.history_dtype} yet; for fast decoding use "
+                "seg.enable_cuda_graphs(compile=True), or transform with history_dtype=None"
             )
 
     def _note_decode_path(self, path: str) -> None:

@@ -10,7 +10,7 @@ every token then runs ``variants/static_step.py``'s program over them:
 
 With ``SegmentConfig.history_dtype`` the history buffers hold its fp8 values, beside scale buffers
 ``[n_lr, B, blocks]`` in ``kernels/history_format.py``'s block layout; a segment end quantises
-what it moves in as the eager decode does, and the step reads a ``QuantizedHistory`` over both.
+what it moves in as the eager decode does, and the step reads both (the scales as inputs of their own, beside the layer's history).
 
 On CUDA each (history bucket, autocast state) of a batch size is captured once in a
 ``torch.cuda.CUDAGraph`` (after warm-up runs on a side stream; every graph of a decoder shares one
@@ -156,25 +156,22 @@ class StaticBuffers:
         for site, local, history in zip(self.decoder.sites, self.local, self.history):
             out += [local["k"], local["v"]]
             if site.long_range:
-                out += [self._history_slots(history, kv, bucket) for kv in ("k", "v")]
+                out += [history["k"][:, :, :bucket], history["v"][:, :, :bucket]]
+                if self.geometry is not None:  # the program's scale inputs follow the layer's history
+                    blocks = self.geometry.num_blocks(bucket)
+                    out += [history["k_scales"][:, :, :blocks], history["v_scales"][:, :, :blocks]]
         return out
 
-    def _history_slots(self, history: dict[str, torch.Tensor], kv: str, slots: int) -> torch.Tensor:
-        """The first ``slots`` history slots of ``kv``: a view, or a ``QuantizedHistory`` of views."""
-        values = history[kv][:, :, :slots]
-        if self.geometry is None:
-            return values
-        return QuantizedHistory.of(values, history[f"{kv}_scales"][:, :, : self.geometry.num_blocks(slots)],
-                                   self.geometry)
-
     def history_inputs(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """The history slices among ``inputs`` (``self.inputs``' result)."""
+        """The history slices (and scale slices) among ``inputs`` (``self.inputs``' result): the
+        inputs whose dim 2 changes with the bucket."""
+        per_layer = 2 if self.geometry is None else 4
         out, i = [], 0
         for site in self.decoder.sites:
             i += 2
             if site.long_range:
-                out += inputs[i : i + 2]
-                i += 2
+                out += inputs[i : i + per_layer]
+                i += per_layer
         return out
 
     # ---- moving state in and out -------------------------------------------------------------------
@@ -225,9 +222,10 @@ class StaticBuffers:
                 parts[f"tail_{kv}"] = cut(G + T - tail, G + T)
                 parts[f"current_{kv}"] = cut(G + T, G + T + current)
                 if site.long_range and self.geometry is not None:
-                    kept = self._history_slots(history, kv, max(start, 0))
-                    parts[f"hist_{kv}"] = QuantizedHistory.of(kept.values().transpose(0, 1).contiguous(),
-                                                              kept.scales.transpose(0, 1).contiguous(), self.geometry)
+                    kept, blocks = max(start, 0), self.geometry.num_blocks(max(start, 0))
+                    parts[f"hist_{kv}"] = QuantizedHistory.of(
+                        history[kv][:, :, :kept].transpose(0, 1).contiguous(),
+                        history[f"{kv}_scales"][:, :, :blocks].transpose(0, 1).contiguous(), self.geometry)
                 elif site.long_range:
                     parts[f"hist_{kv}"] = history[kv][:, :, : max(start, 0)].transpose(0, 1).contiguous().to(constant)
                 else:

@@ -38,7 +38,7 @@ from torch import fx
 
 from ... import ir
 from ...config import SegmentConfig
-from ...kernels.history_format import dequantized
+from ...kernels.history_format import HISTORY_SCALE_BLOCK, HistoryGeometry, dequantize_history
 from .fixed_size_step import fixed_size_step, getitem
 from .fused_projections import fuse_projections
 
@@ -66,6 +66,28 @@ def head_order(site: ir.AttentionSite) -> tuple[int, ...]:
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of scores and softmax for K/V of ``dtype``: fp32, or fp64 for fp64."""
     return torch.promote_types(dtype, torch.float32)
+
+
+def _history_scales(graph: fx.Graph, site: ir.AttentionSite, cfg: SegmentConfig,
+                    buffers: dict[str, fx.Node]) -> tuple[fx.Node | None, fx.Node | None]:
+    """The placeholders of a quantised history's scales, ``layer{l}_hist_k/v_scales [n_lr, B,
+    blocks]`` fp32, right after the layer's ``hist_v`` (None, None for an unquantised history or a
+    layer without long-range heads). Plain inputs, not a ``QuantizedHistory``, so that Dynamo
+    traces the step (``compile=True``)."""
+    if cfg.history_dtype is None or not site.long_range:
+        return None, None
+    nodes, after = [], buffers["hist_v"]
+    for kv in ("k", "v"):
+        with graph.inserting_after(after):
+            after = graph.placeholder(f"layer{site.layer}_hist_{kv}_scales")
+        nodes.append(after)
+    return nodes[0], nodes[1]
+
+
+def _scale_kwargs(cfg: SegmentConfig) -> dict:
+    """Where a quantised history's scale blocks lie (``history_format.HistoryGeometry``), as ints."""
+    return {"history_segment_len": cfg.segment_len, "history_tail_len": cfg.tail_len,
+            "scale_block": HISTORY_SCALE_BLOCK}
 
 
 def _input_ids(graph: fx.Graph) -> fx.Node:
@@ -102,9 +124,10 @@ class _InPlaceLowering:
                     self.history[group] = graph.call_function(history_bias, (offset, ids, buffers["hist_k"]), sizes)
                 history = self.history[group]
             slots, local, window = (graph.call_function(getitem, (biases, i)) for i in range(3))
+            k_scales, v_scales = _history_scales(graph, site, cfg, buffers)
             args = (q, k, v, buffers["local_k"], buffers["local_v"], buffers.get("hist_k"), buffers.get("hist_v"),
-                    slots, local, window, history)
-            out = graph.call_function(static_attention, args, _common_kwargs(site, cfg, node))
+                    slots, local, window, history, k_scales, v_scales)
+            out = graph.call_function(static_attention, args, {**_common_kwargs(site, cfg, node), **_scale_kwargs(cfg)})
         return out, []
 
 
@@ -121,8 +144,9 @@ class _KernelLowering:
                 self.slots = graph.call_function(write_slots, (offset, _input_ids(graph)),
                                                  {"segment_len": cfg.segment_len, "tail_len": cfg.tail_len,
                                                   "sinks": cfg.sink_tokens})
+            k_scales, v_scales = _history_scales(graph, site, cfg, buffers)
             args = (node.args[0], k, v, buffers["local_k"], buffers["local_v"], buffers.get("hist_k"),
-                    buffers.get("hist_v"), self.slots, offset)
+                    buffers.get("hist_v"), k_scales, v_scales, self.slots, offset)
             kwargs = {**_common_kwargs(site, cfg, node), "segment_len": cfg.segment_len, "tail_len": cfg.tail_len}
             out = graph.call_function(static_attention_triton, args, kwargs)
         return out, []
@@ -233,13 +257,15 @@ def _rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def static_attention(q, k, v, local_k, local_v, hist_k, hist_v, slots, local_bias, window_bias, hist_bias,
-                     *, order, n_local, sinks, scale):
+                     hist_k_scales=None, hist_v_scales=None, *, order, n_local, sinks, scale,
+                     history_segment_len=0, history_tail_len=0, scale_block=HISTORY_SCALE_BLOCK):
     """One layer's attention for ``L`` tokens inside one segment, writing their K/V into the buffers.
 
     q ``[B, H, L, D]``; k, v ``[B, Hkv, L, D]`` this step's keys and values (model head order);
     ``local_k/v [Hkv, B, G+T+S, D]`` and ``hist_k/v [n_lr, B, slots, D]`` (``None`` without
-    long-range heads; or ``QuantizedHistory`` over such values) in the heads-first layout, heads
-    in ``order`` (``head_order``);
+    long-range heads) in the heads-first layout, heads in ``order`` (``head_order``); a quantised
+    history: fp8 ``hist_k/v`` and their ``hist_k/v_scales [n_lr, B, blocks]`` (the blocks of
+    ``HistoryGeometry(history_segment_len, history_tail_len, scale_block)``);
     ``slots`` (where this step's K/V go) and the biases from ``slot_biases`` and ``history_bias``.
     Returns ``[B, H, L, Dv]`` in q's dtype.
     """
@@ -258,8 +284,10 @@ def static_attention(q, k, v, local_k, local_v, hist_k, hist_v, slots, local_bia
         outs.append(_weighted(p, _rows(local_v[:n_local])))
     if n_local < hkv:
         q_lr = queries[split:]
-        # a quantised history read as the eager reference reads it: values times scales, in fp32
-        hist_k, hist_v = dequantized(hist_k, hist_bias.dtype), dequantized(hist_v, hist_bias.dtype)
+        if hist_k_scales is not None:  # read as the eager reference reads it: values times scales, in fp32
+            geometry = HistoryGeometry(history_segment_len, history_tail_len, scale_block)
+            hist_k = dequantize_history(hist_k, hist_k_scales, geometry, hist_bias.dtype)
+            hist_v = dequantize_history(hist_v, hist_v_scales, geometry, hist_bias.dtype)
         window_k, window_v = _rows(local_k[n_local:, :, G:]), _rows(local_v[n_local:, :, G:])
         history = hist_k.shape[2]
         scores = torch.cat([_scores(hist_bias, q_lr, _rows(hist_k), scale),
@@ -270,21 +298,23 @@ def static_attention(q, k, v, local_k, local_v, hist_k, hist_v, slots, local_bia
     return out.reshape(hkv, B, group, L, -1).transpose(0, 1).reshape(B, H, L, -1)
 
 
-def static_attention_triton(q, k, v, local_k, local_v, hist_k, hist_v, slots, position_offset,
-                            *, order, n_local, sinks, scale, segment_len, tail_len):
+def static_attention_triton(q, k, v, local_k, local_v, hist_k, hist_v, hist_k_scales, hist_v_scales, slots,
+                            position_offset, *, order, n_local, sinks, scale, segment_len, tail_len):
     """``static_attention`` by the Triton kernel that reads every length from ``position_offset``
     on the device (``kernels/triton_decode.py``, ``static_decode_forward``): no masks, and the
     keys past the position are not read. Same arguments and result as ``static_attention``
-    but the biases. One custom op (``segcompile::static_decode_attention``), so that
-    ``torch.compile`` keeps it whole and fuses what lies between the layers' attentions."""
-    return static_decode_attention(q, k, v, local_k, local_v, hist_k, hist_v, slots, position_offset, list(order),
-                                   n_local, sinks, scale, segment_len, tail_len)
+    but the biases (a quantised history's scale blocks follow ``segment_len`` and ``tail_len``).
+    One custom op (``segcompile::static_decode_attention``), so that ``torch.compile`` keeps it
+    whole and fuses what lies between the layers' attentions."""
+    return static_decode_attention(q, k, v, local_k, local_v, hist_k, hist_v, hist_k_scales, hist_v_scales, slots,
+                                   position_offset, list(order), n_local, sinks, scale, segment_len, tail_len)
 
 
 @torch.library.custom_op("segcompile::static_decode_attention", mutates_args=("local_k", "local_v"))
 def static_decode_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, local_k: torch.Tensor, local_v: torch.Tensor,
-    hist_k: torch.Tensor | None, hist_v: torch.Tensor | None, slots: torch.Tensor, position_offset: torch.Tensor,
+    hist_k: torch.Tensor | None, hist_v: torch.Tensor | None, hist_k_scales: torch.Tensor | None,
+    hist_v_scales: torch.Tensor | None, slots: torch.Tensor, position_offset: torch.Tensor,
     order: list[int], n_local: int, sinks: int, scale: float, segment_len: int, tail_len: int,
 ) -> torch.Tensor:
     """``static_attention_triton``'s work: this step's K/V into their slots, then the kernel."""
@@ -294,12 +324,13 @@ def static_decode_attention(
     local_v.index_copy_(2, slots, heads_first(v, order).to(local_v.dtype))
     rows = buffer_rows(tuple(order), q.device)
     return static_decode_forward(q, local_k, local_v, hist_k, hist_v, position_offset, rows, n_local=n_local,
-                                 segment_len=segment_len, tail_len=tail_len, sinks=sinks, scale=scale)
+                                 segment_len=segment_len, tail_len=tail_len, sinks=sinks, scale=scale,
+                                 hist_scales=None if hist_k_scales is None else (hist_k_scales, hist_v_scales))
 
 
 @static_decode_attention.register_fake
-def _(q, k, v, local_k, local_v, hist_k, hist_v, slots, position_offset, order, n_local, sinks, scale,
-      segment_len, tail_len):
+def _(q, k, v, local_k, local_v, hist_k, hist_v, hist_k_scales, hist_v_scales, slots, position_offset, order,
+      n_local, sinks, scale, segment_len, tail_len):
     return q.new_empty((*q.shape[:-1], local_v.shape[-1]))
 
 
