@@ -10,7 +10,8 @@ every token then runs ``variants/static_step.py``'s program over them:
 
 With ``SegmentConfig.history_dtype`` the history buffers hold its fp8 values, beside scale buffers
 ``[n_lr, B, blocks]`` in ``kernels/history_format.py``'s block layout; a segment end quantises
-what it moves in as the eager decode does, and the step reads both (the scales as inputs of their own, beside the layer's history).
+what it moves in as the eager decode does, and the step takes the scales as inputs of their own,
+after the layer's history.
 
 On CUDA each (history bucket, autocast state) of a batch size is captured once in a
 ``torch.cuda.CUDAGraph`` (after warm-up runs on a side stream; every graph of a decoder shares one
