@@ -25,6 +25,7 @@ if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
 
 from segcompile.kernels import triton_attention, triton_decode  # noqa: E402
 from segcompile.kernels.dispatch import segment_attention_backward, segment_attention_forward  # noqa: E402
+from segcompile.kernels.history_format import HistoryGeometry, QuantizedHistory, quantize_history  # noqa: E402
 from segcompile.kernels.problem import prepare  # noqa: E402
 from segcompile.testing.tolerances import tolerance  # noqa: E402
 
@@ -149,18 +150,25 @@ def test_decode_split_over_the_keys_matches_the_reference(lq, monkeypatch):
         assert relative_error(g, w) <= FP32_RTOL, name
 
 
-@pytest.mark.parametrize("long_range", [(1,), ()], ids=["history", "no-history"])
-def test_static_decode_kernel_sums_as_the_eager_decode_does(long_range, monkeypatch):
+@pytest.mark.parametrize("long_range,fp8", [((1,), False), ((), False), ((1,), True)],
+                         ids=["history", "no-history", "fp8-history"])
+def test_static_decode_kernel_sums_as_the_eager_decode_does(long_range, fp8, monkeypatch):
     """The static decoder's kernel (lengths and split length read from the position on the device,
     over its heads-first buffers, whose capacity exceeds what the token sees) gives the split
     kernel's result bit for bit: the same splits, summed in the same order. A CUDA graph's replay
-    then agrees with the eager decode beyond rounding, at any depth of the model."""
+    then agrees with the eager decode beyond rounding, at any depth of the model. With an fp8
+    history, both scale the same values by the same per-block scales in registers."""
     monkeypatch.setattr(triton_decode, "multiprocessors", lambda device: 2)
     B, H, Hk, S, T, G, D = 2, 8, 2, 16, 8, 2, 16
     a, offset = 3 * S, 5  # the token at a + offset; the tail holds [a - T, a), history [0, a - T)
     P, lk = a - T, offset + 1
     args = random_inputs(B, H, Hk, 1, lk, T, G, P, D, long_range, seed=7)
     q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v = args
+    geometry = HistoryGeometry(S, T)
+    if fp8:  # the eager decode's QuantizedHistory, and the values and scales the buffers hold
+        quantised = [quantize_history(h, 0, geometry, torch.float8_e4m3fn) for h in (hist_k, hist_v)]
+        hist_k, hist_v = (QuantizedHistory.of(values, scales, geometry) for values, scales in quantised)
+        args = (*args[:7], hist_k, hist_v)
     want = segment_attention_forward(*args, list(long_range), D ** -0.5)
 
     order = tuple(h for h in range(Hk) if h not in long_range) + long_range  # local heads first
@@ -170,15 +178,24 @@ def test_static_decode_kernel_sums_as_the_eager_decode_does(long_range, monkeypa
             buffer[row, :, :G] = sink[:, head]
             buffer[row, :, G : G + T] = tail[:, head]
             buffer[row, :, G + T : G + T + lk] = current[:, head]
-    history = [None, None]
+    history, scales = [None, None], None
     if long_range:
-        history = [torch.randn(len(long_range), B, P + 2 * S, D, device=DEVICE) for _ in range(2)]
-        for buffer, hist in zip(history, (hist_k, hist_v)):
-            buffer[:, :, :P] = hist.transpose(0, 1)
+        capacity = P + 2 * S
+        history = [torch.randn(len(long_range), B, capacity, D, device=DEVICE) for _ in range(2)]
+        if fp8:
+            history = [buffer.to(torch.float8_e4m3fn) for buffer in history]
+            scales = [torch.rand(len(long_range), B, geometry.num_blocks(capacity), device=DEVICE) for _ in range(2)]
+            for buffer, scale, (values, block_scales) in zip(history, scales, quantised):
+                buffer[:, :, :P] = values.transpose(0, 1)
+                scale[:, :, : block_scales.shape[2]] = block_scales.transpose(0, 1)
+        else:
+            for buffer, hist in zip(history, (hist_k, hist_v)):
+                buffer[:, :, :P] = hist.transpose(0, 1)
     rows = torch.tensor([order.index(h) for h in range(Hk)], dtype=torch.int32, device=DEVICE)
     position = torch.tensor(a + offset, device=DEVICE)
     got = triton_decode.static_decode_forward(q, *local, *history, position, rows, n_local=Hk - len(long_range),
-                                              segment_len=S, tail_len=T, sinks=G, scale=D ** -0.5)
+                                              segment_len=S, tail_len=T, sinks=G, scale=D ** -0.5,
+                                              hist_scales=None if scales is None else tuple(scales))
     assert torch.equal(got, want)
 
 
