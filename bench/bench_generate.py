@@ -56,8 +56,8 @@ import torch
 import transformers
 
 import segcompile as sc
-from segcompile.quality.report import recorded_command
 from segcompile.kernels.history_format import QuantizedHistory
+from segcompile.quality.report import recorded_command
 from segcompile.runtime.state import reserve_history
 
 PATHS = ("seg-eager", "seg-static", "seg-cuda-graph", "seg-compiled-graph", "hf-sdpa", "hf-static-compile")

@@ -322,12 +322,16 @@ def test_bad_options_are_refused():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_replay_equals_eager_decode(dtype):
+@pytest.mark.parametrize("dtype,history_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                                 (torch.bfloat16, torch.float8_e4m3fn)])
+def test_cuda_graph_replay_equals_eager_decode(dtype, history_dtype):
+    # with an fp8 history: the captured split-keys kernel reading fp8 buffers and their scales,
+    # against the eager decode of the same quantised program (the non-static kernel)
     from segcompile.testing.models import tiny_model
 
     model = tiny_model("llama", layers=2, dtype=dtype).cuda()
-    seg = sc.transform(model, sc.SegmentConfig(S, tail_len=3, sink_tokens=2, long_range=PLANS["fraction(0.5)"]))
+    seg = sc.transform(model, sc.SegmentConfig(S, tail_len=3, sink_tokens=2, long_range=PLANS["fraction(0.5)"],
+                                               history_dtype=history_dtype))
     with torch.no_grad():
         state = seg.prefill(random_ids(2, 2 * S + 3).cuda())
         tokens, want, _ = eager_tokens(seg, state, 3 * S)
@@ -337,22 +341,3 @@ def test_cuda_graph_replay_equals_eager_decode(dtype):
             assert_close(got, expected, dtype, measure="relative")
     assert seg.last_decode_path == "cuda-graph"
     assert "decode: CUDA graphs" in repr(seg)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graph_replay_over_an_fp8_history_equals_eager_decode():
-    # the captured split-keys kernel reading fp8 buffers and their scales, against the eager decode
-    # of the same quantised program (which reads the history through the non-static kernel)
-    from segcompile.testing.models import tiny_model
-
-    model = tiny_model("llama", layers=2, dtype=torch.bfloat16).cuda()
-    seg = sc.transform(model, sc.SegmentConfig(S, tail_len=3, sink_tokens=2, long_range=PLANS["fraction(0.5)"],
-                                               history_dtype=torch.float8_e4m3fn))
-    with torch.no_grad():
-        state = seg.prefill(random_ids(2, 2 * S + 3).cuda())
-        tokens, want, _ = eager_tokens(seg, state, 3 * S)
-        seg.enable_cuda_graphs()
-        for token, expected in zip(tokens, want):
-            got, state = seg.decode(state, token)
-            assert_close(got, expected, torch.bfloat16, measure="relative")
-    assert seg.last_decode_path == "cuda-graph"

@@ -207,7 +207,8 @@ class StaticBuffers:
         S, T, G = cfg.segment_len, cfg.tail_len, cfg.sink_tokens
         a = segment_start(position, S)
         start = a - T
-        sinks, tail, current = min(G, max(start, 0)), (T if a > 0 else 0), position - a
+        kept = max(start, 0)  # positions before the tail: sinks and history hold them
+        sinks, tail, current = min(G, kept), (T if a > 0 else 0), position - a
         layers = []
         for site, local, history in zip(self.decoder.sites, self.local, self.history):
             order = head_order(site)
@@ -223,12 +224,12 @@ class StaticBuffers:
                 parts[f"tail_{kv}"] = cut(G + T - tail, G + T)
                 parts[f"current_{kv}"] = cut(G + T, G + T + current)
                 if site.long_range and self.geometry is not None:
-                    kept, blocks = max(start, 0), self.geometry.num_blocks(max(start, 0))
+                    blocks = self.geometry.num_blocks(kept)
                     parts[f"hist_{kv}"] = QuantizedHistory.of(
                         history[kv][:, :, :kept].transpose(0, 1).contiguous(),
                         history[f"{kv}_scales"][:, :, :blocks].transpose(0, 1).contiguous(), self.geometry)
                 elif site.long_range:
-                    parts[f"hist_{kv}"] = history[kv][:, :, : max(start, 0)].transpose(0, 1).contiguous().to(constant)
+                    parts[f"hist_{kv}"] = history[kv][:, :, :kept].transpose(0, 1).contiguous().to(constant)
                 else:
                     parts[f"hist_{kv}"] = buffer.new_empty(self.batch_size, 0, 0, buffer.shape[3]).to(constant)
             layers.append(LayerState(**parts))
