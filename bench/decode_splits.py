@@ -1,0 +1,117 @@
+"""How many programs a multiprocessor the CUDA-graph decoder's attention wants, with a bf16 and
+an fp8 history: one layer of the 8B shape, one token, by length of the history.
+
+The decode kernels split every KV head's keys into about ``PROGRAMS_PER_SM`` programs a
+multiprocessor (``kernels/triton_decode.py``); the long-range heads (2 of 8) hold nearly all the
+keys, so their programs are the ones that stream the history. This times
+``static_decode_forward`` (the split kernel over the decoder's buffers and the combine kernel, as
+a replayed step runs them) for each value of the constant, over a bf16 history and over the same
+history quantised to fp8 (``history_format``'s blocks and scales), and reports the history's
+read rate. The eager decode's ``split_len`` uses the same constant, so both paths keep summing
+in the same order whatever it is.
+
+    python bench/decode_splits.py                                  # 32K, 128K and 1M tokens
+    python bench/decode_splits.py --history-lens 122880 --programs-per-sm 4 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import triton
+
+from segcompile.kernels import triton_decode
+from segcompile.kernels.history_format import HistoryGeometry, quantize_history
+from segcompile.quality import report
+
+B, H, HK, N_LR, D, S, T, G = 1, 32, 8, 2, 128, 4096, 4096, 4  # the 8B shape, S = T = 4096, fraction(0.25)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--history-lens", type=int, nargs="+", default=[32768 - 8192, 131072 - 8192, 1048576 - 8192],
+                   help="history positions (the context less the tail and the current segment)")
+    p.add_argument("--programs-per-sm", type=int, nargs="+", default=[4, 8, 16, 32])
+    p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    return p.parse_args(argv)
+
+
+def median_ms(fn, n: int = 30) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(n):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[n // 2]
+
+
+def buffers(P: int):
+    """The decoder's buffers after ``P`` history positions: local K/V ``[Hk, B, G + T + S, D]``, the
+    history ``[n_lr, B, P, D]`` in bf16 and in fp8 with its scales, the position, the head rows."""
+    r = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    q, local_k, local_v = r(B, H, 1, D), r(HK, B, G + T + S, D), r(HK, B, G + T + S, D)
+    hist_k, hist_v = r(N_LR, B, P, D), r(N_LR, B, P, D)
+    geometry = HistoryGeometry(S, T)
+
+    def fp8(x):  # quantise as [B, heads, P, D], keep the decoder's [heads, B, ...] order
+        values, scales = quantize_history(x.transpose(0, 1), 0, geometry, torch.float8_e4m3fn)
+        return values.transpose(0, 1).contiguous(), scales.transpose(0, 1).contiguous()
+
+    (k8, k_scales), (v8, v_scales) = fp8(hist_k), fp8(hist_v)
+    position = torch.tensor([P + T + 100], device="cuda")  # 100 tokens into the current segment
+    rows = torch.arange(HK, dtype=torch.int32, device="cuda")  # the last N_LR KV heads are long-range
+    return q, local_k, local_v, (hist_k, hist_v, None), (k8, v8, (k_scales, v_scales)), position, rows
+
+
+def run(args) -> list[dict]:
+    out = []
+    for P in args.history_lens:
+        q, local_k, local_v, bf16, fp8, position, rows = buffers(P)
+        common = dict(n_local=HK - N_LR, segment_len=S, tail_len=T, sinks=G, scale=D ** -0.5)
+
+        def step(hist):
+            k, v, scales = hist
+            return lambda: triton_decode.static_decode_forward(q, local_k, local_v, k, v, position, rows,
+                                                               hist_scales=scales, **common)
+
+        for per_sm in args.programs_per_sm:
+            triton_decode.PROGRAMS_PER_SM = triton_decode.PROGRAMS_PER_SM_FP8_HISTORY = per_sm
+            bf16_ms, fp8_ms = median_ms(step(bf16)), median_ms(step(fp8))
+            history_bytes = 2 * N_LR * P * D * 2
+            out.append(dict(history_len=P, programs_per_sm=per_sm, bf16_ms=bf16_ms, fp8_ms=fp8_ms,
+                            bf16_tb_per_s=history_bytes / bf16_ms / 1e9, fp8_tb_per_s=history_bytes / 2 / fp8_ms / 1e9))
+            print(out[-1], flush=True)
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.manual_seed(0)
+    rows = run(args)
+    device = torch.cuda.get_device_name()
+    print(f"\n{device}; one layer of the 8B shape, one token, S=T={S}, {N_LR} of {HK} KV heads long-range")
+    print(f"{'history':>9} {'programs/SM':>11} {'bf16 ms':>8} {'fp8 ms':>8} {'bf16 TB/s':>9} {'fp8 TB/s':>8}")
+    for r in rows:
+        print(f"{r['history_len']:9} {r['programs_per_sm']:11} {r['bf16_ms']:8.3f} {r['fp8_ms']:8.3f} "
+              f"{r['bf16_tb_per_s']:9.2f} {r['fp8_tb_per_s']:8.2f}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"decode_splits-{device.replace(' ', '_')}.json"
+    meta = dict(device=device, torch=torch.__version__, triton=triton.__version__,
+                command=report.recorded_command("bench/decode_splits.py", sys.argv[1:], {"--out"}))
+    path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
+    print(f"wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
