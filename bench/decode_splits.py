@@ -8,27 +8,36 @@ keys, so their programs are the ones that stream the history. This times
 a replayed step runs them) for each value of the constant, over a bf16 history and over the same
 history quantised to fp8 (``history_format``'s blocks and scales), and reports the history's
 read rate. The eager decode's ``split_len`` uses the same constant, so both paths keep summing
-in the same order whatever it is.
+in the same order whatever it is. ``--decode-tiles`` also sweeps the decode kernels' tile
+(``triton_common.TILES["decode"]``: rows, keys a block, warps, pipeline stages, register cap) for
+both histories; ``--tiny`` runs a small case on the CPU (Triton's interpreter) as a smoke test.
 
     python bench/decode_splits.py                                  # 32K, 128K and 1M tokens
     python bench/decode_splits.py --history-lens 122880 --programs-per-sm 4 8
+    python bench/decode_splits.py --history-lens 1040384 --programs-per-sm 8 --decode-tiles 16,64,4,3 16,32,4,3
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import time
 from pathlib import Path
+
+if "--tiny" in sys.argv:  # before the kernels are defined
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch
 import triton
 
-from segcompile.kernels import triton_decode
+from segcompile.kernels import triton_common, triton_decode
 from segcompile.kernels.history_format import HistoryGeometry, quantize_history
 from segcompile.quality import report
 
 B, H, HK, N_LR, D, S, T, G = 1, 32, 8, 2, 128, 4096, 4096, 4  # the 8B shape, S = T = 4096, fraction(0.25)
+TINY = dict(B=1, H=4, HK=2, N_LR=1, D=16, S=64, T=64, G=2)  # --tiny: the CPU smoke test's shape
 
 
 def parse_args(argv=None):
@@ -36,13 +45,27 @@ def parse_args(argv=None):
     p.add_argument("--history-lens", type=int, nargs="+", default=[32768 - 8192, 131072 - 8192, 1048576 - 8192],
                    help="history positions (the context less the tail and the current segment)")
     p.add_argument("--programs-per-sm", type=int, nargs="+", default=[4, 8, 16, 32])
+    p.add_argument("--decode-tiles", nargs="+", default=None, metavar="M,N,WARPS,STAGES[,CAP]",
+                   help="decode tiles to sweep (default: the table's)")
+    p.add_argument("--tiny", action="store_true", help="a small case on the CPU, Triton interpreted (a smoke test)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.history_lens, args.programs_per_sm = [200], [1, 2]
+    return args
 
 
 def median_ms(fn, n: int = 30) -> float:
+    """The median of ``n`` timed calls after three untimed (CUDA events; the wall clock on the CPU)."""
     for _ in range(3):
         fn()
+    if not torch.cuda.is_available():
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+        return sorted(times)[1]
     torch.cuda.synchronize()
     times = []
     for _ in range(n):
@@ -55,10 +78,11 @@ def median_ms(fn, n: int = 30) -> float:
     return sorted(times)[n // 2]
 
 
-def buffers(P: int):
+def buffers(P: int, shape: dict, device: str):
     """The decoder's buffers after ``P`` history positions: local K/V ``[Hk, B, G + T + S, D]``, the
     history ``[n_lr, B, P, D]`` in bf16 and in fp8 with its scales, the position, the head rows."""
-    r = lambda *shape: torch.randn(*shape, device="cuda", dtype=torch.bfloat16)  # noqa: E731
+    B, H, HK, N_LR, D, S, T, G = (shape[k] for k in ("B", "H", "HK", "N_LR", "D", "S", "T", "G"))
+    r = lambda *size: torch.randn(*size, device=device, dtype=torch.bfloat16)  # noqa: E731
     q, local_k, local_v = r(B, H, 1, D), r(HK, B, G + T + S, D), r(HK, B, G + T + S, D)
     hist_k, hist_v = r(N_LR, B, P, D), r(N_LR, B, P, D)
     geometry = HistoryGeometry(S, T)
@@ -68,28 +92,49 @@ def buffers(P: int):
         return values.transpose(0, 1).contiguous(), scales.transpose(0, 1).contiguous()
 
     (k8, k_scales), (v8, v_scales) = fp8(hist_k), fp8(hist_v)
-    position = torch.tensor([P + T + 100], device="cuda")  # 100 tokens into the current segment
-    rows = torch.arange(HK, dtype=torch.int32, device="cuda")  # the last N_LR KV heads are long-range
+    position = torch.tensor([P + T + min(100, S - 1)], device=device)  # into the current segment
+    rows = torch.arange(HK, dtype=torch.int32, device=device)  # the last N_LR KV heads are long-range
     return q, local_k, local_v, (hist_k, hist_v, None), (k8, v8, (k_scales, v_scales)), position, rows
 
 
-def run(args) -> list[dict]:
+def tiles(args) -> list[tuple[int, ...] | None]:
+    """The decode tiles to sweep (None: the table's as it is)."""
+    return [tuple(int(x) for x in t.split(",")) for t in args.decode_tiles] if args.decode_tiles else [None]
+
+
+def run(args, shape: dict, device: str) -> list[dict]:
+    """Every (history length, tile, programs a multiprocessor) timed over both histories; the
+    decode's constants and tile table are as they were afterwards."""
+    bucket = min(b for b in (64, 128, 256) if b >= triton_common.block_d(shape["D"]))
+    table_tile = triton_common.TILES["decode"][bucket]
+    constants = triton_decode.PROGRAMS_PER_SM, triton_decode.PROGRAMS_PER_SM_FP8_HISTORY
+    try:
+        return [row for P in args.history_lens for row in _sweep(args, shape, device, P, bucket, table_tile)]
+    finally:
+        triton_common.TILES["decode"][bucket] = table_tile
+        triton_decode.PROGRAMS_PER_SM, triton_decode.PROGRAMS_PER_SM_FP8_HISTORY = constants
+
+
+def _sweep(args, shape: dict, device: str, P: int, bucket: int, table_tile: tuple) -> list[dict]:
+    q, local_k, local_v, bf16, fp8, position, rows = buffers(P, shape, device)
+    common = dict(n_local=shape["HK"] - shape["N_LR"], segment_len=shape["S"], tail_len=shape["T"],
+                  sinks=shape["G"], scale=shape["D"] ** -0.5)
+
+    def step(hist):
+        k, v, scales = hist
+        return lambda: triton_decode.static_decode_forward(q, local_k, local_v, k, v, position, rows,
+                                                           hist_scales=scales, **common)
+
     out = []
-    for P in args.history_lens:
-        q, local_k, local_v, bf16, fp8, position, rows = buffers(P)
-        common = dict(n_local=HK - N_LR, segment_len=S, tail_len=T, sinks=G, scale=D ** -0.5)
-
-        def step(hist):
-            k, v, scales = hist
-            return lambda: triton_decode.static_decode_forward(q, local_k, local_v, k, v, position, rows,
-                                                               hist_scales=scales, **common)
-
+    for tile in tiles(args):
+        triton_common.TILES["decode"][bucket] = tile or table_tile
         for per_sm in args.programs_per_sm:
             triton_decode.PROGRAMS_PER_SM = triton_decode.PROGRAMS_PER_SM_FP8_HISTORY = per_sm
             bf16_ms, fp8_ms = median_ms(step(bf16)), median_ms(step(fp8))
-            history_bytes = 2 * N_LR * P * D * 2
-            out.append(dict(history_len=P, programs_per_sm=per_sm, bf16_ms=bf16_ms, fp8_ms=fp8_ms,
-                            bf16_tb_per_s=history_bytes / bf16_ms / 1e9, fp8_tb_per_s=history_bytes / 2 / fp8_ms / 1e9))
+            history_bytes = 2 * shape["N_LR"] * P * shape["D"] * 2
+            out.append(dict(history_len=P, tile=list(tile or table_tile), programs_per_sm=per_sm,
+                            bf16_ms=bf16_ms, fp8_ms=fp8_ms, bf16_tb_per_s=history_bytes / bf16_ms / 1e9,
+                            fp8_tb_per_s=history_bytes / 2 / fp8_ms / 1e9))
             print(out[-1], flush=True)
     return out
 
@@ -97,17 +142,21 @@ def run(args) -> list[dict]:
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(0)
-    rows = run(args)
-    device = torch.cuda.get_device_name()
-    print(f"\n{device}; one layer of the 8B shape, one token, S=T={S}, {N_LR} of {HK} KV heads long-range")
-    print(f"{'history':>9} {'programs/SM':>11} {'bf16 ms':>8} {'fp8 ms':>8} {'bf16 TB/s':>9} {'fp8 TB/s':>8}")
+    shape = TINY if args.tiny else dict(B=B, H=H, HK=HK, N_LR=N_LR, D=D, S=S, T=T, G=G)
+    device = "cpu" if args.tiny else "cuda"
+    rows = run(args, shape, device)
+    name = "cpu" if args.tiny else torch.cuda.get_device_name()
+    print(f"\n{name}; one layer, one token, H={shape['H']} Hk={shape['HK']} D={shape['D']}, S=T={shape['S']}, "
+          f"{shape['N_LR']} of {shape['HK']} KV heads long-range")
+    print(f"{'history':>9} {'tile':>14} {'programs/SM':>11} {'bf16 ms':>8} {'fp8 ms':>8} {'bf16 TB/s':>9} {'fp8 TB/s':>8}")
     for r in rows:
-        print(f"{r['history_len']:9} {r['programs_per_sm']:11} {r['bf16_ms']:8.3f} {r['fp8_ms']:8.3f} "
-              f"{r['bf16_tb_per_s']:9.2f} {r['fp8_tb_per_s']:8.2f}")
+        print(f"{r['history_len']:9} {','.join(map(str, r['tile'])):>14} {r['programs_per_sm']:11} {r['bf16_ms']:8.3f} "
+              f"{r['fp8_ms']:8.3f} {r['bf16_tb_per_s']:9.2f} {r['fp8_tb_per_s']:8.2f}")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"decode_splits-{device.replace(' ', '_')}.json"
-    meta = dict(device=device, torch=torch.__version__, triton=triton.__version__,
-                command=report.recorded_command("bench/decode_splits.py", sys.argv[1:], {"--out"}))
+    path = args.out / f"decode_splits-{'tiny-' if args.tiny else ''}{name.replace(' ', '_')}.json"
+    meta = dict(device=name, torch=torch.__version__, triton=triton.__version__, shape=shape,
+                command=report.recorded_command("bench/decode_splits.py", sys.argv[1:] if argv is None else argv,
+                                                {"--out"}))
     path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print(f"wrote {path}")
     return rows

@@ -182,3 +182,9 @@ def tile(kind: str, head_dim: int, lq: int, table: str = "16-bit") -> dict:
 def tile_options(entry: tuple[int, ...]) -> dict:
     """A ``TILES`` entry, (BLOCK_M, BLOCK_N, warps, stages[, register cap]), as launch options."""
     return dict(zip(("BLOCK_M", "BLOCK_N", "num_warps", "num_stages", "maxnreg"), entry))
+
+
+def register_cap(options: dict) -> dict:
+    """The register cap of ``tile_options`` as a launch option (none where the entry has none), for
+    launchers that pass the tile's fields one by one."""
+    return {"maxnreg": options["maxnreg"]} if options.get("maxnreg") else {}

@@ -318,7 +318,8 @@ def split_keys_forward(p: Problem, scale: float, return_lse: bool):
         *strides(p.sink_k), *strides(p.sink_v), *strides(p.hist_k), *strides(p.hist_v),
         Hk, p.group, lq, p.Lk, p.T, p.G, p.P, keys, *p.history_scale_args(),
         ROWS=rows, BLOCK_N=tile["BLOCK_N"], BLOCK_DK=p.block_dk, BLOCK_DV=p.block_dv, D_K=p.D_K,
-        D_V=p.D_V, num_warps=warps, num_stages=tile["num_stages"], **p.dot_options(), **p.history_scale_options(),
+        D_V=p.D_V, num_warps=warps, num_stages=tile["num_stages"], **triton_common.register_cap(tile),
+        **p.dot_options(), **p.history_scale_options(),
     )
     out = torch.empty(B, H, lq, p.D_V, dtype=p.q.dtype, device=p.q.device)
     lse = torch.empty(B * H * lq if return_lse else 1, dtype=torch.float32, device=p.q.device)
@@ -377,7 +378,8 @@ def static_decode_forward(q, local_k, local_v, hist_k, hist_v, position, buffer_
         hk, group, lq, segment_len, tail_len, sinks, n_local, hist_k.shape[2], wanted,
         k_scales, v_scales, k_scales.stride(0), k_scales.stride(1), v_scales.stride(0), v_scales.stride(1),
         HIST_SCALED=scaled, SCALE_BLOCK=HISTORY_SCALE_BLOCK, ROWS=rows, BLOCK_N=tile["BLOCK_N"], BLOCK_DK=block_dk, BLOCK_DV=block_dv, D_K=dk, D_V=dv,
-        num_warps=tile["num_warps"] if rows <= 32 else max(tile["num_warps"], 8), num_stages=tile["num_stages"], DOT=TL_DTYPES[dot],
+        num_warps=tile["num_warps"] if rows <= 32 else max(tile["num_warps"], 8), num_stages=tile["num_stages"],
+        **triton_common.register_cap(tile), DOT=TL_DTYPES[dot],
         PRECISION="ieee" if dot == torch.float32 else "tf32", HAS_HISTORY=n_local < hk,
     )
     out = torch.empty(B, H, lq, dv, dtype=q.dtype, device=q.device)
