@@ -47,7 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--programs-per-sm", type=int, nargs="+", default=[4, 8, 16, 32])
     p.add_argument("--decode-tiles", nargs="+", default=None, metavar="M,N,WARPS,STAGES[,CAP]",
                    help="decode tiles to sweep (default: the table's)")
-    p.add_argument("--tiny", action="store_true", help="a small case on the CPU, Triton interpreted (a smoke test)")
+    p.add_argument("--tiny", action="store_true", help="a small case on the CPU, Triton interpreted (a smoke test): one history length, "
+                        "1 and 2 programs a multiprocessor")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
     if args.tiny:
@@ -55,11 +56,12 @@ def parse_args(argv=None):
     return args
 
 
-def median_ms(fn, n: int = 30) -> float:
-    """The median of ``n`` timed calls after three untimed (CUDA events; the wall clock on the CPU)."""
+def median_ms(fn, device: str, n: int = 30) -> float:
+    """The median of ``n`` timed calls after three untimed (CUDA events; on the CPU, three calls
+    by the wall clock)."""
     for _ in range(3):
         fn()
-    if not torch.cuda.is_available():
+    if device == "cpu":
         times = []
         for _ in range(3):
             start = time.perf_counter()
@@ -130,7 +132,7 @@ def _sweep(args, shape: dict, device: str, P: int, bucket: int, table_tile: tupl
         triton_common.TILES["decode"][bucket] = tile or table_tile
         for per_sm in args.programs_per_sm:
             triton_decode.PROGRAMS_PER_SM = triton_decode.PROGRAMS_PER_SM_FP8_HISTORY = per_sm
-            bf16_ms, fp8_ms = median_ms(step(bf16)), median_ms(step(fp8))
+            bf16_ms, fp8_ms = median_ms(step(bf16), device), median_ms(step(fp8), device)
             history_bytes = 2 * shape["N_LR"] * P * shape["D"] * 2
             out.append(dict(history_len=P, tile=list(tile or table_tile), programs_per_sm=per_sm,
                             bf16_ms=bf16_ms, fp8_ms=fp8_ms, bf16_tb_per_s=history_bytes / bf16_ms / 1e9,
