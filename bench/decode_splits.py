@@ -36,7 +36,7 @@ from segcompile.kernels import triton_common, triton_decode
 from segcompile.kernels.history_format import HistoryGeometry, quantize_history
 from segcompile.quality import report
 
-B, H, HK, N_LR, D, S, T, G = 1, 32, 8, 2, 128, 4096, 4096, 4  # the 8B shape, S = T = 4096, fraction(0.25)
+SHAPE_8B = dict(B=1, H=32, HK=8, N_LR=2, D=128, S=4096, T=4096, G=4)  # S = T = 4096, fraction(0.25), 4 sinks
 TINY = dict(B=1, H=4, HK=2, N_LR=1, D=16, S=64, T=64, G=2)  # --tiny: the CPU smoke test's shape
 
 
@@ -144,7 +144,7 @@ def _sweep(args, shape: dict, device: str, P: int, bucket: int, table_tile: tupl
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(0)
-    shape = TINY if args.tiny else dict(B=B, H=H, HK=HK, N_LR=N_LR, D=D, S=S, T=T, G=G)
+    shape = TINY if args.tiny else SHAPE_8B
     device = "cpu" if args.tiny else "cuda"
     rows = run(args, shape, device)
     name = "cpu" if args.tiny else torch.cuda.get_device_name()

@@ -43,7 +43,8 @@ PROGRAMS_PER_SM_FP8_HISTORY = 8
 
 def _wanted_splits(device: torch.device, programs: int, scaled: bool) -> int:
     """Splits a KV head's keys are cut into, at most: enough for about ``PROGRAMS_PER_SM``
-    programs a multiprocessor over ``programs`` (batch rows times KV heads)."""
+    programs a multiprocessor (``PROGRAMS_PER_SM_FP8_HISTORY`` over a quantised history, ``scaled``)
+    over ``programs`` (batch rows times KV heads)."""
     per_sm = PROGRAMS_PER_SM_FP8_HISTORY if scaled else PROGRAMS_PER_SM
     return triton.cdiv(per_sm * multiprocessors(device), programs)
 
