@@ -122,7 +122,7 @@ def test_triton_forward_reads_the_quantised_history_as_the_reference(lq):
     3 positions, 37 history positions (not a multiple of the block)."""
     gen = torch.Generator().manual_seed(3)
     B, Hk, group, D, lk, P = 2, 3, 2, 16, 24, 37
-    r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    r = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE)  # noqa: E731
     g = HistoryGeometry(segment_len=8, tail_len=3, block=4)
     long_range = [2, 0]
 
@@ -196,7 +196,7 @@ def test_bf16_forward_on_cuda_reads_the_quantised_history_as_the_reference(lq):
 
 def test_triton_backward_with_a_quantised_history_equals_the_reference():
     gen = torch.Generator().manual_seed(5)
-    r = lambda *shape: torch.randn(*shape, generator=gen)  # noqa: E731
+    r = lambda *shape: torch.randn(*shape, generator=gen).to(DEVICE)  # noqa: E731
     B, Hk, D, lq = 1, 2, 16, 8
     g = HistoryGeometry(segment_len=8, tail_len=3, block=4)
     hist_k, hist_v = (QuantizedHistory.of(*quantize_history(r(B, 1, 13, D), 0, g, FP8), g) for _ in range(2))

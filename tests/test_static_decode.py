@@ -292,6 +292,54 @@ def test_sibling_projections_are_one_product():
     assert len(products) == len(original) - sum(len(s) - 1 for s in sources)
 
 
+def stacked_weights(program) -> dict[tuple, torch.Tensor]:
+    """A program's stacked copies (``fuse_projections``) by their sources."""
+    return {tuple(map(id, sources)): getattr(program, name) for name, sources, _ in program.meta[FUSED]}
+
+
+def test_both_decode_paths_read_one_stacked_copy_of_the_projections():
+    # the eager decode runs the step graph with q, k and v as one product, as the static program
+    # does, so that the two paths round alike; one copy of the stacked weights serves both
+    seg = make("llama", "fraction(0.5)")
+    ids = random_ids(2, S + 3)
+    with torch.no_grad():
+        state = seg.prefill(ids)
+        seg.decode(state, ids[:, :1])
+        eager = seg._decode_graphs["fused"]  # what that decode ran
+        seg.enable_cuda_graphs().decode(state, ids[:, :1])
+    static = seg._static.program
+    site = seg.sites[0]
+    hidden, kv = site.num_heads * site.head_dim, site.num_kv_heads * site.head_dim
+    shapes = [[tuple(t.shape) for t in sources] for _, sources, _ in eager.meta[FUSED]]
+    assert shapes.count([(hidden, hidden), (kv, hidden), (kv, hidden)]) == len(seg.sites)
+    assert stacked_weights(eager).keys() == stacked_weights(static).keys()
+    assert all(w is stacked_weights(static)[key] for key, w in stacked_weights(eager).items())
+    linear = torch.ops.aten.linear.default
+    fused = sum(len(sources) - 1 for _, sources, _ in eager.meta[FUSED])
+    assert len(eager.graph.find_nodes(op="call_function", target=linear)) == len(
+        seg.step_graph.graph.find_nodes(op="call_function", target=linear)) - fused
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q, k and v have biases, stacked too
+def test_eager_decode_serves_the_weights_as_they_are(family):
+    # the eager decode's stacked copy follows weights changed in place (an optimizer step between
+    # two decodes); with autograd recording, decode runs the step graph itself, whose products
+    # read the parameters (their gradients must reach them)
+    seg = make(family, "fraction(0.5)", tail=3, sinks=2)
+    ids = random_ids(2, S + 3)
+    with torch.no_grad():
+        state = seg.prefill(ids)
+        seg.decode(state, ids[:, :1])  # the stacked copy is made here
+        for p in seg.step_graph.parameters():
+            p.mul_(1.5)
+        got, _ = seg.decode(state, ids[:, :1])
+    want, _ = seg.decode(state, ids[:, :1])
+    assert_close(got, want, torch.float32, what="eager decode after an in-place change of the weights")
+    want.sum().backward()
+    sources = [t for _, tensors, _ in seg.decode_graph().meta[FUSED] for t in tensors]
+    assert sources and all(t.grad is not None for t in sources)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q, k and v have biases, stacked too
 def test_weights_changed_in_place_reach_the_fused_products(family):
     # an optimizer step between two decodes changes the weights in place: the static path must

@@ -12,7 +12,10 @@ A local KV head therefore holds at most G + T + S entries whatever the length; a
 head keeps everything. The same loop serves ``forward`` (whole sequence), ``prefill`` and
 ``decode`` (any number of tokens, usually one); ``segments`` runs it one whole segment at a time
 for training (``runtime/training.py`` consumes it). ``generate`` is prefill and decode in
-``runtime/generation.py``'s loop.
+``runtime/generation.py``'s loop. Prefill and decode without autograd run variants of the step
+graph (``runtime/variants/``): prefill keeps the last position's logits and frees old tails,
+decode reads the query, key and value projections as one product, as the CUDA-graph decoder
+does, so that the two decode paths round alike.
 
 State semantics. ``prefill`` and ``decode`` are functional: they return a new ``SegmentState``
 and never change the one passed in, which stays valid and can be continued again (to branch:
@@ -34,6 +37,7 @@ device, inside the vocabulary (one min/max reduction, so one device sync per cal
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import logging
@@ -71,6 +75,7 @@ from .state import (
     storages,
 )
 from .static_decode import StaticDecoder, StaticState
+from .variants.fused_projections import fuse_projections, refresh_fused_projections
 from .variants.keep_last_logits import keep_last_logits
 from .variants.release_tails import release_tails
 from .wrapping import check_sync_owner
@@ -108,6 +113,10 @@ class SegmentedModel(torch.nn.Module):
         self.program_id = ProgramId.of(self.capture_info.model_class, step_graph.parameters(), self.sites, cfg)
         self._last_logits_graph: fx.GraphModule | None = None  # built on the first prefill
         self._releasing_tails_graph: fx.GraphModule | None = None  # the same, freeing the old tails
+        # the decode variant, built on the first eager decode; in a dict, not an attribute, so that
+        # its stacked weights (1.5 GB for an 8B model) are no buffers of this module
+        self._decode_graphs: dict[str, fx.GraphModule] = {}
+        self._fused_weights: dict = {}  # fuse_projections' shared copies: the decode variant's and the static decoder's
         # set by compile(): graph -> (its torch.compile'd callable, the config naming its dynamic lengths)
         self._compiled: dict[fx.GraphModule, tuple[Callable, dict[str, str]]] = {}
         self._compile_options: dict = {}
@@ -184,7 +193,8 @@ class SegmentedModel(torch.nn.Module):
         if isinstance(state, StaticState):  # CUDA graphs turned off, or autograd recording: eager from a copy
             state = state.to_segment_state()
         self._note_decode_path("compiled" if self._compiled else "eager")
-        outputs, state = self._feed(state, next_ids, collect=True)
+        graph = None if self._compiled or _builds_graph(self) else self.decode_graph()
+        outputs, state = self._feed(state, next_ids, collect=True, graph=graph)
         return _logits_of(outputs), state
 
     @staticmethod
@@ -217,7 +227,7 @@ class SegmentedModel(torch.nn.Module):
         layers' matrix products; one compile serves every history bucket."""
         self._static = StaticDecoder(self.step_graph, self.cfg, self.capture_info.device, self.program_id,
                                      history_block=history_block, max_context=max_context, capture=capture,
-                                     kernel=kernel, compile=compile)
+                                     kernel=kernel, compile=compile, fused_weights=self._fused_weights)
         return self
 
     def disable_cuda_graphs(self) -> SegmentedModel:
@@ -402,6 +412,7 @@ class SegmentedModel(torch.nn.Module):
         self.step_graph = graph
         self._last_logits_graph = None
         self._releasing_tails_graph = None
+        self._decode_graphs = {}  # built again on the next decode, over the modules ``graph`` holds
         self._compiled = {}
         self._releasing_graph()  # builds prefill_graph() first
         if compiled:
@@ -415,22 +426,39 @@ class SegmentedModel(torch.nn.Module):
             self._last_logits_graph = keep_last_logits(self.step_graph) or self.step_graph
         return self._last_logits_graph
 
+    def decode_graph(self) -> fx.GraphModule:
+        """The step graph an eager ``decode`` runs without autograd: ``step_graph`` with the
+        small projections of one input as one matrix product (``fuse_projections``), as the
+        CUDA-graph decoder's program reads them: both decode paths then round alike (the module
+        docstring of ``runtime/variants/fused_projections.py`` says by how much they otherwise
+        differ). Built on first use; its stacked weights are refreshed before each use."""
+        graph = self._decode_graphs.get("fused")
+        if graph is None:
+            graph = fx.GraphModule(self.step_graph, copy.deepcopy(self.step_graph.graph), class_name="SegmentDecodeStep")
+            graph.meta.update(self.step_graph.meta)
+            graph = self._decode_graphs["fused"] = fuse_projections(graph, shared=self._fused_weights)
+        with torch.no_grad():
+            refresh_fused_projections(graph)  # weights changed in place since (a training step)
+        return graph
+
     def logits_of(self, leaves: list) -> torch.Tensor:
         """The logits among a step's flattened model outputs."""
         return _logits_of(pytree.tree_unflatten(leaves, self.capture_info.out_spec))
 
     # ---- the loop ---------------------------------------------------------------------------
-    def _feed(self, state: SegmentState, input_ids: torch.Tensor, collect: bool, foreign: set[int] | None = None):
+    def _feed(self, state: SegmentState, input_ids: torch.Tensor, collect: bool, foreign: set[int] | None = None,
+              graph: fx.GraphModule | None = None):
         """Run ``input_ids`` after ``state``, one step per piece of a segment. ``foreign`` (prefill):
-        the storages the caller holds; steps that may free the old tails then do. ``input_ids``
-        were checked by the caller (``_checked_ids``)."""
+        the storages the caller holds; steps that may free the old tails then do. ``graph``: the
+        variant of the step graph that collecting steps run (decode's). ``input_ids`` were checked
+        by the caller (``_checked_ids``)."""
         pieces = []
         for piece in segment_pieces(state.position, input_ids.shape[1], self.cfg.segment_len):
             chunk = input_ids[:, piece]
             if foreign is not None and self._can_release_tails(state, chunk, foreign):
                 leaves, state = self._step_releasing_tails(state, chunk)
             else:
-                leaves, state = self.step(state, chunk, last_logits_only=not collect)
+                leaves, state = self.step(state, chunk, last_logits_only=not collect, graph=graph)
             if collect:
                 pieces.append(leaves)
         if not collect:
@@ -456,11 +484,12 @@ class SegmentedModel(torch.nn.Module):
         run = SegmentRun(tokens, logits, tail_inputs, self._tail_outputs(state) if tails is not None else [])
         return run, self._end_segment_if_full(state)
 
-    def step(self, state: SegmentState, chunk: torch.Tensor, last_logits_only: bool = False) -> tuple[list, SegmentState]:
-        """Run the step graph once on ``chunk`` (which must not cross a segment boundary), and
-        move the segment into the carried state if ``chunk`` finished it. ``last_logits_only``:
-        the logits leaf holds the last position's only."""
-        leaves, state = self.run_step(state, chunk, graph=self.prefill_graph() if last_logits_only else None)
+    def step(self, state: SegmentState, chunk: torch.Tensor, last_logits_only: bool = False,
+             graph: fx.GraphModule | None = None) -> tuple[list, SegmentState]:
+        """Run the step graph (or ``graph``, a variant of it) once on ``chunk`` (which must not
+        cross a segment boundary), and move the segment into the carried state if ``chunk``
+        finished it. ``last_logits_only``: the logits leaf holds the last position's only."""
+        leaves, state = self.run_step(state, chunk, graph=self.prefill_graph() if last_logits_only else graph)
         return leaves, self._end_segment_if_full(state)
 
     def _end_segment_if_full(self, state: SegmentState) -> SegmentState:

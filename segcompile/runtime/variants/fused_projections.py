@@ -18,6 +18,12 @@ left as they are), and ``aten.split_with_sizes`` whose pieces replace the origin
 ``gm.meta[FUSED]`` lists each buffer's name and sources; ``refresh_fused_projections(gm)``
 copies the sources again when any of them changed in place since (an optimizer step between
 two decodes), so the copy never serves stale weights.
+
+Both decode paths read the fused products (the eager decode's step graph and the CUDA-graph
+decoder's program), so that they round alike: cuBLAS sums a ``[6144, 4096]`` product in another
+order than the three it replaces, which moved a few outputs a layer by one bf16 unit and the
+logits of a random 8B-shaped model by 10 units after 32 layers (bench/README.md, generation).
+Given a ``shared`` dict, programs fused from the same weights hold one stacked copy.
 """
 
 from __future__ import annotations
@@ -33,11 +39,12 @@ MAX_BYTES = 64 << 20  # the q, k and v weights of an 8B model (48 MiB) fuse; its
 _LINEAR = torch.ops.aten.linear.default
 
 
-def fuse_projections(gm: fx.GraphModule, max_bytes: int = MAX_BYTES) -> fx.GraphModule:
-    """``gm`` with every group of small sibling projections read as one product (module docstring); in place."""
+def fuse_projections(gm: fx.GraphModule, max_bytes: int = MAX_BYTES, shared: dict | None = None) -> fx.GraphModule:
+    """``gm`` with every group of small sibling projections read as one product (module docstring); in place.
+    ``shared``: stacked copies by their sources, reused where they match and added to where not."""
     fused = []
     for i, group in enumerate(_sibling_groups(gm, max_bytes)):
-        fused += _fuse(gm, group, f"fused_projection_{i}")
+        fused += _fuse(gm, group, f"fused_projection_{i}", {} if shared is None else shared)
     gm.meta[FUSED] = fused
     if fused:
         gm.graph.lint()
@@ -74,14 +81,14 @@ def _sibling_groups(gm: fx.GraphModule, max_bytes: int) -> list[list[fx.Node]]:
     return groups
 
 
-def _fuse(gm: fx.GraphModule, group: list[fx.Node], name: str) -> list[tuple[str, list[torch.Tensor], list[int]]]:
+def _fuse(gm: fx.GraphModule, group: list[fx.Node], name: str,
+          shared: dict) -> list[tuple[str, list[torch.Tensor], list[int]]]:
     """One product for ``group``; its ``FUSED`` records: the stacked weight's, and the bias's if any."""
     weights = [_attr(gm, n.args[1]) for n in group]
     biases = [_attr(gm, n.args[2]) for n in group] if len(group[0].args) > 2 and group[0].args[2] is not None else []
     stacked = [(name, weights)] + ([(name + "_bias", biases)] if biases else [])
-    with torch.no_grad():
-        for buffer, sources in stacked:
-            gm.register_buffer(buffer, torch.cat(sources, dim=0), persistent=False)
+    for buffer, sources in stacked:
+        gm.register_buffer(buffer, _stacked(sources, shared), persistent=False)
     graph, first = gm.graph, group[0]
     with graph.inserting_before(first):
         product = graph.call_function(_LINEAR, (first.args[0], *(graph.get_attr(buffer) for buffer, _ in stacked)))
@@ -93,6 +100,22 @@ def _fuse(gm: fx.GraphModule, group: list[fx.Node], name: str) -> list[tuple[str
     for node in group:
         graph.erase_node(node)
     return [(buffer, sources, [t._version for t in sources]) for buffer, sources in stacked]
+
+
+def _stacked(sources: list[torch.Tensor], shared: dict) -> torch.Tensor:
+    """``sources`` concatenated along dim 0, up to date: ``shared``'s copy where it has one of
+    their shape, device and dtype (copied again if a source changed since), else a new one."""
+    key = tuple(id(t) for t in sources)  # the sources stay alive: each program's FUSED record holds them
+    now = [t._version for t in sources]
+    copy, versions = shared.get(key, (None, None))
+    with torch.no_grad():
+        if (copy is None or copy.device != sources[0].device or copy.dtype != sources[0].dtype
+                or copy.shape[0] != sum(t.shape[0] for t in sources)):
+            copy = torch.cat(sources, dim=0)
+        elif versions != now:
+            torch.cat(sources, dim=0, out=copy)
+    shared[key] = (copy, now)
+    return copy
 
 
 def _is_attr(node) -> bool:
