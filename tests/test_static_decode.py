@@ -12,6 +12,7 @@ import logging
 
 import pytest
 import torch
+from torch.fx.experimental.proxy_tensor import make_fx
 from conftest import captured, random_ids
 
 import segcompile as sc
@@ -21,6 +22,7 @@ from segcompile.runtime.static_decode import StaticState
 from segcompile.runtime.variants.fixed_size_step import buffer_specs
 from segcompile.runtime.variants.fused_projections import FUSED
 from segcompile.runtime.variants.static_step import static_step
+from segcompile.runtime.variants.wide_reductions import wide_reductions
 from segcompile.testing.tolerances import assert_close
 
 S = 8
@@ -318,6 +320,34 @@ def test_both_decode_paths_read_one_stacked_copy_of_the_projections():
     fused = sum(len(sources) - 1 for _, sources, _ in eager.meta[FUSED])
     assert len(eager.graph.find_nodes(op="call_function", target=linear)) == len(
         seg.step_graph.graph.find_nodes(op="call_function", target=linear)) - fused
+
+
+def test_wide_reductions_give_the_same_bits_in_any_order():
+    # eager PyTorch and Inductor sum a row in different orders; summed in fp64, RMSNorm's mean of
+    # squares rounds to the same fp32 whatever the order (here: the row permuted)
+    def mean_of_squares(x):
+        return x.pow(2).mean(-1, keepdim=True)
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(512, 4096, generator=gen) * torch.logspace(-3, 2, 4096)[torch.randperm(4096, generator=gen)]
+    shuffled = x[:, torch.randperm(4096, generator=gen)]
+    narrow = make_fx(mean_of_squares, tracing_mode="fake")(x)
+    wide = wide_reductions(make_fx(mean_of_squares, tracing_mode="fake")(x))
+    assert not torch.equal(narrow(x), narrow(shuffled))  # the order shows in fp32 sums
+    assert torch.equal(wide(x), wide(shuffled)) and wide(x).dtype == torch.float32
+    assert_close(wide(x), mean_of_squares(x.double()), torch.float32, what="mean of squares")
+
+
+def test_both_decode_graphs_sum_their_reductions_in_fp64():
+    seg = make("llama", "fraction(0.5)")
+    ids = random_ids(1, S + 3)
+    with torch.no_grad():
+        seg.decode(seg.prefill(ids), ids[:, :1])
+    for program in (seg._decode_graphs["fused"], static_step(seg.step_graph, seg.cfg)):
+        means = program.graph.find_nodes(op="call_function", target=torch.ops.aten.mean.dim)
+        assert len(means) == 2 * len(seg.sites) + 1  # two RMSNorms a layer and the final one
+        assert all(m.args[0].meta["val"].dtype == torch.float64 and m.users.keys() and
+                   next(iter(m.users)).meta["val"].dtype == torch.float32 for m in means)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])  # qwen2: q, k and v have biases, stacked too

@@ -14,8 +14,8 @@ head keeps everything. The same loop serves ``forward`` (whole sequence), ``pref
 for training (``runtime/training.py`` consumes it). ``generate`` is prefill and decode in
 ``runtime/generation.py``'s loop. Prefill and decode without autograd run variants of the step
 graph (``runtime/variants/``): prefill keeps the last position's logits and frees old tails,
-decode reads the query, key and value projections as one product, as the CUDA-graph decoder
-does, so that the two decode paths round alike.
+decode reads the query, key and value projections as one product and sums its reductions in
+fp64, as the CUDA-graph decoder does, so that the two decode paths round alike.
 
 State semantics. ``prefill`` and ``decode`` are functional: they return a new ``SegmentState``
 and never change the one passed in, which stays valid and can be continued again (to branch:
@@ -77,6 +77,7 @@ from .state import (
 from .static_decode import StaticDecoder, StaticState
 from .variants.fused_projections import fuse_projections, refresh_fused_projections
 from .variants.keep_last_logits import keep_last_logits
+from .variants.wide_reductions import wide_reductions
 from .variants.release_tails import release_tails
 from .wrapping import check_sync_owner
 
@@ -428,15 +429,16 @@ class SegmentedModel(torch.nn.Module):
 
     def decode_graph(self) -> fx.GraphModule:
         """The step graph an eager ``decode`` runs without autograd: ``step_graph`` with the
-        small projections of one input as one matrix product (``fuse_projections``), as the
-        CUDA-graph decoder's program reads them: both decode paths then round alike (the module
-        docstring of ``runtime/variants/fused_projections.py`` says by how much they otherwise
-        differ). Built on first use; its stacked weights are refreshed before each use."""
+        small projections of one input as one matrix product (``fuse_projections``) and its
+        reductions summed in fp64 (``wide_reductions``), as the CUDA-graph decoder's program
+        computes them: both decode paths, compiled or not, then round alike (the two variants'
+        module docstrings say by how much they otherwise differ). Built on first use; its
+        stacked weights are refreshed before each use."""
         graph = self._decode_graphs.get("fused")
         if graph is None:
             graph = fx.GraphModule(self.step_graph, copy.deepcopy(self.step_graph.graph), class_name="SegmentDecodeStep")
             graph.meta.update(self.step_graph.meta)
-            graph = self._decode_graphs["fused"] = fuse_projections(graph, shared=self._fused_weights)
+            graph = self._decode_graphs["fused"] = fuse_projections(wide_reductions(graph), shared=self._fused_weights)
         with torch.no_grad():
             refresh_fused_projections(graph)  # weights changed in place since (a training step)
         return graph

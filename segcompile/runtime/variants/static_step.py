@@ -15,7 +15,9 @@ export uses too) with a lowering of ``segment_attention`` that
   ``[Hkv, B, slots, D]``, local KV heads first, then the long-range ones in plan order, so that
   each head class is one slice and its batched matrix products read K and V in place;
 * reads the small projections of one input (query, key, value) as one matrix product
-  (``fuse_projections``: at batch 1 small products do not reach the memory bandwidth);
+  (``fuse_projections``: at batch 1 small products do not reach the memory bandwidth), and sums
+  its reductions (RMSNorm's) in fp64 (``wide_reductions``): as the eager decode's graph does, so
+  that the two round alike, compiled or not;
 * computes products in the K/V dtype with fp32 (fp64 for fp64 models) results, the softmax in
   that wider type (16-bit probabilities for the second product, as FlashAttention does).
 
@@ -41,6 +43,7 @@ from ...config import SegmentConfig
 from ...kernels.history_format import HISTORY_SCALE_BLOCK, HistoryGeometry, dequantize_history
 from .fixed_size_step import fixed_size_step, getitem
 from .fused_projections import fuse_projections
+from .wide_reductions import wide_reductions
 
 _NEG = float("-inf")
 
@@ -54,7 +57,7 @@ def static_step(step_graph: fx.GraphModule, cfg: SegmentConfig, kernel: bool = F
     products over masks (``static_attention``). ``fused_weights``: ``fuse_projections``' ``shared``."""
     lowering = _KernelLowering() if kernel else _InPlaceLowering()
     gm = fixed_size_step(step_graph, cfg, lowering, logits="all", class_name="StaticDecodeStep")
-    return fuse_projections(gm, shared=fused_weights)
+    return fuse_projections(wide_reductions(gm), shared=fused_weights)
 
 
 def head_order(site: ir.AttentionSite) -> tuple[int, ...]:
