@@ -31,6 +31,7 @@ import segcompile as sc
 from segcompile.errors import SegcompileError
 from segcompile.runtime.distributed import record_gathered_bytes
 from segcompile.runtime.variants.layer_units import layer_units
+from segcompile.testing.tolerances import tolerance
 
 DEPTHS = (0, 1, 2)
 LAYERS = 3  # more than two: "at most two layers gathered" must be able to fail
@@ -205,8 +206,12 @@ def test_inference_runs_the_same_program_after_wrapping(run):
     if "inference" not in results:
         pytest.skip("run on 2 ranks only")
     inference = results["inference"]
-    # the same program on gathered copies of the same fp32 values: equal bit for bit
-    assert inference["differences"] == [0.0, 0.0, 0.0]
+    # forward and prefill: the same program on gathered copies of the same fp32 values, equal bit
+    # for bit; decode: the plain program's eager decode reads q, k and v stacked and sums its
+    # norms in fp64 (SegmentedModel.decode_graph), rewrites that cannot reach into the layer units
+    # whose weights FSDP gathers, so the two round apart, within fp32 tolerance
+    assert inference["differences"][:2] == [0.0, 0.0]
+    assert inference["differences"][2] <= tolerance(torch.float32).logits
     # prefill's graphs hold the parameters too: wrapping swapped theirs, so none shows up twice
     assert sorted(inference["names"]) == sorted(inference["plain_names"])
 

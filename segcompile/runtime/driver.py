@@ -77,8 +77,8 @@ from .state import (
 from .static_decode import StaticDecoder, StaticState
 from .variants.fused_projections import fuse_projections, refresh_fused_projections
 from .variants.keep_last_logits import keep_last_logits
-from .variants.wide_reductions import wide_reductions
 from .variants.release_tails import release_tails
+from .variants.wide_reductions import wide_reductions
 from .wrapping import check_sync_owner
 
 log = logging.getLogger(__name__)

@@ -107,15 +107,15 @@ def _stacked(sources: list[torch.Tensor], shared: dict) -> torch.Tensor:
     their shape, device and dtype (copied again if a source changed since), else a new one."""
     key = tuple(id(t) for t in sources)  # the sources stay alive: each program's FUSED record holds them
     now = [t._version for t in sources]
-    copy, versions = shared.get(key, (None, None))
+    stacked, versions = shared.get(key, (None, None))
     with torch.no_grad():
-        if (copy is None or copy.device != sources[0].device or copy.dtype != sources[0].dtype
-                or copy.shape[0] != sum(t.shape[0] for t in sources)):
-            copy = torch.cat(sources, dim=0)
+        if (stacked is None or stacked.device != sources[0].device or stacked.dtype != sources[0].dtype
+                or stacked.shape[0] != sum(t.shape[0] for t in sources)):
+            stacked = torch.cat(sources, dim=0)
         elif versions != now:
-            torch.cat(sources, dim=0, out=copy)
-    shared[key] = (copy, now)
-    return copy
+            torch.cat(sources, dim=0, out=stacked)
+    shared[key] = (stacked, now)
+    return stacked
 
 
 def _is_attr(node) -> bool:
