@@ -359,7 +359,9 @@ def test_eager_decode_serves_the_weights_as_they_are(family):
     ids = random_ids(2, S + 3)
     with torch.no_grad():
         state = seg.prefill(ids)
-        seg.decode(state, ids[:, :1])  # the stacked copy is made here
+    with torch.inference_mode():  # the stacked copy is made here: it must stay writable outside
+        seg.decode(state, ids[:, :1])
+    with torch.no_grad():
         for p in seg.step_graph.parameters():
             p.mul_(1.5)
         got, _ = seg.decode(state, ids[:, :1])

@@ -108,7 +108,9 @@ def _stacked(sources: list[torch.Tensor], shared: dict) -> torch.Tensor:
     key = tuple(id(t) for t in sources)  # the sources stay alive: each program's FUSED record holds them
     now = [t._version for t in sources]
     stacked, versions = shared.get(key, (None, None))
-    with torch.no_grad():
+    # a normal tensor even when the first decode runs under torch.inference_mode: a later decode
+    # outside it refreshes the copy in place
+    with torch.inference_mode(False), torch.no_grad():
         if (stacked is None or stacked.device != sources[0].device or stacked.dtype != sources[0].dtype
                 or stacked.shape[0] != sum(t.shape[0] for t in sources)):
             stacked = torch.cat(sources, dim=0)
