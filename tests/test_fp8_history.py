@@ -451,7 +451,9 @@ def _float8_probe(op: str, inputs: list[str], **attributes) -> bool:
               helper.make_node("Cast", ["y"], ["z"], to=TensorProto.FLOAT)]
     output = helper.make_tensor_value_info("z", TensorProto.FLOAT, None)
     graph = helper.make_graph(nodes, "probe", graph_inputs, [output])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    # the IR version opset 20 needs, not onnx's newest: an onnxruntime older than onnx (1.30 with
+    # onnx 1.23) refuses a newer IR version, whatever the op
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=9)
     try:
         session = onnxruntime.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         session.run(None, feeds)
