@@ -13,6 +13,7 @@ import logging
 import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.overrides import TorchFunctionMode
 from conftest import captured, random_ids
 
 import segcompile as sc
@@ -294,32 +295,44 @@ def test_sibling_projections_are_one_product():
     assert len(products) == len(original) - sum(len(s) - 1 for s in sources)
 
 
-def stacked_weights(program) -> dict[tuple, torch.Tensor]:
-    """A program's stacked copies (``fuse_projections``) by their sources."""
-    return {tuple(map(id, sources)): getattr(program, name) for name, sources, _ in program.meta[FUSED]}
+class DecodeCalls(TorchFunctionMode):
+    """What a decode runs: the weight every ``aten.linear`` reads and the dtype every mean sums."""
+
+    def __init__(self):
+        super().__init__()
+        self.weights, self.mean_dtypes = [], []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.linear.default:
+            self.weights.append(args[1])
+        elif func is torch.ops.aten.mean.dim:
+            self.mean_dtypes.append(args[0].dtype)
+        return func(*args, **(kwargs or {}))
 
 
 def test_both_decode_paths_read_one_stacked_copy_of_the_projections():
-    # the eager decode runs the step graph with q, k and v as one product, as the static program
-    # does, so that the two paths round alike; one copy of the stacked weights serves both
+    # the eager decode runs the step graph with q, k and v as one product and its means in fp64,
+    # as the static program does, so that the two paths round alike; one copy of the stacked
+    # weights serves both
     seg = make("llama", "fraction(0.5)")
     ids = random_ids(2, S + 3)
     with torch.no_grad():
         state = seg.prefill(ids)
-        seg.decode(state, ids[:, :1])
-        eager = seg._decode_graphs["fused"]  # what that decode ran
-        seg.enable_cuda_graphs().decode(state, ids[:, :1])
-    static = seg._static.program
+        with DecodeCalls() as eager:
+            seg.decode(state, ids[:, :1])
+        seg.enable_cuda_graphs()
+        with DecodeCalls() as static:
+            seg.decode(state, ids[:, :1])
     site = seg.sites[0]
     hidden, kv = site.num_heads * site.head_dim, site.num_kv_heads * site.head_dim
-    shapes = [[tuple(t.shape) for t in sources] for _, sources, _ in eager.meta[FUSED]]
-    assert shapes.count([(hidden, hidden), (kv, hidden), (kv, hidden)]) == len(seg.sites)
-    assert stacked_weights(eager).keys() == stacked_weights(static).keys()
-    assert all(w is stacked_weights(static)[key] for key, w in stacked_weights(eager).items())
+    shapes = [tuple(w.shape) for w in eager.weights]
+    assert shapes.count((hidden + 2 * kv, hidden)) == len(seg.sites)
     linear = torch.ops.aten.linear.default
-    fused = sum(len(sources) - 1 for _, sources, _ in eager.meta[FUSED])
-    assert len(eager.graph.find_nodes(op="call_function", target=linear)) == len(
-        seg.step_graph.graph.find_nodes(op="call_function", target=linear)) - fused
+    fused = sum(len(sources) - 1 for _, sources, _ in seg.decode_graph().meta[FUSED])
+    assert len(eager.weights) == len(seg.step_graph.graph.find_nodes(op="call_function", target=linear)) - fused
+    assert [w.data_ptr() for w in eager.weights] == [w.data_ptr() for w in static.weights]
+    assert eager.mean_dtypes and set(eager.mean_dtypes) == set(static.mean_dtypes) == {torch.float64}
+    assert seg.last_decode_path == "static"
 
 
 def test_wide_reductions_give_the_same_bits_in_any_order():
@@ -343,7 +356,7 @@ def test_both_decode_graphs_sum_their_reductions_in_fp64():
     ids = random_ids(1, S + 3)
     with torch.no_grad():
         seg.decode(seg.prefill(ids), ids[:, :1])
-    for program in (seg._decode_graphs["fused"], static_step(seg.step_graph, seg.cfg)):
+    for program in (seg.decode_graph(), static_step(seg.step_graph, seg.cfg)):
         means = program.graph.find_nodes(op="call_function", target=torch.ops.aten.mean.dim)
         assert len(means) == 2 * len(seg.sites) + 1  # two RMSNorms a layer and the final one
         assert all(m.args[0].meta["val"].dtype == torch.float64 and m.users.keys() and
