@@ -68,7 +68,8 @@ def parse_args(argv=None):
                    help="how segcompile stores the long-range history: the model's dtype (bf16) or fp8; "
                         "several: each is a segcompile row of its own, measured in the same process")
     p.add_argument("--repeats", type=int, default=1,
-                   help="time each prefill this many times (after the warm-up); the row keeps the fastest")
+                   help="time each prefill this many times (after the warm-up), the regimes taking turns; the row "
+                        "keeps the fastest")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     p.add_argument("--memory-snapshot", type=Path, default=None, metavar="FILE",
                    help="also record the allocator's history of segcompile's prefill at the largest N and write it "
@@ -179,9 +180,8 @@ def main(argv=None):
             run(warm)
         for n in args.seq_lens:
             ids = torch.randint(0, 128256, (1, n), device="cuda")
-            for (name, dtype), run in runs.items():
-                keep = history_gib if name == "segcompile" else None
-                row = dict(n=n, regime=name, history_dtype=dtype, **timed(lambda: run(ids), keep, args.repeats))
+            for (name, dtype), timing in interleaved(runs, ids, args.repeats).items():
+                row = dict(n=n, regime=name, history_dtype=dtype, **timing)
                 rows.append(row)
                 print(row, flush=True)
     seg = next(iter(segs.values()))
@@ -191,17 +191,29 @@ def main(argv=None):
             memory_trace.record(lambda: seg.prefill(ids), args.memory_snapshot)
 
 
-def timed(fn, keep, repeats: int) -> dict:
-    """``measure(fn, keep)`` ``repeats`` times: the first run's memory, the fastest run's time
-    (``seconds``) and every run's (``seconds_each``); an OOM row where the first run ran out of
-    memory."""
-    try:
-        runs = [measure(fn, keep) for _ in range(repeats)]
-    except torch.OutOfMemoryError:
-        free_memory()
+def interleaved(runs: dict, ids, repeats: int) -> dict:
+    """Each of ``runs`` on ``ids``, ``repeats`` times, one round of every run after another (so
+    that a drift of the clocks reaches every run alike): per run, the first run's memory, the
+    fastest run's time (``seconds``) and every run's (``seconds_each``); an OOM row where the
+    first run ran out of memory."""
+    measured = {key: [] for key in runs}
+    for _ in range(repeats):
+        for (name, dtype), run in runs.items():
+            if measured[(name, dtype)] is None:
+                continue
+            try:
+                measured[(name, dtype)].append(measure(lambda: run(ids), history_gib if name == "segcompile" else None))
+            except torch.OutOfMemoryError:
+                free_memory()
+                measured[(name, dtype)] = None
+    return {key: _row(m) for key, m in measured.items()}
+
+
+def _row(measured: list[dict] | None) -> dict:
+    if measured is None:
         return dict(seconds=None, peak_gib=None, kept_gib=None, oom=True)
-    seconds_each = [r["seconds"] for r in runs]
-    return dict(runs[0], seconds=min(seconds_each), seconds_each=seconds_each)
+    seconds_each = [r["seconds"] for r in measured]
+    return dict(measured[0], seconds=min(seconds_each), seconds_each=seconds_each)
 
 
 def report(args, rows, weights, transform_s, seg):
