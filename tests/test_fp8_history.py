@@ -155,6 +155,15 @@ def test_quantize_kernel_equals_the_reference(dtype, start, length):
     assert values.dtype == FP8 and scales.shape == want_scales.shape
     assert torch.equal(scales, want_scales)
     assert torch.equal(values.float(), want_values.float())
+    # into views of larger buffers, as a segment end appends: nothing written outside them
+    buffer = torch.zeros(2, length + 9, 3, 16, dtype=FP8, device=DEVICE).transpose(1, 2)  # token-major
+    scale_buffer = torch.zeros(2, 3, scales.shape[2] + 5, device=DEVICE)
+    out = (buffer[:, :, 4 : 4 + length], scale_buffer[:, :, 2 : 2 + scales.shape[2]])
+    triton_history.quantize(x, start, g, FP8, out=out)
+    assert torch.equal(scale_buffer[:, :, 2 : 2 + scales.shape[2]], want_scales)
+    assert torch.equal(buffer[:, :, 4 : 4 + length].float(), want_values.float())
+    assert buffer[:, :, :4].float().abs().sum() == buffer[:, :, 4 + length :].float().abs().sum() == 0
+    assert scale_buffer[:, :, :2].abs().sum() == scale_buffer[:, :, 2 + scales.shape[2] :].abs().sum() == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -141,13 +141,19 @@ def _side_stream(device: torch.device) -> torch.cuda.Stream:
     return torch.cuda.Stream(device)
 
 
-def quantized_history(x: torch.Tensor, start: int, geometry: HistoryGeometry,
-                      dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def quantized_history(x: torch.Tensor, start: int, geometry: HistoryGeometry, dtype: torch.dtype,
+                      out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``history_format.quantize_history``, by the one-pass kernel (``triton_history.py``) on a GPU:
-    what a segment end appends to a quantised history."""
+    what a segment end appends to a quantised history; written into ``out`` (values, scales) if
+    given."""
     if x.is_cuda and not INTERPRET:
-        return triton_history.quantize(x, start, geometry, dtype)
-    return quantize_history(x, start, geometry, dtype)
+        return triton_history.quantize(x, start, geometry, dtype, out=out)
+    values, scales = quantize_history(x, start, geometry, dtype)
+    if out is None:
+        return values, scales
+    out[0].copy_(values)
+    out[1].copy_(scales)
+    return out
 
 
 def _widened(hist: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

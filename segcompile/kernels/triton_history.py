@@ -113,14 +113,21 @@ def _quantize_kernel(
     tl.store(SC + b * stride_sb + h * stride_sh + j, scale)
 
 
-def quantize(x: torch.Tensor, start: int, geometry: HistoryGeometry,
-             dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantize_history(x, start, geometry, dtype)`` in one kernel: ``(values, scales)``."""
+def quantize(x: torch.Tensor, start: int, geometry: HistoryGeometry, dtype: torch.dtype,
+             out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``quantize_history(x, start, geometry, dtype)`` in one kernel: ``(values, scales)``, written
+    into ``out`` if given (views of a history's buffers, where a segment end appends them: no
+    copies after the kernel)."""
     B, H, n, D = x.shape
     first = geometry.num_blocks(start)
     blocks = geometry.num_blocks(start + n) - first
-    values = torch.empty(B, H, n, D, dtype=dtype, device=x.device)
-    scales = torch.empty(B, H, blocks, dtype=torch.float32, device=x.device)
+    if out is None:
+        out = (torch.empty(B, H, n, D, dtype=dtype, device=x.device),
+               torch.empty(B, H, blocks, dtype=torch.float32, device=x.device))
+    values, scales = out
+    if values.shape != x.shape or scales.shape != (B, H, blocks) or values.stride(3) != 1:
+        raise ValueError(f"quantize: out of shapes {tuple(values.shape)}, {tuple(scales.shape)} for {tuple(x.shape)} "
+                         f"({blocks} blocks), the values' last dimension contiguous")
     if blocks == 0:
         return values, scales
     x = usable(x)

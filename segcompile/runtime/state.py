@@ -298,13 +298,13 @@ def _append_quantized(store: torch.Tensor | None, history: QuantizedHistory, new
     the buffer of its scales (``_segcompile_scales``). ``new`` starts where a piece of the format
     starts (a segment's first S - T positions or its tail), so no block already written changes."""
     length, need = history.shape[2], history.shape[2] + new.shape[2]
-    values, scales = quantized_history(new, length, history.geometry, history.dtype)
     taken = getattr(store, "_segcompile_filled", length) > length if store is not None else False
     if store is None or taken or store.shape[2] < need or store.shape[:2] != new.shape[:2]:
         store, _ = _quantized_buffer(history, max(need, int(length * HISTORY_GROWTH)), token_major)
-    blocks, more = history.scales.shape[2], scales.shape[2]
-    store.data[:, :, length:need] = values
-    store._segcompile_scales.data[:, :, blocks : blocks + more] = scales
+    blocks, more = history.scales.shape[2], history.geometry.num_blocks(need) - history.scales.shape[2]
+    # quantised straight into the buffers (one kernel on a GPU, as the model's dtype takes one copy)
+    quantized_history(new, length, history.geometry, history.dtype,
+                      out=(store.data[:, :, length:need], store._segcompile_scales.data[:, :, blocks : blocks + more]))
     store._segcompile_filled = need
     return store, QuantizedHistory.of(store[:, :, :need], store._segcompile_scales[:, :, : blocks + more],
                                       history.geometry)
