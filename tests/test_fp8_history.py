@@ -166,6 +166,17 @@ def test_quantize_kernel_equals_the_reference(dtype, start, length):
     assert scale_buffer[:, :, :2].abs().sum() == scale_buffer[:, :, 2 + scales.shape[2] :].abs().sum() == 0
 
 
+def test_quantize_refuses_buffers_it_cannot_write():
+    g = HistoryGeometry(segment_len=S, tail_len=T, block=4)
+    x = torch.randn(1, 2, 8, 16, device=DEVICE)
+    scales = torch.empty(1, 2, g.num_blocks(8), device=DEVICE)
+    with pytest.raises(ValueError, match="quantize: out of shapes"):  # values one position short
+        triton_history.quantize(x, 0, g, FP8, out=(torch.empty(1, 2, 7, 16, dtype=FP8, device=DEVICE), scales))
+    with pytest.raises(ValueError, match="last dimension of each contiguous"):  # scales strided
+        strided = torch.empty(1, 2, 2 * scales.shape[2], device=DEVICE)[:, :, ::2]
+        triton_history.quantize(x, 0, g, FP8, out=(torch.empty(1, 2, 8, 16, dtype=FP8, device=DEVICE), strided))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("segment_len, tail_len, length", [(8, 3, 45), (128, 128, 200), (8, 8, 0)])
 def test_dequantize_kernel_equals_the_reference(dtype, segment_len, tail_len, length):

@@ -125,9 +125,10 @@ def quantize(x: torch.Tensor, start: int, geometry: HistoryGeometry, dtype: torc
         out = (torch.empty(B, H, n, D, dtype=dtype, device=x.device),
                torch.empty(B, H, blocks, dtype=torch.float32, device=x.device))
     values, scales = out
-    if values.shape != x.shape or scales.shape != (B, H, blocks) or values.stride(3) != 1:
+    if (values.shape != x.shape or scales.shape != (B, H, blocks) or values.stride(3) != 1
+            or (blocks and scales.stride(2) != 1)):
         raise ValueError(f"quantize: out of shapes {tuple(values.shape)}, {tuple(scales.shape)} for {tuple(x.shape)} "
-                         f"({blocks} blocks), the values' last dimension contiguous")
+                         f"({blocks} blocks), the last dimension of each contiguous")
     if blocks == 0:
         return values, scales
     x = usable(x)
