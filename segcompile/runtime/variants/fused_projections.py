@@ -23,7 +23,8 @@ Both decode paths read the fused products (the eager decode's step graph and the
 decoder's program), so that they round alike: cuBLAS sums a ``[6144, 4096]`` product in another
 order than the three it replaces, which moved a few outputs a layer by one bf16 unit and the
 logits of a random 8B-shaped model by 10 units after 32 layers (bench/README.md, generation).
-Given a ``shared`` dict, programs fused from the same weights hold one stacked copy.
+Given a ``shared`` dict, programs fused from the same weights hold one stacked copy
+(``StackedCopy``), which a change of the weights then refreshes once for all of them.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import operator
 import torch
 from torch import fx
 
-FUSED = "segcompile.fused_projections"  # per stacked buffer: (its name, [source tensors], [their versions when copied])
+FUSED = "segcompile.fused_projections"  # per stacked buffer: (its name, [source tensors], its StackedCopy)
 MAX_BYTES = 64 << 20  # the q, k and v weights of an 8B model (48 MiB) fuse; its 117 MB MLP products do not
 
 _LINEAR = torch.ops.aten.linear.default
@@ -53,13 +54,37 @@ def fuse_projections(gm: fx.GraphModule, max_bytes: int = MAX_BYTES, shared: dic
 
 
 def refresh_fused_projections(gm: fx.GraphModule) -> None:
-    """Copy the fused weights from their sources again if any source changed in place."""
-    for i, (name, sources, versions) in enumerate(gm.meta.get(FUSED, ())):
-        now = [t._version for t in sources]
-        if now != versions:
-            with torch.no_grad():
-                torch.cat(sources, dim=0, out=getattr(gm, name))
-            gm.meta[FUSED][i] = (name, sources, now)
+    """Copy the fused weights from their sources again if any source changed in place (once for
+    every program that shares the copy)."""
+    for _, _, stacked in gm.meta.get(FUSED, ()):
+        stacked.refresh()
+
+
+class StackedCopy:
+    """``sources`` concatenated along dim 0 (``tensor``) and the sources' versions when copied.
+    Programs fused from the same weights with the same ``shared`` dict hold the same one, so a
+    change of the weights is copied once for all of them."""
+
+    def __init__(self, sources: list[torch.Tensor]):
+        self.sources = sources
+        self.versions = [t._version for t in sources]
+        # a normal tensor even when the first decode runs under torch.inference_mode: a later decode
+        # outside it refreshes the copy in place
+        with torch.inference_mode(False), torch.no_grad():
+            self.tensor = torch.cat(sources, dim=0)
+
+    def holds(self, sources: list[torch.Tensor]) -> bool:
+        """Whether this copy has the shape, device and dtype of ``sources`` stacked."""
+        t = self.tensor
+        return (t.device == sources[0].device and t.dtype == sources[0].dtype
+                and t.shape[0] == sum(s.shape[0] for s in sources))
+
+    def refresh(self) -> None:
+        now = [t._version for t in self.sources]
+        if now != self.versions:
+            with torch.inference_mode(False), torch.no_grad():
+                torch.cat(self.sources, dim=0, out=self.tensor)
+            self.versions = now
 
 
 def _sibling_groups(gm: fx.GraphModule, max_bytes: int) -> list[list[fx.Node]]:
@@ -82,13 +107,14 @@ def _sibling_groups(gm: fx.GraphModule, max_bytes: int) -> list[list[fx.Node]]:
 
 
 def _fuse(gm: fx.GraphModule, group: list[fx.Node], name: str,
-          shared: dict) -> list[tuple[str, list[torch.Tensor], list[int]]]:
+          shared: dict) -> list[tuple[str, list[torch.Tensor], StackedCopy]]:
     """One product for ``group``; its ``FUSED`` records: the stacked weight's, and the bias's if any."""
     weights = [_attr(gm, n.args[1]) for n in group]
     biases = [_attr(gm, n.args[2]) for n in group] if len(group[0].args) > 2 and group[0].args[2] is not None else []
     stacked = [(name, weights)] + ([(name + "_bias", biases)] if biases else [])
-    for buffer, sources in stacked:
-        gm.register_buffer(buffer, _stacked(sources, shared), persistent=False)
+    copies = [_stacked(sources, shared) for _, sources in stacked]
+    for (buffer, _), copy in zip(stacked, copies):
+        gm.register_buffer(buffer, copy.tensor, persistent=False)
     graph, first = gm.graph, group[0]
     with graph.inserting_before(first):
         product = graph.call_function(_LINEAR, (first.args[0], *(graph.get_attr(buffer) for buffer, _ in stacked)))
@@ -99,25 +125,19 @@ def _fuse(gm: fx.GraphModule, group: list[fx.Node], name: str,
             node.replace_all_uses_with(piece)
     for node in group:
         graph.erase_node(node)
-    return [(buffer, sources, [t._version for t in sources]) for buffer, sources in stacked]
+    return [(buffer, sources, copy) for (buffer, sources), copy in zip(stacked, copies)]
 
 
-def _stacked(sources: list[torch.Tensor], shared: dict) -> torch.Tensor:
-    """``sources`` concatenated along dim 0, up to date: ``shared``'s copy where it has one of
-    their shape, device and dtype (copied again if a source changed since), else a new one."""
+def _stacked(sources: list[torch.Tensor], shared: dict) -> StackedCopy:
+    """``sources`` stacked, up to date: ``shared``'s copy where it holds them (copied again if a
+    source changed since), else a new one, which ``shared`` then keeps."""
     key = tuple(id(t) for t in sources)  # the sources stay alive: each program's FUSED record holds them
-    now = [t._version for t in sources]
-    stacked, versions = shared.get(key, (None, None))
-    # a normal tensor even when the first decode runs under torch.inference_mode: a later decode
-    # outside it refreshes the copy in place
-    with torch.inference_mode(False), torch.no_grad():
-        if (stacked is None or stacked.device != sources[0].device or stacked.dtype != sources[0].dtype
-                or stacked.shape[0] != sum(t.shape[0] for t in sources)):
-            stacked = torch.cat(sources, dim=0)
-        elif versions != now:
-            torch.cat(sources, dim=0, out=stacked)
-    shared[key] = (stacked, now)
-    return stacked
+    copy = shared.get(key)
+    if copy is None or not copy.holds(sources):
+        copy = shared[key] = StackedCopy(sources)
+    else:
+        copy.refresh()
+    return copy
 
 
 def _is_attr(node) -> bool:
