@@ -296,17 +296,20 @@ def test_sibling_projections_are_one_product():
 
 
 class DecodeCalls(TorchFunctionMode):
-    """What a decode runs: the weight every ``aten.linear`` reads and the dtype every mean sums."""
+    """What a decode runs: the weight every ``aten.linear`` reads, the dtype every mean sums, and
+    how many stacked copies it writes again (``torch.cat`` into an existing tensor)."""
 
     def __init__(self):
         super().__init__()
-        self.weights, self.mean_dtypes = [], []
+        self.weights, self.mean_dtypes, self.refreshes = [], [], 0
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten.linear.default:
             self.weights.append(args[1])
         elif func is torch.ops.aten.mean.dim:
             self.mean_dtypes.append(args[0].dtype)
+        elif func is torch.cat and (kwargs or {}).get("out") is not None:
+            self.refreshes += 1
         return func(*args, **(kwargs or {}))
 
 
@@ -335,18 +338,6 @@ def test_both_decode_paths_read_one_stacked_copy_of_the_projections():
     assert seg.last_decode_path == "static"
 
 
-class StackedRefreshes(TorchFunctionMode):
-    """How many stacked copies a decode writes again (``torch.cat`` into an existing tensor)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.cat and (kwargs or {}).get("out") is not None
-        return func(*args, **(kwargs or {}))
-
-
 def test_weights_changed_in_place_are_copied_once_for_both_decode_paths():
     seg = make("llama", "fraction(0.5)")
     ids = random_ids(1, S + 3)
@@ -357,13 +348,13 @@ def test_weights_changed_in_place_are_copied_once_for_both_decode_paths():
         seg.decode(state, ids[:, :1])  # the static decoder's program, on the same copy
         for p in seg.step_graph.parameters():
             p.mul_(1.5)
-        with StackedRefreshes() as static:
+        with DecodeCalls() as static:
             seg.decode(state, ids[:, :1])
         seg.disable_cuda_graphs()
-        with StackedRefreshes() as eager:
+        with DecodeCalls() as eager:
             seg.decode(state, ids[:, :1])
-    assert static.count == len(seg.decode_graph().meta[FUSED]) > 0  # each stacked copy once (q/k/v; gate/up here)
-    assert eager.count == 0  # already up to date: the static decoder's refresh was the eager decode's too
+    assert static.refreshes == len(seg.decode_graph().meta[FUSED]) > 0  # each stacked copy once (q/k/v; gate/up here)
+    assert eager.refreshes == 0  # already up to date: the static decoder's refresh was the eager decode's too
 
 
 def test_wide_reductions_give_the_same_bits_in_any_order():
