@@ -198,14 +198,14 @@ def interleaved(runs: dict, ids, repeats: int) -> dict:
     first run ran out of memory."""
     measured = {key: [] for key in runs}
     for _ in range(repeats):
-        for (name, dtype), run in runs.items():
-            if measured[(name, dtype)] is None:
+        for key, run in runs.items():
+            if measured[key] is None:  # ran out of memory in an earlier round
                 continue
             try:
-                measured[(name, dtype)].append(measure(lambda: run(ids), history_gib if name == "segcompile" else None))
+                measured[key].append(measure(lambda: run(ids), history_gib if key[0] == "segcompile" else None))
             except torch.OutOfMemoryError:
                 free_memory()
-                measured[(name, dtype)] = None
+                measured[key] = None
     return {key: _row(m) for key, m in measured.items()}
 
 

@@ -14,8 +14,9 @@ head keeps everything. The same loop serves ``forward`` (whole sequence), ``pref
 for training (``runtime/training.py`` consumes it). ``generate`` is prefill and decode in
 ``runtime/generation.py``'s loop. Prefill and decode without autograd run variants of the step
 graph (``runtime/variants/``): prefill keeps the last position's logits, frees old tails and
-widens an fp8 history beside each layer's projections, decode reads the query, key and value projections as one product and sums its reductions in
-fp64, as the CUDA-graph decoder does, so that the two decode paths round alike.
+widens an fp8 history beside each layer's projections; decode reads the query, key and value
+projections as one product and sums its reductions in fp64, as the CUDA-graph decoder does, so
+that the two decode paths round alike.
 
 State semantics. ``prefill`` and ``decode`` are functional: they return a new ``SegmentState``
 and never change the one passed in, which stays valid and can be continued again (to branch:
@@ -440,8 +441,7 @@ class SegmentedModel(torch.nn.Module):
             graph = fx.GraphModule(self.step_graph, copy.deepcopy(self.step_graph.graph), class_name="SegmentDecodeStep")
             graph.meta.update(self.step_graph.meta)
             graph = self._decode_graphs["fused"] = fuse_projections(wide_reductions(graph), shared=self._fused_weights)
-        with torch.no_grad():
-            refresh_fused_projections(graph)  # weights changed in place since (a training step)
+        refresh_fused_projections(graph)  # weights changed in place since (a training step)
         return graph
 
     def logits_of(self, leaves: list) -> torch.Tensor:

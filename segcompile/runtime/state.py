@@ -301,13 +301,12 @@ def _append_quantized(store: torch.Tensor | None, history: QuantizedHistory, new
     taken = getattr(store, "_segcompile_filled", length) > length if store is not None else False
     if store is None or taken or store.shape[2] < need or store.shape[:2] != new.shape[:2]:
         store, _ = _quantized_buffer(history, max(need, int(length * HISTORY_GROWTH)), token_major)
-    blocks, more = history.scales.shape[2], history.geometry.num_blocks(need) - history.scales.shape[2]
+    blocks, total = history.scales.shape[2], history.geometry.num_blocks(need)
     # quantised straight into the buffers (one kernel on a GPU, as the model's dtype takes one copy)
     quantized_history(new, length, history.geometry, history.dtype,
-                      out=(store.data[:, :, length:need], store._segcompile_scales.data[:, :, blocks : blocks + more]))
+                      out=(store.data[:, :, length:need], store._segcompile_scales.data[:, :, blocks:total]))
     store._segcompile_filled = need
-    return store, QuantizedHistory.of(store[:, :, :need], store._segcompile_scales[:, :, : blocks + more],
-                                      history.geometry)
+    return store, QuantizedHistory.of(store[:, :, :need], store._segcompile_scales[:, :, :total], history.geometry)
 
 
 def _quantized_buffer(history: QuantizedHistory, capacity: int, token_major: bool):

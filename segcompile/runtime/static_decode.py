@@ -262,10 +262,10 @@ class StaticBuffers:
         if self.geometry is None:
             history[kv][:, :, at : at + new.shape[2]] = new
             return
-        values, scales = quantized_history(new, at, self.geometry, self.decoder.cfg.history_dtype)
-        history[kv][:, :, at : at + new.shape[2]] = values
-        first = self.geometry.num_blocks(at)
-        history[f"{kv}_scales"][:, :, first : first + scales.shape[2]] = scales
+        end = at + new.shape[2]
+        blocks = slice(self.geometry.num_blocks(at), self.geometry.num_blocks(end))
+        quantized_history(new, at, self.geometry, self.decoder.cfg.history_dtype,
+                          out=(history[kv][:, :, at:end], history[f"{kv}_scales"][:, :, blocks]))
 
     # ---- liveness ------------------------------------------------------------------------------------
     def check_live(self, state: StaticState) -> None:
