@@ -10,6 +10,13 @@ the PTX Triton writes).
 
     python bench/kernel_resources.py                       # bf16, head dim 128
     python bench/kernel_resources.py --tile dkdv 64 64 8 2 --tile dq 128 32 8 3 --tile fwd 128 64 8 2 128
+
+``--decode``: the CUDA-graph decoder's split kernel (``triton_decode._static_split_kernel``) over a
+bf16 and an fp8 history, with the SASS instructions of each loop of matrix products (one per key
+range: sinks, history, tail, current segment) and the most frequent instructions of the longest:
+what the loop over an fp8 history spends beside the products. Needs Triton's ``nvdisasm`` too.
+
+    python bench/kernel_resources.py --decode
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ import os
 import re
 import subprocess
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import triton
@@ -26,20 +34,29 @@ import triton.language as tl
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from segcompile.kernels import triton_common
+from segcompile.kernels import triton_common, triton_decode
+from segcompile.kernels.history_format import HISTORY_SCALE_BLOCK
 from segcompile.kernels.triton_attention import KERNELS
 POINTERS = {"Q", "K", "V", "TK", "TV", "SK", "SV", "HK", "HV", "Out", "dOut", "dQ", "dK", "dV", "dTK", "dTV"}
 
 
-def signature(fn, constants: dict, dtype: str):
+# the static decode kernel's other pointers, and the history's in fp8 (``--decode``)
+DECODE_POINTERS = {"LK": "bf16", "LV": "bf16", "Position": "i64", "BufferHead": "i32", "Acc": "fp32", "Max": "fp32",
+                   "Sum": "fp32", "HKS": "fp32", "HVS": "fp32"}
+
+
+def signature(fn, constants: dict, dtype: str, pointers: dict | None = None):
     """Argument types as a launch with contiguous tensors would specialise them (16-divisible
-    pointers and strides)."""
+    pointers and strides); ``pointers``: element types of pointers other than ``dtype``."""
     sig, attrs = {}, {}
+    pointers = pointers or {}
     for i, name in enumerate(fn.arg_names):
         if name in constants:
             sig[name] = "constexpr"
             continue
-        if name in POINTERS:
+        if name in pointers:
+            sig[name] = "*" + pointers[name]
+        elif name in POINTERS:
             sig[name] = "*" + dtype
         elif name in ("Lse", "Delta"):
             sig[name] = "*fp32"
@@ -54,9 +71,11 @@ def signature(fn, constants: dict, dtype: str):
     return sig, attrs
 
 
+BIN = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+
+
 def ptxas_report(ptx: str, arch: str) -> dict:
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    ptxas = next((p for p in (bin_dir / "ptxas-blackwell", bin_dir / "ptxas") if p.exists()), "ptxas")
+    ptxas = next((p for p in (BIN / "ptxas-blackwell", BIN / "ptxas") if p.exists()), "ptxas")
     with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
         f.write(ptx)
     try:
@@ -93,6 +112,67 @@ def resources(kernel: str, tile: dict, head_dim: int, dtype: str, capability: in
                 **ptxas_report(compiled.asm["ptx"], f"sm_{capability}a" if capability == 90 else f"sm_{capability}"))
 
 
+def decode_resources(history: str, head_dim: int, capability: int) -> dict:
+    """``resources`` of the static decode kernel over a ``history`` ("bf16" or "fp8") at its
+    decode tile, with ``product_loops`` of its SASS."""
+    fn = triton_decode._static_split_kernel
+    tile = triton_common.tile("decode", head_dim, 1)
+    constants = dict(ROWS=16, BLOCK_N=tile["BLOCK_N"], BLOCK_DK=head_dim, BLOCK_DV=head_dim, D_K=head_dim,
+                     D_V=head_dim, DOT=tl.bfloat16, PRECISION="tf32", HAS_HISTORY=True,
+                     HIST_SCALED=history == "fp8", SCALE_BLOCK=HISTORY_SCALE_BLOCK)
+    pointers = dict(DECODE_POINTERS, **({"HK": "fp8e4nv", "HV": "fp8e4nv"} if history == "fp8" else {}))
+    sig, attrs = signature(fn, constants, "bf16", pointers)
+    compiled = triton.compile(ASTSource(fn, sig, constants, attrs), target=GPUTarget("cuda", capability, 32),
+                              options=dict(num_warps=tile["num_warps"], num_stages=tile["num_stages"]))
+    arch = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"
+    return dict(tile=tile, shared_bytes=compiled.metadata.shared, **ptxas_report(compiled.asm["ptx"], arch),
+                loops=product_loops(compiled.asm["cubin"]))
+
+
+def product_loops(cubin: bytes) -> list[Counter]:
+    """The instructions (opcode with modifiers: count) of each loop of a kernel's SASS that holds
+    matrix products (HMMA or HGMMA), in program order: from a branch target to the branch back."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        sass = subprocess.run([str(BIN / "nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+    code, labels, pending = [], {}, []
+    for line in sass.splitlines():
+        label = re.match(r"\s*\.(L_x_\d+):", line)
+        if label:
+            pending.append(label.group(1))
+        found = re.match(r"\s+/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;", line)
+        if found:
+            labels.update({name: len(code) for name in pending})
+            pending = []
+            code.append(re.sub(r"^@!?U?P\w+\s+", "", found.group(2)))  # without its predicate
+    loops = []
+    for end, text in enumerate(code):
+        target = re.match(r"BRA\s+`\(\.(L_x_\d+)\)", text)
+        if target and labels.get(target.group(1), end) < end:
+            body = Counter(t.split()[0] for t in code[labels[target.group(1)] : end + 1])
+            if any(op.startswith(("HMMA", "HGMMA")) for op in body):
+                loops.append(body)
+    return loops
+
+
+def print_decode(head_dim: int, capability: int) -> None:
+    print(f"{'history':7} {'regs':>5} {'spill B':>8} {'smem KB':>8} {'per SM':>6}  instructions of each product loop")
+    longest = {}
+    for history in ("bf16", "fp8"):
+        r = decode_resources(history, head_dim, capability)
+        per_sm = programs_per_sm(r["registers"], r["shared_bytes"], r["tile"]["num_warps"]) if "registers" in r else "?"
+        sizes = ", ".join(str(sum(loop.values())) for loop in r["loops"])
+        print(f"{history:7} {r.get('registers', '?'):>5} {r.get('spill_bytes', '?'):>8} {r['shared_bytes'] / 1024:8.0f} "
+              f"{per_sm:>6}  {sizes}" + (f"  {r['ptxas']}" if "ptxas" in r else ""))
+        longest[history] = max(r["loops"], key=lambda loop: sum(loop.values()), default=Counter())
+    for history, loop in longest.items():
+        top = ", ".join(f"{op} {n}" for op, n in loop.most_common(12))
+        print(f"\n{history} history, its longest loop ({sum(loop.values())} instructions): {top}")
+
+
 def programs_per_sm(registers: int, shared_bytes: int, warps: int) -> int:
     """Programs that fit one Hopper multiprocessor at once (registers are allocated per warp in
     units of 256)."""
@@ -107,7 +187,12 @@ def main(argv=None):
     p.add_argument("--capability", type=int, default=90)
     p.add_argument("--tile", nargs="+", action="append", default=[],
                    help="KERNEL M N WARPS STAGES [REGISTER_CAP]")
+    p.add_argument("--decode", action="store_true",
+                   help="the static decode kernel over a bf16 and an fp8 history, with its loops' instructions")
     args = p.parse_args(argv)
+    if args.decode:
+        print_decode(args.head_dim, args.capability)
+        return
     table = "fp32" if args.dtype == "fp32" else "16-bit"
     tiles = [(name, triton_common.tile(name, args.head_dim, 4096, table)) for name in KERNELS]
     tiles += [(kernel, triton_common.tile_options(tuple(map(int, numbers)))) for kernel, *numbers in args.tile]
