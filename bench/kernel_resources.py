@@ -11,7 +11,7 @@ the PTX Triton writes).
     python bench/kernel_resources.py                       # bf16, head dim 128
     python bench/kernel_resources.py --tile dkdv 64 64 8 2 --tile dq 128 32 8 3 --tile fwd 128 64 8 2 128
 
-``--decode``: the CUDA-graph decoder's split kernel (``triton_decode._static_split_kernel``) over a
+``--decode``: the CUDA-graph decoder's split kernel (``triton_decode.STATIC_SPLIT_KERNEL``) over a
 bf16 and an fp8 history, with the SASS instructions of each loop of matrix products (one per key
 range: sinks, history, tail, current segment) and the most frequent instructions of the longest:
 what the loop over an fp8 history spends beside the products. Needs Triton's ``nvdisasm`` too.
@@ -115,7 +115,7 @@ def resources(kernel: str, tile: dict, head_dim: int, dtype: str, capability: in
 def decode_resources(history: str, head_dim: int, capability: int) -> dict:
     """``resources`` of the static decode kernel over a ``history`` ("bf16" or "fp8") at its
     decode tile, with ``product_loops`` of its SASS."""
-    fn = triton_decode._static_split_kernel
+    fn = triton_decode.STATIC_SPLIT_KERNEL
     tile = triton_common.tile("decode", head_dim, 1)
     constants = dict(ROWS=16, BLOCK_N=tile["BLOCK_N"], BLOCK_DK=head_dim, BLOCK_DV=head_dim, D_K=head_dim,
                      D_V=head_dim, DOT=tl.bfloat16, PRECISION="tf32", HAS_HISTORY=True,

@@ -260,6 +260,10 @@ def _static_split_kernel(
     _store_split(Acc, Max, Sum, bk, split, rows, acc, m_i, l_i, ROWS, BLOCK_DV)
 
 
+# the CUDA-graph decoder's split kernel, for tools that compile it alone (``bench/kernel_resources.py --decode``)
+STATIC_SPLIT_KERNEL = _static_split_kernel
+
+
 def splits_keys(p: Problem) -> bool:
     """Whether the forward of ``p`` runs split over the keys: a few queries, whose rows for a
     whole GQA group fit one program."""
