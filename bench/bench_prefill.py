@@ -49,7 +49,7 @@ import torch
 import transformers
 
 import segcompile as sc
-from segcompile.cli.eval import HISTORY_DTYPE_WORDS, history_dtype_of
+from segcompile.cli import HISTORY_DTYPE_WORDS, history_dtype_of
 from segcompile.kernels.history_format import history_bytes
 
 import memory_trace  # noqa: E402

@@ -308,6 +308,18 @@ def test_a_decode_refused_before_it_ran_leaves_the_state_live(exported):
     runner.decode(state, random_ids(2, 1).numpy())
 
 
+def test_cli_export_with_the_history_in_fp8(tmp_path, capsys, monkeypatch):
+    from segcompile.cli.main import main
+    from segcompile.deploy.format import HISTORY_DTYPE_KEY
+
+    monkeypatch.setenv("COLUMNS", "200")
+    out = tmp_path / "tiny.onnx"
+    assert main(["export", "--layers", "1", "--segment-len", "16", "--long-range", "0.5", "--history-dtype", "fp8",
+                 "--out", str(out), "--no-color"]) == 0
+    assert "head plan fraction(0.5); history fp8" in capsys.readouterr().out
+    assert OnnxSegmentedModel(out).metadata[HISTORY_DTYPE_KEY] == "float8_e4m3fn"  # the program rounds it so
+
+
 def test_cli_export_and_run(tmp_path, capsys, monkeypatch):
     from segcompile.cli.main import main
 

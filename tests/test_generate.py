@@ -386,6 +386,22 @@ def test_generate_command_with_prompt_ids_on_the_built_in_model(tmp_path, capsys
     assert re.search(r"^5 new tokens x 1 \(--max-new-tokens, greedy\)", out, re.M)
 
 
+def test_generate_command_stores_the_history_in_fp8_when_asked(tmp_path, capsys, monkeypatch):
+    from segcompile.testing.models import tiny_llama
+
+    monkeypatch.setenv("COLUMNS", "200")
+    prompt = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]  # 3 segments: the last one's heads see 6 history positions
+    np.save(tmp_path / "ids.npy", np.array(prompt))
+    assert main(["generate", "--prompt-ids", str(tmp_path / "ids.npy"), "--layers", "1", "--max-new-tokens", "6",
+                 "--ignore-eos", *SEGMENT_FLAGS, "--history-dtype", "fp8"]) == 0
+    out = capsys.readouterr().out
+    cfg = sc.SegmentConfig(4, tail_len=2, sink_tokens=1, long_range=sc.HeadPlan.fraction(0.5),
+                           history_dtype=torch.float8_e4m3fn)
+    want = sc.transform(tiny_llama(num_layers=1), cfg).generate(torch.tensor([prompt]), 6)[0, len(prompt):]
+    assert out.split("prompt: 1 x 11 tokens\n", 1)[1].splitlines()[0].split() == [str(t) for t in want.tolist()]
+    assert out.splitlines()[-1].endswith("S=4 T=2 G=1, history fp8")
+
+
 @pytest.mark.parametrize("argv, message, hint", [
     (["--prompt", "hi"], "the built-in tiny Llama has no tokenizer", "--prompt-ids"),
     (["--prompt-ids", "missing.npy"], "--prompt-ids missing.npy: no such file", "numpy.save"),

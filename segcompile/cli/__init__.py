@@ -203,8 +203,29 @@ def make_console(args: argparse.Namespace):
 
 
 # ---- the segment flags every compiling command takes ---------------------------------------
-def add_segment_flags(parser: argparse.ArgumentParser, *, segment_len: int, sinks: int, long_range: bool = True) -> None:
-    """--segment-len, --tail-len, --sinks and (unless the command chooses the plan) --long-range."""
+# --history-dtype words, and the SegmentConfig.history_dtype each means (``history_dtype_of``)
+HISTORY_DTYPE_WORDS = ("model", "fp8")
+HISTORY_DTYPE_HELP = "how the long-range history is stored: in the model's dtype, or fp8 (e4m3, a scale per 64 positions)"
+
+
+def history_dtype_of(word: str):
+    """The ``SegmentConfig.history_dtype`` a ``--history-dtype`` word means."""
+    import torch
+
+    return {"model": None, "fp8": torch.float8_e4m3fn}[word]
+
+
+def history_phrase(history_dtype) -> str:
+    """What a command's summary adds for ``SegmentConfig.history_dtype``: ``"history fp8"`` for a
+    quantised history, nothing for one in the model's dtype."""
+    word = next(w for w in HISTORY_DTYPE_WORDS if history_dtype_of(w) == history_dtype)
+    return "" if word == "model" else f"history {word}"
+
+
+def add_segment_flags(parser: argparse.ArgumentParser, *, segment_len: int, sinks: int, long_range: bool = True,
+                      history_dtype: bool = True) -> None:
+    """--segment-len, --tail-len, --sinks and (unless the command chooses the plan, or the
+    history dtypes) --long-range and --history-dtype."""
     group = parser.add_argument_group("segments")
     group.add_argument("--segment-len", type=positive_int, default=segment_len, help="S, tokens per segment")
     group.add_argument(
@@ -217,6 +238,8 @@ def add_segment_flags(parser: argparse.ArgumentParser, *, segment_len: int, sink
             "--long-range", type=fraction_or_plan, default=0.25, metavar="FRACTION|PLAN.json",
             help="fraction of KV heads that see the whole history, or a head-plan JSON file",
         )
+    if history_dtype:
+        group.add_argument("--history-dtype", choices=HISTORY_DTYPE_WORDS, default="model", help=HISTORY_DTYPE_HELP)
 
 
 def check_plan_file(args: argparse.Namespace) -> None:
@@ -237,4 +260,5 @@ def segment_config(args: argparse.Namespace):
         plan = sc.HeadPlan.fraction(args.long_range)
     else:
         plan = sc.HeadPlan.load(args.long_range)
-    return sc.SegmentConfig(segment_len=args.segment_len, tail_len=args.tail_len, sink_tokens=args.sinks, long_range=plan)
+    return sc.SegmentConfig(segment_len=args.segment_len, tail_len=args.tail_len, sink_tokens=args.sinks, long_range=plan,
+                            history_dtype=history_dtype_of(args.history_dtype))

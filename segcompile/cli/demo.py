@@ -28,6 +28,7 @@ from . import (
     add_segment_flags,
     check_out_dir,
     check_plan_file,
+    history_phrase,
     make_console,
     non_negative_int,
     positive_int,
@@ -329,7 +330,8 @@ def _describe(report: DemoReport, args, model, seg, cfg) -> None:
     heads = f"{c.num_attention_heads} heads / {c.num_key_value_heads} KV heads"
     add(("model", "shape", f"{len(sites)} layers, {heads}, head_dim {sites[0].head_dim}, {dtype}"))
     add(("model", "input", f"batch {B} x {N} tokens = {cfg.num_segments(N)} segments, then {D} decoded"))
-    add(("model", "segments", f"S={cfg.segment_len}  T={cfg.tail_len}  G={cfg.sink_tokens}  tbptt_k={cfg.tbptt_k}"))
+    sizes = f"S={cfg.segment_len}  T={cfg.tail_len}  G={cfg.sink_tokens}  tbptt_k={cfg.tbptt_k}"
+    add(("model", "segments", "  ".join(filter(None, [sizes, history_phrase(cfg.history_dtype)]))))
     add(("compiled", "head plan", f"{cfg.long_range.describe()}: {long_kv} of {total_kv} KV heads long-range"))
     for s in sites:
         local = [h for h in range(s.num_kv_heads) if h not in s.long_range]

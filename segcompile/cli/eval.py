@@ -29,12 +29,15 @@ from pathlib import Path
 
 from ..files import atomic_write_text
 from . import (
+    HISTORY_DTYPE_HELP,
+    HISTORY_DTYPE_WORDS,
     HelpFormatter,
     ProgressBar,
     UsageError,
     add_segment_flags,
     check_out_file,
     fraction_or_plan,
+    history_dtype_of,
     make_console,
     positive_int,
     stage,
@@ -47,8 +50,6 @@ help = "measure perplexity by distance band or passkey retrieval, segmented agai
 
 TASKS = ("ppl", "passkey")
 DEFAULT_PLANS = ["full", "none", "fraction(0.25)", "all"]
-# --history-dtype words: None keeps the history in the model's dtype
-HISTORY_DTYPE_WORDS = ("model", "fp8")
 PLAN_HINT = "a PLAN is full, none, all, fraction(X) or X in [0, 1], layers(0,1,5-9), or a head-plan JSON file"
 
 
@@ -113,13 +114,12 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     parser.add_argument("--task", choices=TASKS, required=True, help="perplexity by band, or passkey retrieval")
     parser.add_argument("--lengths", type=positive_int, nargs="+", default=[2048, 4096, 8192], metavar="N",
                         help="tokens per sequence (ppl) or per prompt (passkey)")
-    add_segment_flags(parser, segment_len=512, sinks=4, long_range=False)
+    add_segment_flags(parser, segment_len=512, sinks=4, long_range=False, history_dtype=False)
     parser.add_argument("--long-range", type=plan_spec, nargs="+", default=None,
                         metavar="PLAN", help=f"the programs to compare, one table row each; {PLAN_HINT} "
                         f"(default: {' '.join(DEFAULT_PLANS)})")
     parser.add_argument("--history-dtype", choices=HISTORY_DTYPE_WORDS, nargs="+", default=["model"],
-                        help="how the long-range history is stored: in the model's dtype, or fp8 (e4m3, a scale "
-                        "per 64 positions); several: every segmented plan runs once per dtype")
+                        help=f"{HISTORY_DTYPE_HELP}; several: every segmented plan runs once per dtype")
     ppl = parser.add_argument_group("ppl")
     ppl.add_argument("--sequences", type=positive_int, default=None,
                      help="held-out documents per length, one sequence each (default: 4)")
@@ -224,13 +224,6 @@ def _configs(args: argparse.Namespace) -> dict:
 def program_label(plan_label: str, history_dtype: str) -> str:
     """A table row's label: the plan's, with `` fp8`` when its history is stored in fp8."""
     return plan_label if history_dtype == "model" else f"{plan_label} {history_dtype}"
-
-
-def history_dtype_of(word: str):
-    """The ``SegmentConfig.history_dtype`` a ``--history-dtype`` word means."""
-    import torch
-
-    return {"model": None, "fp8": torch.float8_e4m3fn}[word]
 
 
 def _config(args: argparse.Namespace, plan: PlanSpec, history_dtype: str = "model"):

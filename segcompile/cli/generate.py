@@ -26,6 +26,7 @@ from . import (
     add_segment_flags,
     check_plan_file,
     fraction,
+    history_phrase,
     make_console,
     positive_int,
     segment_config,
@@ -286,7 +287,9 @@ def _summary(seg, cfg, streamer: TimedStreamer, prompt, new, args, seed: int) ->
     stopped = "end of sequence" if tokens < args.max_new_tokens else "--max-new-tokens"
     impls = ", ".join(sorted(set(seg.implementations.values())))
     sampling = (f"sampled (seed {seed})" if args.do_sample else "greedy")
+    history = history_phrase(cfg.history_dtype)
     return (
         f"{tokens} new tokens x {rows} ({stopped}, {sampling}): prefill {prompt.shape[1]} tokens "
         f"{prefill:.2f} s, decode {decode} ({seg.last_decode_path}); impl {impls}; S={cfg.segment_len} T={cfg.tail_len} G={cfg.sink_tokens}"
+        + (f", {history}" if history else "")
     )

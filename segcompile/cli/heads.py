@@ -47,7 +47,8 @@ def subparser_init(subparsers: argparse._SubParsersAction) -> argparse.ArgumentP
     )
     model = add_model_args(parser)
     model.add_argument("--device", default=None, help="torch device to run on (default: cuda if available, else cpu)")
-    add_segment_flags(parser, segment_len=512, sinks=0, long_range=False)  # the plan is what this command makes
+    # the plan is what this command makes; the scores do not depend on how a history is stored
+    add_segment_flags(parser, segment_len=512, sinks=0, long_range=False, history_dtype=False)
     parser.add_argument("--long-range", default=None, help=argparse.SUPPRESS)  # only to say why it does not apply
     select = parser.add_argument_group("selection")
     select.add_argument("--budget", type=fraction, default=0.25,
