@@ -318,6 +318,9 @@ def test_cli_export_with_the_history_in_fp8(tmp_path, capsys, monkeypatch):
                  "--out", str(out), "--no-color"]) == 0
     assert "head plan fraction(0.5); history fp8" in capsys.readouterr().out
     assert OnnxSegmentedModel(out).metadata[HISTORY_DTYPE_KEY] == "float8_e4m3fn"  # the program rounds it so
+    np.save(tmp_path / "ids.npy", np.arange(40) % 200)
+    assert main(["run", str(out), "--prompt-ids", str(tmp_path / "ids.npy"), "--max-new-tokens", "2", "--no-color"]) == 0
+    assert "S=16 T=16 G=0, history rounded to float8_e4m3fn; runs on" in capsys.readouterr().out
 
 
 def test_cli_export_and_run(tmp_path, capsys, monkeypatch):

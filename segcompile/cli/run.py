@@ -67,7 +67,8 @@ def cmd(args: argparse.Namespace) -> int:
     model = OnnxSegmentedModel(args.model, device=None if args.device == "auto" else args.device)
     console.print(
         f"{model.path.name}: {model.model['architecture']}, {model.model['num_layers']} layers, {model.dtype}, "
-        f"S={model.segment_len} T={model.tail_len} G={model.sink_tokens}; runs on {model.provider} ({model.device})",
+        f"S={model.segment_len} T={model.tail_len} G={model.sink_tokens}{_history(model.metadata)}; "
+        f"runs on {model.provider} ({model.device})",
         markup=False, soft_wrap=True,
     )
     new = _generate(console, model, ids, args.max_new_tokens)
@@ -117,3 +118,11 @@ def _save(path: str, array) -> None:
     data = io.BytesIO()
     np.save(data, array, allow_pickle=False)
     atomic_write_bytes(path, data.getbuffer())
+
+
+def _history(metadata) -> str:
+    """What the summary adds where the exported program rounds its history (``--history-dtype``)."""
+    from ..deploy.format import HISTORY_DTYPE_KEY
+
+    rounding = metadata.get(HISTORY_DTYPE_KEY)
+    return "" if rounding is None else f", history rounded to {rounding}"
