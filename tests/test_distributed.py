@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
+import sys
 import time
 from pathlib import Path
 
@@ -44,8 +46,8 @@ def global_batch() -> torch.Tensor:
 def spawn(fn, out: Path, timeout_s: float = SPAWN_TIMEOUT_S, world: int = WORLD, args: tuple = ()) -> None:
     """Run ``fn(rank, out, *args)`` in ``world`` processes; raise if one fails (the others are then
     terminated) or if they have not all finished after ``timeout_s`` (then all are killed)."""
-    context = torch.multiprocessing.start_processes(fn, args=(str(out), *args), nprocs=world, join=False,
-                                                    start_method="spawn")
+    context = torch.multiprocessing.start_processes(_run_then_exit, args=(fn, str(out), *args), nprocs=world,
+                                                    join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     try:
         while not context.join(timeout=1):
@@ -56,6 +58,18 @@ def spawn(fn, out: Path, timeout_s: float = SPAWN_TIMEOUT_S, world: int = WORLD,
             if process.is_alive():
                 process.kill()
                 process.join()
+
+
+def _run_then_exit(rank: int, fn, *args) -> None:
+    """``fn(rank, *args)``, then the process ends without tearing the interpreter down: gloo's
+    threads can still hold finished work then, and destroying it during finalisation now and then
+    aborts the process ("terminate called without an active exception", SIGABRT, after the rank's
+    work was done: seen once in CI; the failure pytorch/pytorch#179291 describes). An exception
+    from ``fn`` still reaches the parent as spawn reports it."""
+    fn(rank, *args)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 # ---- what each rank runs ------------------------------------------------------------------------
