@@ -285,7 +285,8 @@ def test_sibling_projections_are_one_product():
     # the query, key and value projections read one input: one product over their weights stacked
     seg = make("llama", "fraction(0.5)")
     program = static_step(seg.step_graph, seg.cfg)
-    sources = [[tuple(t.shape) for t in tensors] for name, tensors, _ in program.meta[FUSED] if not name.endswith("_bias")]
+    sources = [[tuple(t.shape) for t in copy.sources] for name, copy in program.meta[FUSED]
+               if not name.endswith("_bias")]
     site = seg.sites[0]
     hidden, kv = site.num_heads * site.head_dim, site.num_kv_heads * site.head_dim
     assert sources.count([(hidden, hidden), (kv, hidden), (kv, hidden)]) == len(seg.sites)
@@ -331,7 +332,7 @@ def test_both_decode_paths_read_one_stacked_copy_of_the_projections():
     shapes = [tuple(w.shape) for w in eager.weights]
     assert shapes.count((hidden + 2 * kv, hidden)) == len(seg.sites)
     linear = torch.ops.aten.linear.default
-    fused = sum(len(sources) - 1 for _, sources, _ in seg.decode_graph().meta[FUSED])
+    fused = sum(len(copy.sources) - 1 for _, copy in seg.decode_graph().meta[FUSED])
     assert len(eager.weights) == len(seg.step_graph.graph.find_nodes(op="call_function", target=linear)) - fused
     assert [w.data_ptr() for w in eager.weights] == [w.data_ptr() for w in static.weights]
     assert eager.mean_dtypes and set(eager.mean_dtypes) == set(static.mean_dtypes) == {torch.float64}
@@ -403,7 +404,7 @@ def test_eager_decode_serves_the_weights_as_they_are(family):
     want, _ = seg.decode(state, ids[:, :1])
     assert_close(got, want, torch.float32, what="eager decode after an in-place change of the weights")
     want.sum().backward()
-    sources = [t for _, tensors, _ in seg.decode_graph().meta[FUSED] for t in tensors]
+    sources = [t for _, copy in seg.decode_graph().meta[FUSED] for t in copy.sources]
     assert sources and all(t.grad is not None for t in sources)
 
 

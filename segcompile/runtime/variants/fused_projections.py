@@ -15,9 +15,9 @@ size again in memory).
 Produces one ``aten.linear`` over a weight (and bias) concatenated along the out-features, held
 by the graph module as a buffer (``fused_projection_<i>``, a copy: the model's parameters are
 left as they are), and ``aten.split_with_sizes`` whose pieces replace the original products.
-``gm.meta[FUSED]`` lists each buffer's name and sources; ``refresh_fused_projections(gm)``
-copies the sources again when any of them changed in place since (an optimizer step between
-two decodes), so the copy never serves stale weights.
+``gm.meta[FUSED]`` lists each buffer's name and its ``StackedCopy`` (which holds the sources);
+``refresh_fused_projections(gm)`` copies the sources again when any of them changed in place
+since (an optimizer step between two decodes), so the copy never serves stale weights.
 
 Both decode paths read the fused products (the eager decode's step graph and the CUDA-graph
 decoder's program), so that they round alike: cuBLAS sums a ``[6144, 4096]`` product in another
@@ -34,7 +34,7 @@ import operator
 import torch
 from torch import fx
 
-FUSED = "segcompile.fused_projections"  # per stacked buffer: (its name, [source tensors], its StackedCopy)
+FUSED = "segcompile.fused_projections"  # per stacked buffer: (its name, its StackedCopy)
 MAX_BYTES = 64 << 20  # the q, k and v weights of an 8B model (48 MiB) fuse; its 117 MB MLP products do not
 
 _LINEAR = torch.ops.aten.linear.default
@@ -56,7 +56,7 @@ def fuse_projections(gm: fx.GraphModule, max_bytes: int = MAX_BYTES, shared: dic
 def refresh_fused_projections(gm: fx.GraphModule) -> None:
     """Copy the fused weights from their sources again if any source changed in place (once for
     every program that shares the copy)."""
-    for _, _, stacked in gm.meta.get(FUSED, ()):
+    for _, stacked in gm.meta.get(FUSED, ()):
         stacked.refresh()
 
 
@@ -107,7 +107,7 @@ def _sibling_groups(gm: fx.GraphModule, max_bytes: int) -> list[list[fx.Node]]:
 
 
 def _fuse(gm: fx.GraphModule, group: list[fx.Node], name: str,
-          shared: dict) -> list[tuple[str, list[torch.Tensor], StackedCopy]]:
+          shared: dict) -> list[tuple[str, StackedCopy]]:
     """One product for ``group``; its ``FUSED`` records: the stacked weight's, and the bias's if any."""
     weights = [_attr(gm, n.args[1]) for n in group]
     biases = [_attr(gm, n.args[2]) for n in group] if len(group[0].args) > 2 and group[0].args[2] is not None else []
@@ -125,7 +125,7 @@ def _fuse(gm: fx.GraphModule, group: list[fx.Node], name: str,
             node.replace_all_uses_with(piece)
     for node in group:
         graph.erase_node(node)
-    return [(buffer, sources, copy) for (buffer, sources), copy in zip(stacked, copies)]
+    return [(buffer, copy) for (buffer, _), copy in zip(stacked, copies)]
 
 
 def _stacked(sources: list[torch.Tensor], shared: dict) -> StackedCopy:
