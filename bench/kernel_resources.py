@@ -101,15 +101,19 @@ def resources(kernel: str, tile: dict, head_dim: int, dtype: str, capability: in
     # the other flags at their defaults (``PREFIX_ONLY`` off: the whole dQ, as the Triton backward runs it)
     constants.update({p.name: p.default for p in fn.params
                       if p.is_constexpr and p.has_default and p.name not in constants})
-    sig, attrs = signature(fn, constants, dtype)
-    options = dict(num_warps=tile["num_warps"], num_stages=tile["num_stages"])
-    if tile.get("maxnreg"):
-        options["maxnreg"] = tile["maxnreg"]
+    compiled, report = compile_for(fn, constants, signature(fn, constants, dtype), tile, capability)
+    return dict(shared_bytes=compiled.metadata.shared, wgmma=compiled.asm["ttgir"].count("warp_group_dot"), **report)
+
+
+def compile_for(fn, constants: dict, signature_and_attrs: tuple, tile: dict, capability: int) -> tuple:
+    """``fn`` compiled for compute capability ``capability`` at ``tile``'s warps, stages and
+    register cap, and ptxas's report of it (``ptxas_report``)."""
+    sig, attrs = signature_and_attrs
+    options = dict(num_warps=tile["num_warps"], num_stages=tile["num_stages"], **triton_common.register_cap(tile))
     compiled = triton.compile(ASTSource(fn, sig, constants, attrs), target=GPUTarget("cuda", capability, 32),
                               options=options)
-    ttgir = compiled.asm["ttgir"]
-    return dict(shared_bytes=compiled.metadata.shared, wgmma=ttgir.count("warp_group_dot"),
-                **ptxas_report(compiled.asm["ptx"], f"sm_{capability}a" if capability == 90 else f"sm_{capability}"))
+    arch = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"
+    return compiled, ptxas_report(compiled.asm["ptx"], arch)
 
 
 def decode_resources(history: str, head_dim: int, capability: int) -> dict:
@@ -121,12 +125,8 @@ def decode_resources(history: str, head_dim: int, capability: int) -> dict:
                      D_V=head_dim, DOT=tl.bfloat16, PRECISION="tf32", HAS_HISTORY=True,
                      HIST_SCALED=history == "fp8", SCALE_BLOCK=HISTORY_SCALE_BLOCK)
     pointers = dict(DECODE_POINTERS, **({"HK": "fp8e4nv", "HV": "fp8e4nv"} if history == "fp8" else {}))
-    sig, attrs = signature(fn, constants, "bf16", pointers)
-    compiled = triton.compile(ASTSource(fn, sig, constants, attrs), target=GPUTarget("cuda", capability, 32),
-                              options=dict(num_warps=tile["num_warps"], num_stages=tile["num_stages"]))
-    arch = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"
-    return dict(tile=tile, shared_bytes=compiled.metadata.shared, **ptxas_report(compiled.asm["ptx"], arch),
-                loops=product_loops(compiled.asm["cubin"]))
+    compiled, report = compile_for(fn, constants, signature(fn, constants, "bf16", pointers), tile, capability)
+    return dict(tile=tile, shared_bytes=compiled.metadata.shared, **report, loops=product_loops(compiled.asm["cubin"]))
 
 
 def product_loops(cubin: bytes) -> list[Counter]:
