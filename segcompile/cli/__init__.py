@@ -222,6 +222,12 @@ def history_phrase(history_dtype) -> str:
     return "" if word == "model" else f"history {word}"
 
 
+def segments_row(cfg) -> str:
+    """A summary's "segments" row: S, T, G, the head plan, and the history's storage if fp8."""
+    sizes = f"S={cfg.segment_len}  T={cfg.tail_len}  G={cfg.sink_tokens}"
+    return "; ".join(filter(None, [sizes, f"head plan {cfg.long_range.describe()}", history_phrase(cfg.history_dtype)]))
+
+
 def add_segment_flags(parser: argparse.ArgumentParser, *, segment_len: int, sinks: int, long_range: bool = True,
                       history_dtype: bool = True) -> None:
     """--segment-len, --tail-len, --sinks and (unless the command chooses the plan, or the

@@ -24,11 +24,11 @@ from . import (
     add_segment_flags,
     check_out_file,
     check_plan_file,
-    history_phrase,
     make_console,
     positive_int,
     quiet,
     segment_config,
+    segments_row,
     stage,
 )
 from .models import add_model_args, check_model_args, load_model, model_label
@@ -151,9 +151,7 @@ def _summary(console, summary, seg, cfg, seconds, engine=None) -> None:
         table.add_row("profile", _profile_text(engine))
     table.add_row("opset", str(summary.opset))
     table.add_row("model", f"{seg.capture_info.model_class}, {len(seg.sites)} attention layers")
-    sizes = f"S={cfg.segment_len}  T={cfg.tail_len}  G={cfg.sink_tokens}"
-    table.add_row("segments", "; ".join(filter(None, [sizes, f"head plan {cfg.long_range.describe()}",
-                                                      history_phrase(cfg.history_dtype)])))
+    table.add_row("segments", segments_row(cfg))
     state_in = [v for v in summary.inputs if v[0] not in (INPUT_IDS, POSITION_OFFSET)]
     table.add_row("inputs", ", ".join(f"{n} {t}{shape(s)}" for n, t, s in summary.inputs[:2])
                   + f", {len(state_in)} state buffers")

@@ -22,9 +22,9 @@ from . import (
     add_segment_flags,
     check_out_dir,
     check_plan_file,
-    history_phrase,
     make_console,
     segment_config,
+    segments_row,
     stage,
 )
 from .models import add_model_args, check_model_args, load_model, model_label
@@ -104,9 +104,7 @@ def _summary(console, seg, cfg, seconds: dict[str, float], out: Path) -> None:
     table.add_column(style="bold")
     table.add_column()
     table.add_row("model", f"{seg.capture_info.model_class}, {len(seg.sites)} attention layers")
-    sizes = f"S={cfg.segment_len}  T={cfg.tail_len}  G={cfg.sink_tokens}"
-    table.add_row("segments", "; ".join(filter(None, [sizes, f"head plan {cfg.long_range.describe()}",
-                                                      history_phrase(cfg.history_dtype)])))
+    table.add_row("segments", segments_row(cfg))
     table.add_row("passes", " -> ".join(["capture", *seg.pass_timings]))
     table.add_row(
         "step graph",
