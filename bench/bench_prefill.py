@@ -55,7 +55,7 @@ from segcompile.kernels.history_format import history_bytes
 import memory_trace  # noqa: E402
 
 GiB = 1 << 30
-# --history-dtype words (segcompile eval's) and the SegmentConfig.history_dtype each means
+# --history-dtype words (the CLI's) and the SegmentConfig.history_dtype each means
 HISTORY_DTYPES = {word: history_dtype_of(word) for word in HISTORY_DTYPE_WORDS}
 # and the prefill benchmarks' own word: the fp8 history widened at each attention call (``prefill_of``)
 AT_CALL = "fp8-at-call"

@@ -61,11 +61,12 @@ def spawn(fn, out: Path, timeout_s: float = SPAWN_TIMEOUT_S, world: int = WORLD,
 
 
 def _run_then_exit(rank: int, fn, *args) -> None:
-    """``fn(rank, *args)``, then the process ends without tearing the interpreter down: gloo's
-    threads can still hold finished work then, and destroying it during finalisation now and then
-    aborts the process ("terminate called without an active exception", SIGABRT, after the rank's
-    work was done: seen once in CI; the failure pytorch/pytorch#179291 describes). An exception
-    from ``fn`` still reaches the parent as spawn reports it."""
+    """``fn(rank, *args)``, then the process ends without tearing the interpreter down, where
+    gloo's threads can still hold finished work, whose destruction during finalisation can abort
+    the process (pytorch/pytorch#179291). A rank aborted once in CI ("terminate called without an
+    active exception", SIGABRT, the other rank still running), not reproduced since; this is the
+    likeliest place, not a proven one. An exception from ``fn`` still reaches the parent as spawn
+    reports it."""
     fn(rank, *args)
     sys.stdout.flush()
     sys.stderr.flush()
