@@ -8,8 +8,9 @@ prompt of ``--seq-len`` tokens (default 1,048,576), under ``torch.no_grad()``:
   fraction(``--long-range``) (0.25) long-range KV heads, the history stored in fp8 (e4m3, a
   scale per 64 positions; ``SegmentConfig.history_dtype``), then ``--new-tokens`` (64) greedy
   tokens by ``seg.decode``, one token a call, on the CUDA-graph decoder (``--decode
-  cuda-graphs``, the default: ``seg.enable_cuda_graphs(max_context=...)``, its buffers holding
-  the fp8 history and scales; off CUDA the same fixed-shape program run eagerly) or the eager step
+  cuda-graphs``, the default: ``seg.enable_cuda_graphs(max_context=...)`` before the prefill, so
+  that its buffers take over the prefill's fp8 history and scales instead of copying them; off
+  CUDA the same fixed-shape program run eagerly) or the eager step
   (``--decode eager``). The same with the history in the model's dtype (bf16: 32 KiB a token,
   32 GiB at 1M) when the time left allows it (below);
 * ``sdpa``: ``model(ids, use_cache=True, logits_to_keep=1)``, the model's own full attention
@@ -72,7 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--long-range", type=float, default=None, help="fraction of KV heads (default 0.25; --tiny: 0.5)")
     p.add_argument("--new-tokens", type=int, default=64, help="greedy tokens decoded after the prompt")
     p.add_argument("--decode", choices=("cuda-graphs", "eager"), default="cuda-graphs",
-                   help="decode on seg.enable_cuda_graphs() (a copy of the state in its buffers) or the eager step")
+                   help="decode on seg.enable_cuda_graphs() (enabled before the prefill, whose history its "
+                        "buffers take over) or the eager step")
     p.add_argument("--chunk", type=int, default=None, help="HF chunked prefill's chunk (default 4096; --tiny: 32)")
     p.add_argument("--layers", type=int, default=32)
     p.add_argument("--regimes", nargs="+", choices=REGIMES, default=list(REGIMES))
@@ -217,6 +219,8 @@ def segcompile_run(seg, ids: torch.Tensor, new_tokens: int, every: int, weights:
     """Prefill ``ids``, then ``new_tokens`` greedy tokens one ``seg.decode`` at a time, on the
     ``decode`` path ("cuda-graphs" or "eager")."""
     progress = Progress(f"segcompile {history_word(seg)} history", every, ids.shape[1])
+    if decode == "cuda-graphs":  # before the prefill, which then sizes the history for the decoder to take over
+        seg.enable_cuda_graphs(max_context=ids.shape[1] + new_tokens + seg.cfg.segment_len)  # room for every token
     start = time.perf_counter()
     with segment_progress(seg, progress):
         state = seg.prefill(ids)
@@ -227,19 +231,18 @@ def segcompile_run(seg, ids: torch.Tensor, new_tokens: int, every: int, weights:
     row = dict(seconds=prefill_s, tokens_per_s=ids.shape[1] / prefill_s, prefill_peak_gib=peak_above(weights),
                state_gib=(allocated() - weights) / GiB if torch.cuda.is_available() else None,
                **bench_prefill.history_gib(state))
-    if decode == "cuda-graphs":  # room for every decoded token: the buffers never grow
-        seg.enable_cuda_graphs(max_context=ids.shape[1] + new_tokens + seg.cfg.segment_len)
     try:
-        tokens, times = greedy_decode(seg, state, new_tokens)
+        tokens, times, last = greedy_decode(seg, state, new_tokens)
         row.update(decode_first_ms=times[0] * 1e3, decode_path=seg.last_decode_path,
-                   decode_ms_per_token=1e3 * sum(times[1:]) / max(len(times) - 1, 1), tokens=tokens)
+                   decode_ms_per_token=1e3 * sum(times[1:]) / max(len(times) - 1, 1), tokens=tokens,
+                   history_taken_over=getattr(getattr(last, "buffers", None), "taken", False))
     finally:
-        seg.disable_cuda_graphs()  # frees the buffers (a second copy of the state) and graphs
+        seg.disable_cuda_graphs()  # frees the buffers and graphs
     return row
 
 
-def greedy_decode(seg, state, new_tokens: int) -> tuple[list[int], list[float]]:
-    """The greedy tokens after ``state`` and the seconds each ``decode`` took (synchronised)."""
+def greedy_decode(seg, state, new_tokens: int) -> tuple[list[int], list[float], object]:
+    """The greedy tokens after ``state``, the seconds each ``decode`` took (synchronised), the last state."""
     next_ids = state.logits.argmax(-1, keepdim=True)
     tokens, times = [next_ids.item()], []
     for _ in range(new_tokens):
@@ -248,7 +251,7 @@ def greedy_decode(seg, state, new_tokens: int) -> tuple[list[int], list[float]]:
         next_ids = logits[:, -1].argmax(-1, keepdim=True)
         tokens.append(next_ids.item())  # the sync that makes the time the token's
         times.append(time.perf_counter() - start)
-    return tokens[:new_tokens], times
+    return tokens[:new_tokens], times, state
 
 
 def sdpa_run(model, ids: torch.Tensor, deadline: float) -> dict:
@@ -396,7 +399,8 @@ def summary(row: dict) -> str:
     text = f"{head}: {row['seconds']:.1f} s ({row['tokens_per_s']:,.0f} tokens/s), peak {gib(row['peak_gib'])}"
     if "decode_ms_per_token" in row:
         text += (f", history {row['history_gib']:.2f} GiB, decode {row['decode_ms_per_token']:.2f} ms/token "
-                 f"(first {row['decode_first_ms']:.0f} ms, {row.get('decode_path', 'eager')})")
+                 f"(first {row['decode_first_ms']:.0f} ms, {row.get('decode_path', 'eager')}"
+                 + (", the prefill's history taken over" if row.get("history_taken_over") else "") + ")")
     return text
 
 

@@ -52,6 +52,7 @@ def test_tiny_run_rows_history_bytes_and_greedy_tokens(million, tmp_path, capsys
     assert set(rows) == {("segcompile", "fp8"), ("segcompile", "model"), ("sdpa", "model"), ("chunked", "model")}
     assert all(r["status"] == "ok" for r in rows.values())
     assert rows["segcompile", "fp8"]["decode_path"] == "static"  # the CUDA-graph decoder's program, off CUDA
+    assert rows["segcompile", "fp8"]["history_taken_over"] and rows["segcompile", "model"]["history_taken_over"]
     args = million.parse_args(["--tiny"])
     # 144 tokens, S = T = 32: the history holds positions [0, 96) of 1 long-range KV head (of 2) in
     # each of 2 layers, head_dim 16; fp8 values plus a 4-byte scale per 64-position block cut per

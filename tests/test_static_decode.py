@@ -18,6 +18,7 @@ from conftest import captured, random_ids
 
 import segcompile as sc
 from segcompile.errors import SegcompileError
+from segcompile.kernels.history_format import QuantizedHistory
 from segcompile.ops import segment_attention
 from segcompile.runtime.static_decode import StaticState
 from segcompile.runtime.variants.fixed_size_step import buffer_specs
@@ -437,6 +438,120 @@ def test_bad_options_are_refused():
         seg.enable_cuda_graphs(compile="inductor")
 
 
+# ---- the first decode takes the prefill's history buffer over ----------------------------------------
+def hist_values(layer, kv="k"):
+    hist = getattr(layer, f"hist_{kv}")
+    return hist.values() if isinstance(hist, QuantizedHistory) else hist
+
+
+def long_range_stores(state):
+    return [getattr(layer, f"hist_store_{kv}") for layer in state.layers for kv in ("k", "v")
+            if layer.hist_store_k is not None and layer.hist_k.shape[1]]
+
+
+def holds_the_stores(buffers, state) -> bool:
+    """Whether ``buffers``' history (and scales) is ``state``'s history buffers, heads first."""
+    stores = long_range_stores(state)
+    held = [h[kv] for h in buffers.history if h for kv in ("k", "v")]
+    same = [view.data_ptr() == store.data_ptr() for view, store in zip(held, stores)]
+    if buffers.geometry is not None:
+        scales = [h[f"{kv}_scales"] for h in buffers.history if h for kv in ("k", "v")]
+        same += [view.data_ptr() == store._segcompile_scales.data_ptr() for view, store in zip(scales, stores)]
+    return len(held) == len(stores) > 0 and all(same)
+
+
+def static_tokens(seg, state, tokens, want):
+    """Decode ``tokens`` from ``state`` on the static path enabled already; returns the last state."""
+    for i, (token, expected) in enumerate(zip(tokens, want)):
+        got, state = seg.decode(state, token)
+        assert_close(got, expected, torch.float32, what=f"token {i}")
+    assert seg.last_decode_path == "static"
+    return state
+
+
+@pytest.mark.parametrize("history_dtype", [None, torch.float8_e4m3fn])
+@pytest.mark.parametrize("kernel", [False, True])
+def test_the_first_decode_takes_the_prefill_history_over(history_dtype, kernel):
+    # prefilled with the static decoder enabled, the history buffer has room to the end of the
+    # segment being decoded: the decoder views it heads-first instead of copying it, and the
+    # prefill's state stays valid (its history unchanged; continued statically again, or eagerly)
+    _, graph = captured("llama")
+    seg = sc.transform(graph, sc.SegmentConfig(S, tail_len=3, sink_tokens=2, long_range=PLANS["fraction(0.5)"],
+                                               history_dtype=history_dtype))
+    ids = random_ids(2, 2 * S + 3)
+    with torch.no_grad():
+        tokens, want, _ = eager_tokens(seg, seg.prefill(ids), 6)  # across the segment end at 3S
+        seg.enable_cuda_graphs(kernel=kernel)
+        state = seg.prefill(ids)
+        assert {store.shape[2] for store in long_range_stores(state)} == {seg._static.history_slots(2 * S + 3)} == {24}
+        before = [hist_values(layer, kv).clone() for layer in state.layers for kv in ("k", "v")]
+        for _ in range(2):  # the second time from the buffers it took already
+            static = static_tokens(seg, state, tokens, want)
+            assert static.buffers.taken and holds_the_stores(static.buffers, state)
+        assert all(torch.equal(hist_values(layer, kv), old) for (layer, kv), old in
+                   zip([(layer, kv) for layer in state.layers for kv in ("k", "v")], before))
+        seg.disable_cuda_graphs()
+        _, again, eager = eager_tokens(seg, state, 6)  # appends to a copy: the decoder's slots are not its
+        for got, expected in zip(again, want):
+            assert_close(got, expected, torch.float32)
+        assert not {id(s) for s in long_range_stores(eager)} & {id(s) for s in long_range_stores(state)}
+
+
+def test_a_history_without_room_or_written_past_is_copied():
+    seg = make("llama", "fraction(0.5)", tail=3, sinks=2)
+    ids = random_ids(2, 2 * S + 3)
+    with torch.no_grad():
+        tight = seg.prefill(ids)  # before enable_cuda_graphs: room for the prompt only (19 < 24)
+        tokens, want, _ = eager_tokens(seg, tight, 6)
+        seg.enable_cuda_graphs()
+        static = static_tokens(seg, tight, tokens, want)
+        assert not static.buffers.taken and not holds_the_stores(static.buffers, tight)
+        roomy = seg.prefill(ids)
+        seg.disable_cuda_graphs()
+        eager_tokens(seg, roomy, 6)  # another state written past roomy's view, in its buffer
+        seg.enable_cuda_graphs()
+        static = static_tokens(seg, roomy, tokens, want)
+        assert not static.buffers.taken
+
+
+def test_loading_another_state_leaves_the_taken_buffers_alone():
+    seg = make("llama", "all", tail=3)
+    first_ids, second_ids = random_ids(1, 2 * S + 3, seed=1), random_ids(1, 2 * S + 3, seed=2)
+    with torch.no_grad():
+        tokens, want, _ = eager_tokens(seg, seg.prefill(first_ids), 6)
+        second = seg.prefill(second_ids)  # room for the prompt only: copied when loaded
+        second_tokens, second_want, _ = eager_tokens(seg, seg.prefill(second_ids), 6)
+        seg.enable_cuda_graphs()
+        first = seg.prefill(first_ids)
+        kept = [hist_values(layer, kv).clone() for layer in first.layers for kv in ("k", "v")]
+        assert static_tokens(seg, first, tokens, want).buffers.taken
+        static = static_tokens(seg, second, second_tokens, second_want)
+        assert not static.buffers.taken and not holds_the_stores(static.buffers, first)
+        static_tokens(seg, first, tokens, want)  # taken again: nothing of it was overwritten
+    assert all(torch.equal(hist_values(layer, kv), old) for (layer, kv), old in
+               zip([(layer, kv) for layer in first.layers for kv in ("k", "v")], kept))
+
+
+def test_a_history_prefilled_under_inference_mode_moves_before_a_decode_outside_it():
+    # inference tensors can only be written in inference mode: taken there, moved to the decoder's
+    # own buffers when a decode runs outside it
+    seg = make("llama", "all", tail=3)
+    ids = random_ids(1, 2 * S + 3)
+    with torch.no_grad():
+        tokens, want, _ = eager_tokens(seg, seg.prefill(ids), 6)
+    seg.enable_cuda_graphs()
+    with torch.inference_mode():
+        state = seg.prefill(ids)
+        got, static = seg.decode(state, tokens[0])
+        assert static.buffers.taken
+    assert_close(got, want[0], torch.float32)
+    with torch.no_grad():
+        for token, expected in zip(tokens[1:], want[1:]):
+            got, static = seg.decode(static, token)
+            assert_close(got, expected, torch.float32)
+    assert not static.buffers.taken and not holds_the_stores(static.buffers, state)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("dtype,history_dtype", [(torch.float32, None), (torch.bfloat16, None),
                                                  (torch.bfloat16, torch.float8_e4m3fn)])
@@ -457,3 +572,38 @@ def test_cuda_graph_replay_equals_eager_decode(dtype, history_dtype):
             assert_close(got, expected, dtype, measure="relative")
     assert seg.last_decode_path == "cuda-graph"
     assert "decode: CUDA graphs" in repr(seg)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the allocator's peak is a CUDA count")
+def test_taking_the_history_over_saves_a_copy_of_it_on_cuda():
+    # the first decode's peak above what the prefill left: with the decoder enabled after the
+    # prefill (the history copied into its buffers) against before it (the buffer taken over);
+    # each twice, the second counted (the first of a process allocates cuBLAS's workspaces)
+    from segcompile.testing.models import tiny_model
+
+    model = tiny_model("llama", layers=2, dtype=torch.bfloat16).cuda()
+    seg = sc.transform(model, sc.SegmentConfig(1024, tail_len=1024, long_range=PLANS["all"]))
+    ids = random_ids(1, 64 * 1024 + 5).cuda()
+
+    def first_decode(enable_first: bool) -> tuple[int, int, bool]:
+        seg.disable_cuda_graphs()
+        if enable_first:
+            seg.enable_cuda_graphs()
+        with torch.no_grad():
+            state = seg.prefill(ids)
+            if not enable_first:
+                seg.enable_cuda_graphs()
+            torch.cuda.synchronize()
+            before = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            _, static = seg.decode(state, state.logits.argmax(-1, keepdim=True))
+            torch.cuda.synchronize()
+        history = sum(hist_values(layer, kv).nbytes for layer in state.layers for kv in ("k", "v"))
+        return torch.cuda.max_memory_allocated() - before, history, static.buffers.taken
+
+    for _ in range(2):
+        copied, history, taken_then = first_decode(enable_first=False)
+        taken, _, taken_now = first_decode(enable_first=True)
+    assert (taken_then, taken_now) == (False, True)
+    assert history > 7 * 2**20  # 63K positions x 2 layers x 2 KV heads x (K, V) x 8 dims x 2 bytes
+    assert copied - taken >= 0.9 * history

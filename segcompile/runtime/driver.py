@@ -173,7 +173,10 @@ class SegmentedModel(torch.nn.Module):
             self._start_graph_generation()
         state = state or self.initial_state(input_ids)
         foreign = storages([*layer_tensors(state, CARRIED_NAMES), state.logits]) if free_tails else None
-        state = reserve_history(state, state.position + input_ids.shape[1], token_major=bool(self._compiled))
+        total = state.position + input_ids.shape[1]
+        if self._static is not None:  # room for the static decoder to take the buffer over, uncopied
+            total = max(total, self._static.history_slots(total), self._static.max_context or 0)
+        state = reserve_history(state, total, token_major=bool(self._compiled))
         _, state = self._feed(state, input_ids, collect=False, foreign=foreign)
         return state
 
@@ -214,8 +217,10 @@ class SegmentedModel(torch.nn.Module):
         """Decode one token a step through a program of fixed shapes, replayed from CUDA graphs
         (``runtime/static_decode.py``; docs/design.md section 6). Returns ``self``.
 
-        Prefill is unchanged; the first ``decode`` after it copies the state into fixed buffers
-        (per batch size), and each token then replays a graph captured once per batch size and
+        A prefill sizes its history buffer for the decoder (to the end of the segment being decoded,
+        or ``max_context``); the first ``decode`` after it loads the state into fixed buffers (per
+        batch size), taking that history buffer over instead of copying it (docs/design.md
+        section 6), and each token then replays a graph captured once per batch size and
         history bucket (the history rounded up to ``history_block`` positions, default S). Off
         CUDA the same program runs eagerly (on CUDA too with ``capture=False``: to tell a capture
         problem from a program problem). ``max_context``: reserve the history for that many

@@ -251,7 +251,8 @@ def reserve_history(state: SegmentState, total_tokens: int, token_major: bool = 
         moved = {}
         for kv in ("k", "v"):
             store, history = getattr(layer, f"hist_store_{kv}"), getattr(layer, f"hist_{kv}")
-            if history.shape[1] == 0 or (store is not None and store.shape[2] >= total_tokens):
+            if history.shape[1] == 0 or (store is not None and store.shape[2] >= total_tokens
+                                         and not written_past(store, history.shape[2])):
                 continue
             if isinstance(history, QuantizedHistory):
                 moved[f"hist_store_{kv}"], moved[f"hist_{kv}"] = _quantized_buffer(history, total_tokens, token_major)
@@ -281,8 +282,7 @@ def append_history(store: torch.Tensor | None, history: torch.Tensor, new: torch
     length, need = history.shape[2], history.shape[2] + new.shape[2]
     # Another state that shares this buffer (two decodes continued from one state) may already have
     # appended past this view: writing here would change that state's history, so copy instead.
-    taken = getattr(store, "_segcompile_filled", length) > length if store is not None else False
-    if (store is None or taken or store.shape[2] < need or store.dtype != new.dtype
+    if (store is None or written_past(store, length) or store.shape[2] < need or store.dtype != new.dtype
             or store.shape[:2] != new.shape[:2]):
         capacity = max(need, int(length * HISTORY_GROWTH))
         fresh = empty_entries(new, capacity, token_major)
@@ -293,13 +293,18 @@ def append_history(store: torch.Tensor | None, history: torch.Tensor, new: torch
     return store, store[:, :, :need]
 
 
+def written_past(store: torch.Tensor | None, length: int) -> bool:
+    """Whether another state (or a static decoder that took the buffer over) wrote ``store`` past
+    its first ``length`` positions: a state whose history ends there must not append in place."""
+    return store is not None and getattr(store, "_segcompile_filled", length) > length
+
+
 def _append_quantized(store: torch.Tensor | None, history: QuantizedHistory, new: torch.Tensor, token_major: bool):
     """``append_history`` for a quantised history: ``store`` is its values' buffer, which carries
     the buffer of its scales (``_segcompile_scales``). ``new`` starts where a piece of the format
     starts (a segment's first S - T positions or its tail), so no block already written changes."""
     length, need = history.shape[2], history.shape[2] + new.shape[2]
-    taken = getattr(store, "_segcompile_filled", length) > length if store is not None else False
-    if store is None or taken or store.shape[2] < need or store.shape[:2] != new.shape[:2]:
+    if store is None or written_past(store, length) or store.shape[2] < need or store.shape[:2] != new.shape[:2]:
         store, _ = _quantized_buffer(history, max(need, int(length * HISTORY_GROWTH)), token_major)
     blocks, total = history.scales.shape[2], history.geometry.num_blocks(need)
     # quantised straight into the buffers (one kernel on a GPU, as the model's dtype takes one copy)

@@ -1,12 +1,18 @@
 """Static decoding: one token at a time through a step of fixed shapes, replayed from CUDA graphs.
 
 ``seg.enable_cuda_graphs()`` routes ``seg.decode`` here (docs/design.md section 6). Prefill stays
-the driver's; the first decode after it copies the ``SegmentState`` once into fixed buffers, and
+the driver's; the first decode after it loads the ``SegmentState`` once into fixed buffers, and
 every token then runs ``variants/static_step.py``'s program over them:
 
     per layer   local_k/v [Hkv, B, G + T + S, D]   sinks | tail | current segment, heads first
-                hist_k/v  [n_lr, B, capacity, D]   slot j = position j (long-range KV heads)
+                hist_k/v  [n_lr, B, capacity, D]   slot j = position j (long-range KV heads),
+                                                   a view of [B, n_lr, capacity, D]
     per batch   ids [B, 1], position [] (int64)    copied in before each token
+
+The history is loaded without a copy where it can be: a prefill with this decoder enabled sizes
+its history buffer for what the decoder holds (``history_slots``), and the first decode takes that
+buffer over (``StaticBuffers._take_history``), so the history is held once however long the
+caller keeps the prefill's state.
 
 With ``SegmentConfig.history_dtype`` the history buffers hold its fp8 values, beside scale buffers
 ``[n_lr, B, blocks]`` in ``kernels/history_format.py``'s block layout; a segment end quantises
@@ -52,7 +58,8 @@ from .. import ir
 from ..ir import AttentionSite
 from ..kernels.dispatch import quantized_history
 from ..kernels.history_format import HistoryGeometry, QuantizedHistory
-from .state import HISTORY_GROWTH, LayerState, ProgramId, SegmentState, carried_dtype, check_state_layout
+from .state import (HISTORY_GROWTH, LayerState, ProgramId, SegmentState, carried_dtype, check_state_layout,
+                    written_past)
 from .variants.fused_projections import refresh_fused_projections
 from .variants.static_step import head_order, heads_first, model_order, static_step
 
@@ -63,6 +70,11 @@ log = logging.getLogger(__name__)
 # the eager decode's instead of drifting layer by layer
 COMPILE_OPTIONS = {"options": {"emulate_precision_casts": True}}
 WARMUP_RUNS = 2  # eager runs on a side stream before a capture: cuBLAS picks and allocates its workspaces
+
+
+def _same_memory(view: torch.Tensor | None, store: torch.Tensor | None) -> bool:
+    """Whether ``view`` is ``store`` seen heads-first (the history buffer taken over)."""
+    return view is not None and store is not None and view.data_ptr() == store.data_ptr() and view.shape[2] == store.shape[2]
 
 
 @dataclass(frozen=True, eq=False)
@@ -118,38 +130,119 @@ class StaticBuffers:
         # per layer "k", "v": the history's values; quantised (SegmentConfig.history_dtype), also
         # "k_scales", "v_scales" [n_lr, B, blocks] fp32, in history_format's block layout
         self.history: list[dict[str, torch.Tensor]] = [{} for _ in decoder.sites]
+        # True: the history buffers are a prefill's, taken over (``_take_history``), not allocated
+        # here; loading another state must then not write into them (that state still views them)
+        self.taken = False
         self.geometry = decoder.geometry
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.live: StaticState | None = None
 
     # ---- the history buffer ------------------------------------------------------------------
     def reserve(self, slots: int) -> None:
-        """Make the history capacity at least ``slots`` (whole blocks; the old content kept).
+        """Make the history capacity at least ``slots`` in whole blocks (the old content kept).
         A new buffer has a new address: the graphs captured over the old one are dropped."""
+        block, held = self.decoder.history_block, self.capacity or 0
+        slots = -(-slots // block) * block  # a step reads whole blocks
         if self.capacity is not None and slots <= self.capacity:
             return
-        block, held = self.decoder.history_block, self.capacity or 0
         grown = max(slots, int(held * HISTORY_GROWTH), self.decoder.max_context or 0)
-        capacity = -(-grown // block) * block
+        self._allocate(-(-grown // block) * block)
+
+    def _allocate(self, capacity: int) -> None:
+        """History buffers of ``capacity`` slots of this decoder's own, holding what the old held."""
+        held = min(self.capacity or 0, capacity)
         dtype = self.decoder.cfg.history_dtype
         with torch.inference_mode(False):
             for site, old in zip(self.decoder.sites, self.history):
                 if not site.long_range:
                     continue
                 for kv, dim in (("k", site.head_dim), ("v", site.v_head_dim)):
-                    fresh = torch.zeros(len(site.long_range), self.batch_size, capacity, dim, dtype=dtype or site.dtype,
-                                        device=self.device)
+                    # batch-first underneath, as a prefill's buffer (the one _take_history views):
+                    # the compiled step then sees one layout whichever the decoder holds
+                    fresh = torch.zeros(self.batch_size, len(site.long_range), capacity, dim, dtype=dtype or site.dtype,
+                                        device=self.device).transpose(0, 1)
                     if kv in old:
-                        fresh[:, :, :held] = old[kv]
+                        fresh[:, :, :held] = old[kv][:, :, :held]
                     old[kv] = fresh
                     if self.geometry is not None:
-                        scales = torch.ones(*fresh.shape[:2], self.geometry.num_blocks(capacity), device=self.device)
+                        scales = torch.ones(self.batch_size, len(site.long_range), self.geometry.num_blocks(capacity),
+                                            device=self.device).transpose(0, 1)
                         if held:
                             blocks = self.geometry.num_blocks(held)
                             scales[:, :, :blocks] = old[f"{kv}_scales"][:, :, :blocks]
                         old[f"{kv}_scales"] = scales
         self.capacity = capacity
+        self.taken = False
         self.graphs.clear()
+
+    def _take_history(self, state: SegmentState, slots: int) -> bool:
+        """Take ``state``'s history buffers over as this batch's instead of copying them, when every
+        long-range layer's can be (``_can_take``); returns whether they were.
+
+        Copied, the history would be held twice from the first decode on for as long as the caller
+        keeps ``state`` (the argument of that decode, at least): 16 GiB more after a million tokens
+        of the 8B shape's fp8 history. Taken, the buffer is viewed heads-first (the kernels read
+        any strides) and the decoder writes only past ``state``'s history, so ``state`` stays
+        valid; the buffer is then marked filled to its end, so a driver's decode from ``state``
+        appends to a copy (``append_history``) and another load never writes into it."""
+        taken = []
+        for site, layer, history in zip(self.decoder.sites, state.layers, self.history):
+            for kv in ("k", "v") if site.long_range else ():
+                store, hist = getattr(layer, f"hist_store_{kv}"), getattr(layer, f"hist_{kv}")
+                if not self._can_take(site, store, hist, slots, history.get(kv)):
+                    return False
+                taken.append((history, kv, store, hist.shape[2]))
+        if not taken:
+            return False
+        if self.taken and all(_same_memory(history[kv], store) for history, kv, store, _ in taken):
+            return True  # this state's history is in these buffers already (decoded from it before)
+        for history, kv, store, kept in taken:
+            # through .data, as append_history writes: past every view of the buffer, so no
+            # autograd version bump (a graph of the prefill may have saved a view of it)
+            values = store.data.transpose(0, 1)
+            # slots past the history hold whatever the prefill's empty buffer did; the PyTorch
+            # products read every slot through masks, so they must at least be finite
+            values[:, :, kept:].zero_()
+            history[kv] = values
+            if self.geometry is not None:
+                scales = store._segcompile_scales.data.transpose(0, 1)
+                scales[:, :, self.geometry.num_blocks(kept):].fill_(1.0)
+                history[f"{kv}_scales"] = scales
+            store._segcompile_filled = store.shape[2]
+        self.capacity = min(store.shape[2] for _, _, store, _ in taken)
+        self.taken = True
+        self.graphs.clear()
+        return True
+
+    def _can_take(self, site: AttentionSite, store: torch.Tensor | None, hist, slots: int,
+                  held: torch.Tensor | None) -> bool:
+        """Whether ``hist``'s buffer ``store`` can become this batch's history buffer for ``slots``:
+        ``hist`` starts it, nothing was written past ``hist`` (by another state's append, or a
+        decoder that took it: unless that decoder is this one), it is big enough, in the dtype
+        and on the device the decoder writes, and writable wherever later decodes run."""
+        values = hist.values() if isinstance(hist, QuantizedHistory) else hist
+        if store is None or store.device != self.device or store.shape[2] < slots:
+            return False
+        if store.dtype != (self.decoder.cfg.history_dtype or site.dtype) or store.shape[0] != self.batch_size:
+            return False
+        if values.data_ptr() != store.data_ptr() or values.stride() != store.stride():
+            return False
+        if store.is_inference() and not torch.is_inference_mode_enabled():
+            return False  # made under torch.inference_mode: only inference mode may write it
+        return not written_past(store, values.shape[2]) or (self.taken and _same_memory(held, store))
+
+    def _drop_history(self) -> None:
+        self.history = [{} for _ in self.decoder.sites]
+        self.capacity, self.taken = None, False
+        self.graphs.clear()
+
+    def keep_writable(self) -> None:
+        """Move a history taken from a prefill under ``torch.inference_mode`` (inference tensors,
+        which only inference mode may write) to buffers of this decoder's own when a decode runs
+        outside it."""
+        if self.taken and not torch.is_inference_mode_enabled() and any(
+                t.is_inference() for history in self.history for t in history.values()):
+            self._allocate(self.capacity)
 
     def inputs(self, bucket: int) -> list[torch.Tensor]:
         """The program's buffer inputs for a step that reads ``bucket`` history slots."""
@@ -177,13 +270,16 @@ class StaticBuffers:
 
     # ---- moving state in and out -------------------------------------------------------------------
     def load(self, state: SegmentState) -> None:
-        """Copy ``state`` into the buffers (docs/design.md section 8 gives each slot's position)."""
+        """Copy ``state`` into the buffers, its history taken over where it can be (``_take_history``;
+        docs/design.md section 8 gives each slot's position)."""
         cfg = self.decoder.cfg
-        S, T, G = cfg.segment_len, cfg.tail_len, cfg.sink_tokens
-        a = segment_start(state.position, S)
-        start = a - T
+        T, G = cfg.tail_len, cfg.sink_tokens
         check_state_layout(state, self.decoder.sites, cfg)  # before anything is written
-        self.reserve(max(self.decoder.bucket(state.position), start + S))
+        slots = self.decoder.history_slots(state.position)
+        if not self._take_history(state, slots):
+            if self.taken:  # another state's buffers: this one's history goes into buffers of our own
+                self._drop_history()
+            self.reserve(slots)
         for site, layer, local, history in zip(self.decoder.sites, state.layers, self.local, self.history):
             order = head_order(site)
             for kv in ("k", "v"):
@@ -194,6 +290,8 @@ class StaticBuffers:
                 buffer[:, :, G + T : G + T + current.shape[2]] = heads_first(current, order)
                 if site.long_range:
                     hist = getattr(layer, f"hist_{kv}")
+                    if _same_memory(history[kv], getattr(layer, f"hist_store_{kv}")):
+                        continue  # taken over: already in place
                     if isinstance(hist, QuantizedHistory):
                         scales = hist.scales
                         history[f"{kv}_scales"][:, :, : scales.shape[2]] = scales.transpose(0, 1)
@@ -322,6 +420,15 @@ class StaticDecoder:
         """``"cuda-graph"`` (replayed) or ``"static"`` (the same fixed-shape program, run eagerly)."""
         return "cuda-graph" if self.cuda_graphs else "static"
 
+    def history_slots(self, position: int) -> int:
+        """History slots a batch's buffers hold to decode from ``position`` through the end of its
+        segment (what that end moves in), in whole blocks. A prefill to ``position`` with this
+        decoder enabled sizes its history buffer for this many (and ``max_context``), so that the
+        first decode takes the buffer over instead of copying it (``StaticBuffers._take_history``)."""
+        cfg = self.cfg
+        slots = segment_start(position, cfg.segment_len) - cfg.tail_len + cfg.segment_len
+        return -(-slots // self.history_block) * self.history_block
+
     def bucket(self, position: int) -> int:
         """History slots a step at ``position`` reads: its valid history, rounded up to a block."""
         cfg = self.cfg
@@ -366,6 +473,7 @@ class StaticDecoder:
             state.buffers.check_live(state)
             if state.buffers.decoder is self:
                 state.buffers.live = None
+                state.buffers.keep_writable()
                 return state.buffers
             state = state.to_segment_state()  # made before enable_cuda_graphs was called again
         buffers = self.buffers.get(state.batch_size)
