@@ -574,6 +574,34 @@ def test_cuda_graph_replay_equals_eager_decode(dtype, history_dtype):
     assert "decode: CUDA graphs" in repr(seg)
 
 
+@pytest.mark.parametrize("history_dtype", [None, torch.float8_e4m3fn])
+def test_prefill_from_a_static_state_copies_the_history_once(history_dtype, monkeypatch):
+    # the copy out of the decoder's buffers has the room the prompt needs, so the prefill appends
+    # to it in place: the continued state's history buffer is that copy (not a second one)
+    _, graph = captured("llama")
+    seg = sc.transform(graph, sc.SegmentConfig(S, tail_len=3, long_range=PLANS["all"], history_dtype=history_dtype))
+    more = random_ids(2, S + 3, seed=9)
+    copies, to_segment_state = [], StaticState.to_segment_state
+
+    def kept(static, **options):
+        copies.append(to_segment_state(static, **options))
+        return copies[-1]
+
+    monkeypatch.setattr(StaticState, "to_segment_state", kept)
+    with torch.no_grad():
+        state = seg.prefill(random_ids(2, 2 * S + 3))
+        tokens, want, eager = eager_tokens(seg, state, 4)
+        want_logits = seg.prefill(more, state=eager).logits
+        seg.enable_cuda_graphs()
+        got = seg.prefill(more, state=static_tokens(seg, state, tokens, want))
+        _, after = seg.decode(got, got.logits.argmax(-1, keepdim=True))
+    assert after.buffers.taken and holds_the_stores(after.buffers, got)  # and the next decode takes it over
+    assert_close(got.logits, want_logits, torch.float32)
+    (copy,) = copies
+    assert {store.shape[2] for store in long_range_stores(copy)} == {seg._static.history_slots(got.position)}
+    assert all(mine is theirs for mine, theirs in zip(long_range_stores(copy), long_range_stores(got)))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the allocator's peak is a CUDA count")
 def test_taking_the_history_over_saves_a_copy_of_it_on_cuda():
     # the first decode's peak above what the prefill left: with the decoder enabled after the

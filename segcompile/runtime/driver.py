@@ -167,15 +167,15 @@ class SegmentedModel(torch.nn.Module):
         if state is not None:
             check_state_program(state, self.program_id, self.sites, self.cfg, "prefill")
             self._check_batch(state, input_ids, "prefill")
-        if isinstance(state, StaticState):  # decoded with CUDA graphs: continue from a copy
-            state = state.to_segment_state()
+        total = (state.position if state is not None else 0) + input_ids.shape[1]  # history positions to hold
+        if self._static is not None:  # room for the static decoder to take the buffer over, uncopied
+            total = max(total, self._static.history_slots(total), self._static.max_context or 0)
+        if isinstance(state, StaticState):  # decoded with CUDA graphs: continue from a copy, made with that room
+            state = state.to_segment_state(history_capacity=total, token_major=bool(self._compiled))
         if state is None:  # a state passed in may hold outputs of the generation it was made in
             self._start_graph_generation()
         state = state or self.initial_state(input_ids)
         foreign = storages([*layer_tensors(state, CARRIED_NAMES), state.logits]) if free_tails else None
-        total = state.position + input_ids.shape[1]
-        if self._static is not None:  # room for the static decoder to take the buffer over, uncopied
-            total = max(total, self._static.history_slots(total), self._static.max_context or 0)
         state = reserve_history(state, total, token_major=bool(self._compiled))
         _, state = self._feed(state, input_ids, collect=False, foreign=foreign)
         return state

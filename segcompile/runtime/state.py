@@ -254,15 +254,19 @@ def reserve_history(state: SegmentState, total_tokens: int, token_major: bool = 
             if history.shape[1] == 0 or (store is not None and store.shape[2] >= total_tokens
                                          and not written_past(store, history.shape[2])):
                 continue
-            if isinstance(history, QuantizedHistory):
-                moved[f"hist_store_{kv}"], moved[f"hist_{kv}"] = _quantized_buffer(history, total_tokens, token_major)
-                continue
-            dtype = carried_dtype(history.dtype, history.device.type)
-            fresh = empty_entries(history, total_tokens, token_major, dtype)
-            fresh[:, :, : history.shape[2]] = history
-            moved[f"hist_store_{kv}"], moved[f"hist_{kv}"] = fresh, fresh[:, :, : history.shape[2]]
+            moved[f"hist_store_{kv}"], moved[f"hist_{kv}"] = history_buffer(history, total_tokens, token_major)
         layers.append(replace(layer, **moved))
     return replace(state, layers=tuple(layers))
+
+
+def history_buffer(history, capacity: int, token_major: bool = False):
+    """(a buffer of ``capacity`` positions holding ``history``, ``history`` as a view of it): one
+    copy, into ``carried_dtype``; a ``QuantizedHistory``'s values and scales alike."""
+    if isinstance(history, QuantizedHistory):
+        return _quantized_buffer(history, capacity, token_major)
+    fresh = empty_entries(history, capacity, token_major, carried_dtype(history.dtype, history.device.type))
+    fresh[:, :, : history.shape[2]] = history
+    return fresh, fresh[:, :, : history.shape[2]]
 
 
 def append_history(store: torch.Tensor | None, history: torch.Tensor, new: torch.Tensor, token_major: bool = False):

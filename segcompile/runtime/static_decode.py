@@ -59,7 +59,7 @@ from ..ir import AttentionSite
 from ..kernels.dispatch import quantized_history
 from ..kernels.history_format import HistoryGeometry, QuantizedHistory
 from .state import (HISTORY_GROWTH, LayerState, ProgramId, SegmentState, carried_dtype, check_state_layout,
-                    written_past)
+                    history_buffer, written_past)
 from .variants.fused_projections import refresh_fused_projections
 from .variants.static_step import head_order, heads_first, model_order, static_step
 
@@ -101,10 +101,12 @@ class StaticState:
     def live(self) -> bool:
         return self.buffers.live is self
 
-    def to_segment_state(self) -> SegmentState:
-        """The same state as a ``SegmentState`` (a copy: the driver's eager steps can continue it)."""
+    def to_segment_state(self, *, history_capacity: int = 0, token_major: bool = False) -> SegmentState:
+        """The same state as a ``SegmentState`` (a copy: the driver's eager steps can continue it).
+        ``history_capacity``, ``token_major``: the history's buffer, as ``reserve_history`` makes
+        it (a prefill continuing this state asks for the room its prompt needs: one copy, not two)."""
         self.buffers.check_live(self)
-        return self.buffers.to_segment_state(self.position, self.logits)
+        return self.buffers.to_segment_state(self.position, self.logits, history_capacity, token_major)
 
 
 class StaticBuffers:
@@ -298,9 +300,11 @@ class StaticBuffers:
                         hist = hist.values()
                     history[kv][:, :, : hist.shape[2]] = hist.transpose(0, 1)
 
-    def to_segment_state(self, position: int, logits: torch.Tensor) -> SegmentState:
+    def to_segment_state(self, position: int, logits: torch.Tensor, history_capacity: int = 0,
+                         token_major: bool = False) -> SegmentState:
         """The state at ``position`` as the driver holds it: sinks, tail, current, history cut to
-        their lengths, in the model's head order (copies)."""
+        their lengths, in the model's head order (copies; the history in a buffer of at least
+        ``history_capacity`` positions, token-major if asked: ``state.history_buffer``)."""
         cfg = self.decoder.cfg
         S, T, G = cfg.segment_len, cfg.tail_len, cfg.sink_tokens
         a = segment_start(position, S)
@@ -321,13 +325,13 @@ class StaticBuffers:
                 parts[f"sink_{kv}"] = cut(0, sinks).to(constant)
                 parts[f"tail_{kv}"] = cut(G + T - tail, G + T)
                 parts[f"current_{kv}"] = cut(G + T, G + T + current)
-                if site.long_range and self.geometry is not None:
-                    blocks = self.geometry.num_blocks(kept)
-                    parts[f"hist_{kv}"] = QuantizedHistory.of(
-                        history[kv][:, :, :kept].transpose(0, 1).contiguous(),
-                        history[f"{kv}_scales"][:, :, :blocks].transpose(0, 1).contiguous(), self.geometry)
-                elif site.long_range:
-                    parts[f"hist_{kv}"] = history[kv][:, :, :kept].transpose(0, 1).contiguous().to(constant)
+                if site.long_range:
+                    hist = history[kv][:, :, :kept].transpose(0, 1)
+                    if self.geometry is not None:
+                        scales = history[f"{kv}_scales"][:, :, : self.geometry.num_blocks(kept)]
+                        hist = QuantizedHistory.of(hist, scales.transpose(0, 1), self.geometry)
+                    parts[f"hist_store_{kv}"], parts[f"hist_{kv}"] = history_buffer(
+                        hist, max(kept, history_capacity), token_major)
                 else:
                     parts[f"hist_{kv}"] = buffer.new_empty(self.batch_size, 0, 0, buffer.shape[3]).to(constant)
             layers.append(LayerState(**parts))
