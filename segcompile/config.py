@@ -55,8 +55,7 @@ class SegmentConfig:
             isinstance(self.history_dtype, torch.dtype) and self.history_dtype in HISTORY_DTYPES
         ):
             raise ConfigError(
-                f"history_dtype {self.history_dtype!r} is not supported; the kernels read a history stored as "
-                f"{supported_history_dtypes()}"
+                f"history_dtype {self.history_dtype!r} is not supported; pass one of: {supported_history_dtypes()}"
             )
 
     def history_geometry(self) -> HistoryGeometry | None:

@@ -44,7 +44,8 @@ HISTORY_DTYPES: dict[torch.dtype, float] = {torch.float8_e4m3fn: 448.0}
 
 def supported_history_dtypes() -> str:
     """The dtypes ``SegmentConfig.history_dtype`` takes, in words."""
-    return ", ".join(["None (the model's dtype)", *(f"torch.{str(d).removeprefix('torch.')}" for d in HISTORY_DTYPES)])
+    return ", ".join(["None (the model's dtype)",
+                      *(f"torch.{str(d).removeprefix('torch.')} (a scale per block of positions)" for d in HISTORY_DTYPES)])
 
 
 @dataclass(frozen=True)
