@@ -488,6 +488,7 @@ def test_the_first_decode_takes_the_prefill_history_over(history_dtype, kernel):
         for _ in range(2):  # the second time from the buffers it took already
             static = static_tokens(seg, state, tokens, want)
             assert static.buffers.taken and holds_the_stores(static.buffers, state)
+        assert "the prefill's history buffer taken over (batch 2)" in repr(seg)
         assert all(torch.equal(hist_values(layer, kv), old) for (layer, kv), old in
                    zip([(layer, kv) for layer in state.layers for kv in ("k", "v")], before))
         seg.disable_cuda_graphs()

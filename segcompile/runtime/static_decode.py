@@ -462,6 +462,9 @@ class StaticDecoder:
             block += f", the history in {str(self.cfg.history_dtype).removeprefix('torch.')} with per-block scales"
         if self.compiled:
             block += ", the step under torch.compile"
+        taken = sorted(batch for batch, buffers in self.buffers.items() if buffers.taken)
+        if taken:  # where the memory went: the history is held once, not copied
+            block += f", the prefill's history buffer taken over (batch {', '.join(map(str, taken))})"
         if not self.cuda_graphs:
             why = "not on CUDA" if self.device.type != "cuda" else "capture=False"
             return f"decode: fixed-shape step run eagerly (seg.enable_cuda_graphs, {why}), {block}"
