@@ -135,6 +135,9 @@ class StaticBuffers:
         # True: the history buffers are a prefill's, taken over (``_take_history``), not allocated
         # here; loading another state must then not write into them (that state still views them)
         self.taken = False
+        # True: what was taken are inference tensors (a prefill under torch.inference_mode), which
+        # a decode outside inference mode must move first (``keep_writable``)
+        self.taken_inference = False
         self.geometry = decoder.geometry
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.live: StaticState | None = None
@@ -143,12 +146,11 @@ class StaticBuffers:
     def reserve(self, slots: int) -> None:
         """Make the history capacity at least ``slots`` in whole blocks (the old content kept).
         A new buffer has a new address: the graphs captured over the old one are dropped."""
-        block, held = self.decoder.history_block, self.capacity or 0
-        slots = -(-slots // block) * block  # a step reads whole blocks
+        whole_blocks, held = self.decoder.whole_blocks, self.capacity or 0
+        slots = whole_blocks(slots)
         if self.capacity is not None and slots <= self.capacity:
             return
-        grown = max(slots, int(held * HISTORY_GROWTH), self.decoder.max_context or 0)
-        self._allocate(-(-grown // block) * block)
+        self._allocate(whole_blocks(max(slots, int(held * HISTORY_GROWTH), self.decoder.max_context or 0)))
 
     def _allocate(self, capacity: int) -> None:
         """History buffers of ``capacity`` slots of this decoder's own, holding what the old held."""
@@ -174,7 +176,7 @@ class StaticBuffers:
                             scales[:, :, :blocks] = old[f"{kv}_scales"][:, :, :blocks]
                         old[f"{kv}_scales"] = scales
         self.capacity = capacity
-        self.taken = False
+        self.taken = self.taken_inference = False
         self.graphs.clear()
 
     def _take_history(self, state: SegmentState, slots: int) -> bool:
@@ -213,6 +215,7 @@ class StaticBuffers:
             store._segcompile_filled = store.shape[2]
         self.capacity = min(store.shape[2] for _, _, store, _ in taken)
         self.taken = True
+        self.taken_inference = any(store.is_inference() for _, _, store, _ in taken)
         self.graphs.clear()
         return True
 
@@ -235,15 +238,14 @@ class StaticBuffers:
 
     def _drop_history(self) -> None:
         self.history = [{} for _ in self.decoder.sites]
-        self.capacity, self.taken = None, False
+        self.capacity, self.taken, self.taken_inference = None, False, False
         self.graphs.clear()
 
     def keep_writable(self) -> None:
         """Move a history taken from a prefill under ``torch.inference_mode`` (inference tensors,
         which only inference mode may write) to buffers of this decoder's own when a decode runs
         outside it."""
-        if self.taken and not torch.is_inference_mode_enabled() and any(
-                t.is_inference() for history in self.history for t in history.values()):
+        if self.taken_inference and not torch.is_inference_mode_enabled():
             self._allocate(self.capacity)
 
     def inputs(self, bucket: int) -> list[torch.Tensor]:
@@ -430,14 +432,16 @@ class StaticDecoder:
         decoder enabled sizes its history buffer for this many (and ``max_context``), so that the
         first decode takes the buffer over instead of copying it (``StaticBuffers._take_history``)."""
         cfg = self.cfg
-        slots = segment_start(position, cfg.segment_len) - cfg.tail_len + cfg.segment_len
-        return -(-slots // self.history_block) * self.history_block
+        return self.whole_blocks(segment_start(position, cfg.segment_len) - cfg.tail_len + cfg.segment_len)
 
     def bucket(self, position: int) -> int:
         """History slots a step at ``position`` reads: its valid history, rounded up to a block."""
         cfg = self.cfg
-        valid = max(segment_start(position, cfg.segment_len) - cfg.tail_len, 0)
-        return -(-valid // self.history_block) * self.history_block
+        return self.whole_blocks(max(segment_start(position, cfg.segment_len) - cfg.tail_len, 0))
+
+    def whole_blocks(self, slots: int) -> int:
+        """``slots`` rounded up to whole history blocks: a step reads, and a buffer holds, whole blocks."""
+        return -(-slots // self.history_block) * self.history_block
 
     def decode(self, state: SegmentState | StaticState, next_ids: torch.Tensor) -> tuple[torch.Tensor, StaticState]:
         """Feed ``next_ids [B, n]`` one token a step; returns their logits ``[B, n, V]`` and the new live state."""
