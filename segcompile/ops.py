@@ -14,8 +14,7 @@ forward) and ``triton`` (``kernels/dispatch.py``, which picks among the Triton a
 CUDA, or the CPU under ``TRITON_INTERPRET=1``; a dedicated backward kernel that takes the
 forward's output and log-sum-exp).
 
-``segcompile::release_storage`` (at the end) frees the old tails of a prefill step once they are read;
-``widen_history_ahead`` starts widening a layer's fp8 history before the layer's projections.
+``segcompile::release_storage`` (at the end) frees the old tails of a prefill step once they are read.
 """
 
 from __future__ import annotations
@@ -236,13 +235,3 @@ def _release_storage(t: torch.Tensor) -> None:
 
 
 release_storage = torch.ops.segcompile.release_storage.default
-
-
-def widen_history_ahead(hist: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """A quantised history widened now, on a side stream, for the ``segment_attention`` node
-    that reads it later in the step (``runtime/variants/widen_history_early.py``;
-    ``kernels/dispatch.widened_ahead``); anything else as it is. A plain function, not an op: only
-    eager prefill steps call it."""
-    from .kernels.dispatch import widened_ahead  # imported on first use, as _triton_forward's
-
-    return widened_ahead(hist, like)

@@ -119,23 +119,3 @@ def test_merge_rows_replaces_only_what_a_run_measured(million):
     assert [(r["regime"], r.get("history_dtype", "model"), r["seconds"]) for r in merged] == [
         ("segcompile", "fp8", 3.0), ("segcompile", "model", 1.0), ("sdpa", "model", 4.0)]
 
-
-def test_fp8_at_call_passes_the_history_by_the_widen_ahead_nodes_as_stored(million, monkeypatch):
-    """bench_prefill's ``fp8-at-call`` row: the same prefill, but not one history widened ahead."""
-    from segcompile.kernels import dispatch
-    from segcompile.testing.models import tiny_llama
-
-    prefill = million.bench_prefill
-    calls = []
-    widened_ahead = dispatch.widened_ahead
-    monkeypatch.setattr(dispatch, "widened_ahead", lambda hist, like: calls.append(hist) or widened_ahead(hist, like))
-    model = tiny_llama(num_layers=2).eval()
-    cfg = sc.SegmentConfig(4, long_range=sc.HeadPlan.fraction(0.5), history_dtype=torch.float8_e4m3fn)
-    seg = sc.transform(model, cfg, implementation="triton")
-    ids = torch.randint(0, model.config.vocab_size, (1, 4 * 4), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        at_call = prefill.prefill_of(seg, prefill.AT_CALL)(ids)
-        assert calls == []
-        ahead = prefill.prefill_of(seg, "fp8")(ids)
-    assert len(calls) == 2 * 2 * 3  # (k, v) x layers x the whole segments whose tails are not empty
-    assert torch.equal(at_call.logits, ahead.logits)

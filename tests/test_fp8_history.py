@@ -15,7 +15,6 @@ from dataclasses import replace
 
 import pytest
 import torch
-import transformers
 from conftest import captured, random_ids
 
 import segcompile as sc
@@ -29,14 +28,13 @@ from segcompile.kernels.history_format import (
     round_trip,
     round_trip_segment_end,
 )
-from segcompile.kernels import dispatch, triton_history
+from segcompile.kernels import triton_history
 from segcompile.kernels.reference import segment_attention_reference
 from segcompile.runtime.state import append_history
 from segcompile.testing.tolerances import tolerance
 
 FP8 = torch.float8_e4m3fn
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel tests: the GPU, or Triton's interpreter
-HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 TOL = tolerance(torch.float32)
 S, T, G = 8, 3, 2
 N = 45  # 6 segments, the last one short; the history ends mid-block (the pieces are 5 and 3 long)
@@ -214,52 +212,6 @@ def test_bf16_forward_on_cuda_reads_the_quantised_history_as_the_reference(lq):
     got = segment_attention_forward(*args, hist_k, hist_v, [1, 3], D ** -0.5)
     want = segment_attention_reference(*[a.float() for a in args], hist_k, hist_v, [1, 3], D ** -0.5)
     assert max_abs(got, want) <= tolerance(torch.bfloat16).logits
-
-
-@pytest.mark.skipif(not HOPPER, reason="the Gluon forward and the side stream's widening run on a Hopper GPU")
-@pytest.mark.parametrize("lq", [8, 512])  # decode's split-keys kernel reads fp8; a segment's Gluon forward the copy
-def test_a_history_widened_ahead_gives_what_the_call_gives_the_history_as_stored(lq):
-    gen = torch.Generator(device="cuda").manual_seed(8)
-    r = lambda *shape: torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16)  # noqa: E731
-    B, Hk, group, D, P = 1, 4, 4, 128, 1536
-    g = HistoryGeometry(segment_len=512, tail_len=512, block=64)
-    hist = [QuantizedHistory.of(*quantize_history(r(B, 2, P, D) * s, 0, g, FP8), g) for s in (3, 1)]
-    args = (r(B, Hk * group, lq, D), r(B, Hk, lq, D), r(B, Hk, lq, D), r(B, Hk, 512, D), r(B, Hk, 512, D),
-            r(B, Hk, 4, D), r(B, Hk, 4, D))
-    ahead = [dispatch.widened_ahead(h, args[5]) for h in hist]
-    assert all(isinstance(getattr(a, dispatch.WIDENING), dispatch.Widening) for a in ahead)
-    got = segment_attention_forward(*args, *ahead, [1, 3], D ** -0.5)
-    want = segment_attention_forward(*args, *hist, [1, 3], D ** -0.5)
-    assert torch.equal(got, want)
-    assert torch.equal(ahead[0], triton_history.dequantize(hist[0], torch.bfloat16))
-
-
-@pytest.mark.skipif(not HOPPER, reason="the Gluon forward and the side stream's widening run on a Hopper GPU")
-def test_prefill_widens_the_fp8_history_ahead_and_gives_the_same_state_to_the_bit(monkeypatch):
-    config_ = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                       max_position_embeddings=1024, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config_).to("cuda", torch.bfloat16).eval()
-    seg = sc.transform(model, config(segment_len=128, tail_len=128, sink_tokens=0))
-    widened = []
-
-    def spy(hist, like):  # the real function, counted
-        wide = widened_ahead(hist, like)
-        widened.append(isinstance(getattr(wide, dispatch.WIDENING, None), dispatch.Widening))
-        return wide
-
-    widened_ahead = dispatch.widened_ahead
-    monkeypatch.setattr(dispatch, "widened_ahead", spy)
-    ids = torch.randint(0, 512, (1, 5 * 128 + 40), device="cuda")
-    with torch.no_grad():
-        got = seg.prefill(ids)
-        want = seg.prefill(ids, free_tails=False)  # steps that widen at the call
-    # (k, v) x 3 layers x the whole segments after the first (whose tails are empty: not released)
-    assert widened == [True] * (2 * 3 * 4)
-    assert torch.equal(got.logits, want.logits)
-    for a, b in zip(got.layers, want.layers):
-        assert torch.equal(a.hist_k.values(), b.hist_k.values()) and torch.equal(a.hist_k.scales, b.hist_k.scales)
 
 
 def test_triton_backward_with_a_quantised_history_equals_the_reference():

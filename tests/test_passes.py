@@ -13,9 +13,7 @@ from conftest import ALL_MODELS, captured, make_model, max_abs, random_ids
 import segcompile as sc
 from segcompile.frontend import copy_captured
 from segcompile.passes import find_attention
-from segcompile.ops import widen_history_ahead
 from segcompile.runtime.variants.release_tails import release_tails
-from segcompile.runtime.variants.widen_history_early import widen_history_early
 from segcompile.testing.tolerances import tolerance
 from transformers.utils.generic import maybe_autocast
 
@@ -151,35 +149,6 @@ def test_release_tails_leaves_a_tail_that_another_node_reads(llama):
     output.args = ((*output.args[0], view),)
     gm.recompile()
     assert release_tails(gm).meta["segcompile.released"] == [(0, "tail_k"), (0, "tail_v"), (1, "tail_v")]
-
-def test_widen_history_early_widens_each_history_right_before_its_layers_query_projection():
-    cfg = sc.SegmentConfig(8, tail_len=3, long_range=sc.HeadPlan.fraction(0.5), history_dtype=torch.float8_e4m3fn)
-    gm = sc.transform(captured("llama", layers=3)[1], cfg, implementation="triton").prefill_graph()
-    out = widen_history_early(gm)
-    assert widen_history_ahead not in call_targets(gm)  # the graph it was given is left as it was
-    nodes = list(out.graph.nodes)
-    attentions = out.graph.find_nodes(op="call_function", target=SEGMENT_ATTENTION)
-    assert len(attentions) == 3
-    for layer, attention in enumerate(attentions):
-        widen_k, widen_v = attention.args[7:9]
-        assert [n.target for n in (widen_k, widen_v)] == [widen_history_ahead] * 2
-        assert [[a.name for a in n.args] for n in (widen_k, widen_v)] == [
-            [f"layer{layer}_hist_{kv}", f"layer{layer}_sink_{kv}"] for kv in "kv"]
-        q_proj = next(n for n in nodes if n.target is aten.linear.default
-                      and n.args[1].name == f"model_layers_{layer}_self_attn_q_proj_weight")
-        assert nodes.index(widen_k) + 1 == nodes.index(widen_v) == nodes.index(q_proj) - 1
-        if layer:  # not across the previous layer's MLP: its copy would be alive there too
-            mlp_down = next(n for n in nodes if n.target is aten.linear.default
-                            and n.args[1].name == f"model_layers_{layer - 1}_mlp_down_proj_weight")
-            assert nodes.index(mlp_down) < nodes.index(widen_k)
-    assert [n.target for n in nodes if n.target is not widen_history_ahead] == [n.target for n in gm.graph.nodes]
-
-
-def test_widen_history_early_leaves_nodes_that_do_not_run_the_triton_kernels():
-    cfg = sc.SegmentConfig(8, long_range=sc.HeadPlan.fraction(0.5), history_dtype=torch.float8_e4m3fn)
-    gm = sc.transform(captured("llama")[1], cfg, implementation="reference").prefill_graph()
-    assert widen_history_ahead not in call_targets(widen_history_early(gm))
-
 
 def test_segment_attention_op_passes_opcheck():
     g = torch.Generator().manual_seed(0)

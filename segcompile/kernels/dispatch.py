@@ -13,10 +13,9 @@
 A quantised history (``SegmentConfig.history_dtype``, ``history_format.py``): both Triton
 forwards read its fp8 values and scale them in registers; where the Gluon forward applies to the
 problem, a prefill's call dequantises the layer's history into a transient copy and runs it
-(faster than scaling in the one-pass kernel; decode's split-keys kernel keeps reading fp8), or
-finds it made ahead, on a side stream beside the layer's projections (``widened_ahead``: a
-prefill step over a whole segment, ``runtime/variants/widen_history_early.py``); on a GPU, the
-quantisation at a segment end and that copy are single Triton kernels (``triton_history.py``);
+(faster than scaling in the one-pass kernel; decode's split-keys kernel keeps reading fp8);
+on a GPU, the quantisation at a segment end and that copy are single Triton kernels
+(``triton_history.py``);
 the backward reads it dequantised to the sinks' dtype (a transient copy per call: history is a
 constant, and enters dQ only). Each call's choice is logged at debug level, naming the history's
 format.
@@ -26,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import NamedTuple
 
 import torch
 
@@ -41,14 +39,7 @@ def segment_attention_forward(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, h
     """Triton forward; same arguments and result as ``segment_attention_reference``. With
     ``return_lse``: ``(out, lse)``, the log-sum-exp of every query row (base 2, of the scaled
     scores; ``[B * H * Lq]`` fp32), which the backward then need not recompute."""
-    hist_k, hist_v = awaited(hist_k), awaited(hist_v)
     p = prepare(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
-    if _widening(hist_k) or _widening(hist_v):
-        if gluon_applies(p):
-            _log_kernel("gluon-ws", history="fp8 history dequantised ahead, on a side stream")
-        else:  # read the history as stored, as if it had not been widened ahead
-            hist_k, hist_v = _as_stored(hist_k), _as_stored(hist_v)
-            p = prepare(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
     if p.hist_scaled and not triton_decode.splits_keys(p):
         p = _dequantized_for_gluon(p, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
     kernel = forward_kernel(p)
@@ -78,67 +69,8 @@ def _dequantized_for_gluon(p: Problem, q, k, v, tail_k, tail_v, sink_k, sink_v, 
 
 
 def gluon_could_read(like: torch.Tensor) -> bool:
-    """Whether the Gluon forward could run on tensors of ``like``'s dtype and device (the
-    conditions a history's widened copy can be checked against before the call's queries exist)."""
+    """Whether the Gluon forward could run on tensors of ``like``'s dtype and device."""
     return not INTERPRET and gluon() is not None and gluon().runs_on(like.device) and gluon().takes(like.dtype)
-
-
-# ---- widening ahead ------------------------------------------------------------------------------
-# A prefill step's graph may widen a layer's quantised history before the layer's projections
-# (``runtime/variants/widen_history_early.py``): the copy ``_dequantized_for_gluon`` would make
-# at the call is then made on a side stream beside those products, which leave the memory
-# bandwidth the copy needs mostly idle. The copy is allocated on the caller's stream, which reads
-# and frees it; the side stream waits for everything queued before it, and the call waits for
-# the copy's event.
-WIDENING = "_segcompile_widening"
-
-
-class Widening(NamedTuple):
-    source: QuantizedHistory  # the history as stored, for a call the Gluon forward then does not apply to
-    ready: torch.cuda.Event
-
-
-def widened_ahead(hist: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``hist`` dequantised to ``like``'s dtype on a side stream, started now, for a
-    ``segment_attention_forward`` call later on this stream; ``hist`` itself where that call
-    could not run the Gluon forward on the copy (a plain history, the CPU, a dtype it does not
-    take). The copy carries a ``Widening`` (attribute ``WIDENING``) that the call waits for."""
-    if not isinstance(hist, QuantizedHistory) or not gluon_could_read(like):
-        return hist
-    main = torch.cuda.current_stream(hist.device)
-    wide = torch.empty(hist.shape, dtype=like.dtype, device=hist.device)
-    side = _side_stream(hist.device)
-    side.wait_stream(main)
-    with torch.cuda.stream(side):
-        triton_history.dequantize(hist, like.dtype, out=wide)
-        ready = torch.cuda.Event()
-        ready.record(side)
-    setattr(wide, WIDENING, Widening(hist, ready))
-    return wide
-
-
-def awaited(hist: torch.Tensor) -> torch.Tensor:
-    """``hist``, with the current stream made to wait for it where it was widened ahead."""
-    widening = _widening(hist)
-    if widening is not None:
-        torch.cuda.current_stream(hist.device).wait_event(widening.ready)
-    return hist
-
-
-def _widening(hist: torch.Tensor) -> Widening | None:
-    widening = getattr(hist, WIDENING, None)
-    return widening if isinstance(widening, Widening) else None
-
-
-def _as_stored(hist: torch.Tensor) -> torch.Tensor:
-    """The history ``hist`` was widened ahead from, else ``hist``."""
-    widening = _widening(hist)
-    return hist if widening is None else widening.source
-
-
-@functools.cache
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device)
 
 
 def quantized_history(x: torch.Tensor, start: int, geometry: HistoryGeometry, dtype: torch.dtype,
@@ -169,7 +101,7 @@ def segment_attention_backward(grad_out, out, q, k, v, tail_k, tail_v, sink_k, s
     ``None`` when ``tail_needs_grad`` is false (no work is done for them). ``lse``: the forward's
     (``return_lse``); without it the dQ kernel recomputes it in a pass of its own. A quantised
     history is read dequantised (the module docstring)."""
-    hist_k, hist_v = _widened(awaited(hist_k), sink_k.dtype), _widened(awaited(hist_v), sink_v.dtype)
+    hist_k, hist_v = _widened(hist_k, sink_k.dtype), _widened(hist_v, sink_v.dtype)
     p = prepare(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
     do = usable(grad_out)
     tail_grads = tail_needs_grad and p.T > 0

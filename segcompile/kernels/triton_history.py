@@ -45,12 +45,12 @@ def _dequantize_kernel(
     tl.store(OUT + b * stride_ob + h * stride_oh + pos[:, None] * stride_op + d[None, :], out, mask=mask)
 
 
-def dequantize(hist: QuantizedHistory, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor:
+def dequantize(hist: QuantizedHistory, dtype: torch.dtype) -> torch.Tensor:
     """``hist.dequantized(dtype)`` (positions from 0) in one kernel: a contiguous
-    ``[B, heads, P, D]`` tensor of ``dtype`` (``out`` if given: one allocated on another stream)."""
+    ``[B, heads, P, D]`` tensor of ``dtype``."""
     values, scales, geometry = hist.values(), hist.scales, hist.geometry
     B, H, P, D = values.shape
-    out = torch.empty(B, H, P, D, dtype=dtype, device=values.device) if out is None else out
+    out = torch.empty(B, H, P, D, dtype=dtype, device=values.device)
     if out.numel() == 0:
         return out
     values, scales = usable(values), usable_scales(scales)
