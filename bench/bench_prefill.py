@@ -65,8 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=4096)
     p.add_argument("--regimes", nargs="+", default=["segcompile", "sdpa", "chunked"])
     p.add_argument("--history-dtype", choices=list(HISTORY_DTYPES), nargs="+", default=["model"],
-                   help="how segcompile stores the long-range history: the model's dtype (bf16) or fp8; several: each is a segcompile row of its own, "
-                        "measured in the same process")
+                   help="how segcompile stores the long-range history: the model's dtype (bf16) or fp8; several: "
+                        "each is a segcompile row of its own, measured in the same process")
     p.add_argument("--repeats", type=int, default=1,
                    help="time each prefill this many times (after the warm-up), the regimes taking turns; the row "
                         "keeps the fastest")

@@ -58,7 +58,8 @@ def _dequantized_for_gluon(p: Problem, q, k, v, tail_k, tail_v, sink_k, sink_v, 
     registers ran a 128K prefill of the 8B shape 3x slower than the bf16 history on an H200 (bench/
     README.md, prefill); a segment's many queries amortise one transient copy of the layer's
     history (what decode, which reads each key once, cannot)."""
-    if not gluon_could_read(sink_k) or sink_k.dtype != q.dtype:
+    if (gluon() is None or INTERPRET or not gluon().runs_on(q.device)
+            or not gluon().takes(q.dtype) or sink_k.dtype != q.dtype):
         return p  # the Gluon forward could not run on the copy either: make none
     wide = prepare(q, k, v, tail_k, tail_v, sink_k, sink_v, _widened(hist_k, sink_k.dtype),
                    _widened(hist_v, sink_v.dtype), long_range)
@@ -66,11 +67,6 @@ def _dequantized_for_gluon(p: Problem, q, k, v, tail_k, tail_v, sink_k, sink_v, 
         return p
     _log_kernel("gluon-ws", history="fp8 history dequantised for the call")
     return wide
-
-
-def gluon_could_read(like: torch.Tensor) -> bool:
-    """Whether the Gluon forward could run on tensors of ``like``'s dtype and device."""
-    return not INTERPRET and gluon() is not None and gluon().runs_on(like.device) and gluon().takes(like.dtype)
 
 
 def quantized_history(x: torch.Tensor, start: int, geometry: HistoryGeometry, dtype: torch.dtype,

@@ -146,11 +146,11 @@ class StaticBuffers:
     def reserve(self, slots: int) -> None:
         """Make the history capacity at least ``slots`` in whole blocks (the old content kept).
         A new buffer has a new address: the graphs captured over the old one are dropped."""
-        whole_blocks, held = self.decoder.whole_blocks, self.capacity or 0
-        slots = whole_blocks(slots)
+        slots = self.decoder.whole_blocks(slots)
         if self.capacity is not None and slots <= self.capacity:
             return
-        self._allocate(whole_blocks(max(slots, int(held * HISTORY_GROWTH), self.decoder.max_context or 0)))
+        grown = max(slots, int((self.capacity or 0) * HISTORY_GROWTH), self.decoder.max_context or 0)
+        self._allocate(self.decoder.whole_blocks(grown))
 
     def _allocate(self, capacity: int) -> None:
         """History buffers of ``capacity`` slots of this decoder's own, holding what the old held."""
