@@ -109,7 +109,8 @@ def compile_for(fn, constants: dict, signature_and_attrs: tuple, tile: dict, cap
     """``fn`` compiled for compute capability ``capability`` at ``tile``'s warps, stages and
     register cap, and ptxas's report of it (``ptxas_report``)."""
     sig, attrs = signature_and_attrs
-    options = dict(num_warps=tile["num_warps"], num_stages=tile["num_stages"], **triton_common.register_cap(tile))
+    options = dict(num_warps=tile["num_warps"], num_stages=tile["num_stages"], **triton_common.register_cap(tile),
+                   **triton_common.COMPILE_OPTIONS)  # compiled as the launches compile it
     compiled = triton.compile(ASTSource(fn, sig, constants, attrs), target=GPUTarget("cuda", capability, 32),
                               options=options)
     arch = f"sm_{capability}a" if capability == 90 else f"sm_{capability}"

@@ -45,7 +45,7 @@ from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton._C.libtriton import ir
 
 from .problem import Problem
-from .triton_common import LOG2E
+from .triton_common import COMPILE_OPTIONS, LOG2E
 
 # the TMA load's name: ``async_copy_global_to_shared`` up to Triton 3.6, ``async_load`` after
 _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
@@ -376,7 +376,7 @@ def forward(p: Problem, scale: float, return_lse: bool, pingpong: bool = False):
     ``pingpong``: the consumers take turns to issue their products; measured slower (H200, the
     kernel benchmark: 9.4 against 6.7 ms for plan none), so off."""
     grid, args, constexprs, out, lse = launch_args(p, scale, return_lse, pingpong)
-    _fwd_ws_kernel[grid](*args, **constexprs, num_warps=NUM_WARPS)
+    _fwd_ws_kernel[grid](*args, **constexprs, num_warps=NUM_WARPS, **COMPILE_OPTIONS)
     return out, lse
 
 
@@ -642,7 +642,7 @@ def dkdv(p: Problem, do, lse, delta, scale: float, tail_needs_grad: bool, dq: to
     if dq is not None and p.T > 0 and not tail_needs_grad:
         raise ValueError("dkdv: fusing dQ needs the tail's key blocks (tail_needs_grad), or no tail")
     grid, args, constexprs, grads = dkdv_launch_args(p, do, lse, delta, scale, tail_needs_grad, dq, **variant)
-    _dkdv_ws_kernel[grid](*args, **constexprs, num_warps=NUM_WARPS)
+    _dkdv_ws_kernel[grid](*args, **constexprs, num_warps=NUM_WARPS, **COMPILE_OPTIONS)
     return grads
 
 

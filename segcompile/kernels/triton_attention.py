@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 
 from .problem import Problem
-from .triton_common import LOG2E, attend, batch_and_kv_head, history_rows, prefix, strides
+from .triton_common import COMPILE_OPTIONS, LOG2E, attend, batch_and_kv_head, history_rows, prefix, strides
 
 
 # ---- kernels ----------------------------------------------------------------------------------
@@ -392,7 +392,7 @@ def one_pass_forward(p: Problem, scale: float, return_lse: bool):
         *strides(p.sink_k), *strides(p.sink_v), *strides(p.hist_k), *strides(p.hist_v), *strides(out),
         p.H, p.group, p.Lq, p.Lk, p.T, p.G, p.P, *p.history_scale_args(),
         BLOCK_DK=p.block_dk, BLOCK_DV=p.block_dv, D_K=p.D_K, D_V=p.D_V, STORE_LSE=return_lse,
-        **p.dot_options(), **p.history_scale_options(), **blocks,
+        **p.dot_options(), **p.history_scale_options(), **blocks, **COMPILE_OPTIONS,
     )
     return out, lse
 
@@ -414,7 +414,7 @@ def launch_dq(p: Problem, o: torch.Tensor, do: torch.Tensor, scale: float, lse: 
     delta = torch.empty(B * H * lq, dtype=torch.float32, device=p.q.device)
     if prefix_only and p.G == 0 and (p.P == 0 or p.hist_k.shape[1] == 0):  # no prefix keys: dq starts at zero
         _delta_kernel[(triton.cdiv(lq, 64), B * H)](o, do, delta, *strides(o), *strides(do), H, lq,
-                                                    BLOCK_M=64, BLOCK_DV=p.block_dv, D_V=p.D_V)
+                                                    BLOCK_M=64, BLOCK_DV=p.block_dv, D_V=p.D_V, **COMPILE_OPTIONS)
         return p.q.new_zeros(B, H, lq, p.D_K, dtype=torch.float32), lse, delta
     dq = p.q.new_empty(B, H, lq, p.D_K, dtype=torch.float32 if prefix_only else None)
     lse = lse if given else torch.empty(B * H * lq, dtype=torch.float32, device=p.q.device)
@@ -425,7 +425,7 @@ def launch_dq(p: Problem, o: torch.Tensor, do: torch.Tensor, scale: float, lse: 
         *strides(o), *strides(do), *strides(dq),
         H, p.group, lq, p.Lk, p.T, p.G, p.P,
         BLOCK_DK=p.block_dk, BLOCK_DV=p.block_dv, D_K=p.D_K, D_V=p.D_V, LSE_GIVEN=given,
-        PREFIX_ONLY=prefix_only, **p.dot_options(), **blocks,
+        PREFIX_ONLY=prefix_only, **p.dot_options(), **blocks, **COMPILE_OPTIONS,
     )
     return dq, lse, delta
 
@@ -448,6 +448,6 @@ def launch_dkdv(p: Problem, do: torch.Tensor, lse: torch.Tensor, delta: torch.Te
         *strides(p.q), *strides(p.k), *strides(p.v), *strides(p.tail_k), *strides(p.tail_v), *strides(do),
         *strides(dk), *strides(dv), *strides(dtk_), *strides(dtv_),
         p.H, Hk, p.group, p.Lq, p.Lk, p.T, tail_blocks,
-        BLOCK_DK=p.block_dk, BLOCK_DV=p.block_dv, D_K=p.D_K, D_V=p.D_V, **p.dot_options(), **blocks,
+        BLOCK_DK=p.block_dk, BLOCK_DV=p.block_dv, D_K=p.D_K, D_V=p.D_V, **p.dot_options(), **blocks, **COMPILE_OPTIONS,
     )
     return dk, dv, dtk, dtv

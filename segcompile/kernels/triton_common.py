@@ -1,6 +1,7 @@
 """What the Triton kernels of ``triton_attention.py`` and ``triton_decode.py`` share: the inner
 loop over one key range (``attend``), where a KV head's prefix lies (``prefix``), the tile tables
-and their lookup (``tile``), and the host's stride helper.
+and their lookup (``tile``), the compile options every launch passes (``COMPILE_OPTIONS``), and
+the host's stride helper.
 
 The tile tables live here rather than beside one kernel because both kernel files read them and
 ``bench/tune_kernels.py`` swaps entries of ``TILES`` in place to time candidates: ``tile`` reads
@@ -17,6 +18,11 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
+# What every launch of these kernels (and the Gluon ones) passes besides its tile: floating-point
+# contraction (``a * b + c`` as one FMA) asked for, not left to Triton's default. Up to 3.9 that
+# default is on, and the kernels were tuned, measured and tested so; Triton 3.10 turns it off
+# (3.9 warns wherever a launch leaves it unset), which would change their rounding and their speed.
+COMPILE_OPTIONS = {"enable_fp_fusion": True}
 
 # Block shapes per kernel and head-dim bucket (64, 128, 256: the padded head dim, rounded up):
 # (BLOCK_M, BLOCK_N, warps, pipeline stages[, registers a thread]). A register cap (ptxas's

@@ -28,7 +28,7 @@ import triton.language as tl
 from . import triton_common
 from .history_format import HISTORY_SCALE_BLOCK
 from .problem import TL_DTYPES, Problem, compute_dtype, usable, usable_scales
-from .triton_common import INTERPRET, LOG2E, attend, batch_and_kv_head, history_rows, prefix, strides
+from .triton_common import COMPILE_OPTIONS, INTERPRET, LOG2E, attend, batch_and_kv_head, history_rows, prefix, strides
 
 MAX_ROWS = 128  # group * Lq rows a program holds, times the padded value dim, at most MAX_ROWS x 128
 MAX_QUERIES = 16  # more queries run in one pass (triton_attention.one_pass_forward)
@@ -324,7 +324,7 @@ def split_keys_forward(p: Problem, scale: float, return_lse: bool):
         Hk, p.group, lq, p.Lk, p.T, p.G, p.P, keys, *p.history_scale_args(),
         ROWS=rows, BLOCK_N=tile["BLOCK_N"], BLOCK_DK=p.block_dk, BLOCK_DV=p.block_dv, D_K=p.D_K,
         D_V=p.D_V, num_warps=warps, num_stages=tile["num_stages"], **triton_common.register_cap(tile),
-        **p.dot_options(), **p.history_scale_options(),
+        **p.dot_options(), **p.history_scale_options(), **COMPILE_OPTIONS,
     )
     out = torch.empty(B, H, lq, p.D_V, dtype=p.q.dtype, device=p.q.device)
     lse = torch.empty(B * H * lq if return_lse else 1, dtype=torch.float32, device=p.q.device)
@@ -332,7 +332,7 @@ def split_keys_forward(p: Problem, scale: float, return_lse: bool):
     _combine_kernel[(B * Hk, p.block_dv // dv_block)](
         acc, running_max, running_sum, out, lse, *strides(out), H, Hk, p.group, lq, splits,
         ROWS=rows, BLOCK_DV=p.block_dv, D_V=p.D_V, SPLITS_BLOCK=splits_block, DV_BLOCK=dv_block,
-        STORE_LSE=return_lse, num_warps=1 if INTERPRET else 4,
+        STORE_LSE=return_lse, num_warps=1 if INTERPRET else 4, **COMPILE_OPTIONS,
     )
     return out, lse
 
@@ -385,13 +385,13 @@ def static_decode_forward(q, local_k, local_v, hist_k, hist_v, position, buffer_
         HIST_SCALED=scaled, SCALE_BLOCK=HISTORY_SCALE_BLOCK, ROWS=rows, BLOCK_N=tile["BLOCK_N"], BLOCK_DK=block_dk, BLOCK_DV=block_dv, D_K=dk, D_V=dv,
         num_warps=tile["num_warps"] if rows <= 32 else max(tile["num_warps"], 8), num_stages=tile["num_stages"],
         **triton_common.register_cap(tile), DOT=TL_DTYPES[dot],
-        PRECISION="ieee" if dot == torch.float32 else "tf32", HAS_HISTORY=n_local < hk,
+        PRECISION="ieee" if dot == torch.float32 else "tf32", HAS_HISTORY=n_local < hk, **COMPILE_OPTIONS,
     )
     out = torch.empty(B, H, lq, dv, dtype=q.dtype, device=q.device)
     dv_block, splits_block = _combine_blocks(rows, block_dv)
     _combine_kernel[(B * hk, block_dv // dv_block)](
         acc, running_max, running_sum, out, running_max, *strides(out), H, hk, group, lq, splits,
         ROWS=rows, BLOCK_DV=block_dv, D_V=dv, SPLITS_BLOCK=splits_block, DV_BLOCK=dv_block,
-        STORE_LSE=False, num_warps=1 if INTERPRET else 4,
+        STORE_LSE=False, num_warps=1 if INTERPRET else 4, **COMPILE_OPTIONS,
     )
     return out

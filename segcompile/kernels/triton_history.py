@@ -20,7 +20,7 @@ import triton.language as tl
 
 from .history_format import HISTORY_DTYPES, HistoryGeometry, QuantizedHistory
 from .problem import TL_DTYPES, usable, usable_scales
-from .triton_common import scale_block_index
+from .triton_common import COMPILE_OPTIONS, scale_block_index
 
 BLOCK_P = 64
 
@@ -60,6 +60,7 @@ def dequantize(hist: QuantizedHistory, dtype: torch.dtype) -> torch.Tensor:
         values.stride(0), values.stride(1), values.stride(2), scales.stride(0), scales.stride(1),
         out.stride(0), out.stride(1), out.stride(2),
         D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=BLOCK_P, SCALE_BLOCK=geometry.block, OUT_DTYPE=TL_DTYPES[dtype],
+        **COMPILE_OPTIONS,
     )
     return out
 
@@ -137,6 +138,7 @@ def quantize(x: torch.Tensor, start: int, geometry: HistoryGeometry, dtype: torc
         HISTORY_DTYPES[dtype], 1 / HISTORY_DTYPES[dtype], x.stride(0), x.stride(1), x.stride(2), values.stride(0), values.stride(1),
         values.stride(2), scales.stride(0), scales.stride(1),
         D=D, BLOCK_D=triton.next_power_of_2(D), SCALE_BLOCK=geometry.block, OUT_DTYPE=_TL_HISTORY[dtype],
+        **COMPILE_OPTIONS,
     )
     return values, scales
 
