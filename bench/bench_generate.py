@@ -60,6 +60,10 @@ from segcompile.kernels.history_format import QuantizedHistory
 from segcompile.quality.report import recorded_command
 from segcompile.runtime.state import reserve_history
 
+sys.path.insert(0, str(Path(__file__).parent))  # bench_prefill, run as a script or loaded
+
+from bench_prefill import cache_args  # noqa: E402
+
 PATHS = ("seg-eager", "seg-static", "seg-cuda-graph", "seg-compiled-graph", "hf-sdpa", "hf-static-compile")
 REFERENCE_PATHS = ("seg-eager", "seg-static")  # the paths whose logits the others are compared with
 GiB = 1 << 30
@@ -312,13 +316,14 @@ def hf_prefill(model, ids, cache, chunk: int) -> torch.Tensor:
     for start in range(0, ids.shape[1], chunk):
         end = min(start + chunk, ids.shape[1])
         position = torch.arange(start, end, device=ids.device)
-        out = model(ids[:, start:end], past_key_values=cache, cache_position=position, use_cache=True, logits_to_keep=1)
+        out = model(ids[:, start:end], **cache_args(model, cache, position), use_cache=True, logits_to_keep=1)
     return out.logits[:, -1]
 
 
-def hf_decode_one(model, token, cache_position, cache):
-    """One token through the model (what transformers' static-cache example compiles)."""
-    return model(token, past_key_values=cache, cache_position=cache_position, use_cache=True, return_dict=False)[0][:, -1]
+def hf_decode_one(model, token, cache: dict):
+    """One token through the model (what transformers' static-cache example compiles); ``cache``:
+    ``cache_args``' keywords, made outside the compiled function."""
+    return model(token, **cache, use_cache=True, return_dict=False)[0][:, -1]
 
 
 def hf_case(args, model, prompt_len, batch, path, device) -> dict:
@@ -329,11 +334,11 @@ def hf_case(args, model, prompt_len, batch, path, device) -> dict:
         ids = torch.randint(0, model.config.vocab_size, (batch, n), device=device)
         if path == "hf-sdpa":
             cache = transformers.DynamicCache()
-            step = lambda token, position: hf_decode_one(model, token, position, cache)  # noqa: E731
+            step = lambda token, position: hf_decode_one(model, token, cache_args(model, cache, position))  # noqa: E731
         else:
             cache = transformers.StaticCache(config=model.config, max_cache_len=n + args.new_tokens + warm + 1)
             compiled = torch.compile(hf_decode_one, mode="reduce-overhead", fullgraph=True)
-            step = lambda token, position: compiled(model, token, position, cache)  # noqa: E731
+            step = lambda token, position: compiled(model, token, cache_args(model, cache, position))  # noqa: E731
         sync(device)
         start = time.perf_counter()
         logits = hf_prefill(model, ids, cache, args.segment_len)

@@ -271,7 +271,7 @@ def chunked_run(model, ids: torch.Tensor, chunk: int, every: int, deadline: floa
     cache = transformers.DynamicCache()
     start = time.perf_counter()
     for first in range(0, ids.shape[1], chunk):
-        model(ids[:, first: first + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(ids[:, first: first + chunk], **bench_prefill.cache_args(model, cache), use_cache=True, logits_to_keep=1)
         progress.tokens(min(first + chunk, ids.shape[1]))
     seconds = time.perf_counter() - start
     del cache

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import inspect
 import json
 import sys
 import time
@@ -91,14 +92,28 @@ def build_model(args) -> transformers.LlamaForCausalLM:
     return model.eval()
 
 
+def cache_args(model, cache, cache_position=None) -> dict:
+    """The keywords that hand a transformers ``cache`` (and ``cache_position``) to ``model``'s
+    forward, as the installed version names them: ``cache`` where it takes that (transformers 5.2x
+    deprecates ``past_key_values``, which 5.40 removes, and Llama's forward no longer takes
+    ``cache_position``), ``past_key_values`` before."""
+    params = inspect.signature(model.forward).parameters
+    kwargs = {"cache" if "cache" in params else "past_key_values": cache}
+    if cache_position is not None and "cache_position" in params:
+        kwargs["cache_position"] = cache_position
+    return kwargs
+
+
 def sdpa_prefill(model, ids):
-    return model(ids, use_cache=True, logits_to_keep=1).past_key_values
+    cache = transformers.DynamicCache()
+    model(ids, **cache_args(model, cache), use_cache=True, logits_to_keep=1)
+    return cache
 
 
 def chunked_prefill(model, ids, chunk):
     cache = transformers.DynamicCache()
     for start in range(0, ids.shape[1], chunk):
-        model(ids[:, start : start + chunk], past_key_values=cache, use_cache=True, logits_to_keep=1)
+        model(ids[:, start : start + chunk], **cache_args(model, cache), use_cache=True, logits_to_keep=1)
     return cache
 
 

@@ -72,6 +72,25 @@ def test_tiny_run_rows_history_bytes_and_greedy_tokens(million, tmp_path, capsys
     assert "sdpa: layer 1/2" in out
 
 
+@pytest.mark.filterwarnings("error:.*past_key_values:FutureWarning")
+def test_hf_baselines_fill_their_cache_by_the_keyword_this_transformers_takes(million):
+    """bench_prefill's SDPA and chunked prefills (the peers of this benchmark and bench_prefill's)
+    hand transformers their cache as ``cache`` where its forward takes that (``past_key_values`` is
+    deprecated from 5.2x and removed in 5.40), else as ``past_key_values``: both fill it with every
+    token, and the chunks' keys are the whole prompt's."""
+    from segcompile.testing.models import tiny_llama
+
+    model = tiny_llama(num_layers=2).eval()
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        whole = million.bench_prefill.sdpa_prefill(model, ids)
+        chunked = million.bench_prefill.chunked_prefill(model, ids, 16)
+    assert whole.get_seq_length() == chunked.get_seq_length() == 40
+    for a, b in zip(whole.layers, chunked.layers, strict=True):
+        torch.testing.assert_close(b.keys, a.keys, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(b.values, a.values, rtol=1e-5, atol=1e-6)
+
+
 def test_eager_decode_chooses_the_same_tokens(million, tmp_path):
     million.main(["--tiny", "--new-tokens", "4", "--regimes", "segcompile", "--history-dtypes", "fp8",
                   "--decode", "eager", "--out", str(tmp_path / "eager")])
