@@ -41,6 +41,18 @@ STATE = "segcompile.state"  # (layer, state name) of a carried-state placeholder
 RELEASED = "segcompile.released"  # release_tails: the placeholder whose storage a node frees
 
 
+def module_of(node: fx.Node) -> tuple[str, str]:
+    """The innermost module whose forward made ``node`` (the ``nn_module_stack`` capture records):
+    its path (``"<root>"``: the model itself) and its class's short name; ``("<unknown module>",
+    "<unknown>")`` where the node has none (one a pass made without copying it)."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return "<unknown module>", "<unknown>"
+    path, cls = list(stack.values())[-1]
+    cls = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
+    return path or "<root>", cls.rsplit(".", 1)[-1]
+
+
 @dataclass
 class AttentionSite:
     """One attention site of the captured model: where it is, its q/k/v producers and sizes."""

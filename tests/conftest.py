@@ -66,6 +66,32 @@ def load_script(folder: str, name: str):
     return module
 
 
+def _rope_in_fp32_region(self, x, position_ids):
+    # transformers 5.17's Llama RoPE: angles from a matmul in a region that its maybe_autocast
+    # opens only when autocast is on or enabled=True, i.e. never while capture traces.
+    from transformers.utils.generic import maybe_autocast
+
+    inv_freq = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1).to(x.device)
+    with maybe_autocast(device_type=x.device.type, enabled=False):
+        freqs = (inv_freq.float() @ position_ids[:, None, :].float()).transpose(1, 2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
+    return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
+
+
+def model_with_rope_region(layers: int = 2):
+    """The tiny Llama with transformers 5.17's RoPE (its angles in an autocast-disabled region,
+    which later versions dropped), whatever transformers is installed, and sharp attention."""
+    model = make_model("llama", layers=layers)
+    model.config.max_position_embeddings = 8192  # RoPE has no table: the check's far positions are in range
+    rotary = model.model.rotary_emb
+    rotary.forward = _rope_in_fp32_region.__get__(rotary)
+    with torch.no_grad():  # sharp attention, as a trained model's: a random one barely feels a wrong rotation
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(16), layer.self_attn.k_proj.weight.mul_(16)
+    return model
+
+
 def max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import captured, max_abs, random_ids
+from conftest import captured, max_abs, model_with_rope_region, random_ids
 
 import segcompile as sc
 from segcompile.runtime.state import compiled_layout
@@ -43,8 +43,9 @@ def decode(seg, ids, prompt: int, steps: int, compiled_graphs: list | None = Non
     return logits, state
 
 
-def compiled_decode(backend: str | None, batch: int, prompt: int, steps: int = 2 * STEPS, layers: int = 2):
-    _, graph = captured("llama", layers=layers)
+def compiled_decode(backend: str | None, batch: int, prompt: int, steps: int = 2 * STEPS, layers: int = 2, graph=None):
+    """``decode`` eager, then compiled (``graph``: the captured model; default the tiny Llama's)."""
+    graph = graph if graph is not None else captured("llama", layers=layers)[1]
     seg = sc.transform(graph, CFG)
     ids = random_ids(batch, prompt + steps, seed=prompt)
     with torch.no_grad():
@@ -81,6 +82,16 @@ def test_compiled_decode_graphs_do_not_grow_with_the_steps(batch, prompt, bound)
         with torch.no_grad():
             _, state = seg.decode(state, random_ids(batch, 1))
     assert all(a is b for a, b in zip(compiled_layout(state).layers, state.layers))
+
+
+def test_an_autocast_region_compiles_into_the_step_without_a_graph_break():
+    # transformers 5.17's Llama computes RoPE in an autocast-disabled region, which capture keeps;
+    # Dynamo refused export's higher-order op for it once the step's lengths were unbacked (a graph
+    # break in every step: 2 graphs for the prefill, 3 with decode), until capture made it a call
+    graph = sc.capture(model_with_rope_region(layers=1))
+    _, _, counts = compiled_decode("eager", batch=2, prompt=5, graph=graph)
+    assert counts == [1, 2, 2], counts
+    assert not torch._dynamo.utils.counters["graph_break"]
 
 
 TRAIN_CFG = sc.SegmentConfig(4, tail_len=2, sink_tokens=1, long_range=sc.HeadPlan.fraction(0.5), tbptt_k=2)

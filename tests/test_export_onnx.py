@@ -17,7 +17,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from conftest import VOCAB, captured, max_abs, random_ids
+from conftest import VOCAB, captured, make_model, max_abs, random_ids
 
 import segcompile as sc
 from segcompile.errors import SegcompileError
@@ -202,6 +202,25 @@ def test_onnx_fp16(tmp_path):
         ref = seg.prefill(ids)
     assert state.logits.dtype == np.float16
     assert max_abs(torch.from_numpy(state.logits), ref.logits) < 1e-3  # logits ~0.3: a few fp16 ulps
+
+
+def test_moe_experts_export_as_batched_products_and_name_the_op_they_cannot_export_as(tmp_path):
+    # a Mixtral's experts run transformers' grouped_mm op by default, which torch.onnx cannot
+    # translate: the error names it and the modules calling it; as batched products the file runs
+    model = make_model("mixtral")
+    seg = sc.transform(model, sc.SegmentConfig(segment_len=S, sink_tokens=2, long_range=PLANS["fraction(0.5)"]))
+    with pytest.raises(SegcompileError, match=r"no ONNX function for `transformers\.grouped_mm_fallback\.default`, "
+                       r"called by `model\.layers\.0\.mlp\.experts` \(MixtralExperts\), `model\.layers\.1.*"
+                       r"set_experts_implementation\(\"batched_mm\"\)"):
+        export_onnx(seg, tmp_path / "grouped.onnx")
+    assert not (tmp_path / "grouped.onnx").exists()
+    model.set_experts_implementation("batched_mm")
+    seg = sc.transform(model, seg.cfg)
+    export_onnx(seg, tmp_path / "moe.onnx")
+    runner = OnnxSegmentedModel(tmp_path / "moe.onnx")
+    prefill_diff, decode_diff = _compare(seg, lambda ids: (state := runner.prefill(ids.numpy()), state.logits),
+                                         lambda st, ids: runner.decode(st, ids.numpy()))
+    assert prefill_diff < TOL and decode_diff < TOL, (prefill_diff, decode_diff)
 
 
 def test_weights_past_the_protobuf_limit_go_to_a_data_file(tmp_path, monkeypatch):

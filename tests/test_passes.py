@@ -8,10 +8,11 @@ import shutil
 import pytest
 import torch
 import torch.fx as fx
-from conftest import ALL_MODELS, captured, make_model, max_abs, random_ids
+from conftest import ALL_MODELS, captured, make_model, max_abs, model_with_rope_region, random_ids
 
 import segcompile as sc
 from segcompile.frontend import copy_captured
+from segcompile.frontend.autocast_regions import autocast_region
 from segcompile.passes import find_attention
 from segcompile.runtime.variants.release_tails import release_tails
 from segcompile.testing.tolerances import tolerance
@@ -23,7 +24,8 @@ aten = torch.ops.aten
 SEGMENT_ATTENTION = torch.ops.segcompile.segment_attention.default
 RELEASE_STORAGE = torch.ops.segcompile.release_storage.default
 FULL_ATTENTION_OPS = {aten.scaled_dot_product_attention.default, torch.ops.segcompile.scaled_dot_product_attention.default,
-                      aten.softmax.int, aten._softmax.default, aten.matmul.default, aten.bmm.default}
+                      aten.matmul.default, aten.bmm.default}
+SOFTMAX = {aten.softmax.int, aten._softmax.default}
 
 
 def call_targets(gm):
@@ -36,6 +38,22 @@ def test_step_graph_has_one_segment_attention_per_layer(family, impl):
     targets = call_targets(seg.step_graph)
     assert targets.count(SEGMENT_ATTENTION) == 4
     assert not FULL_ATTENTION_OPS & set(targets), "a full-sequence attention op survived the rewrite"
+    # what softmax is left normalises over a fixed number of things (an MoE router's experts), not positions
+    assert all(isinstance(n.meta["val"].shape[n.args[1]], int) for n in softmaxes(seg.step_graph))
+
+
+def softmaxes(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes if n.op == "call_function" and n.target in SOFTMAX]
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_an_moe_routers_softmax_is_not_attention(family):
+    # the router of each MoE layer normalises over its 4 experts: find_attention leaves it, where it
+    # refused the whole model before ("softmax ... is not part of an attention pattern")
+    gm = find_attention(copy_captured(captured(family, "eager", layers=3)[1]))
+    assert [s.module for s in gm.meta["segcompile.sites"]] == [f"model.layers.{i}.self_attn" for i in range(3)]
+    modules = [list(n.meta["nn_module_stack"].values())[-1][0] for n in softmaxes(gm)]
+    assert modules == [f"model.layers.{i}.{m}" for i in range(3) for m in ("self_attn", "mlp.gate")]
 
 
 def test_find_attention_records_gqa_heads_scale_and_layers():
@@ -183,38 +201,16 @@ def test_transform_from_one_capture_twice_gives_independent_programs(llama):
     assert sum(n.op == "placeholder" for n in graph.graph.nodes) == 2  # the capture itself is untouched
 
 
-def _rope_in_fp32_region(self, x, position_ids):
-    # transformers 5.17's Llama RoPE: angles from a matmul in a region that its maybe_autocast
-    # opens only when autocast is on or enabled=True, i.e. never while capture traces.
-    inv_freq = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1).to(x.device)
-    with maybe_autocast(device_type=x.device.type, enabled=False):
-        freqs = (inv_freq.float() @ position_ids[:, None, :].float()).transpose(1, 2)
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos() * self.attention_scaling, emb.sin() * self.attention_scaling
-    return cos.to(dtype=x.dtype), sin.to(dtype=x.dtype)
-
-
-def _model_with_rope_region():
-    model = make_model("llama")
-    model.config.max_position_embeddings = 8192  # RoPE has no table: the check's far positions are in range
-    rotary = model.model.rotary_emb
-    rotary.forward = _rope_in_fp32_region.__get__(rotary)
-    with torch.no_grad():  # sharp attention, as a trained model's: a random one barely feels a wrong rotation
-        for layer in model.model.layers:
-            layer.self_attn.q_proj.weight.mul_(16), layer.self_attn.k_proj.weight.mul_(16)
-    return model
-
-
 def test_autocast_disabled_regions_survive_capture():
     # Traced without autocast, the model's autocast-disabled region vanishes from the graph, and a
     # user's bf16 autocast then runs RoPE's matmul in bf16: past position 256 the angles round
     # (seen on CUDA with transformers 5.17: SmolLM2 segmented lost a nat of loss per token).
-    model = _model_with_rope_region()
+    model = model_with_rope_region()
     seg = sc.transform(model, sc.SegmentConfig(64, long_range=sc.HeadPlan.all()))
     regions = [
         n.args[:3]
         for m in seg.step_graph.modules() if isinstance(m, torch.fx.GraphModule)
-        for n in m.graph.nodes if n.target is torch.ops.higher_order.wrap_with_autocast
+        for n in m.graph.nodes if n.target is autocast_region  # export's wrap_with_autocast, as a plain call
     ]
     assert regions == [("cpu", torch.bfloat16, False)]  # (device, dtype, enabled=False) kept
     assert maybe_autocast("cpu", enabled=False).__class__ is not torch.autocast  # transformers' helper restored
@@ -234,7 +230,7 @@ def test_capture_refuses_a_graph_that_lost_an_autocast_region(monkeypatch):
     import contextlib
 
     monkeypatch.setattr(sys.modules["segcompile.frontend.capture"], "regions_recorded", contextlib.nullcontext)
-    model = _model_with_rope_region()
+    model = model_with_rope_region()
     with pytest.raises(sc.CaptureError, match=r"under torch.autocast\(bfloat16\).*positions 4103\.\.4105"):
         sc.capture(model)
 

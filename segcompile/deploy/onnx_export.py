@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,7 +176,7 @@ def export_onnx(seg: SegmentedModel, path: str | os.PathLike, *, logits: str = "
                 report=False,
             )
         except Exception as e:  # torch.onnx raises several types; name the stage and keep the cause
-            raise ExportError(f"torch.onnx.export failed on the segment-step graph: {' '.join(str(e).split())[:500]}") from e
+            raise ExportError(_why_export_failed(e, module)) from e
     proto = program.model_proto
     for key, value in metadata(seg, logits).items():
         proto.metadata_props.add(key=key, value=value)
@@ -189,6 +190,26 @@ def export_onnx(seg: SegmentedModel, path: str | os.PathLike, *, logits: str = "
         _check_shapes(tmp)
     return ExportSummary(path, path.stat().st_size, OPSET, _values(proto.graph.input), _values(proto.graph.output),
                          {p.key: p.value for p in proto.metadata_props})
+
+
+def _why_export_failed(error: Exception, module: torch.fx.GraphModule) -> str:
+    """``torch.onnx.export``'s failure in the user's terms: where the graph calls an op torch.onnx
+    has no ONNX function for (what a model's own code can cause), that op and the modules that
+    call it; else the start of torch.onnx's message."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))  # torch.onnx colours its message
+    found = re.search(r"No ONNX function found for <OpOverload\(op='([\w.]+)', overload='(\w+)'\)>", text)
+    if found is None:
+        return f"torch.onnx.export failed on the segment-step graph: {' '.join(text.split())[:500]}"
+    op = f"{found[1]}.{found[2]}"
+    callers = sorted({"`{}` ({})".format(*ir.module_of(n)) for m in module.modules() if isinstance(m, torch.fx.GraphModule)
+                      for n in m.graph.nodes if n.op == "call_function" and str(n.target) == op})
+    where = f", called by {', '.join(callers[:3])}{f' and {len(callers) - 3} more' if len(callers) > 3 else ''}" if callers else ""
+    if "grouped_mm" in op:  # transformers' MoE experts with experts_implementation="grouped_mm"
+        remedy = ('transformers\' MoE experts run it: call model.set_experts_implementation("batched_mm") before '
+                  'segcompile.transform (or load with experts_implementation="batched_mm"); batched products export')
+    else:
+        remedy = "the step graph exports only where every op has one: make the model use standard PyTorch ops there"
+    return f"torch.onnx has no ONNX function for `{op}`{where}; {remedy}"
 
 
 def _save(proto, tmp: Path, path: Path) -> None:

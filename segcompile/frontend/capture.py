@@ -42,7 +42,7 @@ import torch.fx as fx
 from torch.export import Dim
 
 from ..errors import CaptureError
-from .autocast_regions import regions_recorded
+from .autocast_regions import as_plain_calls, regions_recorded
 from .opaque_sdpa import OpaqueSDPA
 from .. import ir
 
@@ -101,7 +101,7 @@ def capture(model: torch.nn.Module) -> fx.GraphModule:
         raise  # already says what went wrong
     except Exception as e:  # noqa: BLE001 - every tracing failure becomes one clear error
         raise CaptureError(_explain_trace_failure(model, e)) from e
-    gm = _flatten(ep.module())
+    gm = as_plain_calls(_flatten(ep.module()))
     _refuse_active_dropout(gm, name)
     output = _check_against_model(gm, model, kwargs)
     config = getattr(model, "config", None)
@@ -254,12 +254,10 @@ def _reads_softmax(node) -> bool:
 
 def _dropout_site(node: fx.Node) -> str:
     """The innermost module whose forward called the dropout, as "`path` (Class, p=0.5)"."""
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
+    if not node.meta.get("nn_module_stack"):
         return f"node `{node.name}` (p={node.args[1]})"
-    path, cls = list(stack.values())[-1]
-    cls = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
-    return f"`{path or '<root>'}` ({cls.rsplit('.', 1)[-1]}, p={node.args[1]})"
+    path, cls = ir.module_of(node)
+    return f"`{path}` ({cls}, p={node.args[1]})"
 
 
 # ---- what ids and labels index (CaptureInfo.vocab_size, .logits_size) -------------------------------

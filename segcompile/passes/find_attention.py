@@ -15,8 +15,9 @@ everything else stays where it is. The graph itself is not changed.
 It refuses (``UnsupportedAttentionError``), never silently rewrites, when the rewrite would be
 wrong: a mask that is not exactly causal when evaluated on the capture example (non-causal,
 padded, sliding-window, or an additive bias such as ALiBi), a config that declares
-sliding-window layers, attention dropout in training mode, a softmax that is not part of a
-recognised pattern, or a model with no attention at all.
+sliding-window layers, attention dropout in training mode, a softmax over positions that is not
+part of a recognised pattern, or a model with no attention at all. A softmax over an axis of fixed
+size (an MoE router's, over its experts) is not attention and is left alone.
 """
 
 from __future__ import annotations
@@ -52,9 +53,8 @@ def find_attention(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         if node.target in SDPA:
             sites.append(_sdpa_site(node, len(sites)))
-        elif node.target in SOFTMAX:
-            site = _eager_site(node, len(sites))
-            sites.append(site)
+        elif node.target in SOFTMAX and _over_positions(node):
+            sites.append(_eager_site(node, len(sites)))
     if not sites:
         raise UnsupportedAttentionError(
             f"no attention found in {info.model_class}: segcompile matches "
@@ -70,7 +70,7 @@ def find_attention(gm: fx.GraphModule) -> fx.GraphModule:
 # ---- SDPA ----------------------------------------------------------------------------------
 def _sdpa_site(node: fx.Node, layer: int) -> AttentionSite:
     args = normalize_function(node.target, node.args, node.kwargs, normalize_to_only_use_kwargs=True).kwargs
-    module, cls = _module_of(node)
+    module, cls = ir.module_of(node)
     where = f"layer {layer} (`{module}`, {cls}), node `{node.name}`"
     if args.get("dropout_p", 0.0):
         raise UnsupportedAttentionError(
@@ -86,8 +86,19 @@ def _sdpa_site(node: fx.Node, layer: int) -> AttentionSite:
 
 
 # ---- eager matmul-softmax-matmul -----------------------------------------------------------
+def _over_positions(softmax: fx.Node) -> bool:
+    """Whether ``softmax`` may normalise over positions of the sequence, as attention does over its
+    keys: its axis has a symbolic size in the captured graph (capture exports with a dynamic
+    length), or its size is unknown. A softmax over an axis of fixed size (an MoE router's
+    experts) mixes no positions: not attention, and none of the rewrite's business."""
+    value = softmax.meta.get("val")
+    if not isinstance(value, torch.Tensor):
+        return True
+    return not isinstance(value.shape[softmax.args[1]], int)
+
+
 def _eager_site(softmax: fx.Node, layer: int) -> AttentionSite:
-    module, cls = _module_of(softmax)
+    module, cls = ir.module_of(softmax)
     where = f"layer {layer} (`{module}`, {cls})"
     unmatched = UnsupportedAttentionError(
         f"{where}: softmax node `{softmax.name}` is not part of an attention pattern segcompile recognises "
@@ -204,15 +215,6 @@ def _make_site(layer, module, cls, kind, out, q, k, v, scale, mask, is_causal) -
         mask=mask,
         is_causal=is_causal,
     )
-
-
-def _module_of(node: fx.Node) -> tuple[str, str]:
-    stack = node.meta.get("nn_module_stack") or {}
-    if not stack:
-        return "<unknown module>", "<unknown>"
-    path, cls = list(stack.values())[-1]
-    cls = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
-    return path or "<root>", cls.rsplit(".", 1)[-1]
 
 
 def _refuse_sliding_window(config, model_class: str) -> None:

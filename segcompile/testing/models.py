@@ -46,7 +46,8 @@ def tiny_llama(num_layers: int = 4, seed: int = 0, dtype: torch.dtype = torch.fl
 
 # ---- one tiny model of every supported family (the tests, the benchmarks' smoke runs) -------------
 FAMILY_VOCAB = 96
-HF_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gpt2")
+# the MoE ones: Mistral's and Qwen3's attention with a router and experts (a softmax over experts) for MLP
+HF_FAMILIES = ("llama", "qwen2", "qwen3", "mistral", "gpt2", "mixtral", "qwen3_moe")
 # (family, attn_implementation): every HF family with both implementations, and the plain decoder
 ALL_MODELS = [(f, impl) for f in HF_FAMILIES for impl in ("sdpa", "eager")] + [("plain", "sdpa")]
 _COMMON = dict(
@@ -62,7 +63,8 @@ _COMMON = dict(
 def tiny_model(family: str, impl: str = "sdpa", layers: int = 2, dtype: torch.dtype = torch.float32, seed: int = 0):
     """A tiny eval-mode causal LM of ``family`` (one of ``HF_FAMILIES`` or ``"plain"``, the plain
     PyTorch decoder) with ``attn_implementation=impl``: vocab 96, hidden 32, 4 query heads over 2
-    KV heads (GPT-2: 4 heads, no GQA). ``seed`` fixes the weights."""
+    KV heads (GPT-2: 4 heads, no GQA); the MoE families route each token to 2 of 4 experts.
+    ``seed`` fixes the weights."""
     import transformers
 
     torch.manual_seed(seed)
@@ -76,6 +78,14 @@ def tiny_model(family: str, impl: str = "sdpa", layers: int = 2, dtype: torch.dt
     elif family == "mistral":
         config = transformers.MistralConfig(**common, sliding_window=None, attn_implementation=impl)
         model = transformers.MistralForCausalLM(config)
+    elif family == "mixtral":
+        config = transformers.MixtralConfig(**common, sliding_window=None, num_local_experts=4, num_experts_per_tok=2,
+                                            attn_implementation=impl)
+        model = transformers.MixtralForCausalLM(config)
+    elif family == "qwen3_moe":
+        config = transformers.Qwen3MoeConfig(**common, head_dim=8, moe_intermediate_size=16, num_experts=4,
+                                             num_experts_per_tok=2, attn_implementation=impl)
+        model = transformers.Qwen3MoeForCausalLM(config)
     elif family == "gpt2":
         config = transformers.GPT2Config(
             vocab_size=FAMILY_VOCAB, n_embd=32, n_layer=layers, n_head=4, n_positions=512,
