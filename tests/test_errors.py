@@ -233,6 +233,41 @@ def test_sliding_window_config():
         sc.transform(model, cfg())
 
 
+def test_layers_that_mix_positions_without_attention():
+    # a hybrid model (LFM2: a convolution layer, then attention) is refused as what it is, not as
+    # sliding-window attention: a segment loop would cut the convolution's state at segment ends
+    config = transformers.Lfm2Config(**TINY, num_hidden_layers=2, layer_types=["conv", "full_attention"], pad_token_id=0)
+    model = transformers.Lfm2ForCausalLM(config).eval()
+    with raises(
+        sc.UnsupportedAttentionError,
+        r"Lfm2ForCausalLM: layers \[0\] are \['conv'\] layers",
+        r"not full attention alone",
+        r"cut at every segment end",
+    ) as info:
+        sc.transform(model, cfg())
+    assert "sliding" not in str(info.value)
+
+
+def test_a_traced_graph_that_fails_at_another_length_is_a_capture_error():
+    # DeepSeek-V3's attention (MLA) traces, but the graph fails at the check's other lengths: a
+    # CaptureError that says where and why, never the bare RuntimeError of the graph
+    config = transformers.DeepseekV3Config(
+        **TINY, num_hidden_layers=2, pad_token_id=0, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+        first_k_dense_replace=1, kv_lora_rank=8, q_lora_rank=8, qk_rope_head_dim=4, qk_nope_head_dim=4, v_head_dim=8,
+        n_group=1, topk_group=1,
+    )
+    torch.manual_seed(0)
+    model = transformers.DeepseekV3ForCausalLM(config).eval()
+    try:
+        seg = sc.transform(model, cfg())
+    except sc.SegcompileError as e:  # what transformers 5.25 gives; a later one may trace it right
+        assert isinstance(e, sc.CaptureError) and re.search(r"DeepseekV3ForCausalLM fails at batch \d+, length \d+", str(e))
+        return
+    ids = random_ids(1, 20)
+    with torch.no_grad():
+        torch.testing.assert_close(seg(ids).logits, sc.oracle.forward(model, seg.cfg, ids), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_attention_dropout_in_training_mode(impl):
     torch.manual_seed(0)

@@ -186,7 +186,15 @@ def _compare(gm, model, extra: dict[str, Any], shape: tuple[int, int, int], prec
         with _same_random_numbers(device):  # dropout in training mode draws the same masks
             output = model(input_ids=ids, position_ids=pos, **extra)
         with _same_random_numbers(device):
-            got = gm(ids, pos)
+            try:
+                got = gm(ids, pos)
+            except Exception as e:  # noqa: BLE001 - a graph that cannot run at this length is a bad trace
+                first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                raise CaptureError(
+                    f"the graph traced from {type(model).__name__} fails at batch {batch}, length {length} "
+                    f"({type(e).__name__}: {first_line}), where the model runs: tracing specialised something "
+                    "to the example input; report the model"
+                ) from e
     for w, g in zip(torch.utils._pytree.tree_leaves(output), got):
         same, error = outputs_agree(g, w, precise)
         if same:

@@ -46,7 +46,7 @@ RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
 def find_attention(gm: fx.GraphModule) -> fx.GraphModule:
     """Annotate every attention site; refuse anything that is not causal full attention."""
     info = gm.meta[ir.CAPTURE]
-    _refuse_sliding_window(info.model_config, info.model_class)
+    _refuse_layers_besides_full_attention(info.model_config, info.model_class)
     sites: list[AttentionSite] = []
     for node in gm.graph.nodes:
         if node.op != "call_function":
@@ -217,12 +217,24 @@ def _make_site(layer, module, cls, kind, out, q, k, v, scale, mask, is_causal) -
     )
 
 
-def _refuse_sliding_window(config, model_class: str) -> None:
+def _refuse_layers_besides_full_attention(config, model_class: str) -> None:
+    """Refuse a config that declares layers other than full attention: sliding-window (or chunked)
+    attention, or layers that mix positions without attention at all (``layer_types`` such as
+    "conv", "linear_attention", "mamba"), whose state a segment loop would cut at every segment end."""
     if config is None:
         return
-    layer_types = getattr(config, "layer_types", None)
+    # hybrid models name their layers' kinds in one of the two (transformers 5.2x: both)
+    layer_types = getattr(config, "layer_types", None) or getattr(config, "layers_block_type", None)
     if layer_types:
-        windowed = [i for i, t in enumerate(layer_types) if t != "full_attention"]
+        windowed = [i for i, t in enumerate(layer_types) if _windowed_type(t)]
+        others = {i: t for i, t in enumerate(layer_types) if t not in UNSEGMENTED_LAYER_TYPES and not _windowed_type(t)}
+        if others:
+            raise UnsupportedAttentionError(
+                f"{model_class}: layers {list(others)} are {sorted(set(others.values()))} layers (layer_types="
+                f"{layer_types}), not full attention alone; segcompile segments full attention, and what else "
+                "carries positions forward (a convolution's, a state-space or linear-attention layer's state) "
+                "would be cut at every segment end: the model is not supported"
+            )
     elif getattr(config, "sliding_window", None) and getattr(config, "use_sliding_window", True):
         windowed = list(range(getattr(config, "num_hidden_layers", 0) or 1))
     else:
@@ -234,6 +246,15 @@ def _refuse_sliding_window(config, model_class: str) -> None:
             f"{layer_types}); segcompile rewrites full causal attention only. If the model was trained "
             "with full attention, set config.sliding_window=None (and layer_types to 'full_attention')"
         )
+
+
+# ``layer_types`` entries of layers the segment loop handles: full attention, or no mixing of positions
+UNSEGMENTED_LAYER_TYPES = ("full_attention", "attention", "mlp", "moe")
+
+
+def _windowed_type(layer_type: str) -> bool:
+    """A ``layer_types`` entry that names windowed attention: "sliding_attention", "chunked_attention"..."""
+    return any(word in layer_type for word in ("sliding", "chunked", "local"))
 
 
 class _Recorder(fx.Interpreter):
