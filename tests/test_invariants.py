@@ -117,6 +117,24 @@ def test_forward_equals_oracle_every_family(family, impl):
         assert max_abs(got, sc.oracle.forward(model, cfg, ids)) <= FP32_ATOL
 
 
+def test_a_model_taking_use_cache_through_its_keywords_captures_without_a_cache():
+    # Granite MoE's forward takes use_cache only through **kwargs and returned a DynamicCache, which
+    # export refused: capture turns the cache off by the config while it traces (and restores it)
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.GraniteMoeConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                           num_key_value_heads=2, num_hidden_layers=2, num_local_experts=4,
+                                           num_experts_per_tok=2, pad_token_id=0)
+    model = transformers.GraniteMoeForCausalLM(config).eval()
+    cfg = sc.SegmentConfig(S, tail_len=S // 2, sink_tokens=2, long_range=sc.HeadPlan.fraction(0.5))
+    seg = sc.transform(model, cfg)
+    assert model.config.use_cache
+    ids = random_ids(2, 3 * S + 3)
+    with torch.no_grad():
+        assert max_abs(seg(ids).logits, sc.oracle.forward(model, cfg, ids)) <= FP32_ATOL
+
+
 def test_segmented_output_differs_from_full_attention_when_heads_are_local(llama):
     model, graph = llama
     # Guards against a rewrite that silently kept full attention: local heads must change the answer.

@@ -4,6 +4,6 @@
 recorded as one opaque node (``opaque_sdpa``) so that the passes see each attention site whole.
 """
 
-from .capture import CaptureInfo, capture, copy_captured, device_of, is_captured
+from .capture import CaptureInfo, cache_off, capture, copy_captured, device_of, is_captured
 
-__all__ = ["CaptureInfo", "capture", "copy_captured", "device_of", "is_captured"]
+__all__ = ["CaptureInfo", "cache_off", "capture", "copy_captured", "device_of", "is_captured"]

@@ -34,6 +34,7 @@ import copy
 import inspect
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,13 @@ def capture(model: torch.nn.Module) -> fx.GraphModule:
     if "use_cache" in params:
         kwargs["use_cache"] = False
 
+    with _no_cache_by_config(model, params):
+        return _capture(model, kwargs, ids, pos)
+
+
+def _capture(model: torch.nn.Module, kwargs: dict[str, Any], ids: torch.Tensor, pos: torch.Tensor) -> fx.GraphModule:
+    name = type(model).__name__
+    device = device_of(model)
     start = time.perf_counter()
     method = "torch.export(strict=False), dynamic batch and length, SDPA opaque"
     try:
@@ -344,6 +352,32 @@ def copy_captured(gm: fx.GraphModule) -> fx.GraphModule:
     new = fx.GraphModule(gm, copy.deepcopy(gm.graph), class_name="CapturedModel")
     new.meta[ir.CAPTURE] = gm.meta[ir.CAPTURE]
     return new
+
+
+@contextlib.contextmanager
+def _no_cache_by_config(model: torch.nn.Module, params) -> Iterator[None]:
+    """Within the block, ``model.config.use_cache`` is False where the forward takes ``use_cache``
+    only through ``**kwargs`` (Granite MoE's), so the trace returns no cache: export cannot take
+    the flag as a constant among the keyword arguments. Restored on exit."""
+    config = getattr(model, "config", None)
+    if "use_cache" in params or not hasattr(config, "use_cache"):
+        yield
+        return
+    before, config.use_cache = config.use_cache, False
+    try:
+        yield
+    finally:
+        config.use_cache = before
+
+
+def cache_off(model: torch.nn.Module) -> dict[str, Any]:
+    """The keyword that keeps ``model`` from making a KV cache: ``use_cache=False`` where its
+    forward takes it, by name or through ``**kwargs`` with a config that has ``use_cache`` (Granite
+    MoE's takes it so, and returns a cache unless told not to); nothing for a model without one."""
+    params = inspect.signature(model.forward).parameters
+    by_keywords = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    takes = "use_cache" in params or (by_keywords and hasattr(getattr(model, "config", None), "use_cache"))
+    return {"use_cache": False} if takes else {}
 
 
 def device_of(model: torch.nn.Module) -> torch.device:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import torch
 
 from ..errors import SegcompileError
+from ..frontend import cache_off
 from ..reference.sdpa_hook import model_logits
 from ..runtime import SegmentedModel
 
@@ -68,10 +69,8 @@ def last_logits(program, ids: torch.Tensor, count: int) -> torch.Tensor:
                 return first[0]
             rest, _ = program.decode(state, ids[:, n - count + 1:])
             return torch.cat([first, rest], dim=1)[0]
-        params = inspect.signature(program.forward).parameters
-        if "logits_to_keep" in params:
-            kwargs = {"use_cache": False} if "use_cache" in params else {}
-            return program(ids, logits_to_keep=count, **kwargs).logits[0, -count:]
+        if "logits_to_keep" in inspect.signature(program.forward).parameters:
+            return program(ids, logits_to_keep=count, **cache_off(program)).logits[0, -count:]
         return model_logits(program, ids)[0, -count:]
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..errors import SegcompileError
+from ..frontend import cache_off
 
 
 # ---- the model's shape, read from its config ---------------------------------------------------
@@ -90,6 +91,5 @@ def sdpa_attention(model: torch.nn.Module):
 
 def model_logits(model, input_ids):
     """The model's logits for ``input_ids`` (no KV cache)."""
-    kwargs = {"use_cache": False} if "use_cache" in inspect.signature(model.forward).parameters else {}
-    out = model(input_ids, **kwargs)
+    out = model(input_ids, **cache_off(model))
     return out.logits if hasattr(out, "logits") else out
