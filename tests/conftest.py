@@ -66,9 +66,10 @@ def load_script(folder: str, name: str):
     return module
 
 
+@torch.no_grad()
 def _rope_in_fp32_region(self, x, position_ids):
-    # transformers 5.17's Llama RoPE: angles from a matmul in a region that its maybe_autocast
-    # opens only when autocast is on or enabled=True, i.e. never while capture traces.
+    # transformers 5.17's Llama RoPE: under no_grad, angles from a matmul in a region that its
+    # maybe_autocast opens only when autocast is on or enabled=True, i.e. never while capture traces.
     from transformers.utils.generic import maybe_autocast
 
     inv_freq = self.inv_freq[None, :, None].float().expand(position_ids.shape[0], -1, 1).to(x.device)
@@ -80,8 +81,9 @@ def _rope_in_fp32_region(self, x, position_ids):
 
 
 def model_with_rope_region(layers: int = 2):
-    """The tiny Llama with transformers 5.17's RoPE (its angles in an autocast-disabled region,
-    which later versions dropped), whatever transformers is installed, and sharp attention."""
+    """The tiny Llama with transformers 5.17's RoPE (a no_grad region, its angles in an
+    autocast-disabled one, which later versions dropped), whatever transformers is installed, and
+    sharp attention."""
     model = make_model("llama", layers=layers)
     model.config.max_position_embeddings = 8192  # RoPE has no table: the check's far positions are in range
     rotary = model.model.rotary_emb

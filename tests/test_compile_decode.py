@@ -84,10 +84,11 @@ def test_compiled_decode_graphs_do_not_grow_with_the_steps(batch, prompt, bound)
     assert all(a is b for a, b in zip(compiled_layout(state).layers, state.layers))
 
 
-def test_an_autocast_region_compiles_into_the_step_without_a_graph_break():
-    # transformers 5.17's Llama computes RoPE in an autocast-disabled region, which capture keeps;
-    # Dynamo refused export's higher-order op for it once the step's lengths were unbacked (a graph
-    # break in every step: 2 graphs for the prefill, 3 with decode), until capture made it a call
+def test_regions_compile_into_the_step_without_a_graph_break():
+    # transformers 5.17's Llama computes RoPE under no_grad, in an autocast-disabled region, which
+    # export records as higher-order ops; Dynamo refused them once the step's lengths were unbacked
+    # (a graph break in every step: 2 graphs for the prefill, 3 with decode), until capture made
+    # them plain calls (frontend/plain_regions.py)
     graph = sc.capture(model_with_rope_region(layers=1))
     _, _, counts = compiled_decode("eager", batch=2, prompt=5, graph=graph)
     assert counts == [1, 2, 2], counts

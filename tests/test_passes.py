@@ -12,7 +12,7 @@ from conftest import ALL_MODELS, captured, make_model, max_abs, model_with_rope_
 
 import segcompile as sc
 from segcompile.frontend import copy_captured
-from segcompile.frontend.autocast_regions import autocast_region
+from segcompile.frontend.plain_regions import autocast_region
 from segcompile.passes import find_attention
 from segcompile.runtime.variants.release_tails import release_tails
 from segcompile.testing.tolerances import tolerance

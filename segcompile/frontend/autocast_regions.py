@@ -12,12 +12,6 @@ While capture traces, ``regions_recorded()`` makes every imported module's ``may
 return the real ``torch.autocast`` context, which export records as a ``wrap_with_autocast``
 region (``capture._export``). It is one patch for every model family: all of them use the helper.
 The check in ``capture._check_against_model`` under autocast catches a region lost any other way.
-
-Capture then turns each region into a call of ``autocast_region`` (``as_plain_calls``), a plain
-function that enters the same context: torch.compile traces its ``with`` block inline, where it
-refuses the higher-order op once the region reads a length the segment step carries as an
-unbacked symbol ("wrap_with_autocast: unexpected freevars", torch 2.13): a graph break in every
-compiled step of a model that records a region (Llama with transformers 5.17, not 5.25).
 """
 
 from __future__ import annotations
@@ -57,24 +51,3 @@ def regions_recorded() -> Iterator[None]:
     finally:
         for module in holders:
             setattr(module, HELPER, helper)
-
-
-def autocast_region(device_type: str, dtype: torch.dtype | None, enabled: bool, cache_enabled: bool | None,
-                    body, *args):
-    """What a ``wrap_with_autocast`` node computes: ``body(*args)`` inside that ``torch.autocast``."""
-    with torch.autocast(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled):
-        return body(*args)
-
-
-def as_plain_calls(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """``gm`` with every ``wrap_with_autocast`` node, in it and in its submodules, calling
-    ``autocast_region`` with the same arguments (module docstring); in place."""
-    for module in gm.modules():
-        if not isinstance(module, torch.fx.GraphModule):
-            continue
-        regions = module.graph.find_nodes(op="call_function", target=torch.ops.higher_order.wrap_with_autocast)
-        for node in regions:
-            node.target = autocast_region
-        if regions:
-            module.recompile()
-    return gm

@@ -43,8 +43,9 @@ import torch.fx as fx
 from torch.export import Dim
 
 from ..errors import CaptureError
-from .autocast_regions import as_plain_calls, regions_recorded
+from .autocast_regions import regions_recorded
 from .opaque_sdpa import OpaqueSDPA
+from .plain_regions import as_plain_calls
 from .. import ir
 
 EXAMPLE_BATCH = 2
