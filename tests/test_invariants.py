@@ -135,6 +135,24 @@ def test_a_model_taking_use_cache_through_its_keywords_captures_without_a_cache(
         assert max_abs(seg(ids).logits, sc.oracle.forward(model, cfg, ids)) <= FP32_ATOL
 
 
+def test_a_model_with_another_attention_implementation_is_traced_through_sdpa():
+    # flex_attention (or flash_attention_2, a hub kernel) cannot be traced: capture runs the model's
+    # attention as SDPA while it traces, restores the model's choice, and says so in the capture
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                                      num_key_value_heads=2, num_hidden_layers=2, attn_implementation="flex_attention")
+    model = transformers.LlamaForCausalLM(config).eval()
+    cfg = sc.SegmentConfig(S, tail_len=S // 2, sink_tokens=2, long_range=sc.HeadPlan.fraction(0.5))
+    seg = sc.transform(model, cfg)
+    assert model.config._attn_implementation == "flex_attention"
+    assert "attention traced as sdpa, the model's attn_implementation being 'flex_attention'" in seg.capture_info.method
+    ids = random_ids(2, 3 * S + 3)
+    with torch.no_grad():
+        assert max_abs(seg(ids).logits, sc.oracle.forward(model, cfg, ids)) <= FP32_ATOL
+
+
 def test_segmented_output_differs_from_full_attention_when_heads_are_local(llama):
     model, graph = llama
     # Guards against a rewrite that silently kept full attention: local heads must change the answer.

@@ -4,6 +4,8 @@
 recorded as one opaque node (``opaque_sdpa``) so that the passes see each attention site whole.
 """
 
-from .capture import CaptureInfo, cache_off, capture, copy_captured, device_of, is_captured
+from .capture import CaptureInfo, attention_through_sdpa, cache_off, capture, copy_captured, device_of, is_captured
 
-__all__ = ["CaptureInfo", "cache_off", "capture", "copy_captured", "device_of", "is_captured"]
+__all__ = [
+    "CaptureInfo", "attention_through_sdpa", "cache_off", "capture", "copy_captured", "device_of", "is_captured",
+]

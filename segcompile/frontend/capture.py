@@ -86,8 +86,12 @@ def capture(model: torch.nn.Module) -> fx.GraphModule:
     if "use_cache" in params:
         kwargs["use_cache"] = False
 
-    with _no_cache_by_config(model, params):
-        return _capture(model, kwargs, ids, pos)
+    with _no_cache_by_config(model, params), attention_through_sdpa(model, keep=MATCHED_IMPLEMENTATIONS) as was:
+        gm = _capture(model, kwargs, ids, pos)
+    if was is not None:  # say what was captured: the model's attention ran as SDPA while tracing
+        info = gm.meta[ir.CAPTURE]
+        info.method += f"; attention traced as sdpa, the model's attn_implementation being {was!r}"
+    return gm
 
 
 def _capture(model: torch.nn.Module, kwargs: dict[str, Any], ids: torch.Tensor, pos: torch.Tensor) -> fx.GraphModule:
@@ -369,6 +373,35 @@ def _no_cache_by_config(model: torch.nn.Module, params) -> Iterator[None]:
         yield
     finally:
         config.use_cache = before
+
+
+# transformers' attention implementations whose graph find_attention matches
+MATCHED_IMPLEMENTATIONS = ("sdpa", "eager")
+
+
+@contextlib.contextmanager
+def attention_through_sdpa(model: torch.nn.Module, keep: tuple[str, ...] = ("sdpa",)) -> Iterator[str | None]:
+    """Within the block, a transformers model whose ``attn_implementation`` is not in ``keep``
+    (flex_attention, flash_attention_2, a hub kernel...) runs its attention through SDPA: the same
+    causal attention, in ops that a trace records and every device runs. Yields the implementation
+    it replaced (None where it kept the model's); restored on exit. A model that cannot run SDPA
+    is a ``CaptureError`` that says which implementations can be traced."""
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_attn_implementation", None)
+    if impl is None or impl in keep or not hasattr(model, "set_attn_implementation"):
+        yield None
+        return
+    try:
+        model.set_attn_implementation("sdpa")
+    except Exception as e:  # noqa: BLE001 - transformers raises ValueError or ImportError
+        raise CaptureError(
+            f"{type(model).__name__} uses attn_implementation={impl!r}, which segcompile cannot trace, and it "
+            f"cannot switch to 'sdpa' ({' '.join(str(e).split())[:200]}); load it with attn_implementation='eager'"
+        ) from e
+    try:
+        yield impl
+    finally:
+        model.set_attn_implementation(impl)
 
 
 def cache_off(model: torch.nn.Module) -> dict[str, Any]:

@@ -9,14 +9,13 @@ computation). Run models in eval mode: attention dropout is refused.
 from __future__ import annotations
 
 import inspect
-from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from ..errors import SegcompileError
-from ..frontend import cache_off
+from ..frontend import attention_through_sdpa, cache_off
 
 
 # ---- the model's shape, read from its config ---------------------------------------------------
@@ -74,19 +73,9 @@ def _sdpa_signature(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=
     pass
 
 
-@contextmanager
 def sdpa_attention(model: torch.nn.Module):
-    """Route an HF model's attention through SDPA while the hook runs it."""
-    config = getattr(model, "config", None)
-    impl = getattr(config, "_attn_implementation", None)
-    if impl in (None, "sdpa") or not hasattr(model, "set_attn_implementation"):
-        yield
-        return
-    model.set_attn_implementation("sdpa")
-    try:
-        yield
-    finally:
-        model.set_attn_implementation(impl)
+    """Route an HF model's attention through SDPA while the hook runs it (eager's too)."""
+    return attention_through_sdpa(model)
 
 
 def model_logits(model, input_ids):
