@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_model
+from conftest import make_model, random_ids
 
 from segcompile.cli import UsageError, demo
 from segcompile.cli.main import COMMANDS, main
@@ -252,6 +252,19 @@ def test_demo_refuses_a_passes_folder_of_other_files(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.out == "" and "holds files that an earlier run did not write (mine.txt)" in captured.err
     assert (passes / "mine.txt").read_text() == "keep"
+
+
+def test_export_of_an_moe_model_runs_its_experts_as_batched_products(tmp_path, capsys):
+    # transformers runs a Mixtral's experts with its grouped_mm op, which torch.onnx cannot
+    # translate: the command loads them as batched products, says so, and the file runs
+    folder = tmp_path / "mixtral"
+    make_model("mixtral").save_pretrained(folder)
+    out = tmp_path / "moe.onnx"
+    assert main(["export", str(folder), "--segment-len", "8", "--out", str(out)]) == 0
+    assert "batched products (the model's grouped_mm does not export to ONNX)" in capsys.readouterr().out
+    ids = random_ids(1, 19)
+    np.save(tmp_path / "ids.npy", ids.numpy())
+    assert main(["run", str(out), "--prompt-ids", str(tmp_path / "ids.npy"), "--max-new-tokens", "2"]) == 0
 
 
 # ---- a damaged model folder -------------------------------------------------------------------------

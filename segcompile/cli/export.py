@@ -109,6 +109,7 @@ def cmd(args: argparse.Namespace) -> int:
     seconds: dict[str, float] = {}
     with stage(console, stages, 0, seconds, model_label(args)):
         model = load_model(args)
+        experts = _exportable_experts(model)
     with stage(console, stages, 1, seconds, f"capture {type(model).__name__} (torch.export)"):
         graph = sc.capture(model)
     with stage(console, stages, 2, seconds, "passes"):
@@ -118,8 +119,20 @@ def cmd(args: argparse.Namespace) -> int:
         with stage(console, stages, 3, seconds, f"ONNX export, check -> {onnx_path.name if engine else args.out}"):
             summary = quiet(export_onnx, seg, onnx_path, logits=args.logits)
         built = _build_engine(console, stages, seconds, args, onnx_path) if engine else None
-    _summary(console, summary, seg, cfg, seconds, built)
+    _summary(console, summary, seg, cfg, seconds, built, experts)
     return 0
+
+
+def _exportable_experts(model) -> str | None:
+    """An MoE model's experts as batched products (transformers' ``batched_mm``) where they would
+    run transformers' grouped_mm op, which torch.onnx cannot translate; the implementation it
+    replaced, or None where nothing changed. The same products, in another kernel."""
+    config = getattr(model, "config", None)
+    impl = getattr(config, "_experts_implementation", None)
+    if impl in (None, "eager", "batched_mm") or not hasattr(model, "set_experts_implementation"):
+        return None
+    model.set_experts_implementation("batched_mm")
+    return impl
 
 
 def _build_engine(console, stages, seconds, args, onnx_path: Path):
@@ -131,7 +144,7 @@ def _build_engine(console, stages, seconds, args, onnx_path: Path):
                             max_context=args.max_context, verbose=getattr(args, "debug", False))
 
 
-def _summary(console, summary, seg, cfg, seconds, engine=None) -> None:
+def _summary(console, summary, seg, cfg, seconds, engine=None, experts: str | None = None) -> None:
     from rich import box
     from rich.markup import escape
     from rich.table import Table
@@ -151,6 +164,8 @@ def _summary(console, summary, seg, cfg, seconds, engine=None) -> None:
         table.add_row("profile", _profile_text(engine))
     table.add_row("opset", str(summary.opset))
     table.add_row("model", f"{seg.capture_info.model_class}, {len(seg.sites)} attention layers")
+    if experts is not None:
+        table.add_row("experts", f"batched products (the model's {experts} does not export to ONNX)")
     table.add_row("segments", segments_row(cfg))
     state_in = [v for v in summary.inputs if v[0] not in (INPUT_IDS, POSITION_OFFSET)]
     table.add_row("inputs", ", ".join(f"{n} {t}{shape(s)}" for n, t, s in summary.inputs[:2])
