@@ -384,8 +384,8 @@ def attention_through_sdpa(model: torch.nn.Module, keep: tuple[str, ...] = ("sdp
     """Within the block, a transformers model whose ``attn_implementation`` is not in ``keep``
     (flex_attention, flash_attention_2, a hub kernel...) runs its attention through SDPA: the same
     causal attention, in ops that a trace records and every device runs. Yields the implementation
-    it replaced (None where it kept the model's); restored on exit. A model that cannot run SDPA
-    is a ``CaptureError`` that says which implementations can be traced."""
+    it replaced (None where it kept the model's); restored on exit. A model that cannot switch to
+    SDPA is a ``CaptureError`` that says what to load it with instead."""
     config = getattr(model, "config", None)
     impl = getattr(config, "_attn_implementation", None)
     if impl is None or impl in keep or not hasattr(model, "set_attn_implementation"):
@@ -394,9 +394,11 @@ def attention_through_sdpa(model: torch.nn.Module, keep: tuple[str, ...] = ("sdp
     try:
         model.set_attn_implementation("sdpa")
     except Exception as e:  # noqa: BLE001 - transformers raises ValueError or ImportError
+        instead = " or ".join(repr(i) for i in keep)
         raise CaptureError(
-            f"{type(model).__name__} uses attn_implementation={impl!r}, which segcompile cannot trace, and it "
-            f"cannot switch to 'sdpa' ({' '.join(str(e).split())[:200]}); load it with attn_implementation='eager'"
+            f"{type(model).__name__} uses attn_implementation={impl!r}; segcompile needs its attention as {instead} "
+            f"here, and it cannot run SDPA ({' '.join(str(e).split())[:200]})"
+            + ("; load it with attn_implementation='eager'" if "eager" in keep else "")
         ) from e
     try:
         yield impl
