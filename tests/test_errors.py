@@ -268,6 +268,19 @@ def test_a_traced_graph_that_fails_at_another_length_is_a_capture_error():
         torch.testing.assert_close(seg(ids).logits, sc.oracle.forward(model, seg.cfg, ids), rtol=1e-4, atol=1e-4)
 
 
+def test_oracle_names_a_model_whose_attention_it_cannot_reach():
+    # the oracle applies its masks inside F.scaled_dot_product_attention; Bloom's attention is its own
+    # code (transformers has no SDPA for it), so the oracle says so instead of "saw 0 attention calls"
+    config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=32, n_head=4, n_layer=2)
+    model = transformers.BloomForCausalLM(config).eval()
+    with raises(
+        sc.SegcompileError,
+        r"oracle: BloomForCausalLM made no F\.scaled_dot_product_attention call",
+        r"could not be switched to SDPA",
+    ):
+        sc.oracle.forward(model, cfg(), random_ids(1, 10))
+
+
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])
 def test_attention_dropout_in_training_mode(impl):
     torch.manual_seed(0)
@@ -299,7 +312,12 @@ class TinyAttention(nn.Module):
         if self.variant == "alibi":  # additive ALiBi bias folded into the causal mask
             pos = torch.arange(L, device=x.device)
             mask = mask + self.slopes[:, None, None] * (pos[None, :] - pos[:, None]).float()
-        scores = q @ k.transpose(-1, -2) * self.head_dim**-0.5 + mask
+        if self.variant == "in_place":  # Falcon's eager attention (transformers 5.17): scale and mask in place
+            scores = q @ k.transpose(-1, -2)
+            scores /= self.head_dim**0.5
+            scores += mask
+        else:
+            scores = q @ k.transpose(-1, -2) * self.head_dim**-0.5 + mask
         if self.variant == "softmax_dim":
             y = torch.softmax(scores, dim=-2) @ v
         elif self.variant == "einsum":
@@ -352,9 +370,11 @@ class NoPositionsLM(TinyLM):
         return super().forward(input_ids)
 
 
-def test_custom_eager_decoder_is_accepted():
-    # Control: the hand-written causal eager pattern compiles, so the refusals below are about the variant.
-    model = TinyLM("ok")
+@pytest.mark.parametrize("variant", ["ok", "in_place"])
+def test_custom_eager_decoder_is_accepted(variant):
+    # Control: the hand-written causal eager pattern compiles, so the refusals below are about the
+    # variant; its scale and mask may also be applied in place
+    model = TinyLM(variant)
     seg = sc.transform(model, cfg())
     ids = random_ids(1, 10)
     with torch.no_grad():

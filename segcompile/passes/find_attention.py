@@ -41,6 +41,8 @@ MATMUL = (aten.matmul.default, aten.bmm.default)
 PASS_THROUGH = (aten.clone.default, aten.contiguous.default)
 CASTS = (aten.to.dtype, aten._to_copy.default, aten.to.dtype_layout, aten.type_as.default)
 RESHAPES = (aten.reshape.default, aten.view.default, aten._unsafe_view.default)
+# the scores' scale and mask, out of place or in place (Falcon's `scores /= sqrt(d)` under transformers 5.17)
+ADD, MUL, DIV = (aten.add.Tensor, aten.add_.Tensor), (aten.mul.Tensor, aten.mul_.Tensor), (aten.div.Tensor, aten.div_.Tensor)
 
 
 def find_attention(gm: fx.GraphModule) -> fx.GraphModule:
@@ -110,13 +112,13 @@ def _eager_site(softmax: fx.Node, layer: int) -> AttentionSite:
         raise unmatched
     # upstream: scale and mask, in either order, down to matmul(q, k^T)
     scores, scale, mask = softmax.args[0], 1.0, None
-    while isinstance(scores, fx.Node) and scores.target in (aten.add.Tensor, aten.mul.Tensor, aten.div.Tensor):
+    while isinstance(scores, fx.Node) and scores.target in (*ADD, *MUL, *DIV):
         a, b = scores.args[:2]
-        if scores.target is aten.add.Tensor and isinstance(b, fx.Node) and mask is None:
+        if scores.target in ADD and isinstance(b, fx.Node) and mask is None:
             scores, mask = (a, b) if _reaches_matmul(a) else (b, a)
-        elif scores.target is aten.mul.Tensor and isinstance(b, (int, float)):
+        elif scores.target in MUL and isinstance(b, (int, float)):
             scores, scale = a, scale * b
-        elif scores.target is aten.div.Tensor and isinstance(b, (int, float)):
+        elif scores.target in DIV and isinstance(b, (int, float)):
             scores, scale = a, scale / b
         else:
             raise unmatched
@@ -145,7 +147,7 @@ def _eager_site(softmax: fx.Node, layer: int) -> AttentionSite:
 
 
 def _reaches_matmul(node: fx.Node) -> bool:
-    while isinstance(node, fx.Node) and node.target in (aten.mul.Tensor, aten.div.Tensor):
+    while isinstance(node, fx.Node) and node.target in (*MUL, *DIV):
         node = node.args[0]
     return isinstance(node, fx.Node) and node.target in MATMUL
 

@@ -147,6 +147,13 @@ def _run(model, cfg: SegmentConfig, input_ids, live: Callable[[int], torch.Tenso
         return out.to(q.dtype)
 
     logits, calls = run_per_layer_attention(model, input_ids, attend)
+    if calls == 0 and len(kv):
+        impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        raise SegcompileError(
+            f"oracle: {type(model).__name__} made no F.scaled_dot_product_attention call: its attention "
+            f"({impl or 'its own code'}) computes attention itself and could not be switched to SDPA, which is "
+            "where the oracle applies its masks; it cannot run this model (the segmented model can)"
+        )
     if calls != len(kv):
         raise SegcompileError(f"oracle: saw {calls} attention calls, expected {len(kv)} (one per layer)")
     return logits
