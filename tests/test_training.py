@@ -73,7 +73,7 @@ def test_one_segment_equals_plain_backward(family):
     model.zero_grad(set_to_none=True)
     want = _plain_loss(model, ids, labels)  # not HF's `labels=` loss: it casts logits to fp32
     want.backward()
-    assert abs(float(loss) - float(want)) <= 1e-12
+    assert abs(float(loss) - want.item()) <= 1e-12
     for name, p in model.named_parameters():
         assert torch.allclose(got[name], p.grad, rtol=1e-9, atol=1e-13), name
     model.zero_grad(set_to_none=True)
