@@ -201,9 +201,11 @@ def _why_export_failed(error: Exception, module: torch.fx.GraphModule) -> str:
     if found is None:
         return f"torch.onnx.export failed on the segment-step graph: {' '.join(text.split())[:500]}"
     op = f"{found[1]}.{found[2]}"
-    callers = sorted({"`{}` ({})".format(*ir.module_of(n)) for m in module.modules() if isinstance(m, torch.fx.GraphModule)
-                      for n in m.graph.nodes if n.op == "call_function" and str(n.target) == op})
-    where = f", called by {', '.join(callers[:3])}{f' and {len(callers) - 3} more' if len(callers) > 3 else ''}" if callers else ""
+    calls = [n for m in module.modules() if isinstance(m, torch.fx.GraphModule)
+             for n in m.graph.nodes if n.op == "call_function" and str(n.target) == op]
+    callers = sorted({"`{}` ({})".format(*ir.module_of(n)) for n in calls})
+    more = f" and {len(callers) - 3} more" if len(callers) > 3 else ""
+    where = f", called by {', '.join(callers[:3])}{more}" if callers else ""
     if "grouped_mm" in op:  # transformers' MoE experts with experts_implementation="grouped_mm"
         remedy = ('transformers\' MoE experts run it: call model.set_experts_implementation("batched_mm") before '
                   'segcompile.transform (or load with experts_implementation="batched_mm"); batched products export')

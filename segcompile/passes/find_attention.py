@@ -229,7 +229,7 @@ def _refuse_layers_besides_full_attention(config, model_class: str) -> None:
     layer_types = getattr(config, "layer_types", None) or getattr(config, "layers_block_type", None)
     if layer_types:
         windowed = [i for i, t in enumerate(layer_types) if _windowed_type(t)]
-        others = {i: t for i, t in enumerate(layer_types) if t not in UNSEGMENTED_LAYER_TYPES and not _windowed_type(t)}
+        others = {i: t for i, t in enumerate(layer_types) if t not in HANDLED_LAYER_TYPES and not _windowed_type(t)}
         if others:
             raise UnsupportedAttentionError(
                 f"{model_class}: layers {list(others)} are {sorted(set(others.values()))} layers (layer_types="
@@ -251,7 +251,7 @@ def _refuse_layers_besides_full_attention(config, model_class: str) -> None:
 
 
 # ``layer_types`` entries of layers the segment loop handles: full attention, or no mixing of positions
-UNSEGMENTED_LAYER_TYPES = ("full_attention", "attention", "mlp", "moe")
+HANDLED_LAYER_TYPES = ("full_attention", "attention", "mlp", "moe")
 
 
 def _windowed_type(layer_type: str) -> bool:
