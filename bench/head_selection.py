@@ -60,10 +60,11 @@ import torch.nn.functional as F
 import segcompile as sc
 from segcompile import quality
 from segcompile.files import atomic_write_text
+from segcompile.frontend import attention_through_sdpa
 from segcompile.heads import plan_at_budget, text_retrieval_calibration
 from segcompile.pretrained import load_pretrained
 from segcompile.quality import report
-from segcompile.reference.sdpa_hook import PerLayerSDPA, kv_heads_per_layer, sdpa_attention
+from segcompile.reference.sdpa_hook import PerLayerSDPA, kv_heads_per_layer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODEL = "smollm2"
@@ -86,7 +87,7 @@ class MaskedSegmentProgram(torch.nn.Module):
 
     def forward(self, input_ids, logits_to_keep: int = 0, use_cache: bool = False):
         mode = PerLayerSDPA(self._attend, who="head_selection")
-        with torch.no_grad(), sdpa_attention(self.model), mode:
+        with torch.no_grad(), attention_through_sdpa(self.model), mode:
             return self.model(input_ids, logits_to_keep=logits_to_keep, use_cache=False)
 
     def _attend(self, layer, a, sdpa):

@@ -47,8 +47,8 @@ import torch
 from .config import SegmentConfig
 from .errors import ConfigError, PlanError, SegcompileError, UnsupportedAttentionError
 from .reference.oracle import visibility
-from .reference.sdpa_hook import kv_heads_per_layer, model_logits, run_per_layer_attention, sdpa_attention
-from .frontend import device_of
+from .reference.sdpa_hook import kv_heads_per_layer, model_logits, run_per_layer_attention
+from .frontend import attention_through_sdpa, device_of
 from .plan import HeadPlan, model_fingerprint
 
 METHODS = ("attention_mass", "gate")
@@ -593,7 +593,7 @@ def _gate(model, cfg, kv, data: _Data, device, steps, lr, sparsity, progress):
             # the rows where local and full attention can differ (among the query positions)
             rows = _scored_rows(beyond, None if positions is None else positions.to(device)).expand(ids.shape[0], -1)
             with torch.no_grad():
-                with sdpa_attention(model):
+                with attention_through_sdpa(model):
                     target = model_logits(model, ids)[rows].float()
             gated = _run(model, ids, kv, on_call)[rows].float()
             distill = (gated - target).pow(2).mean() / target.var().clamp(min=1e-12)

@@ -64,18 +64,13 @@ def run_per_layer_attention(model: torch.nn.Module, input_ids: torch.Tensor, on_
     """Run ``model`` with every attention call replaced by ``on_call`` (see ``PerLayerSDPA``);
     returns the logits and the number of attention calls made."""
     mode = PerLayerSDPA(on_call, who)
-    with sdpa_attention(model), mode:
+    with attention_through_sdpa(model), mode:  # eager's too: the hook needs the SDPA call
         logits = model_logits(model, input_ids)
     return logits, mode.layer
 
 
 def _sdpa_signature(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
     pass
-
-
-def sdpa_attention(model: torch.nn.Module):
-    """Route an HF model's attention through SDPA while the hook runs it (eager's too)."""
-    return attention_through_sdpa(model)
 
 
 def model_logits(model, input_ids):
