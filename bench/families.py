@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import warnings
@@ -136,7 +137,10 @@ def row(family: str, impl: str) -> dict:
 
 
 def _error(e: Exception) -> dict:
-    return {"error": type(e).__name__, "detail": " ".join(str(e).split())[:300]}
+    """The error's class and message, a source file named from its package on (no path of the
+    machine that ran this)."""
+    detail = re.sub(r"\S*(site|dist)-packages/", "", " ".join(str(e).split()))
+    return {"error": type(e).__name__, "detail": detail[:300]}
 
 
 def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
