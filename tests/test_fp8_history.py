@@ -186,13 +186,21 @@ def test_dequantize_kernel_equals_the_reference(dtype, segment_len, tail_len, le
     buffer = torch.zeros(2, 3, length + 7, 16, dtype=FP8, device=DEVICE)
     buffer[:, :, :length] = values
     hist = QuantizedHistory.of(buffer[:, :, :length], scales, g)
-    got = triton_history.dequantize(hist, dtype)
-    want = hist.dequantized(dtype)
-    assert got.dtype == dtype and got.shape == want.shape
-    if dtype == torch.float32 or got.is_cuda:
-        assert torch.equal(got, want)
-    else:  # the interpreter rounds fp32 to bf16 toward zero, the GPU and PyTorch to nearest: one ulp
-        assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 ** -7).all()
+    other = QuantizedHistory.of(*quantize_history(x.flip(2) * 3, 0, g, FP8), g)  # a V history beside it
+    got = [triton_history.dequantize(hist, dtype), *triton_history.dequantize_pair(hist, other, dtype)]
+    for got, want in zip(got, [hist.dequantized(dtype), hist.dequantized(dtype), other.dequantized(dtype)]):
+        assert got.dtype == dtype and got.shape == want.shape
+        if dtype == torch.float32 or got.is_cuda:
+            assert torch.equal(got, want)
+        else:  # the interpreter rounds fp32 to bf16 toward zero, the GPU and PyTorch to nearest: one ulp
+            assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 ** -7).all()
+
+
+def test_dequantize_pair_refuses_histories_that_differ():
+    g = HistoryGeometry(segment_len=8, tail_len=8, block=4)
+    k, v = [QuantizedHistory.of(*quantize_history(torch.randn(1, 2, n, 16).to(DEVICE), 0, g, FP8), g) for n in (8, 12)]
+    with pytest.raises(ValueError, match="dequantize_pair: K history .* differ"):
+        triton_history.dequantize_pair(k, v, torch.float32)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Gluon forward runs on a Hopper GPU")

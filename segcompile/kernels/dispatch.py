@@ -14,8 +14,8 @@ A quantised history (``SegmentConfig.history_dtype``, ``history_format.py``): bo
 forwards read its fp8 values and scale them in registers; where the Gluon forward applies to the
 problem, a prefill's call dequantises the layer's history into a transient copy and runs it
 (faster than scaling in the one-pass kernel; decode's split-keys kernel keeps reading fp8);
-on a GPU, the quantisation at a segment end and that copy are single Triton kernels
-(``triton_history.py``);
+on a GPU, the quantisation at a segment end and that copy (K and V together) are single Triton
+kernels (``triton_history.py``);
 the backward reads it dequantised to the sinks' dtype (a transient copy per call: history is a
 constant, and enters dQ only). Each call's choice is logged at debug level, naming the history's
 format.
@@ -61,8 +61,8 @@ def _dequantized_for_gluon(p: Problem, q, k, v, tail_k, tail_v, sink_k, sink_v, 
     if (gluon() is None or INTERPRET or not gluon().runs_on(q.device)
             or not gluon().takes(q.dtype) or sink_k.dtype != q.dtype):
         return p  # the Gluon forward could not run on the copy either: make none
-    wide = prepare(q, k, v, tail_k, tail_v, sink_k, sink_v, _widened(hist_k, sink_k.dtype),
-                   _widened(hist_v, sink_v.dtype), long_range)
+    wide = prepare(q, k, v, tail_k, tail_v, sink_k, sink_v, *_widened_pair(hist_k, hist_v, sink_k.dtype, sink_v.dtype),
+                   long_range)
     if not gluon_applies(wide):
         return p
     _log_kernel("gluon-ws", history="fp8 history dequantised for the call")
@@ -91,13 +91,23 @@ def _widened(hist: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return dequantized(hist, dtype)
 
 
+def _widened_pair(hist_k: torch.Tensor, hist_v: torch.Tensor, dtype_k: torch.dtype,
+                  dtype_v: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_widened`` of a layer's K and V histories, on a GPU in one launch where they agree in
+    dtype and shape (``triton_history.dequantize_pair``)."""
+    if (isinstance(hist_k, QuantizedHistory) and isinstance(hist_v, QuantizedHistory) and hist_k.is_cuda
+            and not INTERPRET and dtype_k == dtype_v and hist_k.shape[:3] == hist_v.shape[:3]):
+        return triton_history.dequantize_pair(hist_k, hist_v, dtype_k)
+    return _widened(hist_k, dtype_k), _widened(hist_v, dtype_v)
+
+
 def segment_attention_backward(grad_out, out, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v,
                                long_range, scale, tail_needs_grad: bool = True, lse: torch.Tensor | None = None):
     """Gradients ``(dq, dk, dv, dtail_k, dtail_v)`` of ``segment_attention``; the tail's are
     ``None`` when ``tail_needs_grad`` is false (no work is done for them). ``lse``: the forward's
     (``return_lse``); without it the dQ kernel recomputes it in a pass of its own. A quantised
     history is read dequantised (the module docstring)."""
-    hist_k, hist_v = _widened(hist_k, sink_k.dtype), _widened(hist_v, sink_v.dtype)
+    hist_k, hist_v = _widened_pair(hist_k, hist_v, sink_k.dtype, sink_v.dtype)
     p = prepare(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
     do = usable(grad_out)
     tail_grads = tail_needs_grad and p.T > 0

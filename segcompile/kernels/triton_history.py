@@ -26,17 +26,11 @@ BLOCK_P = 64
 
 
 @triton.jit
-def _dequantize_kernel(
-    V, SC, OUT, P, S, T,
-    stride_vb, stride_vh, stride_vp, stride_sb, stride_sh, stride_ob, stride_oh, stride_op,
-    D: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_P: tl.constexpr, SCALE_BLOCK: tl.constexpr,
-    OUT_DTYPE: tl.constexpr,
-):
-    """One program per (block of ``BLOCK_P`` positions, head, batch row)."""
-    pid_p, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    pos = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+def _widen_block(V, SC, OUT, b, h, pos, inside, S, T, stride_vb, stride_vh, stride_vp, stride_sb, stride_sh,
+                 stride_ob, stride_oh, stride_op, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                 SCALE_BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """Positions ``pos`` of head ``h``, batch row ``b``: stored value times its block's scale."""
     d = tl.arange(0, BLOCK_D)
-    inside = pos < P
     mask = inside[:, None] & (d < D)[None, :]
     values = tl.load(V + b * stride_vb + h * stride_vh + pos[:, None] * stride_vp + d[None, :], mask=mask, other=0.0)
     block = scale_block_index(pos, S, T, SCALE_BLOCK)
@@ -45,24 +39,69 @@ def _dequantize_kernel(
     tl.store(OUT + b * stride_ob + h * stride_oh + pos[:, None] * stride_op + d[None, :], out, mask=mask)
 
 
+@triton.jit
+def _dequantize_kernel(
+    K, KS, KO, V, VS, VO, P, H, S, T,
+    stride_kb, stride_kh, stride_kp, stride_ksb, stride_ksh, stride_kob, stride_koh, stride_kop,
+    stride_vb, stride_vh, stride_vp, stride_vsb, stride_vsh, stride_vob, stride_voh, stride_vop,
+    D_K: tl.constexpr, D_V: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_P: tl.constexpr, SCALE_BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr, PAIR: tl.constexpr,
+):
+    """One program per (block of ``BLOCK_P`` positions, head, batch row), widening K's block and,
+    with ``PAIR``, V's. The programs run in reverse of the order in which the Gluon forward reads
+    (batch row, head, then positions from the first): the blocks it reads first are written last,
+    and are still in L2 when it starts."""
+    blocks = tl.cdiv(P, BLOCK_P)
+    r = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_p, h, b = r % blocks, (r // blocks) % H, r // (blocks * H)
+    pos = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    inside = pos < P
+    _widen_block(K, KS, KO, b, h, pos, inside, S, T, stride_kb, stride_kh, stride_kp, stride_ksb, stride_ksh,
+                 stride_kob, stride_koh, stride_kop, D_K, BLOCK_DK, SCALE_BLOCK, OUT_DTYPE)
+    if PAIR:
+        _widen_block(V, VS, VO, b, h, pos, inside, S, T, stride_vb, stride_vh, stride_vp, stride_vsb, stride_vsh,
+                     stride_vob, stride_voh, stride_vop, D_V, BLOCK_DV, SCALE_BLOCK, OUT_DTYPE)
+
+
 def dequantize(hist: QuantizedHistory, dtype: torch.dtype) -> torch.Tensor:
     """``hist.dequantized(dtype)`` (positions from 0) in one kernel: a contiguous
     ``[B, heads, P, D]`` tensor of ``dtype``."""
-    values, scales, geometry = hist.values(), hist.scales, hist.geometry
-    B, H, P, D = values.shape
-    out = torch.empty(B, H, P, D, dtype=dtype, device=values.device)
-    if out.numel() == 0:
-        return out
-    values, scales = usable(values), usable_scales(scales)
-    grid = (triton.cdiv(P, BLOCK_P), H, B)
-    _dequantize_kernel[grid](
-        values, scales, out, P, geometry.segment_len, geometry.tail_len,
-        values.stride(0), values.stride(1), values.stride(2), scales.stride(0), scales.stride(1),
-        out.stride(0), out.stride(1), out.stride(2),
-        D=D, BLOCK_D=triton.next_power_of_2(D), BLOCK_P=BLOCK_P, SCALE_BLOCK=geometry.block, OUT_DTYPE=TL_DTYPES[dtype],
-        **COMPILE_OPTIONS,
+    return _dequantize([hist], dtype)[0]
+
+
+def dequantize_pair(hist_k: QuantizedHistory, hist_v: QuantizedHistory,
+                    dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dequantize`` of a layer's K and V histories (same batch, heads, length and geometry) in
+    one launch."""
+    if hist_k.shape[:3] != hist_v.shape[:3] or hist_k.geometry != hist_v.geometry:
+        raise ValueError(f"dequantize_pair: K history {tuple(hist_k.shape)} and V history {tuple(hist_v.shape)} "
+                         "differ in batch, heads, length or scale blocks")
+    k, v = _dequantize([hist_k, hist_v], dtype)
+    return k, v
+
+
+def _dequantize(hists: list[QuantizedHistory], dtype: torch.dtype) -> list[torch.Tensor]:
+    """One launch widening each of ``hists`` (one or two) into a fresh tensor."""
+    B, H, P, _ = hists[0].shape
+    outs = [torch.empty(B, H, P, h.shape[-1], dtype=dtype, device=h.device) for h in hists]
+    if P == 0 or B * H == 0:
+        return outs
+    (k, ks), (v, vs) = [(usable(h.values()), usable_scales(h.scales)) for h in (hists[0], hists[-1])]
+    ko, vo = outs[0], outs[-1]
+    geometry = hists[0].geometry
+    _dequantize_kernel[(triton.cdiv(P, BLOCK_P) * H * B,)](
+        k, ks, ko, v, vs, vo, P, H, geometry.segment_len, geometry.tail_len,
+        *_strides(k, ks, ko), *_strides(v, vs, vo),
+        D_K=k.shape[-1], D_V=v.shape[-1], BLOCK_DK=triton.next_power_of_2(k.shape[-1]),
+        BLOCK_DV=triton.next_power_of_2(v.shape[-1]), BLOCK_P=BLOCK_P, SCALE_BLOCK=geometry.block,
+        OUT_DTYPE=TL_DTYPES[dtype], PAIR=len(hists) == 2, **COMPILE_OPTIONS,
     )
-    return out
+    return outs
+
+
+def _strides(values: torch.Tensor, scales: torch.Tensor, out: torch.Tensor) -> tuple[int, ...]:
+    return (values.stride(0), values.stride(1), values.stride(2), scales.stride(0), scales.stride(1),
+            out.stride(0), out.stride(1), out.stride(2))
 
 
 @triton.jit
