@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import numpy as np
 import onnx
@@ -148,6 +149,17 @@ def _check_file(seg, path):
             hist = shapes.get(f"layer{site.layer}_hist_{kv}")
             assert hist == (["batch", len(site.long_range), "history", dim] if site.long_range else None)
     assert len(shapes) == 2 + len(state_specs(seg))
+
+
+def test_shared_axis_names_give_no_warning(tmp_path):
+    # torch.onnx warns that a dynamic axis name shared by several inputs "will not be used"; the
+    # file carries it on every input (``_check_file``), so the warning would only mislead
+    seg = _seg("llama", "fraction(0.5)", 0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        export_onnx(seg, tmp_path / "m.onnx")
+    assert not [str(w.message) for w in caught if "will not be used" in str(w.message)]
+    _check_file(seg, tmp_path / "m.onnx")
 
 
 def _run_onnx(family, plan, sinks, exported, tail=None):

@@ -50,6 +50,7 @@ import json
 import os
 import re
 import uuid
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,10 @@ def export_onnx(seg: SegmentedModel, path: str | os.PathLike, *, logits: str = "
         raise ExportError("only models whose output is one logits tensor are exported today")
 
     module.eval()  # a fresh GraphModule is in training mode; the graph's own dropout flags are already fixed
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch.onnx says each input's "batch" / "history" axis name "will not be used" because
+        # another input shares it: it is used, once, for all of them (the file's dims carry it)
+        warnings.filterwarnings("ignore", message=r"# The axis name: \w+ will not be used, since it shares")
         try:
             program = torch.onnx.export(
                 module, args, dynamo=True, opset_version=OPSET, dynamic_shapes=tuple(dynamic),
