@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU benchmark and check, one after the other, each under its own time limit, on one GPU.
 #   bash bench/gpu_run.sh OUT_DIR [STEP ...]     steps: check smoke tune kernel profile decode generate generatebatch generatefp8 agreement agreement-smollm2 prefill prefillfp8 fp8tests
-#                                                launches profileprefill million onnx training profiletraining checkcg trainingcg trainingcg8k trainingwarmup traininglong trainexample
+#                                                historycopy launches profileprefill million onnx training profiletraining checkcg trainingcg trainingcg8k trainingwarmup traininglong trainexample
 #                                                training1p5b regimes regimes8 consistency
 # Logs and result files land in OUT_DIR (results also in bench/results/). A step that fails or runs
 # out of time is reported and the next one runs.
@@ -45,6 +45,7 @@ for step in "${steps[@]}"; do
         prefillfp8) run prefillfp8 320 python bench/bench_prefill.py --regimes segcompile --seq-lens 131072 \
             --history-dtype model fp8 --repeats 4 ;;  # the histories take turns
         fp8tests) run fp8tests 200 python -m pytest -q tests/test_fp8_history.py tests/test_static_decode.py -k cuda ;;  # the GPU-only fp8 and static-decode tests
+        historycopy) run historycopy 200 python bench/history_copy.py ;;  # the fp8 history's widening copy by tile; the forward after it
         launches) run launches 200 python -m pytest -q tests/test_kernel_launches.py ;;  # every launch compiled with contraction (Gluon's too)
         profileprefill) run profileprefill 260 python bench/profile_prefill.py ;;
         million) run million 560 python bench/bench_million.py ;;

@@ -22,7 +22,8 @@ from .history_format import HISTORY_DTYPES, HistoryGeometry, QuantizedHistory
 from .problem import TL_DTYPES, usable, usable_scales
 from .triton_common import COMPILE_OPTIONS, scale_block_index
 
-BLOCK_P = 64
+# the widening copy's launch: positions a program, warps (bench/history_copy.py sweeps both)
+COPY_TILE = dict(block_p=64, num_warps=4)
 
 
 @triton.jit
@@ -89,12 +90,13 @@ def _dequantize(hists: list[QuantizedHistory], dtype: torch.dtype) -> list[torch
     (k, ks), (v, vs) = [(usable(h.values()), usable_scales(h.scales)) for h in (hists[0], hists[-1])]
     ko, vo = outs[0], outs[-1]
     geometry = hists[0].geometry
-    _dequantize_kernel[(triton.cdiv(P, BLOCK_P) * H * B,)](
+    block_p = COPY_TILE["block_p"]
+    _dequantize_kernel[(triton.cdiv(P, block_p) * H * B,)](
         k, ks, ko, v, vs, vo, P, H, geometry.segment_len, geometry.tail_len,
         *_strides(k, ks, ko), *_strides(v, vs, vo),
         D_K=k.shape[-1], D_V=v.shape[-1], BLOCK_DK=triton.next_power_of_2(k.shape[-1]),
-        BLOCK_DV=triton.next_power_of_2(v.shape[-1]), BLOCK_P=BLOCK_P, SCALE_BLOCK=geometry.block,
-        OUT_DTYPE=TL_DTYPES[dtype], PAIR=len(hists) == 2, **COMPILE_OPTIONS,
+        BLOCK_DV=triton.next_power_of_2(v.shape[-1]), BLOCK_P=block_p, SCALE_BLOCK=geometry.block,
+        OUT_DTYPE=TL_DTYPES[dtype], PAIR=len(hists) == 2, num_warps=COPY_TILE["num_warps"], **COMPILE_OPTIONS,
     )
     return outs
 
