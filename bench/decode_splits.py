@@ -154,14 +154,20 @@ def main(argv=None):
     for r in rows:
         print(f"{r['history_len']:9} {','.join(map(str, r['tile'])):>14} {r['programs_per_sm']:11} {r['bf16_ms']:8.3f} "
               f"{r['fp8_ms']:8.3f} {r['bf16_tb_per_s']:9.2f} {r['fp8_tb_per_s']:8.2f}")
+    write_rows("decode_splits", args, argv, name, rows, shape=shape)
+    return rows
+
+
+def write_rows(script: str, args, argv, device: str, rows: list[dict], **meta) -> None:
+    """``args.out/<script>-[tiny-]<device>.json``: the rows, the device, versions and the command
+    that reproduces them (``argv``, or the process's own when None), ``meta`` beside them."""
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"decode_splits-{'tiny-' if args.tiny else ''}{name.replace(' ', '_')}.json"
-    meta = dict(device=name, torch=torch.__version__, triton=triton.__version__, shape=shape,
-                command=report.recorded_command("bench/decode_splits.py", sys.argv[1:] if argv is None else argv,
+    path = args.out / f"{script}-{'tiny-' if args.tiny else ''}{device.replace(' ', '_')}.json"
+    meta = dict(device=device, torch=torch.__version__, triton=triton.__version__, **meta,
+                command=report.recorded_command(f"bench/{script}.py", sys.argv[1:] if argv is None else argv,
                                                 {"--out"}))
     path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
     print(f"wrote {path}")
-    return rows
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ prefill). Rows, L2 flushed before each timed call:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -34,11 +33,10 @@ if "--tiny" in sys.argv:  # before the kernels are defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch
-import triton
 
+from decode_splits import write_rows  # noqa: E402 (a sibling script)
 from segcompile.kernels import dispatch, triton_history
 from segcompile.kernels.history_format import HistoryGeometry, QuantizedHistory, quantize_history
-from segcompile.quality import report
 
 SHAPE_8B = dict(H=32, HK=8, N_LR=2, D=128, S=4096)  # fraction(0.25), S = T
 TINY = dict(H=4, HK=2, N_LR=1, D=16, S=64)
@@ -163,14 +161,7 @@ def main(argv=None):
     for r in rows:
         rate = f"{r['gb_per_s']:7.0f}" if "gb_per_s" in r else ""
         print(f"{r['history_len']:9} {r['what']:>22} {r['us']:9.1f} {rate}")
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"history_copy-{'tiny-' if args.tiny else ''}{name.replace(' ', '_')}.json"
-    meta = dict(device=name, torch=torch.__version__, triton=triton.__version__, shape=shape,
-                tile=dict(triton_history.COPY_TILE),
-                command=report.recorded_command("bench/history_copy.py", sys.argv[1:] if argv is None else argv,
-                                                {"--out"}))
-    path.write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))
-    print(f"wrote {path}")
+    write_rows("history_copy", args, argv, name, rows, shape=shape, tile=dict(triton_history.COPY_TILE))
     return rows
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -58,11 +59,16 @@ def require_smollm2() -> None:
 
 def load_script(folder: str, name: str):
     """``folder/name.py`` of the repository (``bench``, ``examples``: folders of scripts, not
-    packages) as a module."""
+    packages) as a module; its folder is on ``sys.path`` while it loads, as when it runs as a
+    script, so that it can import its siblings."""
     path = Path(__file__).resolve().parents[1] / folder / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.path.insert(0, str(path.parent))
+    try:
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(str(path.parent))
     return module
 
 
