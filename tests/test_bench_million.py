@@ -6,7 +6,6 @@ out-of-memory error, and rows of two runs merged."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,16 +14,11 @@ from conftest import load_script
 
 import segcompile as sc
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture(scope="module")
 def million():
-    sys.path.insert(0, str(BENCH))  # bench_million imports bench_prefill, which imports memory_trace
-    try:
-        yield load_script("bench", "bench_million")
-    finally:
-        sys.path.remove(str(BENCH))
+    return load_script("bench", "bench_million")  # its sibling imports resolve as when it runs
 
 
 def rows_of(out: Path) -> dict:

@@ -3,22 +3,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pytest
 from conftest import load_script
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    sys.path.insert(0, str(BENCH))  # bench_training imports memory_trace
-    try:
-        yield load_script("bench", "bench_training")
-    finally:
-        sys.path.remove(str(BENCH))
+    return load_script("bench", "bench_training")  # its sibling imports resolve as when it runs
 
 
 def test_compile_options_from_the_command_line(bench):
