@@ -44,6 +44,7 @@ import transformers
 import segcompile as sc
 from segcompile.cli import HISTORY_DTYPE_WORDS, history_dtype_of
 from segcompile.kernels.history_format import history_bytes
+from segcompile.quality.report import recorded_command
 
 import memory_trace  # noqa: E402
 
@@ -235,7 +236,8 @@ def report(args, rows, weights, transform_s, seg):
     device = torch.cuda.get_device_name()
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"bench_prefill-{device.replace(' ', '_')}"
-    meta = dict(device=device, torch=torch.__version__, transformers=transformers.__version__, command=" ".join(sys.argv),
+    meta = dict(device=device, torch=torch.__version__, transformers=transformers.__version__,
+                command=recorded_command("bench/bench_prefill.py", sys.argv[1:], {"--out"}),
                 weights_gib=weights / GiB, transform_seconds=transform_s, segment_len=args.segment_len,
                 long_range=args.long_range, chunk=args.chunk, layers=args.layers, history_dtype=args.history_dtype,
                 implementations=sorted(set(seg.implementations.values())))

@@ -40,7 +40,9 @@ from segcompile.kernels.history_format import HistoryGeometry, QuantizedHistory,
 
 SHAPE_8B = dict(H=32, HK=8, N_LR=2, D=128, S=4096)  # fraction(0.25), S = T
 TINY = dict(H=4, HK=2, N_LR=1, D=16, S=64)
-L2_FLUSH_BYTES = 256 << 20  # written before each timed call: more than any GPU's L2
+# read before each timed call: more than any GPU's L2. Read, not written: a written buffer leaves
+# dirty lines that the timed kernel would pay to write back
+L2_FLUSH_BYTES = 256 << 20
 
 
 def parse_args(argv=None):
@@ -60,10 +62,10 @@ def parse_args(argv=None):
 def timed_us(fn, device: str, repeats: int, before=None) -> float:
     """Median microseconds of ``fn(*before())`` (``fn()`` without ``before``), the L2 flushed and
     ``before`` run untimed ahead of each call (CUDA events; on the CPU, the wall clock)."""
-    flush = torch.empty(L2_FLUSH_BYTES if device == "cuda" else 1, dtype=torch.uint8, device=device)
+    flush = torch.ones(L2_FLUSH_BYTES if device == "cuda" else 1, dtype=torch.uint8, device=device)
     times = []
     for _ in range(repeats + 2):  # the first two warm up
-        flush.zero_()
+        flush.sum()
         args = before() if before is not None else ()
         if device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
