@@ -162,6 +162,11 @@ def test_quantize_kernel_equals_the_reference(dtype, start, length):
     assert torch.equal(buffer[:, :, 4 : 4 + length].float(), want_values.float())
     assert buffer[:, :, :4].float().abs().sum() == buffer[:, :, 4 + length :].float().abs().sum() == 0
     assert scale_buffer[:, :, :2].abs().sum() == scale_buffer[:, :, 2 + scales.shape[2] :].abs().sum() == 0
+    # some heads, read in place (a segment end's long-range heads), in another order than x's
+    heads = torch.tensor([2, 0], device=DEVICE)
+    values, scales = triton_history.quantize(x, start, g, FP8, heads=heads)
+    want_values, want_scales = quantize_history(x.index_select(1, heads), start, g, FP8)
+    assert torch.equal(scales, want_scales) and torch.equal(values.float(), want_values.float())
 
 
 def test_quantize_refuses_buffers_it_cannot_write():

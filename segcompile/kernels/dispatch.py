@@ -70,12 +70,15 @@ def _dequantized_for_gluon(p: Problem, q, k, v, tail_k, tail_v, sink_k, sink_v, 
 
 
 def quantized_history(x: torch.Tensor, start: int, geometry: HistoryGeometry, dtype: torch.dtype,
-                      out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                      out: tuple[torch.Tensor, torch.Tensor] | None = None,
+                      heads: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``history_format.quantize_history``, by the one-pass kernel (``triton_history.py``) on a GPU:
     what a segment end appends to a quantised history; written into ``out`` (values, scales) if
-    given."""
+    given. ``heads``: of ``x.index_select(1, heads)``, which the kernel reads from ``x`` in place
+    (no gather a layer and segment)."""
     if x.is_cuda and not INTERPRET:
-        return triton_history.quantize(x, start, geometry, dtype, out=out)
+        return triton_history.quantize(x, start, geometry, dtype, out=out, heads=heads)
+    x = x.index_select(1, heads) if heads is not None else x
     values, scales = quantize_history(x, start, geometry, dtype)
     if out is None:
         return values, scales

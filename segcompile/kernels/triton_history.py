@@ -137,18 +137,21 @@ def _on_e4m3_grid(y):
 
 @triton.jit
 def _quantize_kernel(
-    X, V, SC, first, lo, hi, S, T, largest, inv_largest,
+    X, HEADS, V, SC, first, lo, hi, S, T, largest, inv_largest,
     stride_xb, stride_xh, stride_xp, stride_vb, stride_vh, stride_vp, stride_sb, stride_sh,
     D: tl.constexpr, BLOCK_D: tl.constexpr, SCALE_BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr,
+    GATHER: tl.constexpr,
 ):
-    """One program per (scale block, head, batch row): the block's amax, its scale, its values."""
+    """One program per (scale block, head, batch row): the block's amax, its scale, its values.
+    With ``GATHER``, head ``h`` of the history is head ``HEADS[h]`` of ``X``."""
     j, h, b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    x_head = tl.load(HEADS + h) if GATHER else h
     start, end = _block_range(first + j, S, T, SCALE_BLOCK)
     pos = start + tl.arange(0, SCALE_BLOCK)
     d = tl.arange(0, BLOCK_D)
     rows = (pos < end) & (pos >= lo) & (pos < hi)  # the block's positions that ``x`` holds
     mask = rows[:, None] & (d < D)[None, :]
-    x = tl.load(X + b * stride_xb + h * stride_xh + (pos - lo)[:, None] * stride_xp + d[None, :],
+    x = tl.load(X + b * stride_xb + x_head * stride_xh + (pos - lo)[:, None] * stride_xp + d[None, :],
                 mask=mask, other=0.0).to(tl.float32)
     amax = tl.max(tl.max(tl.abs(x), axis=1), axis=0)
     scale = tl.where(amax > 0, amax * inv_largest, 1.0)
@@ -158,30 +161,35 @@ def _quantize_kernel(
 
 
 def quantize(x: torch.Tensor, start: int, geometry: HistoryGeometry, dtype: torch.dtype,
-             out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+             out: tuple[torch.Tensor, torch.Tensor] | None = None,
+             heads: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``quantize_history(x, start, geometry, dtype)`` in one kernel: ``(values, scales)``, written
     into ``out`` if given (views of a history's buffers, where a segment end appends them: no
-    copies after the kernel)."""
+    copies after the kernel). ``heads`` (an integer tensor on ``x``'s device): quantise
+    ``x.index_select(1, heads)``, read in place (a segment end's long-range heads, ungathered)."""
     B, H, n, D = x.shape
+    if heads is not None:
+        H = heads.numel()
     first = geometry.num_blocks(start)
     blocks = geometry.num_blocks(start + n) - first
     if out is None:
         out = (torch.empty(B, H, n, D, dtype=dtype, device=x.device),
                torch.empty(B, H, blocks, dtype=torch.float32, device=x.device))
     values, scales = out
-    if (values.shape != x.shape or scales.shape != (B, H, blocks) or values.stride(3) != 1
+    if (values.shape != (B, H, n, D) or scales.shape != (B, H, blocks) or values.stride(3) != 1
             or (blocks and scales.stride(2) != 1)):
         raise ValueError(f"quantize: out of shapes {tuple(values.shape)}, {tuple(scales.shape)} for {tuple(x.shape)} "
                          f"({blocks} blocks), the last dimension of each contiguous")
     if blocks == 0:
         return values, scales
     x = usable(x)
+    gather = heads is not None
     _quantize_kernel[(blocks, H, B)](
-        x.detach(), values, scales, first, start, start + n, geometry.segment_len, geometry.tail_len,
+        x.detach(), heads if gather else x, values, scales, first, start, start + n, geometry.segment_len, geometry.tail_len,
         HISTORY_DTYPES[dtype], 1 / HISTORY_DTYPES[dtype], x.stride(0), x.stride(1), x.stride(2), values.stride(0), values.stride(1),
         values.stride(2), scales.stride(0), scales.stride(1),
         D=D, BLOCK_D=triton.next_power_of_2(D), SCALE_BLOCK=geometry.block, OUT_DTYPE=_TL_HISTORY[dtype],
-        **COMPILE_OPTIONS,
+        GATHER=gather, **COMPILE_OPTIONS,
     )
     return values, scales
 

@@ -55,6 +55,7 @@ from ..config import SegmentConfig, segment_pieces
 from ..errors import ConfigError, InputError, SegcompileError
 from ..ir import AttentionSite
 from ..kernels.problem import slot_table
+from ..kernels.history_format import QuantizedHistory
 from .. import ir
 from . import generation, training
 from ..inputs import check_token_tensor, token_ids
@@ -628,11 +629,13 @@ class SegmentedModel(torch.nn.Module):
             sinks = torch.cat([sinks, leaving[:, :, : G - sinks.shape[2]].to(constant)], dim=2)
         moved[f"sink_{kv}"] = sinks
         if site.long_range:
-            index = _head_index(tuple(site.long_range), leaving.device)
-            store, history = append_history(
-                getattr(layer, f"hist_store_{kv}"), getattr(layer, f"hist_{kv}"),
-                leaving.index_select(1, index).to(constant), token_major=bool(self._compiled),
-            )
+            index, history = _head_index(tuple(site.long_range), leaving.device), getattr(layer, f"hist_{kv}")
+            if isinstance(history, QuantizedHistory):  # its kernel reads the long-range heads in place
+                new, heads = leaving.to(constant), index
+            else:
+                new, heads = leaving.index_select(1, index).to(constant), None
+            store, history = append_history(getattr(layer, f"hist_store_{kv}"), history, new,
+                                            token_major=bool(self._compiled), heads=heads)
             moved[f"hist_store_{kv}"], moved[f"hist_{kv}"] = store, history
         return moved
 

@@ -269,8 +269,10 @@ def history_buffer(history, capacity: int, token_major: bool = False):
     return fresh, fresh[:, :, : history.shape[2]]
 
 
-def append_history(store: torch.Tensor | None, history: torch.Tensor, new: torch.Tensor, token_major: bool = False):
-    """Append ``new`` after ``history`` in an append-only buffer; return (buffer, view of the history).
+def append_history(store: torch.Tensor | None, history: torch.Tensor, new: torch.Tensor, token_major: bool = False,
+                   heads: torch.Tensor | None = None):
+    """Append ``new`` (with ``heads``: ``new.index_select(1, heads)``) after ``history`` in an
+    append-only buffer; return (buffer, view of the history).
 
     Segment graphs kept for TBPTT save the history view they read; a fresh concatenation per
     segment would give each its own copy. Appends land past the end of every view already
@@ -279,10 +281,11 @@ def append_history(store: torch.Tensor | None, history: torch.Tensor, new: torch
     only while a graph still holds them. A state whose view ends before what was already
     appended (a branch) gets a copy. ``token_major``: a new buffer is laid out token-major. A
     ``QuantizedHistory`` gets ``new`` quantised (``kernels/history_format.py``), its values and
-    scales appended alike.
+    scales appended alike; its kernel reads the ``heads`` of ``new`` in place.
     """
     if isinstance(history, QuantizedHistory):
-        return _append_quantized(store, history, new, token_major)
+        return _append_quantized(store, history, new, token_major, heads)
+    new = new.index_select(1, heads) if heads is not None else new
     length, need = history.shape[2], history.shape[2] + new.shape[2]
     # Another state that shares this buffer (two decodes continued from one state) may already have
     # appended past this view: writing here would change that state's history, so copy instead.
@@ -303,17 +306,19 @@ def written_past(store: torch.Tensor | None, length: int) -> bool:
     return store is not None and getattr(store, "_segcompile_filled", length) > length
 
 
-def _append_quantized(store: torch.Tensor | None, history: QuantizedHistory, new: torch.Tensor, token_major: bool):
+def _append_quantized(store: torch.Tensor | None, history: QuantizedHistory, new: torch.Tensor, token_major: bool,
+                      heads: torch.Tensor | None):
     """``append_history`` for a quantised history: ``store`` is its values' buffer, which carries
     the buffer of its scales (``_segcompile_scales``). ``new`` starts where a piece of the format
     starts (a segment's first S - T positions or its tail), so no block already written changes."""
     length, need = history.shape[2], history.shape[2] + new.shape[2]
-    if store is None or written_past(store, length) or store.shape[2] < need or store.shape[:2] != new.shape[:2]:
+    shape = (new.shape[0], heads.numel() if heads is not None else new.shape[1])
+    if store is None or written_past(store, length) or store.shape[2] < need or store.shape[:2] != shape:
         store, _ = _quantized_buffer(history, max(need, int(length * HISTORY_GROWTH)), token_major)
     blocks, total = history.scales.shape[2], history.geometry.num_blocks(need)
     # quantised straight into the buffers (one kernel on a GPU, as the model's dtype takes one copy)
     quantized_history(new, length, history.geometry, history.dtype,
-                      out=(store.data[:, :, length:need], store._segcompile_scales.data[:, :, blocks:total]))
+                      out=(store.data[:, :, length:need], store._segcompile_scales.data[:, :, blocks:total]), heads=heads)
     store._segcompile_filled = need
     return store, QuantizedHistory.of(store[:, :, :need], store._segcompile_scales[:, :, :total], history.geometry)
 
