@@ -290,6 +290,22 @@ def test_prefill_then_decode_across_segment_ends_equals_the_quantised_oracle(lla
     assert max_abs(got, want[:, 21:]) <= TOL.logits
 
 
+@pytest.mark.parametrize("n", [13, 22])  # capacities of 5 and 9 blocks (S = 8, T = 3: 2 blocks a segment)
+def test_scale_buffers_have_strides_triton_specialises_alike(llama32, n):
+    """Every quantised history's scale buffer has room for a multiple of 16 blocks, so its strides,
+    which the kernels take as integer arguments, are multiples of 16 at every prompt length: Triton
+    compiles one specialisation for all of them, not a new one at a length whose block count
+    changes the class (bench/README.md, prefill: the first fp8 128K prefill after a short warm-up
+    ran ~0.4 s longer than the next ones)."""
+    _, graph = llama32
+    seg = sc.transform(graph, config(), implementation="reference")
+    with torch.no_grad():
+        state = seg.prefill(random_ids(1, n, seed=n))
+    histories = [getattr(layer, f"hist_{kv}") for layer in state.layers for kv in "kv"]
+    assert histories and all(h.scales.stride(0) % 16 == h.scales.stride(1) % 16 == 0 for h in histories)
+    assert all(h.scales.shape[2] == h.geometry.num_blocks(h.shape[2]) for h in histories)
+
+
 def test_a_branch_keeps_its_own_quantised_history(llama32, oracle_logits):
     _, graph = llama32
     ids, want, _ = oracle_logits

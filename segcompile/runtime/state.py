@@ -29,6 +29,7 @@ from ..kernels.dispatch import quantized_history
 from ..kernels.history_format import HistoryGeometry, QuantizedHistory, empty_history
 
 HISTORY_GROWTH = 1.5  # capacity factor when the history buffer is full: amortised O(1) per token
+SCALE_ROOM = 16  # a quantised history's scale buffer holds a multiple of this many blocks
 
 # What a LayerState holds: the constants (what the next state may keep as it is), and all of it.
 CONSTANT_NAMES = ("sink_k", "sink_v", "hist_k", "hist_v", "hist_store_k", "hist_store_v")
@@ -329,7 +330,11 @@ def _quantized_buffer(history: QuantizedHistory, capacity: int, token_major: boo
     length, blocks = history.shape[2], history.scales.shape[2]
     values = empty_entries(history.values(), capacity, token_major)
     values[:, :, :length] = history.values()
-    scales = history.scales.new_empty(*history.shape[:2], history.geometry.num_blocks(capacity))
+    # room for a whole number of 16 blocks: the kernels' scale strides are then multiples of 16 at
+    # every capacity, one class of Triton's specialisation of integer arguments, so a prompt of a
+    # length not seen before does not compile the history kernels anew (bf16 strides already are)
+    room = -(-history.geometry.num_blocks(capacity) // SCALE_ROOM) * SCALE_ROOM
+    scales = history.scales.new_empty(*history.shape[:2], room)
     scales[:, :, :blocks] = history.scales
     values._segcompile_scales = scales
     values._segcompile_filled = length
