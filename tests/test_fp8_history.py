@@ -290,7 +290,7 @@ def test_prefill_then_decode_across_segment_ends_equals_the_quantised_oracle(lla
     assert max_abs(got, want[:, 21:]) <= TOL.logits
 
 
-@pytest.mark.parametrize("n", [13, 22])  # capacities of 5 and 9 blocks (S = 8, T = 3: 2 blocks a segment)
+@pytest.mark.parametrize("n", [13, 22])  # 3 and 6 scale blocks (S = 8, T = 3: 2 blocks a segment)
 def test_scale_buffers_have_strides_triton_specialises_alike(llama32, n):
     """Every quantised history's scale buffer has room for a multiple of 16 blocks, so its strides,
     which the kernels take as integer arguments, are multiples of 16 at every prompt length: Triton

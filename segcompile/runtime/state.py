@@ -317,7 +317,8 @@ def _append_quantized(store: torch.Tensor | None, history: QuantizedHistory, new
     if store is None or written_past(store, length) or store.shape[2] < need or store.shape[:2] != shape:
         store, _ = _quantized_buffer(history, max(need, int(length * HISTORY_GROWTH)), token_major)
     blocks, total = history.scales.shape[2], history.geometry.num_blocks(need)
-    # quantised straight into the buffers (one kernel on a GPU, as the model's dtype takes one copy)
+    # quantised straight into the buffers: one kernel on a GPU, reading the heads in place (the
+    # model's dtype takes a gather and a copy)
     quantized_history(new, length, history.geometry, history.dtype,
                       out=(store.data[:, :, length:need], store._segcompile_scales.data[:, :, blocks:total]), heads=heads)
     store._segcompile_filled = need
