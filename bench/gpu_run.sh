@@ -44,7 +44,8 @@ for step in "${steps[@]}"; do
         prefill) run prefill 170 python bench/bench_prefill.py ;;
         prefillfp8) run prefillfp8 320 python bench/bench_prefill.py --regimes segcompile --seq-lens 131072 \
             --history-dtype model fp8 --repeats 4 ;;  # the histories take turns
-        fp8tests) run fp8tests 200 python -m pytest -q tests/test_fp8_history.py tests/test_static_decode.py -k cuda ;;  # the GPU-only fp8 and static-decode tests
+        fp8tests) run fp8tests 300 python -m pytest -q tests/test_fp8_history.py ;  # its kernel tests run on CUDA there
+            run fp8tests-static 200 python -m pytest -q tests/test_static_decode.py -k cuda ;;  # the GPU-only static-decode tests
         historycopy) run historycopy 200 python bench/history_copy.py ;;  # the fp8 history's widening copy by tile; the forward after it
         launches) run launches 200 python -m pytest -q tests/test_kernel_launches.py ;;  # every launch compiled with contraction (Gluon's too)
         profileprefill) run profileprefill 260 python bench/profile_prefill.py ;;
