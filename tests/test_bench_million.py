@@ -15,7 +15,6 @@ from conftest import load_script
 import segcompile as sc
 
 
-
 @pytest.fixture(scope="module")
 def million():
     return load_script("bench", "bench_million")  # its sibling imports resolve as when it runs

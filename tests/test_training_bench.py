@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-
 import pytest
 from conftest import load_script
-
 
 
 @pytest.fixture(scope="module")

@@ -630,7 +630,9 @@ class SegmentedModel(torch.nn.Module):
         moved[f"sink_{kv}"] = sinks
         if site.long_range:
             index, history = _head_index(tuple(site.long_range), leaving.device), getattr(layer, f"hist_{kv}")
-            if isinstance(history, QuantizedHistory):  # its kernel reads the long-range heads in place
+            # a quantised history's kernel reads the long-range heads in place (no gather); a plain
+            # one gathers them first, so that only they are converted to the carried dtype
+            if isinstance(history, QuantizedHistory):
                 new, heads = leaving.to(constant), index
             else:
                 new, heads = leaving.index_select(1, index).to(constant), None
