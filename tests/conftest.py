@@ -32,6 +32,11 @@ transformers.logging.set_verbosity_error()
 
 VOCAB = FAMILY_VOCAB
 
+# The tiny models run on the CPU, where their Triton kernels run in the interpreter; on a machine
+# with CUDA (the variable unset) the kernel tests run compiled on the GPU instead.
+CPU_TRITON = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="a CPU model's Triton kernels need TRITON_INTERPRET=1")
+
 
 @functools.cache
 def captured(family: str, impl: str = "sdpa", layers: int = 2, dtype=torch.float32):

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import captured, random_ids
+from conftest import CPU_TRITON, captured, random_ids
 
 import segcompile as sc
 from segcompile.kernels.dispatch import segment_attention_backward, segment_attention_forward
@@ -167,6 +167,15 @@ def test_quantize_kernel_equals_the_reference(dtype, start, length):
     values, scales = triton_history.quantize(x, start, g, FP8, heads=heads)
     want_values, want_scales = quantize_history(x.index_select(1, heads), start, g, FP8)
     assert torch.equal(scales, want_scales) and torch.equal(values.float(), want_values.float())
+    # a layer's K and V in one launch: V token-major, of another head dim
+    v = (torch.randn(2, length, 3, 24, generator=torch.Generator().manual_seed(length)) * 3).to(DEVICE, dtype)
+    v = v.transpose(1, 2)
+    outs = [(torch.zeros(2, 2, length, t.shape[-1], dtype=FP8, device=DEVICE), torch.zeros_like(want_scales))
+            for t in (x, v)]
+    triton_history.quantize_pair(x, v, start, g, FP8, outs, heads=heads)
+    for t, (got_values, got_scales) in zip((x, v), outs):
+        want_values, want_scales = quantize_history(t.index_select(1, heads), start, g, FP8)
+        assert torch.equal(got_scales, want_scales) and torch.equal(got_values.float(), want_values.float())
 
 
 def test_quantize_refuses_buffers_it_cannot_write():
@@ -178,6 +187,8 @@ def test_quantize_refuses_buffers_it_cannot_write():
     with pytest.raises(ValueError, match="last dimension of each contiguous"):  # scales strided
         strided = torch.empty(1, 2, 2 * scales.shape[2], device=DEVICE)[:, :, ::2]
         triton_history.quantize(x, 0, g, FP8, out=(torch.empty(1, 2, 8, 16, dtype=FP8, device=DEVICE), strided))
+    with pytest.raises(ValueError, match="quantize_pair: K .* and V .* differ"):  # V one position short
+        triton_history.quantize_pair(x, x[:, :, 1:], 0, g, FP8, [(torch.empty_like(x, dtype=FP8), scales)] * 2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -259,7 +270,7 @@ def oracle_logits(llama32):
         return ids, sc.oracle.forward(model, config(), ids), sc.oracle.forward(model, config(history_dtype=None), ids)
 
 
-@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=CPU_TRITON)])
 def test_forward_equals_the_quantised_oracle(llama32, oracle_logits, impl):
     _, graph = llama32
     ids, want, unquantised = oracle_logits
@@ -271,7 +282,7 @@ def test_forward_equals_the_quantised_oracle(llama32, oracle_logits, impl):
     assert "history_dtype=torch.float8_e4m3fn" in repr(seg)
 
 
-@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=CPU_TRITON)])
 def test_prefill_then_decode_across_segment_ends_equals_the_quantised_oracle(llama32, oracle_logits, impl):
     _, graph = llama32
     ids, want, _ = oracle_logits
@@ -318,7 +329,7 @@ def test_a_branch_keeps_its_own_quantised_history(llama32, oracle_logits):
     assert max_abs(got, want[:, 14:24]) <= TOL.logits
 
 
-@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=CPU_TRITON)])
 def test_tbptt_gradients_equal_the_quantised_oracle(impl):
     model, graph = captured("llama")
     cfg = config(long_range=sc.HeadPlan.all(), tbptt_k=1)
@@ -339,7 +350,8 @@ def test_tbptt_gradients_equal_the_quantised_oracle(impl):
     assert worst(unquantised) > 10 * TOL.relative
 
 
-@pytest.mark.parametrize("kernel,compile", [(False, False), (True, False), (True, {"backend": "aot_eager"})])
+@pytest.mark.parametrize("kernel,compile", [(False, False), pytest.param(True, False, marks=CPU_TRITON),
+                                            pytest.param(True, {"backend": "aot_eager"}, marks=CPU_TRITON)])
 def test_fixed_shape_decode_on_an_fp8_history_equals_the_quantised_oracle(llama32, oracle_logits, kernel, compile):
     # the CUDA-graph decoder's program (run eagerly off CUDA): fp8 history buffers and their scales,
     # quantised at each segment end as the eager decode's are; PyTorch products (kernel=False) or

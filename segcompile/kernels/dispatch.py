@@ -87,6 +87,18 @@ def quantized_history(x: torch.Tensor, start: int, geometry: HistoryGeometry, dt
     return out
 
 
+def quantized_history_pair(xs: tuple[torch.Tensor, torch.Tensor], start: int, geometry: HistoryGeometry,
+                           dtype: torch.dtype, outs: tuple[tuple[torch.Tensor, torch.Tensor], ...],
+                           heads: torch.Tensor | None = None) -> None:
+    """``quantized_history`` of a layer's K and V (same batch, heads and positions), written into
+    ``outs`` (K's values and scales, then V's): one launch for both on a GPU."""
+    if xs[0].is_cuda and not INTERPRET:
+        triton_history.quantize_pair(*xs, start, geometry, dtype, outs, heads=heads)
+        return
+    for x, out in zip(xs, outs):
+        quantized_history(x, start, geometry, dtype, out=out, heads=heads)
+
+
 def _widened(hist: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``dequantized(hist, dtype)``, by the one-pass kernel (``triton_history.py``) on a GPU."""
     if isinstance(hist, QuantizedHistory) and hist.is_cuda and not INTERPRET:

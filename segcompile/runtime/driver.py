@@ -65,7 +65,7 @@ from .state import (
     LayerState,
     ProgramId,
     SegmentState,
-    append_history,
+    append_history_pair,
     carried_dtype,
     check_state_program,
     compiled_layout,
@@ -583,20 +583,20 @@ class SegmentedModel(torch.nn.Module):
         for i, (site, layer) in enumerate(zip(self.sites, state.layers)):
             if retired is not None:
                 layer = replace(layer, **retired[i])
-            moved = {}
+            moved, leaving = {}, {}
             for kv in ("k", "v"):
                 current = getattr(layer, f"current_{kv}").detach()
-                leaving = current[:, :, : S - T]
+                leaving[kv] = current[:, :, : S - T]
                 if retired is None:
                     tail = getattr(layer, f"tail_{kv}").detach()  # a TBPTT leaf: sinks and history are constants
                     # the tail follows the K/V dtype of the run
-                    leaving = torch.cat([tail.to(current.dtype), leaving], dim=2)
-                moved.update(self._leave(site, layer, kv, leaving))
+                    leaving[kv] = torch.cat([tail.to(current.dtype), leaving[kv]], dim=2)
                 # views would keep the whole segment's buffer alive with the tail (S entries a
                 # layer where T are carried): with T < S the tail gets its own copy
                 tail = current[:, :, S - T :]
                 moved[f"tail_{kv}"] = tail.clone() if T < S else tail
                 moved[f"current_{kv}"] = current.new_empty(*current.shape[:2], 0, current.shape[3])
+            moved.update(self._leave(site, layer, leaving))
             layers.append(replace(layer, **moved))
         return replace(state, layers=tuple(layers))
 
@@ -609,36 +609,38 @@ class SegmentedModel(torch.nn.Module):
         its steps, so it leaves in the dtype ``end_segment`` would convert it to."""
         retired = []
         for site, layer in zip(self.sites, state.layers):
-            moved = {}
-            for kv in ("k", "v"):
-                moved.update(self._leave(site, layer, kv, getattr(layer, f"tail_{kv}").detach()))
-            retired.append(moved)
+            retired.append(self._leave(site, layer, {kv: getattr(layer, f"tail_{kv}").detach() for kv in ("k", "v")}))
         return tuple(retired)
 
-    def _leave(self, site: AttentionSite, layer: LayerState, kv: str, leaving: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``layer``'s sinks and history (``kv``: "k" or "v") with ``leaving``, entries that leave
-        the tail in position order, appended: the sinks while they have fewer than G entries,
-        the history for the long-range KV heads. Both are constants, in ``carried_dtype``."""
+    def _leave(self, site: AttentionSite, layer: LayerState, leaving: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``layer``'s sinks and histories with ``leaving`` (``{"k": ..., "v": ...}``, the entries
+        that leave the tail, in position order) appended: the sinks while they have fewer than G
+        entries, the histories for the long-range KV heads (K's and V's together: one kernel for
+        a quantised pair). All are constants, in ``carried_dtype``."""
         G = self.cfg.sink_tokens
-        constant = carried_dtype(leaving.dtype, leaving.device.type)
         moved = {}
-        sinks = getattr(layer, f"sink_{kv}").to(constant)
-        if sinks.shape[2] < G:
-            # only the entries the sinks take: a slice of the whole concatenation would keep every
-            # leaving entry alive with them (a segment's K/V a layer, for good)
-            sinks = torch.cat([sinks, leaving[:, :, : G - sinks.shape[2]].to(constant)], dim=2)
-        moved[f"sink_{kv}"] = sinks
+        for kv, entries in leaving.items():
+            sinks = getattr(layer, f"sink_{kv}").to(carried_dtype(entries.dtype, entries.device.type))
+            if sinks.shape[2] < G:
+                # only the entries the sinks take: a slice of the whole concatenation would keep every
+                # leaving entry alive with them (a segment's K/V a layer, for good)
+                sinks = torch.cat([sinks, entries[:, :, : G - sinks.shape[2]].to(sinks.dtype)], dim=2)
+            moved[f"sink_{kv}"] = sinks
         if site.long_range:
-            index, history = _head_index(tuple(site.long_range), leaving.device), getattr(layer, f"hist_{kv}")
+            kvs = tuple(leaving)
+            index = _head_index(tuple(site.long_range), leaving["k"].device)
+            histories = tuple(getattr(layer, f"hist_{kv}") for kv in kvs)
+            constant = carried_dtype(leaving["k"].dtype, leaving["k"].device.type)
             # a quantised history's kernel reads the long-range heads in place (no gather); a plain
             # one gathers them first, so that only they are converted to the carried dtype
-            if isinstance(history, QuantizedHistory):
-                new, heads = leaving.to(constant), index
+            if isinstance(histories[0], QuantizedHistory):
+                news, heads = tuple(leaving[kv].to(constant) for kv in kvs), index
             else:
-                new, heads = leaving.index_select(1, index).to(constant), None
-            store, history = append_history(getattr(layer, f"hist_store_{kv}"), history, new,
-                                            token_major=bool(self._compiled), heads=heads)
-            moved[f"hist_store_{kv}"], moved[f"hist_{kv}"] = store, history
+                news, heads = tuple(leaving[kv].index_select(1, index).to(constant) for kv in kvs), None
+            stores = tuple(getattr(layer, f"hist_store_{kv}") for kv in kvs)
+            appended = append_history_pair(stores, histories, news, token_major=bool(self._compiled), heads=heads)
+            for kv, (store, history) in zip(kvs, appended):
+                moved[f"hist_store_{kv}"], moved[f"hist_{kv}"] = store, history
         return moved
 
     def _check_ids(self, input_ids: torch.Tensor) -> None:

@@ -25,7 +25,7 @@ import torch
 from ..config import SegmentConfig, segment_start
 from ..errors import StateError
 from ..ir import STATE_NAMES, AttentionSite
-from ..kernels.dispatch import quantized_history
+from ..kernels.dispatch import quantized_history, quantized_history_pair
 from ..kernels.history_format import HistoryGeometry, QuantizedHistory, empty_history
 
 HISTORY_GROWTH = 1.5  # capacity factor when the history buffer is full: amortised O(1) per token
@@ -285,7 +285,7 @@ def append_history(store: torch.Tensor | None, history: torch.Tensor, new: torch
     scales appended alike; its kernel reads the ``heads`` of ``new`` in place.
     """
     if isinstance(history, QuantizedHistory):
-        return _append_quantized(store, history, new, token_major, heads)
+        return _append_quantized((store,), (history,), (new,), token_major, heads)[0]
     new = new.index_select(1, heads) if heads is not None else new
     length, need = history.shape[2], history.shape[2] + new.shape[2]
     # Another state that shares this buffer (two decodes continued from one state) may already have
@@ -307,22 +307,43 @@ def written_past(store: torch.Tensor | None, length: int) -> bool:
     return store is not None and getattr(store, "_segcompile_filled", length) > length
 
 
-def _append_quantized(store: torch.Tensor | None, history: QuantizedHistory, new: torch.Tensor, token_major: bool,
-                      heads: torch.Tensor | None):
-    """``append_history`` for a quantised history: ``store`` is its values' buffer, which carries
-    the buffer of its scales (``_segcompile_scales``). ``new`` starts where a piece of the format
-    starts (a segment's first S - T positions or its tail), so no block already written changes."""
-    length, need = history.shape[2], history.shape[2] + new.shape[2]
-    shape = (new.shape[0], heads.numel() if heads is not None else new.shape[1])
-    if store is None or written_past(store, length) or store.shape[2] < need or store.shape[:2] != shape:
-        store, _ = _quantized_buffer(history, max(need, int(length * HISTORY_GROWTH)), token_major)
-    blocks, total = history.scales.shape[2], history.geometry.num_blocks(need)
+def append_history_pair(stores: tuple, histories: tuple, news: tuple, token_major: bool = False,
+                        heads: torch.Tensor | None = None) -> tuple:
+    """``append_history`` of a layer's K and V (each argument a pair, K's first; returns a pair of
+    (buffer, view of the history)): a quantised pair of the same length is quantised in one
+    launch on a GPU (``dispatch.quantized_history_pair``)."""
+    if all(isinstance(h, QuantizedHistory) for h in histories) and histories[0].shape[2] == histories[1].shape[2]:
+        return _append_quantized(stores, histories, news, token_major, heads)
+    return tuple(append_history(*args, token_major=token_major, heads=heads) for args in zip(stores, histories, news))
+
+
+def _append_quantized(stores: tuple, histories: tuple, news: tuple, token_major: bool, heads: torch.Tensor | None):
+    """``append_history`` for quantised histories (one, or a layer's K and V of one length): each
+    store is its values' buffer, which carries the buffer of its scales (``_segcompile_scales``).
+    Each new part starts where a piece of the format starts (a segment's first S - T positions or
+    its tail), so no block already written changes."""
+    buffers, outs = [], []
+    for store, history, new in zip(stores, histories, news):
+        length, need = history.shape[2], history.shape[2] + new.shape[2]
+        shape = (new.shape[0], heads.numel() if heads is not None else new.shape[1])
+        if store is None or written_past(store, length) or store.shape[2] < need or store.shape[:2] != shape:
+            store, _ = _quantized_buffer(history, max(need, int(length * HISTORY_GROWTH)), token_major)
+        blocks, total = history.scales.shape[2], history.geometry.num_blocks(need)
+        buffers.append((store, need, total))
+        outs.append((store.data[:, :, length:need], store._segcompile_scales.data[:, :, blocks:total]))
     # quantised straight into the buffers: one kernel on a GPU, reading the heads in place (the
     # model's dtype takes a gather and a copy)
-    quantized_history(new, length, history.geometry, history.dtype,
-                      out=(store.data[:, :, length:need], store._segcompile_scales.data[:, :, blocks:total]), heads=heads)
-    store._segcompile_filled = need
-    return store, QuantizedHistory.of(store[:, :, :need], store._segcompile_scales[:, :, :total], history.geometry)
+    first = histories[0]
+    if len(news) == 2:
+        quantized_history_pair(news, first.shape[2], first.geometry, first.dtype, outs, heads=heads)
+    else:
+        quantized_history(news[0], first.shape[2], first.geometry, first.dtype, out=outs[0], heads=heads)
+    appended = []
+    for store, need, total in buffers:
+        store._segcompile_filled = need
+        appended.append((store, QuantizedHistory.of(store[:, :, :need], store._segcompile_scales[:, :, :total],
+                                                    first.geometry)))
+    return tuple(appended)
 
 
 def _quantized_buffer(history: QuantizedHistory, capacity: int, token_major: bool):
