@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
-from conftest import captured, random_ids
+from conftest import CPU_TRITON, captured, random_ids
 
 import segcompile as sc
 from segcompile.errors import SegcompileError
@@ -87,6 +87,7 @@ def test_static_decode_equals_eager_decode(family, plan, tail, sinks, batch):
         ("gpt2", "all", 3, 2, 2 * S),  # no GQA; from a segment start
     ],
 )
+@CPU_TRITON
 def test_static_decode_on_the_triton_kernel_equals_eager_decode(family, plan, tail, sinks, prompt):
     # the kernel the CUDA path runs (here under the interpreter), lengths read from the position tensor
     seg = make(family, plan, tail, sinks)
@@ -97,6 +98,7 @@ def test_static_decode_on_the_triton_kernel_equals_eager_decode(family, plan, ta
     assert "attention by the Triton kernel" in repr(seg)
 
 
+@CPU_TRITON
 def test_compiled_static_step_equals_eager_decode_with_one_graph_for_every_bucket():
     # the Triton kernel inside the compiled step (a custom op that writes the buffers); AOTAutograd
     # (functionalisation of that write) without Inductor's code generation, which the GPU run covers

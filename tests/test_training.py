@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import captured, max_abs, random_ids
+from conftest import CPU_TRITON, captured, max_abs, random_ids
 
 import segcompile as sc
 import segcompile.ops
@@ -287,7 +287,7 @@ def test_under_autocast_history_and_sinks_are_kept_in_the_autocast_dtype():
     assert torch.nn.functional.cosine_similarity(logits[:, -1].float(), want, dim=-1).min() > 0.999
 
 
-@pytest.mark.parametrize("implementation", ["reference", "triton"])
+@pytest.mark.parametrize("implementation", ["reference", pytest.param("triton", marks=CPU_TRITON)])
 def test_compiled_step_graph_trains(implementation):
     # torch.compile traces each backward: the Triton backward is an op of its own, the reference's
     # recompute builds an explicit mask while tracing, and tbptt_backward turns off buffer

@@ -9,7 +9,7 @@ this kernel reads the value and its block's scale and writes the result, 3 bytes
 128K prefill of the 8B shape (bench/README.md, prefill) the fp8 history's prefill took 1.12x the
 bf16 one's time with the reference's copy, 1.05x with this kernel's. Quantising what a segment
 end moves into the history takes the reference about ten small operations; here it is one
-launch, a program per scale block.
+launch for a layer's K and V (``quantize_pair``), a program per scale block of each.
 """
 
 from __future__ import annotations
