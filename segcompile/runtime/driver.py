@@ -627,7 +627,7 @@ class SegmentedModel(torch.nn.Module):
                 sinks = torch.cat([sinks, entries[:, :, : G - sinks.shape[2]].to(sinks.dtype)], dim=2)
             moved[f"sink_{kv}"] = sinks
         if site.long_range:
-            kvs = tuple(leaving)
+            kvs = ("k", "v")  # append_history_pair takes K first
             index = _head_index(tuple(site.long_range), leaving["k"].device)
             histories = tuple(getattr(layer, f"hist_{kv}") for kv in kvs)
             constant = carried_dtype(leaving["k"].dtype, leaving["k"].device.type)
