@@ -56,7 +56,7 @@ from ..config import SegmentConfig, offset_in_segment, segment_start
 from ..errors import SegcompileError, StateError
 from .. import ir
 from ..ir import AttentionSite
-from ..kernels.dispatch import quantized_history
+from ..kernels.dispatch import quantized_history_pair
 from ..kernels.history_format import HistoryGeometry, QuantizedHistory
 from .state import (HISTORY_GROWTH, LayerState, ProgramId, SegmentState, carried_dtype, check_state_layout,
                     history_buffer, written_past)
@@ -350,26 +350,28 @@ class StaticBuffers:
         sink_hi = min(G, start + S)
         for site, local, history in zip(self.decoder.sites, self.local, self.history):
             n_local = site.num_kv_heads - len(site.long_range)
-            for kv in ("k", "v"):
-                buffer = local[kv]
-                leaving = buffer[:, :, G : G + S]
-                if lo < sink_hi:
-                    buffer[:, :, lo:sink_hi] = leaving[:, :, lo - start : sink_hi - start]
-                if site.long_range:
-                    self._append_history(history, kv, leaving[n_local:, :, lo - start :], lo)
-                if T:  # after the reads above: the tail slots are part of what leaves
+            leaving = {kv: local[kv][:, :, G : G + S] for kv in ("k", "v")}
+            if lo < sink_hi:
+                for kv, buffer in local.items():
+                    buffer[:, :, lo:sink_hi] = leaving[kv][:, :, lo - start : sink_hi - start]
+            if site.long_range:
+                self._append_history(history, {kv: x[n_local:, :, lo - start :] for kv, x in leaving.items()}, lo)
+            if T:  # after the reads above: the tail slots are part of what leaves
+                for buffer in local.values():
                     buffer[:, :, G : G + T] = buffer[:, :, G + S : G + S + T]
 
-    def _append_history(self, history: dict[str, torch.Tensor], kv: str, new: torch.Tensor, at: int) -> None:
-        """Write ``new [n_lr, B, n, D]`` into history slots ``[at, at + n)``; quantised as the eager
-        decode's segment end quantises it (``at`` starts a piece of the block layout)."""
+    def _append_history(self, history: dict[str, torch.Tensor], new: dict[str, torch.Tensor], at: int) -> None:
+        """Write ``new`` (K's and V's, ``[n_lr, B, n, D]`` each) into history slots ``[at, at + n)``;
+        quantised as the eager decode's segment end quantises them (``at`` starts a piece of the
+        block layout), K and V in one launch on a GPU."""
+        end = at + new["k"].shape[2]
         if self.geometry is None:
-            history[kv][:, :, at : at + new.shape[2]] = new
+            for kv, x in new.items():
+                history[kv][:, :, at:end] = x
             return
-        end = at + new.shape[2]
         blocks = slice(self.geometry.num_blocks(at), self.geometry.num_blocks(end))
-        quantized_history(new, at, self.geometry, self.decoder.cfg.history_dtype,
-                          out=(history[kv][:, :, at:end], history[f"{kv}_scales"][:, :, blocks]))
+        outs = tuple((history[kv][:, :, at:end], history[f"{kv}_scales"][:, :, blocks]) for kv in ("k", "v"))
+        quantized_history_pair((new["k"], new["v"]), at, self.geometry, self.decoder.cfg.history_dtype, outs)
 
     # ---- liveness ------------------------------------------------------------------------------------
     def check_live(self, state: StaticState) -> None:
