@@ -618,9 +618,10 @@ class SegmentedModel(torch.nn.Module):
         entries, the histories for the long-range KV heads (K's and V's together: one kernel for
         a quantised pair). All are constants, in ``carried_dtype``."""
         G = self.cfg.sink_tokens
+        constant = {kv: carried_dtype(entries.dtype, entries.device.type) for kv, entries in leaving.items()}
         moved = {}
         for kv, entries in leaving.items():
-            sinks = getattr(layer, f"sink_{kv}").to(carried_dtype(entries.dtype, entries.device.type))
+            sinks = getattr(layer, f"sink_{kv}").to(constant[kv])
             if sinks.shape[2] < G:
                 # only the entries the sinks take: a slice of the whole concatenation would keep every
                 # leaving entry alive with them (a segment's K/V a layer, for good)
@@ -630,13 +631,12 @@ class SegmentedModel(torch.nn.Module):
             kvs = ("k", "v")  # append_history_pair takes K first
             index = _head_index(tuple(site.long_range), leaving["k"].device)
             histories = tuple(getattr(layer, f"hist_{kv}") for kv in kvs)
-            constant = carried_dtype(leaving["k"].dtype, leaving["k"].device.type)
             # a quantised history's kernel reads the long-range heads in place (no gather); a plain
             # one gathers them first, so that only they are converted to the carried dtype
             if isinstance(histories[0], QuantizedHistory):
-                news, heads = tuple(leaving[kv].to(constant) for kv in kvs), index
+                news, heads = tuple(leaving[kv].to(constant[kv]) for kv in kvs), index
             else:
-                news, heads = tuple(leaving[kv].index_select(1, index).to(constant) for kv in kvs), None
+                news, heads = tuple(leaving[kv].index_select(1, index).to(constant[kv]) for kv in kvs), None
             stores = tuple(getattr(layer, f"hist_store_{kv}") for kv in kvs)
             appended = append_history_pair(stores, histories, news, token_major=bool(self._compiled), heads=heads)
             for kv, (store, history) in zip(kvs, appended):

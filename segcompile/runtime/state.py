@@ -312,16 +312,18 @@ def append_history_pair(stores: tuple, histories: tuple, news: tuple, token_majo
     """``append_history`` of a layer's K and V (each argument a pair, K's first; returns a pair of
     (buffer, view of the history)): a quantised pair of the same length is quantised in one
     launch on a GPU (``dispatch.quantized_history_pair``)."""
-    if all(isinstance(h, QuantizedHistory) for h in histories) and histories[0].shape[2] == histories[1].shape[2]:
+    k, v = histories
+    if (isinstance(k, QuantizedHistory) and isinstance(v, QuantizedHistory) and k.shape[2] == v.shape[2]
+            and k.geometry == v.geometry and k.dtype == v.dtype):
         return _append_quantized(stores, histories, news, token_major, heads)
     return tuple(append_history(*args, token_major=token_major, heads=heads) for args in zip(stores, histories, news))
 
 
 def _append_quantized(stores: tuple, histories: tuple, news: tuple, token_major: bool, heads: torch.Tensor | None):
-    """``append_history`` for quantised histories (one, or a layer's K and V of one length): each
-    store is its values' buffer, which carries the buffer of its scales (``_segcompile_scales``).
-    Each new part starts where a piece of the format starts (a segment's first S - T positions or
-    its tail), so no block already written changes."""
+    """``append_history`` for quantised histories (one, or a layer's K and V of one length, block
+    geometry and dtype): each store is its values' buffer, which carries the buffer of its scales
+    (``_segcompile_scales``). Each new part starts where a piece of the format starts (a segment's
+    first S - T positions or its tail), so no block already written changes."""
     buffers, outs = [], []
     for store, history, new in zip(stores, histories, news):
         length, need = history.shape[2], history.shape[2] + new.shape[2]
