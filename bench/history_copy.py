@@ -14,7 +14,11 @@ prefill). Rows, L2 flushed before each timed call:
 * on Hopper, ``forward after pair`` and ``forward over bf16``: the Gluon forward of the layer
   (32 query heads, 8 KV heads, 2 long-range, a 4096-token segment and tail) right after the copy,
   over the copy's output, and over a bf16 history with no copy before it: whether the copy's last
-  blocks, the first the forward reads, are still in L2 for it.
+  blocks, the first the forward reads, are still in L2 for it; ``copy + forward``: the copy and
+  the forward timed together (a call over the fp8 history); ``forward widening next``: the forward
+  over a bf16 history while it widens another layer's fp8 history of the same length
+  (``gluon_attention.NextHistory``, what prefill runs): against ``forward over bf16``, what the
+  widening costs the forward, against ``copy + forward`` what it saves. The four take turns.
 
     python bench/history_copy.py                                   # 64K and 122,880 positions
     python bench/history_copy.py --history-lens 122880 --tiles 64,4 128,8
@@ -129,22 +133,37 @@ def _with_tile(block_p: int, warps: int):
 
 
 def forward_rows(P: int, args, shape: dict) -> list[dict]:
-    """The Gluon forward of one layer after the copy and over a bf16 history (Hopper only)."""
+    """The Gluon forward of one layer after the copy, over a bf16 history, both timed as one, and
+    widening another layer's fp8 history of the same length while it runs (Hopper only)."""
     H, HK, D, S = shape["H"], shape["HK"], shape["D"], shape["S"]
     r = lambda *size: torch.randn(*size, device="cuda", dtype=torch.bfloat16)  # noqa: E731
     inputs = (r(1, H, S, D), r(1, HK, S, D), r(1, HK, S, D), r(1, HK, S, D), r(1, HK, S, D),
               r(1, HK, 0, D), r(1, HK, 0, D))
     long_range = list(range(shape["N_LR"]))
     (k, v), (k8, v8) = histories(P, shape, "cuda")
+    _, (next_k8, next_v8) = histories(P, shape, "cuda")
+    if not dispatch.gluon_applies(dispatch.prepare(*inputs, k, v, long_range)):
+        return []
+    gluon = dispatch.gluon()
+    problem = dispatch.prepare(*inputs, k, v, long_range)
+    outs = [torch.empty_like(k), torch.empty_like(v)]
 
     def forward(hist_k, hist_v):
         dispatch.segment_attention_forward(*inputs, hist_k, hist_v, long_range, D ** -0.5)
 
-    if not dispatch.gluon_applies(dispatch.prepare(*inputs, k, v, long_range)):
-        return []
-    after = timed_us(forward, "cuda", args.repeats, before=lambda: triton_history.dequantize_pair(k8, v8, torch.bfloat16))
-    over = timed_us(forward, "cuda", args.repeats, before=lambda: (k, v))
-    return [dict(history_len=P, what="forward after pair", us=after), dict(history_len=P, what="forward over bf16", us=over)]
+    variants = {
+        "forward after pair": (forward, lambda: triton_history.dequantize_pair(k8, v8, torch.bfloat16)),
+        "forward over bf16": (forward, lambda: (k, v)),
+        "copy + forward": (lambda: forward(k8, v8), None),  # what a call over the fp8 history costs
+        "forward widening next": (lambda: gluon.forward(problem, D ** -0.5, False,
+                                                        widen=gluon.NextHistory(next_k8, next_v8, *outs)), None),
+    }
+    # the variants take turns, a quarter of the repeats at a time: clocks that drift reach all alike
+    times = {name: [] for name in variants}
+    for _ in range(4):
+        for name, (fn, before) in variants.items():
+            times[name].append(timed_us(fn, "cuda", max(args.repeats // 4, 1), before=before))
+    return [dict(history_len=P, what=name, us=sorted(t)[len(t) // 2]) for name, t in times.items()]
 
 
 def main(argv=None):

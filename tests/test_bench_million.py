@@ -131,3 +131,25 @@ def test_merge_rows_replaces_only_what_a_run_measured(million):
     assert [(r["regime"], r.get("history_dtype", "model"), r["seconds"]) for r in merged] == [
         ("segcompile", "fp8", 3.0), ("segcompile", "model", 1.0), ("sdpa", "model", 4.0)]
 
+
+
+def test_fp8_at_call_lets_no_forward_widen_the_next_history(million, monkeypatch):
+    """bench_prefill's ``fp8-at-call`` row: the same prefill, but no forward asked to widen the next
+    layer's history (on the CPU none can: the question is only whether it is asked)."""
+    from segcompile.kernels import dispatch
+    from segcompile.testing.models import tiny_llama
+
+    prefill = million.bench_prefill
+    asked = []
+    widens_next = dispatch.widens_next
+    monkeypatch.setattr(dispatch, "widens_next", lambda k, v: asked.append(k) or widens_next(k, v))
+    model = tiny_llama(num_layers=2).eval()
+    cfg = sc.SegmentConfig(4, long_range=sc.HeadPlan.fraction(0.5), history_dtype=torch.float8_e4m3fn)
+    seg = sc.transform(model, cfg, implementation="triton")
+    ids = torch.randint(0, model.config.vocab_size, (1, 4 * 4), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        at_call = prefill.prefill_of(seg, prefill.AT_CALL)(ids)
+        assert asked == []
+        widening = prefill.prefill_of(seg, "fp8")(ids)
+    assert len(asked) == 3  # layer 0 of each whole segment whose tails are not empty
+    assert torch.equal(at_call.logits, widening.logits)
