@@ -73,7 +73,7 @@ def compile_for_hopper(kernel: str, head_dim: int) -> dict:
         "shared": kernel.metadata.shared,
         "producer_regs_24": "setmaxnreg.dec.sync.aligned.u32 \t24" in ptx,
         "producer_regs_widening": f"setmaxnreg.dec.sync.aligned.u32 \t{gluon_attention.WIDEN_REGS}" in ptx,
-        "fp8_loads": "cvt.rn.f16x2.e4m3x2" in ptx,
+        "fp8_converts": "cvt.rn.f16x2.e4m3x2" in ptx,
         "consumer_regs_240": "setmaxnreg.inc.sync.aligned.u32 \t240" in ptx,
         "tma": "cp.async.bulk.tensor" in ptx,
         "wgmma": "wgmma.mma_async" in ptx,
@@ -95,7 +95,7 @@ def test_the_kernel_compiles_for_hopper(kernel, head_dim):
     # with the widener, the producer's warpgroup (the producer and the widener's two warps) keeps more
     assert facts["producer_regs_widening" if kernel == "forward+widen" else "producer_regs_24"]
     assert facts["consumer_regs_240"]
-    assert facts["fp8_loads"] == (kernel == "forward+widen")  # only the widener converts fp8
+    assert facts["fp8_converts"] == (kernel == "forward+widen")  # only the widener converts fp8
     assert facts["tma"] and facts["wgmma"]
     assert facts["shared"] <= 227 * 1024
     assert facts["tma_reduce"] == (kernel == "dkdv+dq")  # dQ leaves through TMA reduce-add, never atomics

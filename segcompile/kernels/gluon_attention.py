@@ -153,7 +153,7 @@ def _next_history_widener(K8, V8, KS, VS, WK, WV, ROWS_TOTAL, P, NL, SEG_S, SEG_
     the program with linear id ``i`` of ``n`` takes rows ``[i c, (i + 1) c)``, ``c = ROWS_TOTAL / n``
     rounded up. Nothing in this kernel reads the copy: the next layer's forward, after this one on
     the stream, does."""
-    VEC: gl.constexpr = 8  # values a thread a row: 8-byte loads, so that the partition fits 24 registers
+    VEC: gl.constexpr = 8  # values a thread a row (8-byte loads): few registers, as the producer's warpgroup has
     TPR: gl.constexpr = D // VEC
     layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TPR, TPR], [WARPS, 1], [1, 0])
     ROWS: gl.constexpr = (32 // TPR) * WARPS
