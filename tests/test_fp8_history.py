@@ -243,16 +243,21 @@ HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 
 
 
 @pytest.mark.skipif(not HOPPER, reason="the Gluon forward runs on a Hopper GPU")
-@pytest.mark.parametrize("B, heads, D, P, segment_len, tail_len", [
-    (1, 2, 128, 1536, 512, 512),  # the 8B shape's head dim; a history of whole segments
-    (1, 2, 128, 12293, 4096, 4096),  # a short last block, rows not a multiple of a program's share
-    (2, 3, 64, 1000, 512, 128),  # batch 2, three long-range heads, blocks cut per piece (S - T, then T)
-    (1, 1, 128, 5, 8, 8),  # fewer positions than programs
+@pytest.mark.parametrize("long_only", [True, False])  # the long-range heads' programs widen it, or all programs
+@pytest.mark.parametrize("B, heads, D, P, segment_len, tail_len, long_range", [
+    (1, 2, 128, 1536, 512, 512, [0, 2]),  # the 8B shape's head dim; a history of whole segments
+    (1, 2, 128, 12293, 4096, 4096, [1]),  # a short last block; rows not a multiple of a program's share
+    (2, 3, 64, 1000, 512, 128, [0, 1, 3]),  # batch 2; blocks cut per piece (S - T, then T)
+    (1, 1, 128, 5, 8, 8, [3]),  # fewer positions than programs
+    (1, 2, 128, 3000, 512, 512, []),  # no long-range head in this layer: every program widens
 ])
-def test_the_forward_widens_the_next_layers_history_as_the_copy_does(B, heads, D, P, segment_len, tail_len):
+def test_the_forward_widens_the_next_layers_history_as_the_copy_does(B, heads, D, P, segment_len, tail_len,
+                                                                     long_range, long_only, monkeypatch):
     gluon_attention = pytest.importorskip("segcompile.kernels.gluon_attention")
     from segcompile.kernels.problem import prepare
 
+    # where the long-range heads' programs number at least this many, they alone widen
+    monkeypatch.setattr(gluon_attention, "_multiprocessors", lambda device: 1 if long_only else 1 << 30)
     gen = torch.Generator(device="cuda").manual_seed(P)
     r = lambda *shape: torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16)  # noqa: E731
     Hk, group, lq = 4, 4, 512
@@ -262,8 +267,7 @@ def test_the_forward_widens_the_next_layers_history_as_the_copy_does(B, heads, D
         return QuantizedHistory.of(*quantize_history(x, 0, g, FP8), g)
 
     args = (r(B, Hk * group, lq, D), r(B, Hk, lq, D), r(B, Hk, lq, D), r(B, Hk, 512, D), r(B, Hk, 512, D),
-            r(B, Hk, 4, D), r(B, Hk, 4, D), r(B, heads, 700, D), r(B, heads, 700, D))
-    long_range = [0, 2, 3][:heads]
+            r(B, Hk, 4, D), r(B, Hk, 4, D), r(B, len(long_range), 700, D), r(B, len(long_range), 700, D))
     nxt = [quantized(r(B, heads, P, D) * s) for s in (3, 1)]
     outs = [torch.full((B, heads, P, D), float("nan"), device="cuda", dtype=torch.bfloat16) for _ in range(2)]
     p = prepare(*args, long_range)

@@ -146,13 +146,16 @@ def _producer(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, q_smem, k_smem, v_smem, 
 # ---- the next layer's history -----------------------------------------------------------------
 @gluon.jit
 def _next_history_widener(K8, V8, KS, VS, WK, WV, ROWS_TOTAL, P, NL, SEG_S, SEG_T, s8b, s8h, s8p, ssb, ssh,
-                          swb, swh, swp, D: gl.constexpr, SCALE_BLOCK: gl.constexpr, WARPS: gl.constexpr):
+                          swb, swh, swp, Slot, H, GROUP, NL_HERE, LONG_ONLY,
+                          D: gl.constexpr, SCALE_BLOCK: gl.constexpr, WARPS: gl.constexpr):
     """Widens this program's share of the next layer's fp8 history (``NextHistory``) into its bf16
     copy while the consumers compute: stored value times its block's scale, rounded once (what
     ``triton_history``'s copy writes). A history row is one position of one head of K and of V;
-    the program with linear id ``i`` of ``n`` takes rows ``[i c, (i + 1) c)``, ``c = ROWS_TOTAL / n``
-    rounded up. Nothing in this kernel reads the copy: the next layer's forward, after this one on
-    the stream, does."""
+    the program of rank ``i`` among ``n`` takes rows ``[i c, (i + 1) c)``, ``c = ROWS_TOTAL / n``
+    rounded up. With ``LONG_ONLY`` the ``n`` are the programs of long-range heads (``NL_HERE`` of
+    this layer's KV heads), which read the whole history and run longest, so that the short
+    programs of local heads end no later for it; else every program. Nothing in this kernel reads
+    the copy: the next layer's forward, after this one on the stream, does."""
     VEC: gl.constexpr = 8  # values a thread a row (8-byte loads): few registers, as the producer's warpgroup has
     TPR: gl.constexpr = D // VEC
     layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TPR, TPR], [WARPS, 1], [1, 0])
@@ -161,6 +164,13 @@ def _next_history_widener(K8, V8, KS, VS, WK, WV, ROWS_TOTAL, P, NL, SEG_S, SEG_
     cols = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
     n = gl.num_programs(0) * gl.num_programs(1)
     pid = gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)
+    if LONG_ONLY:
+        b = gl.program_id(1) // H
+        h = gl.program_id(1) % H
+        slot = gl.load(Slot + h // GROUP)
+        n = gl.num_programs(1) // H * NL_HERE * GROUP * gl.num_programs(0)
+        # a local head's program takes no rows
+        pid = gl.where(slot >= 0, ((b * NL_HERE + slot) * GROUP + h % GROUP) * gl.num_programs(0) + gl.program_id(0), n)
     share = ((ROWS_TOTAL + n - 1) // n + ROWS - 1) // ROWS * ROWS
     lo = pid * share
     hi = gl.minimum(lo + share, ROWS_TOTAL)
@@ -330,6 +340,7 @@ def _ring_barriers(STAGES: gl.constexpr):
 def _fwd_ws_kernel(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, Slot, Out, Lse, qk_scale, s_om,
                    H, Hk, GROUP, NL, Lq, Lk, T, G, P,
                    NK8, NV8, NKS, NVS, NWK, NWV, N_ROWS, N_P, N_NL, N_S, N_T, n8b, n8h, n8p, nsb, nsh, nwb, nwh, nwp,
+                   LONG_ONLY,
                    D_K: gl.constexpr, D_V: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
                    HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
                    WIDEN: gl.constexpr, SCALE_BLOCK: gl.constexpr, WIDEN_WARPS: gl.constexpr,
@@ -364,7 +375,8 @@ def _fwd_ws_kernel(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, Slot, Out, Lse, qk_
                 (_producer, (qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, q_smem, k_smem, v_smem, q_ready, k_ready,
                              v_ready, k_empty, v_empty, b, h, kvh, slot, m0, n_pre, T, n_cur, BLOCK_N, HALF_M, STAGES)),
                 (_next_history_widener, (NK8, NV8, NKS, NVS, NWK, NWV, N_ROWS, N_P, N_NL, N_S, N_T, n8b, n8h, n8p, nsb,
-                                         nsh, nwb, nwh, nwp, D_K, SCALE_BLOCK, WIDEN_WARPS)),
+                                         nsh, nwb, nwh, nwp, Slot, H, GROUP, NL, LONG_ONLY, D_K, SCALE_BLOCK,
+                                         WIDEN_WARPS)),
             ],
             [4, 1, WIDEN_WARPS],
             [240, 24, WIDEN_REGS],
@@ -479,11 +491,21 @@ def launch_args(p: Problem, scale: float, return_lse: bool, pingpong: bool = Fal
             H, p.Hk, p.group, p.hist_k.shape[1], Lq, p.Lk, p.T, p.G, p.P]
     # no next history: stand-ins the kernel never reads
     args += widen.args() if widen is not None else [out] * 6 + [0, 1, 1, 1, 0] + [0] * 8
+    # the long-range heads' programs widen it where they are at least one a multiprocessor
+    long_programs = B * p.n_long_range * p.group * triton.cdiv(Lq, BLOCK_M) if p.P > 0 else 0
+    args.append(int(widen is not None and long_programs >= _multiprocessors(p.q.device)))
     constexprs = dict(D_K=p.D_K, D_V=p.D_V, PINGPONG=pingpong, STORE_LSE=return_lse,
                       HALF_M=HALF_M, BLOCK_N=BLOCK_N, STAGES=STAGES, WIDEN=widen is not None,
                       SCALE_BLOCK=widen.hist_k.geometry.block if widen is not None else HISTORY_SCALE_BLOCK,
                       WIDEN_WARPS=WIDEN_WARPS, WIDEN_REGS=WIDEN_REGS)
     return (triton.cdiv(Lq, BLOCK_M), B * H), args, constexprs, out, lse
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 132  # an H100's (the compile tests build launches of CPU tensors)
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def forward(p: Problem, scale: float, return_lse: bool, pingpong: bool = False, widen: NextHistory | None = None):
