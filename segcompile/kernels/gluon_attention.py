@@ -459,9 +459,9 @@ class NextHistory:
     @staticmethod
     def usable(hist_k: torch.Tensor, hist_v: torch.Tensor) -> bool:
         """Whether the widener can take this K/V history pair: quantised alike, of one layout, with
-        positions, and a head dim the kernel widens (64 or 128)."""
+        values (heads and positions), and a head dim the kernel widens (64 or 128)."""
         return (isinstance(hist_k, QuantizedHistory) and isinstance(hist_v, QuantizedHistory)
-                and hist_k.shape == hist_v.shape and hist_k.shape[2] > 0 and hist_k.shape[3] in (64, 128)
+                and hist_k.shape == hist_v.shape and hist_k.numel() > 0 and hist_k.shape[3] in (64, 128)
                 and hist_k.geometry == hist_v.geometry and hist_k.stride() == hist_v.stride()
                 and hist_k.stride(-1) == 1 and hist_k.scales.stride() == hist_v.scales.stride()
                 and hist_k.scales.stride(-1) == 1 and hist_k.device.type == "cuda")
