@@ -22,12 +22,12 @@ do (no tail; a tail without history; a tail and history; a short last segment).
     python bench/bench_prefill.py --seq-lens 32768 65536 131072
     python bench/bench_prefill.py --regimes segcompile --history-dtype fp8
     python bench/bench_prefill.py --regimes segcompile --seq-lens 131072 --history-dtype model fp8 --repeats 3
-    python bench/bench_prefill.py --regimes segcompile --seq-lens 131072 --history-dtype model fp8 fp8-at-call --repeats 4
+    python bench/bench_prefill.py --regimes segcompile --seq-lens 131072 --history-dtype model fp8 fp8-widen-next --repeats 4
 
-``fp8-at-call``: the fp8 history widened by each attention call itself (a copy kernel before the
-forward), where prefill otherwise has each layer's forward widen the next layer's history while
-it runs (``segcompile/runtime/variants/widen_next_history.py``): side by side with ``fp8``, what
-that buys.
+``fp8-widen-next``: the fp8 history with each layer's forward widening the next layer's history
+while it runs (``segcompile/runtime/variants/widen_next_history.py``, on where
+``kernels/dispatch.WIDEN_NEXT_HISTORY`` is), where ``fp8`` has each attention call widen its own
+(a copy kernel before the forward): side by side, what that buys.
 
 The result file is merged, not replaced: a row is keyed by (N, regime, history dtype), and a run
 replaces only the rows it measured, so fp8 and model-dtype rows stand side by side.
@@ -59,9 +59,9 @@ import memory_trace  # noqa: E402
 GiB = 1 << 30
 # --history-dtype words (the CLI's) and the SegmentConfig.history_dtype each means
 HISTORY_DTYPES = {word: history_dtype_of(word) for word in HISTORY_DTYPE_WORDS}
-# and the prefill benchmarks' own word: the fp8 history widened at each attention call (``prefill_of``)
-AT_CALL = "fp8-at-call"
-PREFILL_HISTORIES = {**HISTORY_DTYPES, AT_CALL: HISTORY_DTYPES["fp8"]}
+# and the prefill benchmarks' own word: the fp8 history widened by the previous layer's forward (``prefill_of``)
+WIDEN_NEXT = "fp8-widen-next"
+PREFILL_HISTORIES = {**HISTORY_DTYPES, WIDEN_NEXT: HISTORY_DTYPES["fp8"]}
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -78,8 +78,8 @@ def parse_args(argv=None):
     p.add_argument("--chunk", type=int, default=4096)
     p.add_argument("--regimes", nargs="+", default=["segcompile", "sdpa", "chunked"])
     p.add_argument("--history-dtype", choices=list(PREFILL_HISTORIES), nargs="+", default=["model"],
-                   help="how segcompile stores the long-range history: the model's dtype (bf16) or fp8 (fp8-at-call: "
-                        "widened by each attention call, not by the previous layer's forward); several: each is a "
+                   help="how segcompile stores the long-range history: the model's dtype (bf16) or fp8 (fp8-widen-next: "
+                        "widened by the previous layer's forward, not by each attention call); several: each is a "
                         "segcompile row of its own, measured in the same process")
     p.add_argument("--repeats", type=int, default=1,
                    help="time each prefill this many times (after the warm-up), the regimes taking turns; the row "
@@ -118,23 +118,23 @@ def cache_args(model, cache, cache_position=None) -> dict:
 
 
 def prefill_of(seg: sc.SegmentedModel, word: str):
-    """``seg.prefill``; for ``AT_CALL``, run with no forward widening the next layer's history,
-    so that each attention call widens its own."""
-    if word != AT_CALL:
+    """``seg.prefill``; for ``WIDEN_NEXT``, run with each layer's forward widening the next layer's
+    history (``dispatch.WIDEN_NEXT_HISTORY`` on)."""
+    if word != WIDEN_NEXT:
         return seg.prefill
 
     def prefill(ids):
-        with widening_at_the_call():
+        with widening_the_next():
             return seg.prefill(ids)
 
     return prefill
 
 
 @contextlib.contextmanager
-def widening_at_the_call():
+def widening_the_next():
     from segcompile.kernels import dispatch  # needs triton: imported on first use, as segcompile.ops does
 
-    with mock.patch.object(dispatch, "widens_next", lambda hist_k, hist_v: False):
+    with mock.patch.object(dispatch, "WIDEN_NEXT_HISTORY", True):
         yield
 
 

@@ -298,6 +298,7 @@ def test_prefill_whose_attention_widens_the_next_history_gives_the_same_state_to
 
     widens_next = dispatch.widens_next
     monkeypatch.setattr(dispatch, "widens_next", spy)
+    monkeypatch.setattr(dispatch, "WIDEN_NEXT_HISTORY", True)
     ids = torch.randint(0, 512, (1, 6 * 128), device="cuda")  # the last step (the logits') widens too
     with torch.no_grad():
         got = seg.prefill(ids)
@@ -311,11 +312,14 @@ def test_prefill_whose_attention_widens_the_next_history_gives_the_same_state_to
 
 
 @pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=CPU_TRITON)])
-def test_prefill_through_the_widening_variant_gives_the_state_of_plain_steps(impl):
+def test_prefill_through_the_widening_variant_gives_the_state_of_plain_steps(impl, monkeypatch):
     # Off a Hopper GPU no forward widens: each layer's attention passes the next layer's history on
     # as stored. The variant's graph must still carry every history to its own layer: three layers
     # (layer 2's K/V read layer 1's attention) and a prompt of whole segments (the logits are the
     # last step's, which runs the variant).
+    from segcompile.kernels import dispatch
+
+    monkeypatch.setattr(dispatch, "WIDEN_NEXT_HISTORY", True)
     seg = sc.transform(captured("llama", layers=3)[1], config(), implementation=impl)
     ids = random_ids(2, 5 * S)
     with torch.no_grad():

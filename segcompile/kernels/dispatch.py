@@ -14,8 +14,8 @@ A quantised history (``SegmentConfig.history_dtype``, ``history_format.py``): bo
 forwards read its fp8 values and scale them in registers; where the Gluon forward applies to the
 problem, a prefill's call dequantises the layer's history into a transient copy and runs it
 (faster than scaling in the one-pass kernel; decode's split-keys kernel keeps reading fp8), or,
-in prefill's steps over a whole segment, reads the copy the previous layer's forward made while
-it ran (``segment_attention_forward_widening``);
+in prefill's steps over a whole segment with ``WIDEN_NEXT_HISTORY``, reads the copy the previous
+layer's forward made while it ran (``segment_attention_forward_widening``);
 on a GPU, the quantisation at a segment end and that copy (K and V together) are single Triton
 kernels (``triton_history.py``);
 the backward reads it dequantised to the sinks' dtype (a transient copy per call: history is a
@@ -82,10 +82,17 @@ def segment_attention_forward_widening(q, k, v, tail_k, tail_v, sink_k, sink_v, 
     return _run_forward(p, scale, False)[0], next_hist_k, next_hist_v
 
 
+# Whether a forward widens the next layer's fp8 history (``segment_attention_forward_widening``).
+# Off until it is measured on a GPU against the copy at each call: ``bench/bench_prefill.py
+# --history-dtype model fp8 fp8-widen-next`` (bench/README.md, prefill); the tests turn it on.
+WIDEN_NEXT_HISTORY = False
+
+
 def widens_next(hist_k: torch.Tensor, hist_v: torch.Tensor) -> bool:
-    """Whether the Gluon forward can widen this history pair as the next layer's
-    (``gluon_attention.NextHistory.usable``)."""
-    return not INTERPRET and gluon() is not None and gluon().NextHistory.usable(hist_k, hist_v)
+    """Whether the Gluon forward widens this history pair as the next layer's
+    (``WIDEN_NEXT_HISTORY``, ``gluon_attention.NextHistory.usable``)."""
+    return (WIDEN_NEXT_HISTORY and not INTERPRET and gluon() is not None
+            and gluon().NextHistory.usable(hist_k, hist_v))
 
 
 def _dequantized_for_gluon(p: Problem, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range) -> Problem:

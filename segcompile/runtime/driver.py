@@ -14,7 +14,8 @@ head keeps everything. The same loop serves ``forward`` (whole sequence), ``pref
 for training (``runtime/training.py`` consumes it). ``generate`` is prefill and decode in
 ``runtime/generation.py``'s loop. Prefill and decode without autograd run variants of the step
 graph (``runtime/variants/``): prefill keeps the last position's logits, frees old tails and,
-over an fp8 history, has each layer's attention widen the next layer's history;
+over an fp8 history, hands each layer's history to the previous layer's attention, which can
+widen it while it runs;
 decode reads the query, key and value projections as one product and sums its reductions in
 fp64, as the CUDA-graph decoder does, so that the two decode paths round alike.
 

@@ -8,7 +8,8 @@ history, so each layer's call over an fp8 history first widens it into a transie
 shape, during which nothing else runs. The forward itself is bound by its matrix products and
 leaves the memory mostly idle, so here the forward of layer l also widens layer l + 1's history
 (two more warps of each program: ``gluon_attention.NextHistory``), and layer l + 1 reads that
-copy as a plain history. Only the first layer's call still copies.
+copy as a plain history. Only the first layer's call still copies. The kernels do so where
+``kernels/dispatch.WIDEN_NEXT_HISTORY`` is on: off until measured on a GPU.
 
 Matches the ``segment_attention`` nodes with ``impl="triton"`` whose ``hist_k`` and ``hist_v``
 are the layer's history placeholders (``node.meta[ir.STATE]``), in graph order. Produces a copy
