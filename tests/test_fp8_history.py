@@ -271,9 +271,9 @@ def test_the_forward_widens_the_next_layers_history_as_the_copy_does(B, heads, D
     nxt = [quantized(r(B, heads, P, D) * s) for s in (3, 1)]
     outs = [torch.full((B, heads, P, D), float("nan"), device="cuda", dtype=torch.bfloat16) for _ in range(2)]
     p = prepare(*args, long_range)
-    want = gluon_attention.forward(p, D ** -0.5, False)[0]
+    want = gluon_attention.forward(p, D ** -0.5, True)[0]
     for _ in range(3):  # no race: the same bits every time
-        got = gluon_attention.forward(p, D ** -0.5, False, widen=gluon_attention.NextHistory(*nxt, *outs))[0]
+        got = gluon_attention.forward(p, D ** -0.5, True, widen=gluon_attention.NextHistory(*nxt, *outs))[0]
         assert torch.equal(got, want)  # the attention itself is unchanged
         assert all(torch.equal(o, w) for o, w in zip(outs, triton_history.dequantize_pair(*nxt, torch.bfloat16)))
 

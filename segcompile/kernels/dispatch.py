@@ -70,16 +70,17 @@ def segment_attention_forward_widening(q, k, v, tail_k, tail_v, sink_k, sink_v, 
     and can widen it (two more warps of each program, while the attention computes:
     ``gluon_attention.NextHistory``), else as it is, for the next call to read as it would have.
     So the next layer's attention reads the same values either way, and where it is widened here
-    no copy runs between the layers."""
+    no copy runs between the layers. The kernels run as the op's forward runs them (keeping the
+    log-sum-exp, which is dropped), so that a step gives the same bits as without the variant."""
     p = _forward_problem(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
     dtype = next_dtype_of[0].dtype
     if (widens_next(next_hist_k, next_hist_v) and forward_kernel(p) == "gluon-ws"
             and all(t.dtype == dtype for t in (q, *next_dtype_of))):
         outs = [torch.empty(next_hist_k.shape, dtype=dtype, device=q.device) for _ in range(2)]
         _log_kernel("gluon-ws", history="and it widens the next layer's fp8 history")
-        out, _ = gluon().forward(p, scale, False, widen=gluon().NextHistory(next_hist_k, next_hist_v, *outs))
+        out, _ = gluon().forward(p, scale, True, widen=gluon().NextHistory(next_hist_k, next_hist_v, *outs))
         return out, *outs
-    return _run_forward(p, scale, False)[0], next_hist_k, next_hist_v
+    return _run_forward(p, scale, True)[0], next_hist_k, next_hist_v
 
 
 # Whether a forward widens the next layer's fp8 history (``segment_attention_forward_widening``).
