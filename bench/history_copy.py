@@ -18,7 +18,9 @@ prefill). Rows, L2 flushed before each timed call:
   the forward timed together (a call over the fp8 history); ``forward widening next``: the forward
   over a bf16 history while it widens another layer's fp8 history of the same length
   (``gluon_attention.NextHistory``, what prefill runs): against ``forward over bf16``, what the
-  widening costs the forward, against ``copy + forward`` what it saves. The four take turns.
+  widening costs the forward, against ``copy + forward`` what it saves; and two other settings
+  of the widener (every program widening a share rather than the long-range heads' alone; 24
+  registers rather than ``WIDEN_REGS``). These rows take turns.
 
     python bench/history_copy.py                                   # 64K and 122,880 positions
     python bench/history_copy.py --history-lens 122880 --tiles 64,4 128,8
@@ -32,6 +34,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 if "--tiny" in sys.argv:  # before the kernels are defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -47,6 +50,7 @@ TINY = dict(H=4, HK=2, N_LR=1, D=16, S=64)
 # read before each timed call: more than any GPU's L2. Read, not written: a written buffer leaves
 # dirty lines that the timed kernel would pay to write back
 L2_FLUSH_BYTES = 256 << 20
+HOST_COVER_CYCLES = 1_000_000  # the GPU's spin before each timed call: about 0.5 ms at 2 GHz
 
 
 def parse_args(argv=None):
@@ -65,7 +69,10 @@ def parse_args(argv=None):
 
 def timed_us(fn, device: str, repeats: int, before=None) -> float:
     """Median microseconds of ``fn(*before())`` (``fn()`` without ``before``), the L2 flushed and
-    ``before`` run untimed ahead of each call (CUDA events; on the CPU, the wall clock)."""
+    ``before`` run untimed ahead of each call (CUDA events; on the CPU, the wall clock). On the
+    GPU a spin of about half a millisecond is queued before the start event, so that the host's
+    work in ``fn`` before its launches (which differs from row to row) is done while the GPU
+    spins, not timed as idle GPU between the events."""
     flush = torch.ones(L2_FLUSH_BYTES if device == "cuda" else 1, dtype=torch.uint8, device=device)
     times = []
     for _ in range(repeats + 2):  # the first two warm up
@@ -73,6 +80,7 @@ def timed_us(fn, device: str, repeats: int, before=None) -> float:
         args = before() if before is not None else ()
         if device == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(HOST_COVER_CYCLES)
             start.record()
             fn(*args)
             end.record()
@@ -151,18 +159,28 @@ def forward_rows(P: int, args, shape: dict) -> list[dict]:
     def forward(hist_k, hist_v):
         dispatch.segment_attention_forward(*inputs, hist_k, hist_v, long_range, D ** -0.5)
 
+    def widening(registers: int, long_only: bool):
+        def settings():  # the widener's registers, and which programs widen (``gluon_attention.launch_args``)
+            gluon.WIDEN_REGS = registers
+            gluon._multiprocessors = (lambda device: 1) if long_only else (lambda device: 1 << 30)
+            return ()
+
+        return lambda: gluon.forward(problem, D ** -0.5, False, widen=gluon.NextHistory(next_k8, next_v8, *outs)), settings
+
     variants = {
         "forward after pair": (forward, lambda: triton_history.dequantize_pair(k8, v8, torch.bfloat16)),
         "forward over bf16": (forward, lambda: (k, v)),
         "copy + forward": (lambda: forward(k8, v8), None),  # what a call over the fp8 history costs
-        "forward widening next": (lambda: gluon.forward(problem, D ** -0.5, False,
-                                                        widen=gluon.NextHistory(next_k8, next_v8, *outs)), None),
+        "forward widening next": widening(gluon.WIDEN_REGS, True),  # what prefill runs at this shape
+        "widening next, all programs": widening(gluon.WIDEN_REGS, False),
+        "widening next, 24 registers": widening(24, True),
     }
     # the variants take turns, a quarter of the repeats at a time: clocks that drift reach all alike
     times = {name: [] for name in variants}
-    for _ in range(4):
-        for name, (fn, before) in variants.items():
-            times[name].append(timed_us(fn, "cuda", max(args.repeats // 4, 1), before=before))
+    with mock.patch.object(gluon, "WIDEN_REGS", gluon.WIDEN_REGS), mock.patch.object(gluon, "_multiprocessors"):
+        for _ in range(4):
+            for name, (fn, before) in variants.items():
+                times[name].append(timed_us(fn, "cuda", max(args.repeats // 4, 1), before=before))
     return [dict(history_len=P, what=name, us=sorted(t)[len(t) // 2]) for name, t in times.items()]
 
 
