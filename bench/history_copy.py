@@ -42,7 +42,7 @@ if "--tiny" in sys.argv:  # before the kernels are defined
 import torch
 
 from decode_splits import write_rows  # noqa: E402 (a sibling script)
-from segcompile.kernels import dispatch, triton_history
+from segcompile.kernels import dispatch, triton_decode, triton_history
 from segcompile.kernels.history_format import HistoryGeometry, QuantizedHistory, quantize_history
 
 SHAPE_8B = dict(H=32, HK=8, N_LR=2, D=128, S=4096)  # fraction(0.25), S = T
@@ -160,9 +160,9 @@ def forward_rows(P: int, args, shape: dict) -> list[dict]:
         dispatch.segment_attention_forward(*inputs, hist_k, hist_v, long_range, D ** -0.5)
 
     def widening(registers: int, long_only: bool):
-        def settings():  # the widener's registers, and which programs widen (``gluon_attention.launch_args``)
+        def settings():  # the widener's registers, and which programs widen (``gluon_attention.NextHistory.args``)
             gluon.WIDEN_REGS = registers
-            gluon._multiprocessors = (lambda device: 1) if long_only else (lambda device: 1 << 30)
+            triton_decode.multiprocessors = (lambda device: 1) if long_only else (lambda device: 1 << 30)
             return ()
 
         return lambda: gluon.forward(problem, D ** -0.5, False, widen=gluon.NextHistory(next_k8, next_v8, *outs)), settings
@@ -177,7 +177,9 @@ def forward_rows(P: int, args, shape: dict) -> list[dict]:
     }
     # the variants take turns, a quarter of the repeats at a time: clocks that drift reach all alike
     times = {name: [] for name in variants}
-    with mock.patch.object(gluon, "WIDEN_REGS", gluon.WIDEN_REGS), mock.patch.object(gluon, "_multiprocessors"):
+    # the rows' settings are put back afterwards
+    with mock.patch.object(gluon, "WIDEN_REGS", gluon.WIDEN_REGS), \
+            mock.patch.object(triton_decode, "multiprocessors", triton_decode.multiprocessors):
         for _ in range(4):
             for name, (fn, before) in variants.items():
                 times[name].append(timed_us(fn, "cuda", max(args.repeats // 4, 1), before=before))

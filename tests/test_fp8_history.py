@@ -28,7 +28,7 @@ from segcompile.kernels.history_format import (
     round_trip,
     round_trip_segment_end,
 )
-from segcompile.kernels import triton_history
+from segcompile.kernels import triton_decode, triton_history
 from segcompile.kernels.reference import segment_attention_reference
 from segcompile.ops import segment_attention_widening_next
 from segcompile.runtime.state import append_history
@@ -257,7 +257,7 @@ def test_the_forward_widens_the_next_layers_history_as_the_copy_does(B, heads, D
     from segcompile.kernels.problem import prepare
 
     # where the long-range heads' programs number at least this many, they alone widen
-    monkeypatch.setattr(gluon_attention, "_multiprocessors", lambda device: 1 if long_only else 1 << 30)
+    monkeypatch.setattr(triton_decode, "multiprocessors", lambda device: 1 if long_only else 1 << 30)
     gen = torch.Generator(device="cuda").manual_seed(P)
     r = lambda *shape: torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16)  # noqa: E731
     Hk, group, lq = 4, 4, 512

@@ -49,6 +49,7 @@ from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton._C.libtriton import ir
 
+from . import triton_decode
 from .history_format import HISTORY_SCALE_BLOCK, QuantizedHistory
 from .problem import Problem
 from .triton_common import COMPILE_OPTIONS, LOG2E
@@ -164,13 +165,14 @@ def _next_history_widener(K8, V8, KS, VS, WK, WV, ROWS_TOTAL, P, NL, SEG_S, SEG_
     cols = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
     n = gl.num_programs(0) * gl.num_programs(1)
     pid = gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)
-    if LONG_ONLY:
-        b = gl.program_id(1) // H
-        h = gl.program_id(1) % H
-        slot = gl.load(Slot + h // GROUP)
+    if LONG_ONLY:  # this program's own batch row, query head and history slot
+        own_b = gl.program_id(1) // H
+        own_h = gl.program_id(1) % H
+        own_slot = gl.load(Slot + own_h // GROUP)
         n = gl.num_programs(1) // H * NL_HERE * GROUP * gl.num_programs(0)
         # a local head's program takes no rows
-        pid = gl.where(slot >= 0, ((b * NL_HERE + slot) * GROUP + h % GROUP) * gl.num_programs(0) + gl.program_id(0), n)
+        pid = gl.where(own_slot >= 0, ((own_b * NL_HERE + own_slot) * GROUP + own_h % GROUP) * gl.num_programs(0)
+                       + gl.program_id(0), n)
     share = ((ROWS_TOTAL + n - 1) // n + ROWS - 1) // ROWS * ROWS
     lo = pid * share
     hi = gl.minimum(lo + share, ROWS_TOTAL)
@@ -362,7 +364,9 @@ def _fwd_ws_kernel(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, Slot, Out, Lse, qk_
     fence_async_shared()
 
     o_row = bh.to(gl.int64) * Lq
-    # the partition lists are written out twice: a list bound to a name loses its constexprs
+    # the partition lists are written out twice: bound to a name, a list becomes a tensor (and Gluon
+    # functions are not values), and a tuple of arguments loses its constexprs (Triton 3.6 then cannot
+    # compile `_consumer`)
     if WIDEN:  # two more warps, in the producer's warpgroup, widen the next layer's history
         gl.warp_specialize(
             [
@@ -466,7 +470,9 @@ class NextHistory:
                 and hist_k.stride(-1) == 1 and hist_k.scales.stride() == hist_v.scales.stride()
                 and hist_k.scales.stride(-1) == 1 and hist_k.device.type == "cuda")
 
-    def args(self) -> list:
+    def args(self, p: Problem) -> list:
+        """The kernel's widener arguments for a forward of ``p``, ``LONG_ONLY`` last: the long-range
+        heads' programs widen it where they are at least one a multiprocessor."""
         k, v = self.hist_k, self.hist_v
         B, NL, P, _ = k.shape
         g = k.geometry
@@ -474,8 +480,15 @@ class NextHistory:
                 and self.out_v.is_contiguous()):
             raise ValueError(f"NextHistory: outputs {tuple(self.out_k.shape)} and {tuple(self.out_v.shape)} "
                              f"for a history of shape {tuple(k.shape)} (both contiguous and of its shape)")
+        long_programs = p.B * p.n_long_range * p.group * triton.cdiv(p.Lq, BLOCK_M) if p.P > 0 else 0
         return [k.values(), v.values(), k.scales, v.scales, self.out_k, self.out_v, B * NL * P, P, NL,
-                g.segment_len, g.tail_len, *k.stride()[:3], *k.scales.stride()[:2], *self.out_k.stride()[:3]]
+                g.segment_len, g.tail_len, *k.stride()[:3], *k.scales.stride()[:2], *self.out_k.stride()[:3],
+                int(long_programs >= triton_decode.multiprocessors(p.q.device))]
+
+    @staticmethod
+    def none(out: torch.Tensor) -> list:
+        """``args`` when there is no next history: stand-ins the kernel never reads."""
+        return [out] * 6 + [0, 1, 1, 1, 0] + [0] * 8 + [0]
 
 
 def launch_args(p: Problem, scale: float, return_lse: bool, pingpong: bool = False,
@@ -489,23 +502,12 @@ def launch_args(p: Problem, scale: float, return_lse: bool, pingpong: bool = Fal
     descs = [_tiles(p.q, HALF_M)] + [_tiles(t, BLOCK_N) for t in p.tensors[1:]]
     args = [*descs, p.slots, out, lse, scale * LOG2E, out.stride(2),
             H, p.Hk, p.group, p.hist_k.shape[1], Lq, p.Lk, p.T, p.G, p.P]
-    # no next history: stand-ins the kernel never reads
-    args += widen.args() if widen is not None else [out] * 6 + [0, 1, 1, 1, 0] + [0] * 8
-    # the long-range heads' programs widen it where they are at least one a multiprocessor
-    long_programs = B * p.n_long_range * p.group * triton.cdiv(Lq, BLOCK_M) if p.P > 0 else 0
-    args.append(int(widen is not None and long_programs >= _multiprocessors(p.q.device)))
+    args += widen.args(p) if widen is not None else NextHistory.none(out)
     constexprs = dict(D_K=p.D_K, D_V=p.D_V, PINGPONG=pingpong, STORE_LSE=return_lse,
                       HALF_M=HALF_M, BLOCK_N=BLOCK_N, STAGES=STAGES, WIDEN=widen is not None,
                       SCALE_BLOCK=widen.hist_k.geometry.block if widen is not None else HISTORY_SCALE_BLOCK,
                       WIDEN_WARPS=WIDEN_WARPS, WIDEN_REGS=WIDEN_REGS)
     return (triton.cdiv(Lq, BLOCK_M), B * H), args, constexprs, out, lse
-
-
-@functools.cache
-def _multiprocessors(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 132  # an H100's (the compile tests build launches of CPU tensors)
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def forward(p: Problem, scale: float, return_lse: bool, pingpong: bool = False, widen: NextHistory | None = None):

@@ -18,9 +18,9 @@ before it, is a ``segment_attention_widening_next`` node that also takes the nex
 history and sinks; ``operator.getitem`` 0 of it replaces its output, and 1 and 2 replace the next
 node's ``hist_k, hist_v``. A copy then lives from one layer's attention to the next's: one
 layer's history in 16 bits at a time beside the fp8 histories, as with the copy at the call
-(plus the one being read). Where the Gluon forward does not run a call, the function widens the
-next history after the forward instead (``dispatch.segment_attention_forward_widening``), with
-the same result.
+(plus the one being read). Where the Gluon forward does not run a call, or the switch is off,
+the function passes the next history on as stored (``dispatch.segment_attention_forward_widening``),
+and the next call reads it as it would have.
 """
 
 from __future__ import annotations
