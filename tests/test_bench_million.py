@@ -131,26 +131,3 @@ def test_merge_rows_replaces_only_what_a_run_measured(million):
     assert [(r["regime"], r.get("history_dtype", "model"), r["seconds"]) for r in merged] == [
         ("segcompile", "fp8", 3.0), ("segcompile", "model", 1.0), ("sdpa", "model", 4.0)]
 
-
-
-def test_fp8_widen_next_turns_the_widening_on_for_its_prefill_only(million, monkeypatch):
-    """bench_prefill's ``fp8-widen-next`` row: the same prefill, with ``dispatch.WIDEN_NEXT_HISTORY``
-    on while it runs (on the CPU no forward widens: the question is what the dispatch sees)."""
-    from segcompile.kernels import dispatch
-    from segcompile.testing.models import tiny_llama
-
-    prefill = million.bench_prefill
-    seen = []
-    widens_next = dispatch.widens_next
-    monkeypatch.setattr(dispatch, "widens_next", lambda k, v: seen.append(dispatch.WIDEN_NEXT_HISTORY) or widens_next(k, v))
-    model = tiny_llama(num_layers=2).eval()
-    cfg = sc.SegmentConfig(4, long_range=sc.HeadPlan.fraction(0.5), history_dtype=torch.float8_e4m3fn)
-    seg = sc.transform(model, cfg, implementation="triton")
-    ids = torch.randint(0, model.config.vocab_size, (1, 4 * 4), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        at_call = prefill.prefill_of(seg, "fp8")(ids)
-        widening = prefill.prefill_of(seg, prefill.WIDEN_NEXT)(ids)
-    # layer 0 of each whole segment whose tails are not empty asks, three times a prefill
-    assert seen == [False] * 3 + [True] * 3
-    assert dispatch.WIDEN_NEXT_HISTORY is False  # and it is off again
-    assert torch.equal(at_call.logits, widening.logits)

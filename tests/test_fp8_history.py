@@ -28,9 +28,8 @@ from segcompile.kernels.history_format import (
     round_trip,
     round_trip_segment_end,
 )
-from segcompile.kernels import triton_decode, triton_history
+from segcompile.kernels import triton_history
 from segcompile.kernels.reference import segment_attention_reference
-from segcompile.ops import segment_attention_widening_next
 from segcompile.runtime.state import append_history
 from segcompile.testing.tolerances import tolerance
 
@@ -237,99 +236,6 @@ def test_bf16_forward_on_cuda_reads_the_quantised_history_as_the_reference(lq):
     got = segment_attention_forward(*args, hist_k, hist_v, [1, 3], D ** -0.5)
     want = segment_attention_reference(*[a.float() for a in args], hist_k, hist_v, [1, 3], D ** -0.5)
     assert max_abs(got, want) <= tolerance(torch.bfloat16).logits
-
-
-HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-
-
-@pytest.mark.skipif(not HOPPER, reason="the Gluon forward runs on a Hopper GPU")
-@pytest.mark.parametrize("long_only", [True, False])  # the long-range heads' programs widen it, or all programs
-@pytest.mark.parametrize("B, heads, D, P, segment_len, tail_len, long_range", [
-    (1, 2, 128, 1536, 512, 512, [0, 2]),  # the 8B shape's head dim; a history of whole segments
-    (1, 2, 128, 12293, 4096, 4096, [1]),  # a short last block; rows not a multiple of a program's share
-    (2, 3, 64, 1000, 512, 128, [0, 1, 3]),  # batch 2; blocks cut per piece (S - T, then T)
-    (1, 1, 128, 5, 8, 8, [3]),  # fewer positions than programs
-    (1, 2, 128, 3000, 512, 512, []),  # no long-range head in this layer: every program widens
-])
-def test_the_forward_widens_the_next_layers_history_as_the_copy_does(B, heads, D, P, segment_len, tail_len,
-                                                                     long_range, long_only, monkeypatch):
-    gluon_attention = pytest.importorskip("segcompile.kernels.gluon_attention")
-    from segcompile.kernels.problem import prepare
-
-    # where the long-range heads' programs number at least this many, they alone widen
-    monkeypatch.setattr(triton_decode, "multiprocessors", lambda device: 1 if long_only else 1 << 30)
-    gen = torch.Generator(device="cuda").manual_seed(P)
-    r = lambda *shape: torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16)  # noqa: E731
-    Hk, group, lq = 4, 4, 512
-    g = HistoryGeometry(segment_len=segment_len, tail_len=tail_len, block=64)
-
-    def quantized(x):
-        return QuantizedHistory.of(*quantize_history(x, 0, g, FP8), g)
-
-    args = (r(B, Hk * group, lq, D), r(B, Hk, lq, D), r(B, Hk, lq, D), r(B, Hk, 512, D), r(B, Hk, 512, D),
-            r(B, Hk, 4, D), r(B, Hk, 4, D), r(B, len(long_range), 700, D), r(B, len(long_range), 700, D))
-    nxt = [quantized(r(B, heads, P, D) * s) for s in (3, 1)]
-    outs = [torch.full((B, heads, P, D), float("nan"), device="cuda", dtype=torch.bfloat16) for _ in range(2)]
-    p = prepare(*args, long_range)
-    want = gluon_attention.forward(p, D ** -0.5, True)[0]
-    for _ in range(3):  # no race: the same bits every time
-        got = gluon_attention.forward(p, D ** -0.5, True, widen=gluon_attention.NextHistory(*nxt, *outs))[0]
-        assert torch.equal(got, want)  # the attention itself is unchanged
-        assert all(torch.equal(o, w) for o, w in zip(outs, triton_history.dequantize_pair(*nxt, torch.bfloat16)))
-
-
-@pytest.mark.skipif(not HOPPER, reason="the Gluon forward runs on a Hopper GPU")
-def test_prefill_whose_attention_widens_the_next_history_gives_the_same_state_to_the_bit(monkeypatch):
-    import transformers
-
-    from segcompile.kernels import dispatch
-
-    config_ = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                       max_position_embeddings=1024, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config_).to("cuda", torch.bfloat16).eval()
-    seg = sc.transform(model, config(segment_len=128, tail_len=128, sink_tokens=0))
-    widened = []
-
-    def spy(hist_k, hist_v):  # the real function, counted
-        widened.append(widens_next(hist_k, hist_v))
-        return widened[-1]
-
-    widens_next = dispatch.widens_next
-    monkeypatch.setattr(dispatch, "widens_next", spy)
-    monkeypatch.setattr(dispatch, "WIDEN_NEXT_HISTORY", True)
-    ids = torch.randint(0, 512, (1, 6 * 128), device="cuda")  # the last step (the logits') widens too
-    with torch.no_grad():
-        got = seg.prefill(ids)
-        want = seg.prefill(ids, free_tails=False)  # steps without the variant: each call widens its own history
-    # layers 0 and 1 widen the next one's, in each segment after the first (whose tails are empty)
-    assert widened == [True] * (2 * 5)
-    assert torch.equal(got.logits, want.logits)
-    for a, b in zip(got.layers, want.layers):  # layer 2's K/V (its history) read layer 1's attention
-        assert torch.equal(a.hist_k.values(), b.hist_k.values()) and torch.equal(a.hist_k.scales, b.hist_k.scales)
-        assert torch.equal(a.tail_v, b.tail_v)
-
-
-@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=CPU_TRITON)])
-def test_prefill_through_the_widening_variant_gives_the_state_of_plain_steps(impl, monkeypatch):
-    # Off a Hopper GPU no forward widens: each layer's attention passes the next layer's history on
-    # as stored. The variant's graph must still carry every history to its own layer: three layers
-    # (layer 2's K/V read layer 1's attention) and a prompt of whole segments (the logits are the
-    # last step's, which runs the variant).
-    from segcompile.kernels import dispatch
-
-    monkeypatch.setattr(dispatch, "WIDEN_NEXT_HISTORY", True)
-    seg = sc.transform(captured("llama", layers=3)[1], config(), implementation=impl)
-    ids = random_ids(2, 5 * S)
-    with torch.no_grad():
-        got = seg.prefill(ids)
-        want = seg.prefill(ids, free_tails=False)  # steps without the variant
-    targets = [n.target for n in seg._releasing_graph().graph.nodes]
-    assert targets.count(segment_attention_widening_next) == (2 if impl == "triton" else 0)
-    assert torch.equal(got.logits, want.logits)
-    for a, b in zip(got.layers, want.layers):
-        assert torch.equal(a.hist_v.values(), b.hist_v.values()) and torch.equal(a.tail_k, b.tail_k)
 
 
 def test_triton_backward_with_a_quantised_history_equals_the_reference():

@@ -13,9 +13,7 @@
 A quantised history (``SegmentConfig.history_dtype``, ``history_format.py``): both Triton
 forwards read its fp8 values and scale them in registers; where the Gluon forward applies to the
 problem, a prefill's call dequantises the layer's history into a transient copy and runs it
-(faster than scaling in the one-pass kernel; decode's split-keys kernel keeps reading fp8), or,
-in prefill's steps over a whole segment with ``WIDEN_NEXT_HISTORY``, reads the copy the previous
-layer's forward made while it ran (``segment_attention_forward_widening``);
+(faster than scaling in the one-pass kernel; decode's split-keys kernel keeps reading fp8);
 on a GPU, the quantisation at a segment end and that copy (K and V together) are single Triton
 kernels (``triton_history.py``);
 the backward reads it dequantised to the sinks' dtype (a transient copy per call: history is a
@@ -41,59 +39,17 @@ def segment_attention_forward(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, h
     """Triton forward; same arguments and result as ``segment_attention_reference``. With
     ``return_lse``: ``(out, lse)``, the log-sum-exp of every query row (base 2, of the scaled
     scores; ``[B * H * Lq]`` fp32), which the backward then need not recompute."""
-    p = _forward_problem(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
-    out, lse = _run_forward(p, scale, return_lse)
-    return (out, lse) if return_lse else out
-
-
-def _forward_problem(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range) -> Problem:
     p = prepare(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
     if p.hist_scaled and not triton_decode.splits_keys(p):
         p = _dequantized_for_gluon(p, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
-    return p
-
-
-def _run_forward(p: Problem, scale: float, return_lse: bool):
     kernel = forward_kernel(p)
     if kernel == "gluon-ws":
-        return gluon().forward(p, scale, return_lse)
-    if kernel == "split-keys":
-        return triton_decode.split_keys_forward(p, scale, return_lse)
-    return triton_attention.one_pass_forward(p, scale, return_lse)
-
-
-def segment_attention_forward_widening(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, next_hist_k,
-                                       next_hist_v, next_dtype_of, long_range, scale):
-    """``(out, next_k, next_v)``: ``segment_attention_forward`` of this layer, and the next
-    layer's history: widened to the dtype of ``next_dtype_of`` (the next layer's sinks, what its
-    own call would widen it to: ``_dequantized_for_gluon``) where the Gluon forward runs this call
-    and can widen it (two more warps of each program, while the attention computes:
-    ``gluon_attention.NextHistory``), else as it is, for the next call to read as it would have.
-    So the next layer's attention reads the same values either way, and where it is widened here
-    no copy runs between the layers. The kernels run as the op's forward runs them (keeping the
-    log-sum-exp, which is dropped), so that a step gives the same bits as without the variant."""
-    p = _forward_problem(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
-    dtype = next_dtype_of[0].dtype
-    if (widens_next(next_hist_k, next_hist_v) and forward_kernel(p) == "gluon-ws"
-            and all(t.dtype == dtype for t in (q, *next_dtype_of))):
-        outs = [torch.empty(next_hist_k.shape, dtype=dtype, device=q.device) for _ in range(2)]
-        _log_kernel("gluon-ws", history="and it widens the next layer's fp8 history")
-        out, _ = gluon().forward(p, scale, True, widen=gluon().NextHistory(next_hist_k, next_hist_v, *outs))
-        return out, *outs
-    return _run_forward(p, scale, True)[0], next_hist_k, next_hist_v
-
-
-# Whether a forward widens the next layer's fp8 history (``segment_attention_forward_widening``).
-# Off until it is measured on a GPU against the copy at each call: ``bench/bench_prefill.py
-# --history-dtype model fp8 fp8-widen-next`` (bench/README.md, prefill); the tests turn it on.
-WIDEN_NEXT_HISTORY = False
-
-
-def widens_next(hist_k: torch.Tensor, hist_v: torch.Tensor) -> bool:
-    """Whether the Gluon forward widens this history pair as the next layer's
-    (``WIDEN_NEXT_HISTORY``, ``gluon_attention.NextHistory.usable``)."""
-    return (WIDEN_NEXT_HISTORY and not INTERPRET and gluon() is not None
-            and gluon().NextHistory.usable(hist_k, hist_v))
+        out, lse = gluon().forward(p, scale, return_lse)
+    elif kernel == "split-keys":
+        out, lse = triton_decode.split_keys_forward(p, scale, return_lse)
+    else:
+        out, lse = triton_attention.one_pass_forward(p, scale, return_lse)
+    return (out, lse) if return_lse else out
 
 
 def _dequantized_for_gluon(p: Problem, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range) -> Problem:

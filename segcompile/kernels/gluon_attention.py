@@ -12,10 +12,6 @@ once and the tensor cores idle through it. Here the roles are split, as in Flash
   ``j``'s ``S = Q K^T`` together with block ``j - 1``'s ``P V`` and then does block ``j``'s
   softmax while those run. With ``PINGPONG`` the two take turns to issue (``turn`` barriers), so
   one's softmax runs under the other's matrix products.
-* with a ``NextHistory``, two more warps in the producer's warpgroup widen a share of the next
-  layer's fp8 history into its 16-bit copy (``_next_history_widener``) while the others run: the
-  forward is bound by its products and leaves the memory mostly idle, and nothing in the launch
-  reads the copy, so nothing waits for it.
 
 The dK/dV kernel (``dkdv``) has the same roles with keys and queries swapped: the producer streams
 Q and dO blocks past a block of 128 keys, whose two halves the consumers own. Given an fp32 dQ,
@@ -32,7 +28,6 @@ score mask (forward) or the masked store (dK/dV) removes them.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -49,8 +44,6 @@ from triton.experimental.gluon.language._core import builtin
 from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 from triton._C.libtriton import ir
 
-from . import triton_decode
-from .history_format import HISTORY_SCALE_BLOCK, QuantizedHistory
 from .problem import Problem
 from .triton_common import COMPILE_OPTIONS, LOG2E
 
@@ -75,9 +68,6 @@ HALF_M = 64
 BLOCK_N = 128
 STAGES = 2
 NUM_WARPS = 4  # the launch's warps: the first consumer warpgroup (the others are the partitions')
-# the forward's widener of the next layer's history (``NextHistory``): warps, registers a thread
-WIDEN_WARPS = 2
-WIDEN_REGS = 40  # no spills (ptxas, sm_90a); at 24 the widener spills 68 bytes, and the first consumer keeps 240
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
 _GL_TILE_DTYPES = {**_GL_DTYPES, torch.float32: gl.float32}  # fp32: the dQ accumulator
 
@@ -142,61 +132,6 @@ def _producer(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, q_smem, k_smem, v_smem, 
         c = _load_range(skd, svd, b, kvh, n_pre, c, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, BLOCK_N, STAGES)
     c = _load_range(tkd, tvd, b, kvh, T, c, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, BLOCK_N, STAGES)
     _load_range(kd, vd, b, kvh, n_cur, c, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, BLOCK_N, STAGES)
-
-
-# ---- the next layer's history -----------------------------------------------------------------
-@gluon.jit
-def _next_history_widener(K8, V8, KS, VS, WK, WV, ROWS_TOTAL, P, NL, SEG_S, SEG_T, s8b, s8h, s8p, ssb, ssh,
-                          swb, swh, swp, Slot, H, GROUP, NL_HERE, LONG_ONLY,
-                          D: gl.constexpr, SCALE_BLOCK: gl.constexpr, WARPS: gl.constexpr):
-    """Widens this program's share of the next layer's fp8 history (``NextHistory``) into its bf16
-    copy while the consumers compute: stored value times its block's scale, rounded once (what
-    ``triton_history``'s copy writes). A history row is one position of one head of K and of V;
-    the program of rank ``i`` among ``n`` takes rows ``[i c, (i + 1) c)``, ``c = ROWS_TOTAL / n``
-    rounded up. With ``LONG_ONLY`` the ``n`` are the programs of long-range heads (``NL_HERE`` of
-    this layer's KV heads), which read the whole history and run longest, so that the short
-    programs of local heads end no later for it; else every program. Nothing in this kernel reads
-    the copy: the next layer's forward, after this one on the stream, does."""
-    VEC: gl.constexpr = 8  # values a thread a row (8-byte loads): few registers, as the producer's warpgroup has
-    TPR: gl.constexpr = D // VEC
-    layout: gl.constexpr = gl.BlockedLayout([1, VEC], [32 // TPR, TPR], [WARPS, 1], [1, 0])
-    ROWS: gl.constexpr = (32 // TPR) * WARPS
-    rows = gl.arange(0, ROWS, layout=gl.SliceLayout(1, layout))
-    cols = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
-    n = gl.num_programs(0) * gl.num_programs(1)
-    pid = gl.program_id(1) * gl.num_programs(0) + gl.program_id(0)
-    if LONG_ONLY:  # this program's own batch row, query head and history slot
-        own_b = gl.program_id(1) // H
-        own_h = gl.program_id(1) % H
-        own_slot = gl.load(Slot + own_h // GROUP)
-        n = gl.num_programs(1) // H * NL_HERE * GROUP * gl.num_programs(0)
-        # a local head's program takes no rows
-        pid = gl.where(own_slot >= 0, ((own_b * NL_HERE + own_slot) * GROUP + own_h % GROUP) * gl.num_programs(0)
-                       + gl.program_id(0), n)
-    share = ((ROWS_TOTAL + n - 1) // n + ROWS - 1) // ROWS * ROWS
-    lo = pid * share
-    hi = gl.minimum(lo + share, ROWS_TOTAL)
-    head = SEG_S - SEG_T
-    head_blocks = (head + SCALE_BLOCK - 1) // SCALE_BLOCK
-    per_segment = head_blocks + (SEG_T + SCALE_BLOCK - 1) // SCALE_BLOCK
-    for r0 in range(lo, hi, ROWS):
-        r = (r0 + rows).to(gl.int64)
-        inside = r < hi
-        pos = r % P
-        b = r // P // NL
-        slot = r // P % NL
-        offset = pos % SEG_S  # the scale block: triton_common.scale_block_index
-        block = (pos // SEG_S) * per_segment + gl.where(offset < head, offset // SCALE_BLOCK,
-                                                        head_blocks + (offset - head) // SCALE_BLOCK)
-        src = (b * s8b + slot * s8h + pos * s8p)[:, None] + cols[None, :]
-        dst = (b * swb + slot * swh + pos * swp)[:, None] + cols[None, :]
-        at = b * ssb + slot * ssh + block
-        k = gl.load(K8 + src, mask=inside[:, None], other=0.0)
-        v = gl.load(V8 + src, mask=inside[:, None], other=0.0)
-        k_scale = gl.load(KS + at, mask=inside, other=1.0)
-        v_scale = gl.load(VS + at, mask=inside, other=1.0)
-        gl.store(WK + dst, (k.to(gl.float32) * k_scale[:, None]).to(WK.dtype.element_ty), mask=inside[:, None])
-        gl.store(WV + dst, (v.to(gl.float32) * v_scale[:, None]).to(WV.dtype.element_ty), mask=inside[:, None])
 
 
 # ---- consumers --------------------------------------------------------------------------------
@@ -341,12 +276,8 @@ def _ring_barriers(STAGES: gl.constexpr):
 @gluon.jit
 def _fwd_ws_kernel(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, Slot, Out, Lse, qk_scale, s_om,
                    H, Hk, GROUP, NL, Lq, Lk, T, G, P,
-                   NK8, NV8, NKS, NVS, NWK, NWV, N_ROWS, N_P, N_NL, N_S, N_T, n8b, n8h, n8p, nsb, nsh, nwb, nwh, nwp,
-                   LONG_ONLY,
                    D_K: gl.constexpr, D_V: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
-                   HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr,
-                   WIDEN: gl.constexpr, SCALE_BLOCK: gl.constexpr, WIDEN_WARPS: gl.constexpr,
-                   WIDEN_REGS: gl.constexpr):
+                   HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     bh, b, h, kvh, m0, slot, n_pre, n_cur = _query_block(Slot, H, GROUP, Lq, Lk, G, P, HALF_M)
 
     dtype: gl.constexpr = qd.dtype
@@ -364,42 +295,18 @@ def _fwd_ws_kernel(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, Slot, Out, Lse, qk_
     fence_async_shared()
 
     o_row = bh.to(gl.int64) * Lq
-    # the partition lists are written out twice: bound to a name, a list becomes a tensor (and Gluon
-    # functions are not values), and a tuple of arguments loses its constexprs (Triton 3.6 then cannot
-    # compile `_consumer`)
-    if WIDEN:  # two more warps, in the producer's warpgroup, widen the next layer's history
-        gl.warp_specialize(
-            [
-                (_consumer, (q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, turn, Out, Lse, o_row,
-                             s_om, m0, Lq, Lk, n_pre, T, n_cur, qk_scale, 0, PINGPONG, STORE_LSE, D_V, HALF_M, BLOCK_N,
-                             STAGES)),
-                (_consumer, (q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, turn, Out, Lse, o_row,
-                             s_om, m0, Lq, Lk, n_pre, T, n_cur, qk_scale, 1, PINGPONG, STORE_LSE, D_V, HALF_M, BLOCK_N,
-                             STAGES)),
-                (_producer, (qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, q_smem, k_smem, v_smem, q_ready, k_ready,
-                             v_ready, k_empty, v_empty, b, h, kvh, slot, m0, n_pre, T, n_cur, BLOCK_N, HALF_M, STAGES)),
-                (_next_history_widener, (NK8, NV8, NKS, NVS, NWK, NWV, N_ROWS, N_P, N_NL, N_S, N_T, n8b, n8h, n8p, nsb,
-                                         nsh, nwb, nwh, nwp, Slot, H, GROUP, NL, LONG_ONLY, D_K, SCALE_BLOCK,
-                                         WIDEN_WARPS)),
-            ],
-            [4, 1, WIDEN_WARPS],
-            [240, 24, WIDEN_REGS],
-        )
-    else:
-        gl.warp_specialize(
-            [
-                (_consumer, (q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, turn, Out, Lse, o_row,
-                             s_om, m0, Lq, Lk, n_pre, T, n_cur, qk_scale, 0, PINGPONG, STORE_LSE, D_V, HALF_M, BLOCK_N,
-                             STAGES)),
-                (_consumer, (q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, turn, Out, Lse, o_row,
-                             s_om, m0, Lq, Lk, n_pre, T, n_cur, qk_scale, 1, PINGPONG, STORE_LSE, D_V, HALF_M, BLOCK_N,
-                             STAGES)),
-                (_producer, (qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, q_smem, k_smem, v_smem, q_ready, k_ready,
-                             v_ready, k_empty, v_empty, b, h, kvh, slot, m0, n_pre, T, n_cur, BLOCK_N, HALF_M, STAGES)),
-            ],
-            [4, 1],
-            [240, 24],
-        )
+    gl.warp_specialize(
+        [
+            (_consumer, (q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, turn, Out, Lse, o_row, s_om,
+                         m0, Lq, Lk, n_pre, T, n_cur, qk_scale, 0, PINGPONG, STORE_LSE, D_V, HALF_M, BLOCK_N, STAGES)),
+            (_consumer, (q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, turn, Out, Lse, o_row, s_om,
+                         m0, Lq, Lk, n_pre, T, n_cur, qk_scale, 1, PINGPONG, STORE_LSE, D_V, HALF_M, BLOCK_N, STAGES)),
+            (_producer, (qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, q_smem, k_smem, v_smem, q_ready, k_ready,
+                         v_ready, k_empty, v_empty, b, h, kvh, slot, m0, n_pre, T, n_cur, BLOCK_N, HALF_M, STAGES)),
+        ],
+        [4, 1],
+        [240, 24],
+    )
 
 
 # ---- launch -----------------------------------------------------------------------------------
@@ -449,50 +356,7 @@ def _shared_layout(block: tuple[int, ...], dtype: torch.dtype) -> gl.NVMMAShared
     return gl.NVMMASharedLayout.get_default_for(list(block), _GL_TILE_DTYPES[dtype])
 
 
-@dataclass(frozen=True)
-class NextHistory:
-    """The next layer's fp8 history, which a forward widens while it runs (``_next_history_widener``)
-    into ``out_k, out_v``: empty contiguous ``[B, n_long_range, P, D]`` tensors of a 16-bit dtype.
-    K and V share their layout and block geometry (``usable``: ``_widened_pair``'s condition)."""
-
-    hist_k: QuantizedHistory
-    hist_v: QuantizedHistory
-    out_k: torch.Tensor
-    out_v: torch.Tensor
-
-    @staticmethod
-    def usable(hist_k: torch.Tensor, hist_v: torch.Tensor) -> bool:
-        """Whether the widener can take this K/V history pair: quantised alike, of one layout, with
-        values (heads and positions), and a head dim the kernel widens (64 or 128)."""
-        return (isinstance(hist_k, QuantizedHistory) and isinstance(hist_v, QuantizedHistory)
-                and hist_k.shape == hist_v.shape and hist_k.numel() > 0 and hist_k.shape[3] in (64, 128)
-                and hist_k.geometry == hist_v.geometry and hist_k.stride() == hist_v.stride()
-                and hist_k.stride(-1) == 1 and hist_k.scales.stride() == hist_v.scales.stride()
-                and hist_k.scales.stride(-1) == 1 and hist_k.device.type == "cuda")
-
-    def args(self, p: Problem) -> list:
-        """The kernel's widener arguments for a forward of ``p``, ``LONG_ONLY`` last: the long-range
-        heads' programs widen it where they are at least one a multiprocessor."""
-        k, v = self.hist_k, self.hist_v
-        B, NL, P, _ = k.shape
-        g = k.geometry
-        if not (self.out_k.shape == self.out_v.shape == k.shape and self.out_k.is_contiguous()
-                and self.out_v.is_contiguous()):
-            raise ValueError(f"NextHistory: outputs {tuple(self.out_k.shape)} and {tuple(self.out_v.shape)} "
-                             f"for a history of shape {tuple(k.shape)} (both contiguous and of its shape)")
-        long_programs = p.B * p.n_long_range * p.group * triton.cdiv(p.Lq, BLOCK_M) if p.P > 0 else 0
-        return [k.values(), v.values(), k.scales, v.scales, self.out_k, self.out_v, B * NL * P, P, NL,
-                g.segment_len, g.tail_len, *k.stride()[:3], *k.scales.stride()[:2], *self.out_k.stride()[:3],
-                int(long_programs >= triton_decode.multiprocessors(p.q.device))]
-
-    @staticmethod
-    def none(out: torch.Tensor) -> list:
-        """``args`` when there is no next history: stand-ins the kernel never reads."""
-        return [out] * 6 + [0, 1, 1, 1, 0] + [0] * 8 + [0]
-
-
-def launch_args(p: Problem, scale: float, return_lse: bool, pingpong: bool = False,
-                widen: NextHistory | None = None):
+def launch_args(p: Problem, scale: float, return_lse: bool, pingpong: bool = False):
     """``(grid, args, constexprs, out, lse)``: the forward kernel's launch for ``forward``'s
     arguments, with the output and log-sum-exp tensors it writes (``lse`` a one-element stand-in
     unless ``return_lse``)."""
@@ -502,20 +366,16 @@ def launch_args(p: Problem, scale: float, return_lse: bool, pingpong: bool = Fal
     descs = [_tiles(p.q, HALF_M)] + [_tiles(t, BLOCK_N) for t in p.tensors[1:]]
     args = [*descs, p.slots, out, lse, scale * LOG2E, out.stride(2),
             H, p.Hk, p.group, p.hist_k.shape[1], Lq, p.Lk, p.T, p.G, p.P]
-    args += widen.args(p) if widen is not None else NextHistory.none(out)
     constexprs = dict(D_K=p.D_K, D_V=p.D_V, PINGPONG=pingpong, STORE_LSE=return_lse,
-                      HALF_M=HALF_M, BLOCK_N=BLOCK_N, STAGES=STAGES, WIDEN=widen is not None,
-                      SCALE_BLOCK=widen.hist_k.geometry.block if widen is not None else HISTORY_SCALE_BLOCK,
-                      WIDEN_WARPS=WIDEN_WARPS, WIDEN_REGS=WIDEN_REGS)
+                      HALF_M=HALF_M, BLOCK_N=BLOCK_N, STAGES=STAGES)
     return (triton.cdiv(Lq, BLOCK_M), B * H), args, constexprs, out, lse
 
 
-def forward(p: Problem, scale: float, return_lse: bool, pingpong: bool = False, widen: NextHistory | None = None):
+def forward(p: Problem, scale: float, return_lse: bool, pingpong: bool = False):
     """``(out, lse)`` as ``triton_attention.one_pass_forward`` gives them.
     ``pingpong``: the consumers take turns to issue their products; measured slower (H200, the
-    kernel benchmark: 9.4 against 6.7 ms for plan none), so off. ``widen``: also widen the next
-    layer's fp8 history (``NextHistory``) while this runs."""
-    grid, args, constexprs, out, lse = launch_args(p, scale, return_lse, pingpong, widen)
+    kernel benchmark: 9.4 against 6.7 ms for plan none), so off."""
+    grid, args, constexprs, out, lse = launch_args(p, scale, return_lse, pingpong)
     _fwd_ws_kernel[grid](*args, **constexprs, num_warps=NUM_WARPS, **COMPILE_OPTIONS)
     return out, lse
 

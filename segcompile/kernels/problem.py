@@ -52,7 +52,6 @@ class Problem:
     T: int
     G: int
     P: int
-    n_long_range: int  # rows of the caller's history (its hist_k may be a one-row stand-in where there are none)
     D_K: int
     D_V: int
     block_dk: int  # D_K, D_V padded (``triton_common.block_d``)
@@ -105,7 +104,7 @@ def prepare(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
     if lk < lq:
         raise ValueError(f"segment_attention: {lk} current keys for {lq} queries; the queries are the last of the keys")
     dot = compute_dtype(q)
-    lengths = dict(T=tail_k.shape[2], G=sink_k.shape[2], P=hist_k.shape[2], n_long_range=hist_k.shape[1])
+    lengths = dict(T=tail_k.shape[2], G=sink_k.shape[2], P=hist_k.shape[2])
     quantized = _quantized_parts(hist_k, hist_v)
     if quantized:  # the kernels read history and sinks in two branches, each of its own dtype
         hist_k, hist_v = hist_k.values(), hist_v.values()
