@@ -75,8 +75,11 @@ def compile_for_hopper(kernel: str, head_dim: int) -> dict:
 def test_the_kernel_compiles_for_hopper(kernel, head_dim):
     # in a process of its own: the test session runs Triton in the interpreter
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    # the package from this checkout, installed or not (the script's own folder is tests/)
+    env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
     run = subprocess.run([sys.executable, __file__, kernel, str(head_dim)], env=env, capture_output=True, text=True,
-                         timeout=600, cwd=Path(__file__).resolve().parents[1])
+                         timeout=600, cwd=root)
     assert run.returncode == 0, run.stderr[-3000:]
     facts = json.loads(run.stdout.strip().splitlines()[-1])
     # a producer warp and two consumer warpgroups; registers moved from the producer to the consumers
