@@ -410,6 +410,34 @@ def test_a_hand_made_state_with_an_unquantised_history_is_refused(llama32, oracl
         seg.decode(replace(state, layers=plain, program_id=None), ids[:, 20:21])
 
 
+@pytest.mark.parametrize("autocast", [False, True])
+def test_a_segment_end_quantises_the_long_range_heads_in_the_carried_dtype(llama32, autocast):
+    """A segment end stores the long-range heads of the leaving K/V, rounded to the carried dtype
+    and then quantised: bf16 K/V are read in place (the kernel takes the heads), autocast's fp32
+    K/V are gathered and rounded to bf16 first (``carried_dtype``). Values and scales bit for bit
+    against ``quantize_history`` of those heads; fp32 K/V quantised unrounded would differ."""
+    _, graph = llama32
+    seg = sc.transform(graph, config(long_range=sc.HeadPlan.fraction(0.5)), implementation="reference")
+    site = seg.sites[0]
+    state = seg.initial_state(random_ids(1, S))
+    gen = torch.Generator().manual_seed(3)
+    current = {kv: torch.randn(1, site.num_kv_heads, S, site.head_dim, generator=gen) * 3 for kv in "kv"}
+    if not autocast:
+        current = {kv: x.to(torch.bfloat16) for kv, x in current.items()}
+    layers = (replace(state.layers[0], current_k=current["k"], current_v=current["v"]), *state.layers[1:])
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        layer = seg.end_segment(replace(state, position=S, layers=layers)).layers[0]
+    heads = torch.tensor(site.long_range)
+    assert 0 < len(heads) < site.num_kv_heads
+    for kv in "kv":
+        leaving = current[kv][:, :, : S - T].index_select(1, heads)
+        values, scales = quantize_history(leaving.to(torch.bfloat16), 0, layer.hist_k.geometry, FP8)
+        hist = getattr(layer, f"hist_{kv}")
+        assert torch.equal(hist.scales, scales) and torch.equal(hist.values().float(), values.float())
+        if autocast:
+            assert not torch.equal(hist.scales, quantize_history(leaving, 0, hist.geometry, FP8)[1])
+
+
 # ---- ONNX export: the history buffers in the model's dtype, holding the fp8 values ---------------
 def test_segment_end_round_trip_is_the_appended_history():
     """What the export writes at a segment end equals what ``append_history`` stores, read back,

@@ -259,6 +259,32 @@ def test_prefill_allocates_the_history_once_and_computes_the_last_logits_only(ll
     assert logits_node.args[0].target is torch.ops.aten.slice.Tensor  # the LM head sees the last position only
 
 
+@pytest.mark.parametrize("history_dtype", [None, torch.float8_e4m3fn])
+def test_prefill_makes_the_history_buffer_when_its_first_positions_arrive(llama, history_dtype):
+    # From the empty state, reserve_history only records the room: allocating 2 x layers buffers
+    # there would keep the GPU idle before the prefill's first kernel. The first append then makes
+    # the whole buffer (values and scales alike), which later segments fill in place.
+    from segcompile.runtime.state import reserve_history
+
+    _, graph = llama
+    seg = sc.transform(graph, sc.SegmentConfig(4, long_range=sc.HeadPlan.all(), history_dtype=history_dtype))
+    ids = random_ids(1, 27)
+    reserved = reserve_history(seg.initial_state(ids), 27)
+    assert reserved.history_room == 27
+    assert all(layer.hist_store_k is None and layer.hist_store_v is None for layer in reserved.layers)
+    buffers, state = set(), reserved
+    with torch.no_grad():
+        for start in range(0, 24, 4):
+            _, state = seg.step(state, ids[:, start : start + 4])
+            if state.layers[0].hist_store_k is not None:
+                buffers.add(state.layers[0].hist_store_k.untyped_storage().data_ptr())
+    layer = state.layers[0]
+    assert len(buffers) == 1 and layer.hist_store_k.shape[2] == layer.hist_store_v.shape[2] == 27
+    assert layer.hist_k.shape[2] == 24 - 4  # all but the tail
+    if history_dtype is not None:
+        assert layer.hist_store_k._segcompile_scales.shape[2] >= layer.hist_k.geometry.num_blocks(27)
+
+
 def test_two_decodes_from_one_state_do_not_share_their_history(llama):
     # Both branches append to the history buffer the state views; the second must not overwrite
     # what the first appended (a silent wrong answer in the first branch's later steps).

@@ -559,7 +559,8 @@ class SegmentedModel(torch.nn.Module):
             for i, layer in enumerate(state.layers)
         )
         position = state.position + chunk.shape[1]
-        return leaves, SegmentState(position, layers, self.logits_of(leaves)[:, -1], self.program_id)
+        return leaves, replace(state, position=position, layers=layers, logits=self.logits_of(leaves)[:, -1],
+                               program_id=self.program_id)
 
     def _releasing_graph(self) -> fx.GraphModule:
         if self._releasing_tails_graph is None:
@@ -596,7 +597,7 @@ class SegmentedModel(torch.nn.Module):
                 tail = current[:, :, S - T :]
                 moved[f"tail_{kv}"] = tail.clone() if T < S else tail
                 moved[f"current_{kv}"] = current.new_empty(*current.shape[:2], 0, current.shape[3])
-            moved.update(self._leave(site, layer, leaving))
+            moved.update(self._leave(site, layer, leaving, state.history_room))
             layers.append(replace(layer, **moved))
         return replace(state, layers=tuple(layers))
 
@@ -609,14 +610,17 @@ class SegmentedModel(torch.nn.Module):
         its steps, so it leaves in the dtype ``end_segment`` would convert it to."""
         retired = []
         for site, layer in zip(self.sites, state.layers):
-            retired.append(self._leave(site, layer, {kv: getattr(layer, f"tail_{kv}").detach() for kv in ("k", "v")}))
+            leaving = {kv: getattr(layer, f"tail_{kv}").detach() for kv in ("k", "v")}
+            retired.append(self._leave(site, layer, leaving, state.history_room))
         return tuple(retired)
 
-    def _leave(self, site: AttentionSite, layer: LayerState, leaving: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def _leave(self, site: AttentionSite, layer: LayerState, leaving: dict[str, torch.Tensor],
+               room: int) -> dict[str, torch.Tensor]:
         """``layer``'s sinks and histories with ``leaving`` (``{"k": ..., "v": ...}``, the entries
         that leave the tail, in position order) appended: the sinks while they have fewer than G
         entries, the histories for the long-range KV heads (K's and V's together: one kernel for
-        a quantised pair). All are constants, in ``carried_dtype``."""
+        a quantised pair; a new history buffer holds at least ``room`` positions: the state's
+        ``history_room``). All are constants, in ``carried_dtype``."""
         G = self.cfg.sink_tokens
         constant = {kv: carried_dtype(entries.dtype, entries.device.type) for kv, entries in leaving.items()}
         moved = {}
@@ -631,14 +635,16 @@ class SegmentedModel(torch.nn.Module):
             kvs = ("k", "v")  # append_history_pair takes K first
             index = _head_index(tuple(site.long_range), leaving["k"].device)
             histories = tuple(getattr(layer, f"hist_{kv}") for kv in kvs)
-            # a quantised history's kernel reads the long-range heads in place (no gather); a plain
-            # one gathers them first, so that only they are converted to the carried dtype
-            if isinstance(histories[0], QuantizedHistory):
-                news, heads = tuple(leaving[kv].to(constant[kv]) for kv in kvs), index
+            # a quantised history's kernel reads the long-range heads in place (no gather) from K/V
+            # already in the carried dtype; otherwise they are gathered first, so that only they
+            # are converted (autocast's fp32 K/V)
+            if isinstance(histories[0], QuantizedHistory) and all(leaving[kv].dtype == constant[kv] for kv in kvs):
+                news, heads = tuple(leaving[kv] for kv in kvs), index
             else:
                 news, heads = tuple(leaving[kv].index_select(1, index).to(constant[kv]) for kv in kvs), None
             stores = tuple(getattr(layer, f"hist_store_{kv}") for kv in kvs)
-            appended = append_history_pair(stores, histories, news, token_major=bool(self._compiled), heads=heads)
+            appended = append_history_pair(stores, histories, news, token_major=bool(self._compiled), heads=heads,
+                                           room=room)
             for kv, (store, history) in zip(kvs, appended):
                 moved[f"hist_store_{kv}"], moved[f"hist_{kv}"] = store, history
         return moved

@@ -8,7 +8,7 @@ states, checks them and lays out their memory; moving a finished segment into ta
 history is the driver's (``SegmentedModel.end_segment``):
 
 * the long-range history is an append-only buffer that every live segment graph shares
-  (``append_history``), sized up front when the input is known (``reserve_history``);
+  (``append_history``), sized for the whole input when it is known (``reserve_history``);
 * sinks and history are constants, kept in ``carried_dtype``; with ``SegmentConfig.history_dtype``
   the history is stored quantised instead (``kernels/history_format.py``: a ``QuantizedHistory``
   view of an fp8 buffer and of a buffer of its scales, appended to and sized as above);
@@ -130,6 +130,9 @@ class SegmentState:
     layers: tuple[LayerState, ...]
     logits: torch.Tensor | None = None  # logits of the last token fed, [B, V]
     program_id: ProgramId | None = None
+    # positions a long-range history's buffer is made for when its first positions arrive
+    # (``reserve_history``; later growth is ``HISTORY_GROWTH``'s)
+    history_room: int = 0
 
     @property
     def batch_size(self) -> int:
@@ -246,18 +249,25 @@ def reserve_history(state: SegmentState, total_tokens: int, token_major: bool = 
     """Give every long-range history a buffer for ``total_tokens`` positions up front (prefill of
     a known prompt, TBPTT over a known sequence), instead of growing it by ``HISTORY_GROWTH``
     (which can leave half again the needed memory allocated, and copies at every growth).
-    ``token_major``: lay the buffer out token-major (compiled steps, ``SegmentedModel.compile``)."""
+    ``token_major``: lay the buffer out token-major (compiled steps, ``SegmentedModel.compile``).
+
+    A history with no positions and no buffer yet (a prompt from the empty state) gets its buffer
+    when its first positions arrive (``state.history_room``, which ``append_history`` reads), two
+    segments into the prompt: made here, the buffers (64 allocations at the 8B shape, 128 with a
+    quantised history's scales) would keep the GPU idle before the prefill's first kernel; made
+    there, the host makes them while the GPU runs the first segments."""
     layers = []
     for layer in state.layers:
         moved = {}
         for kv in ("k", "v"):
             store, history = getattr(layer, f"hist_store_{kv}"), getattr(layer, f"hist_{kv}")
-            if history.shape[1] == 0 or (store is not None and store.shape[2] >= total_tokens
-                                         and not written_past(store, history.shape[2])):
+            if history.shape[1] == 0 or (store is None and history.shape[2] == 0):
+                continue
+            if store is not None and store.shape[2] >= total_tokens and not written_past(store, history.shape[2]):
                 continue
             moved[f"hist_store_{kv}"], moved[f"hist_{kv}"] = history_buffer(history, total_tokens, token_major)
         layers.append(replace(layer, **moved))
-    return replace(state, layers=tuple(layers))
+    return replace(state, layers=tuple(layers), history_room=max(state.history_room, total_tokens))
 
 
 def history_buffer(history, capacity: int, token_major: bool = False):
@@ -271,29 +281,29 @@ def history_buffer(history, capacity: int, token_major: bool = False):
 
 
 def append_history(store: torch.Tensor | None, history: torch.Tensor, new: torch.Tensor, token_major: bool = False,
-                   heads: torch.Tensor | None = None):
+                   heads: torch.Tensor | None = None, room: int = 0):
     """Append ``new`` (with ``heads``: ``new.index_select(1, heads)``) after ``history`` in an
     append-only buffer; return (buffer, view of the history).
 
     Segment graphs kept for TBPTT save the history view they read; a fresh concatenation per
     segment would give each its own copy. Appends land past the end of every view already
     handed out, so they are written through ``.data`` (no autograd version bump: no saved
-    region changes). A full buffer is replaced by a larger one; old views keep the old one alive
-    only while a graph still holds them. A state whose view ends before what was already
+    region changes). A full buffer is replaced by a larger one (of at least ``room`` positions:
+    the state's ``history_room``); old views keep the old one alive only while a graph still
+    holds them. A state whose view ends before what was already
     appended (a branch) gets a copy. ``token_major``: a new buffer is laid out token-major. A
     ``QuantizedHistory`` gets ``new`` quantised (``kernels/history_format.py``), its values and
     scales appended alike; its kernel reads the ``heads`` of ``new`` in place.
     """
     if isinstance(history, QuantizedHistory):
-        return _append_quantized((store,), (history,), (new,), token_major, heads)[0]
+        return _append_quantized((store,), (history,), (new,), token_major, heads, room)[0]
     new = new.index_select(1, heads) if heads is not None else new
     length, need = history.shape[2], history.shape[2] + new.shape[2]
     # Another state that shares this buffer (two decodes continued from one state) may already have
     # appended past this view: writing here would change that state's history, so copy instead.
     if (store is None or written_past(store, length) or store.shape[2] < need or store.dtype != new.dtype
             or store.shape[:2] != new.shape[:2]):
-        capacity = max(need, int(length * HISTORY_GROWTH))
-        fresh = empty_entries(new, capacity, token_major)
+        fresh = empty_entries(new, max(need, int(length * HISTORY_GROWTH), room), token_major)
         fresh[:, :, :length] = history
         store = fresh
     store.data[:, :, length:need] = new
@@ -308,18 +318,20 @@ def written_past(store: torch.Tensor | None, length: int) -> bool:
 
 
 def append_history_pair(stores: tuple, histories: tuple, news: tuple, token_major: bool = False,
-                        heads: torch.Tensor | None = None) -> tuple:
+                        heads: torch.Tensor | None = None, room: int = 0) -> tuple:
     """``append_history`` of a layer's K and V (each argument a pair, K's first; returns a pair of
     (buffer, view of the history)): a quantised pair of the same length is quantised in one
     launch on a GPU (``dispatch.quantized_history_pair``)."""
     k, v = histories
     if (isinstance(k, QuantizedHistory) and isinstance(v, QuantizedHistory) and k.shape[2] == v.shape[2]
             and k.geometry == v.geometry and k.dtype == v.dtype):
-        return _append_quantized(stores, histories, news, token_major, heads)
-    return tuple(append_history(*args, token_major=token_major, heads=heads) for args in zip(stores, histories, news))
+        return _append_quantized(stores, histories, news, token_major, heads, room)
+    return tuple(append_history(*args, token_major=token_major, heads=heads, room=room)
+                 for args in zip(stores, histories, news))
 
 
-def _append_quantized(stores: tuple, histories: tuple, news: tuple, token_major: bool, heads: torch.Tensor | None):
+def _append_quantized(stores: tuple, histories: tuple, news: tuple, token_major: bool, heads: torch.Tensor | None,
+                      room: int = 0):
     """``append_history`` for quantised histories (one, or a layer's K and V of one length, block
     geometry and dtype): each store is its values' buffer, which carries the buffer of its scales
     (``_segcompile_scales``). Each new part starts where a piece of the format starts (a segment's
@@ -329,7 +341,7 @@ def _append_quantized(stores: tuple, histories: tuple, news: tuple, token_major:
         length, need = history.shape[2], history.shape[2] + new.shape[2]
         shape = (new.shape[0], heads.numel() if heads is not None else new.shape[1])
         if store is None or written_past(store, length) or store.shape[2] < need or store.shape[:2] != shape:
-            store, _ = _quantized_buffer(history, max(need, int(length * HISTORY_GROWTH)), token_major)
+            store, _ = _quantized_buffer(history, max(need, int(length * HISTORY_GROWTH), room), token_major)
         blocks, total = history.scales.shape[2], history.geometry.num_blocks(need)
         buffers.append((store, need, total))
         outs.append((store.data[:, :, length:need], store._segcompile_scales.data[:, :, blocks:total]))
@@ -396,7 +408,11 @@ def compiled_layout(state: SegmentState) -> SegmentState:
                 if not _has_layout(t, strides(t.shape)):
                     moved[name] = torch.empty_strided(t.shape, strides(t.shape), dtype=t.dtype, device=t.device).copy_(t)
             history, store = getattr(layer, f"hist_{kv}"), getattr(layer, f"hist_store_{kv}")
-            if not _has_layout(history, _token_major_strides(history.shape)):
+            if store is None and history.shape[2] == 0:  # no buffer yet: the first append makes it token-major
+                if not _has_layout(history, _token_major_strides(history.shape)):
+                    moved[f"hist_{kv}"] = torch.empty_strided(history.shape, _token_major_strides(history.shape),
+                                                              dtype=history.dtype, device=history.device)
+            elif not _has_layout(history, _token_major_strides(history.shape)):
                 fresh = empty_entries(history, max(store.shape[2] if store is not None else 0, history.shape[2]), True)
                 fresh[:, :, : history.shape[2]] = history
                 moved[f"hist_store_{kv}"], moved[f"hist_{kv}"] = fresh, fresh[:, :, : history.shape[2]]
