@@ -12,6 +12,7 @@ import torch
 from conftest import ALL_MODELS, VOCAB, captured, make_model, max_abs, random_ids
 
 import segcompile as sc
+from segcompile.runtime.state import reserve_history
 from segcompile.testing.tolerances import assert_close, tolerance
 
 FP32_ATOL = tolerance(torch.float32).logits
@@ -264,8 +265,6 @@ def test_prefill_makes_the_history_buffer_when_its_first_positions_arrive(llama,
     # From the empty state, reserve_history only records the room: allocating 2 x layers buffers
     # there would keep the GPU idle before the prefill's first kernel. The first append then makes
     # the whole buffer (values and scales alike), which later segments fill in place.
-    from segcompile.runtime.state import reserve_history
-
     _, graph = llama
     seg = sc.transform(graph, sc.SegmentConfig(4, long_range=sc.HeadPlan.all(), history_dtype=history_dtype))
     ids = random_ids(1, 27)
