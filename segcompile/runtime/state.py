@@ -408,11 +408,13 @@ def compiled_layout(state: SegmentState) -> SegmentState:
                 if not _has_layout(t, strides(t.shape)):
                     moved[name] = torch.empty_strided(t.shape, strides(t.shape), dtype=t.dtype, device=t.device).copy_(t)
             history, store = getattr(layer, f"hist_{kv}"), getattr(layer, f"hist_store_{kv}")
+            token_major = _token_major_strides(history.shape)
+            if _has_layout(history, token_major):
+                continue
             if store is None and history.shape[2] == 0:  # no buffer yet: the first append makes it token-major
-                if not _has_layout(history, _token_major_strides(history.shape)):
-                    moved[f"hist_{kv}"] = torch.empty_strided(history.shape, _token_major_strides(history.shape),
-                                                              dtype=history.dtype, device=history.device)
-            elif not _has_layout(history, _token_major_strides(history.shape)):
+                moved[f"hist_{kv}"] = torch.empty_strided(history.shape, token_major, dtype=history.dtype,
+                                                          device=history.device)
+            else:
                 fresh = empty_entries(history, max(store.shape[2] if store is not None else 0, history.shape[2]), True)
                 fresh[:, :, : history.shape[2]] = history
                 moved[f"hist_store_{kv}"], moved[f"hist_{kv}"] = fresh, fresh[:, :, : history.shape[2]]
