@@ -16,7 +16,6 @@ import torch
 gluon_attention = pytest.importorskip("segcompile.kernels.gluon_attention")
 
 from segcompile.kernels import dispatch  # noqa: E402
-from segcompile.kernels.history_format import HistoryGeometry, QuantizedHistory, quantize_history  # noqa: E402
 from segcompile.kernels.problem import prepare  # noqa: E402
 
 
@@ -27,22 +26,11 @@ def _args(D, dtype=torch.bfloat16, Lq=256, T=128, G=0, P=256, long_range=(0,)):
             r(B, Hk, G, D), r(B, Hk, G, D), r(B, len(long_range), P, D), r(B, len(long_range), P, D)], list(long_range)
 
 
-def _fp8_keys_problem(args, long_range):
-    """The problem the forward runs over an fp8 history on Hopper: K as stored, V dequantised
-    (``dispatch._for_gluon``)."""
-    g = HistoryGeometry(segment_len=128, tail_len=128)
-    hist_k, hist_v = [QuantizedHistory.of(*quantize_history(x, 0, g, torch.float8_e4m3fn), g) for x in args[7:]]
-    return dispatch.fp8_keys_problem(prepare(*args[:7], hist_k, hist_v, long_range), hist_v.dequantized(args[0].dtype))
-
-
 def _launch(kernel: str, head_dim: int):
     """(jit function, runtime arguments, constexprs) of ``kernel`` at a small shape."""
     args, long_range = _args(head_dim)
     problem = prepare(*args, long_range)
-    if kernel == "forward-fp8-keys":
-        problem = _fp8_keys_problem(args, long_range)
-        assert gluon_attention.reads_fp8_keys(problem)
-    if kernel.startswith("forward"):
+    if kernel == "forward":
         _, runtime, consts, _, _ = gluon_attention.launch_args(problem, 0.1, return_lse=True)
         return gluon_attention.KERNELS["forward"], runtime, consts
     rows = torch.zeros(problem.B * problem.H * problem.Lq)
@@ -78,12 +66,11 @@ def compile_for_hopper(kernel: str, head_dim: int) -> dict:
         "consumer_regs_240": "setmaxnreg.inc.sync.aligned.u32 \t240" in ptx,
         "tma": "cp.async.bulk.tensor" in ptx,
         "wgmma": "wgmma.mma_async" in ptx,
-        "fp8_wgmma": ".e4m3.e4m3" in ptx,
         "tma_reduce": "cp.reduce.async.bulk.tensor" in ptx,
     }
 
 
-@pytest.mark.parametrize("kernel", ["forward", "forward-fp8-keys", "dkdv", "dkdv+dq"])
+@pytest.mark.parametrize("kernel", ["forward", "dkdv", "dkdv+dq"])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_the_kernel_compiles_for_hopper(kernel, head_dim):
     # in a process of its own: the test session runs Triton in the interpreter
@@ -101,7 +88,6 @@ def test_the_kernel_compiles_for_hopper(kernel, head_dim):
     assert facts["tma"] and facts["wgmma"]
     assert facts["shared"] <= 227 * 1024
     assert facts["tma_reduce"] == (kernel == "dkdv+dq")  # dQ leaves through TMA reduce-add, never atomics
-    assert facts["fp8_wgmma"] == (kernel == "forward-fp8-keys")  # Q K^T over an fp8 history's K: fp8 products
 
 
 def test_it_is_not_chosen_off_hopper_nor_for_decode():
