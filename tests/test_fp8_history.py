@@ -220,22 +220,29 @@ def test_dequantize_pair_refuses_histories_that_differ():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Gluon forward runs on a Hopper GPU")
-@pytest.mark.parametrize("lq", [1, 512])  # decode reads fp8 (split keys); a segment runs Gluon on a dequantised copy
-def test_bf16_forward_on_cuda_reads_the_quantised_history_as_the_reference(lq):
+@pytest.mark.parametrize("lq, P, D, tail_len", [
+    (1, 1536, 128, 512),  # decode reads fp8 (split keys)
+    (512, 1536, 128, 512),  # a segment runs Gluon on a dequantised copy
+    (512, 1000, 128, 512),  # the history ends inside a 128-key block and inside a scale block
+    (512, 192, 64, 512),  # its last 128-key block holds one scale block; head dim 64
+    (512, 1536, 128, 96),  # scale blocks cut at each segment's pieces (416 and 96 positions)
+])
+def test_bf16_forward_on_cuda_reads_the_quantised_history_as_the_reference(lq, P, D, tail_len):
     gen = torch.Generator(device="cuda").manual_seed(7)
     r = lambda *shape: torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16)  # noqa: E731
-    B, Hk, group, D, P = 1, 4, 4, 128, 1536
-    g = HistoryGeometry(segment_len=512, tail_len=512, block=64)
+    B, Hk, group = 1, 4, 4
+    g = HistoryGeometry(segment_len=512, tail_len=tail_len, block=64)
 
     def quantized(x):
         return QuantizedHistory.of(*quantize_history(x, 0, g, FP8), g)
 
+    rows = 10 ** torch.empty(B, Hk * group, lq, 1, device="cuda").uniform_(-3, 2, generator=gen)  # 5 orders apart
     hist_k, hist_v = quantized(r(B, 2, P, D) * 3), quantized(r(B, 2, P, D))
-    args = (r(B, Hk * group, lq, D), r(B, Hk, lq, D), r(B, Hk, lq, D), r(B, Hk, 512, D), r(B, Hk, 512, D),
-            r(B, Hk, 4, D), r(B, Hk, 4, D))
+    args = ((r(B, Hk * group, lq, D) * rows).bfloat16(), r(B, Hk, lq, D), r(B, Hk, lq, D), r(B, Hk, 512, D),
+            r(B, Hk, 512, D), r(B, Hk, 4, D), r(B, Hk, 4, D))
     got = segment_attention_forward(*args, hist_k, hist_v, [1, 3], D ** -0.5)
     want = segment_attention_reference(*[a.float() for a in args], hist_k, hist_v, [1, 3], D ** -0.5)
-    assert max_abs(got, want) <= tolerance(torch.bfloat16).logits
+    assert max_abs(got, want) <= tolerance(torch.bfloat16).logits, max_abs(got, want)
 
 
 def test_triton_backward_with_a_quantised_history_equals_the_reference():
