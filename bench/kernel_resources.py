@@ -17,6 +17,14 @@ range: sinks, history, tail, current segment) and the most frequent instructions
 what the loop over an fp8 history spends beside the products. Needs Triton's ``nvdisasm`` too.
 
     python bench/kernel_resources.py --decode
+
+``--gluon``: the warp-specialised Hopper kernels (``gluon_attention.py``: the forward, dK/dV, dK/dV
+adding dQ) at a small problem, with the SASS instructions of each loop of matrix products. Their
+consumers' loops are bound by issuing instructions, not by shared memory or the tensor cores: a
+forward whose history loop had 64 multiplies a thread more (+13% of the loop) ran 11% slower
+(bench/README.md, "reading the history's K in fp8"), so count a change's instructions here first.
+
+    python bench/kernel_resources.py --gluon
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import tempfile
 from collections import Counter
 from pathlib import Path
 
+import torch
 import triton
 import triton.language as tl
 from triton.backends.compiler import GPUTarget
@@ -132,7 +141,8 @@ def decode_resources(history: str, head_dim: int, capability: int) -> dict:
 
 def product_loops(cubin: bytes) -> list[Counter]:
     """The instructions (opcode with modifiers: count) of each loop of a kernel's SASS that holds
-    matrix products (HMMA or HGMMA), in program order: from a branch target to the branch back."""
+    matrix products (HMMA, or HGMMA and QGMMA: 16-bit and fp8 ``wgmma``), in program order: from a
+    branch target to the branch back."""
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
     try:
@@ -149,14 +159,92 @@ def product_loops(cubin: bytes) -> list[Counter]:
             labels.update({name: len(code) for name in pending})
             pending = []
             code.append(re.sub(r"^@!?U?P\w+\s+", "", found.group(2)))  # without its predicate
-    loops = []
+    spans = []
     for end, text in enumerate(code):
         target = re.match(r"BRA\s+`\(\.(L_x_\d+)\)", text)
         if target and labels.get(target.group(1), end) < end:
-            body = Counter(t.split()[0] for t in code[labels[target.group(1)] : end + 1])
-            if any(op.startswith(("HMMA", "HGMMA")) for op in body):
-                loops.append(body)
+            spans.append((labels[target.group(1)], end))
+    loops = []
+    for start, end in spans:
+        if any(start <= a and b <= end and (a, b) != (start, end) for a, b in spans):
+            continue  # an outer loop (a warp-specialised partition's, around the loops of its ranges)
+        body = Counter(t.split()[0] for t in code[start : end + 1])
+        if any(op.startswith(("HMMA", "HGMMA", "QGMMA")) for op in body):
+            loops.append(body)
     return loops
+
+
+def gluon_launch(kernel: str, head_dim: int, dtype: torch.dtype = torch.bfloat16):
+    """``(jit function, runtime arguments, constexprs)`` of a Gluon kernel ("forward", "dkdv" or
+    "dkdv+dq") at a small problem (CPU tensors: only their dtypes, shapes and strides matter)."""
+    from segcompile.kernels import gluon_attention
+    from segcompile.kernels.problem import prepare
+
+    r = lambda *shape: torch.randn(*shape, dtype=dtype)  # noqa: E731
+    B, H, Hk, Lq, T, P = 1, 4, 2, 256, 128, 256
+    args = [r(B, H, Lq, head_dim)] + [r(B, Hk, n, head_dim) for n in (Lq, Lq, T, T, 0, 0)] + [r(B, 1, P, head_dim)] * 2
+    problem = prepare(*args, [0])
+    if kernel == "forward":
+        _, runtime, consts, _, _ = gluon_attention.launch_args(problem, 0.1, return_lse=True)
+        return gluon_attention.KERNELS["forward"], runtime, consts
+    rows = torch.zeros(problem.B * problem.H * problem.Lq)
+    dq = torch.zeros(*args[0].shape, dtype=torch.float32) if kernel == "dkdv+dq" else None
+    _, runtime, consts, _ = gluon_attention.dkdv_launch_args(problem, torch.randn_like(args[0]), rows, rows,
+                                                             0.1, tail_needs_grad=True, dq=dq)
+    return gluon_attention.KERNELS["dkdv"], runtime, consts
+
+
+def compile_gluon(kernel: str, head_dim: int, capability: int = 90):
+    """A Gluon kernel (``gluon_launch``) compiled for ``capability`` as its launches compile it."""
+    from segcompile.kernels import gluon_attention
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.runtime.jit import mangle_type
+
+    fn, runtime, consts = gluon_launch(kernel, head_dim)
+    values = iter(runtime)
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        else:
+            a = next(values)
+            sig[name] = "fp32" if isinstance(a, float) else "i32" if isinstance(a, int) else mangle_type(a)
+    src = GluonASTSource(fn, sig, {(fn.arg_names.index(k),): v for k, v in consts.items()})
+    options = dict(num_warps=gluon_attention.NUM_WARPS, **triton_common.COMPILE_OPTIONS)
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32), options=options)
+
+
+def gluon_resources(kernel: str, head_dim: int, capability: int) -> dict:
+    """A Gluon kernel's registers at launch (each partition then sets its own) and stack frame (its
+    spills), as its cubin records them, its shared memory, and ``product_loops`` of its SASS."""
+    compiled = compile_gluon(kernel, head_dim, capability)
+    cubin = compiled.asm["cubin"]
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        usage = subprocess.run([str(BIN / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
+                               check=True).stdout
+    finally:
+        os.unlink(f.name)
+    found = {key: re.search(rf"{field}:(\d+)", usage) for key, field in (("registers", "REG"), ("stack_bytes", "STACK"))}
+    return dict(shared_bytes=compiled.metadata.shared, **{k: int(m.group(1)) for k, m in found.items() if m},
+                loops=product_loops(cubin))
+
+
+def print_gluon(head_dim: int, capability: int) -> None:
+    print(f"{'kernel':8} {'regs':>5} {'stack B':>8} {'smem KB':>8}  instructions of each product loop "
+          "(spill loads and stores in it)")
+    for kernel in ("forward", "dkdv", "dkdv+dq"):
+        r = gluon_resources(kernel, head_dim, capability)
+        sizes = ", ".join(f"{sum(loop.values())}" + (f" ({spills(loop)})" if spills(loop) else "") for loop in r["loops"])
+        print(f"{kernel:8} {r.get('registers', '?'):>5} {r.get('stack_bytes', '?'):>8} {r['shared_bytes'] / 1024:8.0f}  {sizes}")
+        loop = max(r["loops"], key=lambda body: sum(body.values()), default=Counter())
+        print("         its longest loop: " + ", ".join(f"{op} {n}" for op, n in loop.most_common(10)))
+
+
+def spills(loop: Counter) -> int:
+    """Local-memory loads and stores in a loop: what a stack frame costs where it is hot."""
+    return sum(n for op, n in loop.items() if op.startswith(("LDL", "STL")))
 
 
 def print_decode(head_dim: int, capability: int) -> None:
@@ -190,7 +278,12 @@ def main(argv=None):
                    help="KERNEL M N WARPS STAGES [REGISTER_CAP]")
     p.add_argument("--decode", action="store_true",
                    help="the static decode kernel over a bf16 and an fp8 history, with its loops' instructions")
+    p.add_argument("--gluon", action="store_true",
+                   help="the warp-specialised Hopper kernels, with their loops' instructions")
     args = p.parse_args(argv)
+    if args.gluon:
+        print_gluon(args.head_dim, args.capability)
+        return
     if args.decode:
         print_decode(args.head_dim, args.capability)
         return

@@ -26,38 +26,12 @@ def _args(D, dtype=torch.bfloat16, Lq=256, T=128, G=0, P=256, long_range=(0,)):
             r(B, Hk, G, D), r(B, Hk, G, D), r(B, len(long_range), P, D), r(B, len(long_range), P, D)], list(long_range)
 
 
-def _launch(kernel: str, head_dim: int):
-    """(jit function, runtime arguments, constexprs) of ``kernel`` at a small shape."""
-    args, long_range = _args(head_dim)
-    problem = prepare(*args, long_range)
-    if kernel == "forward":
-        _, runtime, consts, _, _ = gluon_attention.launch_args(problem, 0.1, return_lse=True)
-        return gluon_attention.KERNELS["forward"], runtime, consts
-    rows = torch.zeros(problem.B * problem.H * problem.Lq)
-    dq = torch.zeros(*args[0].shape, dtype=torch.float32) if kernel == "dkdv+dq" else None
-    _, runtime, consts, _ = gluon_attention.dkdv_launch_args(problem, torch.randn_like(args[0]), rows, rows,
-                                                             0.1, tail_needs_grad=True, dq=dq)
-    return gluon_attention.KERNELS["dkdv"], runtime, consts
-
-
 def compile_for_hopper(kernel: str, head_dim: int) -> dict:
     """Compile ``kernel`` ("forward", "dkdv" or "dkdv+dq") for sm_90a (no GPU needed); facts about the result."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.runtime.jit import mangle_type
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from kernel_resources import compile_gluon
 
-    fn, runtime, consts = _launch(kernel, head_dim)
-    values = iter(runtime)
-    signature = {}
-    for name in fn.arg_names:
-        if name in consts:
-            signature[name] = "constexpr"
-        else:
-            a = next(values)
-            signature[name] = "fp32" if isinstance(a, float) else "i32" if isinstance(a, int) else mangle_type(a)
-    src = GluonASTSource(fn, signature, {(fn.arg_names.index(k),): v for k, v in consts.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": gluon_attention.NUM_WARPS})
+    kernel = compile_gluon(kernel, head_dim)
     ptx = kernel.asm["ptx"]
     return {
         "warps": kernel.metadata.num_warps,
