@@ -16,29 +16,25 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
-def test_decode_kernel_loops_over_both_histories():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
-    env["PYTHONPATH"] = os.pathsep.join([str(BENCH.parent), env.get("PYTHONPATH", "")])
-    code = ("import kernel_resources as kr\n"
-            "for h in ('bf16', 'fp8'):\n"
-            "    r = kr.decode_resources(h, 128, 90)\n"
-            "    print(h, r['registers'], len(r['loops']), any('E4M3' in op for loop in r['loops'] for op in loop))\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=BENCH, env=env, capture_output=True, text=True, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    rows = {h: (int(regs), int(loops), widens == "True") for h, regs, loops, widens in
-            (line.split() for line in out.stdout.splitlines())}
-    # sinks or history, tail, current; over an fp8 history the sinks (bf16) get a loop of their own
-    assert rows["bf16"][1:] == (3, False)
-    assert rows["fp8"][1:] == (4, True)
-    assert 0 < rows["bf16"][0] <= rows["fp8"][0] <= 255
-
-
 def _run(code: str) -> str:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, do not interpret
     env["PYTHONPATH"] = os.pathsep.join([str(BENCH.parent), env.get("PYTHONPATH", "")])
     out = subprocess.run([sys.executable, "-c", code], cwd=BENCH, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     return out.stdout
+
+
+def test_decode_kernel_loops_over_both_histories():
+    out = _run("import kernel_resources as kr\n"
+               "for h in ('bf16', 'fp8'):\n"
+               "    r = kr.decode_resources(h, 128, 90)\n"
+               "    print(h, r['registers'], len(r['loops']), any('E4M3' in op for loop in r['loops'] for op in loop))\n")
+    rows = {h: (int(regs), int(loops), widens == "True") for h, regs, loops, widens in
+            (line.split() for line in out.splitlines())}
+    # sinks or history, tail, current; over an fp8 history the sinks (bf16) get a loop of their own
+    assert rows["bf16"][1:] == (3, False)
+    assert rows["fp8"][1:] == (4, True)
+    assert 0 < rows["bf16"][0] <= rows["fp8"][0] <= 255
 
 
 def test_gluon_forward_loops():
