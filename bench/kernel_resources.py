@@ -139,16 +139,21 @@ def decode_resources(history: str, head_dim: int, capability: int) -> dict:
     return dict(tile=tile, shared_bytes=compiled.metadata.shared, **report, loops=product_loops(compiled.asm["cubin"]))
 
 
+def on_cubin(cubin: bytes, tool: str, *options: str) -> str:
+    """The output of Triton's bundled ``tool`` (``nvdisasm``, ``cuobjdump``) run on ``cubin``."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        return subprocess.run([str(BIN / tool), *options, f.name], capture_output=True, text=True, check=True).stdout
+    finally:
+        os.unlink(f.name)
+
+
 def product_loops(cubin: bytes) -> list[Counter]:
     """The instructions (opcode with modifiers: count) of each loop of a kernel's SASS that holds
     matrix products (HMMA, or HGMMA and QGMMA: 16-bit and fp8 ``wgmma``), in program order: from a
     branch target to the branch back."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        sass = subprocess.run([str(BIN / "nvdisasm"), "-c", f.name], capture_output=True, text=True, check=True).stdout
-    finally:
-        os.unlink(f.name)
+    sass = on_cubin(cubin, "nvdisasm", "-c")
     code, labels, pending = [], {}, []
     for line in sass.splitlines():
         label = re.match(r"\s*\.(L_x_\d+):", line)
@@ -219,13 +224,7 @@ def gluon_resources(kernel: str, head_dim: int, capability: int) -> dict:
     spills), as its cubin records them, its shared memory, and ``product_loops`` of its SASS."""
     compiled = compile_gluon(kernel, head_dim, capability)
     cubin = compiled.asm["cubin"]
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        usage = subprocess.run([str(BIN / "cuobjdump"), "-res-usage", f.name], capture_output=True, text=True,
-                               check=True).stdout
-    finally:
-        os.unlink(f.name)
+    usage = on_cubin(cubin, "cuobjdump", "-res-usage")
     found = {key: re.search(rf"{field}:(\d+)", usage) for key, field in (("registers", "REG"), ("stack_bytes", "STACK"))}
     return dict(shared_bytes=compiled.metadata.shared, **{k: int(m.group(1)) for k, m in found.items() if m},
                 loops=product_loops(cubin))
