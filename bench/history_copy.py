@@ -14,11 +14,8 @@ prefill). Rows, L2 flushed before each timed call:
 * on Hopper, ``forward after pair`` and ``forward over bf16``: the Gluon forward of the layer
   (32 query heads, 8 KV heads, 2 long-range, a 4096-token segment and tail) right after the copy,
   over the copy's output, and over a bf16 history with no copy before it: whether the copy's last
-  blocks, the first the forward reads, are still in L2 for it; ``forward, fp8 K``: the forward
-  reading the history's K as stored (fp8 products, ``gluon_attention.reads_fp8_keys``) and V
-  from its copy, right after that copy; ``pair + forward``: the copy of both and the forward over
-  it timed together, and ``copy + forward``: what a call over the fp8 history costs as dispatched
-  (V's copy, then the forward reading K as stored). These rows take turns.
+  blocks, the first the forward reads, are still in L2 for it; ``copy + forward``: the copy and
+  the forward timed together (what a call over the fp8 history costs). These rows take turns.
 
     python bench/history_copy.py                                   # 64K and 122,880 positions
     python bench/history_copy.py --history-lens 122880 --tiles 64,4 128,8
@@ -152,15 +149,9 @@ def forward_rows(P: int, args, shape: dict) -> list[dict]:
     def forward(hist_k, hist_v):
         dispatch.segment_attention_forward(*inputs, hist_k, hist_v, long_range, D ** -0.5)
 
-    def forward_fp8_keys(wide_v):
-        problem = dispatch.fp8_keys_problem(dispatch.prepare(*inputs, k8, v8, long_range), wide_v)
-        dispatch.gluon().forward(problem, D ** -0.5, False)
-
     variants = {
         "forward after pair": (forward, lambda: triton_history.dequantize_pair(k8, v8, torch.bfloat16)),
         "forward over bf16": (forward, lambda: (k, v)),
-        "forward, fp8 K": (forward_fp8_keys, lambda: (triton_history.dequantize(v8, torch.bfloat16),)),
-        "pair + forward": (lambda: forward(*triton_history.dequantize_pair(k8, v8, torch.bfloat16)), None),
         "copy + forward": (lambda: forward(k8, v8), None),  # what a call over the fp8 history costs
     }
     # the variants take turns, a quarter of the repeats at a time: clocks that drift reach all alike

@@ -180,23 +180,16 @@ def product_loops(cubin: bytes) -> list[Counter]:
 
 
 def gluon_launch(kernel: str, head_dim: int, dtype: torch.dtype = torch.bfloat16):
-    """``(jit function, runtime arguments, constexprs)`` of a Gluon kernel ("forward",
-    "forward-fp8-keys": over an fp8 history's K as stored, "dkdv" or "dkdv+dq") at a small problem
-    (CPU tensors: only their dtypes, shapes and strides matter)."""
-    from segcompile.kernels import dispatch, gluon_attention
-    from segcompile.kernels.history_format import HistoryGeometry, QuantizedHistory, quantize_history
+    """``(jit function, runtime arguments, constexprs)`` of a Gluon kernel ("forward", "dkdv" or
+    "dkdv+dq") at a small problem (CPU tensors: only their dtypes, shapes and strides matter)."""
+    from segcompile.kernels import gluon_attention
     from segcompile.kernels.problem import prepare
 
     r = lambda *shape: torch.randn(*shape, dtype=dtype)  # noqa: E731
     B, H, Hk, Lq, T, P = 1, 4, 2, 256, 128, 256
     args = [r(B, H, Lq, head_dim)] + [r(B, Hk, n, head_dim) for n in (Lq, Lq, T, T, 0, 0)] + [r(B, 1, P, head_dim)] * 2
     problem = prepare(*args, [0])
-    if kernel == "forward-fp8-keys":
-        g = HistoryGeometry(segment_len=T, tail_len=T)
-        k8, v8 = [QuantizedHistory.of(*quantize_history(x, 0, g, torch.float8_e4m3fn), g) for x in args[7:]]
-        problem = dispatch.fp8_keys_problem(prepare(*args[:7], k8, v8, [0]), v8.dequantized(dtype))
-        assert gluon_attention.reads_fp8_keys(problem)
-    if kernel.startswith("forward"):
+    if kernel == "forward":
         _, runtime, consts, _, _ = gluon_attention.launch_args(problem, 0.1, return_lse=True)
         return gluon_attention.KERNELS["forward"], runtime, consts
     rows = torch.zeros(problem.B * problem.H * problem.Lq)
@@ -238,12 +231,12 @@ def gluon_resources(kernel: str, head_dim: int, capability: int) -> dict:
 
 
 def print_gluon(head_dim: int, capability: int) -> None:
-    print(f"{'kernel':16} {'regs':>5} {'stack B':>8} {'smem KB':>8}  instructions of each product loop "
+    print(f"{'kernel':8} {'regs':>5} {'stack B':>8} {'smem KB':>8}  instructions of each product loop "
           "(spill loads and stores in it)")
-    for kernel in ("forward", "forward-fp8-keys", "dkdv", "dkdv+dq"):
+    for kernel in ("forward", "dkdv", "dkdv+dq"):
         r = gluon_resources(kernel, head_dim, capability)
         sizes = ", ".join(f"{sum(loop.values())}" + (f" ({spills(loop)})" if spills(loop) else "") for loop in r["loops"])
-        print(f"{kernel:16} {r.get('registers', '?'):>5} {r.get('stack_bytes', '?'):>8} {r['shared_bytes'] / 1024:8.0f}  {sizes}")
+        print(f"{kernel:8} {r.get('registers', '?'):>5} {r.get('stack_bytes', '?'):>8} {r['shared_bytes'] / 1024:8.0f}  {sizes}")
         loop = max(r["loops"], key=lambda body: sum(body.values()), default=Counter())
         print("         its longest loop: " + ", ".join(f"{op} {n}" for op, n in loop.most_common(10)))
 

@@ -18,7 +18,7 @@ import torch
 from conftest import CPU_TRITON, captured, random_ids
 
 import segcompile as sc
-from segcompile.kernels.dispatch import forward_problem, segment_attention_backward, segment_attention_forward
+from segcompile.kernels.dispatch import segment_attention_backward, segment_attention_forward
 from segcompile.kernels.history_format import (
     HISTORY_SCALE_BLOCK,
     HistoryGeometry,
@@ -33,10 +33,6 @@ from segcompile.kernels.reference import segment_attention_reference
 from segcompile.runtime.state import append_history
 from segcompile.testing.tolerances import tolerance
 
-try:
-    from segcompile.kernels import gluon_attention
-except ImportError:  # a Triton without Gluon's Hopper API
-    gluon_attention = None
 FP8 = torch.float8_e4m3fn
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel tests: the GPU, or Triton's interpreter
 TOL = tolerance(torch.float32)
@@ -224,14 +220,14 @@ def test_dequantize_pair_refuses_histories_that_differ():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the Gluon forward runs on a Hopper GPU")
-@pytest.mark.parametrize("lq, P, D, tail_len, fp8_keys", [
-    (1, 1536, 128, 512, False),  # decode reads fp8 (split keys)
-    (512, 1536, 128, 512, True),  # a segment: the Gluon forward reads K as stored, V from a dequantised copy
-    (512, 1000, 128, 512, True),  # the history ends inside a 128-key block and inside a scale block
-    (512, 192, 64, 512, True),  # its last 128-key block holds one scale block; head dim 64
-    (512, 1536, 128, 96, False),  # scale blocks cut at each segment's pieces (416 and 96 positions): K dequantised too
+@pytest.mark.parametrize("lq, P, D, tail_len", [
+    (1, 1536, 128, 512),  # decode reads fp8 (split keys)
+    (512, 1536, 128, 512),  # a segment runs Gluon on a dequantised copy
+    (512, 1000, 128, 512),  # the history ends inside a 128-key block and inside a scale block
+    (512, 192, 64, 512),  # its last 128-key block holds one scale block; head dim 64
+    (512, 1536, 128, 96),  # scale blocks cut at each segment's pieces (416 and 96 positions)
 ])
-def test_bf16_forward_on_cuda_reads_the_quantised_history_as_the_reference(lq, P, D, tail_len, fp8_keys):
+def test_bf16_forward_on_cuda_reads_the_quantised_history_as_the_reference(lq, P, D, tail_len):
     gen = torch.Generator(device="cuda").manual_seed(7)
     r = lambda *shape: torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16)  # noqa: E731
     B, Hk, group = 1, 4, 4
@@ -243,8 +239,6 @@ def test_bf16_forward_on_cuda_reads_the_quantised_history_as_the_reference(lq, P
     hist_k, hist_v = quantized(r(B, 2, P, D) * 3), quantized(r(B, 2, P, D))
     args = (r(B, Hk * group, lq, D), r(B, Hk, lq, D), r(B, Hk, lq, D), r(B, Hk, 512, D),
             r(B, Hk, 512, D), r(B, Hk, 4, D), r(B, Hk, 4, D))
-    if gluon_attention is not None and gluon_attention.runs_on(torch.device("cuda")):
-        assert gluon_attention.reads_fp8_keys(forward_problem(*args, hist_k, hist_v, [1, 3])) == fp8_keys
     got = segment_attention_forward(*args, hist_k, hist_v, [1, 3], D ** -0.5)
     want = segment_attention_reference(*[a.float() for a in args], hist_k, hist_v, [1, 3], D ** -0.5)
     assert max_abs(got, want) <= tolerance(torch.bfloat16).logits, max_abs(got, want)

@@ -12,11 +12,10 @@
 
 A quantised history (``SegmentConfig.history_dtype``, ``history_format.py``): both Triton
 forwards read its fp8 values and scale them in registers; where the Gluon forward applies to the
-problem, a prefill's call runs it (faster than scaling in the one-pass kernel; decode's
-split-keys kernel keeps reading fp8) over the history's K as stored, which it reads with fp8
-products (``gluon_attention.reads_fp8_keys``), and its V dequantised into a transient copy (both
-dequantised where K's scale blocks are not whole 64-position blocks from position 0); on a GPU,
-the quantisation at a segment end and those copies are single Triton kernels (``triton_history.py``);
+problem, a prefill's call dequantises the layer's history into a transient copy and runs it
+(faster than scaling in the one-pass kernel; decode's split-keys kernel keeps reading fp8);
+on a GPU, the quantisation at a segment end and that copy (K and V together) are single Triton
+kernels (``triton_history.py``);
 the backward reads it dequantised to the sinks' dtype (a transient copy per call: history is a
 constant, and enters dQ only). Each call's choice is logged at debug level, naming the history's
 format.
@@ -26,7 +25,6 @@ from __future__ import annotations
 
 import functools
 import logging
-from dataclasses import replace
 
 import torch
 
@@ -41,7 +39,9 @@ def segment_attention_forward(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, h
     """Triton forward; same arguments and result as ``segment_attention_reference``. With
     ``return_lse``: ``(out, lse)``, the log-sum-exp of every query row (base 2, of the scaled
     scores; ``[B * H * Lq]`` fp32), which the backward then need not recompute."""
-    p = forward_problem(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
+    p = prepare(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
+    if p.hist_scaled and not triton_decode.splits_keys(p):
+        p = _dequantized_for_gluon(p, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
     kernel = forward_kernel(p)
     if kernel == "gluon-ws":
         out, lse = gluon().forward(p, scale, return_lse)
@@ -52,37 +52,15 @@ def segment_attention_forward(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, h
     return (out, lse) if return_lse else out
 
 
-def forward_problem(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range) -> Problem:
-    """The ``Problem`` the forward runs: ``prepare``'s, or over a quantised history where the
-    Gluon forward takes it (``_for_gluon``)."""
-    p = prepare(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
-    if p.hist_scaled and not triton_decode.splits_keys(p):
-        p = _for_gluon(p, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
-    return p
-
-
-def fp8_keys_problem(p: Problem, hist_v: torch.Tensor) -> Problem:
-    """``p`` (over a quantised history) with the history's V replaced by ``hist_v``, its
-    dequantised copy: the Gluon forward reads K as stored (``gluon_attention.reads_fp8_keys``)."""
-    return replace(p, hist_v=usable(hist_v), hist_scales_v=None)
-
-
-def _for_gluon(p: Problem, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range) -> Problem:
-    """Where the Gluon forward applies, the problem it runs over a quantised history: K as stored
-    and V dequantised to the sinks' dtype (``fp8_keys_problem``), or both dequantised where K's
-    blocks do not suit its fp8 products; else ``p``. The one-pass kernel, which scales the whole
-    history in registers, ran a 128K prefill of the 8B shape 3x slower than the bf16 history on an
-    H200 (bench/README.md, prefill); a segment's many queries amortise one transient copy of the
-    layer's history (what decode, which reads each key once, cannot). Reading K as stored halves
-    that copy (bench/README.md, fp8 keys)."""
+def _dequantized_for_gluon(p: Problem, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range) -> Problem:
+    """The problem over the history dequantised to the sinks' dtype where the Gluon forward then
+    applies, else ``p``. That kernel has no fp8 history, and the one-pass kernel that scales it in
+    registers ran a 128K prefill of the 8B shape 3x slower than the bf16 history on an H200 (bench/
+    README.md, prefill); a segment's many queries amortise one transient copy of the layer's
+    history (what decode, which reads each key once, cannot)."""
     if (gluon() is None or INTERPRET or not gluon().runs_on(q.device)
             or not gluon().takes(q.dtype) or sink_k.dtype != q.dtype):
         return p  # the Gluon forward could not run on the copy either: make none
-    if gluon().reads_fp8_keys(replace(p, hist_scales_v=None)):
-        keys_fp8 = fp8_keys_problem(p, _widened(hist_v, sink_v.dtype))
-        if gluon_applies(keys_fp8):
-            _log_kernel("gluon-ws", history="fp8 history: K read as stored, V dequantised for the call")
-            return keys_fp8
     wide = prepare(q, k, v, tail_k, tail_v, sink_k, sink_v, *_widened_pair(hist_k, hist_v, sink_k.dtype, sink_v.dtype),
                    long_range)
     if not gluon_applies(wide):
@@ -168,8 +146,7 @@ def forward_kernel(p: Problem) -> str:
         kernel = "gluon-ws"
     else:
         kernel = "one-pass"
-    scaled = "fp8 history's K" if p.hist_scales_v is None else "fp8 history"
-    _log_kernel(kernel, history=f"{scaled} scaled in registers" if p.hist_scaled else None)
+    _log_kernel(kernel, history="fp8 history scaled in registers" if p.hist_scaled else None)
     return kernel
 
 
@@ -189,11 +166,9 @@ def dkdv_kernel(p: Problem, grad_out: torch.Tensor, lse_given: bool = False, tai
 
 
 def gluon_applies(p: Problem) -> bool:
-    """Gluon imports, Triton is not interpreting, the history is not quantised (or only its K,
-    which the forward reads as stored: ``gluon_attention.reads_fp8_keys``), and
+    """Gluon imports, Triton is not interpreting, the history is not quantised, and
     ``gluon_attention.supported`` holds."""
-    return (not INTERPRET and gluon() is not None and (not p.hist_scaled or gluon().reads_fp8_keys(p))
-            and gluon().supported(p))
+    return not INTERPRET and not p.hist_scaled and gluon() is not None and gluon().supported(p)
 
 
 @functools.cache

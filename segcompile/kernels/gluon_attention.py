@@ -60,16 +60,6 @@ def _tma_add_36(tensor_desc, coord, src, _semantic=None):
 
 
 _tma_add = getattr(tma, "async_atomic_add", None) or _tma_add_36
-
-
-@builtin
-def _reinterpreted(smem, dtype, shape, layout, _semantic=None):
-    """``smem``'s bytes as a descriptor of another dtype, shape and layout: ``_reinterpret`` up to
-    Triton 3.6, ``reinterpret`` after; this is the call both make."""
-    shape = [gl._unwrap_if_constexpr(s) for s in shape]
-    return _semantic.memdesc_reinterpret(smem, gl._unwrap_if_constexpr(dtype), shape, gl._unwrap_if_constexpr(layout))
-
-
 # a barrier of the calling partition's threads: ``thread_barrier`` up to Triton 3.6, ``barrier`` after
 _sync_threads = getattr(gl, "barrier", None) or gl.thread_barrier
 
@@ -79,8 +69,7 @@ BLOCK_N = 128
 STAGES = 2
 NUM_WARPS = 4  # the launch's warps: the first consumer warpgroup (the others are the partitions')
 _GL_DTYPES = {torch.float16: gl.float16, torch.bfloat16: gl.bfloat16}
-_GL_TILE_DTYPES = {**_GL_DTYPES, torch.float32: gl.float32,  # fp32: the dQ accumulator
-                   torch.float8_e4m3fn: gl.float8e4nv}  # an fp8 history's K (``K8``)
+_GL_TILE_DTYPES = {**_GL_DTYPES, torch.float32: gl.float32}  # fp32: the dQ accumulator
 
 
 @gluon.jit
@@ -104,15 +93,14 @@ def _issue_pair(a, b_ring, b_ready, c, d_ring, d_ready, s, phase, zero):
 # ---- producer ---------------------------------------------------------------------------------
 @gluon.jit
 def _load_pair(ad, bd, b, head, row, c, a_smem, b_smem, a_ready, b_ready, a_empty, b_empty,
-               STAGES: gl.constexpr, A_SPREAD: gl.constexpr = 1):
+               STAGES: gl.constexpr):
     """Ring position ``c``: once the consumers free its slot, the TMA loads of the blocks at
-    ``[b, head, row]`` of ``ad`` and ``bd`` (K and V, or Q and dO), each with its own barriers.
-    ``A_SPREAD``: slot ``s`` of ``a_smem`` is its buffer ``s * A_SPREAD`` (``_fp8_keys``)."""
+    ``[b, head, row]`` of ``ad`` and ``bd`` (K and V, or Q and dO), each with its own barriers."""
     s = c % STAGES
     free = ((c // STAGES) & 1) ^ 1
     mbarrier.wait(a_empty.index(s), free)
     mbarrier.expect(a_ready.index(s), ad.block_type.nbytes)
-    _tma_load(ad, [b, head, row, 0], a_ready.index(s), a_smem.index(s * A_SPREAD))
+    _tma_load(ad, [b, head, row, 0], a_ready.index(s), a_smem.index(s))
     mbarrier.wait(b_empty.index(s), free)
     mbarrier.expect(b_ready.index(s), bd.block_type.nbytes)
     _tma_load(bd, [b, head, row, 0], b_ready.index(s), b_smem.index(s))
@@ -120,32 +108,26 @@ def _load_pair(ad, bd, b, head, row, c, a_smem, b_smem, a_ready, b_ready, a_empt
 
 @gluon.jit
 def _load_range(kd, vd, b, head, n, c, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                BLOCK_N: gl.constexpr, STAGES: gl.constexpr, K_SPREAD: gl.constexpr = 1):
+                BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     """TMA loads of the K/V blocks of one range (the first ``n`` rows of ``[b, head]`` in ``kd`` /
     ``vd``) into the ring, from ring position ``c`` on; returns the next position."""
     for start in range(0, n, BLOCK_N):
-        _load_pair(kd, vd, b, head, start, c, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, STAGES, K_SPREAD)
+        _load_pair(kd, vd, b, head, start, c, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, STAGES)
         c += 1
     return c
 
 
 @gluon.jit
-def _producer(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, q_smem, k_smem, k8_smem, v_smem, q_ready, k_ready, v_ready,
+def _producer(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, q_smem, k_smem, v_smem, q_ready, k_ready, v_ready,
               k_empty, v_empty, b, h, kvh, slot, m0, n_pre, T, n_cur,
-              K8: gl.constexpr, BLOCK_N: gl.constexpr, HALF_M: gl.constexpr, STAGES: gl.constexpr):
-    """Q of the query block, then the K/V blocks of every range (``K8``: the history's K into
-    ``k8_smem``, ``_fp8_keys``)."""
+              BLOCK_N: gl.constexpr, HALF_M: gl.constexpr, STAGES: gl.constexpr):
+    """Q of the query block, then the K/V blocks of every range."""
     for half in gl.static_range(2):
         mbarrier.expect(q_ready.index(half), qd.block_type.nbytes)
         _tma_load(qd, [b, h, m0 + half * HALF_M, 0], q_ready.index(half), q_smem.index(half))
     c = 0
     if slot >= 0:
-        if K8:
-            c = _load_range(hkd, hvd, b, slot, n_pre, c, k8_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                            BLOCK_N, STAGES, 2)
-        else:
-            c = _load_range(hkd, hvd, b, slot, n_pre, c, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty,
-                            BLOCK_N, STAGES)
+        c = _load_range(hkd, hvd, b, slot, n_pre, c, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, BLOCK_N, STAGES)
     else:
         c = _load_range(skd, svd, b, kvh, n_pre, c, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, BLOCK_N, STAGES)
     c = _load_range(tkd, tvd, b, kvh, T, c, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, BLOCK_N, STAGES)
@@ -155,25 +137,14 @@ def _producer(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, q_smem, k_smem, k8_smem,
 # ---- consumers --------------------------------------------------------------------------------
 @gluon.jit
 def _attend(st, q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn,
-            lo, hi, n_keys, q_pos, qk_scale, k8,
+            lo, hi, n_keys, q_pos, qk_scale,
             MASK_N: gl.constexpr, CAUSAL: gl.constexpr, HALF: gl.constexpr, PINGPONG: gl.constexpr,
-            HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr,
-            o_layout: gl.constexpr, K8: gl.constexpr):
+            HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr):
     """Key blocks ``[lo, hi)`` of one range (ring positions from ``c``). ``p`` holds the previous
     block's probabilities, whose ``P V`` is issued with this block's ``Q K^T``; its V buffer is
-    ring slot ``(c - 1) % STAGES``, or the zeroed spare slot ``STAGES`` before the first block.
-
-    ``K8``: an fp8 history's K (``k8``: ``_fp8_query``'s pieces of Q, ``_fp8_keys``'s ring, the
-    scales of this head's blocks; ``qk_scale`` then also undoes the power of two Q was scaled by):
-    ``Q K^T`` is two fp8 products. A block of keys holds two scale blocks, so each key's scale
-    joins ``qk_scale`` in the multiplier of the exponent's fused multiply-add, one register for
-    each half of the columns, and the running maximum takes each half's maximum times its
-    multiplier (the scales are positive): no instruction a score more than over a 16-bit K."""
+    ring slot ``(c - 1) % STAGES``, or the zeroed spare slot ``STAGES`` before the first block."""
     p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
     acc, m_i, l_i, p, c, t = st
-    if K8:
-        q_hi, q_lo, k8_smem, scales = k8
-        f_lo, f_hi = _key_factors(scales, lo, n_keys, qk_scale)
     for start in range(lo, hi, BLOCK_N):
         s = c % STAGES
         prev = gl.where(c > 0, (c + STAGES - 1) % STAGES, STAGES)
@@ -182,117 +153,37 @@ def _attend(st, q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn,
         if PINGPONG:
             mbarrier.wait(turn.index(HALF), (t & 1) ^ (1 - HALF))
         zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, s_layout)
-        if K8:
-            zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, _fp8_layout(s_layout))
-            qk = warpgroup_mma(q_hi, _mat(k8_smem, 2 * s).permute((1, 0)), zero, use_acc=False, is_async=True)
-            qk = warpgroup_mma(q_lo, _mat(k8_smem, 2 * s).permute((1, 0)), qk, is_async=True)
-        else:
-            qk = warpgroup_mma(q, _mat(k_smem, s).permute((1, 0)), zero, use_acc=False, is_async=True)
+        qk = warpgroup_mma(q, _mat(k_smem, s).permute((1, 0)), zero, use_acc=False, is_async=True)
         acc = warpgroup_mma(p, _mat(v_smem, prev), acc, is_async=True)
         if PINGPONG:
             mbarrier.arrive(turn.index(1 - HALF), count=1)
             t += 1
         qk = warpgroup_mma_wait(1, deps=(qk,))
         mbarrier.arrive(k_empty.index(s), count=1)
-        if K8:
-            qk = gl.convert_layout(qk, s_layout)  # the same registers: only the instruction shape differs
         if MASK_N or CAUSAL:
             offs_n = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             if MASK_N:
                 qk = gl.where(offs_n[None, :] < n_keys, qk, float("-inf"))
             if CAUSAL:
                 qk = gl.where(offs_n[None, :] <= q_pos[:, None], qk, float("-inf"))
-        if K8:
-            cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-            low = (cols < BLOCK_N // 2)[None, :]  # known for each register at compile time
-            m_lo = gl.max(gl.where(low, qk, float("-inf")), 1) * f_lo
-            m_hi = gl.max(gl.where(low, float("-inf"), qk), 1) * f_hi
-            m_new = gl.maximum(m_i, gl.maximum(m_lo, m_hi))
-            factor = gl.where(cols < BLOCK_N // 2, f_lo, f_hi)
-            prob = gl.exp2(qk * factor[None, :] - m_new[:, None])
-        else:
-            m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
-            prob = gl.exp2(qk * qk_scale - m_new[:, None])
+        m_new = gl.maximum(m_i, gl.max(qk, 1) * qk_scale)
         alpha = gl.exp2(m_i - m_new)
+        prob = gl.exp2(qk * qk_scale - m_new[:, None])
         l_i = l_i * alpha + gl.sum(prob, 1)
         m_i = m_new
         acc = warpgroup_mma_wait(0, deps=(acc,))
         mbarrier.arrive(v_empty.index(prev % STAGES), count=1, pred=c > 0)
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-        p = gl.convert_layout(prob.to(p.dtype), p_layout)
-        if K8:
-            # the next block's, after this block's last barrier arrival: an arrival releases the
-            # loads before it, so a load in flight there would hold the ring slot back
-            f_lo, f_hi = _key_factors(scales, start + BLOCK_N, n_keys, qk_scale)
+        p = gl.convert_layout(prob.to(q.dtype), p_layout)
         c += 1
     return acc, m_i, l_i, p, c, t
 
 
 @gluon.jit
-def _attend_all(st, q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, n, q_pos, qk_scale, k8,
-                HALF: gl.constexpr, PINGPONG: gl.constexpr, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                STAGES: gl.constexpr, s_layout: gl.constexpr, o_layout: gl.constexpr, K8: gl.constexpr):
-    """``_attend`` over a whole range of ``n`` keys every query sees (sinks or history, tail): its
-    full blocks, then the last block masked."""
-    full = (n // BLOCK_N) * BLOCK_N
-    st = _attend(st, q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, 0, full, n, q_pos, qk_scale, k8,
-                 False, False, HALF, PINGPONG, HALF_M, BLOCK_N, STAGES, s_layout, o_layout, K8)
-    return _attend(st, q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, full, n, n, q_pos, qk_scale, k8,
-                   True, False, HALF, PINGPONG, HALF_M, BLOCK_N, STAGES, s_layout, o_layout, K8)
-
-
-@gluon.jit
-def _fp8_query(q, q8_smem, qk_scale, HALF: gl.constexpr):
-    """``(q_hi, q_lo, qk_scale / 2^e)``: this half's Q (16-bit, ``q``, in shared memory) times a
-    power of two (``2^e``: its largest value then in ``(128, 256]``), split into two fp8 pieces
-    whose sum it is, written to ``q8_smem`` (``[4, rows, D]``: this half's two), the left operands
-    of ``Q K^T`` over an fp8 K; the scale returned undoes the power. One power for the half's 64
-    rows, not one a row: the exponent's multiplier is then one register a scale block
-    (``_attend``), where a row's would cost a multiply a score.
-
-    The sum is exact wherever a value is at least ``2^-9`` of the half's largest (e4m3 keeps 4 of
-    a bf16 value's 8 significant bits in ``q_hi``, and the remainder, 4 bits more, is again an e4m3
-    value down to its smallest subnormal, ``2^-9``); a smaller value is off by at most ``2^-10``
-    (``2^-17`` of the half's largest), far below the bf16 rounding of the keys the reference
-    reads. Kept in shared memory, not registers: held through the loop, 32 registers a thread
-    more spill (ptxas, 240 a consumer thread)."""
-    x_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-    x = q.load(x_layout).to(gl.float32)
-    largest = gl.max(gl.max(gl.abs(x), 1), 0)
-    power = gl.exp2(gl.where(largest > 0, gl.floor(gl.log2(256.0 / largest)), 0.0))
-    x = x * power
-    q_hi = x.to(gl.float8e4nv)
-    q8_smem.index(2 * HALF).store(q_hi)
-    q8_smem.index(2 * HALF + 1).store((x - q_hi.to(gl.float32)).to(gl.float8e4nv))
-    fence_async_shared()
-    _sync_threads()  # every thread's part is written before the products read it
-    return q8_smem.index(2 * HALF), q8_smem.index(2 * HALF + 1), qk_scale / power
-
-
-@gluon.constexpr_function
-def _fp8_layout(s_layout):
-    """``s_layout`` (a 16-bit product's result) for an fp8 product: wgmma's fp8 instructions take
-    32 values of the reduced axis at a time, not 16."""
-    return gl.NVMMADistributedLayout(version=s_layout.version, warps_per_cta=s_layout.warps_per_cta,
-                                     instr_shape=[s_layout.instr_shape[0], s_layout.instr_shape[1], 32])
-
-
-@gluon.jit
-def _key_factors(scales, start, n_keys, qk_scale):
-    """``qk_scale`` times the scale of each of the two 64-position blocks of an fp8 history's K
-    from ``start`` (``scales`` points at this head's); a block past ``n_keys``, whose scores are
-    masked or never computed, takes 1."""
-    block = start // 64
-    first = gl.load(scales + block, mask=start < n_keys, other=1.0)
-    second = gl.load(scales + block + 1, mask=start + 64 < n_keys, other=1.0)
-    return qk_scale * first, qk_scale * second
-
-
-@gluon.jit
-def _consumer(q_smem, q8_smem, k_smem, k8_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, turn, Out, Lse,
-              o_row, s_om, m0, Lq, Lk, slot, n_pre, T, n_cur, qk_scale, hist_scales,
+def _consumer(q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, turn, Out, Lse,
+              o_row, s_om, m0, Lq, Lk, n_pre, T, n_cur, qk_scale,
               HALF: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr, D_V: gl.constexpr,
-              HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, K8: gl.constexpr):
+              HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16])
     o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, D_V, 16])
     row_layout: gl.constexpr = gl.SliceLayout(1, s_layout)
@@ -311,27 +202,23 @@ def _consumer(q_smem, q8_smem, k_smem, k8_smem, v_smem, q_ready, k_ready, v_read
     # prefix and tail: every query sees them whole; the current segment: the blocks this half's
     # rows see whole, then the diagonal. The last block of the whole 128-row block may lie past
     # every row of the first half: it is masked out, not skipped, so both halves walk the ring alike.
-    st = (acc, m_i, l_i, p, c, t)
-    if K8:
-        if slot >= 0:
-            q_hi, q_lo, q8_scale = _fp8_query(q, q8_smem, qk_scale, HALF)
-            st = _attend_all(st, q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, n_pre, q_pos, q8_scale,
-                             (q_hi, q_lo, k8_smem, hist_scales), HALF, PINGPONG, HALF_M, BLOCK_N, STAGES,
-                             s_layout, o_layout, True)
-        else:
-            st = _attend_all(st, q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, n_pre, q_pos, qk_scale,
-                             None, HALF, PINGPONG, HALF_M, BLOCK_N, STAGES, s_layout, o_layout, False)
-    else:
-        st = _attend_all(st, q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, n_pre, q_pos, qk_scale,
-                         None, HALF, PINGPONG, HALF_M, BLOCK_N, STAGES, s_layout, o_layout, False)
-    st = _attend_all(st, q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, T, q_pos, qk_scale,
-                     None, HALF, PINGPONG, HALF_M, BLOCK_N, STAGES, s_layout, o_layout, False)
+    full_pre = (n_pre // BLOCK_N) * BLOCK_N
+    full_tail = (T // BLOCK_N) * BLOCK_N
     full_cur = ((first + (Lk - Lq) + 1) // BLOCK_N) * BLOCK_N
+    st = (acc, m_i, l_i, p, c, t)
+    st = _attend(st, q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, 0, full_pre, n_pre, q_pos, qk_scale,
+                 False, False, HALF, PINGPONG, HALF_M, BLOCK_N, STAGES, s_layout, o_layout)
+    st = _attend(st, q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, full_pre, n_pre, n_pre, q_pos, qk_scale,
+                 True, False, HALF, PINGPONG, HALF_M, BLOCK_N, STAGES, s_layout, o_layout)
+    st = _attend(st, q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, 0, full_tail, T, q_pos, qk_scale,
+                 False, False, HALF, PINGPONG, HALF_M, BLOCK_N, STAGES, s_layout, o_layout)
+    st = _attend(st, q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, full_tail, T, T, q_pos, qk_scale,
+                 True, False, HALF, PINGPONG, HALF_M, BLOCK_N, STAGES, s_layout, o_layout)
     st = _attend(st, q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, 0, full_cur, Lk, q_pos, qk_scale,
-                 None, False, False, HALF, PINGPONG, HALF_M, BLOCK_N, STAGES, s_layout, o_layout, False)
+                 False, False, HALF, PINGPONG, HALF_M, BLOCK_N, STAGES, s_layout, o_layout)
     acc, m_i, l_i, p, c, t = _attend(st, q, k_smem, v_smem, k_ready, v_ready, k_empty, v_empty, turn, full_cur, n_cur,
-                                     Lk, q_pos, qk_scale, None, True, True, HALF, PINGPONG, HALF_M, BLOCK_N, STAGES,
-                                     s_layout, o_layout, False)
+                                     Lk, q_pos, qk_scale, True, True, HALF, PINGPONG, HALF_M, BLOCK_N, STAGES,
+                                     s_layout, o_layout)
     # the last block's P V
     last = (c + STAGES - 1) % STAGES
     mbarrier.wait(v_ready.index(last), ((c + STAGES - 1) // STAGES - 1) & 1)
@@ -387,32 +274,15 @@ def _ring_barriers(STAGES: gl.constexpr):
 
 
 @gluon.jit
-def _fp8_keys(k_smem, hkd, HALF_M: gl.constexpr, D_K: gl.constexpr):
-    """``(q8_smem, k8_smem)`` of a forward over an fp8 history's K (``K8``): room for both halves'
-    fp8 pieces of Q (``_fp8_query``), and the fp8 K ring, which lies in the 16-bit one (its slot
-    ``s`` is buffer ``2 s``: the first half of ``k_smem``'s slot ``s``, taken and freed with the
-    same barriers) since a ring of its own would not fit beside the rest (228 KB a multiprocessor)."""
-    q8_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([HALF_M, D_K], hkd.dtype)
-    q8_smem = gl.allocate_shared_memory(hkd.dtype, [4, HALF_M, D_K], q8_layout)
-    slots: gl.constexpr = 2 * k_smem.shape[0]
-    k8_smem = _reinterpreted(k_smem, hkd.dtype, [slots, 1, 1, k_smem.shape[3], D_K], hkd.layout)
-    return q8_smem, k8_smem
-
-
-@gluon.jit
-def _fwd_ws_kernel(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, Slot, HKS, s_ksb, s_ksh, Out, Lse, qk_scale, s_om,
+def _fwd_ws_kernel(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, Slot, Out, Lse, qk_scale, s_om,
                    H, Hk, GROUP, NL, Lq, Lk, T, G, P,
                    D_K: gl.constexpr, D_V: gl.constexpr, PINGPONG: gl.constexpr, STORE_LSE: gl.constexpr,
-                   HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr, K8: gl.constexpr):
+                   HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
     bh, b, h, kvh, m0, slot, n_pre, n_cur = _query_block(Slot, H, GROUP, Lq, Lk, G, P, HALF_M)
 
     dtype: gl.constexpr = qd.dtype
     q_smem = gl.allocate_shared_memory(dtype, [2, 1, 1, HALF_M, D_K], qd.layout)
     k_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, 1, BLOCK_N, D_K], kd.layout)
-    if K8:
-        q8_smem, k8_smem = _fp8_keys(k_smem, hkd, HALF_M, D_K)
-    else:
-        q8_smem, k8_smem = q_smem, k_smem
     # one spare V slot, zeroed: the "previous block" of the first block (its P is zero)
     v_smem = gl.allocate_shared_memory(dtype, [STAGES + 1, 1, 1, BLOCK_N, D_V], vd.layout)
     zero_layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
@@ -425,17 +295,14 @@ def _fwd_ws_kernel(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, Slot, HKS, s_ksb, s
     fence_async_shared()
 
     o_row = bh.to(gl.int64) * Lq
-    hist_scales = HKS + b * s_ksb + gl.maximum(slot, 0) * s_ksh  # this head's K scales (``K8``)
     gl.warp_specialize(
         [
-            (_consumer, (q_smem, q8_smem, k_smem, k8_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, turn, Out, Lse,
-                         o_row, s_om, m0, Lq, Lk, slot, n_pre, T, n_cur, qk_scale, hist_scales,
-                         0, PINGPONG, STORE_LSE, D_V, HALF_M, BLOCK_N, STAGES, K8)),
-            (_consumer, (q_smem, q8_smem, k_smem, k8_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, turn, Out, Lse,
-                         o_row, s_om, m0, Lq, Lk, slot, n_pre, T, n_cur, qk_scale, hist_scales,
-                         1, PINGPONG, STORE_LSE, D_V, HALF_M, BLOCK_N, STAGES, K8)),
-            (_producer, (qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, q_smem, k_smem, k8_smem, v_smem, q_ready, k_ready,
-                         v_ready, k_empty, v_empty, b, h, kvh, slot, m0, n_pre, T, n_cur, K8, BLOCK_N, HALF_M, STAGES)),
+            (_consumer, (q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, turn, Out, Lse, o_row, s_om,
+                         m0, Lq, Lk, n_pre, T, n_cur, qk_scale, 0, PINGPONG, STORE_LSE, D_V, HALF_M, BLOCK_N, STAGES)),
+            (_consumer, (q_smem, k_smem, v_smem, q_ready, k_ready, v_ready, k_empty, v_empty, turn, Out, Lse, o_row, s_om,
+                         m0, Lq, Lk, n_pre, T, n_cur, qk_scale, 1, PINGPONG, STORE_LSE, D_V, HALF_M, BLOCK_N, STAGES)),
+            (_producer, (qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, q_smem, k_smem, v_smem, q_ready, k_ready,
+                         v_ready, k_empty, v_empty, b, h, kvh, slot, m0, n_pre, T, n_cur, BLOCK_N, HALF_M, STAGES)),
         ],
         [4, 1],
         [240, 24],
@@ -445,25 +312,13 @@ def _fwd_ws_kernel(qd, kd, vd, tkd, tvd, skd, svd, hkd, hvd, Slot, HKS, s_ksb, s
 # ---- launch -----------------------------------------------------------------------------------
 def supported(p: Problem) -> bool:
     """Where the kernels of this module apply: Hopper, 16-bit inputs and products throughout
-    (tile table "16-bit"; the forward also takes an fp8 history's K, ``reads_fp8_keys``), equal
-    head dims of 64 or 128, more queries than a decode step."""
+    (tile table "16-bit"), equal head dims of 64 or 128, more queries than a decode step."""
     q = p.q
-    inputs = p.tensors[:7] + p.tensors[8:] if reads_fp8_keys(p) else p.tensors
     return (
         runs_on(q.device) and takes(q.dtype)
-        and all(t.dtype == q.dtype for t in inputs)
+        and all(t.dtype == q.dtype for t in p.tensors)
         and p.tile_table == "16-bit" and p.D_K == p.D_V and p.D_K in (64, 128) and p.Lq > 16
     )
-
-
-def reads_fp8_keys(p: Problem) -> bool:
-    """Whether ``p``'s history K is fp8 values the forward reads as they are (``K8``), its V in
-    the inputs' 16-bit dtype (``dispatch._widened_values``): the scales of K only, and blocks of 64
-    positions from position 0 (each segment's two pieces, ``S - T`` and ``T`` positions, multiples
-    of 64), so a 128-key block holds two whole scale blocks."""
-    S, T, block = p.scale_geometry
-    return (p.hist_scales_k is not None and p.hist_scales_v is None and p.hist_k.dtype == torch.float8_e4m3fn
-            and block == 64 and (S - T) % block == 0 and T % block == 0)
 
 
 def takes(dtype: torch.dtype) -> bool:
@@ -509,12 +364,10 @@ def launch_args(p: Problem, scale: float, return_lse: bool, pingpong: bool = Fal
     out = torch.empty(B, H, Lq, p.D_V, dtype=p.q.dtype, device=p.q.device)
     lse = torch.empty(B * H * Lq if return_lse else 1, dtype=torch.float32, device=p.q.device)
     descs = [_tiles(p.q, HALF_M)] + [_tiles(t, BLOCK_N) for t in p.tensors[1:]]
-    k8 = reads_fp8_keys(p)
-    ks = p.hist_scales_k if k8 else p.slots  # never read unless ``k8``
-    args = [*descs, p.slots, ks, ks.stride(0) if k8 else 0, ks.stride(1) if k8 else 0, out, lse, scale * LOG2E,
-            out.stride(2), H, p.Hk, p.group, p.hist_k.shape[1], Lq, p.Lk, p.T, p.G, p.P]
+    args = [*descs, p.slots, out, lse, scale * LOG2E, out.stride(2),
+            H, p.Hk, p.group, p.hist_k.shape[1], Lq, p.Lk, p.T, p.G, p.P]
     constexprs = dict(D_K=p.D_K, D_V=p.D_V, PINGPONG=pingpong, STORE_LSE=return_lse,
-                      HALF_M=HALF_M, BLOCK_N=BLOCK_N, STAGES=STAGES, K8=k8)
+                      HALF_M=HALF_M, BLOCK_N=BLOCK_N, STAGES=STAGES)
     return (triton.cdiv(Lq, BLOCK_M), B * H), args, constexprs, out, lse
 
 

@@ -3,8 +3,7 @@
 ``tests/test_fp8_history.py`` compares them).
 
 Where a segment's forward runs the Gluon kernel on an fp8 history, each call first widens the
-layer's V history (or K and V, where K's scale blocks do not suit the kernel's fp8 products) into
-a transient copy (``dispatch._for_gluon``). The reference does it
+layer's history into a transient copy (``dispatch._dequantized_for_gluon``). The reference does it
 in five PyTorch operations through fp32 temporaries, about 19 bytes of traffic per stored value;
 this kernel reads the value and its block's scale and writes the result, 3 bytes at bf16. At a
 128K prefill of the 8B shape (bench/README.md, prefill) the fp8 history's prefill took 1.12x the
