@@ -208,13 +208,15 @@ def main(argv=None):
 
 
 def interleaved(runs: dict, ids, repeats: int) -> dict:
-    """Each of ``runs`` on ``ids``, ``repeats`` times, one round of every run after another (so
-    that a drift of the clocks reaches every run alike): per run, the first run's memory, the
-    fastest run's time (``seconds``) and every run's (``seconds_each``); an OOM row where the
-    first run ran out of memory."""
+    """Each of ``runs`` on ``ids``, ``repeats`` times, one round of every run after another, every
+    other round in reverse order (so that a steady drift of the clocks reaches every run alike: in
+    a fixed order the last run of each round would always meet the drift latest): per run, the
+    first run's memory, the fastest run's time (``seconds``) and every run's (``seconds_each``); an
+    OOM row where the first run ran out of memory."""
     measured = {key: [] for key in runs}
-    for _ in range(repeats):
-        for key, run in runs.items():
+    order = list(runs.items())
+    for round_ in range(repeats):
+        for key, run in order if round_ % 2 == 0 else order[::-1]:
             if measured[key] is None:  # ran out of memory in an earlier round
                 continue
             try:
