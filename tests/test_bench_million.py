@@ -131,3 +131,13 @@ def test_merge_rows_replaces_only_what_a_run_measured(million):
     assert [(r["regime"], r.get("history_dtype", "model"), r["seconds"]) for r in merged] == [
         ("segcompile", "fp8", 3.0), ("segcompile", "model", 1.0), ("sdpa", "model", 4.0)]
 
+
+
+def test_interleaved_rounds_alternate_the_order_of_the_runs(million):
+    """Every other round runs the regimes in reverse, so that a steady drift of the clocks does not
+    always reach the same regime last."""
+    calls = []
+    runs = {(name, "model"): (lambda ids, name=name: calls.append(name)) for name in ("a", "b", "c")}
+    timings = million.bench_prefill.interleaved(runs, None, repeats=4)
+    assert calls == ["a", "b", "c", "c", "b", "a", "a", "b", "c", "c", "b", "a"]
+    assert all(len(t["seconds_each"]) == 4 for t in timings.values())
