@@ -34,6 +34,8 @@ from segcompile.runtime.state import append_history
 from segcompile.testing.tolerances import tolerance
 
 FP8 = torch.float8_e4m3fn
+# Triton's interpreter gets bf16 products wrong (fp32 and fp16 ones right): bf16 kernels on a GPU only
+BF16_KERNELS = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 kernels are checked on a GPU")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel tests: the GPU, or Triton's interpreter
 TOL = tolerance(torch.float32)
 S, T, G = 8, 3, 2
@@ -117,7 +119,15 @@ def test_unsupported_history_dtype_names_the_supported_ones():
 
 # ---- the kernels against the reference ---------------------------------------------------------
 @pytest.mark.parametrize("lq", [1, 3, 20])  # split-keys decode, and the one-pass forward
-def test_triton_forward_reads_the_quantised_history_as_the_reference(lq):
+@pytest.mark.parametrize("dtype, q_scale, v_scale", [
+    (torch.float32, 1.0, 1.0),
+    (torch.float16, 1.0, 1.0),  # fp16 products over the history, the queries scaled by a power of two
+    (torch.float16, 1e3, 1.0),
+    (torch.float16, 1.0, 1e-5),  # V's scales ~1e-7: times a probability, below fp16's smallest value
+    pytest.param(torch.bfloat16, 1.0, 1.0, marks=BF16_KERNELS),
+    pytest.param(torch.bfloat16, 1e5, 1.0, marks=BF16_KERNELS),  # past fp16's range (65504): the power brings them in
+])
+def test_triton_forward_reads_the_quantised_history_as_the_reference(lq, dtype, q_scale, v_scale):
     """Small scale blocks (4) so a key tile (16 in the interpreter) spans several, pieces of 5 and
     3 positions, 37 history positions (not a multiple of the block)."""
     gen = torch.Generator().manual_seed(3)
@@ -129,14 +139,17 @@ def test_triton_forward_reads_the_quantised_history_as_the_reference(lq):
     def quantized(x):
         return QuantizedHistory.of(*quantize_history(x, 0, g, FP8), g)
 
-    hist_k, hist_v = quantized(r(B, 2, P, D) * 3), quantized(r(B, 2, P, D))
-    args = (r(B, Hk * group, lq, D), r(B, Hk, lk, D), r(B, Hk, lk, D), r(B, Hk, 3, D), r(B, Hk, 3, D),
-            r(B, Hk, 2, D), r(B, Hk, 2, D))
+    hist_k, hist_v = quantized(r(B, 2, P, D) * 3), quantized(r(B, 2, P, D) * v_scale)
+    q, k, v, tail_k, tail_v, sink_k, sink_v = (r(B, Hk * group, lq, D) * q_scale, r(B, Hk, lk, D), r(B, Hk, lk, D),
+                                               r(B, Hk, 3, D), r(B, Hk, 3, D), r(B, Hk, 2, D), r(B, Hk, 2, D))
+    # every value scaled alike, so the output is v_scale times one of unit size
+    args = tuple(a.to(dtype) for a in (q, k, v * v_scale, tail_k, tail_v * v_scale, sink_k, sink_v * v_scale))
     got = segment_attention_forward(*args, hist_k, hist_v, long_range, 0.25)
-    want = segment_attention_reference(*args, hist_k, hist_v, long_range, 0.25)
-    exact = segment_attention_reference(*args, hist_k.dequantized(), hist_v.dequantized(), long_range, 0.25)
+    wide = tuple(a.float() for a in args)
+    want = segment_attention_reference(*wide, hist_k, hist_v, long_range, 0.25)
+    exact = segment_attention_reference(*wide, hist_k.dequantized(), hist_v.dequantized(), long_range, 0.25)
     assert max_abs(want, exact) == 0  # the reference reads the history dequantised
-    assert max_abs(got, want) <= TOL.logits
+    assert max_abs(got, want) / v_scale <= tolerance(dtype).logits, max_abs(got, want) / v_scale
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

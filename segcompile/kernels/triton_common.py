@@ -97,9 +97,17 @@ def attend(
     ``SCALED``: K and V are a quantised history (key index = position) whose per-block scales
     ``KS``, ``VS`` (one row of blocks) are applied in registers, to the scores and to the
     probabilities: the fp8 values convert exactly to the product dtype, and the products see them
-    unrounded."""
+    unrounded. With 16-bit products ``Q K^T`` is fp16 (``history_queries``): e4m3 widens to fp16
+    in one instruction for two values, to bf16 in three, and widening is what bounds the decode
+    kernel's loop over an fp8 history. ``P V`` stays in the product dtype (over bf16 the
+    normalisation below costs more than the widening it would save); over fp16 the probabilities
+    enter it times each key's V scale over the block's largest (at most 1, where a tiny scale
+    times a probability would fall below fp16's smallest value), the product then times that
+    largest."""
     offs_dk = tl.arange(0, BLOCK_DK)
     offs_dv = tl.arange(0, BLOCK_DV)
+    if SCALED:
+        qh, qk_h = history_queries(q, qk_scale, DOT)
     for start in range(lo, hi, BLOCK_N):
         offs_n = start + tl.arange(0, BLOCK_N)
         key_ok = offs_n < n_keys
@@ -115,7 +123,7 @@ def attend(
             block = scale_block_index(offs_n, SCALE_S, SCALE_T, SCALE_BLOCK)
             k_scale = tl.load(KS + block, mask=key_ok, other=0.0)
             v_scale = tl.load(VS + block, mask=key_ok, other=0.0)
-            s = tl.dot(q, kt.to(DOT), input_precision=PRECISION) * (k_scale[None, :] * qk_scale)
+            s = tl.dot(qh, kt.to(qh.dtype), input_precision=PRECISION) * (k_scale[None, :] * qk_h)
         else:
             s = tl.dot(q, kt.to(DOT), input_precision=PRECISION) * qk_scale
         if MASK_N:
@@ -127,13 +135,33 @@ def attend(
         alpha = tl.math.exp2(m_i - m_ref)
         p = tl.math.exp2(s - m_ref[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        if SCALED:
-            pv = p * v_scale[None, :]
+        if SCALED and DOT == tl.float16:
+            v_top = tl.max(v_scale, 0)  # > 0: a block holds a real key, and a scale is positive
+            pv = (p * (v_scale / v_top)[None, :]).to(DOT)
+            acc = acc * alpha[:, None] + tl.dot(pv, v.to(DOT), input_precision=PRECISION) * v_top
+        elif SCALED:  # bf16 and fp32 have fp32's range: the scaled probabilities cannot underflow
+            pv = (p * v_scale[None, :]).to(DOT)
+            acc = acc * alpha[:, None] + tl.dot(pv, v.to(DOT), input_precision=PRECISION)
         else:
-            pv = p
-        acc = acc * alpha[:, None] + tl.dot(pv.to(DOT), v.to(DOT), input_precision=PRECISION)
+            acc = acc * alpha[:, None] + tl.dot(p.to(DOT), v.to(DOT), input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
+
+
+@triton.jit
+def history_queries(q, qk_scale, DOT: tl.constexpr):
+    """``(q, qk_scale)`` for the products over a quantised history (``attend``'s ``SCALED``): with
+    16-bit products, ``q`` times a power of two ``2^e`` (its largest magnitude then in (2^13,
+    2^14]) in fp16, exact for every value above ``2^-28`` of the largest (fp16 has bf16's 8
+    significant bits and more; the power keeps bf16's range out of fp16's overflow), and
+    ``qk_scale / 2^e``; with fp32 products, as given."""
+    if DOT != tl.float32:
+        x = q.to(tl.float32)
+        largest = tl.max(tl.max(tl.abs(x), 1), 0)
+        power = tl.math.exp2(tl.where(largest > 0, tl.minimum(tl.floor(tl.math.log2(16384.0 / largest)), 100.0), 0.0))
+        return (x * power).to(tl.float16), qk_scale / power
+    else:
+        return q, qk_scale
 
 
 @triton.jit
