@@ -21,8 +21,9 @@ what the loop over an fp8 history spends beside the products. Needs Triton's ``n
 ``--gluon``: the warp-specialised Hopper kernels (``gluon_attention.py``: the forward, dK/dV, dK/dV
 adding dQ) at a small problem, with the SASS instructions of each loop of matrix products. Their
 consumers' loops are bound by issuing instructions, not by shared memory or the tensor cores: a
-forward whose history loop had 64 multiplies a thread more (+13% of the loop) ran 11% slower
-(bench/README.md, "reading the history's K in fp8"), so count a change's instructions here first.
+forward whose history loop had 6.7% more instructions ran 5.8% slower (bench/README.md, "the
+scale folded into the exponent"), so count a change's instructions here first, and see that its
+barrier arrivals stay where the 16-bit loop has them (a load before an arrival holds it back).
 
     python bench/kernel_resources.py --gluon
 """

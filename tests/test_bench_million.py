@@ -132,7 +132,6 @@ def test_merge_rows_replaces_only_what_a_run_measured(million):
         ("segcompile", "fp8", 3.0), ("segcompile", "model", 1.0), ("sdpa", "model", 4.0)]
 
 
-
 def test_interleaved_rounds_alternate_the_order_of_the_runs(million):
     """Every other round runs the regimes in reverse, so that a steady drift of the clocks does not
     always reach the same regime last."""

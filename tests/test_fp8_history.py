@@ -142,7 +142,7 @@ def test_triton_forward_reads_the_quantised_history_as_the_reference(lq, dtype, 
     hist_k, hist_v = quantized(r(B, 2, P, D) * 3), quantized(r(B, 2, P, D) * v_scale)
     q, k, v, tail_k, tail_v, sink_k, sink_v = (r(B, Hk * group, lq, D) * q_scale, r(B, Hk, lk, D), r(B, Hk, lk, D),
                                                r(B, Hk, 3, D), r(B, Hk, 3, D), r(B, Hk, 2, D), r(B, Hk, 2, D))
-    # every value scaled alike, so the output is v_scale times one of unit size
+    # every range's V scaled alike (history, sinks, tail, current), so the output is v_scale times one of unit size
     args = tuple(a.to(dtype) for a in (q, k, v * v_scale, tail_k, tail_v * v_scale, sink_k, sink_v * v_scale))
     got = segment_attention_forward(*args, hist_k, hist_v, long_range, 0.25)
     wide = tuple(a.float() for a in args)
