@@ -56,9 +56,11 @@ def parse_args(argv=None):
     return args
 
 
-def median_ms(fn, device: str, n: int = 30) -> float:
-    """The median of ``n`` timed calls after three untimed (CUDA events; on the CPU, three calls
-    by the wall clock)."""
+def median_ms(fn, device: str, n: int = 15, replays: int = 20) -> float:
+    """Milliseconds a call of ``fn``: on a GPU, ``fn`` captured in a CUDA graph (as the decoder
+    runs it) and replayed ``replays`` times between two events, the median of ``n`` such samples,
+    so that neither the host's launches nor one replay's clock ramp is timed; on the CPU, the
+    median of three calls by the wall clock. Three untimed calls first."""
     for _ in range(3):
         fn()
     if device == "cpu":
@@ -69,14 +71,19 @@ def median_ms(fn, device: str, n: int = 30) -> float:
             times.append((time.perf_counter() - start) * 1e3)
         return sorted(times)[1]
     torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    graph.replay()
     times = []
     for _ in range(n):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(replays):
+            graph.replay()
         end.record()
         torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
+        times.append(start.elapsed_time(end) / replays)
     return sorted(times)[n // 2]
 
 
@@ -134,11 +141,20 @@ def _sweep(args, shape: dict, device: str, P: int, bucket: int, table_tile: tupl
             triton_decode.PROGRAMS_PER_SM = triton_decode.PROGRAMS_PER_SM_FP8_HISTORY = per_sm
             bf16_ms, fp8_ms = median_ms(step(bf16), device), median_ms(step(fp8), device)
             history_bytes = 2 * shape["N_LR"] * P * shape["D"] * 2
+            splits = triton_decode._wanted_splits(q.device, shape["B"] * shape["HK"], True)
+            longest = P + shape["T"] + min(100, shape["S"] - 1) + 1  # the keys the token sees (``buffers``' position)
             out.append(dict(history_len=P, tile=list(tile or table_tile), programs_per_sm=per_sm,
+                            fp8_keys_a_split=_keys_a_split(longest, splits, (tile or table_tile)[1]),
                             bf16_ms=bf16_ms, fp8_ms=fp8_ms, bf16_tb_per_s=history_bytes / bf16_ms / 1e9,
                             fp8_tb_per_s=history_bytes / 2 / fp8_ms / 1e9))
             print(out[-1], flush=True)
     return out
+
+
+def _keys_a_split(longest: int, wanted: int, block_n: int) -> int:
+    """``triton_decode.split_len``'s keys a split for ``longest`` keys."""
+    splits = max(1, min(triton.cdiv(longest, block_n), wanted))
+    return triton.cdiv(triton.cdiv(longest, splits), block_n) * block_n
 
 
 def main(argv=None):
@@ -150,9 +166,11 @@ def main(argv=None):
     name = "cpu" if args.tiny else torch.cuda.get_device_name()
     print(f"\n{name}; one layer, one token, H={shape['H']} Hk={shape['HK']} D={shape['D']}, S=T={shape['S']}, "
           f"{shape['N_LR']} of {shape['HK']} KV heads long-range")
-    print(f"{'history':>9} {'tile':>14} {'programs/SM':>11} {'bf16 ms':>8} {'fp8 ms':>8} {'bf16 TB/s':>9} {'fp8 TB/s':>8}")
+    print(f"{'history':>9} {'tile':>14} {'programs/SM':>11} {'fp8 keys/split':>14} {'bf16 ms':>8} {'fp8 ms':>8} "
+          f"{'bf16 TB/s':>9} {'fp8 TB/s':>8}")
     for r in rows:
-        print(f"{r['history_len']:9} {','.join(map(str, r['tile'])):>14} {r['programs_per_sm']:11} {r['bf16_ms']:8.3f} "
+        print(f"{r['history_len']:9} {','.join(map(str, r['tile'])):>14} {r['programs_per_sm']:11} "
+              f"{r['fp8_keys_a_split']:14} {r['bf16_ms']:8.3f} "
               f"{r['fp8_ms']:8.3f} {r['bf16_tb_per_s']:9.2f} {r['fp8_tb_per_s']:8.2f}")
     write_rows("decode_splits", args, argv, name, rows, shape=shape)
     return rows

@@ -73,10 +73,14 @@ def _group_queries(Q, b, kvh, s_qb, s_qh, s_qm, GROUP, Lq, ROWS: tl.constexpr, B
 
 
 @triton.jit
-def _store_split(Acc, Max, Sum, bk, split, rows, acc, m_i, l_i, ROWS: tl.constexpr, BLOCK_DV: tl.constexpr):
-    """A split's unnormalised output and running max and sum, where ``_combine_kernel`` reads them."""
+def _store_split(Acc, Max, Sum, bk, split, rows, n_rows, acc, m_i, l_i, ROWS: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """A split's running max and sum of every row, and its unnormalised output of the ``n_rows``
+    real rows that saw a key, where ``_combine_kernel`` reads them. No other row's output is
+    written, or read: at the 8B shape 12 of a split's 16 rows are padding, and past a short
+    head's keys (6 KV heads of 8 at long contexts) whole splits see none."""
     at = (bk.to(tl.int64) * tl.num_programs(0) + split) * ROWS + rows
-    tl.store(Acc + at[:, None] * BLOCK_DV + tl.arange(0, BLOCK_DV)[None, :], acc)
+    seen = (rows < n_rows) & (m_i > float("-inf"))
+    tl.store(Acc + at[:, None] * BLOCK_DV + tl.arange(0, BLOCK_DV)[None, :], acc, mask=seen[:, None])
     tl.store(Max + at, m_i)
     tl.store(Sum + at, l_i)
 
@@ -143,7 +147,7 @@ def _split_kernel(
                           s_kn, s_vn, c0, c1, n_pre + T, n_pre + T + Lk, q_pos, qk_scale, True,
                           BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
 
-    _store_split(Acc, Max, Sum, bk, split, rows, acc, m_i, l_i, ROWS, BLOCK_DV)
+    _store_split(Acc, Max, Sum, bk, split, rows, GROUP * Lq, acc, m_i, l_i, ROWS, BLOCK_DV)
 
 
 @triton.jit
@@ -176,9 +180,11 @@ def _combine_kernel(Acc, Max, Sum, Out, Lse, s_ob, s_oh, s_om, H, Hk, GROUP, Lq,
     l_i = tl.zeros([ROWS], dtype=tl.float32)
     for s0 in range(0, splits, SPLITS_BLOCK):
         at, ok = _split_slots(first, s0, offs_s, splits, rows, row_ok, ROWS)
-        weight = tl.math.exp2(tl.load(Max + at, mask=ok, other=float("-inf")) - m_ref[None, :])  # 0: no keys
+        m_split = tl.load(Max + at, mask=ok, other=float("-inf"))
+        weight = tl.math.exp2(m_split - m_ref[None, :])  # 0: no keys
         l_i += tl.sum(tl.load(Sum + at, mask=ok, other=0.0) * weight, 0)
-        part = tl.load(Acc + at[:, :, None] * BLOCK_DV + offs_dv[None, None, :], mask=ok[:, :, None], other=0.0)
+        seen = ok & (m_split > float("-inf"))  # the rows whose output _store_split wrote
+        part = tl.load(Acc + at[:, :, None] * BLOCK_DV + offs_dv[None, None, :], mask=seen[:, :, None], other=0.0)
         acc += tl.sum(part * weight[:, :, None], 0)
     out = acc / l_i[:, None]
     tl.store(Out + b * s_ob + h[:, None] * s_oh + i[:, None] * s_om + offs_dv[None, :], out.to(Out.dtype.element_ty),
@@ -257,7 +263,7 @@ def _static_split_kernel(
                           s_lkn, s_lvn, c0, c1, n_pre + n_tail, n_pre + n_tail + offset + Lq, offset + i, qk_scale,
                           True, BLOCK_N, BLOCK_DK, BLOCK_DV, D_K, D_V, DOT, PRECISION)
 
-    _store_split(Acc, Max, Sum, bk, split, rows, acc, m_i, l_i, ROWS, BLOCK_DV)
+    _store_split(Acc, Max, Sum, bk, split, rows, GROUP * Lq, acc, m_i, l_i, ROWS, BLOCK_DV)
 
 
 # the CUDA-graph decoder's split kernel, for tools that compile it alone (``bench/kernel_resources.py --decode``)
