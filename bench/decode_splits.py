@@ -2,19 +2,22 @@
 an fp8 history: one layer of the 8B shape, one token, by length of the history.
 
 The decode kernels split every KV head's keys into about ``PROGRAMS_PER_SM`` programs a
-multiprocessor (``kernels/triton_decode.py``); the long-range heads (2 of 8) hold nearly all the
-keys, so their programs are the ones that stream the history. This times
-``static_decode_forward`` (the split kernel over the decoder's buffers and the combine kernel, as
-a replayed step runs them) for each value of the constant, over a bf16 history and over the same
-history quantised to fp8 (``history_format``'s blocks and scales), and reports the history's
-read rate. The eager decode's ``split_len`` uses the same constant, so both paths keep summing
-in the same order whatever it is. ``--decode-tiles`` also sweeps the decode kernels' tile
-(``triton_common.TILES["decode"]``: rows, keys a block, warps, pipeline stages, register cap) for
-both histories; ``--tiny`` runs a small case on the CPU (Triton's interpreter) as a smoke test.
+multiprocessor, over an fp8 history into splits of about ``KEYS_A_SPLIT_FP8`` keys between the
+bounds of ``PROGRAMS_PER_SM_FP8_HISTORY`` (``kernels/triton_decode.py``); the long-range heads
+(2 of 8) hold nearly all the keys, so their programs are the ones that stream the history. This
+times ``static_decode_forward`` (the split kernel over the decoder's buffers and the combine
+kernel, replayed in a CUDA graph as the decoder runs them) with the decoder's own split counts
+(programs a multiprocessor 0) and with each fixed count given, over a bf16 history and over the
+same history quantised to fp8 (``history_format``'s blocks and scales), and reports the keys a
+split and the history's read rate. The eager decode's ``split_len`` uses the same counts, so both
+paths keep summing in the same order whatever they are. ``--decode-tiles`` also sweeps the decode
+kernels' tile (``triton_common.TILES["decode"]`` and ``["decode-fp8"]``: rows, keys a block,
+warps, pipeline stages, register cap) for both histories; ``--tiny`` runs a small case on the CPU
+(Triton's interpreter) as a smoke test.
 
     python bench/decode_splits.py                                  # 32K, 128K and 1M tokens
     python bench/decode_splits.py --history-lens 122880 --programs-per-sm 4 8
-    python bench/decode_splits.py --history-lens 1040384 --programs-per-sm 8 --decode-tiles 16,64,4,3 16,32,4,3
+    python bench/decode_splits.py --history-lens 1040384 --programs-per-sm 8 --decode-tiles 16,64,4,3 16,32,1,3
 """
 
 from __future__ import annotations
@@ -44,7 +47,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--history-lens", type=int, nargs="+", default=[32768 - 8192, 131072 - 8192, 1048576 - 8192],
                    help="history positions (the context less the tail and the current segment)")
-    p.add_argument("--programs-per-sm", type=int, nargs="+", default=[4, 8, 16, 32])
+    p.add_argument("--programs-per-sm", type=int, nargs="+", default=[0, 4, 8, 16, 32],
+                   help="programs a multiprocessor to split for, both histories (0: the decoder's own rule)")
     p.add_argument("--decode-tiles", nargs="+", default=None, metavar="M,N,WARPS,STAGES[,CAP]",
                    help="decode tiles to sweep (default: the table's)")
     p.add_argument("--tiny", action="store_true", help="a small case on the CPU, Triton interpreted (a smoke test): one history length, "
@@ -52,7 +56,7 @@ def parse_args(argv=None):
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
     if args.tiny:
-        args.history_lens, args.programs_per_sm = [200], [1, 2]
+        args.history_lens, args.programs_per_sm = [200], [0, 1, 2]
     return args
 
 
@@ -107,27 +111,33 @@ def buffers(P: int, shape: dict, device: str):
 
 
 def tiles(args) -> list[tuple[int, ...] | None]:
-    """The decode tiles to sweep (None: the table's as it is)."""
+    """The decode tiles to sweep (None: the tables' as they are)."""
     return [tuple(int(x) for x in t.split(",")) for t in args.decode_tiles] if args.decode_tiles else [None]
+
+
+KINDS = ("decode", "decode-fp8")  # the bf16 history's tile kind, the fp8 history's (``triton_decode.tile_kind``)
 
 
 def run(args, shape: dict, device: str) -> list[dict]:
     """Every (history length, tile, programs a multiprocessor) timed over both histories; the
-    decode's constants and tile table are as they were afterwards."""
+    decode's constants and tile tables are as they were afterwards."""
     bucket = min(b for b in (64, 128, 256) if b >= triton_common.block_d(shape["D"]))
-    table_tile = triton_common.TILES["decode"][bucket]
+    table_tiles = [triton_common.TILES[kind][bucket] for kind in KINDS]
     constants = triton_decode.PROGRAMS_PER_SM, triton_decode.PROGRAMS_PER_SM_FP8_HISTORY
     try:
-        return [row for P in args.history_lens for row in _sweep(args, shape, device, P, bucket, table_tile)]
+        return [row for P in args.history_lens for row in _sweep(args, shape, device, P, bucket, table_tiles)]
     finally:
-        triton_common.TILES["decode"][bucket] = table_tile
+        for kind, tile in zip(KINDS, table_tiles):
+            triton_common.TILES[kind][bucket] = tile
         triton_decode.PROGRAMS_PER_SM, triton_decode.PROGRAMS_PER_SM_FP8_HISTORY = constants
 
 
-def _sweep(args, shape: dict, device: str, P: int, bucket: int, table_tile: tuple) -> list[dict]:
+def _sweep(args, shape: dict, device: str, P: int, bucket: int, table_tiles: list) -> list[dict]:
     q, local_k, local_v, bf16, fp8, position, rows = buffers(P, shape, device)
     common = dict(n_local=shape["HK"] - shape["N_LR"], segment_len=shape["S"], tail_len=shape["T"],
                   sinks=shape["G"], scale=shape["D"] ** -0.5)
+    constants = triton_decode.PROGRAMS_PER_SM, triton_decode.PROGRAMS_PER_SM_FP8_HISTORY
+    longest = P + shape["T"] + min(100, shape["S"] - 1) + 1  # the keys the token sees (``buffers``' position)
 
     def step(hist):
         k, v, scales = hist
@@ -136,25 +146,30 @@ def _sweep(args, shape: dict, device: str, P: int, bucket: int, table_tile: tupl
 
     out = []
     for tile in tiles(args):
-        triton_common.TILES["decode"][bucket] = tile or table_tile
+        used = [tile or table_tile for table_tile in table_tiles]
+        for kind, t in zip(KINDS, used):
+            triton_common.TILES[kind][bucket] = t
         for per_sm in args.programs_per_sm:
-            triton_decode.PROGRAMS_PER_SM = triton_decode.PROGRAMS_PER_SM_FP8_HISTORY = per_sm
+            # 0: the decoder's own counts (a bf16 history's constant, an fp8 one's bounds and keys a split)
+            triton_decode.PROGRAMS_PER_SM, triton_decode.PROGRAMS_PER_SM_FP8_HISTORY = (
+                constants if per_sm == 0 else (per_sm, (per_sm, per_sm)))
             bf16_ms, fp8_ms = median_ms(step(bf16), device), median_ms(step(fp8), device)
             history_bytes = 2 * shape["N_LR"] * P * shape["D"] * 2
-            splits = triton_decode._wanted_splits(q.device, shape["B"] * shape["HK"], True)
-            longest = P + shape["T"] + min(100, shape["S"] - 1) + 1  # the keys the token sees (``buffers``' position)
-            out.append(dict(history_len=P, tile=list(tile or table_tile), programs_per_sm=per_sm,
-                            fp8_keys_a_split=_keys_a_split(longest, splits, (tile or table_tile)[1]),
+            out.append(dict(history_len=P, tile=list(used[0]), fp8_tile=list(used[1]),
+                            programs_per_sm=per_sm or "decoder's",
+                            bf16_keys_a_split=_keys_a_split(longest, shape, device, used[0], False),
+                            fp8_keys_a_split=_keys_a_split(longest, shape, device, used[1], True),
                             bf16_ms=bf16_ms, fp8_ms=fp8_ms, bf16_tb_per_s=history_bytes / bf16_ms / 1e9,
                             fp8_tb_per_s=history_bytes / 2 / fp8_ms / 1e9))
             print(out[-1], flush=True)
     return out
 
 
-def _keys_a_split(longest: int, wanted: int, block_n: int) -> int:
-    """``triton_decode.split_len``'s keys a split for ``longest`` keys."""
-    splits = max(1, min(triton.cdiv(longest, block_n), wanted))
-    return triton.cdiv(triton.cdiv(longest, splits), block_n) * block_n
+def _keys_a_split(longest: int, shape: dict, device: str, tile: tuple, scaled: bool) -> int:
+    """``triton_decode.split_len``'s keys a split for ``longest`` keys, at the constants set now."""
+    bounds = triton_decode.split_bounds(torch.device(device), shape["B"] * shape["HK"], scaled)
+    splits = triton_decode.split_count(longest, tile[1], bounds)
+    return triton.cdiv(triton.cdiv(longest, splits), tile[1]) * tile[1]
 
 
 def main(argv=None):
@@ -166,12 +181,13 @@ def main(argv=None):
     name = "cpu" if args.tiny else torch.cuda.get_device_name()
     print(f"\n{name}; one layer, one token, H={shape['H']} Hk={shape['HK']} D={shape['D']}, S=T={shape['S']}, "
           f"{shape['N_LR']} of {shape['HK']} KV heads long-range")
-    print(f"{'history':>9} {'tile':>14} {'programs/SM':>11} {'fp8 keys/split':>14} {'bf16 ms':>8} {'fp8 ms':>8} "
-          f"{'bf16 TB/s':>9} {'fp8 TB/s':>8}")
+    print(f"{'history':>9} {'tile (bf16 / fp8)':>24} {'programs/SM':>11} {'keys/split':>12} {'bf16 ms':>8} "
+          f"{'fp8 ms':>8} {'bf16 TB/s':>9} {'fp8 TB/s':>8}")
     for r in rows:
-        print(f"{r['history_len']:9} {','.join(map(str, r['tile'])):>14} {r['programs_per_sm']:11} "
-              f"{r['fp8_keys_a_split']:14} {r['bf16_ms']:8.3f} "
-              f"{r['fp8_ms']:8.3f} {r['bf16_tb_per_s']:9.2f} {r['fp8_tb_per_s']:8.2f}")
+        tile = f"{','.join(map(str, r['tile']))} / {','.join(map(str, r['fp8_tile']))}"
+        print(f"{r['history_len']:9} {tile:>24} {r['programs_per_sm']:>11} "
+              f"{r['bf16_keys_a_split']:>5} / {r['fp8_keys_a_split']:<4} {r['bf16_ms']:8.3f} {r['fp8_ms']:8.3f} "
+              f"{r['bf16_tb_per_s']:9.2f} {r['fp8_tb_per_s']:8.2f}")
     write_rows("decode_splits", args, argv, name, rows, shape=shape)
     return rows
 

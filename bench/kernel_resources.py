@@ -129,9 +129,9 @@ def compile_for(fn, constants: dict, signature_and_attrs: tuple, tile: dict, cap
 
 def decode_resources(history: str, head_dim: int, capability: int) -> dict:
     """``resources`` of the static decode kernel over a ``history`` ("bf16" or "fp8") at its
-    decode tile, with ``product_loops`` of its SASS."""
+    decode tile (``triton_decode.tile_kind``), with ``product_loops`` of its SASS."""
     fn = triton_decode.STATIC_SPLIT_KERNEL
-    tile = triton_common.tile("decode", head_dim, 1)
+    tile = triton_common.tile(triton_decode.tile_kind(16, head_dim, history == "fp8"), head_dim, 1)
     constants = dict(ROWS=16, BLOCK_N=tile["BLOCK_N"], BLOCK_DK=head_dim, BLOCK_DV=head_dim, D_K=head_dim,
                      D_V=head_dim, DOT=tl.bfloat16, PRECISION="tf32", HAS_HISTORY=True,
                      HIST_SCALED=history == "fp8", SCALE_BLOCK=HISTORY_SCALE_BLOCK)

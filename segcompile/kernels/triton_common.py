@@ -32,10 +32,13 @@ COMPILE_OPTIONS = {"enable_fp_fusion": True}
 # The 256 column keeps each kernel's shared memory under Hopper's 227 KB (the 128 column's tiles
 # would need up to 384 KB there), by ``bench/kernel_resources.py``'s report; untimed. "decode" is
 # the forward for at most 16 queries. The interpreter runs any shape: small tiles keep the CPU
-# tests fast and still exercise multi-block loops and partial blocks.
+# tests fast and still exercise multi-block loops and partial blocks. "decode-fp8" is the decode
+# over an fp8 history (``triton_decode.tile_kind``): one warp a program, measured fastest on an
+# H100 at 123K-1M positions (``bench/decode_splits.py``); the other tables keep their decode tile.
 TILES = {
     "fwd": {64: (128, 64, 4, 3), 128: (128, 128, 8, 3), 256: (64, 64, 8, 2)},
     "decode": {64: (16, 64, 4, 3), 128: (16, 64, 4, 3), 256: (16, 64, 4, 2)},
+    "decode-fp8": {64: (16, 32, 1, 3), 128: (16, 32, 1, 3), 256: (16, 64, 4, 2)},
     "dq": {64: (128, 64, 8, 3), 128: (128, 64, 8, 3), 256: (64, 32, 4, 2)},
     "dkdv": {64: (32, 64, 4, 3), 128: (32, 64, 4, 3), 256: (32, 32, 4, 2)},
 }
@@ -48,6 +51,7 @@ TILES_WIDE = {
     "dq": {64: TILES["dq"][64], 128: (64, 32, 4, 2), 256: (32, 32, 4, 2)},
     "dkdv": {64: TILES["dkdv"][64], 128: (32, 32, 4, 2), 256: (16, 32, 4, 2)},
 }
+TILES_WIDE["decode-fp8"] = TILES_WIDE["decode"]
 # fp32 products (fp32 runs: no tensor cores, each product a loop of FMAs in registers): tiles
 # that ptxas fits in registers with few or no spills (``bench/kernel_resources.py --dtype fp32``,
 # sm_90a: at 64, no spills; at 128, forward 4 KB of spill stores a thread where the WIDE tile has
@@ -59,6 +63,7 @@ TILES_FP32 = {
     "dq": {64: (64, 32, 8, 2), 128: (64, 32, 8, 2), 256: (16, 32, 4, 2)},
     "dkdv": {64: (32, 32, 8, 2), 128: (32, 32, 8, 2), 256: (16, 32, 8, 2)},
 }
+TILES_FP32["decode-fp8"] = TILES_FP32["decode"]
 INTERPRETER_TILE = (16, 16, 1, 1)
 # ``Problem.tile_table`` names the table its launches read
 TILE_TABLES = {"16-bit": TILES, "wide": TILES_WIDE, "fp32": TILES_FP32}
@@ -202,8 +207,8 @@ def block_d(d: int) -> int:
 
 
 def tile(kind: str, head_dim: int, lq: int, table: str = "16-bit") -> dict:
-    """The launch options (``tile_options``) of kernel ``kind`` ("fwd", "decode", "dq" or "dkdv")
-    for this head dim and query count, from tile table ``table`` (``TILE_TABLES``): the forward
+    """The launch options (``tile_options``) of kernel ``kind`` ("fwd", "decode", "decode-fp8", "dq"
+    or "dkdv") for this head dim and query count, from tile table ``table`` (``TILE_TABLES``): the forward
     of at most 16 queries takes the "decode" tile."""
     if kind == "fwd" and lq <= 16:
         kind = "decode"

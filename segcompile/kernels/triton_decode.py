@@ -33,20 +33,39 @@ from .triton_common import COMPILE_OPTIONS, INTERPRET, LOG2E, attend, batch_and_
 MAX_ROWS = 128  # group * Lq rows a program holds, times the padded value dim, at most MAX_ROWS x 128
 MAX_QUERIES = 16  # more queries run in one pass (triton_attention.one_pass_forward)
 PROGRAMS_PER_SM = 4  # enough splits for this many programs a multiprocessor
-# over an fp8 history: widening the values to the product dtype makes the loop bound by its
-# instructions, not by memory, and more resident programs hide more of them (H200, one layer of
-# the 8B shape, 1M-token history: 0.84 ms at 4, 0.54 at 8, 0.54 at 16 or 32; at 128K 0.22 and
-# 0.18; at 32K 0.119 and 0.112). A 16-bit history gains little (1M: 0.44 and 0.41; 32K: the
-# whole decode step measured no faster), so it keeps 4.
-PROGRAMS_PER_SM_FP8_HISTORY = 8
+# Over an fp8 history the loop is bound by its instructions (widening fp8), not by memory, and
+# the "decode-fp8" tile (one warp a program: no exchange of the probabilities between warps)
+# needs many resident programs to hide them; splits of about KEYS_A_SPLIT_FP8 keys, between
+# these bounds (programs a multiprocessor). H100, one layer of the 8B shape, fp8 history, ms
+# (bench/README.md, decode): 1M positions 0.41 at 8 a multiprocessor with the 16-bit tile, one
+# warp 0.34 at 16, 0.29 at 32 (1,984 keys a split), 0.32 at 64; 254K 0.131, one warp 0.109 at
+# 16 (992 keys), 0.127 at 32; 123K 0.076, 0.071 at 16 (512 keys), 0.086 at 32.
+PROGRAMS_PER_SM_FP8_HISTORY = (16, 32)
+KEYS_A_SPLIT_FP8 = 2048
 
 
-def _wanted_splits(device: torch.device, programs: int, scaled: bool) -> int:
-    """Splits a KV head's keys are cut into, at most: enough for about ``PROGRAMS_PER_SM``
-    programs a multiprocessor (``PROGRAMS_PER_SM_FP8_HISTORY`` over a quantised history, ``scaled``)
-    over ``programs`` (batch rows times KV heads)."""
-    per_sm = PROGRAMS_PER_SM_FP8_HISTORY if scaled else PROGRAMS_PER_SM
-    return triton.cdiv(per_sm * multiprocessors(device), programs)
+def split_bounds(device: torch.device, programs: int, scaled: bool) -> tuple[int, int]:
+    """(fewest, most) splits a KV head's keys are cut into: about ``PROGRAMS_PER_SM`` programs a
+    multiprocessor over ``programs`` (batch rows times KV heads), or over a quantised history
+    (``scaled``) between the bounds of ``PROGRAMS_PER_SM_FP8_HISTORY``."""
+    fewest, most = PROGRAMS_PER_SM_FP8_HISTORY if scaled else (PROGRAMS_PER_SM, PROGRAMS_PER_SM)
+    sms = multiprocessors(device)
+    return triton.cdiv(fewest * sms, programs), triton.cdiv(most * sms, programs)
+
+
+def split_count(longest: int, block_n: int, bounds: tuple[int, int]) -> int:
+    """Splits of ``longest`` keys: about ``KEYS_A_SPLIT_FP8`` keys each within ``bounds``
+    (``split_bounds``), at least one key block each. ``_static_split_kernel`` computes the same
+    on the device."""
+    fewest, most = bounds
+    return max(1, min(triton.cdiv(longest, block_n), min(max(triton.cdiv(longest, KEYS_A_SPLIT_FP8), fewest), most)))
+
+
+def tile_kind(rows: int, head_dim: int, scaled: bool) -> str:
+    """The tile-table kind of a decode: "decode-fp8" over a quantised history where a program
+    holds at most 16 rows (``_rows``) of at most 128 columns (one warp keeps their queries and
+    output in registers), else "decode"."""
+    return "decode-fp8" if scaled and rows <= 16 and head_dim <= 128 else "decode"
 
 
 @triton.jit
@@ -152,32 +171,34 @@ def _split_kernel(
 
 @triton.jit
 def _split_slots(first, s0, offs_s, splits, rows, row_ok, ROWS: tl.constexpr):
-    """Where splits ``s0 + offs_s`` keep each row's partial result (``[SPLITS_BLOCK, ROWS]``
-    offsets into Max / Sum, rows of Acc), and which of them are real splits and rows."""
+    """Where splits ``s0 + offs_s`` keep the partial results of ``rows`` (``[SPLITS_BLOCK, rows]``
+    offsets into Max / Sum, rows of Acc; a split holds ``ROWS``), and which are real splits and rows."""
     at = (first + s0 + offs_s)[:, None] * ROWS + rows[None, :]
     return at, ((s0 + offs_s) < splits)[:, None] & row_ok[None, :]
 
 
 @triton.jit
 def _combine_kernel(Acc, Max, Sum, Out, Lse, s_ob, s_oh, s_om, H, Hk, GROUP, Lq, splits,
-                    ROWS: tl.constexpr, BLOCK_DV: tl.constexpr, D_V: tl.constexpr,
+                    ROWS: tl.constexpr, GROUP_ROWS: tl.constexpr, BLOCK_DV: tl.constexpr, D_V: tl.constexpr,
                     SPLITS_BLOCK: tl.constexpr, DV_BLOCK: tl.constexpr, STORE_LSE: tl.constexpr):
     """One program per (batch and KV head, block of ``DV_BLOCK`` value columns) merges every
     split's partial result, ``SPLITS_BLOCK`` splits a load: first the maximum over the splits, so
-    that each split's weight is final when its part is added."""
+    that each split's weight is final when its part is added. It loads ``GROUP_ROWS`` rows of each
+    split's ``ROWS`` (the real ``GROUP * Lq`` to a power of two; the rest are the split kernel's
+    padding for its products), so that a load takes more splits."""
     bk = tl.program_id(0)
     b, kvh = batch_and_kv_head(bk, Hk)
-    rows, row_ok, h, i = _group_rows(kvh, GROUP, Lq, ROWS)
+    rows, row_ok, h, i = _group_rows(kvh, GROUP, Lq, GROUP_ROWS)
     offs_s = tl.arange(0, SPLITS_BLOCK)
     offs_dv = tl.program_id(1) * DV_BLOCK + tl.arange(0, DV_BLOCK)
     first = bk.to(tl.int64) * splits
-    m_i = tl.full([ROWS], float("-inf"), dtype=tl.float32)
+    m_i = tl.full([GROUP_ROWS], float("-inf"), dtype=tl.float32)
     for s0 in range(0, splits, SPLITS_BLOCK):
         at, ok = _split_slots(first, s0, offs_s, splits, rows, row_ok, ROWS)
         m_i = tl.maximum(m_i, tl.max(tl.load(Max + at, mask=ok, other=float("-inf")), 0))
     m_ref = tl.where(m_i == float("-inf"), 0.0, m_i)
-    acc = tl.zeros([ROWS, DV_BLOCK], dtype=tl.float32)
-    l_i = tl.zeros([ROWS], dtype=tl.float32)
+    acc = tl.zeros([GROUP_ROWS, DV_BLOCK], dtype=tl.float32)
+    l_i = tl.zeros([GROUP_ROWS], dtype=tl.float32)
     for s0 in range(0, splits, SPLITS_BLOCK):
         at, ok = _split_slots(first, s0, offs_s, splits, rows, row_ok, ROWS)
         m_split = tl.load(Max + at, mask=ok, other=float("-inf"))
@@ -198,7 +219,7 @@ def _combine_kernel(Acc, Max, Sum, Out, Lse, s_ob, s_oh, s_om, H, Hk, GROUP, Lq,
 def _static_split_kernel(
     Q, LK, LV, HK, HV, Position, BufferHead, Acc, Max, Sum, qk_scale,
     s_qb, s_qh, s_qm, s_lkh, s_lkb, s_lkn, s_lvh, s_lvb, s_lvn, s_hkh, s_hkb, s_hkn, s_hvh, s_hvb, s_hvn,
-    Hk, GROUP, Lq, S, T, G, n_local, n_hist, wanted_splits,
+    Hk, GROUP, Lq, S, T, G, n_local, n_hist, fewest_splits, most_splits, keys_a_split,
     HKS, HVS, s_ksh, s_ksb, s_vsh, s_vsb,
     ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     D_K: tl.constexpr, D_V: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, HAS_HISTORY: tl.constexpr,
@@ -234,7 +255,8 @@ def _static_split_kernel(
     else:
         longest_prefix = tl.minimum(tl.maximum(start, 0), G)
     longest = longest_prefix + n_tail + offset + Lq
-    splits = tl.maximum(1, tl.minimum(tl.cdiv(longest, BLOCK_N), wanted_splits))
+    splits = tl.minimum(tl.maximum(tl.cdiv(longest, keys_a_split), fewest_splits), most_splits)
+    splits = tl.maximum(1, tl.minimum(tl.cdiv(longest, BLOCK_N), splits))
     split_len = tl.cdiv(tl.cdiv(longest, splits), BLOCK_N) * BLOCK_N
     c0 = split * split_len
     c1 = c0 + split_len
@@ -292,31 +314,41 @@ def multiprocessors(device: torch.device) -> int:
 def split_len(p: Problem) -> tuple[int, int]:
     """(splits, keys a split) of ``p``'s decode: about ``PROGRAMS_PER_SM`` programs a
     multiprocessor over the longest key range, in whole key blocks of its "decode" tile."""
-    block_n = p.tile("decode")["BLOCK_N"]
+    block_n = _tile(p)["BLOCK_N"]
     longest = max(p.P, p.G) + p.T + p.Lk
-    wanted = _wanted_splits(p.q.device, p.B * p.Hk, p.hist_scaled)
-    splits = max(1, min(triton.cdiv(longest, block_n), wanted))
+    splits = split_count(longest, block_n, split_bounds(p.q.device, p.B * p.Hk, p.hist_scaled))
     keys = triton.cdiv(triton.cdiv(longest, splits), block_n) * block_n
     return triton.cdiv(longest, keys), keys
 
 
-def _combine_blocks(rows: int, block_dv: int) -> tuple[int, int]:
+def _tile(p: Problem) -> dict:
+    """The launch options of ``p``'s split kernel (``tile_kind``)."""
+    return p.tile(tile_kind(_rows(p), p.block_dk, p.hist_scaled))
+
+
+def _combine_blocks(group_rows: int, block_dv: int) -> tuple[int, int]:
     """(value columns, splits) a combine program loads at once: about 8K fp32 a load (64 a thread
-    at 4 warps), over ``B * Hk * block_dv / columns`` programs. A merge of 64 splits by one
-    program per KV head, a split at a time, took 47 us at B = 1 (H200), twice the split kernel;
-    32 columns and 16 splits a load, 16 us (32 programs at B = 1, Hk = 8, D = 128: the loop over
-    the splits is latency-bound), so 8 columns and up to 64 splits: 128 programs, two loads.
-    The interpreter takes small blocks, so that the tests cross both kinds of block boundary."""
+    at 4 warps) of ``group_rows`` rows, over ``B * Hk * block_dv / columns`` programs. A merge of
+    64 splits by one program per KV head, a split at a time, took 47 us at B = 1 (H200), twice the
+    split kernel; 32 columns and 16 splits a load, 16 us (32 programs at B = 1, Hk = 8, D = 128:
+    the loop over the splits is latency-bound), so 8 columns and up to 256 splits: 128 programs,
+    and at the 8B shape (4 rows) 256 splits a load. The interpreter takes small blocks, so that
+    the tests cross both kinds of block boundary."""
     if INTERPRET:
         return min(8, block_dv), 2
     columns = min(8, block_dv)
-    return columns, max(1, min(64, 8192 // (rows * columns)))
+    return columns, max(1, min(256, 8192 // (group_rows * columns)))
+
+
+def _group_rows_padded(group: int, lq: int) -> int:
+    """The rows a combine program loads of each split: ``group * lq`` to a power of two."""
+    return max(2, triton.next_power_of_2(group * lq))
 
 
 def split_keys_forward(p: Problem, scale: float, return_lse: bool):
     """``(out, lse)`` as ``triton_attention.one_pass_forward`` gives them, split over the keys."""
     B, H, Hk, lq = p.B, p.H, p.Hk, p.Lq
-    tile = p.tile("decode")
+    tile = _tile(p)
     rows = _rows(p)
     splits, keys = split_len(p)
     acc = torch.empty(B * Hk * splits * rows * p.block_dv, dtype=torch.float32, device=p.q.device)
@@ -334,10 +366,11 @@ def split_keys_forward(p: Problem, scale: float, return_lse: bool):
     )
     out = torch.empty(B, H, lq, p.D_V, dtype=p.q.dtype, device=p.q.device)
     lse = torch.empty(B * H * lq if return_lse else 1, dtype=torch.float32, device=p.q.device)
-    dv_block, splits_block = _combine_blocks(rows, p.block_dv)
+    group_rows = _group_rows_padded(p.group, lq)
+    dv_block, splits_block = _combine_blocks(group_rows, p.block_dv)
     _combine_kernel[(B * Hk, p.block_dv // dv_block)](
         acc, running_max, running_sum, out, lse, *strides(out), H, Hk, p.group, lq, splits,
-        ROWS=rows, BLOCK_DV=p.block_dv, D_V=p.D_V, SPLITS_BLOCK=splits_block, DV_BLOCK=dv_block,
+        ROWS=rows, GROUP_ROWS=group_rows, BLOCK_DV=p.block_dv, D_V=p.D_V, SPLITS_BLOCK=splits_block, DV_BLOCK=dv_block,
         STORE_LSE=return_lse, num_warps=1 if INTERPRET else 4, **COMPILE_OPTIONS,
     )
     return out, lse
@@ -373,12 +406,13 @@ def static_decode_forward(q, local_k, local_v, hist_k, hist_v, position, buffer_
     k_scales, v_scales = map(usable_scales, hist_scales) if scaled else (_no_scales(q.device),) * 2
     dot = compute_dtype(q)
     table = "fp32" if dot == torch.float32 else ("wide" if local_k.element_size() > 2 else "16-bit")
-    tile = triton_common.tile("decode", dk, lq, table)
     rows = max(16, triton.next_power_of_2(group * lq))
     block_dk, block_dv = triton_common.block_d(dk), triton_common.block_d(dv)
+    tile = triton_common.tile(tile_kind(rows, block_dk, scaled), dk, lq, table)
     longest = max(hist_k.shape[2], sinks) + tail_len + segment_len  # what a replay may see at most
-    wanted = _wanted_splits(q.device, B * hk, scaled)
-    splits = max(1, min(triton.cdiv(longest, tile["BLOCK_N"]), wanted))  # the grid; the kernel uses a prefix
+    bounds = split_bounds(q.device, B * hk, scaled)
+    # the grid: the most splits any replay takes (split_count grows with the keys); the kernel uses a prefix
+    splits = split_count(longest, tile["BLOCK_N"], bounds)
     acc = torch.empty(B * hk * splits * rows * block_dv, dtype=torch.float32, device=q.device)
     running_max = torch.empty(B * hk * splits * rows, dtype=torch.float32, device=q.device)
     running_sum = torch.empty_like(running_max)
@@ -386,7 +420,7 @@ def static_decode_forward(q, local_k, local_v, hist_k, hist_v, position, buffer_
     _static_split_kernel[(splits, B * hk)](
         q, local_k, local_v, hist_k, hist_v, position, buffer_head, acc, running_max, running_sum, scale * LOG2E,
         *strides(q), *strides(local_k), *strides(local_v), *strides(hist_k), *strides(hist_v),
-        hk, group, lq, segment_len, tail_len, sinks, n_local, hist_k.shape[2], wanted,
+        hk, group, lq, segment_len, tail_len, sinks, n_local, hist_k.shape[2], *bounds, KEYS_A_SPLIT_FP8,
         k_scales, v_scales, k_scales.stride(0), k_scales.stride(1), v_scales.stride(0), v_scales.stride(1),
         HIST_SCALED=scaled, SCALE_BLOCK=HISTORY_SCALE_BLOCK, ROWS=rows, BLOCK_N=tile["BLOCK_N"], BLOCK_DK=block_dk, BLOCK_DV=block_dv, D_K=dk, D_V=dv,
         num_warps=tile["num_warps"] if rows <= 32 else max(tile["num_warps"], 8), num_stages=tile["num_stages"],
@@ -394,10 +428,11 @@ def static_decode_forward(q, local_k, local_v, hist_k, hist_v, position, buffer_
         PRECISION="ieee" if dot == torch.float32 else "tf32", HAS_HISTORY=n_local < hk, **COMPILE_OPTIONS,
     )
     out = torch.empty(B, H, lq, dv, dtype=q.dtype, device=q.device)
-    dv_block, splits_block = _combine_blocks(rows, block_dv)
+    group_rows = _group_rows_padded(group, lq)
+    dv_block, splits_block = _combine_blocks(group_rows, block_dv)
     _combine_kernel[(B * hk, block_dv // dv_block)](
         acc, running_max, running_sum, out, running_max, *strides(out), H, hk, group, lq, splits,
-        ROWS=rows, BLOCK_DV=block_dv, D_V=dv, SPLITS_BLOCK=splits_block, DV_BLOCK=dv_block,
+        ROWS=rows, GROUP_ROWS=group_rows, BLOCK_DV=block_dv, D_V=dv, SPLITS_BLOCK=splits_block, DV_BLOCK=dv_block,
         STORE_LSE=False, num_warps=1 if INTERPRET else 4, **COMPILE_OPTIONS,
     )
     return out
