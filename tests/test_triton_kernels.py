@@ -12,6 +12,8 @@ import os
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import segcompile as sc
 from segcompile.errors import ConfigError
@@ -148,6 +150,30 @@ def test_decode_split_over_the_keys_matches_the_reference(lq, monkeypatch):
     grads = segment_attention_backward(grad_out, got, *args, list(long_range), D ** -0.5, lse=lse)
     for name, g, w in zip(GRAD_NAMES, grads, want_grads):
         assert relative_error(g, w) <= FP32_RTOL, name
+
+
+@triton.jit
+def _split_counts(Longest, Out, n, fewest, most, keys_a_split, BLOCK_N: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.arange(0, BLOCK)
+    longest = tl.load(Longest + offs, mask=offs < n, other=1)
+    tl.store(Out + offs, triton_decode.device_split_count(longest, BLOCK_N, fewest, most, keys_a_split), mask=offs < n)
+
+
+@pytest.mark.parametrize("block_n,bounds", [(32, (264, 528)), (64, (66, 66)), (16, (1, 3))],
+                         ids=["fp8-history", "16-bit-history", "few"])
+def test_the_static_decoder_counts_splits_as_the_eager_decode_does(block_n, bounds):
+    """The static decoder's kernel counts a token's splits on the device (``device_split_count``),
+    the eager decode on the host (``split_count``): the same counts, or the two would sum in
+    different orders. Over an fp8 history (bounds of 16 and 32 programs a multiprocessor at the 8B
+    shape on 132 of them) the splits hold about ``KEYS_A_SPLIT_FP8`` keys within the bounds."""
+    longest = [1, 31, 32, 33, 100, 2047, 2048, 2049, 28_773, 131_173, 262_245, 1_040_485, 4_000_000]
+    lengths = torch.tensor(longest, dtype=torch.int32, device=DEVICE)
+    out = torch.zeros_like(lengths)
+    _split_counts[(1,)](lengths, out, len(longest), *bounds, triton_decode.KEYS_A_SPLIT_FP8, BLOCK_N=block_n, BLOCK=16)
+    want = [triton_decode.split_count(n, block_n, bounds) for n in longest]
+    assert out.tolist() == want
+    if block_n == 32:  # 4 one-block splits of 100 keys; the fewest at 24K, 128K, 256K; ~2,048 keys at 1M; the most
+        assert [want[4], want[8], want[9], want[10], want[11], want[12]] == [4, 264, 264, 264, 509, 528]
 
 
 @pytest.mark.parametrize("long_range,fp8", [((1,), False), ((), False), ((1,), True)],

@@ -55,10 +55,17 @@ def split_bounds(device: torch.device, programs: int, scaled: bool) -> tuple[int
 
 def split_count(longest: int, block_n: int, bounds: tuple[int, int]) -> int:
     """Splits of ``longest`` keys: about ``KEYS_A_SPLIT_FP8`` keys each within ``bounds``
-    (``split_bounds``), at least one key block each. ``_static_split_kernel`` computes the same
-    on the device."""
+    (``split_bounds``), at least one key block each; ``device_split_count`` in the static
+    decoder's kernel."""
     fewest, most = bounds
     return max(1, min(triton.cdiv(longest, block_n), min(max(triton.cdiv(longest, KEYS_A_SPLIT_FP8), fewest), most)))
+
+
+@triton.jit
+def device_split_count(longest, BLOCK_N: tl.constexpr, fewest, most, keys_a_split):
+    """``split_count`` on the device (``keys_a_split``: ``KEYS_A_SPLIT_FP8``)."""
+    splits = tl.minimum(tl.maximum(tl.cdiv(longest, keys_a_split), fewest), most)
+    return tl.maximum(1, tl.minimum(tl.cdiv(longest, BLOCK_N), splits))
 
 
 def tile_kind(rows: int, head_dim: int, scaled: bool) -> str:
@@ -255,8 +262,7 @@ def _static_split_kernel(
     else:
         longest_prefix = tl.minimum(tl.maximum(start, 0), G)
     longest = longest_prefix + n_tail + offset + Lq
-    splits = tl.minimum(tl.maximum(tl.cdiv(longest, keys_a_split), fewest_splits), most_splits)
-    splits = tl.maximum(1, tl.minimum(tl.cdiv(longest, BLOCK_N), splits))
+    splits = device_split_count(longest, BLOCK_N, fewest_splits, most_splits, keys_a_split)
     split_len = tl.cdiv(tl.cdiv(longest, splits), BLOCK_N) * BLOCK_N
     c0 = split * split_len
     c1 = c0 + split_len
