@@ -305,7 +305,12 @@ def splits_keys(p: Problem) -> bool:
 
 
 def _rows(p: Problem) -> int:
-    return max(16, triton.next_power_of_2(p.group * p.Lq))
+    return _split_rows(p.group, p.Lq)
+
+
+def _split_rows(group: int, lq: int) -> int:
+    """The rows a split program holds: ``group * lq`` to a power of two, at least the 16 a ``tl.dot`` takes."""
+    return max(16, triton.next_power_of_2(group * lq))
 
 
 @functools.cache
@@ -318,12 +323,16 @@ def multiprocessors(device: torch.device) -> int:
 
 
 def split_len(p: Problem) -> tuple[int, int]:
-    """(splits, keys a split) of ``p``'s decode: about ``PROGRAMS_PER_SM`` programs a
-    multiprocessor over the longest key range, in whole key blocks of its "decode" tile."""
-    block_n = _tile(p)["BLOCK_N"]
+    """(splits, keys a split) of ``p``'s decode (``split_plan``) over its longest key range, in
+    whole key blocks of its split kernel's tile (``tile_kind``)."""
     longest = max(p.P, p.G) + p.T + p.Lk
-    splits = split_count(longest, block_n, split_bounds(p.q.device, p.B * p.Hk, p.hist_scaled))
-    keys = triton.cdiv(triton.cdiv(longest, splits), block_n) * block_n
+    return split_plan(longest, _tile(p)["BLOCK_N"], split_bounds(p.q.device, p.B * p.Hk, p.hist_scaled))
+
+
+def split_plan(longest: int, block_n: int, bounds: tuple[int, int]) -> tuple[int, int]:
+    """(splits, keys a split) of ``longest`` keys: ``split_count`` splits, each of whole key
+    blocks, the last one shorter (so possibly fewer splits than counted)."""
+    keys = triton.cdiv(triton.cdiv(longest, split_count(longest, block_n, bounds)), block_n) * block_n
     return triton.cdiv(longest, keys), keys
 
 
@@ -412,7 +421,7 @@ def static_decode_forward(q, local_k, local_v, hist_k, hist_v, position, buffer_
     k_scales, v_scales = map(usable_scales, hist_scales) if scaled else (_no_scales(q.device),) * 2
     dot = compute_dtype(q)
     table = "fp32" if dot == torch.float32 else ("wide" if local_k.element_size() > 2 else "16-bit")
-    rows = max(16, triton.next_power_of_2(group * lq))
+    rows = _split_rows(group, lq)
     block_dk, block_dv = triton_common.block_d(dk), triton_common.block_d(dv)
     tile = triton_common.tile(tile_kind(rows, block_dk, scaled), dk, lq, table)
     longest = max(hist_k.shape[2], sinks) + tail_len + segment_len  # what a replay may see at most
