@@ -125,19 +125,21 @@ def run(args, shape: dict, device: str) -> list[dict]:
     table_tiles = [triton_common.TILES[kind][bucket] for kind in KINDS]
     constants = triton_decode.PROGRAMS_PER_SM, triton_decode.PROGRAMS_PER_SM_FP8_HISTORY
     try:
-        return [row for P in args.history_lens for row in _sweep(args, shape, device, P, bucket, table_tiles)]
+        return [row for P in args.history_lens
+                for row in _sweep(args, shape, device, P, bucket, table_tiles, constants)]
     finally:
         for kind, tile in zip(KINDS, table_tiles):
             triton_common.TILES[kind][bucket] = tile
         triton_decode.PROGRAMS_PER_SM, triton_decode.PROGRAMS_PER_SM_FP8_HISTORY = constants
 
 
-def _sweep(args, shape: dict, device: str, P: int, bucket: int, table_tiles: list) -> list[dict]:
+def _sweep(args, shape: dict, device: str, P: int, bucket: int, table_tiles: list, constants: tuple) -> list[dict]:
+    """The rows of history length ``P``; ``constants``: the decoder's own split counts (what
+    ``run`` found before any row changed them)."""
     q, local_k, local_v, bf16, fp8, position, rows = buffers(P, shape, device)
     common = dict(n_local=shape["HK"] - shape["N_LR"], segment_len=shape["S"], tail_len=shape["T"],
                   sinks=shape["G"], scale=shape["D"] ** -0.5)
-    constants = triton_decode.PROGRAMS_PER_SM, triton_decode.PROGRAMS_PER_SM_FP8_HISTORY
-    longest = P + shape["T"] + min(100, shape["S"] - 1) + 1  # the keys the token sees (``buffers``' position)
+    longest = int(position) + 1  # the keys the token sees: every position up to its own
 
     def step(hist):
         k, v, scales = hist
@@ -166,10 +168,10 @@ def _sweep(args, shape: dict, device: str, P: int, bucket: int, table_tiles: lis
 
 
 def _keys_a_split(longest: int, shape: dict, device: str, tile: tuple, scaled: bool) -> int:
-    """``triton_decode.split_len``'s keys a split for ``longest`` keys, at the constants set now."""
+    """The decoder's keys a split (``triton_decode.split_plan``) for ``longest`` keys, at the
+    constants set now."""
     bounds = triton_decode.split_bounds(torch.device(device), shape["B"] * shape["HK"], scaled)
-    splits = triton_decode.split_count(longest, tile[1], bounds)
-    return triton.cdiv(triton.cdiv(longest, splits), tile[1]) * tile[1]
+    return triton_decode.split_plan(longest, tile[1], bounds)[1]
 
 
 def main(argv=None):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from conftest import load_script
 
 
@@ -27,3 +29,24 @@ def test_tiny_sweep_times_both_histories_and_leaves_the_decode_as_it_was(tmp_pat
     assert (dict(triton_common.TILES["decode"]), dict(triton_common.TILES["decode-fp8"])) == tiles_before
     assert (triton_decode.PROGRAMS_PER_SM, triton_decode.PROGRAMS_PER_SM_FP8_HISTORY) == constants
     assert "programs/SM" in capsys.readouterr().out
+
+
+def test_the_decoders_own_counts_are_the_ones_it_had_at_every_length():
+    """A row of programs a multiprocessor 0 times the decoder's own split counts, also at a history
+    length swept after rows that set other counts."""
+    bench = load_script("bench", "decode_splits")
+    from segcompile.kernels import triton_decode
+
+    args = bench.parse_args(["--tiny"])
+    args.history_lens, args.programs_per_sm = [200, 328], [0, 1]
+    rows = bench.run(args, bench.TINY, "cpu")
+
+    shape = bench.TINY
+    bounds = triton_decode.split_bounds(torch.device("cpu"), shape["B"] * shape["HK"], True)
+    for r in rows:
+        longest = r["history_len"] + shape["T"] + min(100, shape["S"] - 1) + 1  # ``buffers``' position, and itself
+        if r["programs_per_sm"] == "decoder's":
+            assert r["fp8_keys_a_split"] == triton_decode.split_plan(longest, r["fp8_tile"][1], bounds)[1]
+        else:  # one split a KV head
+            assert r["fp8_keys_a_split"] >= longest
+    assert [r["programs_per_sm"] for r in rows] == ["decoder's", 1, "decoder's", 1]
