@@ -18,6 +18,7 @@ warps, pipeline stages, register cap) for both histories; ``--tiny`` runs a smal
     python bench/decode_splits.py                                  # 32K, 128K and 1M tokens
     python bench/decode_splits.py --history-lens 122880 --programs-per-sm 4 8
     python bench/decode_splits.py --history-lens 1040384 --programs-per-sm 8 --decode-tiles 16,64,4,3 16,32,1,3
+    python bench/decode_splits.py --shape smollm2 --history-lens 7680 31744 130560 --programs-per-sm 0
 """
 
 from __future__ import annotations
@@ -40,6 +41,10 @@ from segcompile.kernels.history_format import HistoryGeometry, quantize_history
 from segcompile.quality import report
 
 SHAPE_8B = dict(B=1, H=32, HK=8, N_LR=2, D=128, S=4096, T=4096, G=4)  # S = T = 4096, fraction(0.25), 4 sinks
+# SmolLM2-135M's attention (9 query heads, 3 KV heads of 64) at ``segcompile eval``'s S = 512, one
+# long-range KV head: the 64 column of the decode tiles
+SHAPE_SMOLLM2 = dict(B=1, H=9, HK=3, N_LR=1, D=64, S=512, T=512, G=4)
+SHAPES = {"8b": SHAPE_8B, "smollm2": SHAPE_SMOLLM2}
 TINY = dict(B=1, H=4, HK=2, N_LR=1, D=16, S=64, T=64, G=2)  # --tiny: the CPU smoke test's shape
 
 
@@ -53,6 +58,8 @@ def parse_args(argv=None):
                    help="decode tiles to sweep (default: the table's)")
     p.add_argument("--tiny", action="store_true", help="a small case on the CPU, Triton interpreted (a smoke test): one history length, "
                         "1 and 2 programs a multiprocessor")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="8b",
+                   help="the layer: the 8B shape (head dim 128) or SmolLM2-135M's (head dim 64)")
     p.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
     args = p.parse_args(argv)
     if args.tiny:
@@ -177,7 +184,7 @@ def _keys_a_split(longest: int, shape: dict, device: str, tile: tuple, scaled: b
 def main(argv=None):
     args = parse_args(argv)
     torch.manual_seed(0)
-    shape = TINY if args.tiny else SHAPE_8B
+    shape = TINY if args.tiny else SHAPES[args.shape]
     device = "cpu" if args.tiny else "cuda"
     rows = run(args, shape, device)
     name = "cpu" if args.tiny else torch.cuda.get_device_name()
@@ -198,7 +205,8 @@ def write_rows(script: str, args, argv, device: str, rows: list[dict], **meta) -
     """``args.out/<script>-[tiny-]<device>.json``: the rows, the device, versions and the command
     that reproduces them (``argv``, or the process's own when None), ``meta`` beside them."""
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{script}-{'tiny-' if args.tiny else ''}{device.replace(' ', '_')}.json"
+    variant = "tiny-" if args.tiny else ("" if getattr(args, "shape", "8b") == "8b" else f"{args.shape}-")
+    path = args.out / f"{script}-{variant}{device.replace(' ', '_')}.json"
     meta = dict(device=device, torch=torch.__version__, triton=triton.__version__, **meta,
                 command=report.recorded_command(f"bench/{script}.py", sys.argv[1:] if argv is None else argv,
                                                 {"--out"}))

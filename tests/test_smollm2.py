@@ -15,7 +15,6 @@ import copy
 import sysconfig
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 
