@@ -202,7 +202,8 @@ def main(argv=None):
 
 
 def write_rows(script: str, args, argv, device: str, rows: list[dict], **meta) -> None:
-    """``args.out/<script>-[tiny-]<device>.json``: the rows, the device, versions and the command
+    """``args.out/<script>-[tiny-|<shape>-]<device>.json`` (a ``--shape`` other than the 8B one
+    named): the rows, the device, versions and the command
     that reproduces them (``argv``, or the process's own when None), ``meta`` beside them."""
     args.out.mkdir(parents=True, exist_ok=True)
     variant = "tiny-" if args.tiny else ("" if getattr(args, "shape", "8b") == "8b" else f"{args.shape}-")
