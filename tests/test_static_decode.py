@@ -8,13 +8,15 @@ capture and replay run only on CUDA (the last test).
 
 from __future__ import annotations
 
+import gc
 import logging
+import weakref
 
 import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.overrides import TorchFunctionMode
-from conftest import CPU_TRITON, captured, random_ids
+from conftest import CPU_TRITON, captured, make_model, random_ids
 
 import segcompile as sc
 from segcompile.errors import SegcompileError
@@ -359,6 +361,30 @@ def test_weights_changed_in_place_are_copied_once_for_both_decode_paths():
             seg.decode(state, ids[:, :1])
     assert static.refreshes == len(seg.decode_graph().meta[FUSED]) > 0  # each stacked copy once (q/k/v; gate/up here)
     assert eager.refreshes == 0  # already up to date: the static decoder's refresh was the eager decode's too
+
+
+def test_programs_of_one_model_share_one_stacked_copy():
+    # two transforms of one model (another history dtype, another segment length) read one copy of
+    # the stacked weights (1.5 GB for an 8B model), which goes with the last program that reads it
+    graph = sc.capture(make_model("llama"))  # not the session's model: other tests' programs hold its copies
+    configs = [sc.SegmentConfig(S, long_range=PLANS["fraction(0.5)"]),
+               sc.SegmentConfig(2 * S, long_range=PLANS["fraction(0.5)"], history_dtype=torch.float8_e4m3fn)]
+    programs = [sc.transform(graph, cfg) for cfg in configs]
+    ids = random_ids(1, 2 * S + 3)
+    with torch.no_grad():
+        for seg in programs:
+            seg.decode(seg.prefill(ids), ids[:, :1])
+        programs[1].enable_cuda_graphs()
+        programs[1].decode(programs[1].prefill(ids), ids[:, :1])
+    copies = [[copy for _, copy in program.meta[FUSED]]
+              for program in (programs[0].decode_graph(), programs[1].decode_graph(), programs[1]._static.program)]
+    assert copies[0] and all(len(c) == len(copies[0]) for c in copies)
+    assert all(a is b for c in copies[1:] for a, b in zip(copies[0], c))
+    assert len({id(copy.tensor) for copy in copies[0]}) == len(copies[0])
+    gone = [weakref.ref(copy) for copy in copies[0]]
+    del programs, copies, seg
+    gc.collect()
+    assert all(ref() is None for ref in gone)
 
 
 def test_wide_reductions_give_the_same_bits_in_any_order():

@@ -34,8 +34,9 @@ COMPILE_OPTIONS = {"enable_fp_fusion": True}
 # the forward for at most 16 queries. The interpreter runs any shape: small tiles keep the CPU
 # tests fast and still exercise multi-block loops and partial blocks. "decode-fp8" is the decode
 # over an fp8 history (``triton_decode.tile_kind``): one warp a program, measured fastest on an
-# H100 at 57K-1M positions at head dim 128 (``bench/decode_splits.py``); the 64 column takes the
-# same tile, untimed; the other tables keep their decode tile.
+# H100 at 57K-1M positions at head dim 128, and on an H200 at 128K-512K at head dim 64 (two warps
+# over 64 keys won below 32K there; ``bench/decode_splits.py``); the other tables keep their decode
+# tile.
 TILES = {
     "fwd": {64: (128, 64, 4, 3), 128: (128, 128, 8, 3), 256: (64, 64, 8, 2)},
     "decode": {64: (16, 64, 4, 3), 128: (16, 64, 4, 3), 256: (16, 64, 4, 2)},

@@ -118,7 +118,6 @@ class SegmentedModel(torch.nn.Module):
         # the decode variant, built on the first eager decode; in a dict, not an attribute, so that
         # its stacked weights (1.5 GB for an 8B model) are no buffers of this module
         self._decode_graphs: dict[str, fx.GraphModule] = {}
-        self._fused_weights: dict = {}  # fuse_projections' shared copies: the decode variant's and the static decoder's
         # set by compile(): graph -> (its torch.compile'd callable, the config naming its dynamic lengths)
         self._compiled: dict[fx.GraphModule, tuple[Callable, dict[str, str]]] = {}
         self._compile_options: dict = {}
@@ -234,7 +233,7 @@ class SegmentedModel(torch.nn.Module):
         layers' matrix products; one compile serves every history bucket."""
         self._static = StaticDecoder(self.step_graph, self.cfg, self.capture_info.device, self.program_id,
                                      history_block=history_block, max_context=max_context, capture=capture,
-                                     kernel=kernel, compile=compile, fused_weights=self._fused_weights)
+                                     kernel=kernel, compile=compile)
         return self
 
     def disable_cuda_graphs(self) -> SegmentedModel:
@@ -444,7 +443,7 @@ class SegmentedModel(torch.nn.Module):
         if graph is None:
             graph = fx.GraphModule(self.step_graph, copy.deepcopy(self.step_graph.graph), class_name="SegmentDecodeStep")
             graph.meta.update(self.step_graph.meta)
-            graph = self._decode_graphs["fused"] = fuse_projections(wide_reductions(graph), shared=self._fused_weights)
+            graph = self._decode_graphs["fused"] = fuse_projections(wide_reductions(graph))
         refresh_fused_projections(graph)  # weights changed in place since (a training step)
         return graph
 

@@ -390,7 +390,7 @@ class StaticDecoder:
 
     def __init__(self, step_graph: fx.GraphModule, cfg: SegmentConfig, device: torch.device, program_id: ProgramId, *,
                  history_block: int | None = None, max_context: int | None = None, capture: bool | None = None,
-                 kernel: bool | None = None, compile: bool | dict = False, fused_weights: dict | None = None):
+                 kernel: bool | None = None, compile: bool | dict = False):
         if history_block is not None and (not isinstance(history_block, int) or history_block < 1):
             raise SegcompileError(f"history_block must be a positive int, got {history_block!r}")
         if max_context is not None and (not isinstance(max_context, int) or max_context < 1):
@@ -409,7 +409,7 @@ class StaticDecoder:
         # PyTorch products read every slot of the buffers through masks (the CPU's path)
         self.kernel = device.type == "cuda" if kernel is None else kernel
         # the q/k/v products stacked as the eager decode's (one copy of the stacked weights for both)
-        self.program = static_step(step_graph, cfg, kernel=self.kernel, fused_weights=fused_weights)
+        self.program = static_step(step_graph, cfg, kernel=self.kernel)
         # compiled, the elementwise work between the layers' matrix products fuses into a few kernels
         # (about 1,500 launches a token on the 8B shape, eager); the attention stays one custom op
         options = dict(COMPILE_OPTIONS) if compile is True else compile

@@ -23,13 +23,16 @@ Both decode paths read the fused products (the eager decode's step graph and the
 decoder's program), so that they round alike: cuBLAS sums a ``[6144, 4096]`` product in another
 order than the three it replaces, which moved a few outputs a layer by one bf16 unit and the
 logits of a random 8B-shaped model by 10 units after 32 layers (bench/README.md, generation).
-Given a ``shared`` dict, programs fused from the same weights hold one stacked copy
-(``StackedCopy``), which a change of the weights then refreshes once for all of them.
+Programs fused from the same weights hold one stacked copy (``StackedCopy``, found in
+``SHARED``), which a change of the weights then refreshes once for all of them: the eager decode's
+step graph and the CUDA-graph decoder's program, and those of every program transformed from one
+model (another history dtype or segment length: 1.5 GB once for an 8B model, not once a program).
 """
 
 from __future__ import annotations
 
 import operator
+import weakref
 
 import torch
 from torch import fx
@@ -38,14 +41,17 @@ FUSED = "segcompile.fused_projections"  # per stacked buffer: (its name, its Sta
 MAX_BYTES = 64 << 20  # the q, k and v weights of an 8B model (48 MiB) fuse; its 117 MB MLP products do not
 
 _LINEAR = torch.ops.aten.linear.default
+# stacked copies by their sources' ids, process-wide; held weakly, so a copy goes with the last
+# program that reads it (each program's ``FUSED`` record holds it, and it holds its sources)
+SHARED: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
-def fuse_projections(gm: fx.GraphModule, max_bytes: int = MAX_BYTES, shared: dict | None = None) -> fx.GraphModule:
+def fuse_projections(gm: fx.GraphModule, max_bytes: int = MAX_BYTES) -> fx.GraphModule:
     """``gm`` with every group of small sibling projections read as one product (module docstring); in place.
-    ``shared``: stacked copies by their sources, reused where they match and added to where not."""
+    Stacked copies of the same sources are reused (``SHARED``)."""
     fused = []
     for i, group in enumerate(_sibling_groups(gm, max_bytes)):
-        fused += _fuse(gm, group, f"fused_projection_{i}", {} if shared is None else shared)
+        fused += _fuse(gm, group, f"fused_projection_{i}")
     gm.meta[FUSED] = fused
     if fused:
         gm.graph.lint()
@@ -62,8 +68,8 @@ def refresh_fused_projections(gm: fx.GraphModule) -> None:
 
 class StackedCopy:
     """``sources`` concatenated along dim 0 (``tensor``) and the sources' versions when copied.
-    Programs fused from the same weights with the same ``shared`` dict hold the same one, so a
-    change of the weights is copied once for all of them."""
+    Programs fused from the same weights hold the same one (``SHARED``), so a change of the
+    weights is copied once for all of them."""
 
     def __init__(self, sources: list[torch.Tensor]):
         self.sources = sources
@@ -106,13 +112,12 @@ def _sibling_groups(gm: fx.GraphModule, max_bytes: int) -> list[list[fx.Node]]:
     return groups
 
 
-def _fuse(gm: fx.GraphModule, group: list[fx.Node], name: str,
-          shared: dict) -> list[tuple[str, StackedCopy]]:
+def _fuse(gm: fx.GraphModule, group: list[fx.Node], name: str) -> list[tuple[str, StackedCopy]]:
     """One product for ``group``; its ``FUSED`` records: the stacked weight's, and the bias's if any."""
     weights = [_attr(gm, n.args[1]) for n in group]
     biases = [_attr(gm, n.args[2]) for n in group] if len(group[0].args) > 2 and group[0].args[2] is not None else []
     stacked = [(name, weights)] + ([(name + "_bias", biases)] if biases else [])
-    copies = [_stacked(sources, shared) for _, sources in stacked]
+    copies = [_stacked(sources) for _, sources in stacked]
     for (buffer, _), copy in zip(stacked, copies):
         gm.register_buffer(buffer, copy.tensor, persistent=False)
     graph, first = gm.graph, group[0]
@@ -128,13 +133,13 @@ def _fuse(gm: fx.GraphModule, group: list[fx.Node], name: str,
     return [(buffer, copy) for (buffer, _), copy in zip(stacked, copies)]
 
 
-def _stacked(sources: list[torch.Tensor], shared: dict) -> StackedCopy:
-    """``sources`` stacked, up to date: ``shared``'s copy where it holds them (copied again if a
-    source changed since), else a new one, which ``shared`` then keeps."""
-    key = tuple(id(t) for t in sources)  # the sources stay alive: each program's FUSED record holds them
-    copy = shared.get(key)
+def _stacked(sources: list[torch.Tensor]) -> StackedCopy:
+    """``sources`` stacked, up to date: ``SHARED``'s copy where it holds them (copied again if a
+    source changed since), else a new one, which ``SHARED`` then keeps."""
+    key = tuple(id(t) for t in sources)  # ids stay unique while the copy lives: it holds the sources
+    copy = SHARED.get(key)
     if copy is None or not copy.holds(sources):
-        copy = shared[key] = StackedCopy(sources)
+        copy = SHARED[key] = StackedCopy(sources)
     else:
         copy.refresh()
     return copy

@@ -48,16 +48,15 @@ from .wide_reductions import wide_reductions
 _NEG = float("-inf")
 
 
-def static_step(step_graph: fx.GraphModule, cfg: SegmentConfig, kernel: bool = False,
-                fused_weights: dict | None = None) -> fx.GraphModule:
+def static_step(step_graph: fx.GraphModule, cfg: SegmentConfig, kernel: bool = False) -> fx.GraphModule:
     """A copy of ``step_graph`` over fixed-size buffers in the heads-first layout (module
     docstring) that writes them in place; its outputs are the model's output leaves. ``kernel``:
     attention by the Triton kernel that reads the position from the device
     (``static_attention_triton``; CUDA, or the CPU under ``TRITON_INTERPRET=1``), else by PyTorch
-    products over masks (``static_attention``). ``fused_weights``: ``fuse_projections``' ``shared``."""
+    products over masks (``static_attention``)."""
     lowering = _KernelLowering() if kernel else _InPlaceLowering()
     gm = fixed_size_step(step_graph, cfg, lowering, logits="all", class_name="StaticDecodeStep")
-    return fuse_projections(wide_reductions(gm), shared=fused_weights)
+    return fuse_projections(wide_reductions(gm))
 
 
 def head_order(site: ir.AttentionSite) -> tuple[int, ...]:
