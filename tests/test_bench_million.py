@@ -153,6 +153,7 @@ def test_fp8_at_call_turns_the_widening_beside_off_for_its_prefill_only(million,
     seen = []
     widens_next = dispatch.widens_next
     monkeypatch.setattr(dispatch, "widens_next", lambda k, v: seen.append(dispatch.WIDEN_NEXT_HISTORY) or widens_next(k, v))
+    monkeypatch.setattr(dispatch, "BESIDE_ROWS", 1)  # segments of 4 queries: beside, on the fewest programs
     model = tiny_llama(num_layers=2).eval()
     cfg = sc.SegmentConfig(4, long_range=sc.HeadPlan.fraction(0.5), history_dtype=torch.float8_e4m3fn)
     seg = sc.transform(model, cfg, implementation="triton")
