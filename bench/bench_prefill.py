@@ -22,12 +22,6 @@ do (no tail; a tail without history; a tail and history; a short last segment).
     python bench/bench_prefill.py --seq-lens 32768 65536 131072
     python bench/bench_prefill.py --regimes segcompile --history-dtype fp8
     python bench/bench_prefill.py --regimes segcompile --seq-lens 131072 --history-dtype model fp8 --repeats 3
-    python bench/bench_prefill.py --regimes segcompile --seq-lens 131072 --history-dtype model fp8 fp8-at-call --repeats 4
-
-``fp8-at-call``: the fp8 history with each attention call widening its own history before its
-forward (``kernels/dispatch.WIDEN_NEXT_HISTORY`` off), where ``fp8`` widens each layer's history
-beside the previous layer's forward (``segcompile/runtime/variants/widen_next_history.py``):
-side by side, what that buys.
 
 The result file is merged, not replaced: a row is keyed by (N, regime, history dtype), and a run
 replaces only the rows it measured, so fp8 and model-dtype rows stand side by side.
@@ -37,14 +31,12 @@ replaces only the rows it measured, so fp8 and model-dtype rows stand side by si
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import inspect
 import json
 import sys
 import time
 from pathlib import Path
-from unittest import mock
 
 import torch
 import transformers
@@ -59,9 +51,6 @@ import memory_trace  # noqa: E402
 GiB = 1 << 30
 # --history-dtype words (the CLI's) and the SegmentConfig.history_dtype each means
 HISTORY_DTYPES = {word: history_dtype_of(word) for word in HISTORY_DTYPE_WORDS}
-# and the prefill benchmarks' own word: the fp8 history widened at each call (``prefill_of``)
-AT_CALL = "fp8-at-call"
-PREFILL_HISTORIES = {**HISTORY_DTYPES, AT_CALL: HISTORY_DTYPES["fp8"]}
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -77,10 +66,9 @@ def parse_args(argv=None):
     add_model_args(p)
     p.add_argument("--chunk", type=int, default=4096)
     p.add_argument("--regimes", nargs="+", default=["segcompile", "sdpa", "chunked"])
-    p.add_argument("--history-dtype", choices=list(PREFILL_HISTORIES), nargs="+", default=["model"],
-                   help="how segcompile stores the long-range history: the model's dtype (bf16) or fp8 (fp8-at-call: "
-                        "widened by each attention call, not beside the previous layer's forward); several: each is a "
-                        "segcompile row of its own, measured in the same process")
+    p.add_argument("--history-dtype", choices=list(HISTORY_DTYPES), nargs="+", default=["model"],
+                   help="how segcompile stores the long-range history: the model's dtype (bf16) or fp8; several: "
+                        "each is a segcompile row of its own, measured in the same process")
     p.add_argument("--repeats", type=int, default=1,
                    help="time each prefill this many times (after the warm-up), the regimes taking turns; the row "
                         "keeps the fastest")
@@ -115,27 +103,6 @@ def cache_args(model, cache, cache_position=None) -> dict:
     if cache_position is not None and "cache_position" in params:
         kwargs["cache_position"] = cache_position
     return kwargs
-
-
-def prefill_of(seg: sc.SegmentedModel, word: str):
-    """``seg.prefill``; for ``AT_CALL``, run with each attention call widening its own fp8 history
-    (``dispatch.WIDEN_NEXT_HISTORY`` off)."""
-    if word != AT_CALL:
-        return seg.prefill
-
-    def prefill(ids):
-        with widening_at_each_call():
-            return seg.prefill(ids)
-
-    return prefill
-
-
-@contextlib.contextmanager
-def widening_at_each_call():
-    from segcompile.kernels import dispatch  # needs triton: imported on first use, as segcompile.ops does
-
-    with mock.patch.object(dispatch, "WIDEN_NEXT_HISTORY", False):
-        yield
 
 
 def sdpa_prefill(model, ids):
@@ -210,13 +177,13 @@ def main(argv=None):
     segs, transform_s = {}, {}
     for word in args.history_dtype:
         cfg = sc.SegmentConfig(args.segment_len, long_range=sc.HeadPlan.fraction(args.long_range), tbptt_k=0,
-                               history_dtype=PREFILL_HISTORIES[word])
+                               history_dtype=HISTORY_DTYPES[word])
         start = time.perf_counter()
         segs[word] = sc.transform(model, cfg)
         transform_s[word] = time.perf_counter() - start
         print(segs[word], f"\ntransform: {transform_s[word]:.1f} s", flush=True)
     # (regime, history dtype) -> a prefill; each history dtype of segcompile is a regime of its own
-    runs = {("segcompile", word): prefill_of(seg, word) for word, seg in segs.items()}
+    runs = {("segcompile", word): seg.prefill for word, seg in segs.items()}
     runs.update({
         ("sdpa", "model"): lambda ids: sdpa_prefill(model, ids),
         ("chunked", "model"): lambda ids: chunked_prefill(model, ids, args.chunk),

@@ -14,9 +14,7 @@ forward) and ``triton`` (``kernels/dispatch.py``, which picks among the Triton a
 CUDA, or the CPU under ``TRITON_INTERPRET=1``; a dedicated backward kernel that takes the
 forward's output and log-sum-exp).
 
-``segcompile::release_storage`` (at the end) frees the old tails of a prefill step once they are read;
-``segment_attention_widening_next`` is ``segment_attention`` that also widens the next layer's fp8
-history (prefill's steps, ``runtime/variants/widen_next_history.py``).
+``segcompile::release_storage`` (at the end) frees the old tails of a prefill step once they are read.
 """
 
 from __future__ import annotations
@@ -237,20 +235,3 @@ def _release_storage(t: torch.Tensor) -> None:
 
 
 release_storage = torch.ops.segcompile.release_storage.default
-
-
-def segment_attention_widening_next(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, next_hist_k,
-                                    next_hist_v, next_sink_k, next_sink_v, long_range, scale, impl):
-    """``(segment_attention(...), next_k, next_v)``: this layer's attention and the next layer's
-    history for the next attention to read: with ``impl="triton"``, widened to the dtype the next
-    call would widen it to, beside the Gluon forward of this call where that runs
-    (``dispatch.segment_attention_forward_widening``); otherwise as it is. A plain function, not
-    an op: only eager prefill steps without autograd call it
-    (``runtime/variants/widen_next_history.py``)."""
-    tensors = _autocast_inputs(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v)
-    if impl == "triton":
-        next_sinks = _autocast_inputs(next_sink_k, next_sink_v)
-        from .kernels.dispatch import segment_attention_forward_widening  # imported on first use, as _triton_forward
-
-        return segment_attention_forward_widening(*tensors, next_hist_k, next_hist_v, next_sinks, long_range, scale)
-    return segment_attention(*tensors, long_range, scale, impl), next_hist_k, next_hist_v

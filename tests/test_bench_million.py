@@ -140,28 +140,3 @@ def test_interleaved_rounds_alternate_the_order_of_the_runs(million):
     timings = million.bench_prefill.interleaved(runs, None, repeats=4)
     assert calls == ["a", "b", "c", "c", "b", "a", "a", "b", "c", "c", "b", "a"]
     assert all(len(t["seconds_each"]) == 4 for t in timings.values())
-
-
-def test_fp8_at_call_turns_the_widening_beside_off_for_its_prefill_only(million, monkeypatch):
-    """bench_prefill's ``fp8-at-call`` row: the same prefill, with ``dispatch.WIDEN_NEXT_HISTORY``
-    off while it runs (on the CPU nothing widens beside a forward: the question is what the
-    dispatch sees)."""
-    from segcompile.kernels import dispatch
-    from segcompile.testing.models import tiny_llama
-
-    prefill = million.bench_prefill
-    seen = []
-    widens_next = dispatch.widens_next
-    monkeypatch.setattr(dispatch, "widens_next", lambda k, v: seen.append(dispatch.WIDEN_NEXT_HISTORY) or widens_next(k, v))
-    monkeypatch.setattr(dispatch, "BESIDE_ROWS", 1)  # segments of 4 queries: beside, on the fewest programs
-    model = tiny_llama(num_layers=2).eval()
-    cfg = sc.SegmentConfig(4, long_range=sc.HeadPlan.fraction(0.5), history_dtype=torch.float8_e4m3fn)
-    seg = sc.transform(model, cfg, implementation="triton")
-    ids = torch.randint(0, model.config.vocab_size, (1, 4 * 4), generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        beside = prefill.prefill_of(seg, "fp8")(ids)
-        at_call = prefill.prefill_of(seg, prefill.AT_CALL)(ids)
-    # layer 0 of each whole segment whose tails are not empty asks, three times a prefill
-    assert seen == [True] * 3 + [False] * 3
-    assert dispatch.WIDEN_NEXT_HISTORY is True  # and it is on again
-    assert torch.equal(at_call.logits, beside.logits)

@@ -225,20 +225,6 @@ def test_dequantize_kernel_equals_the_reference(dtype, segment_len, tail_len, le
             assert ((got.float() - want.float()).abs() <= want.float().abs() * 2 ** -7).all()
 
 
-@pytest.mark.parametrize("programs, block_p, stages", [(1, 16, 1), (3, 16, 3), (5, 64, 2)])
-def test_dequantize_kernel_looping_over_blocks_equals_the_reference(programs, block_p, stages):
-    """The copy beside a forward (``widening_beside``) is the same kernel with fewer programs than
-    blocks, each looping over every ``programs``-th one: all of K and V are still written, once."""
-    g = HistoryGeometry(segment_len=8, tail_len=3, block=4)
-    x = torch.randn(2, 3, 45, 16, generator=torch.Generator().manual_seed(programs)).to(DEVICE) * 5
-    hists = [QuantizedHistory.of(*quantize_history(y, 0, g, FP8), g) for y in (x, x.flip(2) * 3)]
-    outs = [torch.full((2, 3, 45, 16), float("nan"), device=DEVICE) for _ in hists]
-    triton_history._dequantize(hists, torch.float32, outs, programs=programs, block_p=block_p, num_warps=4,
-                               stages=stages)
-    for got, hist in zip(outs, hists):
-        assert torch.equal(got, hist.dequantized(torch.float32))
-
-
 def test_dequantize_pair_refuses_histories_that_differ():
     g = HistoryGeometry(segment_len=8, tail_len=8, block=4)
     k, v = [QuantizedHistory.of(*quantize_history(torch.randn(1, 2, n, 16).to(DEVICE), 0, g, FP8), g) for n in (8, 12)]
@@ -269,105 +255,6 @@ def test_bf16_forward_on_cuda_reads_the_quantised_history_as_the_reference(lq, P
     got = segment_attention_forward(*args, hist_k, hist_v, [1, 3], D ** -0.5)
     want = segment_attention_reference(*[a.float() for a in args], hist_k, hist_v, [1, 3], D ** -0.5)
     assert max_abs(got, want) <= tolerance(torch.bfloat16).logits, max_abs(got, want)
-
-
-HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
-
-
-@pytest.mark.skipif(not HOPPER, reason="the Gluon forward runs on a Hopper GPU")
-@pytest.mark.parametrize("B, heads, D, P, segment_len, tail_len", [
-    (1, 2, 128, 12293, 4096, 4096),  # the 8B shape's head dim; a short last block
-    (2, 3, 64, 1000, 512, 128),  # batch 2; blocks cut per piece (S - T, then T)
-    (1, 1, 128, 5, 8, 8),  # fewer positions than a program's block
-])
-def test_widening_beside_a_forward_gives_the_copy_and_leaves_the_forward_alone(B, heads, D, P, segment_len, tail_len):
-    gluon_attention = pytest.importorskip("segcompile.kernels.gluon_attention")
-    from segcompile.kernels.problem import prepare
-
-    gen = torch.Generator(device="cuda").manual_seed(P)
-    r = lambda *shape: torch.randn(*shape, generator=gen, device="cuda", dtype=torch.bfloat16)  # noqa: E731
-    Hk, group, lq = 4, 4, 512
-    g = HistoryGeometry(segment_len=segment_len, tail_len=tail_len, block=64)
-    args = (r(B, Hk * group, lq, D), r(B, Hk, lq, D), r(B, Hk, lq, D), r(B, Hk, 512, D), r(B, Hk, 512, D),
-            r(B, Hk, 4, D), r(B, Hk, 4, D), r(B, 2, 700, D), r(B, 2, 700, D))
-    nxt = [QuantizedHistory.of(*quantize_history(r(B, heads, P, D) * s, 0, g, FP8), g) for s in (3, 1)]
-    p = prepare(*args, [0, 2])
-    want = gluon_attention.forward(p, D ** -0.5, True)[0]
-    for _ in range(3):  # no race: the same bits every time
-        with triton_history.widening_beside(*nxt, torch.bfloat16) as wide:
-            got = gluon_attention.forward(p, D ** -0.5, True)[0]
-        assert torch.equal(got, want)
-        assert all(torch.equal(w, h.dequantized(torch.bfloat16)) for w, h in zip(wide, nxt))
-
-
-@pytest.mark.skipif(not HOPPER, reason="the Gluon forward runs on a Hopper GPU")
-def test_prefill_whose_attention_widens_the_next_history_gives_the_same_state_to_the_bit(monkeypatch):
-    import transformers
-
-    from segcompile.kernels import dispatch
-
-    config_ = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=3,
-                                       num_attention_heads=4, num_key_value_heads=2, head_dim=64,
-                                       max_position_embeddings=1024, attn_implementation="sdpa")
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config_).to("cuda", torch.bfloat16).eval()
-    seg = sc.transform(model, config(segment_len=128, tail_len=128, sink_tokens=0))
-    widened = []
-
-    def spy(hist_k, hist_v):  # the real function, counted
-        widened.append(widens_next(hist_k, hist_v))
-        return widened[-1]
-
-    widens_next = dispatch.widens_next
-    monkeypatch.setattr(dispatch, "widens_next", spy)
-    monkeypatch.setattr(dispatch, "BESIDE_ROWS", 1)  # segments of 128 queries: beside, on the fewest programs
-    ids = torch.randint(0, 512, (1, 6 * 128), device="cuda")  # the last step (the logits') widens too
-    with torch.no_grad():
-        got = seg.prefill(ids)
-        want = seg.prefill(ids, free_tails=False)  # steps without the variant: each call widens its own history
-    # layers 0 and 1 widen the next one's, in each segment after the first (whose tails are empty)
-    assert widened == [True] * (2 * 5)
-    assert torch.equal(got.logits, want.logits)
-    for a, b in zip(got.layers, want.layers):  # layer 2's K/V (its history) read layer 1's attention
-        assert torch.equal(a.hist_k.values(), b.hist_k.values()) and torch.equal(a.hist_k.scales, b.hist_k.scales)
-        assert torch.equal(a.tail_v, b.tail_v)
-
-
-@pytest.mark.parametrize("heads, kv_heads, lq, programs", [
-    (32, 8, 4096, 4),  # the 8B shape's segment: the programs the copy was measured with
-    (32, 8, 2048, 8),  # half the rows a KV head: twice the programs, to end as early in a forward half as long
-    (8, 8, 4096, 16),  # no GQA
-    (32, 8, 512, 32),
-    (32, 8, 400, None),  # a short last segment: the next call copies its own history
-])
-def test_the_copy_beside_a_forward_takes_more_programs_for_a_shorter_forward(heads, kv_heads, lq, programs):
-    from segcompile.kernels import dispatch
-    from segcompile.kernels.problem import prepare
-
-    q, kv = torch.zeros(1, heads, lq, 8), torch.zeros(1, kv_heads, lq, 8)
-    empty = torch.zeros(1, kv_heads, 0, 8)
-    p = prepare(q, kv, kv, empty, empty, empty, empty, torch.zeros(1, 1, 0, 8), torch.zeros(1, 1, 0, 8), [0])
-    assert dispatch.beside_programs(p) == programs
-
-
-@pytest.mark.parametrize("impl", ["reference", pytest.param("triton", marks=CPU_TRITON)])
-def test_prefill_through_the_widening_variant_gives_the_state_of_plain_steps(impl):
-    # Off a Hopper GPU no forward widens: each layer's attention passes the next layer's history on
-    # as stored. The variant's graph must still carry every history to its own layer: three layers
-    # (layer 2's K/V read layer 1's attention) and a prompt of whole segments (the logits are the
-    # last step's, which runs the variant).
-    from segcompile.ops import segment_attention_widening_next
-
-    seg = sc.transform(captured("llama", layers=3)[1], config(), implementation=impl)
-    ids = random_ids(2, 5 * S)
-    with torch.no_grad():
-        got = seg.prefill(ids)
-        want = seg.prefill(ids, free_tails=False)  # steps without the variant
-    targets = [n.target for n in seg._releasing_graph().graph.nodes]
-    assert targets.count(segment_attention_widening_next) == (2 if impl == "triton" else 0)
-    assert torch.equal(got.logits, want.logits)
-    for a, b in zip(got.layers, want.layers):
-        assert torch.equal(a.hist_v.values(), b.hist_v.values()) and torch.equal(a.tail_k, b.tail_k)
 
 
 def test_triton_backward_with_a_quantised_history_equals_the_reference():

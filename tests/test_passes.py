@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import operator
 import shutil
 
 import pytest
@@ -15,9 +14,7 @@ import segcompile as sc
 from segcompile.frontend import copy_captured
 from segcompile.frontend.plain_regions import autocast_region
 from segcompile.passes import find_attention
-from segcompile.ops import segment_attention_widening_next
 from segcompile.runtime.variants.release_tails import release_tails
-from segcompile.runtime.variants.widen_next_history import widen_next_history
 from segcompile.testing.tolerances import tolerance
 from transformers.utils.generic import maybe_autocast
 
@@ -170,45 +167,6 @@ def test_release_tails_leaves_a_tail_that_another_node_reads(llama):
     output.args = ((*output.args[0], view),)
     gm.recompile()
     assert release_tails(gm).meta["segcompile.released"] == [(0, "tail_k"), (0, "tail_v"), (1, "tail_v")]
-
-
-def test_widen_next_history_has_each_layers_attention_widen_the_next_layers_history():
-    cfg = sc.SegmentConfig(8, tail_len=3, long_range=sc.HeadPlan.fraction(0.5), history_dtype=torch.float8_e4m3fn)
-    gm = sc.transform(captured("llama", layers=3)[1], cfg, implementation="triton").prefill_graph()
-    releasing = release_tails(gm)
-    out = widen_next_history(releasing)
-    assert segment_attention_widening_next not in call_targets(releasing)  # the graph it was given is left as it was
-    widening = out.graph.find_nodes(op="call_function", target=segment_attention_widening_next)
-    readers = [*widening, *out.graph.find_nodes(op="call_function", target=SEGMENT_ATTENTION)]
-    assert len(widening) == 2 and len(readers) == 3  # the last layer's attention has no next history
-    originals = releasing.graph.find_nodes(op="call_function", target=SEGMENT_ATTENTION)
-    for layer, node in enumerate(readers):
-        hist_k, hist_v = node.args[7:9]
-        if layer == 0:  # the first layer reads its history as stored, and widens it at the call
-            assert [hist_k.name, hist_v.name] == ["layer0_hist_k", "layer0_hist_v"]
-        else:  # the others read the copy the previous layer's attention made
-            assert [(n.target, n.args) for n in (hist_k, hist_v)] == [
-                (operator.getitem, (readers[layer - 1], 1)), (operator.getitem, (readers[layer - 1], 2))]
-        assert [a.name if isinstance(a, fx.Node) else a for a in node.args[:7]] == [
-            a.name if isinstance(a, fx.Node) else a for a in originals[layer].args[:7]]
-        if node in widening:
-            assert [a.name for a in node.args[9:13]] == [f"layer{layer + 1}_{name}"
-                                                         for name in ("hist_k", "hist_v", "sink_k", "sink_v")]
-            assert node.args[13:] == originals[layer].args[9:] and node.kwargs == originals[layer].kwargs
-            (attended,) = [u for u in node.users if u.args[1] == 0]  # what read the attention reads its output
-            assert sorted(u.name for u in attended.users) == sorted(u.name for u in originals[layer].users)
-    # otherwise the same program in the same order, the tails still freed after their readers
-    added = {*widening, *(u for w in widening for u in w.users)}
-    assert [n.target for n in out.graph.nodes if n not in added] == [
-        n.target for n in releasing.graph.nodes if n not in originals[:2]]
-    assert call_targets(out).count(RELEASE_STORAGE) == 6
-
-
-def test_widen_next_history_leaves_nodes_that_do_not_run_the_triton_kernels():
-    cfg = sc.SegmentConfig(8, long_range=sc.HeadPlan.fraction(0.5), history_dtype=torch.float8_e4m3fn)
-    gm = sc.transform(captured("llama", layers=3)[1], cfg, implementation="reference").prefill_graph()
-    assert call_targets(widen_next_history(gm)) == call_targets(gm)
-
 
 def test_segment_attention_op_passes_opcheck():
     g = torch.Generator().manual_seed(0)

@@ -39,78 +39,17 @@ def segment_attention_forward(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, h
     """Triton forward; same arguments and result as ``segment_attention_reference``. With
     ``return_lse``: ``(out, lse)``, the log-sum-exp of every query row (base 2, of the scaled
     scores; ``[B * H * Lq]`` fp32), which the backward then need not recompute."""
-    p = _forward_problem(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
-    out, lse = _run_forward(p, scale, return_lse)
-    return (out, lse) if return_lse else out
-
-
-def _forward_problem(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range) -> Problem:
     p = prepare(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
     if p.hist_scaled and not triton_decode.splits_keys(p):
         p = _dequantized_for_gluon(p, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
-    return p
-
-
-def _run_forward(p: Problem, scale: float, return_lse: bool):
     kernel = forward_kernel(p)
     if kernel == "gluon-ws":
-        return gluon().forward(p, scale, return_lse)
-    if kernel == "split-keys":
-        return triton_decode.split_keys_forward(p, scale, return_lse)
-    return triton_attention.one_pass_forward(p, scale, return_lse)
-
-
-def segment_attention_forward_widening(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, next_hist_k,
-                                       next_hist_v, next_dtype_of, long_range, scale):
-    """``(out, next_k, next_v)``: ``segment_attention_forward`` of this layer, and the next
-    layer's history: widened to the dtype of ``next_dtype_of`` (the next layer's sinks, what its
-    own call would widen it to: ``_dequantized_for_gluon``) beside this call's Gluon forward where
-    that runs (``triton_history.widening_beside``: a few multiprocessors copy while the others
-    attend), else as it is, for the next call to read as it would have. So the next layer's
-    attention reads the same values either way, and where it is widened here no copy runs
-    between the layers. The kernels run as the op's forward runs them (keeping the log-sum-exp,
-    which is dropped), so that a step gives the same bits as without the variant."""
-    p = _forward_problem(q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range)
-    dtype = next_dtype_of[0].dtype
-    programs = beside_programs(p)
-    if (programs and widens_next(next_hist_k, next_hist_v) and forward_kernel(p) == "gluon-ws"
-            and all(t.dtype == dtype for t in (q, *next_dtype_of))):
-        _log_kernel("gluon-ws", history=f"the next layer's fp8 history widened beside it on {programs} programs")
-        with triton_history.widening_beside(next_hist_k, next_hist_v, dtype, programs) as wide:
-            out, _ = gluon().forward(p, scale, True)
-        return out, *wide
-    return _run_forward(p, scale, True)[0], next_hist_k, next_hist_v
-
-
-# The copy beside a forward runs on a few multiprocessors for longer than the forward's own copy
-# would on all of them, and must end before the forward does. Its programs for a forward of the
-# 8B shape's segment (GQA 4 x 4096 queries a KV head: 16,384 rows, 3.5 ms at 123K positions,
-# where 4 programs copy the next layer's history in 0.9 ms on an H100) are
-# ``triton_history.BESIDE_TILE["programs"]``; a forward of fewer query rows a KV head (a short
-# last segment, fewer query heads a KV head) takes proportionally less time for the same
-# history, so the copy takes proportionally more programs, up to ``BESIDE_MOST_PROGRAMS``; beyond,
-# the next layer's call copies at the call.
-BESIDE_ROWS = 16384
-BESIDE_MOST_PROGRAMS = 32
-
-
-def beside_programs(p: Problem) -> int | None:
-    """Programs for the copy of the next layer's history beside the forward of ``p`` (see
-    ``BESIDE_ROWS``), or ``None`` where the forward is too short to hide it."""
-    programs = triton_history.BESIDE_TILE["programs"] * -(-BESIDE_ROWS // max(p.group * p.Lq, 1))
-    return programs if programs <= BESIDE_MOST_PROGRAMS else None
-
-
-# Whether prefill widens each layer's fp8 history beside the previous layer's forward
-# (``segment_attention_forward_widening``) rather than at its own call.
-WIDEN_NEXT_HISTORY = True
-
-
-def widens_next(hist_k: torch.Tensor, hist_v: torch.Tensor) -> bool:
-    """Whether ``segment_attention_forward_widening`` widens this history pair beside a forward
-    (``WIDEN_NEXT_HISTORY``, ``triton_history.widens_beside``)."""
-    return (WIDEN_NEXT_HISTORY and not INTERPRET and gluon() is not None
-            and triton_history.widens_beside(hist_k, hist_v))
+        out, lse = gluon().forward(p, scale, return_lse)
+    elif kernel == "split-keys":
+        out, lse = triton_decode.split_keys_forward(p, scale, return_lse)
+    else:
+        out, lse = triton_attention.one_pass_forward(p, scale, return_lse)
+    return (out, lse) if return_lse else out
 
 
 def _dequantized_for_gluon(p: Problem, q, k, v, tail_k, tail_v, sink_k, sink_v, hist_k, hist_v, long_range) -> Problem:

@@ -14,9 +14,6 @@ launch for a layer's K and V (``quantize_pair``), a program per scale block of e
 
 from __future__ import annotations
 
-import contextlib
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -27,62 +24,46 @@ from .triton_common import COMPILE_OPTIONS, scale_block_index
 
 # the widening copy's launch: positions a program, warps (bench/history_copy.py sweeps both)
 COPY_TILE = dict(block_p=64, num_warps=4)
-# the copy beside a forward (``widening_beside``): its programs (a multiprocessor each, taken from the
-# forward for the copy's time), positions a program, warps, and the loads its loop keeps in flight
-BESIDE_TILE = dict(programs=4, block_p=128, num_warps=16, stages=3)
 
 
 @triton.jit
-def _widened_block(V, SC, b, h, pos, inside, S, T, stride_vb, stride_vh, stride_vp, stride_sb, stride_sh,
-                   D: tl.constexpr, BLOCK_D: tl.constexpr, SCALE_BLOCK: tl.constexpr):
-    """Positions ``pos`` of head ``h``, batch row ``b``: stored value times its block's scale (fp32)."""
+def _widen_block(V, SC, OUT, b, h, pos, inside, S, T, stride_vb, stride_vh, stride_vp, stride_sb, stride_sh,
+                 stride_ob, stride_oh, stride_op, D: tl.constexpr, BLOCK_D: tl.constexpr,
+                 SCALE_BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr):
+    """Positions ``pos`` of head ``h``, batch row ``b``: stored value times its block's scale."""
     d = tl.arange(0, BLOCK_D)
     mask = inside[:, None] & (d < D)[None, :]
     values = tl.load(V + b * stride_vb + h * stride_vh + pos[:, None] * stride_vp + d[None, :], mask=mask, other=0.0)
     block = scale_block_index(pos, S, T, SCALE_BLOCK)
     scales = tl.load(SC + b * stride_sb + h * stride_sh + block, mask=inside, other=1.0)
-    return values.to(tl.float32) * scales[:, None]
-
-
-@triton.jit
-def _store_block(OUT, x, b, h, pos, inside, stride_ob, stride_oh, stride_op, D: tl.constexpr,
-                 BLOCK_D: tl.constexpr, OUT_DTYPE: tl.constexpr):
-    d = tl.arange(0, BLOCK_D)
-    mask = inside[:, None] & (d < D)[None, :]
-    tl.store(OUT + b * stride_ob + h * stride_oh + pos[:, None] * stride_op + d[None, :], x.to(OUT_DTYPE), mask=mask)
+    out = (values.to(tl.float32) * scales[:, None]).to(OUT_DTYPE)
+    tl.store(OUT + b * stride_ob + h * stride_oh + pos[:, None] * stride_op + d[None, :], out, mask=mask)
 
 
 @triton.jit
 def _dequantize_kernel(
-    K, KS, KO, V, VS, VO, P, H, S, T, UNITS,
+    K, KS, KO, V, VS, VO, P, H, S, T,
     stride_kb, stride_kh, stride_kp, stride_ksb, stride_ksh, stride_kob, stride_koh, stride_kop,
     stride_vb, stride_vh, stride_vp, stride_vsb, stride_vsh, stride_vob, stride_voh, stride_vop,
     D_K: tl.constexpr, D_V: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_P: tl.constexpr, SCALE_BLOCK: tl.constexpr, OUT_DTYPE: tl.constexpr, PAIR: tl.constexpr,
-    STAGES: tl.constexpr,
 ):
-    """Widens ``UNITS`` blocks of ``BLOCK_P`` positions of a head and batch row, K's and, with
-    ``PAIR``, V's (both loaded before either is stored: twice the bytes in flight), each program
-    every ``num_programs``-th block: one block a program for the copy at a call, a loop over many
-    for the copy beside a forward (``STAGES``: the loop's loads in flight). The blocks go in
-    reverse of the order in which the Gluon forward reads (batch row, head, then positions from the
-    first), so that the blocks it reads first are the last written; end to end this measured the
-    same as the forward order (bench/README.md, prefill). One launch for K and V copies 6-8% faster
-    than two, at PyTorch's bf16 ``copy_`` rate (``bench/history_copy.py``)."""
+    """One program per (block of ``BLOCK_P`` positions, head, batch row), widening K's block and,
+    with ``PAIR``, V's. The programs run in reverse of the order in which the Gluon forward reads
+    (batch row, head, then positions from the first), so that the blocks it reads first are the
+    last written; end to end this measured the same as the forward order (bench/README.md,
+    prefill). One launch for K and V copies 6-8% faster than two, at PyTorch's bf16 ``copy_``
+    rate (``bench/history_copy.py``)."""
     blocks = tl.cdiv(P, BLOCK_P)
-    for i in tl.range(tl.program_id(0), UNITS, tl.num_programs(0), num_stages=STAGES):
-        r = UNITS - 1 - i
-        pid_p, h, b = r % blocks, (r // blocks) % H, r // (blocks * H)
-        pos = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
-        inside = pos < P
-        k = _widened_block(K, KS, b, h, pos, inside, S, T, stride_kb, stride_kh, stride_kp, stride_ksb, stride_ksh,
-                           D_K, BLOCK_DK, SCALE_BLOCK)
-        if PAIR:
-            v = _widened_block(V, VS, b, h, pos, inside, S, T, stride_vb, stride_vh, stride_vp, stride_vsb,
-                               stride_vsh, D_V, BLOCK_DV, SCALE_BLOCK)
-        _store_block(KO, k, b, h, pos, inside, stride_kob, stride_koh, stride_kop, D_K, BLOCK_DK, OUT_DTYPE)
-        if PAIR:
-            _store_block(VO, v, b, h, pos, inside, stride_vob, stride_voh, stride_vop, D_V, BLOCK_DV, OUT_DTYPE)
+    r = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_p, h, b = r % blocks, (r // blocks) % H, r // (blocks * H)
+    pos = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    inside = pos < P
+    _widen_block(K, KS, KO, b, h, pos, inside, S, T, stride_kb, stride_kh, stride_kp, stride_ksb, stride_ksh,
+                 stride_kob, stride_koh, stride_kop, D_K, BLOCK_DK, SCALE_BLOCK, OUT_DTYPE)
+    if PAIR:
+        _widen_block(V, VS, VO, b, h, pos, inside, S, T, stride_vb, stride_vh, stride_vp, stride_vsb, stride_vsh,
+                     stride_vob, stride_voh, stride_vop, D_V, BLOCK_DV, SCALE_BLOCK, OUT_DTYPE)
 
 
 def dequantize(hist: QuantizedHistory, dtype: torch.dtype) -> torch.Tensor:
@@ -95,80 +76,29 @@ def dequantize_pair(hist_k: QuantizedHistory, hist_v: QuantizedHistory,
                     dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """``dequantize`` of a layer's K and V histories (same batch, heads, length and geometry) in
     one launch."""
-    _check_pair(hist_k, hist_v)
+    if hist_k.shape[:3] != hist_v.shape[:3] or hist_k.geometry != hist_v.geometry:
+        raise ValueError(f"dequantize_pair: K history {tuple(hist_k.shape)} and V history {tuple(hist_v.shape)} "
+                         "differ in batch, heads, length or scale blocks")
     k, v = _dequantize([hist_k, hist_v], dtype)
     return k, v
 
 
-def _check_pair(hist_k: QuantizedHistory, hist_v: QuantizedHistory) -> None:
-    if hist_k.shape[:3] != hist_v.shape[:3] or hist_k.geometry != hist_v.geometry:
-        raise ValueError(f"dequantize_pair: K history {tuple(hist_k.shape)} and V history {tuple(hist_v.shape)} "
-                         "differ in batch, heads, length or scale blocks")
-
-
-def widens_beside(hist_k: torch.Tensor, hist_v: torch.Tensor) -> bool:
-    """Whether ``widening_beside`` takes this K/V history pair: quantised alike on a GPU, with values."""
-    return (isinstance(hist_k, QuantizedHistory) and isinstance(hist_v, QuantizedHistory) and hist_k.is_cuda
-            and hist_k.numel() > 0 and hist_k.shape[:3] == hist_v.shape[:3] and hist_k.geometry == hist_v.geometry)
-
-
-@contextlib.contextmanager
-def widening_beside(hist_k: QuantizedHistory, hist_v: QuantizedHistory, dtype: torch.dtype,
-                    programs: int | None = None):
-    """``dequantize_pair(hist_k, hist_v, dtype)``, yielded at once, while the kernels launched in
-    the block run: a persistent copy of ``programs`` (by default ``BESIDE_TILE["programs"]``) on a high-priority
-    side stream, launched first, so that it takes that many multiprocessors and the block's kernels
-    (a Gluon forward: a thousand programs of one multiprocessor each) the others. On leaving, the
-    current stream waits for the copy. A copy at the memory's rate stalls every multiprocessor for
-    its time (the Gluon forward cannot run beside it); on four it runs ~14x longer, hidden under
-    the forward, and costs the forward about the four multiprocessors' share of that time
-    (bench/README.md, prefill). The copy's tensors are made on the current stream, which waits
-    for the side stream before anything can use or free them."""
-    _check_pair(hist_k, hist_v)
-    device = hist_k.device
-    main = torch.cuda.current_stream(device)
-    side = _side_stream(device)
-    B, H, P, _ = hist_k.shape
-    outs = [torch.empty(B, H, P, h.shape[-1], dtype=dtype, device=device) for h in (hist_k, hist_v)]
-    side.wait_stream(main)  # the histories and the copy's tensors are the current stream's
-    with torch.cuda.stream(side):
-        tile = BESIDE_TILE
-        _dequantize([hist_k, hist_v], dtype, outs, programs=programs or tile["programs"], block_p=tile["block_p"],
-                    num_warps=tile["num_warps"], stages=tile["stages"])
-    try:
-        yield outs
-    finally:
-        main.wait_stream(side)
-
-
-@functools.cache
-def _side_stream(device: torch.device) -> torch.cuda.Stream:
-    return torch.cuda.Stream(device, priority=-(1 << 10))  # out of range: the device's highest priority
-
-
-def _dequantize(hists: list[QuantizedHistory], dtype: torch.dtype, outs: list[torch.Tensor] | None = None,
-                programs: int | None = None, block_p: int | None = None, num_warps: int | None = None,
-                stages: int = 1) -> list[torch.Tensor]:
-    """One launch widening each of ``hists`` (one or two) into ``outs`` (fresh tensors if none):
-    ``programs`` programs (by default one a block) of ``block_p`` positions and ``num_warps``
-    (by default ``COPY_TILE``'s)."""
+def _dequantize(hists: list[QuantizedHistory], dtype: torch.dtype) -> list[torch.Tensor]:
+    """One launch widening each of ``hists`` (one or two) into a fresh tensor."""
     B, H, P, _ = hists[0].shape
-    if outs is None:
-        outs = [torch.empty(B, H, P, h.shape[-1], dtype=dtype, device=h.device) for h in hists]
+    outs = [torch.empty(B, H, P, h.shape[-1], dtype=dtype, device=h.device) for h in hists]
     if P == 0 or B * H == 0:
         return outs
     (k, ks), (v, vs) = [(usable(h.values()), usable_scales(h.scales)) for h in (hists[0], hists[-1])]
     ko, vo = outs[0], outs[-1]
     geometry = hists[0].geometry
-    block_p = block_p or COPY_TILE["block_p"]
-    units = triton.cdiv(P, block_p) * H * B
-    _dequantize_kernel[(min(programs or units, units),)](
-        k, ks, ko, v, vs, vo, P, H, geometry.segment_len, geometry.tail_len, units,
+    block_p = COPY_TILE["block_p"]
+    _dequantize_kernel[(triton.cdiv(P, block_p) * H * B,)](
+        k, ks, ko, v, vs, vo, P, H, geometry.segment_len, geometry.tail_len,
         *_strides(k, ks, ko), *_strides(v, vs, vo),
         D_K=k.shape[-1], D_V=v.shape[-1], BLOCK_DK=triton.next_power_of_2(k.shape[-1]),
         BLOCK_DV=triton.next_power_of_2(v.shape[-1]), BLOCK_P=block_p, SCALE_BLOCK=geometry.block,
-        OUT_DTYPE=TL_DTYPES[dtype], PAIR=len(hists) == 2, STAGES=stages,
-        num_warps=num_warps or COPY_TILE["num_warps"], **COMPILE_OPTIONS,
+        OUT_DTYPE=TL_DTYPES[dtype], PAIR=len(hists) == 2, num_warps=COPY_TILE["num_warps"], **COMPILE_OPTIONS,
     )
     return outs
 

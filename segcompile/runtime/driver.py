@@ -13,9 +13,7 @@ head keeps everything. The same loop serves ``forward`` (whole sequence), ``pref
 ``decode`` (any number of tokens, usually one); ``segments`` runs it one whole segment at a time
 for training (``runtime/training.py`` consumes it). ``generate`` is prefill and decode in
 ``runtime/generation.py``'s loop. Prefill and decode without autograd run variants of the step
-graph (``runtime/variants/``): prefill keeps the last position's logits, frees old tails and,
-over an fp8 history, hands each layer's history to the previous layer's attention, which widens
-it beside its own forward;
+graph (``runtime/variants/``): prefill keeps the last position's logits and frees old tails;
 decode reads the query, key and value projections as one product and sums its reductions in
 fp64, as the CUDA-graph decoder does, so that the two decode paths round alike.
 
@@ -82,7 +80,6 @@ from .variants.fused_projections import fuse_projections, refresh_fused_projecti
 from .variants.keep_last_logits import keep_last_logits
 from .variants.release_tails import release_tails
 from .variants.wide_reductions import wide_reductions
-from .variants.widen_next_history import widen_next_history
 from .wrapping import check_sync_owner
 
 log = logging.getLogger(__name__)
@@ -566,10 +563,7 @@ class SegmentedModel(torch.nn.Module):
 
     def _releasing_graph(self) -> fx.GraphModule:
         if self._releasing_tails_graph is None:
-            graph = release_tails(self.prefill_graph())
-            if self.cfg.history_dtype is not None:  # a quantised history: each layer's forward widens the next's
-                graph = widen_next_history(graph)
-            self._releasing_tails_graph = graph
+            self._releasing_tails_graph = release_tails(self.prefill_graph())
         return self._releasing_tails_graph
 
     def _tail_outputs(self, state: SegmentState) -> list[torch.Tensor]:
