@@ -367,7 +367,7 @@ def test_weights_changed_in_place_are_copied_once_for_both_decode_paths():
 def test_programs_of_one_model_share_one_stacked_copy():
     # two transforms of one model (another history dtype, another segment length) read one copy of
     # the stacked weights (1.5 GB for an 8B model), which goes with the last program that reads it
-    graph = sc.capture(make_model("llama"))  # not the session's model: other tests' programs hold its copies
+    graph = sc.capture(make_model("llama"))  # not `captured`'s cached model: other tests' programs hold its copies
     configs = [sc.SegmentConfig(S, long_range=PLANS["fraction(0.5)"]),
                sc.SegmentConfig(2 * S, long_range=PLANS["fraction(0.5)"], history_dtype=torch.float8_e4m3fn)]
     programs = [sc.transform(graph, cfg) for cfg in configs]
